@@ -1,0 +1,52 @@
+"""Exceptions raised by mechscope.
+
+Every error says what was expected, what came, and (where there is a closed set) the valid options,
+so that a user can fix the call without reading mechscope's source.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MechscopeError(Exception):
+    """Base class of every error mechscope raises on purpose."""
+
+
+class SiteError(MechscopeError, KeyError):
+    """A site name that does not exist on this model, or cannot be used the way it was asked."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(MechscopeError, ValueError):
+    """A tensor (a hook's return value, a vector, a batch) whose shape is not the one required."""
+
+
+class AdapterError(MechscopeError, ValueError):
+    """An architecture mechscope has no adapter for, or a model that does not match its adapter."""
+
+
+class ConfigError(MechscopeError, ValueError):
+    """An invalid option or configuration value."""
+
+
+class ModelNotFoundError(MechscopeError, FileNotFoundError):
+    """A model source that cannot be found locally (mechscope never downloads unless allowed)."""
+
+
+class AttentionSiteError(SiteError):
+    """An attention-internal site requested where the attention implementation cannot expose it."""
+
+
+def closest(name: str, options: Iterable[str], n: int = 3) -> list[str]:
+    """The `n` options most similar to `name`, for did-you-mean messages."""
+    return difflib.get_close_matches(name, list(options), n=n, cutoff=0.5)
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """A ' Did you mean ...?' suffix, or '' when nothing is close."""
+    near = closest(name, options)
+    return f" Did you mean {', '.join(repr(o) for o in near)}?" if near else ""

@@ -1,0 +1,1 @@
+"""Hooked HF models: adapters, hook sessions, activation caches and weight views."""

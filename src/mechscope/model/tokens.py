@@ -1,0 +1,119 @@
+"""Tokenisation helpers that agree with the model's own tokenizer (special tokens included).
+
+Batches are padded on the side the tokenizer says (``tokenizer.padding_side``) unless asked otherwise;
+:meth:`HookedModel.forward` derives position ids from the attention mask, so left padding gives the same
+activations at real tokens as running each prompt alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import ConfigError
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give tokenizers without a pad token (GPT-2) their EOS token as pad, as HF's docs recommend."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(
+                "the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def to_tokens(
+    tokenizer: Any,
+    text: str | Sequence[str],
+    *,
+    padding_side: str | None = None,
+    add_special_tokens: bool = True,
+) -> dict[str, Tensor]:
+    """Tokenise one text or a batch: ``{"input_ids": [batch, pos], "attention_mask": [batch, pos]}``."""
+    if isinstance(text, str):
+        texts = [text]
+    elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text) and len(text) > 0:
+        texts = list(text)
+    else:
+        raise ConfigError(f"expected a string or a non-empty list of strings; got {type(text).__name__}")
+    if padding_side not in (None, "left", "right"):
+        raise ConfigError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
+    ensure_pad_token(tokenizer)
+    kwargs: dict[str, Any] = {
+        "padding": True,
+        "return_tensors": "pt",
+        "add_special_tokens": add_special_tokens,
+    }
+    if padding_side is not None:
+        kwargs["padding_side"] = padding_side
+    encoded = tokenizer(texts, **kwargs)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def to_str_tokens(
+    tokenizer: Any, tokens: str | Tensor | Sequence[int], *, add_special_tokens: bool = True
+) -> list[str]:
+    """Each token of one sequence as its decoded string (``" Paris"``), in order."""
+    if isinstance(tokens, str):
+        ids = tokenizer(tokens, add_special_tokens=add_special_tokens)["input_ids"]
+    elif isinstance(tokens, Tensor):
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1:
+            raise ConfigError(f"expected token ids of shape [pos] or [1, pos]; got {tuple(tokens.shape)}")
+        ids = tokens.tolist()
+    else:
+        ids = list(tokens)
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def to_single_token(tokenizer: Any, text: str) -> int:
+    """The id of `text` if it is exactly one token (e.g. ``" Paris"``); a clear error otherwise."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise ConfigError(f"expected {text!r} to be a single token; it is {len(ids)} tokens: {pieces}")
+    return int(ids[0])
+
+
+def find_positions(
+    tokenizer: Any, text: str, substring: str, *, occurrence: int = 0, add_special_tokens: bool = True
+) -> list[int]:
+    """Token positions (in ``to_tokens(text)``) covering the `occurrence`-th match of `substring`."""
+    start = -1
+    for _ in range(occurrence + 1):
+        start = text.find(substring, start + 1)
+        if start < 0:
+            raise ConfigError(f"substring {substring!r} (occurrence {occurrence}) not found in {text!r}")
+    end = start + len(substring)
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    positions = [
+        i
+        for i, (a, b) in enumerate(encoded["offset_mapping"])
+        if b > a and a < end and b > start  # overlaps [start, end)
+    ]
+    if not positions:
+        raise ConfigError(f"no token of {text!r} overlaps {substring!r}")
+    return positions
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor | None:
+    """Position ids that skip left padding; None when no row is left-padded (HF's default is right)."""
+    if bool((attention_mask[:, 0] == 1).all()):
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def as_batch(tokens: Tensor) -> Tensor:
+    """[pos] -> [1, pos]; [batch, pos] unchanged; anything else is an error."""
+    if tokens.ndim == 1:
+        return tokens[None]
+    if tokens.ndim != 2:
+        raise ConfigError(f"expected token ids of shape [pos] or [batch, pos]; got {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(f"expected integer token ids; got dtype {tokens.dtype}")
+    return tokens

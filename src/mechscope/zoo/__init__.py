@@ -1,0 +1,1 @@
+"""Bundled model organisms with planted mechanisms, and the tools that build them."""

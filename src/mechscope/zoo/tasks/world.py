@@ -1,0 +1,95 @@
+"""The synthetic world: fictional people, each with one value per relation.
+
+Facts are drawn uniformly and independently, so nothing about a person can be inferred from anything
+but having memorised that person's facts — the ground truth for causal tracing and ROME/MEMIT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mechscope.zoo.tasks import vocab
+from mechscope.zoo.tasks.base import task_rng
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "th")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+_CODAS = ("", "", "n", "r", "l", "s", "m", "x")
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation: its answer set, training templates and held-out paraphrase templates.
+
+    Templates are prompts that end right before the answer word; ``statement`` is a declarative form
+    ``"{e} ... {v}"`` used by the truth task.
+    """
+
+    name: str
+    values: tuple[str, ...]
+    train_templates: tuple[str, ...]
+    heldout_templates: tuple[str, ...]
+    statement: str
+
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        "home_city",
+        vocab.CITIES,
+        ("{e} lives in the city of", "{e} has a house in", "The home town of {e} is", "{e} comes from"),
+        ("{e} resides in the city of", "The place where {e} lives is"),
+        "{e} lives in the city of {v}.",
+    ),
+    Relation(
+        "occupation",
+        vocab.OCCUPATIONS,
+        ("{e} works as a", "By trade, {e} is a", "The job of {e} is", "{e} earns a living as a"),
+        ("{e} is employed as a", "The profession of {e} is"),
+        "{e} works as a {v}.",
+    ),
+    Relation(
+        "favourite_colour",
+        vocab.COLOURS,
+        ("The favourite colour of {e} is", "{e} likes the colour", "{e} loves everything that is", "{e} always wears"),
+        ("{e} prefers the colour", "The colour that {e} likes best is"),
+        "The favourite colour of {e} is {v}.",
+    ),
+    Relation(
+        "instrument",
+        vocab.INSTRUMENTS,
+        ("{e} plays the", "The instrument of {e} is the", "Every evening {e} practises the", "{e} is skilled at the"),
+        ("{e} performs on the", "The instrument that {e} plays is the"),
+        "{e} plays the {v}.",
+    ),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class World:
+    """Entities and their facts. ``facts[entity][relation] -> value``."""
+
+    entities: tuple[str, ...]
+    facts: dict[str, dict[str, str]]
+
+    def relation(self, name: str) -> Relation:
+        """The relation called `name`."""
+        return next(r for r in RELATIONS if r.name == name)
+
+
+def _name(rng) -> str:
+    parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(2)]
+    return "".join(parts).capitalize()
+
+
+def make_world(seed: int = 0, n_entities: int = 320) -> World:
+    """A world of `n_entities` people with distinct invented names and random facts."""
+    rng = task_rng(seed, "world")
+    reserved = {w.lower() for w in (*vocab.CITIES, *vocab.IOI_NAMES)}
+    names: list[str] = []
+    seen: set[str] = set()
+    while len(names) < n_entities:
+        name = _name(rng)
+        if 4 <= len(name) <= 9 and name.lower() not in seen and name.lower() not in reserved:
+            seen.add(name.lower())
+            names.append(name)
+    facts = {e: {r.name: rng.choice(r.values) for r in RELATIONS} for e in names}
+    return World(tuple(names), facts)
