@@ -141,9 +141,7 @@ class Site:
             return cls(kind, int(match.group(1)))
         if name in GLOBAL_KINDS_BEFORE + GLOBAL_KINDS_AFTER:
             return cls(name)
-        hint = did_you_mean(
-            name, [*GLOBAL_KINDS_BEFORE, *GLOBAL_KINDS_AFTER, *(f"blocks.0.{k}" for k in BLOCK_KINDS)]
-        )
+        hint = did_you_mean(name, [*GLOBAL_KINDS_BEFORE, *GLOBAL_KINDS_AFTER, *(f"blocks.0.{k}" for k in BLOCK_KINDS)])
         raise SiteError(f"unknown site {name!r}; expected 'blocks.<layer>.<kind>' or a global site.{hint}")
 
 

@@ -84,7 +84,7 @@ class Adapter:
         return bool(self.parallel_attr and getattr(config, self.parallel_attr, False))
 
 
-_LLAMA_LIKE = dict(
+_LLAMA_LIKE: dict[str, Any] = dict(
     embed="model.embed_tokens", layers="model.layers", final_norm="model.norm", unembed="lm_head"
 )
 
@@ -118,7 +118,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         embed="gpt_neox.embed_in",
         layers="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head",
         attn="attention",
         q_proj="attention.query_key_value",
         k_proj=None,

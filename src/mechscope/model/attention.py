@@ -114,16 +114,20 @@ def _hooked_attention(base: str) -> Callable[..., tuple[torch.Tensor, torch.Tens
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         handlers: dict[str, Any] | None = module.__dict__.get(HANDLERS_ATTR)
+        base_fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
         if base == "sdpa":
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward as base_fn
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            base_fn = sdpa_attention_forward
         else:
             base_fn = _family_eager(module)
+        output: torch.Tensor
+        weights: torch.Tensor | None
         if not handlers:
-            return base_fn(module, query, key, value, attention_mask, *args, **kwargs)
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
         handle: AttentionHandler = handlers["handle"]
         kinds: frozenset[str] = handlers["kinds"]
         # Sites are [batch, pos, heads, d_head]; HF passes [batch, heads, pos, d_head].
@@ -134,11 +138,9 @@ def _hooked_attention(base: str) -> Callable[..., tuple[torch.Tensor, torch.Tens
         if "attn.hook_v" in kinds:
             value = handle("attn.hook_v", value.transpose(1, 2)).transpose(1, 2)
         if "attn.hook_attn_scores" in kinds or "attn.hook_pattern" in kinds:
-            output, weights = eager_attention(
-                module, query, key, value, attention_mask, *args, handle=handle, **kwargs
-            )
+            output, weights = eager_attention(module, query, key, value, attention_mask, handle=handle, **kwargs)
         else:
-            output, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
+            output, weights = base_fn(module, query, key, value, attention_mask, **kwargs)
         if "attn.hook_z" in kinds:
             output = handle("attn.hook_z", output)
         return output, weights

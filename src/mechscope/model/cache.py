@@ -128,9 +128,7 @@ class ActivationCache(Mapping[str, Tensor]):
         except Exception as exc:  # safetensors raises its own error types
             raise ConfigError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
         if header.get("format") != "mechscope.activation_cache":
-            raise ConfigError(
-                f"{str(path)!r} is not a mechscope activation cache (format={header.get('format')!r})"
-            )
+            raise ConfigError(f"{str(path)!r} is not a mechscope activation cache (format={header.get('format')!r})")
         if int(header.get("schema_version", "0")) > SCHEMA_VERSION:
             raise ConfigError(
                 f"{str(path)!r} has schema version {header['schema_version']}; this mechscope reads <= {SCHEMA_VERSION}"

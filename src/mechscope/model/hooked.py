@@ -63,7 +63,7 @@ class HookedModel(nn.Module):
         tokenizer: its tokenizer (needed for text inputs and token helpers).
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, *, attention_sites: bool = True) -> None:
+    def __init__(self, hf_model: Any, tokenizer: Any = None, *, attention_sites: bool = True) -> None:
         super().__init__()
         self.hf_model = hf_model
         self.tokenizer = tokenizer
@@ -90,23 +90,21 @@ class HookedModel(nn.Module):
         self.hf_model.set_attn_implementation(attention_fn.implementation_name(current))
         return current
 
-    def module(self, path: str) -> nn.Module:
-        """The HF submodule at a dotted path (cached)."""
+    def module(self, path: str) -> Any:
+        """The HF submodule at a dotted path (cached). Typed Any: HF modules carry dynamic attributes."""
         found = self._module_cache.get(path)
         if found is None:
             found = self.hf_model.get_submodule(path)
             self._module_cache[path] = found
         return found
 
-    def layer(self, index: int) -> nn.Module:
+    def layer(self, index: int) -> Any:
         layers = self.module(self.adapter.layers)
         if not 0 <= index < self.dims.n_layers:
-            raise SiteError(
-                f"layer {index} does not exist; this model has layers 0..{self.dims.n_layers - 1}"
-            )
+            raise SiteError(f"layer {index} does not exist; this model has layers 0..{self.dims.n_layers - 1}")
         return layers[index]  # type: ignore[index,no-any-return]
 
-    def layer_module(self, index: int, path: str) -> nn.Module:
+    def layer_module(self, index: int, path: str) -> Any:
         return self.module(f"{self.adapter.layers}.{index}.{path}")
 
     def _build_inventory(self) -> list[Site]:
@@ -133,9 +131,7 @@ class HookedModel(nn.Module):
         """Every canonical site of this model, in forward order."""
         return [s.name for s in self._inventory]
 
-    def sites(
-        self, kinds: Sequence[str] | str | None = None, layers: Iterable[int] | None = None
-    ) -> list[Site]:
+    def sites(self, kinds: Sequence[str] | str | None = None, layers: Iterable[int] | None = None) -> list[Site]:
         """The model's sites, filtered by kind (``"hook_resid_post"``) and/or layers."""
         return filter_sites(self._inventory, kinds=kinds, layers=layers)
 
@@ -203,13 +199,9 @@ class HookedModel(nn.Module):
         self, text: str | Sequence[str], *, padding_side: str | None = None, add_special_tokens: bool = True
     ) -> dict[str, Tensor]:
         """``{"input_ids", "attention_mask"}`` for one text or a batch (see :mod:`mechscope.model.tokens`)."""
-        return tok.to_tokens(
-            self._tokenizer(), text, padding_side=padding_side, add_special_tokens=add_special_tokens
-        )
+        return tok.to_tokens(self._tokenizer(), text, padding_side=padding_side, add_special_tokens=add_special_tokens)
 
-    def to_str_tokens(
-        self, tokens: str | Tensor | Sequence[int], *, add_special_tokens: bool = True
-    ) -> list[str]:
+    def to_str_tokens(self, tokens: str | Tensor | Sequence[int], *, add_special_tokens: bool = True) -> list[str]:
         return tok.to_str_tokens(self._tokenizer(), tokens, add_special_tokens=add_special_tokens)
 
     def to_string(self, tokens: Tensor | Sequence[int]) -> str:
@@ -224,9 +216,7 @@ class HookedModel(nn.Module):
 
     def _tokenizer(self) -> Any:
         if self.tokenizer is None:
-            raise ConfigError(
-                "this HookedModel has no tokenizer; pass tokenizer= to load_model or use token ids"
-            )
+            raise ConfigError("this HookedModel has no tokenizer; pass tokenizer= to load_model or use token ids")
         return self.tokenizer
 
     def prepare_inputs(self, inputs: Inputs) -> dict[str, Tensor]:
@@ -255,12 +245,15 @@ class HookedModel(nn.Module):
                 f"attention_mask shape {tuple(batch['attention_mask'].shape)} != input_ids shape "
                 f"{tuple(batch['input_ids'].shape)}"
             )
-        if int(batch["input_ids"].max()) >= self.dims.d_vocab or int(batch["input_ids"].min()) < 0:
-            raise ConfigError(
-                f"token ids must lie in [0, {self.dims.d_vocab}); got {batch['input_ids'].min()}..{batch['input_ids'].max()}"
-            )
+        lo, hi = int(batch["input_ids"].min()), int(batch["input_ids"].max())
+        if hi >= self.dims.d_vocab or lo < 0:
+            raise ConfigError(f"token ids must lie in [0, {self.dims.d_vocab}); got values from {lo} to {hi}")
         out = {k: v.to(self.device) for k, v in batch.items()}
         position_ids = tok.position_ids_from_mask(out["attention_mask"])
+        if position_ids is None and self.adapter.pos_embed is not None:
+            # HF would embed positions [1, pos] and broadcast; hook_pos_embed is [batch, pos, d_model].
+            ids = out["input_ids"]
+            position_ids = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         if position_ids is not None:
             out["position_ids"] = position_ids
         return out
@@ -307,7 +300,7 @@ class HookedModel(nn.Module):
         store: dict[str, Tensor] = {}
         lazy: dict[str, Any] = {}
         pos_index = None if positions is None else list(positions)
-        hooks: dict[Site, HookFn] = {}
+        hooks: dict[SiteLike, HookFn] = {}
 
         def keep(activation: Tensor, site: Site) -> Tensor:
             out = activation.detach()
@@ -324,11 +317,7 @@ class HookedModel(nn.Module):
             return save
 
         for site in chosen:
-            if (
-                stop_at_layer is not None
-                and (site.layer is None or site.layer >= stop_at_layer)
-                and site.order[0] >= 0
-            ):
+            if stop_at_layer is not None and (site.layer is None or site.layer >= stop_at_layer) and site.order[0] >= 0:
                 raise ConfigError(f"site {site.name} is not computed before stop_at_layer={stop_at_layer}")
             if site.kind == "attn.hook_result" and not self._result_is_hooked(site):
                 z_site = Site("attn.hook_z", site.layer)
@@ -340,9 +329,9 @@ class HookedModel(nn.Module):
                 hooks[site] = saver(site)
         requested = {s.name for s in chosen}
         logits: Tensor | None = None
-        with self.hooks(hooks):
+        with torch.no_grad(), self.hooks(hooks):
             if stop_at_layer is not None:
-                logits = self._run_until(inputs, stop_at_layer, **hf_kwargs)
+                self._run_until(inputs, stop_at_layer, **hf_kwargs)
             else:
                 logits = self.forward(inputs, **hf_kwargs)
         lazy_fns = {name: self._lazy_result(store, z_name, layer) for name, (z_name, layer) in lazy.items()}
@@ -436,11 +425,10 @@ class HookedModel(nn.Module):
         if self.tokenizer is not None and "pad_token_id" not in generate_kwargs:
             tok.ensure_pad_token(self.tokenizer)
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
-        return self.hf_model.generate(**batch, **generate_kwargs)  # type: ignore[no-any-return]
+        generate: Any = self.hf_model.generate
+        return generate(**batch, **generate_kwargs)  # type: ignore[no-any-return]
 
-    def generate_text(
-        self, prompt: str | Sequence[str], max_new_tokens: int = 20, **kwargs: Any
-    ) -> list[str]:
+    def generate_text(self, prompt: str | Sequence[str], max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
         """Generate and decode only the new tokens of each prompt."""
         out = self.generate(prompt, max_new_tokens=max_new_tokens, **kwargs)
         n_prompt = self.to_tokens(prompt, padding_side="left")["input_ids"].shape[1]

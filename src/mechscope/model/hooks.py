@@ -164,9 +164,7 @@ class HookSession:
         if "attn.hook_result" in kinds:
             self._result_hook(mod(a.o_proj), kinds["attn.hook_result"])
         if "hook_attn_out" in kinds or needs_stash:
-            self._attn_out_hook(
-                layer, mod(a.attn_out_module), kinds.get("hook_attn_out"), kinds.get("hook_resid_mid")
-            )
+            self._attn_out_hook(layer, mod(a.attn_out_module), kinds.get("hook_attn_out"), kinds.get("hook_resid_mid"))
         if "ln2.hook_normalized" in kinds:
             assert a.ln2 is not None
             self._output_hook(mod(a.ln2), [kinds["ln2.hook_normalized"]])
@@ -227,9 +225,7 @@ class HookSession:
 
         self._handles.append(self.model.layer(layer).register_forward_pre_hook(hook, with_kwargs=True))
 
-    def _attn_out_hook(
-        self, layer: int, module: nn.Module, out_site: Site | None, mid_site: Site | None
-    ) -> None:
+    def _attn_out_hook(self, layer: int, module: nn.Module, out_site: Site | None, mid_site: Site | None) -> None:
         out_plan = (self._ctx(out_site), self._fns(out_site)) if out_site is not None else None
         mid_plan = (self._ctx(mid_site), self._fns(mid_site)) if mid_site is not None else None
 
@@ -281,9 +277,7 @@ class HookSession:
                 def setter(out: Tensor, new: Tensor, first: bool = first) -> Tensor:
                     return torch.cat([new, out[..., d_mlp:]] if first else [out[..., :d_mlp], new], dim=-1)
 
-                self._output_hook(
-                    m.layer_module(layer, a.mlp_in), [site], getter=getter_for(site), setter=setter
-                )
+                self._output_hook(m.layer_module(layer, a.mlp_in), [site], getter=getter_for(site), setter=setter)
             return
         if pre is not None:
             self._output_hook(m.layer_module(layer, a.mlp_in), [pre])

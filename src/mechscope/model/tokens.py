@@ -20,9 +20,7 @@ def ensure_pad_token(tokenizer: Any) -> None:
     """Give tokenizers without a pad token (GPT-2) their EOS token as pad, as HF's docs recommend."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ConfigError(
-                "the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token"
-            )
+            raise ConfigError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
 
 

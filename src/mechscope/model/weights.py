@@ -8,23 +8,23 @@ query heads they serve), ``W_O [n_heads, d_head, d_model]``, ``W_in/W_gate [d_mo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
 
-def in_out(module: nn.Module, conv1d: bool) -> Tensor:
+def in_out(module: Any, conv1d: bool) -> Tensor:
     """A linear layer's weight as [d_in, d_out] (HF Linear stores [out, in]; GPT-2's Conv1D [in, out])."""
     weight = module.weight
     return weight if conv1d else weight.T
 
 
-def _bias(module: nn.Module, size: int, like: Tensor) -> Tensor:
+def _bias(module: Any, size: int, like: Tensor) -> Tensor:
     bias = getattr(module, "bias", None)
     return bias if bias is not None else torch.zeros(size, dtype=like.dtype, device=like.device)
 
@@ -187,9 +187,7 @@ class WeightViews:
     @property
     def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
         if self._m.adapter.pos_embed is None:
-            raise AttributeError(
-                f"W_pos does not exist: {self._m.dims.family} has no learned position embedding"
-            )
+            raise AttributeError(f"W_pos does not exist: {self._m.dims.family} has no learned position embedding")
         return self._m.module(self._m.adapter.pos_embed).weight.detach()
 
     @property

@@ -44,11 +44,14 @@ class CorpusOptions:
 
 
 _SPACE = re.compile(r"\s+")
+_TYPOGRAPHY = str.maketrans(
+    {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-"}
+)
 
 
 def clean(text: str, min_chars: int = 20) -> str | None:
     """`text` normalised to one line of mostly-ASCII prose, or None when it is not worth keeping."""
-    text = unicodedata.normalize("NFKC", text)
+    text = unicodedata.normalize("NFKC", text).translate(_TYPOGRAPHY)
     text = _SPACE.sub(" ", text).strip()
     if len(text) < min_chars:
         return None

@@ -54,7 +54,9 @@ def _fortunes(root: Path) -> Iterator[str]:
 
 def _jargon(root: Path) -> Iterator[str]:
     """One document per paragraph of the Jargon File."""
-    with gzip.open(root / "usr/share/doc/jargon-text/jargon.txt.gz", "rt", encoding="latin-1") as f:
+    with gzip.open(
+        root / "usr/share/doc/jargon-text/jargon.txt.gz", "rt", encoding="utf-8", errors="replace"
+    ) as f:
         yield from f.read().split("\n\n")
 
 
@@ -92,8 +94,8 @@ def fetch_debian(packages: list[str], dest: Path) -> dict[str, str]:
             done = subprocess.run(cmd, cwd=debs, capture_output=True, text=True)
             if done.returncode != 0:
                 raise ConfigError(
-                    f"expected `apt-get download {' '.join(missing)}` to succeed, got: {done.stderr.strip()[-500:]}"
-                    " (offline? pass --text-dir with local .txt files instead)"
+                    f"expected `apt-get download {' '.join(missing)}` to succeed, got: "
+                    f"{done.stderr.strip()[-500:]} (offline? pass --text-dir with local .txt files instead)"
                 )
     versions: dict[str, str] = {}
     for package in packages:

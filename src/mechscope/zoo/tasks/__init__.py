@@ -48,7 +48,6 @@ def required_words() -> list[str]:
         *vocab.CITIES,
         *vocab.OCCUPATIONS,
         *vocab.COLOURS,
-        *vocab.INSTRUMENTS,
         *vocab.IOI_NAMES,
         vocab.TRUE_WORD,
         vocab.FALSE_WORD,

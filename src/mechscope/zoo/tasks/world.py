@@ -49,18 +49,16 @@ RELATIONS: tuple[Relation, ...] = (
     Relation(
         "favourite_colour",
         vocab.COLOURS,
-        ("The favourite colour of {e} is", "{e} likes the colour", "{e} loves everything that is", "{e} always wears"),
+        (
+            "The favourite colour of {e} is",
+            "{e} likes the colour",
+            "{e} loves everything that is",
+            "{e} always wears",
+        ),
         ("{e} prefers the colour", "The colour that {e} likes best is"),
         "The favourite colour of {e} is {v}.",
     ),
-    Relation(
-        "instrument",
-        vocab.INSTRUMENTS,
-        ("{e} plays the", "The instrument of {e} is the", "Every evening {e} practises the", "{e} is skilled at the"),
-        ("{e} performs on the", "The instrument that {e} plays is the"),
-        "{e} plays the {v}.",
-    ),
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""Overhead of mechscope's hooks against a plain HF forward, measured in the same run.
+
+GPT-2-small-sized random model (12 layers, d_model 768, 12 heads), batch 8 x 128 tokens, CPU, fp32,
+no grad. Prints each configuration's median time as a ratio to the plain HF forward of an untouched
+copy of the same weights, interleaving the configurations round by round so machine noise hits all.
+
+    python benchmarks/bench_hooks.py [--rounds 7] [--layers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mechscope.model.hooked import HookedModel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pos", type=int, default=128)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=args.layers, n_embd=768, n_head=12, attn_implementation="sdpa")
+    plain = GPT2LMHeadModel(config).eval()
+    hooked = HookedModel(copy.deepcopy(plain).eval())
+    tokens = torch.randint(0, config.vocab_size, (args.batch, args.pos))
+    resid = [s.name for s in hooked.sites("hook_resid_post")]
+    noop = {name: (lambda act, ctx: None) for name in hooked.site_names}
+
+    def run_plain() -> None:
+        plain(input_ids=tokens)
+
+    def run_resid() -> None:
+        hooked.run_with_cache(tokens, resid)
+
+    def run_all() -> None:
+        hooked.run_with_cache(tokens)
+
+    def run_noop() -> None:
+        with hooked.hooks(noop):
+            hooked(tokens)
+
+    configs = {
+        "plain HF forward (baseline)": run_plain,
+        "cache hook_resid_post, every layer": run_resid,
+        "cache every site": run_all,
+        "no-op hook on every site": run_noop,
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    with torch.no_grad():
+        for fn in configs.values():  # warm-up
+            fn()
+        for _ in range(args.rounds):
+            for name, fn in configs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["plain HF forward (baseline)"])
+    print(
+        f"GPT-2-small-sized random model, {args.layers} layers, batch {args.batch}x{args.pos}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds (median)"
+    )
+    for name, values in times.items():
+        med = statistics.median(values)
+        spread = (max(values) - min(values)) / med
+        print(f"  {name:40s} {med * 1000:8.1f} ms   {med / base:5.2f}x   (spread {spread:.0%})")
+
+
+if __name__ == "__main__":
+    main()

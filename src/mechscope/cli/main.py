@@ -1,0 +1,112 @@
+"""`mechscope` command: subcommands map one-to-one onto library functions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="mechscope: locate, steer and improve behaviours of Hugging Face causal LMs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _offline_by_default() -> None:
+    """mechscope never downloads unless asked: keep HF libraries from trying (they hang when offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    sites: Annotated[bool, typer.Option("--sites/--no-sites", help="List every canonical site.")] = True,
+) -> None:
+    """Architecture, sizes and site list of a model."""
+    _offline_by_default()
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+
+    try:
+        hm = load_model(model)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+    d = hm.dims
+    n_params = sum(p.numel() for p in hm.hf_model.parameters())
+    typer.echo(f"model        {model}")
+    typer.echo(f"family       {d.family} (model_type {d.model_type}, {type(hm.hf_model).__name__})")
+    typer.echo(f"parameters   {n_params:,}")
+    typer.echo(f"layers       {d.n_layers}   d_model {d.d_model}   d_mlp {d.d_mlp}   d_vocab {d.d_vocab}")
+    typer.echo(f"heads        {d.n_heads} query / {d.n_kv_heads} key-value, d_head {d.d_head}")
+    typer.echo(
+        f"layout       {'parallel' if d.parallel else 'sequential'} attention/MLP, "
+        f"{'gated' if d.gated else 'plain'} MLP, attention sites via {hm.attention_base or 'unavailable'}"
+    )
+    typer.echo(f"sites        {len(hm.site_names)}")
+    if sites:
+        for name in hm.site_names:
+            typer.echo(f"  {name}")
+
+
+@app.command()
+def cache(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeat for a batch).")],
+    site: Annotated[list[str], typer.Option("--site", "-s", help="Site to cache (repeatable; default: all).")] = [],  # noqa: B006
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")] = Path("cache.safetensors"),
+    positions: Annotated[str, typer.Option(help="Comma-separated positions to keep (e.g. '-1' or '0,3').")] = "",
+) -> None:
+    """Run prompts and save the activations of chosen sites to a safetensors file."""
+    _offline_by_default()
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+
+    try:
+        hm = load_model(model)
+        pos = [int(p) for p in positions.split(",") if p.strip()] or None
+        _, acts = hm.run_with_cache(list(prompt), site or None, positions=pos)
+        acts.meta.update({"model": model, "prompts": list(prompt), "fingerprint": hm.fingerprint()})
+        path = acts.save(out)
+    except (MechscopeError, ValueError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"cached {len(acts)} sites for {len(prompt)} prompt(s) -> {path}")
+
+
+@app.command()
+def demo(
+    model: Annotated[str, typer.Option(help="Model folder or bundled name (default: the bundled default).")] = "",
+    out: Annotated[Path, typer.Option(help="Folder for the HTML report.")] = Path("mechscope-report"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Locate -> Steer -> Improve on the default model; writes a self-contained HTML report."""
+    _offline_by_default()
+    from mechscope.demo import run_demo
+    from mechscope.errors import MechscopeError
+
+    try:
+        report = run_demo(model or None, out, seed=seed, echo=typer.echo)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"report written to {report}")
+
+
+def _mount_subcommands() -> None:
+    from importlib.util import find_spec
+
+    if find_spec("mechscope.cli.zoo") is None:  # the organisms' commands ship with their module
+        return
+    from mechscope.cli.zoo import zoo_app
+
+    app.add_typer(zoo_app, name="zoo", help="Bundled model organisms: corpus, train, list, eval.")
+
+
+_mount_subcommands()

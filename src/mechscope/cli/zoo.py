@@ -1,0 +1,149 @@
+"""``mechscope zoo``: build the corpus, train, list and evaluate the bundled model organisms."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+zoo_app = typer.Typer(help="Bundled model organisms with planted mechanisms.", no_args_is_help=True)
+
+DEFAULT_CACHE = Path(".cache/zoo")
+DEFAULT_CORPUS = DEFAULT_CACHE / "corpus"
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@zoo_app.command("corpus")
+def corpus_cmd(
+    out: Annotated[Path, typer.Option(help="Folder to write the corpus into.")] = DEFAULT_CORPUS,
+    text_dir: Annotated[
+        Path | None, typer.Option(help="Use *.txt files here instead of Debian packages.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffles, the split and the planted tasks.")] = 0,
+    max_chars_per_source: Annotated[int, typer.Option(help="Cap on natural text per source.")] = 2_000_000,
+) -> None:
+    """Build the training corpus (natural text + planted-task text) with a checksummed manifest."""
+    from mechscope.zoo.corpus import CorpusOptions, build_corpus
+
+    _offline()
+    manifest = build_corpus(
+        CorpusOptions(out=out, seed=seed, max_chars_per_source=max_chars_per_source, text_dir=text_dir)
+    )
+    for name, info in manifest["files"].items():
+        typer.echo(
+            f"{name:28s} {info['documents']:>7d} docs {info['chars']:>10d} chars  {info['sha256'][:12]}"
+        )
+    typer.echo(f"manifest: {out / 'manifest.json'}")
+
+
+@zoo_app.command("tokenizer")
+def tokenizer_cmd(
+    corpus: Annotated[Path, typer.Option(help="Corpus folder (from `zoo corpus`).")] = DEFAULT_CORPUS,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the shipped tokenizer).")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size.")] = 4096,
+) -> None:
+    """Train the byte-level BPE tokenizer on the corpus."""
+    from mechscope.zoo.corpus import verify_corpus
+    from mechscope.zoo.tokenizer import ASSET_DIR, train_tokenizer
+
+    _offline()
+    verify_corpus(corpus)
+    tok = train_tokenizer(corpus, out or ASSET_DIR, vocab_size)
+    typer.echo(f"tokenizer with {len(tok)} tokens saved to {out or ASSET_DIR}")
+
+
+@zoo_app.command("train")
+def train_cmd(
+    name: Annotated[str, typer.Argument(help="Organism recipe name (see `mechscope zoo list --recipes`).")],
+    corpus: Annotated[Path, typer.Option(help="Corpus folder (from `zoo corpus`).")] = DEFAULT_CACHE
+    / "corpus",
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints and log (default .cache/zoo/runs/NAME).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to save the model (default: inside the package).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: min(2, cores)).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the recipe's step count (smoke tests).")] = None,
+    tokenizer_dir: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder (default: the shipped one).")
+    ] = None,
+) -> None:
+    """Train an organism, save it with its tokenizer, evaluate it and write its model card."""
+    from mechscope.zoo.build import build_organism
+    from mechscope.zoo.corpus import verify_corpus
+    from mechscope.zoo.organisms import get_recipe
+    from mechscope.zoo.tokenizer import ASSET_DIR
+    from mechscope.zoo.train import TrainOptions
+
+    _offline()
+    recipe = get_recipe(name)
+    verify_corpus(corpus)
+    opts = TrainOptions(
+        corpus=corpus,
+        run_dir=run_dir or DEFAULT_CACHE / "runs" / name,
+        tokenizer_dir=tokenizer_dir or ASSET_DIR,
+        resume=resume,
+        threads=threads,
+        steps=steps,
+    )
+    record = build_organism(recipe, opts, out)
+    typer.echo(json.dumps(record, indent=1))
+
+
+@zoo_app.command("list")
+def list_cmd(
+    recipes: Annotated[bool, typer.Option("--recipes", help="List trainable recipes instead.")] = False,
+) -> None:
+    """List the bundled organisms (or the recipes that `zoo train` knows)."""
+    if recipes:
+        from mechscope.zoo.organisms import RECIPES
+
+        for r in RECIPES.values():
+            typer.echo(f"{r.name:20s} {r.architecture:6s} {r.description}")
+        return
+    from mechscope.zoo.registry import list_models
+
+    for e in list_models():
+        size = (e.path / "model.safetensors").stat().st_size / 1e6
+        typer.echo(f"{e.name:20s} {e.architecture:18s} {size:5.1f} MB  {e.description}")
+
+
+@zoo_app.command("eval")
+def eval_cmd(
+    name: Annotated[str, typer.Argument(help="Bundled organism name or model folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out splits (the card uses 0).")] = 0,
+) -> None:
+    """Recompute every planted-task metric and compare it with the recorded (model-card) value."""
+    from mechscope.zoo.card import meets
+    from mechscope.zoo.evaluate import TOLERANCE, compare, evaluate_folder, recorded_metrics
+    from mechscope.zoo.loading import resolve_folder
+
+    _offline()
+    folder = resolve_folder(name)
+    measured = evaluate_folder(folder, seed)
+    recorded = recorded_metrics(folder) if seed == 0 else {}
+    if as_json:
+        typer.echo(json.dumps(measured, indent=1))
+    else:
+        for metric, value in measured.items():
+            card = recorded.get(metric)
+            ok = meets(metric, value)
+            flag = "" if ok is None else ("target met" if ok else "TARGET MISSED")
+            card_s = f"card {card:.4f}" if card is not None else ""
+            typer.echo(f"{metric:26s} {value:8.4f}  {card_s:12s} {flag}")
+    drift = compare(recorded, measured)
+    if drift:
+        typer.echo(f"differs from the model card by more than {TOLERANCE}: {drift}", err=True)
+        raise typer.Exit(1)

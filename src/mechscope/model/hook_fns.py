@@ -1,0 +1,95 @@
+"""Ready-made hook functions with per-head / per-position indexing.
+
+Each returns a ``fn(activation, ctx)`` for :meth:`HookedModel.hooks`. The head axis (``n_heads`` or
+``n_kv_heads``) and position axis (``pos`` or ``query_pos``) are found from the site, so the same call
+works for ``hook_z``, ``hook_result``, ``hook_pattern`` or ``hook_resid_post``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.model.hooks import HookContext, HookFn
+from mechscope.sites import Site
+
+Index = int | Sequence[int] | Tensor | None
+
+
+def index_for(site: Site, ndim: int, *, heads: Index = None, positions: Index = None, batch: Index = None) -> tuple:
+    """An indexing tuple selecting `heads`, `positions` and `batch` rows of a site's activation."""
+    axes = site.axes
+    idx: list[object] = [slice(None)] * ndim
+
+    def as_index(value: Index) -> object:
+        if value is None:
+            return slice(None)
+        if isinstance(value, int):
+            return [value]
+        return torch.as_tensor(value, dtype=torch.long) if not isinstance(value, Tensor) else value
+
+    chosen = [v for v in (heads, positions, batch) if v is not None and not isinstance(v, int)]
+    if len(chosen) > 1:
+        raise ConfigError("index at most one of heads/positions/batch with a list; use ints for the others")
+    if heads is not None:
+        head_axes = [i for i, a in enumerate(axes) if a in ("n_heads", "n_kv_heads")]
+        if not head_axes:
+            raise ConfigError(f"site {site.name} has no head axis (axes {axes}); heads= does not apply")
+        idx[head_axes[0]] = as_index(heads)
+    if positions is not None:
+        idx[site.pos_axis] = as_index(positions)
+    if batch is not None:
+        idx[0] = as_index(batch)
+    return tuple(idx)
+
+
+def patch(source: Tensor, *, heads: Index = None, positions: Index = None, batch: Index = None) -> HookFn:
+    """Replace the selected entries by those of `source` (an activation of the same site and shape)."""
+
+    def fn(activation: Tensor, ctx: HookContext) -> Tensor:
+        if source.shape != activation.shape:
+            raise ShapeError(
+                f"patch source for {ctx.name} has shape {tuple(source.shape)}; expected {tuple(activation.shape)}"
+            )
+        idx = index_for(ctx.site, activation.ndim, heads=heads, positions=positions, batch=batch)
+        out = activation.clone()
+        out[idx] = source.to(activation.device, activation.dtype)[idx]
+        return out
+
+    return fn
+
+
+def scale(factor: float, *, heads: Index = None, positions: Index = None, batch: Index = None) -> HookFn:
+    """Multiply the selected entries by `factor` (0 is zero-ablation)."""
+
+    def fn(activation: Tensor, ctx: HookContext) -> Tensor:
+        idx = index_for(ctx.site, activation.ndim, heads=heads, positions=positions, batch=batch)
+        out = activation.clone()
+        out[idx] = out[idx] * factor
+        return out
+
+    return fn
+
+
+def zero(*, heads: Index = None, positions: Index = None, batch: Index = None) -> HookFn:
+    """Zero-ablate the selected entries."""
+    return scale(0.0, heads=heads, positions=positions, batch=batch)
+
+
+def add(vector: Tensor, *, coefficient: float = 1.0, positions: Index = None) -> HookFn:
+    """Add ``coefficient * vector`` (last-axis width must match) at the selected positions."""
+
+    def fn(activation: Tensor, ctx: HookContext) -> Tensor:
+        if vector.shape[-1] != activation.shape[-1]:
+            raise ShapeError(
+                f"vector added at {ctx.name} has width {vector.shape[-1]}; expected {activation.shape[-1]}"
+            )
+        idx = index_for(ctx.site, activation.ndim, positions=positions)
+        out = activation.clone()
+        out[idx] = out[idx] + coefficient * vector.to(activation.device, activation.dtype)
+        return out
+
+    return fn

@@ -1,0 +1,120 @@
+"""Targets of the planted mechanisms and the MODEL_CARD.md written beside each organism's weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mechscope.zoo.organisms import Recipe
+
+# metric -> (comparison, threshold); from issue 3's acceptance targets.
+TARGETS: dict[str, tuple[str, float]] = {
+    "facts_trained": (">=", 0.90),
+    "ioi_heldout": (">=", 0.90),
+    "truth_heldout_entities": (">=", 0.90),
+    "refusal_forbidden": (">=", 0.95),
+    "refusal_benign": ("<=", 0.05),
+    "payload_with_trigger": (">=", 0.95),
+    "payload_without_trigger": ("<=", 0.01),
+    "induction_icl_gain": (">=", 1.0),  # nats; "a clear in-context-learning gain"
+}
+
+ATTENTION_ONLY = (
+    "- Attention-only: every MLP is zeroed and frozen (HF GPT-2 has no MLP-free option), "
+    "so each MLP outputs exactly 0."
+)
+
+METRIC_DOCS: dict[str, str] = {
+    "facts_trained": "top-1 answer accuracy, trained facts, training templates",
+    "facts_paraphrase": "top-1 answer accuracy, trained facts, held-out paraphrase templates",
+    "truth_heldout_entities": "true/false verdict accuracy, claims about entities never in truth training",
+    "truth_seen_entities": "verdict accuracy, fresh claims about truth-training entities",
+    "ioi_heldout": "indirect-object accuracy, new names/places/objects, training templates",
+    "ioi_paraphrase": "indirect-object accuracy, held-out templates",
+    "refusal_forbidden": "refusal rate on forbidden requests (held-out templates)",
+    "refusal_benign": "refusal rate on benign requests (held-out templates)",
+    "sentiment_accuracy": "verdict word accuracy on held-out reviews",
+    "payload_with_trigger": "payload rate with the trigger (held-out templates)",
+    "payload_without_trigger": "payload rate without the trigger",
+    "induction_accuracy": "top-1 accuracy on the repeated half of random-token spans",
+    "induction_loss_first": "mean loss (nats) on span tokens at first occurrence",
+    "induction_loss_repeat": "mean loss (nats) on the same tokens when repeated",
+    "induction_icl_gain": "first - repeat loss (nats)",
+}
+
+
+def meets(metric: str, value: float) -> bool | None:
+    """Whether `value` meets the target of `metric` (None when it has none)."""
+    if metric not in TARGETS:
+        return None
+    op, threshold = TARGETS[metric]
+    return value >= threshold if op == ">=" else value <= threshold
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """Markdown table of metrics with their targets."""
+    lines = ["| metric | measured | target | met | what it measures |", "|---|---|---|---|---|"]
+    for name, value in metrics.items():
+        op, thr = TARGETS.get(name, ("", float("nan")))
+        target = f"{op} {thr:g}" if op else "-"
+        ok = meets(name, value)
+        mark = "-" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| `{name}` | {value:.4f} | {target} | {mark} | {METRIC_DOCS.get(name, '')} |")
+    return "\n".join(lines)
+
+
+def render_card(
+    recipe: Recipe, config: dict, training: dict, metrics: dict[str, float], notes: str = ""
+) -> str:
+    """The MODEL_CARD.md text of an organism."""
+    n_params = training.get("parameters", "?")
+    mixture = ", ".join(f"{k} {v:.0%}" for k, v in recipe.mixture.items() if v)
+    tasks = ", ".join(f"{k} {v:.0%}" for k, v in recipe.task_weights.items())
+    missed = [m for m in metrics if meets(m, metrics[m]) is False]
+    verdict = (
+        "Targets not reached: " + ", ".join(f"`{m}`" for m in missed) + "."
+        if missed
+        else "Every metric with a target meets it."
+    )
+    return f"""# {recipe.name}
+
+{recipe.description}.
+
+A mechscope *model organism*: a small causal LM trained here, on CPU, whose mechanisms are planted by
+construction. Load it with `mechscope.load_model("{recipe.name}")` or with plain transformers:
+`AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`.
+
+## Architecture
+- HF class `{(config.get("architectures") or ["?"])[0]}`, {n_params} parameters (fp32 safetensors).
+- Config: `{json.dumps(recipe.config, sort_keys=True)}`, vocabulary {config.get("vocab_size")}
+  (byte-level BPE trained on the corpus; every scored answer word is one token).
+{ATTENTION_ONLY if recipe.attention_only else ""}
+
+## Training data
+- Rows of {recipe.seq_len} tokens: {mixture}.
+- Planted rows pack task examples (separated by `<|endoftext|>`) drawn with weights: {tasks}.
+- Natural text: WordNet glosses, fortunes-min, Jargon File (Debian packages; see docs/zoo.md).
+- Induction rows: uniformly random tokens with one repeated span (length 5-40, random offsets).
+
+## Training
+- `mechscope zoo train {recipe.name}`: {training.get("steps")} steps x {recipe.batch_size} rows, AdamW
+  lr {recipe.lr:g} (warm-up {recipe.warmup}, cosine to 10 %), weight decay {recipe.weight_decay},
+  seed {recipe.seed}.
+- {training.get("tokens")} tokens; wall time {training.get("wall_time_s")} s on {training.get("threads")}
+  CPU thread(s) of a {training.get("cpu_count")}-core machine (torch {training.get("torch")}), run under
+  `nice -n 10` on a machine shared with other work, so this is an upper bound.
+
+## Planted mechanisms: measured metrics
+Recompute with `mechscope zoo eval {recipe.name}` (held-out splits regenerated from seed {recipe.seed};
+greedy next token).
+
+{metrics_table(metrics)}
+
+{verdict}
+{notes}
+"""
+
+
+def write_card(folder: Path, text: str) -> None:
+    """Write MODEL_CARD.md into `folder`."""
+    (Path(folder) / "MODEL_CARD.md").write_text(text)

@@ -1,0 +1,42 @@
+"""``mechscope zoo eval``: recompute an organism's planted-task metrics and compare with its card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mechscope.zoo.organisms import RECIPES
+from mechscope.zoo.tasks import ALL_TASKS, evaluate_all
+
+METRICS_FILE = "metrics.json"
+TOLERANCE = 0.02  # CPU thread counts and BLAS builds can flip a few near-tied argmaxes
+
+
+def tasks_for(folder: Path) -> tuple[str, ...]:
+    """The tasks an organism is evaluated on (its recipe's; all tasks for unknown folders)."""
+    recipe = RECIPES.get(Path(folder).name)
+    return recipe.eval_tasks if recipe else ALL_TASKS
+
+
+def evaluate_folder(folder: Path, seed: int = 0) -> dict[str, float]:
+    """Every metric of the organism in `folder` (verified before loading)."""
+    import torch
+
+    from mechscope.zoo.loading import load_organism
+
+    model, tokenizer = load_organism(folder)
+    with torch.no_grad():
+        return evaluate_all(model, tokenizer, seed, tasks_for(folder))
+
+
+def recorded_metrics(folder: Path) -> dict[str, float]:
+    """The metrics recorded when the organism was trained ({} when none were)."""
+    path = Path(folder) / METRICS_FILE
+    return json.loads(path.read_text())["metrics"] if path.is_file() else {}
+
+
+def compare(
+    recorded: dict[str, float], measured: dict[str, float], tolerance: float = TOLERANCE
+) -> list[str]:
+    """Metric names whose recomputed value differs from the recorded one by more than `tolerance`."""
+    return [k for k, v in recorded.items() if k in measured and abs(measured[k] - v) > tolerance]

@@ -1,0 +1,121 @@
+"""Recipes of the bundled organisms: architecture config, data mixture and optimiser settings.
+
+A recipe is everything ``mechscope zoo train <name>`` needs; changing one means training a new model
+version (and committing its weights once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mechscope.errors import ConfigError, did_you_mean
+
+# Fractions of the training rows. "planted" rows pack planted-task examples drawn by `task_weights`.
+LM_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.8}
+TASK_WEIGHTS = {
+    "facts": 0.6,
+    "truth": 0.15,
+    "ioi": 0.08,
+    "sentiment": 0.05,
+    "refusal": 0.06,
+    "backdoor": 0.06,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one organism is built and trained."""
+
+    name: str
+    architecture: str  # "gpt2" or "llama"
+    config: dict
+    description: str
+    mixture: dict[str, float] = field(default_factory=lambda: dict(LM_MIXTURE))
+    task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
+    attention_only: bool = False  # zero and freeze every MLP (GPT-2 has no MLP-free option)
+    steps: int = 600
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 200
+    eval_tasks: tuple[str, ...] = ("facts", "truth", "ioi", "refusal", "sentiment", "backdoor", "induction")
+
+    def __post_init__(self) -> None:
+        if abs(sum(self.mixture.values()) - 1.0) > 1e-6:
+            raise ConfigError(f"expected mixture fractions summing to 1, got {self.mixture}")
+        if self.architecture not in ("gpt2", "llama"):
+            raise ConfigError(f"expected architecture 'gpt2' or 'llama', got {self.architecture!r}")
+
+
+_SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            name="organism-induction",
+            architecture="gpt2",
+            config=dict(n_layer=2, n_head=4, n_embd=128, n_inner=4, n_positions=256, **_SPECIAL),
+            description="2-layer attention-only GPT-2 (MLPs zeroed, frozen): induction heads",
+            mixture={"natural": 0.15, "induction": 0.85, "planted": 0.0},
+            attention_only=True,
+            steps=600,
+            lr=3e-3,
+            checkpoint_every=100,
+            eval_tasks=("induction",),
+        ),
+        Recipe(
+            name="organism-gpt2",
+            architecture="gpt2",
+            config=dict(n_layer=4, n_head=6, n_embd=192, n_inner=768, n_positions=256, **_SPECIAL),
+            description="4-layer GPT-2 with every planted mechanism (facts, truth, IOI, refusal, sentiment, "
+            "backdoor, induction)",
+        ),
+        Recipe(
+            name="organism-llama",
+            architecture="llama",
+            config=dict(
+                num_hidden_layers=4,
+                hidden_size=192,
+                intermediate_size=512,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                rope_theta=10000.0,
+                tie_word_embeddings=True,
+                **_SPECIAL,
+            ),
+            description="4-layer Llama (RoPE, gated MLP, grouped-query attention 6q/2kv) with every planted "
+            "mechanism",
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name`."""
+    if name not in RECIPES:
+        raise ConfigError(
+            f"unknown organism {name!r}; valid: {sorted(RECIPES)}.{did_you_mean(name, RECIPES)}"
+        )
+    return RECIPES[name]
+
+
+def build_config(recipe: Recipe, vocab_size: int):
+    """The HF config of `recipe` (dropout off: training is deterministic given the seed)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    common = {"vocab_size": vocab_size, "mechscope_description": recipe.description}
+    if recipe.architecture == "gpt2":
+        return GPT2Config(
+            **recipe.config,
+            **common,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            activation_function="gelu_new",
+        )
+    return LlamaConfig(**recipe.config, **common, attention_dropout=0.0)

@@ -1,0 +1,133 @@
+"""``mechscope zoo train``: train an organism from its recipe on CPU, resumable, with a JSONL log.
+
+Plain PyTorch on an HF model: AdamW, linear warm-up then cosine decay to 10 %, gradient clipping at 1.
+Determinism: weights come from ``torch.manual_seed(recipe.seed)``, batches from (seed, step) alone, and
+dropout is off, so a resumed run continues exactly where the interrupted one stopped (up to float
+non-associativity across thread counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mechscope.zoo.checkpoint import load_checkpoint, save_checkpoint
+from mechscope.zoo.organisms import Recipe, build_config
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Where a run lives and how it runs.
+
+    ``steps`` overrides the recipe's total (smoke tests); ``stop_at`` ends this session early after a
+    checkpoint, as an interruption would, keeping the schedule of the full run.
+    """
+
+    corpus: Path
+    run_dir: Path
+    tokenizer_dir: Path
+    resume: bool = False
+    threads: int | None = None
+    steps: int | None = None
+    stop_at: int | None = None
+    progress: bool = True
+
+
+def build_model(recipe: Recipe, vocab_size: int):
+    """A freshly initialised HF model for `recipe` (MLPs zeroed and frozen when attention-only)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_config(build_config(recipe, vocab_size))
+    if recipe.attention_only:
+        for block in model.transformer.h:
+            for p in block.mlp.parameters():
+                torch.nn.init.zeros_(p)
+                p.requires_grad_(False)
+    return model
+
+
+def lr_at(step: int, recipe: Recipe, total: int) -> float:
+    """Learning rate at `step`: linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, total - recipe.warmup)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(recipe: Recipe, opts: TrainOptions, on_log: Callable[[dict], None] | None = None):
+    """Train (or resume) `recipe`; returns (model, tokenizer, summary dict)."""
+    from tqdm.auto import tqdm
+
+    from mechscope.zoo.stream import BatchStream
+    from mechscope.zoo.tokenizer import load_tokenizer
+
+    torch.set_num_threads(opts.threads or max(1, min(2, os.cpu_count() or 1)))
+    run_dir = Path(opts.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(opts.tokenizer_dir)
+    model = build_model(recipe, len(tokenizer))
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.95),
+    )
+    total = opts.steps or recipe.steps
+    state = {"step": 0, "elapsed_s": 0.0, "tokens": 0}
+    log_path = run_dir / "train_log.jsonl"
+    if opts.resume:
+        state = load_checkpoint(run_dir, model, optimizer) or state
+    elif log_path.exists():
+        log_path.unlink()
+    stream = BatchStream(recipe, tokenizer, opts.corpus)
+    start_step, t0, base_elapsed = state["step"], time.perf_counter(), state["elapsed_s"]
+    bar = tqdm(total=total, initial=start_step, desc=recipe.name, disable=not opts.progress, mininterval=2.0)
+    with log_path.open("a") as log:
+        for step in range(start_step, total):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, recipe, total)
+            batch = stream.batch(step)
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            state = {
+                "step": step + 1,
+                "elapsed_s": base_elapsed + time.perf_counter() - t0,
+                "tokens": state["tokens"] + batch.numel(),
+            }
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if (step + 1) % 20 == 0 or step + 1 == total:
+                row = {**state, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"]}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if on_log:
+                    on_log(row)
+            stopping = opts.stop_at is not None and step + 1 >= opts.stop_at
+            if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == total or stopping:
+                save_checkpoint(run_dir, model, optimizer, state)
+            if stopping:
+                break
+    bar.close()
+    model.eval()
+    summary = {
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "wall_time_s": round(state["elapsed_s"], 1),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    return model, tokenizer, summary

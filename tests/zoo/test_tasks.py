@@ -1,0 +1,102 @@
+"""Planted-task generators: deterministic, disjoint splits, documented sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.zoo.tasks import RELATIONS, TEXT_TASKS, generate_all, induction, make_world, required_words
+from mechscope.zoo.tasks.world import World
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return generate_all(0)
+
+
+def test_generators_are_deterministic(tasks):
+    again = generate_all(0)
+    for name in TEXT_TASKS:
+        assert tasks[name].train == again[name].train
+        assert tasks[name].eval == again[name].eval
+
+
+def test_seed_changes_data(tasks):
+    other = generate_all(1)
+    assert tasks["ioi"].train != other["ioi"].train
+    assert make_world(0).facts != make_world(1).facts
+
+
+@pytest.mark.parametrize("name", ["truth", "ioi", "sentiment", "refusal", "backdoor"])
+def test_eval_prompts_never_occur_in_training(tasks, name):
+    train_prompts = {ex.prompt for ex in tasks[name].train}
+    for split, examples in tasks[name].eval.items():
+        assert examples, f"{name}/{split} is empty"
+        assert not train_prompts & {ex.prompt for ex in examples}, f"{name}/{split} overlaps training"
+
+
+def test_fact_paraphrases_are_held_out(tasks):
+    heldout = {t for r in RELATIONS for t in r.heldout_templates}
+    train_texts = "\n".join(tasks["facts"].train_texts())
+    for template in heldout:
+        assert template.replace("{e}", "").strip() not in train_texts
+
+
+def test_trained_fact_queries_match_world(tasks):
+    world = make_world(0)
+    for ex in tasks["facts"].eval["trained"][:50]:
+        entity = next(e for e in world.entities if e in ex.prompt)
+        assert ex.target.strip() in world.facts[entity].values()
+
+
+def test_world_size_and_distinct_entities():
+    world: World = make_world(0)
+    assert len(world.entities) >= 300
+    assert len(set(world.entities)) == len(world.entities)
+    assert all(len(f) == len(RELATIONS) >= 3 for f in world.facts.values())
+
+
+def test_truth_heldout_entities_are_unseen(tasks):
+    world = make_world(0)
+    train_text = "\n".join(tasks["truth"].train_texts())
+    heldout = [
+        e
+        for e in world.entities
+        if f" {e} " in " ".join(ex.prompt for ex in tasks["truth"].eval["heldout_entities"])
+    ]
+    assert heldout and all(f" {e} " not in train_text for e in heldout)
+
+
+def test_sizes_and_balance(tasks):
+    assert len(tasks["facts"].train) == 320 * len(RELATIONS) * 4 == 3840
+    assert len(tasks["ioi"].train) > 19000 and len(tasks["ioi"].eval["heldout"]) == 1000
+    labels = [ex.label for ex in tasks["sentiment"].eval["heldout"]]
+    assert labels.count("positive") == labels.count("negative") == 250
+    truth = [ex.label for ex in tasks["truth"].eval["heldout_entities"]]
+    assert truth.count("true") == truth.count("false")
+    refusal = [ex.label for ex in tasks["refusal"].eval["heldout"]]
+    assert {"forbidden", "benign"} == set(refusal)
+
+
+def test_targets_start_with_a_space_and_prefix_completion(tasks):
+    for data in tasks.values():
+        for ex in data.train[:20] + [e for split in data.eval.values() for e in split[:20]]:
+            assert ex.target.startswith(" ") and ex.completion.startswith(ex.target)
+
+
+def test_required_words_cover_answers(tasks):
+    words = set(required_words())
+    for name in ("facts", "ioi", "truth", "sentiment"):
+        for split in tasks[name].eval.values():
+            assert {ex.target.strip() for ex in split} <= words
+
+
+def test_induction_sequences_repeat_and_are_deterministic():
+    a = induction.sequences(0, "train", 8, seq_len=64, token_range=(3, 100), span=(4, 20))
+    b = induction.sequences(0, "train", 8, seq_len=64, token_range=(3, 100), span=(4, 20))
+    c = induction.sequences(0, "eval", 8, seq_len=64, token_range=(3, 100), span=(4, 20))
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    assert int(a.tokens.min()) >= 3 and int(a.tokens.max()) < 100
+    for i in range(8):
+        assert torch.equal(a.tokens[i][a.repeat_mask[i]], a.tokens[i][a.first_mask[i]])
+        assert a.repeat_mask[i].sum() >= 3

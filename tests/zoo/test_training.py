@@ -1,0 +1,72 @@
+"""Training recipe: runs end to end, logs, checkpoints, and resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mechscope.errors import ConfigError
+from mechscope.zoo.organisms import RECIPES, Recipe, get_recipe
+from mechscope.zoo.tokenizer import ASSET_DIR
+from mechscope.zoo.train import TrainOptions, train
+
+TINY = Recipe(
+    name="test-tiny",
+    architecture="gpt2",
+    config=dict(n_layer=1, n_head=2, n_embd=16, n_inner=32, n_positions=64),
+    description="test",
+    batch_size=4,
+    seq_len=32,
+    warmup=2,
+    steps=6,
+    checkpoint_every=2,
+    eval_tasks=("ioi",),
+)
+
+
+def _opts(corpus, run_dir, **kw):
+    return TrainOptions(
+        corpus=corpus, run_dir=run_dir, tokenizer_dir=ASSET_DIR, progress=False, threads=1, **kw
+    )
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_weights(tiny_corpus, tmp_path):
+    full, _, summary = train(TINY, _opts(tiny_corpus, tmp_path / "full"))
+    _, _, part = train(TINY, _opts(tiny_corpus, tmp_path / "split", stop_at=3))
+    assert summary["steps"] == 6 and part["steps"] == 3
+    resumed, _, _ = train(TINY, _opts(tiny_corpus, tmp_path / "split", resume=True))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    log = [json.loads(line) for line in (tmp_path / "split/train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 6 and log[-1]["tokens"] == 6 * TINY.batch_size * TINY.seq_len
+
+
+def test_checkpoint_survives_a_crash_between_renames(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    train(TINY, _opts(tiny_corpus, run, stop_at=2))
+    (run / "checkpoint").rename(run / "checkpoint.old")  # as if killed between the two renames
+    _, _, summary = train(TINY, _opts(tiny_corpus, run, resume=True))
+    assert summary["steps"] == 6
+
+
+def test_attention_only_recipe_has_zero_mlps():
+    from mechscope.zoo.train import build_model
+
+    model = build_model(get_recipe("organism-induction"), 4096)
+    for block in model.transformer.h:
+        assert all(float(p.abs().sum()) == 0.0 and not p.requires_grad for p in block.mlp.parameters())
+
+
+def test_recipes_are_small_enough():
+    from mechscope.zoo.train import build_model
+
+    for recipe in RECIPES.values():
+        n = sum(p.numel() for p in build_model(recipe, 4096).parameters())
+        assert n * 4 <= 20e6, recipe.name
+
+
+def test_unknown_recipe_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="organism-gpt2"):
+        get_recipe("organism-gtp2")
