@@ -1,0 +1,50 @@
+"""The `mechscope` command: info, cache and their errors (run in-process with typer's runner)."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import tiny_model
+from typer.testing import CliRunner
+
+from mechscope.cli.main import app
+from mechscope.model.cache import ActivationCache
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    hf, tok = tiny_model("gpt2")
+    path = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_info_lists_sizes_and_sites(folder):
+    result = runner.invoke(app, ["info", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "family       gpt2" in result.output
+    assert "blocks.1.attn.hook_pattern" in result.output and "hook_pos_embed" in result.output
+
+
+def test_cache_writes_requested_sites(folder, tmp_path):
+    out = tmp_path / "acts.safetensors"
+    result = runner.invoke(
+        app,
+        ["cache", str(folder), "-p", "The cat sat", "-p", "A dog ran far", "-s", "blocks.0.hook_resid_post",
+         "-s", "blocks.1.attn.hook_pattern", "--positions", "-1", "-o", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    cache = ActivationCache.load(out)
+    assert sorted(cache) == ["blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern"]
+    assert cache["blocks.0.hook_resid_post"].shape[:2] == (2, 1)
+    assert cache.meta["prompts"] == ["The cat sat", "A dog ran far"]
+
+
+def test_cli_errors_are_clear_and_nonzero(folder, tmp_path):
+    result = runner.invoke(app, ["cache", str(folder), "-p", "x", "-s", "blocks.0.hook_resid_pots"])
+    assert result.exit_code == 2
+    assert "hook_resid_post" in result.output  # did-you-mean
+    result = runner.invoke(app, ["info", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no model folder" in result.output

@@ -1,0 +1,112 @@
+"""Residual decomposition, final-norm scaling, direct logit attribution and weight views, per family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+
+from mechscope.model import decompose as dc
+from mechscope.model.hooked import HookedModel
+from mechscope.sites import Site
+
+
+def softcapped(model: HookedModel) -> bool:
+    """Final logit soft-capping makes logits a non-linear function of the residual (DLA is pre-cap)."""
+    return getattr(model.config, "final_logit_softcapping", None) is not None
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def run(request):
+    hf, _ = tiny_model(request.param, with_tokenizer=False)
+    model = HookedModel(hf)
+    tokens = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    logits, cache = model.run_with_cache(tokens)
+    return request.param, model, tokens, logits, cache
+
+
+def test_decomposition_sums_to_final_residual(run):
+    _, model, _, _, cache = run
+    final = cache[Site("hook_resid_post", model.dims.n_layers - 1)]
+    for heads in (True, False):
+        parts = dc.decompose_resid(model, cache, heads=heads)
+        torch.testing.assert_close(parts.total(), final, atol=2e-5, rtol=1e-5)
+    n_expected = 1 + (model.adapter.pos_embed is not None) + model.dims.n_layers * (model.dims.n_heads + 2)
+    assert len(dc.decompose_resid(model, cache)) == n_expected
+
+
+def test_decomposition_before_a_layer_sums_to_resid_pre(run):
+    _, model, _, _, cache = run
+    parts = dc.decompose_resid(model, cache, layer=1)
+    torch.testing.assert_close(parts.total(), cache["blocks.1.hook_resid_pre"], atol=2e-5, rtol=1e-5)
+    assert dc.decompose_resid(model, cache, layer=0).labels[-1] in ("embed", "pos_embed")
+
+
+def test_per_head_terms_sum_to_attention_output(run):
+    _, model, _, _, cache = run
+    for layer in range(model.dims.n_layers):
+        per_head, bias = dc._head_terms(model, cache, layer)
+        torch.testing.assert_close(per_head.sum(-2) + bias, cache[Site("hook_attn_out", layer)], atol=2e-5, rtol=1e-5)
+
+
+def test_final_norm_scaling_reproduces_normalised_stream(run):
+    _, model, _, _, cache = run
+    final = cache[Site("hook_resid_post", model.dims.n_layers - 1)]
+    normed = dc.apply_final_norm(model, dc.decompose_resid(model, cache), final)
+    torch.testing.assert_close(normed.total(), cache["ln_final.hook_normalized"], atol=2e-5, rtol=1e-5)
+
+
+def test_accumulated_resid_is_the_residual_before_each_layer(run):
+    _, model, _, _, cache = run
+    acc = dc.accumulated_resid(model, cache)
+    assert acc.values.shape[0] == model.dims.n_layers + 1
+    torch.testing.assert_close(acc.values[0], cache["blocks.0.hook_resid_pre"])
+
+
+def test_direct_logit_attribution_sums_to_logit_difference(run):
+    family, model, tokens, logits, _ = run
+    if softcapped(model):
+        pytest.skip("DLA attributes pre-softcap logits")
+    dla = dc.direct_logit_attribution(model, tokens, [5, 6], baseline=7, position=-2)
+    expected = logits[torch.arange(2), -2, torch.tensor([5, 6])] - logits[:, -2, 7]
+    torch.testing.assert_close(dla.logit, expected, atol=5e-5, rtol=1e-5)
+    assert len(dla.top(3)) == 3
+
+
+def test_weight_views_reproduce_activations(run):
+    family, model, tokens, logits, cache = run
+    w = model.weights
+    torch.testing.assert_close(cache["hook_embed"], w.W_E[tokens], atol=1e-6, rtol=1e-6)
+    if model.adapter.pos_embed is not None:
+        torch.testing.assert_close(cache["hook_pos_embed"][0], w.W_pos[: tokens.shape[1]])
+    for layer in range(model.dims.n_layers):
+        attn_in = cache[Site("ln1.hook_normalized", layer)] if model.adapter.ln1 else cache[Site("hook_resid_pre", layer)]
+        _, _, w_v, _, _, b_v = w.qkv(layer)
+        v = torch.einsum("bpd,hdk->bphk", attn_in, w_v) + b_v
+        torch.testing.assert_close(v, cache[Site("attn.hook_v", layer)], atol=2e-5, rtol=1e-5)
+        if family == "gpt2":  # no rotary: queries are a plain projection
+            q = torch.einsum("bpd,hdk->bphk", attn_in, w.W_Q[layer]) + w.b_Q[layer]
+            torch.testing.assert_close(q, cache[Site("attn.hook_q", layer)], atol=2e-5, rtol=1e-5)
+        mlp_in = cache[Site("ln2.hook_normalized", layer)] if model.adapter.ln2 else cache[Site("hook_resid_mid", layer)]
+        mlp = w.mlp(layer)
+        first = mlp["W_gate"] if mlp["W_gate"] is not None else mlp["W_in"]
+        bias = mlp["b_gate"] if mlp["b_gate"] is not None else mlp["b_in"]
+        torch.testing.assert_close(mlp_in @ first + bias, cache[Site("mlp.hook_pre", layer)], atol=2e-5, rtol=1e-5)
+        out = cache[Site("mlp.hook_post", layer)] @ mlp["W_out"] + mlp["b_out"]
+        if model.adapter.post_mlp_norm is None:
+            torch.testing.assert_close(out, cache[Site("hook_mlp_out", layer)], atol=2e-5, rtol=1e-5)
+    if not softcapped(model):
+        torch.testing.assert_close(cache["ln_final.hook_normalized"] @ w.W_U + w.b_U, logits, atol=2e-5, rtol=1e-5)
+    assert w.W_K.shape == w.W_Q.shape == (model.dims.n_layers, model.dims.n_heads, model.dims.d_model, model.dims.d_head)
+    assert w.W_O.shape == (model.dims.n_layers, model.dims.n_heads, model.dims.d_head, model.dims.d_model)
+
+
+def test_gqa_key_heads_are_expanded_in_weight_views():
+    hf, _ = tiny_model("llama", with_tokenizer=False)
+    model = HookedModel(hf)
+    _, w_k, _, _, _, _ = model.weights.qkv(0)
+    assert w_k.shape[0] == model.dims.n_kv_heads < model.dims.n_heads
+    expanded = model.weights.W_K[0]
+    groups = model.dims.n_heads // model.dims.n_kv_heads
+    torch.testing.assert_close(expanded[0], expanded[groups - 1])
+    torch.testing.assert_close(expanded[groups], w_k[1])
