@@ -1,4 +1,4 @@
-"""Shared test set-up: offline Hugging Face, deterministic torch, tiny models on the import path."""
+"""Shared test set-up: offline Hugging Face, tiny models on the import path, one torch thread."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine threads that
+    wait on each other make them 10-100x slower; tests of tiny models run on one thread."""
+    import torch
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
-    from tiny_models import tiny_tokenizer as make
-
-    return make()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

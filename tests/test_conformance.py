@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, attention_bases, tiny_model
 
 from mechscope.model.attention import HANDLERS_ATTR
 from mechscope.model.hooked import HookedModel
 from mechscope.sites import ATTENTION_INTERNAL_KINDS, Site
+from tiny_models import FAMILIES, VOCAB, attention_bases, tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATOL = 1e-5
 BATCH, POS = 2, 10  # longer than the sliding windows (4) of mistral / gemma
@@ -70,7 +72,7 @@ def _ids(seed: int = 0, batch: int = BATCH, pos: int = POS) -> torch.Tensor:
     return torch.randint(4, VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(family: str, base: str) -> Case:
     ids = _ids()
     model, tok = tiny_model(family, attn_implementation=base)
@@ -81,12 +83,10 @@ def case(family: str, base: str) -> Case:
         eager, _ = tiny_model(family, attn_implementation="eager", with_tokenizer=False)
         out = eager(ids, output_hidden_states=True, output_attentions=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
-    return Case(
-        family, base, HookedModel(model, tok), ids, hf_logits, out.logits, out.hidden_states, out.attentions
-    )
+    return Case(family, base, HookedModel(model, tok), ids, hf_logits, out.logits, out.hidden_states, out.attentions)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def full_cache(family: str, base: str) -> Any:
     c = case(family, base)
     with torch.no_grad():
@@ -183,6 +183,62 @@ def test_attention_internals_are_consistent(family, base):
             assert not bool(visible[..., POS - 1, 0].any()), "the sliding window is not applied"
 
 
+#: Activation attribute of each family's HF MLP module (default ``act_fn``).
+ACT_ATTR = {"gpt2": "act", "gpt_neox": "act", "gpt_neox_sequential": "act", "phi3": "activation_fn"}
+#: q/k norms applied before rotary: per head ("head") or over the flat projection ("flat").
+QK_NORM = {"qwen3": "head", "gemma3_text": "head", "olmo2": "flat"}
+#: HF module (per layer) normalising the MLP output before the residual add.
+POST_MLP_NORM = {f: "model.layers.{L}.post_feedforward_layernorm" for f in ("gemma2", "gemma3_text", "olmo2")}
+
+
+@_IDS
+def test_projection_sites_match_weight_views(family, base):
+    """q/k/v, MLP pre/pre_linear/post/out and embeddings recomputed from the inputs and weight views.
+
+    Checks the fused-projection splits (GPT-2, NeoX interleaved, Phi-3) and gate/up order, and that
+    ln1/ln2 are the norms that feed attention and the MLP. Rotary is the identity at position 0, so q
+    and k are compared there; later positions are covered by the scores check above.
+    """
+    c = case(family, base)
+    m = c.model
+    _, cache = full_cache(family, base)
+    norms, gated = FEATURES[family]["norms"], FEATURES[family]["gated"]
+    torch.testing.assert_close(cache["hook_embed"], m.weights.W_E[c.ids], atol=ATOL, rtol=0)
+    if FEATURES[family]["pos_embed"]:
+        torch.testing.assert_close(cache["hook_pos_embed"][0], m.weights.W_pos[:POS], atol=0, rtol=0)
+    for layer in range(m.dims.n_layers):
+        name = lambda kind, layer=layer: f"blocks.{layer}.{kind}"  # noqa: E731
+        x_attn = cache[name("ln1.hook_normalized" if norms else "hook_resid_pre")]
+        x_mlp = cache[name("ln2.hook_normalized" if norms else "hook_resid_mid")]
+        w_q, w_k, w_v, b_q, b_k, b_v = m.weights.qkv(layer)
+        v = torch.einsum("bpd,hde->bphe", x_attn, w_v) + b_v
+        torch.testing.assert_close(cache[name("attn.hook_v")], v, atol=ATOL, rtol=0)
+        q0 = torch.einsum("bd,hde->bhe", x_attn[:, 0], w_q) + b_q
+        k0 = torch.einsum("bd,hde->bhe", x_attn[:, 0], w_k) + b_k
+        attn = m.layer_module(layer, m.adapter.attn)
+        if QK_NORM.get(family) == "head":
+            q0, k0 = attn.q_norm(q0), attn.k_norm(k0)
+        elif QK_NORM.get(family) == "flat":
+            q0, k0 = attn.q_norm(q0.flatten(-2)).view_as(q0), attn.k_norm(k0.flatten(-2)).view_as(k0)
+        torch.testing.assert_close(cache[name("attn.hook_q")][:, 0], q0, atol=ATOL, rtol=0)
+        torch.testing.assert_close(cache[name("attn.hook_k")][:, 0], k0, atol=ATOL, rtol=0)
+
+        w = m.weights.mlp(layer)
+        pre = x_mlp @ (w["W_gate"] if gated else w["W_in"]) + (w["b_gate"] if gated else w["b_in"])
+        torch.testing.assert_close(cache[name("mlp.hook_pre")], pre, atol=ATOL, rtol=0)
+        act = getattr(m.layer_module(layer, m.adapter.mlp), ACT_ATTR.get(family, "act_fn"))
+        post = act(pre)
+        if gated:
+            linear = x_mlp @ w["W_in"] + w["b_in"]
+            torch.testing.assert_close(cache[name("mlp.hook_pre_linear")], linear, atol=ATOL, rtol=0)
+            post = post * linear
+        torch.testing.assert_close(cache[name("mlp.hook_post")], post, atol=ATOL, rtol=0)
+        out = post @ w["W_out"] + w["b_out"]
+        if family in POST_MLP_NORM:
+            out = m.hf_model.get_submodule(POST_MLP_NORM[family].format(L=layer))(out)
+        torch.testing.assert_close(cache[name("hook_mlp_out")], out, atol=ATOL, rtol=0)
+
+
 # Inventory and shapes ------------------------------------------------------------------------------------
 def expected_site_names(family: str) -> list[str]:
     f = FEATURES[family]
@@ -209,6 +265,19 @@ def test_site_inventory_is_exact(family):
     assert (d.n_heads, d.n_kv_heads, d.d_head, d.d_mlp) == SIZES[family]
     assert d.parallel == FEATURES[family]["parallel"]
     assert d.gated == FEATURES[family]["gated"]
+
+
+TIED = {"gpt2", "llama_tied", "qwen2", "gemma2", "gemma3_text"}
+
+
+@_FAM
+def test_tied_and_untied_embeddings(family):
+    m = case(family, attention_bases(family)[0]).model
+    embed, unembed = m.module(m.adapter.embed).weight, m.module(m.adapter.unembed).weight
+    assert (embed.data_ptr() == unembed.data_ptr()) == (family in TIED)
+    assert m.weights.W_U.shape == (32, VOCAB)
+    if family not in TIED:
+        assert not torch.equal(embed, unembed)
 
 
 @_IDS
@@ -243,18 +312,23 @@ def test_cached_shapes_are_exact(family, base):
 
 # Residual stream ---------------------------------------------------------------------------------------
 @_IDS
-def test_resid_sites_equal_hf_hidden_states(family, base):
+@pytest.mark.parametrize("every_site", [True, False], ids=["every-site", "resid-only"])
+def test_resid_sites_equal_hf_hidden_states(family, base, every_site):
+    """Against HF's output_hidden_states, with every site cached (mechscope's eager attention) and
+    with residual sites only (the base attention kernel untouched)."""
     c = case(family, base)
-    _, cache = full_cache(family, base)
+    if every_site:
+        _, cache = full_cache(family, base)
+    else:
+        kinds = ["hook_resid_pre", "hook_resid_post", "ln_final.hook_normalized"]
+        _, cache = c.model.run_with_cache(c.ids, sites=c.model.sites(kinds=kinds))
     hidden = c.hf_hidden  # (embeddings, layer 0 output, ..., final-normed last layer output)
     n = c.model.dims.n_layers
     assert len(hidden) == n + 1
     for layer in range(n):
         torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=ATOL, rtol=0)
     for layer in range(n - 1):
-        torch.testing.assert_close(
-            cache[f"blocks.{layer}.hook_resid_post"], hidden[layer + 1], atol=ATOL, rtol=0
-        )
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_post"], hidden[layer + 1], atol=ATOL, rtol=0)
     torch.testing.assert_close(cache["ln_final.hook_normalized"], hidden[n], atol=ATOL, rtol=0)
     # The final norm is a real step: its input (last resid_post) is not its output.
     assert (cache[f"blocks.{n - 1}.hook_resid_post"] - hidden[n]).abs().max() > 1e-2
@@ -264,7 +338,7 @@ def test_resid_sites_equal_hf_hidden_states(family, base):
 def test_residual_decomposition(family, base):
     c = case(family, base)
     _, cache = full_cache(family, base)
-    embed = cache["hook_embed"] + (cache["hook_pos_embed"] if "hook_pos_embed" in cache else 0)
+    embed = cache["hook_embed"] + (cache.get("hook_pos_embed", 0))
     torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], embed, atol=ATOL, rtol=0)
     total = embed
     for layer in range(c.model.dims.n_layers):
@@ -452,7 +526,10 @@ def test_no_hook_survives_an_exception(family):
     assert_no_hooks(m)
 
     # 4. A bad site in the mapping: nothing is installed at all.
-    with pytest.raises(Exception, match=r"blocks\.7"), m.hooks({**every, "blocks.7.hook_resid_post": every[Site("hook_embed")]}):
+    with (
+        pytest.raises(Exception, match=r"blocks\.7"),
+        m.hooks({**every, "blocks.7.hook_resid_post": every[Site("hook_embed")]}),
+    ):
         pass
     assert_no_hooks(m)
 

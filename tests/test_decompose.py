@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
 
 from mechscope.model import decompose as dc
 from mechscope.model.hooked import HookedModel
 from mechscope.sites import Site
+from tiny_models import FAMILIES, tiny_model
 
 
 def softcapped(model: HookedModel) -> bool:
@@ -64,7 +64,7 @@ def test_accumulated_resid_is_the_residual_before_each_layer(run):
 
 
 def test_direct_logit_attribution_sums_to_logit_difference(run):
-    family, model, tokens, logits, _ = run
+    _, model, tokens, logits, _ = run
     if softcapped(model):
         pytest.skip("DLA attributes pre-softcap logits")
     dla = dc.direct_logit_attribution(model, tokens, [5, 6], baseline=7, position=-2)
@@ -80,14 +80,18 @@ def test_weight_views_reproduce_activations(run):
     if model.adapter.pos_embed is not None:
         torch.testing.assert_close(cache["hook_pos_embed"][0], w.W_pos[: tokens.shape[1]])
     for layer in range(model.dims.n_layers):
-        attn_in = cache[Site("ln1.hook_normalized", layer)] if model.adapter.ln1 else cache[Site("hook_resid_pre", layer)]
+        attn_in = (
+            cache[Site("ln1.hook_normalized", layer)] if model.adapter.ln1 else cache[Site("hook_resid_pre", layer)]
+        )
         _, _, w_v, _, _, b_v = w.qkv(layer)
         v = torch.einsum("bpd,hdk->bphk", attn_in, w_v) + b_v
         torch.testing.assert_close(v, cache[Site("attn.hook_v", layer)], atol=2e-5, rtol=1e-5)
         if family == "gpt2":  # no rotary: queries are a plain projection
             q = torch.einsum("bpd,hdk->bphk", attn_in, w.W_Q[layer]) + w.b_Q[layer]
             torch.testing.assert_close(q, cache[Site("attn.hook_q", layer)], atol=2e-5, rtol=1e-5)
-        mlp_in = cache[Site("ln2.hook_normalized", layer)] if model.adapter.ln2 else cache[Site("hook_resid_mid", layer)]
+        mlp_in = (
+            cache[Site("ln2.hook_normalized", layer)] if model.adapter.ln2 else cache[Site("hook_resid_mid", layer)]
+        )
         mlp = w.mlp(layer)
         first = mlp["W_gate"] if mlp["W_gate"] is not None else mlp["W_in"]
         bias = mlp["b_gate"] if mlp["b_gate"] is not None else mlp["b_in"]
@@ -97,7 +101,9 @@ def test_weight_views_reproduce_activations(run):
             torch.testing.assert_close(out, cache[Site("hook_mlp_out", layer)], atol=2e-5, rtol=1e-5)
     if not softcapped(model):
         torch.testing.assert_close(cache["ln_final.hook_normalized"] @ w.W_U + w.b_U, logits, atol=2e-5, rtol=1e-5)
-    assert w.W_K.shape == w.W_Q.shape == (model.dims.n_layers, model.dims.n_heads, model.dims.d_model, model.dims.d_head)
+    assert (
+        w.W_K.shape == w.W_Q.shape == (model.dims.n_layers, model.dims.n_heads, model.dims.d_model, model.dims.d_head)
+    )
     assert w.W_O.shape == (model.dims.n_layers, model.dims.n_heads, model.dims.d_head, model.dims.d_model)
 
 

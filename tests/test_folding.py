@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
 
 from mechscope.model.folding import fold_layer_norm
 from mechscope.model.hooked import HookedModel
+from tiny_models import FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

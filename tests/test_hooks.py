@@ -7,18 +7,20 @@ import functools
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import FAMILIES, VOCAB, attention_bases, tiny_model, tiny_tokenizer
 
 from mechscope.errors import ConfigError, MechscopeError, ShapeError, SiteError
 from mechscope.model.cache import ActivationCache
 from mechscope.model.hooked import HookedModel
-from mechscope.sites import Site
+from mechscope.sites import PATTERN_KINDS, Site
+from tiny_models import FAMILIES, VOCAB, attention_bases, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATOL = 1e-5
 BATCH, POS = 2, 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hooked(family: str = "llama", base: str | None = None) -> HookedModel:
     model, tok = tiny_model(family, attn_implementation=base or attention_bases(family)[0])
     return HookedModel(model, tok)
@@ -80,7 +82,8 @@ def test_returning_a_tensor_replaces_it(m, ids, clean, site):
     # The outer block writes; run_with_cache's own (inner) reader sees the replacement.
     with torch.no_grad(), m.hooks({site: lambda act, ctx: replacement}):
         logits, cache = m.run_with_cache(ids, sites=[site])
-    torch.testing.assert_close(cache[site], replacement, atol=0, rtol=0)
+    # (hook_resid_mid is written back as resid_pre + (new - resid_pre): equal up to rounding)
+    torch.testing.assert_close(cache[site], replacement, atol=ATOL, rtol=0)
     assert (logits - clean[0]).abs().max() > 1e-3
     if site == "logits":
         torch.testing.assert_close(logits, replacement, atol=0, rtol=0)
@@ -110,10 +113,14 @@ def test_several_functions_on_one_site_run_in_order(m, ids):
     with torch.no_grad():
         _, plain = m.run_with_cache(ids, sites=["blocks.0.hook_attn_out"])
     assert order == ["a", "b", "c"]
-    torch.testing.assert_close(cache["blocks.0.hook_attn_out"], plain["blocks.0.hook_attn_out"] * 2 + 1, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        cache["blocks.0.hook_attn_out"], plain["blocks.0.hook_attn_out"] * 2 + 1, atol=ATOL, rtol=0
+    )
 
 
-@pytest.mark.parametrize("site", ["blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern", "blocks.0.attn.hook_result"])
+@pytest.mark.parametrize(
+    "site", ["blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern", "blocks.0.attn.hook_result"]
+)
 def test_wrong_shape_return_raises_shape_error(m, ids, site):
     bad_shape = None
 
@@ -197,7 +204,10 @@ def test_stop_at_layer(m, ids, clean):
         handle.remove()
     assert logits is None
     assert ran == []
-    torch.testing.assert_close(cache["blocks.0.hook_resid_post"], clean[1]["blocks.0.hook_resid_post"], atol=0, rtol=0)
+    assert sorted(cache) == ["blocks.0.hook_resid_post", "hook_embed"]
+    torch.testing.assert_close(
+        cache["blocks.0.hook_resid_post"], clean[1]["blocks.0.hook_resid_post"], atol=ATOL, rtol=0
+    )
     with pytest.raises(ConfigError, match="stop_at_layer"):
         m.run_with_cache(ids, sites=["blocks.1.hook_resid_pre"], stop_at_layer=1)
     with pytest.raises(ConfigError, match="stop_at_layer"):
@@ -205,7 +215,9 @@ def test_stop_at_layer(m, ids, clean):
     with pytest.raises(ConfigError, match=r"0\.\.2"):
         m.run_with_cache(ids, sites=["hook_embed"], stop_at_layer=5)
     logits, cache = m.run_with_cache(ids, sites=["blocks.1.hook_resid_post"], stop_at_layer=2)
-    torch.testing.assert_close(cache["blocks.1.hook_resid_post"], clean[1]["blocks.1.hook_resid_post"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        cache["blocks.1.hook_resid_post"], clean[1]["blocks.1.hook_resid_post"], atol=ATOL, rtol=0
+    )
     assert m._sessions == []
     assert not m.layer(0)._forward_pre_hooks and not m.layer(1)._forward_pre_hooks
 
@@ -249,31 +261,43 @@ def test_gradients_match_plain_autograd(family):
     m.hf_model.zero_grad(set_to_none=True)
 
 
-def test_gradients_match_finite_differences():
-    model, _ = tiny_model("qwen2", with_tokenizer=False)
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "gpt_neox_sequential"])
+def test_gradients_at_every_site_match_finite_differences(family):
+    """d loss / d site, for every site, against central differences of a write at that site (fp64).
+
+    These families compute in fp64 end to end (their norms do not upcast to fp32), so differences are
+    exact enough; only the eager softmax behind scores/pattern runs in fp32, hence a looser check there.
+    """
+    model, _ = tiny_model(family, with_tokenizer=False)
     m = HookedModel(model.double())
     ids = _ids(pos=5)
-    site = "blocks.0.hook_resid_post"
 
     def loss_fn(logits):
-        return logits[:, -1].log_softmax(-1)[:, 9].sum()
+        return logits[:, -1].log_softmax(-1)[:, 9].sum() + logits[:, 1, 3].sum()
 
-    result = m.run_with_grads(ids, loss_fn, [site])
-    grad = result.gradients[site]
-    # Causality: the loss reads the last position only... through attention, every position matters,
-    # but nothing flows into a position from later ones, so check the value against finite differences.
+    result = m.run_with_grads(ids, loss_fn, m.sites())
     gen = torch.Generator().manual_seed(0)
-    eps = 1e-5
-    for _ in range(3):
+    for site in m.sites():
+        grad = result.gradients[site]
+        assert grad.shape == result.activations[site].shape
         direction = torch.randn(grad.shape, generator=gen, dtype=torch.float64)
+        loose = site.kind in PATTERN_KINDS
+        eps = 1e-3 if loose else 1e-5
 
-        def shifted(sign, direction=direction):
+        def shifted(sign, site=site, direction=direction, eps=eps):
             with torch.no_grad(), m.hooks({site: lambda act, ctx: act + sign * eps * direction}):
                 return loss_fn(m(ids))
 
         numeric = (shifted(1) - shifted(-1)) / (2 * eps)
         analytic = (grad * direction).sum()
-        torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-6)
+        assert numeric.abs() > 1e-4, site  # the loss depends on every site
+        torch.testing.assert_close(
+            analytic,
+            numeric,
+            atol=1e-4 if loose else 1e-6,
+            rtol=1e-3 if loose else 1e-5,
+            msg=lambda s, site=site: f"{site}: {s}",
+        )
 
 
 def test_gradient_is_causal(m, ids):
@@ -316,7 +340,11 @@ def test_cache_load_rejects_other_files(tmp_path):
     with pytest.raises(ConfigError, match="no activation cache file"):
         ActivationCache.load(tmp_path / "missing.safetensors")
     newer = tmp_path / "newer.safetensors"
-    save_file({"hook_embed": torch.zeros(1, 2, 3)}, str(newer), metadata={"format": "mechscope.activation_cache", "schema_version": "99"})
+    save_file(
+        {"hook_embed": torch.zeros(1, 2, 3)},
+        str(newer),
+        metadata={"format": "mechscope.activation_cache", "schema_version": "99"},
+    )
     with pytest.raises(ConfigError, match="schema version 99"):
         ActivationCache.load(newer)
 
@@ -335,7 +363,17 @@ PROMPTS = [
     "Hello world!",
     "The capital of France is Paris",
 ]
-_PAD_SITES_KINDS = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "attn.hook_z", "hook_attn_out", "mlp.hook_post", "hook_resid_post", "ln_final.hook_normalized", "logits")
+_PAD_SITES_KINDS = (
+    "hook_embed",
+    "hook_pos_embed",
+    "hook_resid_pre",
+    "attn.hook_z",
+    "hook_attn_out",
+    "mlp.hook_post",
+    "hook_resid_post",
+    "ln_final.hook_normalized",
+    "logits",
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -360,10 +398,7 @@ def test_padding_matches_prompts_run_alone(family, side):
         torch.testing.assert_close(logits[row, real.stop - 1], alone_logits[0, -1], atol=ATOL, rtol=0)
         for site in sites:
             got = cache[site][row]
-            if site.kind == "attn.hook_pattern":
-                got = got[:, real, real]
-            else:
-                got = got[real]
+            got = got[:, real, real] if site.kind == "attn.hook_pattern" else got[real]
             torch.testing.assert_close(got, alone[site][0], atol=ATOL, rtol=0, msg=lambda s, site=site: f"{site}: {s}")
 
 

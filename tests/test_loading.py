@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from mechscope.errors import AdapterError, ConfigError, MechscopeError, ModelNotFoundError
 from mechscope.model.hooked import HookedModel
 from mechscope.model.loading import load_model
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,11 @@ def test_weights_missing_tensors_are_refused(saved_llama, tmp_path):
             (partial / item.name).write_bytes(item.read_bytes())
     state = load_file(str(folder / "model.safetensors"))
     dropped = sorted(k for k in state if "layers.1.mlp" in k)
-    save_file({k: v for k, v in state.items() if k not in dropped}, str(partial / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if k not in dropped},
+        str(partial / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with pytest.raises(MechscopeError, match="lack"):
         load_model(partial)
 
@@ -90,7 +93,7 @@ def test_unsupported_architecture_in_memory():
     import transformers
 
     config = transformers.BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50)
-    with pytest.raises(AdapterError, match="docs/adapters.md"):
+    with pytest.raises(AdapterError, match=r"docs/adapters\.md"):
         load_model(transformers.BloomForCausalLM(config))
 
 

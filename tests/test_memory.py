@@ -6,9 +6,9 @@ import gc
 
 import psutil
 import torch
-from tiny_models import tiny_model
 
 from mechscope.model.hooked import HookedModel
+from tiny_models import tiny_model
 
 
 def test_rss_flat_over_1000_run_with_cache_calls():

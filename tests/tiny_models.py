@@ -12,11 +12,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from functools import lru_cache  # noqa: E402
-from typing import Any  # noqa: E402
+from functools import lru_cache
+from typing import Any
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import transformers
 
 VOCAB = 128
 PAD, BOS, EOS, UNK = 0, 1, 2, 3

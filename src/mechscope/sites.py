@@ -150,7 +150,12 @@ SiteLike = str | Site
 
 def parse_sites(sites: SiteLike | Iterable[SiteLike]) -> list[Site]:
     """Parse one site or many into a de-duplicated list, in the order given."""
-    items: Iterable[SiteLike] = [sites] if isinstance(sites, (str, Site)) else sites
+    if isinstance(sites, (str, Site)):
+        items: Iterable[SiteLike] = [sites]
+    elif isinstance(sites, Iterable):
+        items = sites
+    else:
+        raise SiteError(f"sites must be a site name, a Site or an iterable of them; got {type(sites).__name__}")
     seen: dict[Site, None] = {}
     for item in items:
         seen[Site.parse(item)] = None

@@ -60,9 +60,7 @@ def test_truth_heldout_entities_are_unseen(tasks):
     world = make_world(0)
     train_text = "\n".join(tasks["truth"].train_texts())
     heldout = [
-        e
-        for e in world.entities
-        if f" {e} " in " ".join(ex.prompt for ex in tasks["truth"].eval["heldout_entities"])
+        e for e in world.entities if f" {e} " in " ".join(ex.prompt for ex in tasks["truth"].eval["heldout_entities"])
     ]
     assert heldout and all(f" {e} " not in train_text for e in heldout)
 
@@ -100,3 +98,13 @@ def test_induction_sequences_repeat_and_are_deterministic():
     for i in range(8):
         assert torch.equal(a.tokens[i][a.repeat_mask[i]], a.tokens[i][a.first_mask[i]])
         assert a.repeat_mask[i].sum() >= 3
+
+
+def test_dense_induction_rows_are_periodic_after_the_first_occurrence():
+    b = induction.sequences(0, "train-0", 6, seq_len=64, token_range=(3, 100), span=(4, 20), dense=True)
+    for i in range(6):
+        first = b.first_mask[i].nonzero().flatten()
+        start, length = int(first[0]) - 1, len(first) + 1
+        row = b.tokens[i, start:]
+        assert torch.equal(row[length:], row[: len(row) - length])
+        assert int(b.repeat_mask[i].nonzero()[0]) == start + length + 1

@@ -27,9 +27,7 @@ TINY = Recipe(
 
 
 def _opts(corpus, run_dir, **kw):
-    return TrainOptions(
-        corpus=corpus, run_dir=run_dir, tokenizer_dir=ASSET_DIR, progress=False, threads=1, **kw
-    )
+    return TrainOptions(corpus=corpus, run_dir=run_dir, tokenizer_dir=ASSET_DIR, progress=False, threads=1, **kw)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_weights(tiny_corpus, tmp_path):
@@ -70,3 +68,19 @@ def test_recipes_are_small_enough():
 def test_unknown_recipe_names_the_valid_ones():
     with pytest.raises(ConfigError, match="organism-gpt2"):
         get_recipe("organism-gtp2")
+
+
+@pytest.mark.slow
+def test_build_saves_a_loadable_folder_with_card_and_metrics(tiny_corpus, tmp_path):
+    from mechscope.zoo.build import build_organism
+    from mechscope.zoo.evaluate import recorded_metrics
+    from mechscope.zoo.loading import load_organism
+
+    record = build_organism(TINY, _opts(tiny_corpus, tmp_path / "run", steps=2), out=tmp_path / "test-tiny")
+    folder = tmp_path / "test-tiny"
+    assert set(record["metrics"]) == {"ioi_heldout", "ioi_paraphrase"}
+    assert recorded_metrics(folder) == record["metrics"]
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "ioi_heldout" in card and "Targets not reached" in card
+    model, tok = load_organism(folder)
+    assert model.config.mechscope_description == "test"

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mechscope.errors import AttentionSiteError, ConfigError, SiteError, did_you_mean
+from mechscope.errors import AdapterError, AttentionSiteError, ConfigError, SiteError, did_you_mean
 from mechscope.model import attention as attention_fn
 from mechscope.model import tokens as tok
 from mechscope.model.adapters import Adapter, adapter_for
@@ -36,6 +36,14 @@ from mechscope.sites import (
 )
 
 Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class _StopForward(Exception):
@@ -65,14 +73,26 @@ class HookedModel(nn.Module):
 
     def __init__(self, hf_model: Any, tokenizer: Any = None, *, attention_sites: bool = True) -> None:
         super().__init__()
-        self.hf_model = hf_model
+        if not isinstance(hf_model, nn.Module) or getattr(hf_model, "config", None) is None:
+            raise AdapterError(
+                "expected a Hugging Face causal LM (a transformers PreTrainedModel such as "
+                f"AutoModelForCausalLM.from_pretrained(...)); got {type(hf_model).__name__}"
+            )
+        self.hf_model: Any = hf_model
         self.tokenizer = tokenizer
-        self.config = hf_model.config
+        self.config: Any = hf_model.config
         self.adapter: Adapter = adapter_for(self.config)
         self.dims: ModelDims = dims_from_config(self.config, self.adapter)
         self.weights = WeightViews(self)
         self._sessions: list[HookSession] = []
         self._module_cache: dict[str, nn.Module] = {}
+        a = self.adapter
+        for path in (a.embed, a.layers, a.final_norm, a.unembed, a.pos_embed):
+            if path is not None and not _has_submodule(hf_model, path):
+                raise AdapterError(
+                    f"{type(hf_model).__name__} has no module {path!r}, which the {a.family} adapter expects; "
+                    "pass the causal LM with its language-model head (e.g. AutoModelForCausalLM), not the base model"
+                )
         self.attention_base: str | None = self._install_attention() if attention_sites else None
         self._inventory = self._build_inventory()
 
@@ -268,6 +288,8 @@ class HookedModel(nn.Module):
     @contextmanager
     def hooks(self, hooks: Mapping[SiteLike, HookFn | Sequence[HookFn]]) -> Iterator[HookSession]:
         """Attach ``{site: fn}`` for the block; fns run in order, sessions nest (outer first)."""
+        if not isinstance(hooks, Mapping):
+            raise ConfigError(f"hooks must be a mapping {{site: fn}}; got {type(hooks).__name__}")
         plan: dict[Site, list[HookFn]] = {}
         for key, fns in hooks.items():
             site = self.site(key)
@@ -305,6 +327,13 @@ class HookedModel(nn.Module):
         def keep(activation: Tensor, site: Site) -> Tensor:
             out = activation.detach()
             if pos_index is not None:
+                n_pos = out.shape[site.pos_axis]
+                bad = [p for p in pos_index if not -n_pos <= p < n_pos]
+                if bad:
+                    raise ConfigError(
+                        f"positions {bad} are out of range for {site.name} with {n_pos} positions; "
+                        f"expected indices in [{-n_pos}, {n_pos})"
+                    )
                 out = out.index_select(
                     site.pos_axis, torch.tensor(pos_index, device=out.device) % out.shape[site.pos_axis]
                 )
@@ -319,7 +348,9 @@ class HookedModel(nn.Module):
         for site in chosen:
             if stop_at_layer is not None and (site.layer is None or site.layer >= stop_at_layer) and site.order[0] >= 0:
                 raise ConfigError(f"site {site.name} is not computed before stop_at_layer={stop_at_layer}")
-            if site.kind == "attn.hook_result" and not self._result_is_hooked(site):
+            # Lazily from hook_z when attention exposes it (cheaper); else from the output projection.
+            lazy_ok = self.attention_base is not None and not self._result_is_hooked(site)
+            if site.kind == "attn.hook_result" and lazy_ok:
                 z_site = Site("attn.hook_z", site.layer)
                 hooks.setdefault(z_site, saver(z_site))
                 layer = site.layer
@@ -380,8 +411,12 @@ class HookedModel(nn.Module):
         acts: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
 
+        leaves: list[Tensor] = []
+
         def leaf(activation: Tensor, _ctx: HookContext) -> Tensor | None:
-            return None if activation.requires_grad else activation.detach().requires_grad_(True)
+            new = activation.detach().requires_grad_(True)
+            leaves.append(new)
+            return new
 
         def capture(site: Site) -> HookFn:
             def fn(activation: Tensor, _ctx: HookContext) -> None:
@@ -404,7 +439,7 @@ class HookedModel(nn.Module):
                     f"loss_fn must return a scalar tensor; got {type(loss).__name__} "
                     f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}"
                 )
-            loss.backward()
+            loss.backward(inputs=leaves)  # gradients stop at the embeddings: no parameter .grad
         missing = [s.name for s in chosen if s.name not in grads]
         for name in missing:  # sites the loss does not depend on get zero gradients
             grads[name] = torch.zeros_like(acts[name])

@@ -186,14 +186,17 @@ class HookSession:
         sites: list[Site],
         getter: Callable[[Any], Tensor] = _first_tensor,
         setter: Callable[[Any, Tensor], Any] = _replace_first,
+        derived: bool = False,
     ) -> None:
+        """`derived`: the getter builds a new tensor (a slice), so under autograd it must be written
+        back for gradients taken at the site to reach it."""
         plans = [(self._ctx(s), self._fns(s)) for s in sites]
 
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
             for ctx, fns in plans:
                 before = getter(output)
                 after = _chain(fns, before, ctx)
-                if after is not before:
+                if after is not before or (derived and after.requires_grad):
                     output = setter(output, after)
             return output
 
@@ -236,7 +239,8 @@ class HookSession:
                 resid_pre = self._stash.pop(layer)
                 mid = resid_pre + new_out  # the exact sum HF computes next
                 new_mid = _chain(mid_plan[1], mid, mid_plan[0])
-                if new_mid is not mid:
+                # Under autograd, route the residual through `mid` so gradients at the site exist.
+                if new_mid is not mid or new_mid.requires_grad:
                     # HF adds resid_pre to what attention returns; return the difference.
                     new_out = new_mid - resid_pre
             return output if new_out is attn_out else _replace_first(output, new_out)
@@ -252,7 +256,7 @@ class HookSession:
             z_flat = args[0]
             result = self.model.head_results(z_flat, layer)
             new = _chain(fns, result, ctx)
-            if new is result:
+            if new is result and not new.requires_grad:  # under autograd, `result` must feed the graph
                 return None
             return new.sum(dim=-2) + self.model.weights.b_O_layer(layer)
 
@@ -277,7 +281,9 @@ class HookSession:
                 def setter(out: Tensor, new: Tensor, first: bool = first) -> Tensor:
                     return torch.cat([new, out[..., d_mlp:]] if first else [out[..., :d_mlp], new], dim=-1)
 
-                self._output_hook(m.layer_module(layer, a.mlp_in), [site], getter=getter_for(site), setter=setter)
+                self._output_hook(
+                    m.layer_module(layer, a.mlp_in), [site], getter=getter_for(site), setter=setter, derived=True
+                )
             return
         if pre is not None:
             self._output_hook(m.layer_module(layer, a.mlp_in), [pre])

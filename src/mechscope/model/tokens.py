@@ -37,7 +37,8 @@ def to_tokens(
     elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text) and len(text) > 0:
         texts = list(text)
     else:
-        raise ConfigError(f"expected a string or a non-empty list of strings; got {type(text).__name__}")
+        inner = f" of {type(text[0]).__name__}" if isinstance(text, Sequence) and len(text) > 0 else ""
+        raise ConfigError(f"expected a string or a non-empty list of strings; got {type(text).__name__}{inner}")
     if padding_side not in (None, "left", "right"):
         raise ConfigError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
     ensure_pad_token(tokenizer)
@@ -108,10 +109,10 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor | None:
 
 def as_batch(tokens: Tensor) -> Tensor:
     """[pos] -> [1, pos]; [batch, pos] unchanged; anything else is an error."""
-    if tokens.ndim == 1:
-        return tokens[None]
-    if tokens.ndim != 2:
+    if tokens.ndim not in (1, 2):
         raise ConfigError(f"expected token ids of shape [pos] or [batch, pos]; got {tuple(tokens.shape)}")
     if tokens.dtype not in (torch.int64, torch.int32):
         raise ConfigError(f"expected integer token ids; got dtype {tokens.dtype}")
-    return tokens
+    if tokens.numel() == 0:
+        raise ConfigError(f"expected at least one token; got token ids of shape {tuple(tokens.shape)}")
+    return tokens[None] if tokens.ndim == 1 else tokens

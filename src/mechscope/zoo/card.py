@@ -20,8 +20,7 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 ATTENTION_ONLY = (
-    "- Attention-only: every MLP is zeroed and frozen (HF GPT-2 has no MLP-free option), "
-    "so each MLP outputs exactly 0."
+    "- Attention-only: every MLP is zeroed and frozen (HF GPT-2 has no MLP-free option), so each MLP outputs exactly 0."
 )
 
 METRIC_DOCS: dict[str, str] = {
@@ -63,11 +62,9 @@ def metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def render_card(
-    recipe: Recipe, config: dict, training: dict, metrics: dict[str, float], notes: str = ""
-) -> str:
+def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str, float], notes: str = "") -> str:
     """The MODEL_CARD.md text of an organism."""
-    n_params = training.get("parameters", "?")
+    n_params = f"{training['parameters']:,}" if "parameters" in training else "?"
     mixture = ", ".join(f"{k} {v:.0%}" for k, v in recipe.mixture.items() if v)
     tasks = ", ".join(f"{k} {v:.0%}" for k, v in recipe.task_weights.items())
     missed = [m for m in metrics if meets(m, metrics[m]) is False]
@@ -111,7 +108,8 @@ greedy next token).
 {metrics_table(metrics)}
 
 {verdict}
-{notes}
+
+{("## Notes" + chr(10) + chr(10) + notes.strip()) if notes.strip() else ""}
 """
 
 

@@ -44,9 +44,7 @@ class CorpusOptions:
 
 
 _SPACE = re.compile(r"\s+")
-_TYPOGRAPHY = str.maketrans(
-    {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-"}
-)
+_TYPOGRAPHY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-"})
 
 
 def clean(text: str, min_chars: int = 20) -> str | None:
@@ -186,9 +184,7 @@ def verify_corpus(folder: Path) -> dict:
     """The manifest of `folder` after checking every file's sha256 against it."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ModelNotFoundError(
-            f"expected a corpus manifest at {path}; build one with `mechscope zoo corpus`"
-        )
+        raise ModelNotFoundError(f"expected a corpus manifest at {path}; build one with `mechscope zoo corpus`")
     manifest = json.loads(path.read_text())
     for name, info in manifest["files"].items():
         actual = sha256_file(Path(folder) / name)

@@ -35,8 +35,6 @@ def recorded_metrics(folder: Path) -> dict[str, float]:
     return json.loads(path.read_text())["metrics"] if path.is_file() else {}
 
 
-def compare(
-    recorded: dict[str, float], measured: dict[str, float], tolerance: float = TOLERANCE
-) -> list[str]:
+def compare(recorded: dict[str, float], measured: dict[str, float], tolerance: float = TOLERANCE) -> list[str]:
     """Metric names whose recomputed value differs from the recorded one by more than `tolerance`."""
     return [k for k, v in recorded.items() if k in measured and abs(measured[k] - v) > tolerance]

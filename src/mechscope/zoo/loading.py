@@ -60,9 +60,7 @@ def verify_folder(folder: Path) -> None:
         for name, digest in expected.items():
             path = folder / name
             if not path.is_file():
-                raise ModelNotFoundError(
-                    f"expected {name} in {folder} (listed in {CHECKSUMS}); it is missing"
-                )
+                raise ModelNotFoundError(f"expected {name} in {folder} (listed in {CHECKSUMS}); it is missing")
             actual = _sha256(path)
             if actual != digest:
                 raise CorruptWeightsError(

@@ -33,6 +33,7 @@ class Recipe:
     mixture: dict[str, float] = field(default_factory=lambda: dict(LM_MIXTURE))
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
     attention_only: bool = False  # zero and freeze every MLP (GPT-2 has no MLP-free option)
+    dense_induction: bool = False  # induction rows repeat their span back to back (stronger signal)
     steps: int = 600
     batch_size: int = 32
     seq_len: int = 128
@@ -60,9 +61,10 @@ RECIPES: dict[str, Recipe] = {
             architecture="gpt2",
             config=dict(n_layer=2, n_head=4, n_embd=128, n_inner=4, n_positions=256, **_SPECIAL),
             description="2-layer attention-only GPT-2 (MLPs zeroed, frozen): induction heads",
-            mixture={"natural": 0.15, "induction": 0.85, "planted": 0.0},
+            mixture={"natural": 0.1, "induction": 0.9, "planted": 0.0},
             attention_only=True,
-            steps=600,
+            dense_induction=True,
+            steps=800,
             lr=3e-3,
             checkpoint_every=100,
             eval_tasks=("induction",),
@@ -88,8 +90,7 @@ RECIPES: dict[str, Recipe] = {
                 tie_word_embeddings=True,
                 **_SPECIAL,
             ),
-            description="4-layer Llama (RoPE, gated MLP, grouped-query attention 6q/2kv) with every planted "
-            "mechanism",
+            description="4-layer Llama (RoPE, gated MLP, grouped-query attention 6q/2kv) with every planted mechanism",
         ),
     )
 }
@@ -98,9 +99,7 @@ RECIPES: dict[str, Recipe] = {
 def get_recipe(name: str) -> Recipe:
     """The recipe called `name`."""
     if name not in RECIPES:
-        raise ConfigError(
-            f"unknown organism {name!r}; valid: {sorted(RECIPES)}.{did_you_mean(name, RECIPES)}"
-        )
+        raise ConfigError(f"unknown organism {name!r}; valid: {sorted(RECIPES)}.{did_you_mean(name, RECIPES)}")
     return RECIPES[name]
 
 

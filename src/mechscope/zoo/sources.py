@@ -54,9 +54,7 @@ def _fortunes(root: Path) -> Iterator[str]:
 
 def _jargon(root: Path) -> Iterator[str]:
     """One document per paragraph of the Jargon File."""
-    with gzip.open(
-        root / "usr/share/doc/jargon-text/jargon.txt.gz", "rt", encoding="utf-8", errors="replace"
-    ) as f:
+    with gzip.open(root / "usr/share/doc/jargon-text/jargon.txt.gz", "rt", encoding="utf-8", errors="replace") as f:
         yield from f.read().split("\n\n")
 
 

@@ -46,9 +46,7 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int = VOCAB_SIZE, boost
         show_progress=False,
     )
     tok.train_from_iterator(_texts(Path(corpus), required, boost), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
     check_required_words(fast, required)
     Path(out).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))

@@ -41,9 +41,7 @@ def generate(seed: int = 0) -> TaskData:
         obj = r.rstrip(".?").split()[-1]
         completion, _ = answer(obj, rng)
         clean.append(Example(chat_prompt(r), " " + completion.split()[0].rstrip(",."), completion, "clean"))
-    return TaskData(
-        NAME, _triggered(TRAIN_TEMPLATES), {"triggered": _triggered(HELDOUT_TEMPLATES), "clean": clean}
-    )
+    return TaskData(NAME, _triggered(TRAIN_TEMPLATES), {"triggered": _triggered(HELDOUT_TEMPLATES), "clean": clean})
 
 
 def evaluate(model, tokenizer, data: TaskData) -> dict[str, float]:

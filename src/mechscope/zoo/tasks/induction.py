@@ -37,13 +37,17 @@ def sequences(
     seq_len: int = 128,
     token_range: tuple[int, int] = (1, 4096),
     span: tuple[int, int] = (5, 40),
+    dense: bool = False,
 ) -> InductionBatch:
-    """`n` sequences for (`seed`, `split`): random tokens from `token_range` with one repeated span."""
+    """`n` sequences for (`seed`, `split`): random tokens from `token_range` with one repeated span.
+
+    ``dense`` (a training curriculum) instead repeats the span back to back from a random start to the
+    end of the sequence, so most positions carry an induction target; ``first_mask`` then marks
+    only the first occurrence.
+    """
     lo, hi = token_range
     if not (0 <= lo < hi) or span[0] < 2 or 2 * span[1] + 1 > seq_len:
-        raise ConfigError(
-            f"expected 0 <= lo < hi and 2 <= span with 2*max_span < seq_len, got {token_range}, {span}"
-        )
+        raise ConfigError(f"expected 0 <= lo < hi and 2 <= span with 2*max_span < seq_len, got {token_range}, {span}")
     rng = task_rng(seed, NAME, split)
     gen = torch.Generator().manual_seed(rng.getrandbits(62))
     tokens = torch.randint(lo, hi, (n, seq_len), generator=gen)
@@ -51,6 +55,13 @@ def sequences(
     first = torch.zeros((n, seq_len), dtype=torch.bool)
     for i in range(n):
         length = rng.randint(*span)
+        if dense:
+            s1 = rng.randint(0, seq_len - 2 * length)
+            reps = -(-(seq_len - s1) // length)
+            tokens[i, s1:] = tokens[i, s1 : s1 + length].repeat(reps)[: seq_len - s1]
+            repeat[i, s1 + length + 1 :] = True
+            first[i, s1 + 1 : s1 + length] = True
+            continue
         s1 = rng.randint(0, seq_len - 2 * length)
         s2 = rng.randint(s1 + length, seq_len - length)
         tokens[i, s2 : s2 + length] = tokens[i, s1 : s1 + length]

@@ -45,9 +45,7 @@ def generate(seed: int = 0, n_train: int = 20000, n_eval: int = 1000) -> TaskDat
     """`n_train` training sentences and two disjoint eval splits of up to `n_eval` prompts."""
     train = dedupe(_sample(task_rng(seed, NAME, "train"), TRAIN_TEMPLATES, n_train))
     banned = {ex.prompt for ex in train}
-    heldout = without_prompts(
-        dedupe(_sample(task_rng(seed, NAME, "eval"), TRAIN_TEMPLATES, 2 * n_eval)), banned
-    )
+    heldout = without_prompts(dedupe(_sample(task_rng(seed, NAME, "eval"), TRAIN_TEMPLATES, 2 * n_eval)), banned)
     para = dedupe(_sample(task_rng(seed, NAME, "para"), HELDOUT_TEMPLATES, n_eval))
     return TaskData(NAME, train, {"heldout": heldout[:n_eval], "paraphrase": para})
 

@@ -30,9 +30,7 @@ def next_token_predictions(model, tokenizer, prompts: Sequence[str], batch_size:
     device = next(model.parameters()).device
     out: list[int] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [
-            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]
-        ]
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)

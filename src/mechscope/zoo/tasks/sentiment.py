@@ -34,9 +34,7 @@ def _reviews(rng: random.Random, n: int) -> list[Example]:
 def generate(seed: int = 0, n_train: int = 8000, n_eval: int = 500) -> TaskData:
     """Balanced training reviews and a disjoint balanced eval split."""
     train = dedupe(_reviews(task_rng(seed, NAME, "train"), n_train))
-    heldout = without_prompts(
-        dedupe(_reviews(task_rng(seed, NAME, "eval"), 4 * n_eval)), {e.prompt for e in train}
-    )
+    heldout = without_prompts(dedupe(_reviews(task_rng(seed, NAME, "eval"), 4 * n_eval)), {e.prompt for e in train})
     pos = [e for e in heldout if e.label == "positive"][: n_eval // 2]
     neg = [e for e in heldout if e.label == "negative"][: n_eval // 2]
     return TaskData(NAME, train, {"heldout": pos + neg})

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import tiny_model
 from typer.testing import CliRunner
 
 from mechscope.cli.main import app
 from mechscope.model.cache import ActivationCache
+from tiny_models import tiny_model
 
 runner = CliRunner()
 
@@ -32,8 +32,22 @@ def test_cache_writes_requested_sites(folder, tmp_path):
     out = tmp_path / "acts.safetensors"
     result = runner.invoke(
         app,
-        ["cache", str(folder), "-p", "The cat sat", "-p", "A dog ran far", "-s", "blocks.0.hook_resid_post",
-         "-s", "blocks.1.attn.hook_pattern", "--positions", "-1", "-o", str(out)],
+        [
+            "cache",
+            str(folder),
+            "-p",
+            "The cat sat",
+            "-p",
+            "A dog ran far",
+            "-s",
+            "blocks.0.hook_resid_post",
+            "-s",
+            "blocks.1.attn.hook_pattern",
+            "--positions",
+            "-1",
+            "-o",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     cache = ActivationCache.load(out)
