@@ -1,0 +1,110 @@
+"""Activation patching: self-patching is a no-op, batched == loop, last-layer denoising recovers clean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import ConfigError, SiteError
+from mechscope.locate.metrics import logit_diff
+from mechscope.locate.patching import MetricError, PatchResult, PromptMismatchError, activation_patch
+from mechscope.model.hooked import HookedModel
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+KINDS = ["resid_pre", "resid_post", "attn_out", "mlp_out", "heads"]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gpt_neox"])
+def model(request):
+    return HookedModel(tiny_model(request.param, with_tokenizer=False)[0])
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(4, 100, (2, 6), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, 2] = torch.randint(4, 100, (2,), generator=gen)
+    return clean, corrupt
+
+
+def metric(logits: torch.Tensor) -> torch.Tensor:
+    return logit_diff(logits, [5, 6], [7, 8])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["loop", "batched"])
+def test_patching_a_run_with_itself_is_a_no_op(model, kind, method):
+    clean, _ = prompts()
+    result = activation_patch(model, clean, clean, kind, metric, method=method, chunk_size=5)
+    torch.testing.assert_close(result["metric"], result["clean"].expand_as(result["metric"]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_batched_equals_loop(model, kind, direction):
+    clean, corrupt = prompts()
+    loop = activation_patch(model, clean, corrupt, kind, metric, direction=direction, method="loop")
+    batched = activation_patch(model, clean, corrupt, kind, metric, direction=direction, chunk_size=5)
+    torch.testing.assert_close(batched["metric"], loop["metric"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loop["metric"], loop["corrupt"] if direction == "denoising" else loop["clean"])
+
+
+def test_per_head_false_sweeps_positions_and_matches_loop(model):
+    clean, corrupt = prompts()
+    loop = activation_patch(model, clean, corrupt, "heads", metric, per_head=False, method="loop")
+    batched = activation_patch(model, clean, corrupt, "heads", metric, per_head=False)
+    assert loop["metric"].shape == (model.dims.n_layers, 6)
+    torch.testing.assert_close(batched["metric"], loop["metric"], rtol=1e-5, atol=1e-5)
+
+
+def test_denoising_the_last_residual_recovers_clean_exactly_and_earlier_positions_do_nothing(model):
+    clean, corrupt = prompts()
+    result = activation_patch(model, clean, corrupt, "resid_post", metric)
+    last = result["metric"][-1]
+    assert last[-1].item() == result["clean"].item()
+    torch.testing.assert_close(last[:-1], result["corrupt"].expand(5), rtol=0, atol=0)
+    torch.testing.assert_close(result.normalised()[-1, -1], torch.tensor(1.0))
+
+
+def test_noising_everything_at_the_last_residual_gives_the_corrupt_metric(model):
+    clean, corrupt = prompts()
+    result = activation_patch(model, clean, corrupt, "resid_post", metric, direction="noising", positions=[-1])
+    assert result["metric"].shape == (model.dims.n_layers, 1)
+    assert result["metric"][-1, 0].item() == result["corrupt"].item()
+    assert result.labels["pos"] == ["5"]
+
+
+def test_positions_subset_matches_full_sweep(model):
+    clean, corrupt = prompts()
+    full = activation_patch(model, clean, corrupt, "attn_out", metric)
+    some = activation_patch(model, clean, corrupt, "attn_out", metric, positions=[2, -1])
+    torch.testing.assert_close(some["metric"], full["metric"][:, [2, 5]])
+
+
+def test_result_round_trips(model, tmp_path):
+    clean, corrupt = prompts()
+    result = activation_patch(model, clean, corrupt, "heads", metric)
+    back = PatchResult.load(result.save(tmp_path / "patch.safetensors"))
+    torch.testing.assert_close(back["metric"], result["metric"])
+    assert back.config["sites_kind"] == "attn.hook_z" and back.labels["head"][0] == "H0"
+
+
+def test_bad_input_fails_clearly(model):
+    clean, corrupt = prompts()
+    with pytest.raises(PromptMismatchError, match=r"clean \(2, 6\) and corrupt \(2, 5\)"):
+        activation_patch(model, clean, corrupt[:, :5], "resid_pre", metric)
+    with pytest.raises(MetricError, match=r"scalar or \[batch\]=\(2,\); got shape \(2, 6\)"):
+        activation_patch(model, clean, corrupt, "resid_pre", lambda logits: logits[..., 0])
+    with pytest.raises(MetricError, match="must return a tensor"):
+        activation_patch(model, clean, corrupt, "resid_pre", lambda logits: 1.0)  # type: ignore[arg-type,return-value]
+    with pytest.raises(SiteError, match="resid_pre"):
+        activation_patch(model, clean, corrupt, "resid_pr", metric)
+    with pytest.raises(ConfigError, match="direction"):
+        activation_patch(model, clean, corrupt, "resid_pre", metric, direction="sideways")
+    with pytest.raises(ConfigError, match="positions"):
+        activation_patch(model, clean, corrupt, "resid_pre", metric, positions=[6])
+    if model.dims.parallel:
+        with pytest.raises(SiteError, match="no site"):
+            activation_patch(model, clean, corrupt, "resid_mid", metric)
