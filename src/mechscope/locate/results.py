@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
+from mechscope.io import read_safetensors, write_safetensors
 
 FORMAT = "mechscope.result"
 SCHEMA_VERSION = 1
@@ -104,23 +103,12 @@ class Result:
             json.dumps(self.config)
         except TypeError as exc:
             raise ConfigError(f"{type(self).__name__}.config must be JSON-serialisable: {exc}") from exc
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        save_file(tensors, str(path), metadata=self.metadata())
-        return path
+        return write_safetensors(path, self.tensors, self.metadata())
 
     @classmethod
     def load(cls: type[R], path: str | Path) -> R:
         """Read a file written by :meth:`save`; the class is chosen by the file's method name."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"no result file at {str(path)!r}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise ConfigError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+        tensors, meta = read_safetensors(path, "result")
         return cls._from_parts(tensors, meta, str(path))
 
     @classmethod

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechscope.errors import ConfigError, SiteError, did_you_mean
+from mechscope.io import read_safetensors, write_safetensors
 from mechscope.sites import Site, SiteLike
 
 SCHEMA_VERSION = 1
@@ -100,33 +100,18 @@ class ActivationCache(Mapping[str, Tensor]):
     # Files --------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file; metadata (schema, positions, model info) in its header."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.materialised().items()}
         header = {
             "format": "mechscope.activation_cache",
             "schema_version": str(SCHEMA_VERSION),
             "positions": json.dumps(self.positions),
             "meta": json.dumps(self.meta),
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(tensors, str(tmp), metadata=header)
-        tmp.replace(path)
-        return path
+        return write_safetensors(path, self.materialised(), header)
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationCache:
         """Read a file written by :meth:`save`, validating its format and schema."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"no activation cache file at {str(path)!r}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-        except Exception as exc:  # safetensors raises its own error types
-            raise ConfigError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+        tensors, header = read_safetensors(path, "activation cache")
         if header.get("format") != "mechscope.activation_cache":
             raise ConfigError(f"{str(path)!r} is not a mechscope activation cache (format={header.get('format')!r})")
         if int(header.get("schema_version", "0")) > SCHEMA_VERSION:
@@ -134,7 +119,7 @@ class ActivationCache(Mapping[str, Tensor]):
                 f"{str(path)!r} has schema version {header['schema_version']}; this mechscope reads <= {SCHEMA_VERSION}"
             )
         return cls(
-            load_file(str(path)),
+            tensors,
             positions=json.loads(header.get("positions", "null")),
             meta=json.loads(header.get("meta", "{}")),
         )
