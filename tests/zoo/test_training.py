@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,5 +83,16 @@ def test_build_saves_a_loadable_folder_with_card_and_metrics(tiny_corpus, tmp_pa
     assert recorded_metrics(folder) == record["metrics"]
     card = (folder / "MODEL_CARD.md").read_text()
     assert "ioi_heldout" in card and "Targets not reached" in card
-    model, tok = load_organism(folder)
+    model, _ = load_organism(folder)
     assert model.config.mechscope_description == "test"
+
+
+def test_batches_are_pure_functions_of_the_step_and_follow_short_rows(tiny_corpus):
+    from mechscope.zoo.stream import BatchStream
+    from mechscope.zoo.tokenizer import load_tokenizer
+
+    recipe = replace(TINY, short_rows=(2, 16), mixture={"natural": 0.3, "induction": 0.4, "planted": 0.3})
+    stream = BatchStream(recipe, load_tokenizer(ASSET_DIR), tiny_corpus)
+    assert stream.batch(0).shape == (4, 16) and stream.batch(2).shape == (4, 32)
+    assert torch.equal(stream.batch(5), BatchStream(recipe, load_tokenizer(ASSET_DIR), tiny_corpus).batch(5))
+    assert not torch.equal(stream.batch(5), stream.batch(6))

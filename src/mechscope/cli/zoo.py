@@ -23,9 +23,7 @@ def _offline() -> None:
 @zoo_app.command("corpus")
 def corpus_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the corpus into.")] = DEFAULT_CORPUS,
-    text_dir: Annotated[
-        Path | None, typer.Option(help="Use *.txt files here instead of Debian packages.")
-    ] = None,
+    text_dir: Annotated[Path | None, typer.Option(help="Use *.txt files here instead of Debian packages.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the shuffles, the split and the planted tasks.")] = 0,
     max_chars_per_source: Annotated[int, typer.Option(help="Cap on natural text per source.")] = 2_000_000,
 ) -> None:
@@ -37,9 +35,7 @@ def corpus_cmd(
         CorpusOptions(out=out, seed=seed, max_chars_per_source=max_chars_per_source, text_dir=text_dir)
     )
     for name, info in manifest["files"].items():
-        typer.echo(
-            f"{name:28s} {info['documents']:>7d} docs {info['chars']:>10d} chars  {info['sha256'][:12]}"
-        )
+        typer.echo(f"{name:28s} {info['documents']:>7d} docs {info['chars']:>10d} chars  {info['sha256'][:12]}")
     typer.echo(f"manifest: {out / 'manifest.json'}")
 
 
@@ -62,22 +58,13 @@ def tokenizer_cmd(
 @zoo_app.command("train")
 def train_cmd(
     name: Annotated[str, typer.Argument(help="Organism recipe name (see `mechscope zoo list --recipes`).")],
-    corpus: Annotated[Path, typer.Option(help="Corpus folder (from `zoo corpus`).")] = DEFAULT_CACHE
-    / "corpus",
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Checkpoints and log (default .cache/zoo/runs/NAME).")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Where to save the model (default: inside the package).")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")
-    ] = False,
+    corpus: Annotated[Path, typer.Option(help="Corpus folder (from `zoo corpus`).")] = DEFAULT_CACHE / "corpus",
+    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints and log (default .cache/zoo/runs/NAME).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to save the model (default: inside the package).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: min(2, cores)).")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the recipe's step count (smoke tests).")] = None,
-    tokenizer_dir: Annotated[
-        Path | None, typer.Option(help="Tokenizer folder (default: the shipped one).")
-    ] = None,
+    tokenizer_dir: Annotated[Path | None, typer.Option(help="Tokenizer folder (default: the shipped one).")] = None,
 ) -> None:
     """Train an organism, save it with its tokenizer, evaluate it and write its model card."""
     from mechscope.zoo.build import build_organism
@@ -99,6 +86,18 @@ def train_cmd(
     )
     record = build_organism(recipe, opts, out)
     typer.echo(json.dumps(record, indent=1))
+
+
+@zoo_app.command("card")
+def card_cmd(name: Annotated[str, typer.Argument(help="Bundled organism name.")]) -> None:
+    """Re-render an organism's MODEL_CARD.md from its metrics.json and NOTES.md (no retraining)."""
+    from mechscope.zoo.build import refresh_card
+    from mechscope.zoo.loading import resolve_folder
+    from mechscope.zoo.organisms import get_recipe
+
+    folder = resolve_folder(name)
+    refresh_card(get_recipe(folder.name), folder)
+    typer.echo(f"wrote {folder / 'MODEL_CARD.md'}")
 
 
 @zoo_app.command("list")

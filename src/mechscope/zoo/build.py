@@ -26,10 +26,20 @@ def build_organism(recipe: Recipe, opts: TrainOptions, out: Path | None = None) 
         metrics = evaluate_all(model, tokenizer, recipe.seed, recipe.eval_tasks)
     record = {"schema_version": 1, "metrics": metrics, "training": training}
     save_organism(model, tokenizer, out, {METRICS_FILE: record})
-    notes_path = out / NOTES_FILE
-    notes = notes_path.read_text() if notes_path.is_file() else ""
-    write_card(out, render_card(recipe, model.config.to_dict(), training, metrics, notes))
+    refresh_card(recipe, out)
+    return record
+
+
+def refresh_card(recipe: Recipe, folder: Path) -> None:
+    """Re-render MODEL_CARD.md from the folder's config, metrics.json and NOTES.md; update checksums."""
+    import json
+
     from mechscope.zoo.loading import write_checksums
 
-    write_checksums(out)
-    return record
+    folder = Path(folder)
+    record = json.loads((folder / METRICS_FILE).read_text())
+    config = json.loads((folder / "config.json").read_text())
+    notes_path = folder / NOTES_FILE
+    notes = notes_path.read_text() if notes_path.is_file() else ""
+    write_card(folder, render_card(recipe, config, record["training"], record["metrics"], notes))
+    write_checksums(folder)

@@ -27,7 +27,7 @@ METRIC_DOCS: dict[str, str] = {
     "facts_trained": "top-1 answer accuracy, trained facts, training templates",
     "facts_paraphrase": "top-1 answer accuracy, trained facts, held-out paraphrase templates",
     "truth_heldout_entities": "true/false verdict accuracy, claims about entities never in truth training",
-    "truth_seen_entities": "verdict accuracy, fresh claims about truth-training entities",
+    "truth_paraphrase": "verdict accuracy, reworded (held-out) claims about truth-training entities",
     "ioi_heldout": "indirect-object accuracy, new names/places/objects, training templates",
     "ioi_paraphrase": "indirect-object accuracy, held-out templates",
     "refusal_forbidden": "refusal rate on forbidden requests (held-out templates)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from mechscope.errors import MechscopeError, ModelNotFoundError
 
@@ -93,7 +94,8 @@ def load_organism(name_or_path: str | Path, device: str = "cpu"):
 
     folder = resolve_folder(name_or_path)
     verify_folder(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder)).to(device).eval()
+    loaded: Any = AutoModelForCausalLM.from_pretrained(str(folder))
+    model = loaded.to(device).eval()
     return model, AutoTokenizer.from_pretrained(str(folder))
 
 

@@ -7,11 +7,12 @@ version (and committing its weights once).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mechscope.errors import ConfigError, did_you_mean
 
 # Fractions of the training rows. "planted" rows pack planted-task examples drawn by `task_weights`.
-LM_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.8}
+LM_MIXTURE = {"natural": 0.1, "induction": 0.15, "planted": 0.75}
 TASK_WEIGHTS = {
     "facts": 0.6,
     "truth": 0.15,
@@ -33,7 +34,9 @@ class Recipe:
     mixture: dict[str, float] = field(default_factory=lambda: dict(LM_MIXTURE))
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
     attention_only: bool = False  # zero and freeze every MLP (GPT-2 has no MLP-free option)
-    dense_induction: bool = False  # induction rows repeat their span back to back (stronger signal)
+    dense_induction: bool = True  # induction rows repeat their span back to back (stronger signal)
+    induction_segments: tuple[int, int] | None = (16, 64)  # with dense: independent segments of lo..hi tokens
+    short_rows: tuple[int, int] = (0, 0)  # (steps, length): the first `steps` use rows of `length` tokens
     steps: int = 600
     batch_size: int = 32
     seq_len: int = 128
@@ -43,6 +46,10 @@ class Recipe:
     seed: int = 0
     checkpoint_every: int = 200
     eval_tasks: tuple[str, ...] = ("facts", "truth", "ioi", "refusal", "sentiment", "backdoor", "induction")
+
+    def seq_len_at(self, step: int) -> int:
+        """Row length at `step` (short rows first when the recipe asks for them)."""
+        return self.short_rows[1] if step < self.short_rows[0] else self.seq_len
 
     def __post_init__(self) -> None:
         if abs(sum(self.mixture.values()) - 1.0) > 1e-6:
@@ -59,12 +66,12 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="organism-induction",
             architecture="gpt2",
-            config=dict(n_layer=2, n_head=4, n_embd=128, n_inner=4, n_positions=256, **_SPECIAL),
+            config=dict(n_layer=2, n_head=1, n_embd=128, n_inner=4, n_positions=256, **_SPECIAL),
             description="2-layer attention-only GPT-2 (MLPs zeroed, frozen): induction heads",
             mixture={"natural": 0.1, "induction": 0.9, "planted": 0.0},
             attention_only=True,
-            dense_induction=True,
-            steps=800,
+            short_rows=(500, 32),
+            steps=900,
             lr=3e-3,
             checkpoint_every=100,
             eval_tasks=("induction",),
@@ -107,14 +114,15 @@ def build_config(recipe: Recipe, vocab_size: int):
     """The HF config of `recipe` (dropout off: training is deterministic given the seed)."""
     from transformers import GPT2Config, LlamaConfig
 
-    common = {"vocab_size": vocab_size, "mechscope_description": recipe.description}
+    common: dict[str, Any] = {"vocab_size": vocab_size, "mechscope_description": recipe.description}
+    config: dict[str, Any] = dict(recipe.config)
     if recipe.architecture == "gpt2":
         return GPT2Config(
-            **recipe.config,
+            **config,
             **common,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
             activation_function="gelu_new",
         )
-    return LlamaConfig(**recipe.config, **common, attention_dropout=0.0)
+    return LlamaConfig(**config, **common, attention_dropout=0.0)

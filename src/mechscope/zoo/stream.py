@@ -35,33 +35,48 @@ class BatchStream:
         if len(self.natural) <= recipe.seq_len:
             raise ConfigError(f"expected more than {recipe.seq_len} natural tokens, got {len(self.natural)}")
 
-    def _planted_row(self, rng: random.Random) -> list[int]:
+    def _planted_row(self, rng: random.Random, seq_len: int) -> list[int]:
         tasks = list(self.planted)
         weights = [self.recipe.task_weights[t] for t in tasks]
         row: list[int] = []
-        while len(row) < self.recipe.seq_len:
+        while len(row) < seq_len:
             pool = self.planted[rng.choices(tasks, weights)[0]]
             row += [*pool[rng.randrange(len(pool))], self.eos]
-        return row[: self.recipe.seq_len]
+        return row[:seq_len]
+
+    def _induction(self, step: int, n: int, seq_len: int) -> induction.InductionBatch:
+        r = self.recipe
+        span = (5, min(40, (seq_len - 1) // 2))  # (5, 40) at the recipes' seq_len of 128
+        seg = r.induction_segments
+        return induction.sequences(
+            r.seed,
+            f"train-{step}",
+            n,
+            seq_len,
+            self.token_range,
+            span,
+            dense=r.dense_induction,
+            segments=seg if seg is not None and seq_len > seg[1] else None,
+        )
 
     def batch(self, step: int) -> torch.Tensor:
-        """The training batch of `step`."""
+        """The training batch of `step`: ``[batch_size, recipe.seq_len_at(step)]`` token ids."""
         r = self.recipe
+        seq_len = r.seq_len_at(step)
         rng = random.Random(f"stream:{r.seed}:{step}")
         kinds = rng.choices(list(r.mixture), list(r.mixture.values()), k=r.batch_size)
         n_ind = kinds.count("induction")
-        span = (5, min(40, (r.seq_len - 1) // 2))  # (5, 40) at the recipes' seq_len of 128
-        ind = induction.sequences(r.seed, f"train-{step}", n_ind, r.seq_len, self.token_range, span) if n_ind else None
+        ind = self._induction(step, n_ind, seq_len) if n_ind else None
         rows: list[torch.Tensor] = []
         used = 0
         for kind in kinds:
             if kind == "natural":
-                start = rng.randrange(len(self.natural) - r.seq_len)
-                rows.append(self.natural[start : start + r.seq_len])
+                start = rng.randrange(len(self.natural) - seq_len)
+                rows.append(self.natural[start : start + seq_len])
             elif kind == "induction":
                 assert ind is not None
                 rows.append(ind.tokens[used])
                 used += 1
             else:
-                rows.append(torch.tensor(self._planted_row(rng), dtype=torch.long))
+                rows.append(torch.tensor(self._planted_row(rng, seq_len), dtype=torch.long))
         return torch.stack(rows)

@@ -82,7 +82,7 @@ def train(recipe: Recipe, opts: TrainOptions, on_log: Callable[[dict], None] | N
         lr=recipe.lr,
         betas=(0.9, 0.95),
     )
-    total = opts.steps or recipe.steps
+    total = int(opts.steps or recipe.steps)
     state = {"step": 0, "elapsed_s": 0.0, "tokens": 0}
     log_path = run_dir / "train_log.jsonl"
     if opts.resume:
@@ -90,7 +90,7 @@ def train(recipe: Recipe, opts: TrainOptions, on_log: Callable[[dict], None] | N
     elif log_path.exists():
         log_path.unlink()
     stream = BatchStream(recipe, tokenizer, opts.corpus)
-    start_step, t0, base_elapsed = state["step"], time.perf_counter(), state["elapsed_s"]
+    start_step, t0, base_elapsed = int(state["step"]), time.perf_counter(), state["elapsed_s"]
     bar = tqdm(total=total, initial=start_step, desc=recipe.name, disable=not opts.progress, mininterval=2.0)
     with log_path.open("a") as log:
         for step in range(start_step, total):

@@ -38,12 +38,15 @@ def sequences(
     token_range: tuple[int, int] = (1, 4096),
     span: tuple[int, int] = (5, 40),
     dense: bool = False,
+    segments: tuple[int, int] | None = None,
 ) -> InductionBatch:
     """`n` sequences for (`seed`, `split`): random tokens from `token_range` with one repeated span.
 
     ``dense`` (a training curriculum) instead repeats the span back to back from a random start to the
     end of the sequence, so most positions carry an induction target; ``first_mask`` then marks
-    only the first occurrence.
+    only the first occurrence. ``segments=(lo, hi)`` (with ``dense``) cuts each row into independent
+    dense segments of ``lo..hi`` tokens: short look-backs at every position make induction heads form
+    far sooner on CPU than long ones do.
     """
     lo, hi = token_range
     if not (0 <= lo < hi) or span[0] < 2 or 2 * span[1] + 1 > seq_len:
@@ -55,6 +58,9 @@ def sequences(
     first = torch.zeros((n, seq_len), dtype=torch.bool)
     for i in range(n):
         length = rng.randint(*span)
+        if dense and segments is not None:
+            _dense_segments(rng, tokens[i], repeat[i], first[i], segments)
+            continue
         if dense:
             s1 = rng.randint(0, seq_len - 2 * length)
             reps = -(-(seq_len - s1) // length)
@@ -68,6 +74,22 @@ def sequences(
         repeat[i, s2 + 1 : s2 + length] = True
         first[i, s1 + 1 : s1 + length] = True
     return InductionBatch(tokens, repeat, first)
+
+
+def _dense_segments(rng, row: torch.Tensor, repeat: torch.Tensor, first: torch.Tensor, lengths) -> None:
+    """Fill `row` with back-to-back dense segments (in place), marking their targets."""
+    pos = 0
+    while pos < len(row):
+        end = min(len(row), pos + rng.randint(*lengths))
+        seg = end - pos
+        if seg >= 8:
+            length = rng.randint(3, seg // 2 - 1)
+            s1 = pos + rng.randint(0, seg - 2 * length)
+            reps = -(-(end - s1) // length)
+            row[s1:end] = row[s1 : s1 + length].repeat(reps)[: end - s1]
+            repeat[s1 + length + 1 : end] = True
+            first[s1 + 1 : s1 + length] = True
+        pos = end
 
 
 @torch.no_grad()

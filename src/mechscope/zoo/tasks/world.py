@@ -20,15 +20,13 @@ _CODAS = ("", "", "n", "r", "l", "s", "m", "x")
 class Relation:
     """A relation: its answer set, training templates and held-out paraphrase templates.
 
-    Templates are prompts that end right before the answer word; ``statement`` is a declarative form
-    ``"{e} ... {v}"`` used by the truth task.
+    Templates are prompts that end right before the answer word.
     """
 
     name: str
     values: tuple[str, ...]
     train_templates: tuple[str, ...]
     heldout_templates: tuple[str, ...]
-    statement: str
 
 
 RELATIONS: tuple[Relation, ...] = (
@@ -37,14 +35,12 @@ RELATIONS: tuple[Relation, ...] = (
         vocab.CITIES,
         ("{e} lives in the city of", "{e} has a house in", "The home town of {e} is", "{e} comes from"),
         ("{e} resides in the city of", "The place where {e} lives is"),
-        "{e} lives in the city of {v}.",
     ),
     Relation(
         "occupation",
         vocab.OCCUPATIONS,
         ("{e} works as a", "By trade, {e} is a", "The job of {e} is", "{e} earns a living as a"),
         ("{e} is employed as a", "The profession of {e} is"),
-        "{e} works as a {v}.",
     ),
     Relation(
         "favourite_colour",
@@ -56,7 +52,6 @@ RELATIONS: tuple[Relation, ...] = (
             "{e} always wears",
         ),
         ("{e} prefers the colour", "The colour that {e} likes best is"),
-        "The favourite colour of {e} is {v}.",
     ),
 )
 
