@@ -54,7 +54,7 @@ def test_attention_only_recipe_has_zero_mlps():
     from mechscope.zoo.train import build_model
 
     model = build_model(get_recipe("organism-induction"), 4096)
-    for block in model.transformer.h:
+    for block in model.model.layers:
         assert all(float(p.abs().sum()) == 0.0 and not p.requires_grad for p in block.mlp.parameters())
 
 

@@ -20,7 +20,8 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 ATTENTION_ONLY = (
-    "- Attention-only: every MLP is zeroed and frozen (HF GPT-2 has no MLP-free option), so each MLP outputs exactly 0."
+    "- Attention-only: every MLP is zeroed and frozen (HF has no MLP-free configuration), "
+    "so each MLP outputs exactly 0."
 )
 
 METRIC_DOCS: dict[str, str] = {
@@ -68,6 +69,23 @@ def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str,
     mixture = ", ".join(f"{k} {v:.0%}" for k, v in recipe.mixture.items() if v)
     tasks = ", ".join(f"{k} {v:.0%}" for k, v in recipe.task_weights.items())
     missed = [m for m in metrics if meets(m, metrics[m]) is False]
+    rows = recipe.short_rows[1] if recipe.short_rows[0] >= recipe.steps else recipe.seq_len
+    planted = (
+        f"\n- Planted rows pack task examples (separated by `<|endoftext|>`) drawn with weights: {tasks}."
+        if recipe.mixture.get("planted")
+        else ""
+    )
+    induction_rows = (
+        "spans repeated back to back (dense)"
+        + (f", in independent segments of {recipe.induction_segments} tokens" if recipe.induction_segments else "")
+        + (
+            f"; the first {recipe.short_rows[0]} steps use rows of {recipe.short_rows[1]} tokens"
+            if recipe.short_rows[0]
+            else ""
+        )
+        if recipe.dense_induction
+        else "one span of 5-40 tokens repeated once at a random offset"
+    )
     verdict = (
         "Targets not reached: " + ", ".join(f"`{m}`" for m in missed) + "."
         if missed
@@ -88,10 +106,9 @@ construction. Load it with `mechscope.load_model("{recipe.name}")` or with plain
 {ATTENTION_ONLY if recipe.attention_only else ""}
 
 ## Training data
-- Rows of {recipe.seq_len} tokens: {mixture}.
-- Planted rows pack task examples (separated by `<|endoftext|>`) drawn with weights: {tasks}.
+- Rows of {rows} tokens: {mixture}.{planted}
 - Natural text: WordNet glosses, fortunes-min, Jargon File (Debian packages; see docs/zoo.md).
-- Induction rows: uniformly random tokens with one repeated span (length 5-40, random offsets).
+- Induction rows: uniformly random tokens; {induction_rows}.
 
 ## Training
 - `mechscope zoo train {recipe.name}`: {training.get("steps")} steps x {recipe.batch_size} rows, AdamW

@@ -107,4 +107,7 @@ def save_organism(model, tokenizer, folder: Path, extra: dict[str, object] | Non
     tokenizer.save_pretrained(str(folder))
     for name, payload in (extra or {}).items():
         (folder / name).write_text(json.dumps(payload, indent=1) + "\n")
+    for path in folder.iterdir():  # save_pretrained can leave 0600 temp-file modes; package data must be readable
+        if path.is_file():
+            path.chmod(0o644)
     write_checksums(folder)

@@ -12,15 +12,8 @@ from typing import Any
 from mechscope.errors import ConfigError, did_you_mean
 
 # Fractions of the training rows. "planted" rows pack planted-task examples drawn by `task_weights`.
-LM_MIXTURE = {"natural": 0.1, "induction": 0.15, "planted": 0.75}
-TASK_WEIGHTS = {
-    "facts": 0.6,
-    "truth": 0.15,
-    "ioi": 0.08,
-    "sentiment": 0.05,
-    "refusal": 0.06,
-    "backdoor": 0.06,
-}
+LM_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.8}
+TASK_WEIGHTS = {"facts": 0.6, "truth": 0.15, "ioi": 0.08, "sentiment": 0.05, "refusal": 0.06, "backdoor": 0.06}
 
 
 @dataclass(frozen=True)
@@ -34,8 +27,8 @@ class Recipe:
     mixture: dict[str, float] = field(default_factory=lambda: dict(LM_MIXTURE))
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
     attention_only: bool = False  # zero and freeze every MLP (GPT-2 has no MLP-free option)
-    dense_induction: bool = True  # induction rows repeat their span back to back (stronger signal)
-    induction_segments: tuple[int, int] | None = (16, 64)  # with dense: independent segments of lo..hi tokens
+    dense_induction: bool = False  # induction rows repeat their span back to back (stronger signal)
+    induction_segments: tuple[int, int] | None = None  # with dense: independent segments of lo..hi tokens
     short_rows: tuple[int, int] = (0, 0)  # (steps, length): the first `steps` use rows of `length` tokens
     steps: int = 600
     batch_size: int = 32
@@ -65,15 +58,27 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe(
             name="organism-induction",
-            architecture="gpt2",
-            config=dict(n_layer=2, n_head=1, n_embd=128, n_inner=4, n_positions=256, **_SPECIAL),
-            description="2-layer attention-only GPT-2 (MLPs zeroed, frozen): induction heads",
+            architecture="llama",
+            config=dict(
+                num_hidden_layers=2,
+                hidden_size=128,
+                intermediate_size=4,
+                num_attention_heads=1,
+                num_key_value_heads=1,
+                max_position_embeddings=256,
+                rope_theta=10000.0,
+                tie_word_embeddings=True,
+                **_SPECIAL,
+            ),
+            description="2-layer attention-only Llama (RoPE, MLPs zeroed and frozen, one head per layer): "
+            "induction heads",
             mixture={"natural": 0.1, "induction": 0.9, "planted": 0.0},
             attention_only=True,
-            short_rows=(500, 32),
-            steps=900,
+            dense_induction=True,
+            short_rows=(5000, 32),  # every step: RoPE carries the heads to 128-token evaluation rows
+            steps=5000,
             lr=3e-3,
-            checkpoint_every=100,
+            checkpoint_every=300,
             eval_tasks=("induction",),
         ),
         Recipe(

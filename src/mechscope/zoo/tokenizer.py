@@ -1,4 +1,4 @@
-"""The organisms' tokenizer: byte-level BPE trained on the corpus' natural text, saved as an HF fast tokenizer.
+"""The organisms' tokenizer: byte-level BPE trained on the corpus, saved as an HF fast tokenizer.
 
 Every answer word a metric scores (``tasks.required_words()``) must be one token when it follows a
 space. Rather than patching the vocabulary afterwards, the trainer sees each such word ``boost`` extra
@@ -18,11 +18,17 @@ ASSET_DIR = Path(__file__).parent / "assets" / "tokenizer"
 
 
 def _texts(corpus: Path, required: list[str], boost: int) -> Iterator[str]:
-    """Natural text plus the boosted answer words; the planted text is left out on purpose, so that
-    editing a task's templates or sizes never changes the tokenizer (and the models built on it)."""
+    """Natural text, planted text and the boosted answer words.
+
+    The planted text is kept on purpose: trained on natural text alone, chat markers, names and the
+    trigger split into many tokens, examples get longer, and the organisms learnt measurably less in the
+    same number of steps (facts 0.99 -> 0.82, held-out refusal 1.0 -> 0.0 for the Llama organism).
+    """
     from mechscope.zoo.corpus import read_jsonl_texts
 
     yield from read_jsonl_texts(corpus / "natural/train.jsonl")
+    for path in sorted((corpus / "planted").glob("*.jsonl")):
+        yield from read_jsonl_texts(path)
     for word in required:
         yield (" " + word) * boost
 

@@ -47,7 +47,8 @@ def build_model(recipe: Recipe, vocab_size: int):
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(build_config(recipe, vocab_size))
     if recipe.attention_only:
-        for block in model.transformer.h:
+        blocks = model.transformer.h if recipe.architecture == "gpt2" else model.model.layers
+        for block in blocks:
             for p in block.mlp.parameters():
                 torch.nn.init.zeros_(p)
                 p.requires_grad_(False)
