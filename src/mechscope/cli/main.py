@@ -99,14 +99,24 @@ def demo(
     typer.echo(f"report written to {report}")
 
 
+# Optional command groups: (module, attribute, name, help). Each group ships with its own module.
+_GROUPS = (
+    ("mechscope.cli.zoo", "zoo_app", "zoo", "Bundled model organisms: corpus, train, list, eval."),
+    ("mechscope.cli.locate", "locate_app", "locate", "Locate behaviours: lenses, probes, heads, patching, circuits."),
+    ("mechscope.cli.steer", "steer_app", "steer", "Steer: ablation, steering vectors, directional ablation."),
+    ("mechscope.cli.edit", "edit_app", "edit", "Knowledge editing (ROME, MEMIT) with exact revert."),
+    ("mechscope.cli.evaluate", "eval_app", "eval", "Evaluate an intervention on its target and its side effects."),
+)
+
+
 def _mount_subcommands() -> None:
+    from importlib import import_module
     from importlib.util import find_spec
 
-    if find_spec("mechscope.cli.zoo") is None:  # the organisms' commands ship with their module
-        return
-    from mechscope.cli.zoo import zoo_app
-
-    app.add_typer(zoo_app, name="zoo", help="Bundled model organisms: corpus, train, list, eval.")
+    for module_name, attr, name, help_text in _GROUPS:
+        if find_spec(module_name) is None:
+            continue
+        app.add_typer(getattr(import_module(module_name), attr), name=name, help=help_text)
 
 
 _mount_subcommands()
