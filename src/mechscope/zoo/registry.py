@@ -11,6 +11,9 @@ from pathlib import Path
 
 MODELS_DIR = Path(__file__).parent / "models"
 
+#: The model the demo, the docs and the CLI use when none is named: the organism with every planted mechanism.
+DEFAULT_MODEL = "organism-gpt2"
+
 
 @dataclass(frozen=True)
 class ZooEntry:
