@@ -55,18 +55,29 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states[:, :, None].expand(batch, kv_heads, groups, pos, d_head).reshape(batch, -1, pos, d_head)
 
 
-def _apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Apply an HF attention mask: additive float (eager), boolean keep-mask (sdpa) or None (causal)."""
+def _causal_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive causal mask [q_len, k_len]: 0 where a query may attend, the dtype's minimum elsewhere.
+
+    Queries are the last `q_len` of `k_len` positions (generation with a KV cache), as in HF's masks.
+    """
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    return torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+def _additive_bias(
+    mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """HF attention mask as an additive bias: float masks as given, boolean keep-masks and None converted.
+
+    Returns None when nothing is masked (a single query over its whole past), else a tensor broadcastable to
+    [batch, heads, q_len, k_len]. Additive masking is what HF's eager attention does, so scores match it.
+    """
     if mask is None:
-        q_len, k_len = scores.shape[-2:]
-        if q_len == 1:
-            return scores
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        return scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    mask = mask[:, :, :, : scores.shape[-1]]
+        return None if q_len == 1 else _causal_bias(q_len, k_len, dtype, device)
+    mask = mask[:, :, :, :k_len]
     if mask.dtype == torch.bool:
-        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return scores + mask
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask
 
 
 def eager_attention(
@@ -83,6 +94,11 @@ def eager_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's eager attention, exposing scores (after softcap and mask) and pattern to `handle`.
 
+    Same arithmetic as HF's ``eager_attention_forward`` (scale, optional softcap, additive mask, float32
+    softmax), written with batched matrix products on [batch * heads] views and in-place elementwise steps:
+    on CPU that is about twice as fast as the textbook version, which matters because every run that reads
+    or writes attention scores or patterns goes through here.
+
     query: [batch, n_heads, q_pos, d_head]; key/value: [batch, n_kv_heads, k_pos, d_head].
     Returns ([batch, q_pos, n_heads, d_head], pattern [batch, n_heads, q_pos, k_pos]).
     """
@@ -90,21 +106,32 @@ def eager_attention(
         raise NotImplementedError("attention sinks are not supported by mechscope's eager attention")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    groups = query.shape[1] // key.shape[1]
+    batch, n_heads, q_len, d_head = query.shape
+    groups = n_heads // key.shape[1]
     key = _repeat_kv(key, groups)
     value = _repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = _apply_mask(scores, attention_mask)
+    k_len = key.shape[2]
+    queries = query.reshape(batch * n_heads, q_len, d_head)
+    keys_t = key.reshape(batch * n_heads, k_len, d_head).transpose(1, 2)
+    bias = _additive_bias(attention_mask, q_len, k_len, query.dtype, query.device)
+    if softcap is None and bias is not None and bias.dim() == 2:
+        # The common causal case: scale, product and mask in one fused call.
+        scores = torch.baddbmm(bias, queries, keys_t, alpha=scaling).view(batch, n_heads, q_len, k_len)
+    else:
+        scores = torch.bmm(queries, keys_t).view(batch, n_heads, q_len, k_len).mul_(scaling)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap  # out of place: tanh's backward needs its output
+        if bias is not None:
+            scores = scores.add_(bias)
     if handle is not None:
         scores = handle("attn.hook_attn_scores", scores)
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if handle is not None:
         pattern = handle("attn.hook_pattern", pattern)
-    pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
-    output = torch.matmul(pattern, value).transpose(1, 2).contiguous()
-    return output, pattern
+    if dropout > 0.0 and module.training:
+        pattern = nn.functional.dropout(pattern, p=dropout, training=True)
+    output = torch.bmm(pattern.reshape(batch * n_heads, q_len, k_len), value.reshape(batch * n_heads, k_len, d_head))
+    return output.view(batch, n_heads, q_len, d_head).transpose(1, 2).contiguous(), pattern
 
 
 def _hooked_attention(base: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
