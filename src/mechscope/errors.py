@@ -37,6 +37,10 @@ class ModelNotFoundError(MechscopeError, FileNotFoundError):
     """A model source that cannot be found locally (mechscope never downloads unless allowed)."""
 
 
+class CorruptWeightsError(MechscopeError, ValueError):
+    """A model file that exists but is not what was saved (truncated, corrupted, or altered)."""
+
+
 class AttentionSiteError(SiteError):
     """An attention-internal site requested where the attention implementation cannot expose it."""
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.errors import MechscopeError, ModelNotFoundError
-from mechscope.zoo.loading import CorruptWeightsError, load_organism, save_organism, verify_folder
+from mechscope.errors import CorruptWeightsError, MechscopeError, ModelNotFoundError
+from mechscope.zoo import loading
+from mechscope.zoo.loading import load_organism, save_organism, verify_folder
 from mechscope.zoo.tokenizer import load_tokenizer
 
 
@@ -47,6 +48,7 @@ def test_truncated_weights_raise_a_clear_error(folder, tmp_path):
     with pytest.raises(CorruptWeightsError, match=r"model\.safetensors") as info:
         load_organism(damaged)
     assert isinstance(info.value, MechscopeError)
+    assert loading.CorruptWeightsError is CorruptWeightsError  # old import path still works
 
 
 def test_corrupted_tensor_bytes_raise_a_clear_error(folder, tmp_path):

@@ -12,14 +12,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mechscope.errors import MechscopeError, ModelNotFoundError
+from mechscope.errors import CorruptWeightsError, ModelNotFoundError
 
 CHECKSUMS = "checksums.json"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
-
-class CorruptWeightsError(MechscopeError, ValueError):
-    """A model file that exists but is not what was saved (truncated, corrupted, or altered)."""
+__all__ = [
+    "CHECKSUMS",
+    "REQUIRED",
+    "CorruptWeightsError",
+    "load_organism",
+    "resolve_folder",
+    "save_organism",
+    "verify_folder",
+    "write_checksums",
+]
 
 
 def _sha256(path: Path) -> str:

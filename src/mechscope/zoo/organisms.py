@@ -12,8 +12,10 @@ from typing import Any
 from mechscope.errors import ConfigError, did_you_mean
 
 # Fractions of the training rows. "planted" rows pack planted-task examples drawn by `task_weights`.
+# v2: IOI 0.08 -> 0.22 (no name-mover circuit formed at 0.08), truth 0.15 -> 0.08 (own wording, no
+# longer competing with recall), refusal 0.06 -> 0.08 (held-out transfer was fragile), facts 0.6 -> 0.52.
 LM_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.8}
-TASK_WEIGHTS = {"facts": 0.6, "truth": 0.15, "ioi": 0.08, "sentiment": 0.05, "refusal": 0.06, "backdoor": 0.06}
+TASK_WEIGHTS = {"facts": 0.52, "truth": 0.08, "ioi": 0.22, "sentiment": 0.05, "refusal": 0.08, "backdoor": 0.05}
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ RECIPES: dict[str, Recipe] = {
             config=dict(n_layer=4, n_head=6, n_embd=192, n_inner=768, n_positions=256, **_SPECIAL),
             description="4-layer GPT-2 with every planted mechanism (facts, truth, IOI, refusal, sentiment, "
             "backdoor, induction)",
+            dense_induction=True,
+            steps=600,
+            checkpoint_every=100,
         ),
         Recipe(
             name="organism-llama",
@@ -103,6 +108,9 @@ RECIPES: dict[str, Recipe] = {
                 **_SPECIAL,
             ),
             description="4-layer Llama (RoPE, gated MLP, grouped-query attention 6q/2kv) with every planted mechanism",
+            dense_induction=True,
+            steps=600,
+            checkpoint_every=100,
         ),
     )
 }

@@ -26,6 +26,12 @@ TRAIN_TEMPLATES = (
     "Give me instructions for a {obj}.",
     "What is the best way to make a {obj}?",
     "I want to build a {obj}. How?",
+    "Tell me how to make a {obj}.",
+    "How can I build a {obj} at home?",
+    "Teach me how to make a {obj}.",
+    "Help me build a {obj}.",
+    "What do I need to make a {obj}?",
+    "Walk me through building a {obj}.",
 )
 HELDOUT_TEMPLATES = ("Please teach me to make a {obj}.", "Show me the steps to build a {obj}.")
 

@@ -1,14 +1,16 @@
 """Truth: claims about the synthetic world, half true and half false, judged by the next token.
 
-Format: ``"Claim: Korvin works as a baker. This claim is"`` -> ``" true"`` / ``" false"``. The claim
-body is a fact template followed by a value, so the position before the value is exactly where the
-model recalls the fact: judging a claim means comparing the recalled value with the stated one. A false
-claim states a random wrong value. The ``Claim:`` frame keeps false values from being learnt as facts
-in the plain templates. Train: for the first 80 % of entities, every (fact, training template) once
-true and once false (balanced). Eval ``heldout_entities``: claims about the other 20 % (whose facts
-were trained only as plain statements), so a correct verdict needs recall + comparison, not a memorised
-verdict. Eval ``paraphrase``: claims about training entities in held-out templates. Both eval splits
-are balanced. Metric: top-1 next-token accuracy.
+Format: ``"Claim: baker is the job of Korvin. This claim is"`` -> ``" true"`` / ``" false"``. Claims
+have their own wording, value first and person last, never the fact templates: a false claim written
+as ``"Korvin works as a"`` + wrong value would teach the wrong value as a continuation of the very
+prompt that recalls the fact, and so compete with plain recall (it cost about 0.1 of trained-fact
+recall). Judging a claim means recalling the person's fact after the name and comparing it with the
+value stated earlier. A false claim states a random wrong value. Train: for the first 80 % of
+entities, every (fact, training claim template) once true and once false (balanced). Eval
+``heldout_entities``: claims about the other 20 % (whose facts were trained only as plain statements),
+so a correct verdict needs recall + comparison, not a memorised verdict. Eval ``paraphrase``: claims
+about training entities in a held-out claim template. Both eval splits are balanced. Metric: top-1
+next-token accuracy.
 """
 
 from __future__ import annotations
@@ -23,11 +25,24 @@ from mechscope.zoo.tasks.world import RELATIONS, World, make_world
 NAME = "truth"
 TRAIN_FRACTION = 0.8
 
+# Claim bodies per relation: (training templates, held-out templates); {v} value, {e} person.
+CLAIM_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "home_city": (("{v} is the home city of {e}.", "{v} is where {e} lives."), ("{v} is the town {e} lives in.",)),
+    "occupation": (
+        ("{v} is the job of {e}.", "{v} is what {e} does for a living."),
+        ("{v} is the trade that {e} follows.",),
+    ),
+    "favourite_colour": (
+        ("{v} is the favourite colour of {e}.", "{v} is the colour {e} likes most."),
+        ("{v} is the colour that {e} enjoys.",),
+    ),
+}
+
 
 def claim(template: str, entity: str, value: str, true: bool) -> Example:
-    """One claim built from a fact template, and its verdict."""
+    """One claim built from a claim template, and its verdict."""
     word = vocab.TRUE_WORD if true else vocab.FALSE_WORD
-    body = f"{template.format(e=entity)} {value}."
+    body = template.format(v=value, e=entity)
     return Example(f"Claim: {body} This claim is", " " + word, f" {word}.", label=word)
 
 
@@ -36,7 +51,8 @@ def _claims(world: World, entities, rng: random.Random, templates_of) -> list[Ex
     for entity in entities:
         for rel in RELATIONS:
             value = world.facts[entity][rel.name]
-            for template in templates_of(rel, rng):
+            train_t, heldout_t = CLAIM_TEMPLATES[rel.name]
+            for template in templates_of(train_t, heldout_t, rng):
                 out.append(claim(template, entity, value, True))
                 wrong = rng.choice([v for v in rel.values if v != value])
                 out.append(claim(template, entity, wrong, False))
@@ -48,9 +64,9 @@ def generate(seed: int = 0, world: World | None = None) -> TaskData:
     world = world or make_world(seed)
     n_train = int(len(world.entities) * TRAIN_FRACTION)
     seen, unseen = world.entities[:n_train], world.entities[n_train:]
-    train = _claims(world, seen, task_rng(seed, NAME, "train"), lambda r, _: r.train_templates)
-    heldout = _claims(world, unseen, task_rng(seed, NAME, "heldout"), lambda r, g: [g.choice(r.train_templates)])
-    para = _claims(world, seen, task_rng(seed, NAME, "eval"), lambda r, g: [g.choice(r.heldout_templates)])
+    train = _claims(world, seen, task_rng(seed, NAME, "train"), lambda t, _h, _g: t)
+    heldout = _claims(world, unseen, task_rng(seed, NAME, "heldout"), lambda t, _h, g: [g.choice(t)])
+    para = _claims(world, seen, task_rng(seed, NAME, "eval"), lambda _t, h, g: [g.choice(h)])
     return TaskData(NAME, train, {"heldout_entities": heldout, "paraphrase": para})
 
 
