@@ -1,0 +1,89 @@
+"""Inputs, metrics and ablation values shared by the circuit methods.
+
+Ablations say what an upstream node's output becomes on a removed edge: ``resample`` its output on the
+corrupted prompt of the same row (the counterfactual run), ``mean`` its output averaged over the batch of
+reference prompts (the corrupted ones when given, else the clean ones) at each position, ``zero`` zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechscope.errors import ConfigError
+from mechscope.locate.circuits.forward import node_outputs
+from mechscope.locate.circuits.graph import Graph
+from mechscope.locate.patching import MetricError, PromptMismatchError
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel, Inputs
+
+Metric = Callable[[Tensor], Tensor]
+ABLATIONS = ("resample", "mean", "zero")
+
+
+def check_ablation(ablation: str) -> None:
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"ablation must be one of {ABLATIONS}; got {ablation!r}")
+
+
+def tokens_pair(
+    model: HookedModel, clean: Inputs, corrupt: Inputs | None, ablation: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """Tokenised clean and corrupted prompts, checked to align position by position."""
+    check_ablation(ablation)
+    a = model.prepare_inputs(clean)
+    if corrupt is None:
+        if ablation == "resample":
+            raise ConfigError("resample ablation needs corrupted prompts (corrupt=...); or use 'mean' or 'zero'")
+        return a, None
+    b = model.prepare_inputs(corrupt)
+    if a["input_ids"].shape != b["input_ids"].shape:
+        raise PromptMismatchError(
+            f"clean and corrupt prompts must have the same [batch, pos] token shape so edges align position by "
+            f"position; got clean {tuple(a['input_ids'].shape)} and corrupt {tuple(b['input_ids'].shape)}"
+        )
+    if not torch.equal(a["attention_mask"], b["attention_mask"]):
+        raise PromptMismatchError("clean and corrupt prompts must have the same attention mask (same padding)")
+    return a, b
+
+
+def metric_rows(metric: Metric, logits: Tensor) -> Float[Tensor, " batch"]:
+    """`metric(logits)` as one value per row (a scalar is broadcast), with a clear error otherwise."""
+    batch = logits.shape[0]
+    out = metric(logits)
+    if not isinstance(out, Tensor):
+        raise MetricError(f"metric must return a tensor (a scalar or [batch]=({batch},)); got {type(out).__name__}")
+    if out.ndim == 0:
+        return out.expand(batch)
+    if out.shape != (batch,):
+        raise MetricError(f"metric must return a scalar or [batch]=({batch},); got shape {tuple(out.shape)}")
+    return out
+
+
+def ablation_values(
+    model: HookedModel,
+    graph: Graph,
+    clean: dict[str, Tensor],
+    corrupt: dict[str, Tensor] | None,
+    ablation: str,
+) -> tuple[Tensor, Tensor, Float[Tensor, "batch_or_1 pos n_upstream d_model"]]:
+    """(clean logits, clean node outputs, ablated node outputs)."""
+    check_ablation(ablation)
+    logits, outs = node_outputs(model, graph, clean)
+    if ablation == "zero":
+        return logits, outs, torch.zeros_like(outs[:1])
+    if ablation == "resample":
+        assert corrupt is not None
+        return logits, outs, node_outputs(model, graph, corrupt)[1]
+    ref = outs if corrupt is None else node_outputs(model, graph, corrupt)[1]
+    mask = (corrupt or clean)["attention_mask"].to(ref.dtype)[:, :, None, None]
+    mean = (ref * mask).sum(0, keepdim=True) / mask.sum(0, keepdim=True).clamp_min(1)
+    return logits, outs, mean
+
+
+__all__ = ["ABLATIONS", "Metric", "ablation_values", "check_ablation", "metric_rows", "tokens_pair"]
