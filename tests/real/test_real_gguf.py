@@ -1,0 +1,216 @@
+"""GGUF loading through transformers' GGUF route and mechscope's cache, on real (tiny) GGUF files.
+
+The file is written with the ``gguf`` library's GGUFWriter from a tiny random Llama; loading it must give
+that Llama's logits back (q/k permutation, names, tied/untied head all round-trip), the second load must
+reuse the cache without converting, and a damaged or half-written cache must never be used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gguf", reason="the GGUF route needs `pip install 'mechscope[gguf]'`")
+pytest.importorskip("accelerate", reason="the GGUF route needs `pip install 'mechscope[gguf]'`")
+
+from gguf_files import reference_logits, write_tiny_gguf
+
+from mechscope import load_model
+from mechscope.errors import ConfigError, ModelNotFoundError
+from mechscope.model import gguf as mg
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+IDS = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf_src")
+    path = folder / "tiny-llama.gguf"
+    model, tok = write_tiny_gguf(path, "llama")
+    return path, reference_logits(model, IDS), tok
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_file, tmp_path_factory):
+    """One conversion shared by the read-only tests (its cache root is not modified by them)."""
+    root = tmp_path_factory.mktemp("gguf_cache")
+    return mg.gguf_to_folder(tiny_file[0], cache_dir=root), root
+
+
+def test_gguf_load_gives_the_source_model_logits(tiny_file, tmp_path):
+    path, expected, _ = tiny_file
+    model = load_model(path, cache_dir=tmp_path)
+    assert model.dims.model_type == "llama" and model.dims.n_kv_heads == 2
+    with torch.no_grad():
+        logits = model(IDS)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    path = tmp_path / "tied.gguf"
+    hf, _ = write_tiny_gguf(path, "llama_tied", seed=5)
+    model = load_model(path, cache_dir=tmp_path / "cache")
+    assert model.hf_model.config.tie_word_embeddings
+    embed, unembed = model.hf_model.get_input_embeddings().weight, model.hf_model.get_output_embeddings().weight
+    assert embed.data_ptr() == unembed.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), reference_logits(hf, IDS), atol=1e-5, rtol=0)
+
+
+def test_converted_folder_is_clean_and_manifested(converted, tiny_file):
+    conv, root = converted
+    assert not conv.reused and conv.folder.parent == root
+    assert conv.folder.name == f"{conv.sha256[:20]}-float32"
+    assert conv.sha256 == mg.sha256_file(tiny_file[0])
+    config = json.loads((conv.folder / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain model, not a GGUF-flagged one
+    manifest = mg.verify_cached(conv.folder)
+    assert manifest["source_sha256"] == conv.sha256 and manifest["dtype"] == "float32"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(manifest["files"])
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def test_second_load_reuses_the_cache_without_converting(converted, tiny_file, monkeypatch):
+    conv, root = converted
+
+    def no_conversion(*_args, **_kwargs):
+        raise AssertionError("a valid cache entry was converted again")
+
+    monkeypatch.setattr(mg, "_convert", no_conversion)
+    start = time.perf_counter()
+    again = mg.gguf_to_folder(tiny_file[0], cache_dir=root)
+    reuse_s = time.perf_counter() - start
+    assert again.reused and again.folder == conv.folder and not again.rebuilt_corrupt
+    assert reuse_s < max(1.0, conv.seconds)  # hashing a tiny folder; the conversion took conv.seconds
+    model = load_model(tiny_file[0], cache_dir=root)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), tiny_file[1], atol=1e-5, rtol=0)
+
+
+def test_cache_is_keyed_by_content_not_path(converted, tiny_file, tmp_path):
+    conv, root = converted
+    copy = tmp_path / "renamed.gguf"
+    copy.write_bytes(tiny_file[0].read_bytes())
+    assert mg.gguf_to_folder(copy, cache_dir=root, verify="size").folder == conv.folder
+
+
+def test_digest_index_fast_path_and_invalidation(tmp_path):
+    src = tmp_path / "a.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 100)
+    cache = tmp_path / "cache"
+    first = mg.file_digest(src, cache)
+    index = json.loads((cache / mg.INDEX).read_text())
+    assert list(index.values()) == [first]
+    # A recorded digest is trusted while (path, size, mtime) are unchanged ...
+    (key,) = index
+    (cache / mg.INDEX).write_text(json.dumps({key: "f" * 64}))
+    assert mg.file_digest(src, cache) == "f" * 64
+    # ... and a changed file is hashed again.
+    src.write_bytes(b"GGUF" + b"\1" * 100)
+    os.utime(src, ns=(1, 1))
+    assert mg.file_digest(src, cache) == mg.sha256_file(src) != first
+
+
+def _fresh(tiny_file, tmp_path) -> mg.GGUFConversion:
+    return mg.gguf_to_folder(tiny_file[0], cache_dir=tmp_path)
+
+
+def test_truncated_cache_file_is_detected_and_rebuilt(tiny_file, tmp_path):
+    conv = _fresh(tiny_file, tmp_path)
+    weights = conv.folder / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:
+        handle.truncate(size // 2)
+    with pytest.raises(mg.CorruptCacheError, match="truncated"):
+        mg.verify_cached(conv.folder, "size")
+    rebuilt = _fresh(tiny_file, tmp_path)
+    assert rebuilt.rebuilt_corrupt and not rebuilt.reused and weights.stat().st_size == size
+    model = load_model(tiny_file[0], cache_dir=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), tiny_file[1], atol=1e-5, rtol=0)
+
+
+def test_altered_bytes_pass_size_check_but_fail_full_check(tiny_file, tmp_path):
+    conv = _fresh(tiny_file, tmp_path)
+    weights = conv.folder / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.seek(weights.stat().st_size - 8)
+        handle.write(b"\x7f" * 8)
+    mg.verify_cached(conv.folder, "size")  # same size: only the content hash can tell
+    with pytest.raises(mg.CorruptCacheError, match="sha256"):
+        mg.verify_cached(conv.folder, "full")
+    assert mg.gguf_to_folder(tiny_file[0], cache_dir=tmp_path).rebuilt_corrupt
+
+
+def test_folder_without_manifest_is_never_used(tiny_file, tmp_path):
+    conv = _fresh(tiny_file, tmp_path)
+    (conv.folder / mg.MANIFEST).unlink()  # what a copy interrupted before its last step looks like
+    with pytest.raises(mg.CorruptCacheError, match="manifest"):
+        mg.verify_cached(conv.folder)
+    again = _fresh(tiny_file, tmp_path)
+    assert again.rebuilt_corrupt and (again.folder / mg.MANIFEST).is_file()
+
+
+def test_interrupted_conversion_leaves_no_folder(tiny_file, tmp_path, monkeypatch):
+    real_convert = mg._convert
+
+    def convert_then_die(source: Path, target: Path, dtype: str) -> None:
+        real_convert(source, target, dtype)
+        with open(target / "model.safetensors", "r+b") as handle:
+            handle.truncate(100)
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the files are being written
+
+    monkeypatch.setattr(mg, "_convert", convert_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        mg.gguf_to_folder(tiny_file[0], cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # nothing under the final or a temp name
+    monkeypatch.setattr(mg, "_convert", real_convert)
+    assert not _fresh(tiny_file, tmp_path).rebuilt_corrupt
+
+
+def test_dtype_is_part_of_the_key(tiny_file, converted):
+    conv, root = converted
+    half = mg.gguf_to_folder(tiny_file[0], cache_dir=root, dtype="bfloat16")
+    assert half.folder != conv.folder and half.folder.name.endswith("-bfloat16")
+    model = load_model(tiny_file[0], cache_dir=root, dtype=torch.bfloat16)
+    assert model.hf_model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_cache_root_resolution(monkeypatch, tmp_path):
+    assert mg.cache_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.setenv(mg.CACHE_ENV, str(tmp_path / "env"))
+    assert mg.cache_root() == tmp_path / "env" / "gguf"
+    monkeypatch.delenv(mg.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert mg.cache_root() == tmp_path / "xdg" / "mechscope" / "gguf"
+
+
+def test_bad_sources_and_options(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"expected a \.gguf file"):
+        load_model(tmp_path / "absent.gguf", cache_dir=tmp_path)
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(mg.GGUFError, match="not a GGUF file"):
+        load_model(fake, cache_dir=tmp_path)
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(mg.GGUFError, match="could not read"):
+        mg.gguf_to_folder(broken, cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []
+    with pytest.raises(ConfigError, match="dtype"):
+        mg.gguf_to_folder(fake, cache_dir=tmp_path, dtype="int8")
+    with pytest.raises(ConfigError, match="verify"):
+        mg.verify_cached(tmp_path, verify="quick")  # type: ignore[arg-type]
+
+
+def test_clear_cache(tiny_file, tmp_path):
+    _fresh(tiny_file, tmp_path)
+    assert mg.clear_cache(tmp_path) == 1
+    assert [p for p in tmp_path.iterdir()] == []
