@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.locate.circuits.ablation import (
@@ -43,23 +42,18 @@ class EAPConfig:
     Attributes:
         ablation: what a removed edge carries (``resample``, ``mean``, ``zero``).
         steps: integration steps of EAP-IG (1 gives EAP; Hanna et al. use 5).
-        batch_size: rows per forward/backward (None: all at once).
+
+    All prompts run as one batch, because metrics may hold per-row targets; to bound memory, call the
+    function on chunks of prompts and average the scores weighted by chunk size.
     """
 
     ablation: str = "resample"
     steps: int = 5
-    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         check_ablation(self.ablation)
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1; got {self.steps}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1 or None; got {self.batch_size}")
-
-
-def _rows(tokens: dict[str, Tensor], sl: slice) -> dict[str, Tensor]:
-    return {k: v[sl] for k, v in tokens.items()}
 
 
 def _attribute(
@@ -80,24 +74,18 @@ def _attribute(
     with torch.no_grad():
         full_metric = metric_rows(metric, logits).float().mean()
     step_alphas = [(k + 1) / config.steps for k in range(config.steps)] if integrated else [1.0]
-    size = config.batch_size or batch
+    delta = (outs - ablated).detach()
     grad_sum = torch.zeros(graph.valid.shape, dtype=torch.float32, device=model.device)
-    for start in range(0, batch, size):
-        sl = slice(start, min(start + size, batch))
-        rows = _rows(clean_t, sl)
-        abl = ablated[sl] if ablated.shape[0] > 1 else ablated
-        delta = (outs[sl] - abl).detach()
-        clean_in = outs[sl][:, :, 0]
-        for alpha in step_alphas:
-            mask = torch.ones(graph.valid.shape, device=model.device, dtype=model.dtype, requires_grad=True)
-            override = None
-            if integrated and alpha != 1.0:
-                base_in = abl[:, :, 0]
-                override = base_in + alpha * (clean_in - base_in)
-            out = graph_forward(model, graph, rows, mask, fixed_delta=delta, input_override=override)
-            value = metric_rows(metric, out).sum() / batch
-            (grad,) = torch.autograd.grad(value, mask)
-            grad_sum += grad.float()
+    for alpha in step_alphas:
+        mask = torch.ones(graph.valid.shape, device=model.device, dtype=model.dtype, requires_grad=True)
+        override = None
+        if integrated and alpha != 1.0:
+            base_in = ablated[:, :, 0]
+            override = base_in + alpha * (outs[:, :, 0] - base_in)
+        out = graph_forward(model, graph, clean_t, mask, fixed_delta=delta, input_override=override)
+        value = metric_rows(metric, out).sum() / batch
+        (grad,) = torch.autograd.grad(value, mask)
+        grad_sum += grad.float()
     scores = -graph.flat(grad_sum / len(step_alphas)).cpu()
     method = "eap-ig" if integrated else "eap"
     cfg = {**asdict(config), "method": method, "graph": graph.signature(), "n_prompts": batch}
@@ -118,7 +106,6 @@ def eap(
     metric: Metric,
     *,
     ablation: str = "resample",
-    batch_size: int | None = None,
     graph: Graph | None = None,
 ) -> EdgeScores:
     """Edge attribution patching: every edge's first-order ablation effect on `metric`.
@@ -128,7 +115,7 @@ def eap(
         metric: logits ``[batch, pos, d_vocab]`` -> ``[batch]`` or a scalar (e.g. a logit difference).
         ablation: one of ``resample`` (corrupted outputs), ``mean``, ``zero``.
     """
-    config = EAPConfig(ablation=ablation, steps=1, batch_size=batch_size)
+    config = EAPConfig(ablation=ablation, steps=1)
     return _attribute(model, clean, corrupt, metric, config, integrated=False, graph=graph)
 
 
@@ -140,11 +127,10 @@ def eap_ig(
     *,
     steps: int = 5,
     ablation: str = "resample",
-    batch_size: int | None = None,
     graph: Graph | None = None,
 ) -> EdgeScores:
     """EAP with integrated gradients over the input embeddings (`steps` interpolation points)."""
-    config = EAPConfig(ablation=ablation, steps=steps, batch_size=batch_size)
+    config = EAPConfig(ablation=ablation, steps=steps)
     return _attribute(model, clean, corrupt, metric, config, integrated=True, graph=graph)
 
 
