@@ -1,10 +1,16 @@
 """Activation-patching sweeps: the batched implementation against a loop of single patched forwards.
 
-Random GPT-2-style model (default 4 layers, d_model 256, 8 heads), batch 4 x 32 tokens, CPU, fp32.
-For each sweep (residual layer x position, heads layer x head) prints both times, their ratio and the
-largest difference between the two results (they must agree to fp32 tolerance).
+Default: a random GPT-2-small-sized model (12 layers, d_model 768, 12 heads, vocab 50257), CPU, fp32,
+one thread, the head x position sweep (``heads``, ``per_position=True``: layer x head x position
+cells) with a logit-difference metric at the last position. Clean and corrupt prompts differ at
+``--diff-pos`` (default 1: nearly every cell is a real patch).
 
-    python benchmarks/bench_patching.py [--layers 4] [--d-model 256] [--chunk 32] [--threads 1]
+The loop (one full patched forward per cell, as TransformerLens's patching helpers do) is measured
+on a reduced sweep (``--loop-heads`` heads x ``--loop-positions`` positions x every layer) in the
+same run; its time per forward is extrapolated to the full sweep, and the reduced loop's results are
+compared with the same cells of the batched sweep.
+
+    python benchmarks/bench_patching.py [--layers 12] [--d-model 768] [--pos 32] [--batch 1]
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ from mechscope.model.hooked import HookedModel
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pos", type=int, default=32)
+    parser.add_argument("--diff-pos", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--loop-heads", type=int, default=2)
+    parser.add_argument("--loop-positions", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -41,32 +51,50 @@ def main() -> None:
         n_embd=args.d_model,
         n_head=args.heads,
         n_positions=max(64, args.pos),
-        vocab_size=5000,
+        vocab_size=args.vocab,
         bos_token_id=0,
         eos_token_id=0,
     )
     model = HookedModel(GPT2LMHeadModel(config).eval())
     clean = torch.randint(0, config.vocab_size, (args.batch, args.pos))
     corrupt = clean.clone()
-    corrupt[:, args.pos // 2] = torch.randint(0, config.vocab_size, (args.batch,))
+    corrupt[:, args.diff_pos] = torch.randint(0, config.vocab_size, (args.batch,))
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return logit_diff(logits, 1, 2)
 
-    for kind in ("resid_pre", "heads"):
-        times, results = {}, {}
-        for method in ("loop", "batched"):
-            start = time.perf_counter()
-            results[method] = activation_patch(
-                model, clean, corrupt, kind, metric, method=method, chunk_size=args.chunk
-            )
-            times[method] = time.perf_counter() - start
-        diff = (results["loop"]["metric"] - results["batched"]["metric"]).abs().max().item()
-        cells = results["loop"]["metric"].numel()
-        print(
-            f"{kind:10s} {cells:5d} cells  loop {times['loop']:7.2f}s  batched {times['batched']:7.2f}s  "
-            f"speed-up {times['loop'] / times['batched']:5.2f}x  max |diff| {diff:.2e}"
-        )
+    print(
+        f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}; "
+        f"batch {args.batch} x {args.pos} tokens; prompts differ at position {args.diff_pos}; "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    start = time.perf_counter()
+    model({"input_ids": clean})
+    forward = time.perf_counter() - start
+    heads = [int(h) for h in torch.linspace(0, args.heads - 1, args.loop_heads).round()]
+    positions = [int(p) for p in torch.linspace(args.diff_pos + 1, args.pos - 1, args.loop_positions).round()]
+    start = time.perf_counter()
+    loop = activation_patch(
+        model, clean, corrupt, "heads", metric, per_position=True, units=heads, positions=positions, method="loop"
+    )
+    loop_time = time.perf_counter() - start
+    loop_cells = loop["metric"].numel()
+    start = time.perf_counter()
+    batched = activation_patch(model, clean, corrupt, "heads", metric, per_position=True, chunk_size=args.chunk)
+    batched_time = time.perf_counter() - start
+    cells = batched["metric"].numel()
+    same = batched["metric"][:, heads][:, :, positions]
+    diff = (same - loop["metric"]).abs().max().item()
+    per_forward = loop_time / loop_cells
+    loop_full = per_forward * cells
+    print(f"one plain forward: {forward:.3f}s")
+    print(
+        f"loop: {loop_cells} patched forwards (heads {heads} x positions {positions} x {args.layers} layers) in "
+        f"{loop_time:.1f}s = {per_forward:.3f}s each ({per_forward / forward:.2f}x a plain forward); "
+        f"extrapolated to all {cells} cells: {loop_full:.0f}s"
+    )
+    print(f"batched: all {cells} cells (layer x head x position) in {batched_time:.1f}s")
+    print(f"speed-up (extrapolated loop / batched): {loop_full / batched_time:.1f}x; max |diff| on shared cells {diff:.2e}")
 
 
 if __name__ == "__main__":

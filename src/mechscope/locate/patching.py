@@ -1,12 +1,21 @@
 """Activation patching: swap one component's activation between a clean and a corrupted run.
 
 Denoising runs the corrupted prompts and restores one clean activation per cell; noising runs the
-clean prompts and inserts one corrupted activation. A cell is (layer, position) for residual,
-attention-output and MLP-output sites, and (layer, head) for ``attn.hook_z`` (all positions at once).
+clean prompts and inserts one corrupted activation. A cell is one patched component: a layer and a
+position (residual stream, attention or MLP output, all heads at a position), a layer and a unit (a
+head of ``hook_z``/``hook_q``/``hook_k``/``hook_v``/``hook_pattern`` or an MLP neuron, over the swept
+positions), or a layer, unit and position.
 
-Two implementations with identical results: ``loop`` (one patched forward per cell, the reference)
-and ``batched`` (many cells per forward: the base prompts repeated once per cell, each copy patched at
-its own cell by a mask, in chunks that bound memory).
+Two implementations with identical results (to fp32 rounding):
+
+* ``loop``: one full patched forward per cell -- the reference, and how TransformerLens's helpers work.
+* ``batched``: many cells per forward, each copy of the base batch patched at its own cell, and every
+  forward only computes what the patch can change. A patch at layer ``L`` and position ``p`` leaves
+  earlier layers and earlier positions exactly as in the base run, so the run starts from the base
+  run's residual at layer ``L`` with its KV cache for positions ``< p`` (see
+  :mod:`mechscope.model.partial`) and projects onto the vocabulary only the positions the metric
+  reads. Cells whose patch changes nothing (source equals base there) or that lie after every
+  position the metric reads are the base metric without a forward.
 """
 
 from __future__ import annotations
@@ -16,15 +25,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
-from mechscope.errors import ConfigError, MechscopeError, ShapeError, SiteError, did_you_mean
+from mechscope.errors import ConfigError, ShapeError, SiteError, did_you_mean
+from mechscope.locate._engine import MetricError, Variant, metric_positions, metric_value, run_batched, run_loop
 from mechscope.locate.metrics import normalised
 from mechscope.locate.results import Result
-from mechscope.model import hook_fns
-from mechscope.model.hooks import HookContext, HookFn
-from mechscope.sites import Site, SiteLike
+from mechscope.model.partial import base_run
+from mechscope.sites import Site
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
@@ -40,8 +49,23 @@ KIND_ALIASES: dict[str, str] = {
     "mlp_out": "hook_mlp_out",
     "heads": "attn.hook_z",
     "z": "attn.hook_z",
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "pattern": "attn.hook_pattern",
+    "neurons": "mlp.hook_post",
+    "mlp_post": "mlp.hook_post",
 }
 PATCHABLE_KINDS: tuple[str, ...] = tuple(dict.fromkeys(KIND_ALIASES.values()))
+#: Kinds with a unit axis (heads or neurons), and that axis's name.
+UNIT_AXES: dict[str, str] = {
+    "attn.hook_z": "n_heads",
+    "attn.hook_q": "n_heads",
+    "attn.hook_k": "n_kv_heads",
+    "attn.hook_v": "n_kv_heads",
+    "attn.hook_pattern": "n_heads",
+    "mlp.hook_post": "d_mlp",
+}
 DIRECTIONS = ("denoising", "noising")
 METHODS = ("batched", "loop")
 
@@ -50,13 +74,10 @@ class PromptMismatchError(ShapeError):
     """Clean and corrupted prompts whose token shapes differ (patching needs position-aligned runs)."""
 
 
-class MetricError(MechscopeError, ValueError):
-    """A metric that does not return one value (or one per batch row) as a tensor."""
-
-
 class PatchResult(Result):
-    """``metric [layer, pos]`` or ``[layer, head]``: the metric with each cell patched, averaged over the
-    batch; ``clean`` and ``corrupt`` (0-d): the unpatched metrics of both runs."""
+    """``metric [layer, pos]``, ``[layer, head]`` (or ``neuron``) or ``[layer, head, pos]``: the metric
+    with each cell patched, averaged over the batch; ``clean`` and ``corrupt`` (0-d): the unpatched
+    metrics of both runs."""
 
     method = "activation_patch"
 
@@ -70,11 +91,11 @@ class PatchResult(Result):
 
 @dataclass(frozen=True)
 class Cell:
-    """One patched component: a layer and either a position or a head (None: all)."""
+    """One patched component: a layer, a position (None: every swept position) and a unit (None: all)."""
 
     layer: int
     pos: int | None = None
-    head: int | None = None
+    unit: int | None = None
 
 
 def resolve_kind(model: HookedModel, kind: str) -> str:
@@ -87,12 +108,14 @@ def resolve_kind(model: HookedModel, kind: str) -> str:
     return canonical
 
 
-def _tokens(model: HookedModel, inputs: Inputs) -> dict[str, Tensor]:
+def tokens_of(model: HookedModel, inputs: Inputs) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask`` of `inputs` on the model's device."""
     batch = model.prepare_inputs(inputs)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def _check_pair(clean: dict[str, Tensor], corrupt: dict[str, Tensor]) -> None:
+def check_pair(clean: dict[str, Tensor], corrupt: dict[str, Tensor]) -> None:
+    """Raise :class:`PromptMismatchError` unless both token batches align position by position."""
     a, b = clean["input_ids"].shape, corrupt["input_ids"].shape
     if a != b:
         raise PromptMismatchError(
@@ -103,25 +126,27 @@ def _check_pair(clean: dict[str, Tensor], corrupt: dict[str, Tensor]) -> None:
         raise PromptMismatchError("clean and corrupt prompts must have the same attention mask (same padding)")
 
 
-def _metric_value(metric: Metric, logits: Tensor, batch: int) -> Tensor:
-    """The metric averaged over batch rows, after checking it returns a scalar or ``[batch]``."""
-    out = metric(logits)
-    if not isinstance(out, Tensor):
-        raise MetricError(f"metric must return a tensor (a scalar or [batch]=({batch},)); got {type(out).__name__}")
-    if out.ndim == 0:
-        return out.detach().float()
-    if out.shape != (batch,):
-        raise MetricError(f"metric must return a scalar or [batch]=({batch},); got shape {tuple(out.shape)}")
-    return out.detach().float().mean()
-
-
 def _cells(
-    kind: str, n_layers: int, n_pos: int, n_heads: int, per_head: bool, positions: list[int] | None
+    kind: str, n_layers: int, n_units: int, per_head: bool, per_position: bool, positions: list[int], units: list[int]
 ) -> list[Cell]:
-    if kind == "attn.hook_z" and per_head:
-        return [Cell(layer, head=h) for layer in range(n_layers) for h in range(n_heads)]
-    pos = list(range(n_pos)) if positions is None else positions
-    return [Cell(layer, pos=p) for layer in range(n_layers) for p in pos]
+    layers = range(n_layers)
+    if kind in UNIT_AXES and per_head:
+        if per_position:
+            return [Cell(layer, pos=p, unit=u) for layer in layers for u in units for p in positions]
+        return [Cell(layer, unit=u) for layer in layers for u in units]
+    return [Cell(layer, pos=p) for layer in layers for p in positions]
+
+
+def _cell_mask(kind: str, cell: Cell, shape: torch.Size, positions: list[int]) -> Bool[Tensor, "1 ..."]:
+    """Where `cell` patches an activation of `shape` (batch axis of size 1)."""
+    site = Site(kind, cell.layer)
+    mask = torch.zeros(1, *shape[1:], dtype=torch.bool)
+    index: list[Any] = [slice(None)] * len(shape)
+    index[site.pos_axis] = torch.tensor(positions if cell.pos is None else [cell.pos])
+    if cell.unit is not None:
+        index[site.axes.index(UNIT_AXES[kind])] = cell.unit
+    mask[tuple(index)] = True
+    return mask
 
 
 def activation_patch(
@@ -133,19 +158,27 @@ def activation_patch(
     *,
     direction: str = "denoising",
     per_head: bool = True,
+    per_position: bool = False,
     positions: Sequence[int] | None = None,
+    units: Sequence[int] | None = None,
     method: str = "batched",
     chunk_size: int = 32,
+    progress: bool = False,
 ) -> PatchResult:
     """Patch every cell of `sites_kind` and record `metric` (logits -> scalar or ``[batch]``).
 
     Args:
-        sites_kind: ``resid_pre|resid_mid|resid_post|attn_out|mlp_out|heads`` (or canonical kinds).
+        sites_kind: ``resid_pre|resid_mid|resid_post|attn_out|mlp_out`` (layer x position),
+            ``heads|q|k|v|pattern`` (per head) or ``neurons`` (per MLP neuron), or canonical kinds.
         direction: ``denoising`` (run corrupt, restore clean) or ``noising`` (run clean, insert corrupt).
-        per_head: for heads, sweep (layer, head) over all positions; False sweeps (layer, position).
-        positions: positions to sweep (default all; for per-head sweeps, the positions patched).
-        method: ``batched`` (many cells per forward) or ``loop`` (one forward per cell).
+        per_head: for unit kinds, sweep (layer, unit) over the swept positions; False sweeps (layer,
+            position) with every unit patched.
+        per_position: with `per_head`, sweep (layer, unit, position).
+        positions: positions to sweep (default all; for per-unit sweeps, the positions patched).
+        units: heads or neurons to sweep (default all).
+        method: ``batched`` (many cells per forward, partial runs) or ``loop`` (one full forward per cell).
         chunk_size: cells per forward in the batched method (memory grows with it).
+        progress: show a progress bar.
     """
     if direction not in DIRECTIONS:
         raise ConfigError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
@@ -154,47 +187,66 @@ def activation_patch(
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1; got {chunk_size}")
     kind = resolve_kind(model, sites_kind)
-    clean_t, corrupt_t = _tokens(model, clean), _tokens(model, corrupt)
-    _check_pair(clean_t, corrupt_t)
+    clean_t, corrupt_t = tokens_of(model, clean), tokens_of(model, corrupt)
+    check_pair(clean_t, corrupt_t)
     batch, n_pos = clean_t["input_ids"].shape
-    pos = None if positions is None else [p % n_pos for p in _checked_positions(positions, n_pos)]
-    base, source = (corrupt_t, clean_t) if direction == "denoising" else (clean_t, corrupt_t)
-    layers = range(model.dims.n_layers)
-    sites = [Site(kind, layer) for layer in layers]
-    base_logits, _ = model.run_with_cache(base, sites=[])
-    source_logits, source_cache = model.run_with_cache(source, sites=sites)
-    assert base_logits is not None and source_logits is not None
-    values = {"base": _metric_value(metric, base_logits, batch), "source": _metric_value(metric, source_logits, batch)}
+    pos = list(range(n_pos)) if positions is None else [p % n_pos for p in checked_positions(positions, n_pos)]
+    base_t, source_t = (corrupt_t, clean_t) if direction == "denoising" else (clean_t, corrupt_t)
+    n_layers = model.dims.n_layers
+    sites = [Site(kind, layer) for layer in range(n_layers)]
+    base = base_run(model, base_t, sites)
+    source = base_run(model, source_t, sites)
+    unit_axis = UNIT_AXES.get(kind)
+    n_units = 0 if unit_axis is None else int(base.cache[sites[0].name].shape[Site(kind, 0).axes.index(unit_axis)])
+    unit_list = _checked_units(units, n_units, kind)
+    values = {"base": metric_value(metric, base.logits, batch), "source": metric_value(metric, source.logits, batch)}
     clean_value, corrupt_value = (
         (values["source"], values["base"]) if direction == "denoising" else (values["base"], values["source"])
     )
-    heads_grid = kind == "attn.hook_z" and per_head
-    cells = _cells(kind, model.dims.n_layers, n_pos, model.dims.n_heads, per_head, pos)
-    sources = {layer: source_cache[Site(kind, layer)] for layer in layers}
+    cells = _cells(kind, n_layers, n_units, per_head, per_position, pos, unit_list)
+    shape = base.cache[sites[0].name].shape
+    variants = [Variant({Site(kind, c.layer): _cell_mask(kind, c, shape, pos)}) for c in cells]
+    sources = {site: source.cache[site.name] for site in sites}
     if method == "loop":
-        flat = _run_loop(model, base, sources, kind, cells, metric, batch, pos if heads_grid else None)
+        flat = run_loop(model, base, sources, variants, metric, progress=progress)
     else:
-        flat = _run_batched(model, base, sources, kind, cells, metric, batch, chunk_size, pos if heads_grid else None)
-    n_cols = model.dims.n_heads if heads_grid else len(cells) // model.dims.n_layers
-    second = "head" if heads_grid else "pos"
-    col_labels = [f"H{h}" for h in range(n_cols)] if heads_grid else [str(c.pos) for c in cells[:n_cols]]
+        base_acts = {site: base.cache[site.name] for site in sites}
+        flat = run_batched(
+            model, base, sources, variants, metric, base_acts=base_acts, chunk_size=chunk_size, progress=progress
+        )
+    unit_name = "neuron" if kind == "mlp.hook_post" else "head"
+    layer_labels = [str(i) for i in range(n_layers)]
+    if unit_axis is not None and per_head:
+        unit_labels = [f"{'N' if unit_name == 'neuron' else 'H'}{u}" for u in unit_list]
+        if per_position:
+            grid: tuple[int, ...] = (n_layers, len(unit_list), len(pos))
+            axes: tuple[str, ...] = ("layer", unit_name, "pos")
+        else:
+            grid, axes = (n_layers, len(unit_list)), ("layer", unit_name)
+        labels = {"layer": layer_labels, unit_name: unit_labels, "pos": [str(p) for p in pos]}
+    else:
+        grid, axes = (n_layers, len(pos)), ("layer", "pos")
+        labels = {"layer": layer_labels, "pos": [str(p) for p in pos]}
     config: dict[str, Any] = {
         "sites_kind": kind,
         "direction": direction,
         "per_head": per_head,
-        "positions": pos,
+        "per_position": per_position,
+        "positions": None if positions is None else pos,
+        "units": None if units is None else unit_list,
         "method": method,
         "model_type": model.dims.model_type,
     }
     return PatchResult(
-        tensors={"metric": flat.reshape(model.dims.n_layers, n_cols), "clean": clean_value, "corrupt": corrupt_value},
-        axes={"metric": ("layer", second), "clean": (), "corrupt": ()},
-        labels={"layer": [str(i) for i in layers], second: col_labels},
+        tensors={"metric": flat.reshape(grid), "clean": clean_value, "corrupt": corrupt_value},
+        axes={"metric": axes, "clean": (), "corrupt": ()},
+        labels={k: v for k, v in labels.items() if k in axes},
         config=config,
     )
 
 
-def _checked_positions(positions: Sequence[int], n_pos: int) -> list[int]:
+def checked_positions(positions: Sequence[int], n_pos: int) -> list[int]:
+    """`positions` as ints, each in ``[-n_pos, n_pos)``; :class:`ConfigError` otherwise."""
     out = [int(p) for p in positions]
     bad = [p for p in out if not -n_pos <= p < n_pos]
     if bad or not out:
@@ -204,93 +256,30 @@ def _checked_positions(positions: Sequence[int], n_pos: int) -> list[int]:
     return out
 
 
-def _run_loop(
-    model: HookedModel,
-    base: dict[str, Tensor],
-    sources: dict[int, Tensor],
-    kind: str,
-    cells: list[Cell],
-    metric: Metric,
-    batch: int,
-    head_positions: list[int] | None,
-) -> Tensor:
-    """One patched forward per cell, through ``hook_fns.patch``: the reference implementation."""
-    out = []
-    for cell in cells:
-        positions = head_positions if cell.head is not None else cell.pos
-        fn = hook_fns.patch(sources[cell.layer], heads=cell.head, positions=positions)
-        with torch.no_grad(), model.hooks({Site(kind, cell.layer): fn}):
-            logits = model(base)
-        out.append(_metric_value(metric, logits, batch))
-    return torch.stack(out)
-
-
-def _cell_masks(
-    kind: str, cells: list[Cell], shape: torch.Size, head_positions: list[int] | None
-) -> dict[int, Bool[Tensor, "variant 1 pos ..."]]:
-    """Per layer, a boolean mask [variant, 1, pos(, head)] marking where each variant is patched."""
-    n_pos = shape[1]
-    n_heads = shape[2] if kind == "attn.hook_z" else 1
-    masks: dict[int, Tensor] = {}
-    for i, cell in enumerate(cells):
-        mask = masks.setdefault(cell.layer, torch.zeros(len(cells), 1, n_pos, n_heads, dtype=torch.bool))
-        pos_index: Any = slice(None) if cell.pos is None else cell.pos
-        if cell.head is not None:
-            pos_index = slice(None) if head_positions is None else torch.tensor(head_positions)
-        head_index: Any = slice(None) if cell.head is None else cell.head
-        mask[i, 0, pos_index, head_index] = True
-    if kind != "attn.hook_z":
-        masks = {layer: m[..., 0] for layer, m in masks.items()}
-    return masks
-
-
-def _masked_patch(source: Tensor, mask: Tensor) -> HookFn:
-    """Replace entries of a [variant * batch, ...] activation where `mask` [variant, 1, ...] is set."""
-
-    def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
-        n_variants = mask.shape[0]
-        view = activation.reshape(n_variants, -1, *activation.shape[1:])
-        src = source.to(activation.device, activation.dtype).unsqueeze(0)
-        m = mask.to(activation.device).reshape(*mask.shape, *([1] * (view.ndim - mask.ndim)))
-        return torch.where(m, src, view).reshape(activation.shape)
-
-    return fn
-
-
-def _run_batched(
-    model: HookedModel,
-    base: dict[str, Tensor],
-    sources: dict[int, Tensor],
-    kind: str,
-    cells: list[Cell],
-    metric: Metric,
-    batch: int,
-    chunk_size: int,
-    head_positions: list[int] | None,
-) -> Tensor:
-    """Many cells per forward: the base batch repeated once per cell, each copy patched at its cell."""
-    out: list[Tensor] = []
-    shape = next(iter(sources.values())).shape
-    for start in range(0, len(cells), chunk_size):
-        chunk = cells[start : start + chunk_size]
-        masks = _cell_masks(kind, chunk, shape, head_positions)
-        hooks: dict[SiteLike, HookFn] = {
-            Site(kind, layer): _masked_patch(sources[layer], mask) for layer, mask in masks.items()
-        }
-        repeated = {k: v.repeat(len(chunk), 1) for k, v in base.items()}
-        with torch.no_grad(), model.hooks(hooks):
-            logits: Float[Tensor, "vb pos d_vocab"] = model(repeated)
-        for i in range(len(chunk)):
-            out.append(_metric_value(metric, logits[i * batch : (i + 1) * batch], batch))
-    return torch.stack(out)
+def _checked_units(units: Sequence[int] | None, n_units: int, kind: str) -> list[int]:
+    if units is None:
+        return list(range(n_units))
+    if n_units == 0:
+        raise ConfigError(f"units= applies to per-head or per-neuron kinds {sorted(UNIT_AXES)}; got kind {kind!r}")
+    out = [int(u) for u in units]
+    if not out or any(not 0 <= u < n_units for u in out):
+        raise ConfigError(f"units must be a non-empty list of indices in [0, {n_units}) for {kind}; got {list(units)}")
+    return out
 
 
 __all__ = [
     "KIND_ALIASES",
     "PATCHABLE_KINDS",
+    "UNIT_AXES",
+    "Metric",
     "MetricError",
     "PatchResult",
     "PromptMismatchError",
     "activation_patch",
+    "check_pair",
+    "checked_positions",
+    "metric_positions",
+    "metric_value",
     "resolve_kind",
+    "tokens_of",
 ]

@@ -1,0 +1,213 @@
+"""The patched-run engine shared by activation patching, causal tracing and path patching.
+
+A *variant* is one patched run of the base batch: for some sites, a boolean mask saying where that
+site's activation is replaced by a source activation. :func:`run_loop` does one full forward per
+variant (the reference). :func:`run_batched` runs many variants per forward; each forward starts at
+the first layer and the first position its variants patch (earlier layers and positions are the base
+run's, by causality: :mod:`mechscope.model.partial`) and projects only the logits the metric reads.
+Variants whose patch writes the values already there, or patches nothing the metric can see, get the
+base metric without a forward. Both return the metric of every variant, averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechscope.errors import MechscopeError
+from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.partial import BaseRun, run_from
+from mechscope.sites import Site, SiteLike
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
+
+Metric = Callable[[Tensor], Tensor]
+
+#: Kinds whose last-layer patches reach no other position (no attention runs after them).
+POSITIONWISE = frozenset({"hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post"})
+
+
+class MetricError(MechscopeError, ValueError):
+    """A metric that does not return one value (or one per batch row) as a tensor."""
+
+
+def metric_value(metric: Metric, logits: Tensor, batch: int) -> Tensor:
+    """The metric averaged over batch rows, after checking it returns a scalar or ``[batch]``."""
+    out = metric(logits)
+    if not isinstance(out, Tensor):
+        raise MetricError(f"metric must return a tensor (a scalar or [batch]=({batch},)); got {type(out).__name__}")
+    if out.ndim == 0:
+        return out.detach().float()
+    if out.shape != (batch,):
+        raise MetricError(f"metric must return a scalar or [batch]=({batch},); got shape {tuple(out.shape)}")
+    return out.detach().float().mean()
+
+
+def metric_positions(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"]) -> list[int]:
+    """The positions whose logits `metric` reads, found from its gradient and then verified.
+
+    The metric is differentiated once; positions with a non-zero gradient are kept. They are accepted
+    only if the metric gives the same value with every other position set to NaN; otherwise (a
+    non-differentiable metric, say) every position is returned.
+    """
+    batch, n_pos = logits.shape[:2]
+    everything = list(range(n_pos))
+    probe = logits.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = metric(probe)
+            if not isinstance(out, Tensor) or not out.requires_grad:
+                return everything
+            out.float().sum().backward()
+    except RuntimeError:
+        return everything
+    if probe.grad is None:
+        return everything
+    used = [int(p) for p in (probe.grad != 0).flatten(2).any(-1).any(0).nonzero().flatten()]
+    if not used:
+        return everything
+    masked = torch.full_like(logits, float("nan"))
+    masked[:, used] = logits[:, used]
+    with torch.no_grad():
+        same = torch.equal(metric_value(metric, masked, batch), metric_value(metric, logits, batch))
+    return used if same else everything
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One patched run: per site, a boolean mask ``[1, ...site dims]`` of the entries to replace."""
+
+    masks: Mapping[Site, Tensor]
+
+    def start(self) -> tuple[int, int]:
+        """The first layer and the first position this variant patches."""
+        layer = min(s.layer for s in self.masks if s.layer is not None)
+        return layer, min(patched_positions(m, s.pos_axis)[0] for s, m in self.masks.items())
+
+
+def patched_positions(mask: Tensor, pos_axis: int) -> list[int]:
+    """The positions a mask patches."""
+    return [int(p) for p in mask.movedim(pos_axis, 0).flatten(1).any(1).nonzero().flatten()]
+
+
+def patch_hook(source: Tensor, mask: Tensor, pos_axis: int) -> HookFn:
+    """Patch a ``[k * batch, ...]`` activation from `source` ``[batch, ...]`` where `mask` ``[k, ...]``
+    is set; the activation may cover only the last positions of the sequence (a partial run)."""
+
+    def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
+        n_variants = mask.shape[0]
+        length = activation.shape[pos_axis]
+        offset = source.shape[pos_axis] - length
+        src = source.narrow(pos_axis, offset, length).to(activation.device, activation.dtype)
+        m = mask.narrow(pos_axis, offset, length).to(activation.device)
+        view = activation.reshape(n_variants, -1, *activation.shape[1:])
+        return torch.where(m.unsqueeze(1), src.unsqueeze(0), view).reshape(activation.shape)
+
+    return fn
+
+
+def progress_bar(items: Sequence[Any], enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc)
+
+
+def run_loop(
+    model: HookedModel,
+    base: BaseRun,
+    sources: Mapping[Site, Tensor],
+    variants: Sequence[Variant],
+    metric: Metric,
+    *,
+    base_hooks: Mapping[SiteLike, HookFn] | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """One full patched forward per variant: the reference implementation.
+
+    `base_hooks` recreate the base run when it is not just its tokens (causal tracing's noise)."""
+    out = []
+    inputs = {"input_ids": base.input_ids, "attention_mask": base.attention_mask}
+    for variant in progress_bar(variants, progress, "patching (loop)"):
+        hooks = {site: patch_hook(sources[site], mask, site.pos_axis) for site, mask in variant.masks.items()}
+        with torch.no_grad(), model.hooks(dict(base_hooks or {})), model.hooks(hooks):
+            logits = model(inputs)
+        out.append(metric_value(metric, logits, base.batch))
+    return torch.stack(out)
+
+
+def run_batched(
+    model: HookedModel,
+    base: BaseRun,
+    sources: Mapping[Site, Tensor],
+    variants: Sequence[Variant],
+    metric: Metric,
+    *,
+    base_acts: Mapping[Site, Tensor] | None = None,
+    chunk_size: int = 32,
+    progress: bool = False,
+) -> Tensor:
+    """Many variants per forward, grouped by (first layer, first position) and run from there.
+
+    `base_acts` (the base run's activations at the patched sites) let variants whose patch writes the
+    values already there be skipped.
+    """
+    batch = base.batch
+    base_value = metric_value(metric, base.logits, batch)
+    out = base_value.expand(len(variants)).clone()
+    read = metric_positions(metric, base.logits)
+    last = model.dims.n_layers - 1
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, variant in enumerate(variants):
+        layer, start = variant.start()
+        if start > max(read):
+            continue  # nothing the metric reads comes after this patch
+        if all(s.layer == last and s.kind in POSITIONWISE for s in variant.masks) and not set(read) & {
+            p for s, m in variant.masks.items() for p in patched_positions(m, s.pos_axis)
+        }:
+            continue  # after the last attention, a patch only reaches its own positions
+        if base_acts is not None and all(
+            torch.equal(torch.where(m, sources[s], base_acts[s]), base_acts[s]) for s, m in variant.masks.items()
+        ):
+            continue  # the patch writes the values already there
+        groups.setdefault((layer, start), []).append(i)
+    chunks = [(key, idx[j : j + chunk_size]) for key, idx in groups.items() for j in range(0, len(idx), chunk_size)]
+    buffer = torch.full_like(base.logits, float("nan"))
+    for (layer, start), members in progress_bar(chunks, progress, "patching"):
+        keep = [p for p in read if p >= start]
+        early = [p for p in read if p < start]
+        sites = sorted({s for i in members for s in variants[i].masks}, key=lambda s: s.order)
+        hooks: dict[SiteLike, HookFn] = {}
+        for site in sites:
+            empty = torch.zeros_like(next(variants[i].masks[site] for i in members if site in variants[i].masks))
+            masks = torch.cat([variants[i].masks.get(site, empty) for i in members])
+            hooks[site] = patch_hook(sources[site], masks, site.pos_axis)
+        resid = base.resid_pre[layer][:, start:].repeat(len(members), 1, 1)
+        logits = run_from(model, base, resid, layer=layer, start_pos=start, logit_positions=keep, hooks=hooks)
+        if early:
+            buffer[:, early] = base.logits[:, early]
+        for j, i in enumerate(members):
+            buffer[:, keep] = logits[j * batch : (j + 1) * batch]
+            out[i] = metric_value(metric, buffer, batch)
+    return out
+
+
+__all__ = [
+    "POSITIONWISE",
+    "MetricError",
+    "Variant",
+    "metric_positions",
+    "metric_value",
+    "patch_hook",
+    "patched_positions",
+    "progress_bar",
+    "run_batched",
+    "run_loop",
+]
