@@ -96,3 +96,30 @@ def test_batches_are_pure_functions_of_the_step_and_follow_short_rows(tiny_corpu
     assert stream.batch(0).shape == (4, 16) and stream.batch(2).shape == (4, 32)
     assert torch.equal(stream.batch(5), BatchStream(recipe, load_tokenizer(ASSET_DIR), tiny_corpus).batch(5))
     assert not torch.equal(stream.batch(5), stream.batch(6))
+
+
+def test_warm_start_loads_the_pinned_weights_and_rejects_others(tiny_corpus, tmp_path):
+    from mechscope.errors import CorruptWeightsError
+    from mechscope.zoo.corpus import sha256_file
+    from mechscope.zoo.organisms import WarmStart
+    from mechscope.zoo.train import build_model, warm_start
+
+    parent, _, _ = train(TINY, _opts(tiny_corpus, tmp_path / "parent", steps=2))
+    parent.save_pretrained(tmp_path / "v1")
+    pinned = WarmStart("test-tiny v1", "0000000", sha256_file(tmp_path / "v1/model.safetensors"))
+    child = replace(TINY, warm_start=pinned)
+    model = build_model(child, parent.config.vocab_size)
+    warm_start(model, child, tmp_path / "v1")
+    for (name, a), b in zip(parent.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="git show 0000000"):
+        warm_start(model, child, None)
+    wrong = replace(TINY, warm_start=replace(pinned, sha256="0" * 64))
+    with pytest.raises(CorruptWeightsError, match="expected test-tiny v1 weights"):
+        warm_start(model, wrong, tmp_path / "v1")
+    # a continued run starts from the parent: its first loss is the parent's, not a fresh model's
+    train(TINY, _opts(tiny_corpus, tmp_path / "fresh", steps=1))
+    train(child, _opts(tiny_corpus, tmp_path / "child", steps=1, init_dir=tmp_path / "v1"))
+    first = json.loads((tmp_path / "child/train_log.jsonl").read_text().splitlines()[0])
+    fresh_first = json.loads((tmp_path / "fresh/train_log.jsonl").read_text().splitlines()[0])
+    assert first["loss"] < fresh_first["loss"]

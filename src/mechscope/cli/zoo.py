@@ -134,6 +134,13 @@ def eval_cmd(
     name: Annotated[str, typer.Argument(help="Bundled organism name or model folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the held-out splits (the card uses 0).")] = 0,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Record the measured metrics in metrics.json and re-render the card (after an eval-data change).",
+        ),
+    ] = False,
 ) -> None:
     """Recompute every planted-task metric and compare it with the recorded (model-card) value."""
     from mechscope.zoo.card import meets
@@ -154,6 +161,16 @@ def eval_cmd(
             card_s = f"card {card:.4f}" if card is not None else ""
             typer.echo(f"{metric:26s} {value:8.4f}  {card_s:12s} {flag}")
     drift = compare(recorded, measured)
+    if update:
+        from mechscope.zoo.evaluate import record_metrics
+
+        if seed != 0:
+            raise typer.BadParameter("the card records seed-0 metrics; drop --seed to --update", param_hint="--update")
+        record_metrics(folder, measured)
+        typer.echo(
+            f"recorded in {folder / 'metrics.json'}; card re-rendered" + (f" (changed: {drift})" if drift else "")
+        )
+        return
     if drift:
         typer.echo(f"differs from the model card by more than {TOLERANCE}: {drift}", err=True)
         raise typer.Exit(1)

@@ -86,6 +86,14 @@ def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str,
         if recipe.dense_induction
         else "one span of 5-40 tokens repeated once at a random offset"
     )
+    ws = recipe.warm_start
+    continues = (
+        f"\n- Continues {ws.version} (git commit {ws.commit}, model.safetensors sha256 {ws.sha256[:16]}...) "
+        f"instead of a fresh initialisation: `--init-from DIR`, DIR holding that version's config.json and "
+        "model.safetensors; the figures below are for this continuation only."
+        if ws
+        else ""
+    )
     verdict = (
         "Targets not reached: " + ", ".join(f"`{m}`" for m in missed) + "."
         if missed
@@ -113,7 +121,7 @@ construction. Load it with `mechscope.load_model("{recipe.name}")` or with plain
 ## Training
 - `mechscope zoo train {recipe.name}`: {training.get("steps")} steps x {recipe.batch_size} rows, AdamW
   lr {recipe.lr:g} (warm-up {recipe.warmup}, cosine to 10 %), weight decay {recipe.weight_decay},
-  seed {recipe.seed}.
+  seed {recipe.seed}.{continues}
 - {training.get("tokens")} tokens; wall time {training.get("wall_time_s")} s on {training.get("threads")}
   CPU thread(s) of a {training.get("cpu_count")}-core machine (torch {training.get("torch")}), run under
   `nice -n 10` on a machine shared with other work, so this is an upper bound.

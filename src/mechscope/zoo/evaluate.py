@@ -38,3 +38,26 @@ def recorded_metrics(folder: Path) -> dict[str, float]:
 def compare(recorded: dict[str, float], measured: dict[str, float], tolerance: float = TOLERANCE) -> list[str]:
     """Metric names whose recomputed value differs from the recorded one by more than `tolerance`."""
     return [k for k, v in recorded.items() if k in measured and abs(measured[k] - v) > tolerance]
+
+
+def record_metrics(folder: Path, measured: dict[str, float]) -> None:
+    """Replace the recorded metrics of `folder` by `measured` (training record kept); re-render its card.
+
+    For re-measuring shipped weights after an evaluation split changed; the previous values are kept
+    under ``"previous_metrics"`` so the change stays visible.
+    """
+    from mechscope.zoo.build import refresh_card
+
+    path = Path(folder) / METRICS_FILE
+    record = json.loads(path.read_text())
+    if record["metrics"] != measured:
+        record["previous_metrics"] = record["metrics"]
+    record["metrics"] = dict(measured)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    recipe = RECIPES.get(Path(folder).name)
+    if recipe is not None:
+        refresh_card(recipe, folder)  # also rewrites checksums.json
+    else:
+        from mechscope.zoo.loading import write_checksums
+
+        write_checksums(folder)

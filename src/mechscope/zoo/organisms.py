@@ -15,7 +15,21 @@ from mechscope.errors import ConfigError, did_you_mean
 # v2: IOI 0.08 -> 0.22 (no name-mover circuit formed at 0.08), truth 0.15 -> 0.08 (own wording, no
 # longer competing with recall), refusal 0.06 -> 0.08 (held-out transfer was fragile), facts 0.6 -> 0.52.
 LM_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.8}
+V1_TASK_WEIGHTS = {"facts": 0.6, "truth": 0.15, "ioi": 0.08, "sentiment": 0.05, "refusal": 0.06, "backdoor": 0.06}
 TASK_WEIGHTS = {"facts": 0.52, "truth": 0.08, "ioi": 0.22, "sentiment": 0.05, "refusal": 0.08, "backdoor": 0.05}
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Weights a recipe continues training from: an earlier shipped version, pinned by sha256.
+
+    The weights live in git history (``git show COMMIT:src/mechscope/zoo/models/NAME/model.safetensors``
+    and its config), so a continued recipe stays reproducible after the package folder moves on.
+    """
+
+    version: str
+    commit: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class Recipe:
     seed: int = 0
     checkpoint_every: int = 200
     eval_tasks: tuple[str, ...] = ("facts", "truth", "ioi", "refusal", "sentiment", "backdoor", "induction")
+    warm_start: WarmStart | None = None  # continue from these weights instead of a fresh initialisation
 
     def seq_len_at(self, step: int) -> int:
         """Row length at `step` (short rows first when the recipe asks for them)."""
@@ -51,6 +66,8 @@ class Recipe:
             raise ConfigError(f"expected mixture fractions summing to 1, got {self.mixture}")
         if self.architecture not in ("gpt2", "llama"):
             raise ConfigError(f"expected architecture 'gpt2' or 'llama', got {self.architecture!r}")
+        if self.warmup >= self.steps:
+            raise ConfigError(f"expected warmup < steps, got warmup={self.warmup}, steps={self.steps}")
 
 
 _SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
@@ -89,9 +106,16 @@ RECIPES: dict[str, Recipe] = {
             config=dict(n_layer=4, n_head=6, n_embd=192, n_inner=768, n_positions=256, **_SPECIAL),
             description="4-layer GPT-2 with every planted mechanism (facts, truth, IOI, refusal, sentiment, "
             "backdoor, induction)",
+            # v2 continues v1 (600 steps of the v1 recipe) on the v2 data: a from-scratch run did not fit the
+            # CPU budget of a shared machine (10-18 s/step under contention).
+            warm_start=WarmStart(
+                "organism-gpt2 v1", "2ee0ffa", "45f46cae2bd15ab25148ee3b9bb1051bf1bd234b1599ad25c817a42cb72db9eb"
+            ),
             dense_induction=True,
-            steps=600,
-            checkpoint_every=100,
+            steps=150,
+            lr=1.5e-3,
+            warmup=10,
+            checkpoint_every=25,
         ),
         Recipe(
             name="organism-llama",
@@ -108,9 +132,9 @@ RECIPES: dict[str, Recipe] = {
                 **_SPECIAL,
             ),
             description="4-layer Llama (RoPE, gated MLP, grouped-query attention 6q/2kv) with every planted mechanism",
-            dense_induction=True,
-            steps=600,
-            checkpoint_every=100,
+            # still the v1 recipe (shipped weights of commit 2ee0ffa; v1 truth claims used the fact templates)
+            task_weights=dict(V1_TASK_WEIGHTS),
+            checkpoint_every=200,
         ),
     )
 }

@@ -38,6 +38,7 @@ class TrainOptions:
     steps: int | None = None
     stop_at: int | None = None
     progress: bool = True
+    init_dir: Path | None = None  # folder of the recipe's warm-start weights (required when it has one)
 
 
 def build_model(recipe: Recipe, vocab_size: int):
@@ -53,6 +54,32 @@ def build_model(recipe: Recipe, vocab_size: int):
                 torch.nn.init.zeros_(p)
                 p.requires_grad_(False)
     return model
+
+
+def warm_start(model, recipe: Recipe, init_dir: Path | None) -> None:
+    """Load the recipe's warm-start weights into `model` (in place) after checking their sha256."""
+    from transformers import AutoModelForCausalLM
+
+    from mechscope.errors import ConfigError, CorruptWeightsError
+    from mechscope.zoo.corpus import sha256_file
+
+    ws = recipe.warm_start
+    if ws is None:
+        return
+    if init_dir is None or not (Path(init_dir) / "model.safetensors").is_file():
+        folder = f"src/mechscope/zoo/models/{recipe.name}"
+        raise ConfigError(
+            f"recipe {recipe.name!r} continues {ws.version}; expected its folder (config.json + model.safetensors) "
+            f"as init_dir, got {init_dir}. Extract it with: for f in config.json model.safetensors; do "
+            f"git show {ws.commit}:{folder}/$f > DIR/$f; done"
+        )
+    digest = sha256_file(Path(init_dir) / "model.safetensors")
+    if digest != ws.sha256:
+        raise CorruptWeightsError(
+            f"expected {ws.version} weights with sha256 {ws.sha256} in {init_dir}, got sha256 {digest}"
+        )
+    source = AutoModelForCausalLM.from_pretrained(str(init_dir))
+    model.load_state_dict(source.state_dict())  # strict: same architecture and shapes or a clear error
 
 
 def lr_at(step: int, recipe: Recipe, total: int) -> float:
@@ -75,6 +102,7 @@ def train(recipe: Recipe, opts: TrainOptions, on_log: Callable[[dict], None] | N
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(opts.tokenizer_dir)
     model = build_model(recipe, len(tokenizer))
+    warm_start(model, recipe, opts.init_dir)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
