@@ -115,3 +115,37 @@ def test_circuit_json_round_trip_and_figure(model, tmp_path):
     path.write_text(json.dumps({"format": "other"}))
     with pytest.raises(ConfigError, match=r"mechscope\.circuit"):
         load_circuit_json(path)
+
+
+def test_cli_commands_score_prune_export_and_evaluate(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+    from tiny_models import tiny_model as build
+
+    hf, tok = build("gpt2")
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    row = {"clean": "the dog sat on the", "corrupt": "the the sat on the", "correct": " dog", "incorrect": " the"}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(row) for _ in range(2)))
+    runner = CliRunner()
+    out = runner.invoke(
+        app, ["locate", "eap-ig", str(folder), "-d", str(data), "--top", "5", "--json", str(tmp_path / "c.json")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "edges scored" in out.output and load_circuit_json(tmp_path / "c.json").n_edges == 5
+    out = runner.invoke(
+        app, ["locate", "circuit-faithfulness", str(folder), "-d", str(data), "--circuit", str(tmp_path / "c.json")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "faithfulness" in out.output
+    out = runner.invoke(
+        app, ["locate", "acdc", str(folder), "-d", str(data), "--threshold", "0.01", "--html", str(tmp_path / "c.html")]
+    )
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "c.html").is_file()
+    data.write_text(json.dumps({"clean": "the dog"}))
+    out = runner.invoke(app, ["locate", "eap", str(folder), "-d", str(data)])
+    assert out.exit_code == 2 and "expected an object with string fields" in out.output

@@ -132,7 +132,9 @@ def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None
 
     def heads_hook(layer: int) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            _add_output(state, graph.head_slice(layer).start, model.head_results(args[0], layer))
+            z = args[0]  # [batch, pos, n_heads * d_head]; split here (n_heads * d_head may equal d_head)
+            z = z.reshape(*z.shape[:-1], d.n_heads, d.d_head)
+            _add_output(state, graph.head_slice(layer).start, model.head_results(z, layer))
 
         return hook
 

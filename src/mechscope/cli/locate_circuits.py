@@ -1,0 +1,199 @@
+"""``mechscope locate eap | eap-ig | acdc | circuit-faithfulness``: circuit discovery from the command line.
+
+Prompts come from a JSONL file, one contrast pair per line::
+
+    {"clean": "...", "corrupt": "...", "correct": " Mara", "incorrect": " Tobin"}
+
+and the metric is the logit difference ``correct - incorrect`` (each a single token) at the last token.
+Clean and corrupted prompts must tokenise to the same length. ``correct``/``incorrect`` may be omitted
+for ``acdc``, which then measures damage by KL divergence from the full model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from mechscope.errors import ConfigError, MechscopeError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from mechscope.locate.circuits import Circuit
+    from mechscope.model.hooked import HookedModel
+
+ModelArg = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
+DataOpt = Annotated[Path, typer.Option("--data", "-d", help="JSONL file of {clean, corrupt, correct, incorrect}.")]
+AblationOpt = Annotated[str, typer.Option(help="What removed edges carry: resample, mean or zero.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the result (.safetensors).")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the circuit as JSON.")]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the circuit as a self-contained HTML graph.")]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def read_pairs(path: Path, *, need_answers: bool = True) -> list[dict[str, str]]:
+    """Contrast pairs from a JSONL file, validated line by line."""
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist")
+    rows: list[dict[str, str]] = []
+    keys = ("clean", "corrupt", "correct", "incorrect") if need_answers else ("clean", "corrupt")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not JSON ({exc})") from exc
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
+            raise ConfigError(f"{path}:{number}: expected an object with string fields {list(keys)}; got {row!r}")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path} holds no prompt pairs")
+    return rows
+
+
+def _setup(model_name: str, data: Path, need_answers: bool = True) -> tuple[HookedModel, list[str], list[str], Any]:
+    import torch
+
+    from mechscope.locate.metrics import last_positions, logit_diff
+    from mechscope.model.loading import load_model
+
+    rows = read_pairs(data, need_answers=need_answers)
+    model = load_model(model_name)
+    clean, corrupt = [r["clean"] for r in rows], [r["corrupt"] for r in rows]
+    if not need_answers or any("correct" not in r for r in rows):
+        return model, clean, corrupt, None
+    good = torch.tensor([model.to_single_token(r["correct"]) for r in rows])
+    bad = torch.tensor([model.to_single_token(r["incorrect"]) for r in rows])
+    last = last_positions(model.to_tokens(clean)["attention_mask"])
+
+    def metric(logits: Tensor) -> Tensor:
+        return logit_diff(logits, good, bad, position=last.to(logits.device))
+
+    return model, clean, corrupt, metric
+
+
+def _write_circuit(circuit: Circuit, out: Path | None, json_path: Path | None, html: Path | None) -> None:
+    from mechscope.locate.circuits import save_circuit_json, write_circuit_html
+
+    if out is not None:
+        typer.echo(f"circuit -> {circuit.save(out)}")
+    if json_path is not None:
+        typer.echo(f"circuit JSON -> {save_circuit_json(circuit, json_path)}")
+    if html is not None:
+        typer.echo(f"circuit graph -> {write_circuit_html(circuit, html)}")
+
+
+def _attribution(
+    method: str, model: str, data: Path, ablation: str, steps: int, top: int, out: Any, json_path: Any, html: Any
+) -> None:
+    from mechscope.locate.circuits import eap, eap_ig
+
+    try:
+        hm, clean, corrupt, metric = _setup(model, data)
+        if method == "eap":
+            scores = eap(hm, clean, corrupt, metric, ablation=ablation)
+        else:
+            scores = eap_ig(hm, clean, corrupt, metric, ablation=ablation, steps=steps)
+        circuit = scores.top(min(top, scores["scores"].shape[0]))
+        typer.echo(f"{method}: {len(scores.edge_names):,} edges scored; metric {float(scores['metric']):.4f}")
+        for index in scores.ranking()[: min(top, 20)].tolist():
+            typer.echo(f"  {scores.edge_names[index]:32s} {float(scores['scores'][index]):+.4f}")
+        if out is not None:
+            typer.echo(f"scores -> {scores.save(out)}")
+        _write_circuit(circuit, None, json_path, html)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+
+
+def register(app: typer.Typer) -> None:
+    """Add the circuit commands to the ``locate`` group."""
+
+    @app.command("eap")
+    def eap_command(
+        model: ModelArg,
+        data: DataOpt,
+        ablation: AblationOpt = "resample",
+        top: Annotated[int, typer.Option(help="Edges kept in the exported circuit (by |score|).")] = 50,
+        out: OutOpt = None,
+        json_path: JsonOpt = None,
+        html: HtmlOpt = None,
+    ) -> None:
+        """Edge attribution patching: score every edge of the model's graph."""
+        _attribution("eap", model, data, ablation, 1, top, out, json_path, html)
+
+    @app.command("eap-ig")
+    def eap_ig_command(
+        model: ModelArg,
+        data: DataOpt,
+        ablation: AblationOpt = "resample",
+        steps: Annotated[int, typer.Option(help="Integration steps.")] = 5,
+        top: Annotated[int, typer.Option(help="Edges kept in the exported circuit (by |score|).")] = 50,
+        out: OutOpt = None,
+        json_path: JsonOpt = None,
+        html: HtmlOpt = None,
+    ) -> None:
+        """EAP with integrated gradients over the input embeddings."""
+        _attribution("eap-ig", model, data, ablation, steps, top, out, json_path, html)
+
+    @app.command("acdc")
+    def acdc_command(
+        model: ModelArg,
+        data: DataOpt,
+        threshold: Annotated[float, typer.Option(help="Remove an edge when damage grows by less than this.")],
+        ablation: AblationOpt = "resample",
+        max_damage: Annotated[float | None, typer.Option(help="Hard bound on the circuit's damage.")] = None,
+        kl: Annotated[bool, typer.Option("--kl/--metric", help="Damage as KL (default) or as metric change.")] = True,
+        out: OutOpt = None,
+        json_path: JsonOpt = None,
+        html: HtmlOpt = None,
+    ) -> None:
+        """ACDC: prune edges greedily from the logits backwards."""
+        from mechscope.locate.circuits import acdc
+
+        try:
+            hm, clean, corrupt, metric = _setup(model, data, need_answers=not kl)
+            circuit = acdc(
+                hm,
+                clean,
+                corrupt,
+                None if kl else metric,
+                threshold=threshold,
+                ablation=ablation,
+                max_damage=max_damage,
+                progress=True,
+            )
+            total, damage = len(circuit.labels["edge"]), circuit.config["damage"]
+            typer.echo(f"acdc: kept {circuit.n_edges} of {total} edges; damage {damage:.4g}")
+            for edge in circuit.edges[:50]:
+                typer.echo(f"  {edge}")
+            _write_circuit(circuit, out, json_path, html)
+        except MechscopeError as exc:
+            raise _fail(exc) from exc
+
+    @app.command("circuit-faithfulness")
+    def faithfulness_command(
+        model: ModelArg,
+        data: DataOpt,
+        circuit_json: Annotated[Path, typer.Option("--circuit", help="Circuit JSON written by --json.")],
+        ablation: AblationOpt = "resample",
+    ) -> None:
+        """Metric of a circuit with its complement ablated, against the full model and the empty graph."""
+        from mechscope.locate.circuits import faithfulness, load_circuit_json
+
+        try:
+            hm, clean, corrupt, metric = _setup(model, data)
+            result = faithfulness(hm, load_circuit_json(circuit_json), clean, corrupt, metric, ablation=ablation)
+            typer.echo(
+                f"faithfulness {result.value:.4f}: circuit {float(result['circuit']):.4f}, "
+                f"full {float(result['full']):.4f}, empty {float(result['empty']):.4f}"
+            )
+        except MechscopeError as exc:
+            raise _fail(exc) from exc
