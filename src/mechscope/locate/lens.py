@@ -6,7 +6,7 @@ models, the final logit soft-capping HF applies), so the last row is exactly the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,6 +64,28 @@ def logit_lens(
     keep_logits: bool = False,
 ) -> LensResult:
     """Logit lens over every layer at `positions` (default: all). KL is ``KL(final || layer)``."""
+    return lens_readout(model, inputs, positions=positions, k=k, keep_logits=keep_logits)
+
+
+#: A map applied to the residual before layer ``layer`` (``n_layers``: the final residual) before unembedding.
+Transform = Callable[[Tensor, int], Tensor]
+
+
+def lens_readout(
+    model: HookedModel,
+    inputs: Inputs,
+    *,
+    transform: Transform | None = None,
+    positions: Sequence[int] | None = None,
+    k: int = 5,
+    keep_logits: bool = False,
+    result_type: type[LensResult] = LensResult,
+    extra_config: dict[str, Any] | None = None,
+) -> LensResult:
+    """Read every residual in :func:`lens_sites` as logits, optionally through ``transform(resid, layer)``.
+
+    The logit lens is the identity transform; the tuned lens applies a learnt affine map per layer.
+    """
     if k < 1 or k > model.dims.d_vocab:
         raise ConfigError(f"k must be in 1..{model.dims.d_vocab}; got {k}")
     pos = None if positions is None else list(positions)
@@ -71,7 +93,13 @@ def logit_lens(
     sites = lens_sites(model)
     _, cache = model.run_with_cache(batch, sites, positions=pos)
     with torch.no_grad():
-        logits = torch.stack([resid_to_logits(model, cache[s]) for s in sites]).float()
+        rows = []
+        for layer, site in enumerate(sites):
+            resid = cache[site]
+            if transform is not None:
+                resid = transform(resid, layer)
+            rows.append(resid_to_logits(model, resid))
+        logits = torch.stack(rows).float()
     logprobs = logits.log_softmax(-1)
     final = logprobs[-1:]
     kl = (final.exp() * (final - logprobs)).sum(-1).clamp_min(0.0)
@@ -89,8 +117,8 @@ def logit_lens(
         "layer": [f"resid_pre {i}" for i in range(model.dims.n_layers)] + ["final"],
         "pos": _position_labels(model, batch["input_ids"], pos),
     }
-    config: dict[str, Any] = {"positions": pos, "k": k, "model_type": model.dims.model_type}
-    return LensResult(tensors=tensors, axes=axes, labels=labels, config=config)
+    config: dict[str, Any] = {"positions": pos, "k": k, "model_type": model.dims.model_type, **(extra_config or {})}
+    return result_type(tensors=tensors, axes=axes, labels=labels, config=config)
 
 
-__all__ = ["LensResult", "lens_sites", "logit_lens", "resid_to_logits"]
+__all__ = ["LensResult", "Transform", "lens_readout", "lens_sites", "logit_lens", "resid_to_logits"]

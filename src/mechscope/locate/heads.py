@@ -1,0 +1,382 @@
+"""Attention heads: patterns for a prompt, per-head behaviour detectors and head ablation.
+
+Detectors score every head on a batch of token sequences (by default random tokens whose first half
+is repeated, which makes every behaviour measurable at once):
+
+* **previous-token**: mean attention from each query to the position just before it;
+* **duplicate-token**: attention mass on earlier occurrences of the query's own token;
+* **induction (prefix matching)**: attention mass on keys whose *previous* token is the query's token,
+  i.e. on the token that followed an earlier occurrence;
+* **copying** (from weights, via the OV circuit's logit effect): embed a token, pass it through the
+  head's norm, value and output maps and the final norm and unembedding; the score is how often the
+  token's own logit ranks in the top-k of the candidate set; ``copying_eigen`` is the positive
+  eigenvalue ratio ``sum(Re lambda) / sum(|lambda|)`` of that token-to-token matrix.
+
+Scores are in [0, 1] (eigen ratio in [-1, 1]). An induction head scores high on both induction and
+copying; a previous-token head feeds it through K-composition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.locate.results import Result
+from mechscope.sites import Site
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel, Inputs
+    from mechscope.model.hooks import HookContext
+
+DETECTORS = ("previous_token", "duplicate_token", "induction", "copying", "copying_eigen")
+
+
+class PatternResult(Result):
+    """``pattern [layer, head, query_pos, key_pos]`` of one prompt; :meth:`plot` has a head selector."""
+
+    method = "attention_patterns"
+
+    def plot(self, name: str | None = None, *, reduce: Sequence[str] = ("batch",), title: str | None = None) -> Any:
+        """An interactive heatmap of one head's pattern, with a dropdown over every (layer, head)."""
+        if name not in (None, "pattern"):
+            return super().plot(name, reduce=reduce, title=title)
+        import plotly.graph_objects as go
+
+        pattern = self["pattern"].float()
+        n_layers, n_heads = pattern.shape[:2]
+        q_labels = self.labels.get("query_pos", [str(i) for i in range(pattern.shape[2])])
+        k_labels = self.labels.get("key_pos", [str(i) for i in range(pattern.shape[3])])
+        layer_names = self.labels.get("layer", [str(i) for i in range(n_layers)])
+        fig = go.Figure()
+        buttons = []
+        n_traces = n_layers * n_heads
+        for li in range(n_layers):
+            for h in range(n_heads):
+                idx = li * n_heads + h
+                fig.add_trace(
+                    go.Heatmap(
+                        z=pattern[li, h].tolist(),
+                        x=k_labels,
+                        y=q_labels,
+                        zmin=0,
+                        zmax=1,
+                        colorscale="Blues",
+                        visible=idx == 0,
+                        name=f"L{layer_names[li]}H{h}",
+                    )
+                )
+                visible = [i == idx for i in range(n_traces)]
+                buttons.append({"label": f"L{layer_names[li]}H{h}", "method": "update", "args": [{"visible": visible}]})
+        fig.update_layout(
+            title=title or "attention pattern (query x key)",
+            updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.15}],
+            xaxis_title="key position",
+            yaxis_title="query position",
+        )
+        fig.update_yaxes(autorange="reversed")
+        return fig
+
+
+class HeadScores(Result):
+    """Detector scores ``[layer, head]``: previous_token, duplicate_token, induction, copying, copying_eigen."""
+
+    method = "head_detectors"
+
+    def default_tensor(self) -> str:
+        return "induction"
+
+    def top(self, detector: str = "induction", k: int = 3) -> list[tuple[int, int, float]]:
+        """The `k` highest-scoring heads for `detector` as (layer, head, score)."""
+        scores = self[detector]
+        flat = scores.flatten()
+        order = flat.argsort(descending=True)[:k]
+        n_heads = scores.shape[1]
+        return [(int(i) // n_heads, int(i) % n_heads, float(flat[i])) for i in order]
+
+
+def attention_patterns(
+    model: HookedModel, inputs: Inputs, *, layers: Sequence[int] | None = None, row: int = 0
+) -> PatternResult:
+    """Attention patterns of batch row `row` of `inputs` at `layers` (default: all)."""
+    d = model.dims
+    chosen = list(range(d.n_layers)) if layers is None else list(layers)
+    batch = model.prepare_inputs(inputs)
+    n_rows = batch["input_ids"].shape[0]
+    if not 0 <= row < n_rows:
+        raise ConfigError(f"row must be in 0..{n_rows - 1}; got {row}")
+    sites = [model.site(Site("attn.hook_pattern", i)) for i in chosen]
+    _, cache = model.run_with_cache(batch, sites)
+    pattern = torch.stack([cache[s][row] for s in sites]).float().cpu()
+    n_real = int(batch["attention_mask"][row].sum())
+    ids = batch["input_ids"][row]
+    real = batch["attention_mask"][row].bool()
+    if model.tokenizer is not None:
+        tokens = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(ids[real]))]
+    else:
+        tokens = [f"{i}:{int(t)}" for i, t in enumerate(ids[real])]
+    keep = real.nonzero().flatten().cpu()
+    pattern = pattern[:, :, keep][:, :, :, keep]
+    labels = {"layer": [str(i) for i in chosen], "query_pos": tokens, "key_pos": tokens}
+    config = {"layers": chosen, "row": row, "n_tokens": n_real, "model_type": d.model_type}
+    return PatternResult(
+        tensors={"pattern": pattern},
+        axes={"pattern": ("layer", "head", "query_pos", "key_pos")},
+        labels=labels,
+        config=config,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadDetectorConfig:
+    """Options of :func:`detect_heads`.
+
+    Attributes:
+        n_sequences: random sequences generated when no tokens are given.
+        half_len: length of the random half that is then repeated (sequences are ``2 * half_len``).
+        seed: seed of the random tokens and of the copying candidates.
+        n_copy_tokens: candidate tokens of the copying score (drawn from the ordinary vocabulary).
+        copy_top_k: rank within which a token's own logit counts as copied.
+    """
+
+    n_sequences: int = 16
+    half_len: int = 20
+    seed: int = 0
+    n_copy_tokens: int = 200
+    copy_top_k: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("n_sequences", "half_len", "n_copy_tokens", "copy_top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.half_len < 2:
+            raise ConfigError(f"half_len must be >= 2 (a repeat needs a previous token); got {self.half_len}")
+        if self.copy_top_k > self.n_copy_tokens:
+            raise ConfigError(f"copy_top_k ({self.copy_top_k}) must be <= n_copy_tokens ({self.n_copy_tokens})")
+
+
+def ordinary_token_range(model: HookedModel) -> tuple[int, int]:
+    """Ids [lo, hi) of ordinary tokens: after the tokenizer's special tokens (all ids without one)."""
+    lo = 0
+    if model.tokenizer is not None:
+        special = [int(i) for i in model.tokenizer.all_special_ids]
+        lo = max(special) + 1 if special and max(special) < model.dims.d_vocab // 2 else 0
+    return lo, model.dims.d_vocab
+
+
+def repeated_tokens(model: HookedModel, *, n: int = 16, half_len: int = 20, seed: int = 0) -> Int[Tensor, "batch pos"]:
+    """`n` sequences of `half_len` uniformly random ordinary tokens followed by the same tokens again."""
+    lo, hi = ordinary_token_range(model)
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.randint(lo, hi, (n, half_len), generator=gen)
+    return torch.cat([half, half], dim=1)
+
+
+def _behaviour_masks(ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Per-query target keys [batch, q, k] of the attention-based detectors (causal, real tokens only)."""
+    n = ids.shape[1]
+    real = mask.bool()
+    pair = real[:, :, None] & real[:, None, :]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril(-1)[None] & pair
+    same = ids[:, :, None] == ids[:, None, :]
+    prev_tok = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :-1]], dim=1)  # token before each key
+    follows = (ids[:, :, None] == prev_tok[:, None, :]) & prev_tok[:, None, :].ge(0)
+    previous = torch.zeros(n, n, dtype=torch.bool, device=ids.device)
+    previous[torch.arange(1, n), torch.arange(n - 1)] = True
+    return {
+        "previous_token": previous[None] & pair,
+        "duplicate_token": same & earlier,
+        "induction": follows & earlier,
+    }
+
+
+def _attention_scores(model: HookedModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    d = model.dims
+    sites = [model.site(Site("attn.hook_pattern", i)) for i in range(d.n_layers)]
+    _, cache = model.run_with_cache(batch, sites)
+    masks = _behaviour_masks(batch["input_ids"], batch["attention_mask"])
+    out: dict[str, Tensor] = {}
+    for name, target in masks.items():
+        has = target.any(-1)  # [batch, q]: queries where the behaviour is defined
+        if not bool(has.any()):
+            raise ConfigError(
+                f"the inputs give no query where {name!r} is defined (e.g. induction needs a repeated token); "
+                "use repeated_tokens(model) or sequences with repeats"
+            )
+        per_layer = []
+        for site in sites:
+            pattern = cache[site].float()  # [batch, head, q, k]
+            mass = (pattern * target[:, None].to(pattern.dtype)).sum(-1)  # [batch, head, q]
+            weight = has[:, None].to(pattern.dtype)
+            per_layer.append((mass * weight).sum((0, 2)) / weight.sum((0, 2)))
+        out[name] = torch.stack(per_layer).cpu()
+    return out
+
+
+def copying_scores(
+    model: HookedModel, *, tokens: Sequence[int] | Tensor | None = None, top_k: int = 5, seed: int = 0, n: int = 200
+) -> tuple[Float[Tensor, "n_layers n_heads"], Float[Tensor, "n_layers n_heads"]]:
+    """(top-k copying rate, positive eigenvalue ratio) of every head's OV circuit on candidate `tokens`.
+
+    Each candidate's embedding goes through the layer's input norm, the head's value and output maps
+    (and a post-attention norm where the family has one), the final norm and the unembedding; the
+    token-to-token logit matrix restricted to the candidates is scored.
+    """
+    d, a = model.dims, model.adapter
+    if tokens is None:
+        lo, hi = ordinary_token_range(model)
+        gen = torch.Generator().manual_seed(seed)
+        cand = torch.randperm(hi - lo, generator=gen)[: min(n, hi - lo)] + lo
+    else:
+        cand = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    if cand.numel() < top_k:
+        raise ConfigError(f"need at least top_k={top_k} candidate tokens; got {cand.numel()}")
+    w_e = model.weights.W_E[cand.to(model.device)]  # [n, d_model]
+    rate = torch.zeros(d.n_layers, d.n_heads)
+    eigen = torch.zeros(d.n_layers, d.n_heads)
+    unembed = model.module(a.unembed)
+    final_norm = model.module(a.final_norm)
+    with torch.no_grad():
+        for layer in range(d.n_layers):
+            x = model.layer_module(layer, a.ln1)(w_e) if a.ln1 is not None else w_e
+            w_v = model.weights.W_V_layer(layer)
+            b_v = model.weights._expand(model.weights.qkv(layer)[5])
+            w_o = model.weights.W_O_layer(layer)
+            for h in range(d.n_heads):
+                out = (x @ w_v[h] + b_v[h]) @ w_o[h]
+                if a.post_attn_norm is not None:
+                    out = model.layer_module(layer, a.post_attn_norm)(out)
+                logits = unembed(final_norm(out))[:, cand.to(model.device)].float()  # [n, n]
+                own = logits.diagonal()
+                rank = (logits > own[:, None]).sum(-1)
+                rate[layer, h] = (rank < top_k).float().mean()
+                lam = torch.linalg.eigvals(logits.double())
+                eigen[layer, h] = float(lam.real.sum() / lam.abs().sum().clamp_min(1e-12))
+    return rate, eigen
+
+
+def detect_heads(
+    model: HookedModel, tokens: Inputs | None = None, *, config: HeadDetectorConfig | None = None
+) -> HeadScores:
+    """Score every head as previous-token, duplicate-token, induction and copying head.
+
+    `tokens` default to :func:`repeated_tokens` (random halves repeated); any inputs with repeated
+    tokens work (the detectors average over the queries where a behaviour is defined).
+    """
+    cfg = config or HeadDetectorConfig()
+    d = model.dims
+    if tokens is None:
+        tokens = repeated_tokens(model, n=cfg.n_sequences, half_len=cfg.half_len, seed=cfg.seed)
+    batch = model.prepare_inputs(tokens)
+    scores = _attention_scores(model, batch)
+    rate, eigen = copying_scores(model, top_k=cfg.copy_top_k, seed=cfg.seed, n=cfg.n_copy_tokens)
+    scores["copying"], scores["copying_eigen"] = rate, eigen
+    axes: dict[str, tuple[str, ...]] = {name: ("layer", "head") for name in scores}
+    labels = {"layer": [str(i) for i in range(d.n_layers)], "head": [str(h) for h in range(d.n_heads)]}
+    config_out: dict[str, Any] = {
+        "n_sequences": int(batch["input_ids"].shape[0]),
+        "seq_len": int(batch["input_ids"].shape[1]),
+        "seed": cfg.seed,
+        "n_copy_tokens": cfg.n_copy_tokens,
+        "copy_top_k": cfg.copy_top_k,
+        "model_type": d.model_type,
+    }
+    return HeadScores(tensors=scores, axes=axes, labels=labels, config=config_out)
+
+
+@contextmanager
+def ablate_heads(
+    model: HookedModel,
+    heads: Sequence[tuple[int, int]],
+    *,
+    mode: Literal["zero", "mean"] = "zero",
+    reference: Inputs | None = None,
+) -> Iterator[None]:
+    """Within the block, replace each (layer, head)'s ``hook_z`` by zero or by its mean over `reference`.
+
+    Mean ablation needs `reference` inputs; the mean is over their batch rows and real positions.
+    """
+    if mode not in ("zero", "mean"):
+        raise ConfigError(f"mode must be 'zero' or 'mean'; got {mode!r}")
+    d = model.dims
+    by_layer: dict[int, list[int]] = {}
+    for item in heads:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ConfigError(f"heads must be (layer, head) pairs; got {item!r}")
+        layer, head = int(item[0]), int(item[1])
+        if not (0 <= layer < d.n_layers and 0 <= head < d.n_heads):
+            raise ConfigError(
+                f"head ({layer}, {head}) does not exist: layers 0..{d.n_layers - 1}, heads 0..{d.n_heads - 1}"
+            )
+        by_layer.setdefault(layer, []).append(head)
+    means: dict[int, Tensor] = {}
+    if mode == "mean":
+        if reference is None:
+            raise ConfigError("mean ablation needs reference inputs (reference=...)")
+        ref = model.prepare_inputs(reference)
+        _, cache = model.run_with_cache(ref, [Site("attn.hook_z", i) for i in by_layer])
+        real = ref["attention_mask"].bool()
+        for layer in by_layer:
+            means[layer] = cache[Site("attn.hook_z", layer)][real].mean(0)  # [n_heads, d_head]
+
+    def hook_for(layer: int) -> Any:
+        idx = torch.tensor(by_layer[layer])
+
+        def fn(z: Tensor, _ctx: HookContext) -> Tensor:
+            out = z.clone()
+            if mode == "zero":
+                out[:, :, idx] = 0
+            else:
+                out[:, :, idx] = means[layer][idx].to(z.dtype)
+            return out
+
+        return fn
+
+    with model.hooks({Site("attn.hook_z", layer): hook_for(layer) for layer in by_layer}):
+        yield
+
+
+def in_context_gain(
+    model: HookedModel,
+    tokens: Int[Tensor, "batch pos"],
+    first_mask: Tensor,
+    repeat_mask: Tensor,
+) -> dict[str, float]:
+    """Mean next-token loss on span tokens at their first and repeated occurrence, and the gain (nats).
+
+    Masks mark the *target* positions (as in ``mechscope.zoo.tasks.induction``); a target at position
+    t is predicted from the logits at t - 1.
+    """
+    if first_mask.shape != tokens.shape or repeat_mask.shape != tokens.shape:
+        raise ShapeError(
+            f"masks must have the tokens' shape {tuple(tokens.shape)}; got {tuple(first_mask.shape)} and "
+            f"{tuple(repeat_mask.shape)}"
+        )
+    with torch.no_grad():
+        logits = model(tokens).float()[:, :-1]
+    targets = tokens[:, 1:].to(logits.device)
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").cpu()
+    first = float(losses[first_mask[:, 1:].bool()].mean())
+    repeat = float(losses[repeat_mask[:, 1:].bool()].mean())
+    return {"loss_first": first, "loss_repeat": repeat, "gain": first - repeat}
+
+
+__all__ = [
+    "DETECTORS",
+    "HeadDetectorConfig",
+    "HeadScores",
+    "PatternResult",
+    "ablate_heads",
+    "attention_patterns",
+    "copying_scores",
+    "detect_heads",
+    "in_context_gain",
+    "ordinary_token_range",
+    "repeated_tokens",
+]

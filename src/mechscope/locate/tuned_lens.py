@@ -1,0 +1,353 @@
+"""Tuned lens: a learnt affine translator per layer before the logit lens's final norm and unembedding.
+
+Each translator maps the residual before layer L to ``h + A_L h + b_L`` (stored as one ``Linear``
+initialised to the identity, so an untrained tuned lens *is* the logit lens) and is trained to
+minimise ``KL(final || lens_L)`` on a stream of text, with the model frozen (Belrose et al., 2023).
+Translators save to safetensors with the model's fingerprint and are checked against the model on load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.io import read_safetensors, write_safetensors
+from mechscope.locate.lens import LensResult, lens_readout, lens_sites, resid_to_logits
+from mechscope.locate.results import Result
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel, Inputs
+
+FORMAT = "mechscope.tuned_lens"
+SCHEMA_VERSION = 1
+
+
+class TunedLensResult(LensResult):
+    """A :class:`LensResult` read through a tuned lens (same tensors and axes)."""
+
+    method = "tuned_lens"
+
+
+class LensComparison(Result):
+    """Mean ``KL(final || lens)`` per layer for both lenses: ``logit_lens_kl``, ``tuned_lens_kl [layer]``."""
+
+    method = "lens_comparison"
+
+    def default_tensor(self) -> str:
+        return "tuned_lens_kl"
+
+    def plot(self, name: str | None = None, *, reduce: Sequence[str] = ("batch",), title: str | None = None) -> Any:
+        """Both KL curves on one chart (or one named tensor)."""
+        if name is not None:
+            return super().plot(name, reduce=reduce, title=title)
+        import plotly.graph_objects as go
+
+        layers = self.labels["layer"]
+        fig = go.Figure()
+        for key, label in (("logit_lens_kl", "logit lens"), ("tuned_lens_kl", "tuned lens")):
+            fig.add_trace(go.Scatter(x=layers, y=self[key].tolist(), mode="lines+markers", name=label))
+        fig.update_layout(title=title or "KL(final || lens) per layer", xaxis_title="layer", yaxis_title="KL (nats)")
+        return fig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunedLensConfig:
+    """Training options of :func:`train_tuned_lens`.
+
+    Attributes:
+        steps: optimiser steps.
+        lr: Adam learning rate.
+        batch_tokens: token positions per step (sampled from the cached windows).
+        seq_len: length of the token windows cut from the text stream.
+        max_windows: cap on windows read from the stream (their residuals are cached in memory).
+        seed: seed of the token sampling.
+    """
+
+    steps: int = 300
+    lr: float = 1e-3
+    batch_tokens: int = 512
+    seq_len: int = 64
+    max_windows: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_tokens", "seq_len", "max_windows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0; got {self.lr}")
+
+
+class TunedLens(nn.Module):
+    """One affine translator per layer (the final residual is read untranslated)."""
+
+    def __init__(self, d_model: int, n_layers: int, *, model_fingerprint: str = "", model_type: str = "") -> None:
+        super().__init__()
+        if d_model < 1 or n_layers < 1:
+            raise ConfigError(f"d_model and n_layers must be >= 1; got {d_model}, {n_layers}")
+        self.d_model, self.n_layers = d_model, n_layers
+        self.model_fingerprint, self.model_type = model_fingerprint, model_type
+        self.translators = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(n_layers))
+        self.reset_to_identity()
+        self.training_log: dict[str, Any] = {}
+
+    @classmethod
+    def for_model(cls, model: HookedModel) -> TunedLens:
+        """An identity-initialised lens shaped for `model` (equal to the logit lens until trained)."""
+        lens = cls(
+            model.dims.d_model,
+            model.dims.n_layers,
+            model_fingerprint=model.fingerprint(),
+            model_type=model.dims.model_type,
+        )
+        return lens.to(model.device)
+
+    def reset_to_identity(self) -> None:
+        with torch.no_grad():
+            for t in self.translators:
+                assert isinstance(t, nn.Linear)
+                t.weight.copy_(torch.eye(self.d_model))
+                t.bias.zero_()
+
+    def forward(self, resid: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
+        """Translate the residual before `layer`; ``layer == n_layers`` (the final residual) is unchanged."""
+        if resid.shape[-1] != self.d_model:
+            raise ShapeError(f"residual must end in d_model={self.d_model}; got shape {tuple(resid.shape)}")
+        if layer == self.n_layers:
+            return resid
+        if not 0 <= layer < self.n_layers:
+            raise ConfigError(f"layer must be in 0..{self.n_layers}; got {layer}")
+        t: Any = self.translators[layer]
+        return t(resid.to(t.weight.dtype)).to(resid.dtype)  # type: ignore[no-any-return]
+
+    def check_model(self, model: HookedModel) -> None:
+        """Raise if `model`'s sizes differ from the lens's (a fingerprint mismatch is allowed: fine-tunes)."""
+        if (model.dims.d_model, model.dims.n_layers) != (self.d_model, self.n_layers):
+            raise ShapeError(
+                f"this tuned lens is for d_model={self.d_model}, n_layers={self.n_layers}; the model has "
+                f"d_model={model.dims.d_model}, n_layers={model.dims.n_layers}"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: translator weights + JSON metadata (sizes, model fingerprint, training log)."""
+        tensors = {f"translators.{i}.{k}": v for i, t in enumerate(self.translators) for k, v in t.state_dict().items()}
+        meta = {
+            "format": FORMAT,
+            "schema_version": str(SCHEMA_VERSION),
+            "d_model": str(self.d_model),
+            "n_layers": str(self.n_layers),
+            "model_fingerprint": self.model_fingerprint,
+            "model_type": self.model_type,
+            "training_log": json.dumps(self.training_log),
+        }
+        return write_safetensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TunedLens:
+        tensors, meta = read_safetensors(path, "tuned lens")
+        if meta.get("format") != FORMAT or meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise ConfigError(
+                f"{path}: expected a {FORMAT} file (schema {SCHEMA_VERSION}); got format {meta.get('format')!r} "
+                f"schema {meta.get('schema_version')!r}"
+            )
+        try:
+            d_model, n_layers = int(meta["d_model"]), int(meta["n_layers"])
+            log = json.loads(meta.get("training_log", "{}"))
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"{path}: malformed tuned-lens metadata ({exc})") from exc
+        lens = cls(
+            d_model,
+            n_layers,
+            model_fingerprint=meta.get("model_fingerprint", ""),
+            model_type=meta.get("model_type", ""),
+        )
+        state = {k.removeprefix("translators."): v for k, v in tensors.items()}
+        try:
+            lens.translators.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{path}: translator weights do not match d_model={d_model}, n_layers={n_layers}: {exc}"
+            ) from exc
+        lens.training_log = log
+        return lens
+
+
+def token_windows(
+    model: HookedModel, texts: Iterable[str], *, seq_len: int, max_windows: int | None = None
+) -> Int[Tensor, "n seq_len"]:
+    """Tokenise `texts`, join them with the EOS token and cut the stream into windows of `seq_len`."""
+    tokenizer = model._tokenizer()
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    limit = None if max_windows is None else max_windows * seq_len
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(int(eos))
+        if limit is not None and len(stream) >= limit:
+            break
+    n = len(stream) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise ConfigError(f"the text stream has {len(stream)} tokens; need at least seq_len={seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
+
+
+def zoo_texts(seed: int = 0, *, split: str = "train") -> list[str]:
+    """Natural-ish text from the zoo's task generators (facts, truth, IOI, sentiment...), shuffled.
+
+    ``split="train"`` gives training documents, ``"eval"`` the held-out splits' prompts + completions,
+    so a lens trained on one can be evaluated on the other.
+    """
+    import random
+
+    from mechscope.zoo.tasks import generate_all
+
+    tasks = generate_all(seed)
+    if split == "train":
+        texts = [t for data in tasks.values() for t in data.train_texts()]
+    elif split == "eval":
+        texts = [ex.text for data in tasks.values() for examples in data.eval.values() for ex in examples]
+    else:
+        raise ConfigError(f"split must be 'train' or 'eval'; got {split!r}")
+    random.Random(f"mechscope-tuned-lens:{seed}:{split}").shuffle(texts)
+    return texts
+
+
+def _as_windows(model: HookedModel, data: Iterable[str] | Tensor, cfg: TunedLensConfig) -> Tensor:
+    if isinstance(data, Tensor):
+        if data.ndim != 2 or data.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ShapeError(
+                f"token windows must be an integer tensor [n, seq_len]; got {data.dtype} {tuple(data.shape)}"
+            )
+        return data[: cfg.max_windows].long()
+    if isinstance(data, str):
+        data = [data]
+    return token_windows(model, data, seq_len=cfg.seq_len, max_windows=cfg.max_windows)
+
+
+def train_tuned_lens(
+    model: HookedModel,
+    data: Iterable[str] | Tensor,
+    *,
+    config: TunedLensConfig | None = None,
+    lens: TunedLens | None = None,
+    progress: bool = False,
+) -> TunedLens:
+    """Train per-layer translators on `data` (texts, or token windows ``[n, seq_len]``), model frozen.
+
+    Residuals and final next-token distributions of the windows are computed once and cached; each
+    step samples ``batch_tokens`` positions and minimises the sum over layers of
+    ``KL(final || tuned lens)``. Only the translators receive gradients.
+    """
+    cfg = config or TunedLensConfig()
+    windows = _as_windows(model, data, cfg)
+    lens = lens or TunedLens.for_model(model)
+    lens.check_model(model)
+    sites = lens_sites(model)
+    logits, cache = model.run_with_cache(windows, sites)
+    assert logits is not None
+    n_layers = model.dims.n_layers
+    resid = torch.stack([cache[s] for s in sites[:-1]]).flatten(1, 2)  # [layer, tokens, d_model]
+    target = logits.float().log_softmax(-1).flatten(0, 1)  # [tokens, d_vocab]
+    n_tokens = target.shape[0]
+    params = list(lens.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps: Any = range(cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="tuned lens", unit="step")
+    losses: list[float] = []
+    with torch.enable_grad():
+        for _ in steps:
+            idx = torch.randint(0, n_tokens, (min(cfg.batch_tokens, n_tokens),), generator=gen).to(target.device)
+            ref = target[idx]
+            loss = torch.zeros((), device=target.device)
+            for layer in range(n_layers):
+                pred = resid_to_logits(model, lens(resid[layer, idx], layer)).float().log_softmax(-1)
+                loss = loss + (ref.exp() * (ref - pred)).sum(-1).mean()
+            grads = torch.autograd.grad(loss, params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            losses.append(float(loss.detach()) / n_layers)
+    lens.training_log = {
+        "config": asdict(cfg),
+        "n_tokens": int(n_tokens),
+        "loss_first": losses[0],
+        "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+    }
+    return lens
+
+
+def tuned_lens(
+    model: HookedModel,
+    inputs: Inputs,
+    lens: TunedLens,
+    *,
+    positions: Sequence[int] | None = None,
+    k: int = 5,
+    keep_logits: bool = False,
+) -> TunedLensResult:
+    """The logit-lens readout with each residual translated by `lens` first."""
+    lens.check_model(model)
+    result = lens_readout(
+        model,
+        inputs,
+        transform=lambda resid, layer: lens(resid, layer),
+        positions=positions,
+        k=k,
+        keep_logits=keep_logits,
+        result_type=TunedLensResult,
+        extra_config={"lens_model_fingerprint": lens.model_fingerprint},
+    )
+    assert isinstance(result, TunedLensResult)
+    return result
+
+
+def compare_lenses(model: HookedModel, inputs: Inputs, lens: TunedLens) -> LensComparison:
+    """Mean ``KL(final || lens)`` per layer for the logit lens and the tuned lens on `inputs`.
+
+    Padding positions (attention mask 0) are excluded from the means.
+    """
+    batch = model.prepare_inputs(inputs)
+    mask = batch["attention_mask"].bool().cpu()
+    logit = lens_readout(model, batch)["kl"].cpu()
+    tuned = tuned_lens(model, batch, lens)["kl"].cpu()
+
+    def mean(kl: Tensor) -> Tensor:
+        return (kl * mask).sum((1, 2)) / mask.sum()
+
+    n = model.dims.n_layers
+    labels = {"layer": [f"resid_pre {i}" for i in range(n)] + ["final"]}
+    config = {"n_tokens": int(mask.sum()), "model_type": model.dims.model_type, "lens_training": lens.training_log}
+    return LensComparison(
+        tensors={"logit_lens_kl": mean(logit), "tuned_lens_kl": mean(tuned)},
+        axes={"logit_lens_kl": ("layer",), "tuned_lens_kl": ("layer",)},
+        labels=labels,
+        config=json.loads(json.dumps(config, default=str)),
+    )
+
+
+__all__ = [
+    "LensComparison",
+    "TunedLens",
+    "TunedLensConfig",
+    "TunedLensResult",
+    "compare_lenses",
+    "token_windows",
+    "train_tuned_lens",
+    "tuned_lens",
+    "zoo_texts",
+]
