@@ -108,3 +108,90 @@ def test_bad_input_fails_clearly(model):
     if model.dims.parallel:
         with pytest.raises(SiteError, match="no site"):
             activation_patch(model, clean, corrupt, "resid_mid", metric)
+
+
+# Partial runs and the batched engine on every family ------------------------------------------------
+from mechscope.locate._engine import metric_positions  # noqa: E402
+from mechscope.model.partial import base_run, run_from  # noqa: E402
+from tiny_models import FAMILIES, attention_bases  # noqa: E402
+
+FAMILY_BASES = [(f, b) for f in FAMILIES for b in attention_bases(f)]
+
+
+@pytest.fixture(scope="module")
+def family_models():
+    return {}
+
+
+def _family_model(cache, family, base="sdpa"):
+    key = (family, base)
+    if key not in cache:
+        cache[key] = HookedModel(tiny_model(family, attn_implementation=base, with_tokenizer=False)[0])
+    return cache[key]
+
+
+@pytest.mark.parametrize(("family", "base"), FAMILY_BASES)
+def test_run_from_any_layer_and_position_equals_the_full_forward(family_models, family, base):
+    model = _family_model(family_models, family, base)
+    ids = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    full = model(ids)
+    run = base_run(model, ids)
+    torch.testing.assert_close(run.logits, full, rtol=0, atol=1e-5)
+    for layer in range(model.dims.n_layers):
+        for start in (0, 3, 8):  # 8 > the sliding windows (4) of mistral/gemma
+            resid = run.resid_pre[layer][:, start:].repeat(3, 1, 1)
+            out = run_from(model, run, resid, layer=layer, start_pos=start)
+            torch.testing.assert_close(out, full[:, start:].repeat(3, 1, 1), rtol=0, atol=1e-5)
+            last = run_from(model, run, resid[:2], layer=layer, start_pos=start, logit_positions=[8])
+            torch.testing.assert_close(last, full[:, [8]], rtol=0, atol=1e-5)
+
+
+UNIT_SWEEPS = [("heads", True), ("q", False), ("k", False), ("v", True), ("pattern", False), ("neurons", False)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_loop_on_every_family(family_models, family):
+    model = _family_model(family_models, family)
+    clean, corrupt = prompts()
+    for kind, per_position in UNIT_SWEEPS:
+        units = [0, 3] if kind == "neurons" else None
+        kw = dict(per_position=per_position, units=units, positions=[1, 2, 4] if per_position else None)
+        loop = activation_patch(model, clean, corrupt, kind, metric, method="loop", **kw)
+        batched = activation_patch(model, clean, corrupt, kind, metric, chunk_size=4, **kw)
+        torch.testing.assert_close(batched["metric"], loop["metric"], rtol=1e-5, atol=1e-5, msg=kind)
+    loop = activation_patch(model, clean, corrupt, "resid_pre", metric, direction="noising", method="loop")
+    batched = activation_patch(model, clean, corrupt, "resid_pre", metric, direction="noising")
+    torch.testing.assert_close(batched["metric"], loop["metric"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["q", "k", "v", "pattern", "neurons"])
+def test_self_patching_is_a_no_op_for_unit_kinds(model, kind):
+    clean, _ = prompts()
+    for method in ("loop", "batched"):
+        result = activation_patch(model, clean, clean, kind, metric, method=method, units=[0, 1])
+        torch.testing.assert_close(result["metric"], result["clean"].expand_as(result["metric"]), rtol=0, atol=1e-6)
+
+
+def test_head_by_position_sweep_has_three_labelled_axes(model):
+    clean, corrupt = prompts()
+    result = activation_patch(model, clean, corrupt, "heads", metric, per_position=True)
+    assert result.axes["metric"] == ("layer", "head", "pos")
+    assert result["metric"].shape == (model.dims.n_layers, model.dims.n_heads, 6)
+    # patching a head at every position at once is not the sum of per-position patches, but before
+    # the first differing token (position 2) the prompts agree: those cells are the corrupt metric
+    torch.testing.assert_close(result["metric"][:, :, :2], result["corrupt"].expand(model.dims.n_layers, model.dims.n_heads, 2))
+
+
+def test_metric_positions_finds_what_the_metric_reads():
+    logits = torch.randn(2, 5, 11)
+    assert metric_positions(lambda x: logit_diff(x, 1, 2), logits) == [4]
+    assert metric_positions(lambda x: x[:, 1, 0] + x[:, 3].sum(-1), logits) == [1, 3]
+    assert metric_positions(lambda x: x.argmax(-1).float().mean(), logits) == [0, 1, 2, 3, 4]  # no gradient
+
+
+def test_units_are_checked(model):
+    clean, corrupt = prompts()
+    with pytest.raises(ConfigError, match="units"):
+        activation_patch(model, clean, corrupt, "heads", metric, units=[99])
+    with pytest.raises(ConfigError, match="units= applies"):
+        activation_patch(model, clean, corrupt, "resid_pre", metric, units=[0])

@@ -63,8 +63,17 @@ class BaseRun:
         return int(self.input_ids.shape[1])
 
 
-def base_run(model: HookedModel, inputs: Inputs, sites: Sequence[SiteLike] = ()) -> BaseRun:
-    """One full forward of `inputs` keeping every layer's residual input, the KV cache and `sites`."""
+def base_run(
+    model: HookedModel,
+    inputs: Inputs,
+    sites: Sequence[SiteLike] = (),
+    *,
+    hooks: Mapping[SiteLike, HookFn] | None = None,
+) -> BaseRun:
+    """One full forward of `inputs` keeping every layer's residual input, the KV cache and `sites`.
+
+    `hooks` edit the run (noise on the embeddings, say); partial runs from it inherit their effect,
+    since they start after the embeddings from its cached residuals and keys/values."""
     from transformers import DynamicCache
 
     batch = model.prepare_inputs(inputs)
@@ -81,11 +90,12 @@ def base_run(model: HookedModel, inputs: Inputs, sites: Sequence[SiteLike] = ())
     def keep(activation: Tensor, ctx: HookContext) -> None:
         store[ctx.name] = activation.detach()
 
-    hooks: dict[SiteLike, list[HookFn]] = {Site("hook_resid_pre", i): [keep_resid(i)] for i in range(n_layers)}
+    extra = hooks
+    keepers: dict[SiteLike, list[HookFn]] = {Site("hook_resid_pre", i): [keep_resid(i)] for i in range(n_layers)}
     for site in sites:
-        hooks.setdefault(model.site(site), []).append(keep)
+        keepers.setdefault(model.site(site), []).append(keep)
     cache = DynamicCache()  # no config: full-length layers for every family, so prefixes can be cut
-    with torch.no_grad(), model.hooks(hooks):
+    with torch.no_grad(), model.hooks(dict(extra or {})), model.hooks(keepers):
         out = model.hf_model(**batch, use_cache=True, past_key_values=cache)
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]

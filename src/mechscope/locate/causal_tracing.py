@@ -1,0 +1,308 @@
+"""Causal tracing (Meng et al. 2022, ROME): where does the model recall a fact about a subject?
+
+The subject tokens' input embeddings are corrupted with Gaussian noise (``noise`` x the standard
+deviation of the embedding matrix, 3 by default), which destroys the model's prediction of the
+answer. Then single clean states are restored into the corrupted run -- a layer's hidden state
+(``resid``: the residual stream leaving the layer), or a window of ``window`` consecutive layers' MLP
+outputs (``mlp``) or attention outputs (``attn``) centred on the layer, at one position -- and the
+probability of the correct token is measured. A state whose restoration brings the probability back
+carries the fact. ROME finds MLPs at the subject's last token in early-middle layers.
+
+Each prompt is traced with ``samples`` independent noise draws (the batch), and every restoration runs
+through the batched patching engine (:mod:`mechscope.locate._engine`) -- or, with ``method="loop"``,
+one full forward per restoration (the reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechscope.errors import ConfigError
+from mechscope.locate._engine import Variant, run_batched, run_loop
+from mechscope.locate.metrics import token_prob
+from mechscope.locate.results import Result
+from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.partial import base_run
+from mechscope.sites import Site, SiteLike
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
+
+#: Restored state kinds and the site each restores.
+TRACE_SITES: dict[str, str] = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+#: Position classes of :func:`trace_facts` (ROME's Figure 1 rows).
+POSITION_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TracingConfig:
+    """Options of :func:`causal_trace`.
+
+    Attributes:
+        noise: noise standard deviation as a multiple of the embedding matrix's standard deviation.
+        samples: independent noise draws per prompt (averaged).
+        window: layers restored together for ``mlp`` and ``attn`` (centred; None: ``max(1, n_layers // 5)``,
+            ROME's 10 of 48 layers).
+        kinds: which states to restore: ``resid``, ``mlp``, ``attn``.
+        seed: seed of the noise.
+        method: ``batched`` or ``loop`` (one full forward per restoration; the reference).
+        chunk_size: restorations per forward in the batched method.
+    """
+
+    noise: float = 3.0
+    samples: int = 10
+    window: int | None = None
+    kinds: tuple[str, ...] = ("resid", "mlp", "attn")
+    seed: int = 0
+    method: str = "batched"
+    chunk_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.noise <= 0:
+            raise ConfigError(f"noise must be > 0 (a multiple of the embedding std); got {self.noise}")
+        if self.samples < 1:
+            raise ConfigError(f"samples must be >= 1; got {self.samples}")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"window must be >= 1 or None; got {self.window}")
+        bad = [k for k in self.kinds if k not in TRACE_SITES]
+        if bad or not self.kinds:
+            raise ConfigError(f"kinds must be a non-empty subset of {sorted(TRACE_SITES)}; got {list(self.kinds)}")
+        if self.method not in ("batched", "loop"):
+            raise ConfigError(f"method must be 'batched' or 'loop'; got {self.method!r}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1; got {self.chunk_size}")
+
+
+class TracingResult(Result):
+    """Per restored kind, ``[layer, pos]`` probability of the target with that state restored;
+    ``clean`` and ``corrupt`` (0-d): the probability in the clean and the noised run."""
+
+    method = "causal_trace"
+
+    def default_tensor(self) -> str:
+        return str(self.config["kinds"][0])
+
+    def effect(self, kind: str) -> Float[Tensor, "layer pos"]:
+        """Indirect effect: restored probability minus the corrupted one."""
+        return self[kind] - self["corrupt"]
+
+    def peak(self, kind: str) -> tuple[int, int, float]:
+        """``(layer, position, effect)`` where restoring `kind` recovers the most."""
+        effect = self.effect(kind)
+        flat = int(effect.argmax())
+        layer, pos = divmod(flat, effect.shape[1])
+        return layer, pos, float(effect[layer, pos])
+
+
+def _noise_hook(positions: list[int], noise: Tensor) -> HookFn:
+    def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
+        out = activation.clone()
+        out[:, positions] = out[:, positions] + noise.to(out.device, out.dtype)
+        return out
+
+    return fn
+
+
+def _window(layer: int, window: int, n_layers: int) -> list[int]:
+    lo = max(0, min(layer - window // 2, n_layers - window))
+    return list(range(lo, min(n_layers, lo + window)))
+
+
+def causal_trace(
+    model: HookedModel,
+    prompt: str | Tensor,
+    subject: str | Sequence[int],
+    target: str | int | None = None,
+    config: TracingConfig | None = None,
+) -> TracingResult:
+    """Trace one prompt: noise `subject` (a substring of `prompt`, or its token positions), restore states.
+
+    `target` is the answer token (a single-token string or an id; default: the clean run's top token).
+    """
+    cfg = config or TracingConfig()
+    if isinstance(prompt, str):
+        ids = model.to_tokens(prompt)["input_ids"]
+    else:
+        ids = prompt.reshape(1, -1)
+    ids = ids.to(model.device)
+    n_pos = int(ids.shape[1])
+    if isinstance(subject, str):
+        if not isinstance(prompt, str):
+            raise ConfigError("a subject substring needs a text prompt; pass token positions with token ids")
+        subject_pos = model.find_positions(prompt, subject)
+    else:
+        subject_pos = sorted({int(p) % n_pos for p in subject})
+        if not subject_pos or any(not -n_pos <= int(p) < n_pos for p in subject):
+            raise ConfigError(f"subject positions must be a non-empty list in [{-n_pos}, {n_pos}); got {list(subject)}")
+    clean_ids = ids.expand(cfg.samples, -1)
+    clean_logits = model(clean_ids)
+    if target is None:
+        target_id = int(clean_logits[0, -1].argmax())
+    elif isinstance(target, str):
+        target_id = model.to_single_token(target)
+    else:
+        target_id = int(target)
+
+    def metric(logits: Tensor) -> Tensor:
+        return token_prob(logits, target_id)
+
+    n_layers = model.dims.n_layers
+    window = cfg.window or max(1, n_layers // 5)
+    kind_sites = {kind: TRACE_SITES[kind] for kind in cfg.kinds}
+    sites = [Site(site, layer) for site in kind_sites.values() for layer in range(n_layers)]
+    std = float(model.weights.W_E.float().std())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(cfg.samples, len(subject_pos), model.dims.d_model, generator=gen) * (cfg.noise * std)
+    noise_hooks: dict[SiteLike, HookFn] = {Site("hook_embed"): _noise_hook(subject_pos, noise)}
+    inputs = {"input_ids": clean_ids, "attention_mask": torch.ones_like(clean_ids)}
+    clean = base_run(model, inputs, sites)
+    corrupt = base_run(model, inputs, sites, hooks=noise_hooks)
+    variants: list[Variant] = []
+    for kind, site_kind in kind_sites.items():
+        for layer in range(n_layers):
+            layers = [layer] if kind == "resid" else _window(layer, window, n_layers)
+            for pos in range(n_pos):
+                masks = {}
+                for restored in layers:
+                    site = Site(site_kind, restored)
+                    mask = torch.zeros(1, *clean.cache[site.name].shape[1:], dtype=torch.bool)
+                    mask[:, pos] = True
+                    masks[site] = mask
+                variants.append(Variant(masks))
+    sources = {site: clean.cache[site.name] for site in sites}
+    if cfg.method == "loop":
+        flat = run_loop(model, corrupt, sources, variants, metric, base_hooks=noise_hooks)
+    else:
+        base_acts = {site: corrupt.cache[site.name] for site in sites}
+        flat = run_batched(model, corrupt, sources, variants, metric, base_acts=base_acts, chunk_size=cfg.chunk_size)
+    grids = flat.reshape(len(kind_sites), n_layers, n_pos)
+    tokens = model.to_str_tokens(ids[0]) if model.tokenizer is not None else [str(t) for t in ids[0].tolist()]
+    tensors: dict[str, Tensor] = {kind: grids[i] for i, kind in enumerate(kind_sites)}
+    tensors["clean"] = metric(clean.logits).float().mean()
+    tensors["corrupt"] = metric(corrupt.logits).float().mean()
+    config: dict[str, Any] = {
+        "kinds": list(kind_sites),
+        "noise": cfg.noise,
+        "noise_std": cfg.noise * std,
+        "samples": cfg.samples,
+        "window": window,
+        "seed": cfg.seed,
+        "method": cfg.method,
+        "subject_positions": subject_pos,
+        "target": target_id,
+        "model_type": model.dims.model_type,
+    }
+    return TracingResult(
+        tensors=tensors,
+        axes={**{kind: ("layer", "pos") for kind in kind_sites}, "clean": (), "corrupt": ()},
+        labels={"layer": [str(i) for i in range(n_layers)], "pos": [f"{i}:{t}" for i, t in enumerate(tokens)]},
+        config=config,
+    )
+
+
+def position_classes(subject: Sequence[int], n_pos: int) -> list[str]:
+    """ROME's class of every position: subject first/middle/last token, first token after, further, last."""
+    first, last = min(subject), max(subject)
+    out = []
+    for p in range(n_pos):
+        if p == n_pos - 1:
+            out.append("last")
+        elif p == last:
+            out.append("last_subject")
+        elif p == first:
+            out.append("first_subject")
+        elif first < p < last:
+            out.append("middle_subject")
+        elif p == last + 1:
+            out.append("first_after")
+        elif p > last:
+            out.append("further")
+        else:
+            out.append("before")
+    return out
+
+
+class TracingSummary(Result):
+    """Average indirect effect per kind over many traced prompts, ``[layer, position_class]``
+    (ROME's position classes); ``count [position_class]``: prompts contributing to each class."""
+
+    method = "causal_trace_summary"
+
+    def default_tensor(self) -> str:
+        return str(self.config["kinds"][0])
+
+    def peak(self, kind: str) -> tuple[int, str, float]:
+        """``(layer, position class, mean effect)`` of the largest average effect of `kind`."""
+        grid = self[kind]
+        flat = int(torch.nan_to_num(grid, nan=float("-inf")).argmax())
+        layer, cls = divmod(flat, grid.shape[1])
+        return layer, POSITION_CLASSES[cls], float(grid[layer, cls])
+
+
+def trace_facts(
+    model: HookedModel,
+    prompts: Sequence[str],
+    subjects: Sequence[str],
+    targets: Sequence[str | int | None] | None = None,
+    config: TracingConfig | None = None,
+) -> TracingSummary:
+    """Trace many facts and average the indirect effects by ROME's position classes."""
+    if len(prompts) != len(subjects) or (targets is not None and len(targets) != len(prompts)):
+        raise ConfigError(
+            f"prompts, subjects (and targets) must have equal lengths; got {len(prompts)}, {len(subjects)}"
+            + ("" if targets is None else f", {len(targets)}")
+        )
+    if not prompts:
+        raise ConfigError("trace_facts needs at least one prompt")
+    cfg = config or TracingConfig()
+    n_layers, n_cls = model.dims.n_layers, len(POSITION_CLASSES)
+    sums = {kind: torch.zeros(n_layers, n_cls) for kind in cfg.kinds}
+    count = torch.zeros(n_cls)
+    gaps = []
+    for i, (prompt, subject) in enumerate(zip(prompts, subjects)):
+        result = causal_trace(model, prompt, subject, None if targets is None else targets[i], cfg)
+        classes = position_classes(result.config["subject_positions"], result[cfg.kinds[0]].shape[1])
+        gaps.append(float(result["clean"] - result["corrupt"]))
+        for c, name in enumerate(POSITION_CLASSES):
+            cols = [p for p, cls in enumerate(classes) if cls == name]
+            if not cols:
+                continue
+            count[c] += 1
+            for kind in cfg.kinds:
+                sums[kind][:, c] += result.effect(kind)[:, cols].mean(-1)
+    tensors: dict[str, Tensor] = {kind: s / count.clamp(min=1) for kind, s in sums.items()}
+    for kind in cfg.kinds:
+        tensors[kind][:, count == 0] = float("nan")
+    tensors["count"] = count
+    return TracingSummary(
+        tensors=tensors,
+        axes={**{kind: ("layer", "position_class") for kind in cfg.kinds}, "count": ("position_class",)},
+        labels={"layer": [str(i) for i in range(n_layers)], "position_class": list(POSITION_CLASSES)},
+        config={
+            "kinds": list(cfg.kinds),
+            "n_prompts": len(prompts),
+            "mean_clean_minus_corrupt": sum(gaps) / len(gaps),
+            "noise": cfg.noise,
+            "samples": cfg.samples,
+            "window": cfg.window,
+            "model_type": model.dims.model_type,
+        },
+    )
+
+
+__all__ = [
+    "POSITION_CLASSES",
+    "TRACE_SITES",
+    "TracingConfig",
+    "TracingResult",
+    "TracingSummary",
+    "causal_trace",
+    "position_classes",
+    "trace_facts",
+]

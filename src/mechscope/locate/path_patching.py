@@ -1,0 +1,247 @@
+"""Path patching (Wang et al. 2022, the IOI circuit): the effect of a sender through direct paths only.
+
+For each sender head, the sender's output is taken from the source run while *every other*
+component -- all other attention heads and (by default) every MLP -- is frozen at its value in the
+base run, so the sender's change reaches a receiver only along the direct residual path:
+
+* receiver ``logits``: the metric of that frozen run (the sender's direct effect on the output);
+* receiver heads' ``q``, ``k`` or ``v`` inputs: the receivers' query/key/value vectors of the frozen run
+  are recorded, then a normal base run is made with only those receiver vectors patched in, and
+  everything downstream recomputed; the metric of that run is reported.
+
+Following the paper, the default direction is ``noising``: the base run is the clean prompt set and
+senders take the corrupted (e.g. ABC) activations, so important paths lower the metric. Senders run
+in batches (one sender per copy of the base batch), each starting at its layer
+(:mod:`mechscope.model.partial`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import ConfigError
+from mechscope.locate._engine import metric_positions, metric_value, progress_bar
+from mechscope.locate.metrics import normalised
+from mechscope.locate.patching import check_pair, tokens_of
+from mechscope.locate.results import Result
+from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.partial import BaseRun, base_run, run_from
+from mechscope.sites import Site, SiteLike
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel, Inputs
+
+Metric = Callable[[Tensor], Tensor]
+RECEIVER_INPUTS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """A receiving head's input: ``layer``, ``head`` (a key/value head for ``k``/``v``) and ``input``."""
+
+    layer: int
+    head: int
+    input: str = "q"
+
+    def __post_init__(self) -> None:
+        if self.input not in RECEIVER_INPUTS:
+            raise ConfigError(f"receiver input must be one of {sorted(RECEIVER_INPUTS)}; got {self.input!r}")
+
+    @property
+    def site(self) -> Site:
+        return Site(RECEIVER_INPUTS[self.input], self.layer)
+
+
+class PathPatchResult(Result):
+    """``metric [layer, head]``: the metric with that sender head path-patched to the receivers,
+    averaged over the batch; ``clean`` and ``corrupt`` (0-d): the unpatched metrics."""
+
+    method = "path_patch"
+
+    def default_tensor(self) -> str:
+        return "metric"
+
+    def normalised(self) -> Tensor:
+        """The metric mapped so that the corrupt run is 0 and the clean run is 1."""
+        return normalised(self["metric"], self["clean"], self["corrupt"])
+
+    def effect(self) -> Tensor:
+        """The change of the metric caused by each sender's path (patched minus base)."""
+        base = self["clean"] if self.config["direction"] == "noising" else self["corrupt"]
+        return self["metric"] - base
+
+
+class _Stop(Exception):
+    """Ends a sender pass once the receivers' inputs are recorded."""
+
+
+def _replace(values: Tensor) -> HookFn:
+    """Replace a ``[k * batch, ...]`` activation by `values` ``[batch, ...]`` repeated (a frozen site)."""
+
+    def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
+        reps = activation.shape[0] // values.shape[0]
+        return values.to(activation.device, activation.dtype).repeat(reps, *([1] * (values.ndim - 1)))
+
+    return fn
+
+
+def _sender_hook(source: Tensor, heads: list[int]) -> HookFn:
+    """Variant j takes head ``heads[j]`` of hook_z from `source`."""
+
+    def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
+        view = activation.reshape(len(heads), -1, *activation.shape[1:]).clone()
+        for j, head in enumerate(heads):
+            view[j, :, :, head] = source[:, :, head].to(activation.dtype)
+        return view.reshape(activation.shape)
+
+    return fn
+
+
+def _receiver_hook(recorded: Tensor, heads: list[int]) -> HookFn:
+    """Write the recorded receiver heads' inputs ``[k * batch, pos, heads, d_head]`` into the run."""
+
+    def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
+        out = activation.clone()
+        out[:, :, heads] = recorded[:, :, heads].to(activation.dtype)
+        return out
+
+    return fn
+
+
+def _parse_receivers(receivers: str | Sequence[Receiver | tuple[Any, ...]]) -> list[Receiver] | None:
+    if isinstance(receivers, str):
+        if receivers not in ("logits", "resid"):
+            raise ConfigError(f"receivers must be 'logits' or a list of Receiver(layer, head, input); got {receivers!r}")
+        return None
+    out = [r if isinstance(r, Receiver) else Receiver(*r) for r in receivers]
+    if not out:
+        raise ConfigError("receivers must not be empty")
+    return out
+
+
+def path_patch(
+    model: HookedModel,
+    clean: Inputs,
+    corrupt: Inputs,
+    metric: Metric,
+    *,
+    receivers: str | Sequence[Receiver | tuple[Any, ...]] = "logits",
+    direction: str = "noising",
+    freeze_mlps: bool = True,
+    chunk_size: int = 32,
+    progress: bool = False,
+) -> PathPatchResult:
+    """Path-patch every attention head, one at a time, as the sender to `receivers`.
+
+    Args:
+        receivers: ``"logits"`` or receiver heads' inputs, ``[Receiver(layer, head, "q"|"k"|"v"), ...]``
+            (tuples accepted).
+        direction: ``noising`` (base = clean, senders from corrupt; the paper's) or ``denoising``.
+        freeze_mlps: freeze MLP outputs too (only direct head-to-receiver paths); False lets MLPs
+            recompute (paths through MLPs count as direct, as in some implementations).
+        chunk_size: senders per forward.
+    """
+    if direction not in ("noising", "denoising"):
+        raise ConfigError(f"direction must be 'noising' or 'denoising'; got {direction!r}")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1; got {chunk_size}")
+    parsed = _parse_receivers(receivers)
+    d = model.dims
+    if parsed is not None:
+        for r in parsed:
+            model.site(r.site)
+            limit = d.n_heads if r.input == "q" else d.n_kv_heads
+            if not 0 <= r.head < limit:
+                raise ConfigError(f"receiver {r} has head {r.head}; {r.input} heads of this model are 0..{limit - 1}")
+    clean_t, corrupt_t = tokens_of(model, clean), tokens_of(model, corrupt)
+    check_pair(clean_t, corrupt_t)
+    base_t, source_t = (clean_t, corrupt_t) if direction == "noising" else (corrupt_t, clean_t)
+    z_sites = [Site("attn.hook_z", layer) for layer in range(d.n_layers)]
+    mlp_sites = [Site("hook_mlp_out", layer) for layer in range(d.n_layers)]
+    base = base_run(model, base_t, z_sites + mlp_sites)
+    source = base_run(model, source_t, z_sites)
+    batch = base.batch
+    values = {"base": metric_value(metric, base.logits, batch), "source": metric_value(metric, source.logits, batch)}
+    read = metric_positions(metric, base.logits)
+    out = values["base"].expand(d.n_layers, d.n_heads).clone()
+    last_receiver = d.n_layers if parsed is None else max(r.layer for r in parsed)
+    chunks = [
+        (layer, list(range(d.n_heads))[j : j + chunk_size])
+        for layer in range(min(d.n_layers, last_receiver))
+        for j in range(0, d.n_heads, chunk_size)
+    ]
+    buffer = torch.full_like(base.logits, float("nan"))
+    for layer, heads in progress_bar(chunks, progress, "path patching"):
+        frozen: dict[SiteLike, HookFn] = {z_sites[layer]: _sender_hook(source.cache[z_sites[layer].name], heads)}
+        for later in range(layer + 1, d.n_layers):
+            frozen[z_sites[later]] = _replace(base.cache[z_sites[later].name])
+        if freeze_mlps:
+            for later in range(layer, d.n_layers):
+                frozen[mlp_sites[later]] = _replace(base.cache[mlp_sites[later].name])
+        resid = base.resid_pre[layer].repeat(len(heads), 1, 1)
+        if parsed is None:
+            logits = run_from(model, base, resid, layer=layer, logit_positions=read, hooks=frozen)
+        else:
+            logits = _receiver_pass(model, base, resid, layer, frozen, parsed, read)
+        for j, head in enumerate(heads):
+            buffer[:, read] = logits[j * batch : (j + 1) * batch]
+            out[layer, head] = metric_value(metric, buffer, batch)
+    clean_value, corrupt_value = (
+        (values["base"], values["source"]) if direction == "noising" else (values["source"], values["base"])
+    )
+    return PathPatchResult(
+        tensors={"metric": out, "clean": clean_value, "corrupt": corrupt_value},
+        axes={"metric": ("layer", "head"), "clean": (), "corrupt": ()},
+        labels={"layer": [str(i) for i in range(d.n_layers)], "head": [f"H{h}" for h in range(d.n_heads)]},
+        config={
+            "receivers": "logits" if parsed is None else [[r.layer, r.head, r.input] for r in parsed],
+            "direction": direction,
+            "freeze_mlps": freeze_mlps,
+            "model_type": d.model_type,
+        },
+    )
+
+
+def _receiver_pass(
+    model: HookedModel,
+    base: BaseRun,
+    resid: Tensor,
+    layer: int,
+    frozen: dict[SiteLike, HookFn],
+    receivers: list[Receiver],
+    read: list[int],
+) -> Tensor:
+    """Record the receivers' inputs in the frozen sender run, then patch them into a base run."""
+    recorded: dict[Site, Tensor] = {}
+    sites = sorted({r.site for r in receivers if r.layer > layer}, key=lambda s: s.order)
+    if not sites:  # every receiver is at or before the sender's layer: no path
+        return base.logits[:, read].repeat(resid.shape[0] // base.batch, 1, 1)
+    last = max(s.layer for s in sites if s.layer is not None)
+
+    def record(activation: Tensor, ctx: HookContext) -> None:
+        recorded[ctx.site] = activation.detach()
+        if ctx.site.layer == last and all(s in recorded for s in sites):
+            raise _Stop
+
+    hooks: dict[SiteLike, list[HookFn]] = {site: [fn] for site, fn in frozen.items()}
+    for site in sites:
+        hooks.setdefault(site, []).append(record)
+    try:
+        run_from(model, base, resid, layer=layer, logit_positions=read, hooks=hooks)
+    except _Stop:
+        pass
+    first = min(s.layer for s in sites if s.layer is not None)
+    patch: dict[SiteLike, HookFn] = {}
+    for site in sites:
+        heads = sorted({r.head for r in receivers if r.site == site})
+        patch[site] = _receiver_hook(recorded[site], heads)
+    start = base.resid_pre[first].repeat(resid.shape[0] // base.batch, 1, 1)
+    return run_from(model, base, start, layer=first, logit_positions=read, hooks=patch)
+
+
+__all__ = ["RECEIVER_INPUTS", "PathPatchResult", "Receiver", "path_patch"]
