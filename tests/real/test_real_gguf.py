@@ -137,16 +137,31 @@ def test_truncated_cache_file_is_detected_and_rebuilt(tiny_file, tmp_path):
         torch.testing.assert_close(model(IDS), tiny_file[1], atol=1e-5, rtol=0)
 
 
-def test_altered_bytes_pass_size_check_but_fail_full_check(tiny_file, tmp_path):
+def test_altered_bytes_are_caught_by_content_checks(tiny_file, tmp_path):
     conv = _fresh(tiny_file, tmp_path)
     weights = conv.folder / "model.safetensors"
-    with open(weights, "r+b") as handle:
+    with open(weights, "r+b") as handle:  # the last block is always sampled
         handle.seek(weights.stat().st_size - 8)
         handle.write(b"\x7f" * 8)
-    mg.verify_cached(conv.folder, "size")  # same size: only the content hash can tell
-    with pytest.raises(mg.CorruptCacheError, match="sha256"):
-        mg.verify_cached(conv.folder, "full")
+    mg.verify_cached(conv.folder, "size")  # same size: only a content hash can tell
+    for level in ("sample", "full"):
+        with pytest.raises(mg.CorruptCacheError, match=r"sha256|sampled"):
+            mg.verify_cached(conv.folder, level)
     assert mg.gguf_to_folder(tiny_file[0], cache_dir=tmp_path).rebuilt_corrupt
+
+
+def test_sampled_check_reads_evenly_spaced_blocks(tmp_path):
+    path = tmp_path / "big.bin"
+    block, blocks = 16, 4
+    path.write_bytes(bytes(range(256)) * 4)  # 1024 bytes; blocks at 0, 336, 672, 1008
+    before = mg.sample_digest(path, blocks, block)
+    data = bytearray(path.read_bytes())
+    data[500] ^= 1  # between sampled blocks: invisible to the sample, visible to the full hash
+    path.write_bytes(bytes(data))
+    assert mg.sample_digest(path, blocks, block) == before
+    data[340] ^= 1  # inside the second block
+    path.write_bytes(bytes(data))
+    assert mg.sample_digest(path, blocks, block) != before
 
 
 def test_folder_without_manifest_is_never_used(tiny_file, tmp_path):
