@@ -212,22 +212,13 @@ def _drop_layer(model: HookedModel, layer: int) -> dict[SiteLike, HookFn]:
     return {Site("hook_attn_out", layer): stop, Site("hook_mlp_out", layer): stop}
 
 
-def _pattern_effect(
-    q: Float[Tensor, "batch q d_head"],
-    k: Float[Tensor, "batch k d_head"],
-    masked: Tensor,
-    pattern: Float[Tensor, "batch q k"],
-    grad: Float[Tensor, "batch q k"],
-    scaling: float,
-    softcap: float | None,
-) -> Tensor:
-    """Linear effect of one head's exactly recomputed attention pattern: ``sum (new - old) * dM/dpattern``."""
+def _pattern(q: Tensor, k: Tensor, masked: Tensor, scaling: float, softcap: float | None) -> Tensor:
+    """One head's attention pattern ``[batch, q, k]`` from its queries and keys (as HF's eager attention)."""
     raw = torch.einsum("bqd,bkd->bqk", q, k) * scaling
     if softcap:
         raw = torch.tanh(raw / softcap) * softcap
     raw = raw.masked_fill(masked, torch.finfo(raw.dtype).min)
-    new = raw.float().softmax(-1).to(pattern.dtype)
-    return ((new - pattern) * grad).sum()
+    return raw.float().softmax(-1)
 
 
 def _qk_fix(
@@ -251,15 +242,16 @@ def _qk_fix(
         scaling = float(getattr(attn, "scaling", d.d_head**-0.5))
         softcap = getattr(attn, "attn_logit_softcapping", None) or getattr(model.config, "attn_logit_softcapping", None)
         scores = pacts[score_sites[layer].name]  # [batch, head, q, k], after softcap and mask
-        pattern, grad = pacts[pattern_sites[layer].name], pgrads[pattern_sites[layer].name]
+        grad = pgrads[pattern_sites[layer].name]
         masked = scores < torch.finfo(scores.dtype).min / 2
         q_name, k_name = Site("attn.hook_q", layer).name, Site("attn.hook_k", layer).name
         q_base, k_base, q_src, k_src = acts[q_name], acts[k_name], source[q_name], source[k_name]
         for head in range(d.n_heads):
-            kv = head // groups
-            common = (masked[:, head], pattern[:, head], grad[:, head], scaling, softcap)
-            q_out[layer, head] = _pattern_effect(q_src[:, :, head], k_base[:, :, kv], *common)
-            k_out[layer, kv] += _pattern_effect(q_base[:, :, head], k_src[:, :, kv], *common)
+            kv, m, g = head // groups, masked[:, head], grad[:, head].float()
+            # Differences of recomputed patterns, so rounding cancels and equal inputs give exactly 0.
+            old = _pattern(q_base[:, :, head], k_base[:, :, kv], m, scaling, softcap)
+            q_out[layer, head] = ((_pattern(q_src[:, :, head], k_base[:, :, kv], m, scaling, softcap) - old) * g).sum()
+            k_out[layer, kv] += ((_pattern(q_base[:, :, head], k_src[:, :, kv], m, scaling, softcap) - old) * g).sum()
     return q_out, k_out
 
 
@@ -281,9 +273,9 @@ def _ranks(x: Tensor) -> Tensor:
 
 
 def _pearson(a: Tensor, b: Tensor) -> float:
-    a, b = a - a.mean(), b - b.mean()
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     denom = (a.norm() * b.norm()).item()
-    return float((a @ b).item() / denom) if denom > 0 else float("nan")
+    return max(-1.0, min(1.0, (a @ b).item() / denom)) if denom > 0 else float("nan")
 
 
 def atp_vs_exact(

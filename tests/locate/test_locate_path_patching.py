@@ -1,0 +1,97 @@
+"""Path patching: no-op on identical prompts, its definition through the residual stream, receivers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import ConfigError, SiteError
+from mechscope.locate.metrics import logit_diff
+from mechscope.locate.path_patching import PathPatchResult, Receiver, path_patch
+from mechscope.locate.patching import PromptMismatchError, activation_patch
+from mechscope.model.hooked import HookedModel
+from mechscope.sites import Site
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gpt_neox"])
+def model(request):
+    return HookedModel(tiny_model(request.param, with_tokenizer=False)[0])
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(4, 100, (2, 6), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, 2] = torch.randint(4, 100, (2,), generator=gen)
+    return clean, corrupt
+
+
+def metric(logits: torch.Tensor) -> torch.Tensor:
+    return logit_diff(logits, [5, 6], [7, 8])
+
+
+def test_identical_prompts_change_nothing(model):
+    clean, _ = prompts()
+    for receivers in ("logits", [(1, 0, "q"), (1, 1, "k"), (1, 0, "v")]):
+        result = path_patch(model, clean, clean, metric, receivers=receivers)
+        torch.testing.assert_close(result["metric"], result["clean"].expand_as(result["metric"]), rtol=0, atol=1e-6)
+
+
+def test_path_to_logits_is_the_senders_change_alone_in_an_otherwise_frozen_run(model):
+    """Definition: every head but the sender and every MLP keep their base values, so the run equals
+    one whose attention outputs are the base ones except the sender's layer, recomputed with the sender patched."""
+    clean, corrupt = prompts()
+    result = path_patch(model, clean, corrupt, metric, chunk_size=3)
+    _, base = model.run_with_cache(clean, sites=["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"])
+    _, source = model.run_with_cache(corrupt, sites=["blocks.0.attn.hook_z"])
+    mlps = [Site("hook_mlp_out", layer) for layer in range(model.dims.n_layers)]
+    _, base_mlp = model.run_with_cache(clean, sites=mlps)
+    for head in (0, 3):
+
+        def sender(z, ctx, head=head):
+            out = z.clone()
+            out[:, :, head] = source["blocks.0.attn.hook_z"][:, :, head]
+            return out
+
+        hooks = {"blocks.0.attn.hook_z": sender, "blocks.1.attn.hook_z": lambda z, ctx: base["blocks.1.attn.hook_z"]}
+        hooks.update({site: (lambda a, ctx, s=site: base_mlp[s.name]) for site in mlps})
+        with torch.no_grad(), model.hooks(hooks):
+            expected = metric(model(clean)).mean()
+        torch.testing.assert_close(result["metric"][0, head], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_last_layer_senders_equal_activation_patching_when_nothing_follows(model):
+    clean, corrupt = prompts()
+    result = path_patch(model, clean, corrupt, metric, freeze_mlps=False)
+    patched = activation_patch(model, clean, corrupt, "heads", metric, direction="noising")
+    torch.testing.assert_close(result["metric"][-1], patched["metric"][-1], rtol=1e-5, atol=1e-5)
+    if model.dims.parallel:  # the last MLP does not read the attention output: freezing it changes nothing
+        frozen = path_patch(model, clean, corrupt, metric)
+        torch.testing.assert_close(frozen["metric"][-1], patched["metric"][-1], rtol=1e-5, atol=1e-5)
+
+
+def test_receivers_only_hear_earlier_senders(model, tmp_path):
+    clean, corrupt = prompts()
+    result = path_patch(model, clean, corrupt, metric, receivers=[Receiver(1, 0, "q"), Receiver(1, 1, "v")])
+    torch.testing.assert_close(result["metric"][1], result["clean"].expand(model.dims.n_heads), rtol=0, atol=1e-6)
+    assert not torch.allclose(result["metric"][0], result["clean"].expand(model.dims.n_heads), atol=1e-6)
+    back = PathPatchResult.load(result.save(tmp_path / "pp.safetensors"))
+    assert back.config["receivers"] == [[1, 0, "q"], [1, 1, "v"]]
+    torch.testing.assert_close(back.effect(), result["metric"] - result["clean"])
+
+
+def test_bad_input_fails_clearly(model):
+    clean, corrupt = prompts()
+    with pytest.raises(PromptMismatchError):
+        path_patch(model, clean, corrupt[:, :4], metric)
+    with pytest.raises(ConfigError, match="receiver input"):
+        path_patch(model, clean, corrupt, metric, receivers=[(1, 0, "o")])
+    with pytest.raises(ConfigError, match="heads of this model"):
+        path_patch(model, clean, corrupt, metric, receivers=[(1, 40, "q")])
+    with pytest.raises(SiteError):
+        path_patch(model, clean, corrupt, metric, receivers=[(7, 0, "q")])
+    with pytest.raises(ConfigError, match="'logits'"):
+        path_patch(model, clean, corrupt, metric, receivers="mlp")
