@@ -1,0 +1,107 @@
+"""Recovery of planted mechanisms by circuit discovery on the bundled organisms.
+
+``organism-induction`` (2 layers, one head each, MLPs zero): the induction head ``a1.h0`` writing to the
+logits, fed by the previous-token head ``a0.h0`` through its query/key (composition), must appear in the
+circuits that EAP-IG and ACDC find for copying a repeated random-token span, and the circuit must be
+faithful. ``organism-gpt2`` IOI: checked only once the organism has learned the task (its card records
+top-1 accuracy 0.03; see docs/locate-circuits.md for what EAP finds meanwhile).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mechscope.locate.circuits import acdc, eap_ig, faithfulness, faithfulness_curve
+from mechscope.locate.circuits.faithfulness import CircuitEvaluator
+from mechscope.locate.metrics import logit_diff
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
+
+
+def induction_data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor, object]:
+    from mechscope.zoo.tasks.induction import sequences
+
+    batch = sequences(0, "circuits", n, seq_len=32, token_range=(1, 4096), span=(4, 8), dense=True)
+    clean = batch.tokens
+    corrupt = torch.randint(1, 4096, clean.shape, generator=torch.Generator().manual_seed(5))
+    targets, weights = clean[:, 1:], batch.repeat_mask[:, 1:].float()
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        """Mean log-probability of the repeated tokens (each row)."""
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        return (logp * weights).sum(1) / weights.sum(1)
+
+    return clean, corrupt, metric
+
+
+@pytest.fixture(scope="module")
+def induction():
+    import mechscope
+
+    return mechscope.load_model("organism-induction")
+
+
+def test_eap_ig_ranks_the_induction_head_output_first(induction):
+    clean, corrupt, metric = induction_data()
+    scores = eap_ig(induction, clean, corrupt, metric, steps=5)
+    top = [scores.edge_names[i] for i in scores.ranking()[:3].tolist()]
+    assert "a1.h0->logits" in top
+    # The estimate agrees with exact single-edge ablation on the induction head's output edge.
+    ev = CircuitEvaluator(induction, clean, corrupt, metric)
+    edge = scores.edge_names.index("a1.h0->logits")
+    mask = torch.ones(ev.graph.n_edges, dtype=torch.bool)
+    mask[edge] = False
+    exact = ev.metric(mask) - ev.full_metric
+    assert exact < -1.0  # removing the induction head's output costs more than a nat per repeated token
+    assert float(scores["scores"][edge]) == pytest.approx(exact, rel=0.3)
+
+
+def test_acdc_recovers_the_two_head_induction_circuit(induction):
+    clean, corrupt, metric = induction_data()
+    circuit = acdc(induction, clean, corrupt, metric, threshold=0.05)
+    edges = set(circuit.edges)
+    assert "a1.h0->logits" in edges
+    assert {"a0.h0->a1.h0.k", "a0.h0->a1.h0.q"} & edges  # the previous-token head composes with it
+    assert not any(e.startswith("m") or "->m" in e for e in edges)  # the zeroed MLPs are pruned
+    assert faithfulness(induction, circuit, clean, corrupt, metric).value > 0.9
+    curve = faithfulness_curve(induction, eap_ig(induction, clean, corrupt, metric), clean, corrupt, metric)
+    assert curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ioi_circuit_on_organism_gpt2_once_the_task_is_learned():
+    import mechscope
+    from mechscope.zoo.tasks import vocab
+
+    model = mechscope.load_model("organism-gpt2")
+    rng = random.Random(0)
+    template = "When {a} and {b} went to the {place}, {s} gave a {obj} to"
+    clean, corrupt, io, subj = [], [], [], []
+    while len(clean) < 16:
+        a, b, c = rng.sample(vocab.IOI_NAMES, 3)
+        place, obj = rng.choice(vocab.IOI_PLACES), rng.choice(vocab.IOI_OBJECTS)
+        x, y = (template.format(a=a, b=b, s=s, place=place, obj=obj) for s in (b, c))
+        if len(model.to_tokens(x)["input_ids"][0]) != len(model.to_tokens(y)["input_ids"][0]):
+            continue
+        if clean and len(model.to_tokens(x)["input_ids"][0]) != len(model.to_tokens(clean[0])["input_ids"][0]):
+            continue
+        clean.append(x)
+        corrupt.append(y)
+        io.append(model.to_single_token(" " + a))
+        subj.append(model.to_single_token(" " + b))
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logit_diff(logits, io, subj)
+
+    with torch.no_grad():
+        clean_diff = float(metric(model.forward(clean)).mean())
+    if clean_diff < 1.0:
+        pytest.skip(f"organism-gpt2 has not learned IOI (clean logit difference {clean_diff:.3f} < 1)")
+    scores = eap_ig(model, clean, corrupt, metric)
+    into_logits = [
+        scores.edge_names[i] for i in scores.ranking()[:20].tolist() if scores.edge_names[i].endswith("logits")
+    ]
+    assert any(e.startswith("a") for e in into_logits)  # name-mover heads write the answer
+    assert faithfulness(model, scores.top(200), clean, corrupt, metric).value > 0.7
