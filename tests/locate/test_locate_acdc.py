@@ -132,7 +132,20 @@ def test_cli_commands_score_prune_export_and_evaluate(tmp_path):
     data.write_text("\n".join(json.dumps(row) for _ in range(2)))
     runner = CliRunner()
     out = runner.invoke(
-        app, ["locate", "eap-ig", str(folder), "-d", str(data), "--top", "5", "--json", str(tmp_path / "c.json")]
+        app,
+        [
+            "locate",
+            "eap-ig",
+            str(folder),
+            "-d",
+            str(data),
+            "--top",
+            "5",
+            "--batch-size",
+            "1",
+            "--json",
+            str(tmp_path / "c.json"),
+        ],
     )
     assert out.exit_code == 0, out.output
     assert "edges scored" in out.output and load_circuit_json(tmp_path / "c.json").n_edges == 5

@@ -89,6 +89,15 @@ def test_eap_ig_tracks_exact_ablation_and_one_step_is_eap(model):
     torch.testing.assert_close(one, eap(model, clean, corrupt, metric)["scores"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("integrated", [False, True])
+def test_chunked_backward_equals_one_batch_with_per_row_targets(model, integrated):
+    clean, corrupt = pair()
+    fn = eap_ig if integrated else eap
+    whole = fn(model, clean, corrupt, metric)["scores"]
+    chunked = fn(model, clean, corrupt, metric, batch_size=2)["scores"]
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+
+
 def test_scores_save_load_top_and_plot(model, tmp_path):
     clean, corrupt = pair()
     result = eap(model, clean, corrupt, metric)

@@ -30,6 +30,7 @@ DataOpt = Annotated[Path, typer.Option("--data", "-d", help="JSONL file of {clea
 AblationOpt = Annotated[str, typer.Option(help="What removed edges carry: resample, mean or zero.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the result (.safetensors).")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the circuit as JSON.")]
+BatchOpt = Annotated[int | None, typer.Option(help="Rows per backward pass (bounds memory).")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the circuit as a self-contained HTML graph.")]
 
 
@@ -92,16 +93,25 @@ def _write_circuit(circuit: Circuit, out: Path | None, json_path: Path | None, h
 
 
 def _attribution(
-    method: str, model: str, data: Path, ablation: str, steps: int, top: int, out: Any, json_path: Any, html: Any
+    method: str,
+    model: str,
+    data: Path,
+    ablation: str,
+    steps: int,
+    batch_size: int | None,
+    top: int,
+    out: Any,
+    json_path: Any,
+    html: Any,
 ) -> None:
     from mechscope.locate.circuits import eap, eap_ig
 
     try:
         hm, clean, corrupt, metric = _setup(model, data)
         if method == "eap":
-            scores = eap(hm, clean, corrupt, metric, ablation=ablation)
+            scores = eap(hm, clean, corrupt, metric, ablation=ablation, batch_size=batch_size)
         else:
-            scores = eap_ig(hm, clean, corrupt, metric, ablation=ablation, steps=steps)
+            scores = eap_ig(hm, clean, corrupt, metric, ablation=ablation, steps=steps, batch_size=batch_size)
         circuit = scores.top(min(top, scores["scores"].shape[0]))
         typer.echo(f"{method}: {len(scores.edge_names):,} edges scored; metric {float(scores['metric']):.4f}")
         for index in scores.ranking()[: min(top, 20)].tolist():
@@ -121,13 +131,14 @@ def register(app: typer.Typer) -> None:
         model: ModelArg,
         data: DataOpt,
         ablation: AblationOpt = "resample",
+        batch_size: BatchOpt = None,
         top: Annotated[int, typer.Option(help="Edges kept in the exported circuit (by |score|).")] = 50,
         out: OutOpt = None,
         json_path: JsonOpt = None,
         html: HtmlOpt = None,
     ) -> None:
         """Edge attribution patching: score every edge of the model's graph."""
-        _attribution("eap", model, data, ablation, 1, top, out, json_path, html)
+        _attribution("eap", model, data, ablation, 1, batch_size, top, out, json_path, html)
 
     @app.command("eap-ig")
     def eap_ig_command(
@@ -135,13 +146,14 @@ def register(app: typer.Typer) -> None:
         data: DataOpt,
         ablation: AblationOpt = "resample",
         steps: Annotated[int, typer.Option(help="Integration steps.")] = 5,
+        batch_size: BatchOpt = None,
         top: Annotated[int, typer.Option(help="Edges kept in the exported circuit (by |score|).")] = 50,
         out: OutOpt = None,
         json_path: JsonOpt = None,
         html: HtmlOpt = None,
     ) -> None:
         """EAP with integrated gradients over the input embeddings."""
-        _attribution("eap-ig", model, data, ablation, steps, top, out, json_path, html)
+        _attribution("eap-ig", model, data, ablation, steps, batch_size, top, out, json_path, html)
 
     @app.command("acdc")
     def acdc_command(

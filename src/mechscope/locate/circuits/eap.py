@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.locate.circuits.ablation import (
@@ -42,18 +43,22 @@ class EAPConfig:
     Attributes:
         ablation: what a removed edge carries (``resample``, ``mean``, ``zero``).
         steps: integration steps of EAP-IG (1 gives EAP; Hanna et al. use 5).
-
-    All prompts run as one batch, because metrics may hold per-row targets; to bound memory, call the
-    function on chunks of prompts and average the scores weighted by chunk size.
+        batch_size: rows per backward pass (None: all rows at once). The metric still sees the whole
+            batch (it may hold per-row targets): the logits of every chunk are computed first without
+            gradients, the metric's gradient is taken on all of them, and each chunk is then re-run and
+            back-propagated with its slice of that gradient. Costs one extra forward per chunk.
     """
 
     ablation: str = "resample"
     steps: int = 5
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         check_ablation(self.ablation)
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1; got {self.steps}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1 or None; got {self.batch_size}")
 
 
 def _attribute(
@@ -75,17 +80,36 @@ def _attribute(
         full_metric = metric_rows(metric, logits).float().mean()
     step_alphas = [(k + 1) / config.steps for k in range(config.steps)] if integrated else [1.0]
     delta = (outs - ablated).detach()
+    size = min(config.batch_size or batch, batch)
+    chunks = [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+    def rows(value: Tensor | None, sl: slice) -> Tensor | None:
+        return None if value is None else (value[sl] if value.shape[0] > 1 else value)
+
     grad_sum = torch.zeros(graph.valid.shape, dtype=torch.float32, device=model.device)
     for alpha in step_alphas:
-        mask = torch.ones(graph.valid.shape, device=model.device, dtype=model.dtype, requires_grad=True)
         override = None
         if integrated and alpha != 1.0:
             base_in = ablated[:, :, 0]
-            override = base_in + alpha * (outs[:, :, 0] - base_in)
-        out = graph_forward(model, graph, clean_t, mask, fixed_delta=delta, input_override=override)
-        value = metric_rows(metric, out).sum() / batch
-        (grad,) = torch.autograd.grad(value, mask)
-        grad_sum += grad.float()
+            override = (base_in + alpha * (outs[:, :, 0] - base_in)).expand_as(outs[:, :, 0])
+
+        def run(sl: slice, mask: Tensor, override: Tensor | None = override) -> Tensor:
+            tokens = {k: v[sl] for k, v in clean_t.items()}
+            return graph_forward(model, graph, tokens, mask, fixed_delta=delta[sl], input_override=rows(override, sl))
+
+        mask = torch.ones(graph.valid.shape, device=model.device, dtype=model.dtype, requires_grad=True)
+        if len(chunks) == 1:
+            value = metric_rows(metric, run(chunks[0], mask)).sum() / batch
+            (grad,) = torch.autograd.grad(value, mask)
+            grad_sum += grad.float()
+            continue
+        with torch.no_grad():
+            full = torch.cat([run(sl, mask.detach()) for sl in chunks])
+        full.requires_grad_(True)
+        (d_logits,) = torch.autograd.grad(metric_rows(metric, full).sum() / batch, full)
+        for sl in chunks:
+            (grad,) = torch.autograd.grad(run(sl, mask), mask, grad_outputs=d_logits[sl])
+            grad_sum += grad.float()
     scores = -graph.flat(grad_sum / len(step_alphas)).cpu()
     method = "eap-ig" if integrated else "eap"
     cfg = {**asdict(config), "method": method, "graph": graph.signature(), "n_prompts": batch}
@@ -106,6 +130,7 @@ def eap(
     metric: Metric,
     *,
     ablation: str = "resample",
+    batch_size: int | None = None,
     graph: Graph | None = None,
 ) -> EdgeScores:
     """Edge attribution patching: every edge's first-order ablation effect on `metric`.
@@ -114,8 +139,9 @@ def eap(
         clean, corrupt: prompts of equal token shape (corrupt may be None for mean/zero ablation).
         metric: logits ``[batch, pos, d_vocab]`` -> ``[batch]`` or a scalar (e.g. a logit difference).
         ablation: one of ``resample`` (corrupted outputs), ``mean``, ``zero``.
+        batch_size: rows per backward pass, to bound memory (see :class:`EAPConfig`).
     """
-    config = EAPConfig(ablation=ablation, steps=1)
+    config = EAPConfig(ablation=ablation, steps=1, batch_size=batch_size)
     return _attribute(model, clean, corrupt, metric, config, integrated=False, graph=graph)
 
 
@@ -127,10 +153,11 @@ def eap_ig(
     *,
     steps: int = 5,
     ablation: str = "resample",
+    batch_size: int | None = None,
     graph: Graph | None = None,
 ) -> EdgeScores:
     """EAP with integrated gradients over the input embeddings (`steps` interpolation points)."""
-    config = EAPConfig(ablation=ablation, steps=steps)
+    config = EAPConfig(ablation=ablation, steps=steps, batch_size=batch_size)
     return _attribute(model, clean, corrupt, metric, config, integrated=True, graph=graph)
 
 
