@@ -144,6 +144,11 @@ def test_run_from_any_layer_and_position_equals_the_full_forward(family_models, 
             torch.testing.assert_close(out, full[:, start:].repeat(3, 1, 1), rtol=0, atol=1e-5)
             last = run_from(model, run, resid[:2], layer=layer, start_pos=start, logit_positions=[8])
             torch.testing.assert_close(last, full[:, [8]], rtol=0, atol=1e-5)
+            if layer + 1 < model.dims.n_layers:  # one layer on a few positions: the next layer's input
+                window = run.resid_pre[layer][:, start : start + 1].repeat(2, 1, 1)
+                hidden = run_from(model, run, window, layer=layer, start_pos=start, stop_layer=layer + 1)
+                expected = run.resid_pre[layer + 1][:, start : start + 1].repeat(2, 1, 1)
+                torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-5)
 
 
 UNIT_SWEEPS = [("heads", True), ("q", False), ("k", False), ("v", True), ("pattern", False), ("neurons", False)]

@@ -31,6 +31,9 @@ Metric = Callable[[Tensor], Tensor]
 
 #: Kinds whose last-layer patches reach no other position (no attention runs after them).
 POSITIONWISE = frozenset({"hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post"})
+#: Kinds whose patch at position p changes, within its own layer, only position p (it does not feed
+#: that layer's keys or values): the patched layer need only run on the patched positions.
+LAYER_LOCAL = POSITIONWISE | {"attn.hook_q", "attn.hook_z", "attn.hook_pattern", "attn.hook_attn_scores"}
 
 
 class MetricError(MechscopeError, ValueError):
@@ -96,16 +99,23 @@ def patched_positions(mask: Tensor, pos_axis: int) -> list[int]:
     return [int(p) for p in mask.movedim(pos_axis, 0).flatten(1).any(1).nonzero().flatten()]
 
 
-def patch_hook(source: Tensor, mask: Tensor, pos_axis: int) -> HookFn:
+def patch_hook(source: Tensor, mask: Tensor, site: Site, end: int | None = None) -> HookFn:
     """Patch a ``[k * batch, ...]`` activation from `source` ``[batch, ...]`` where `mask` ``[k, ...]``
-    is set; the activation may cover only the last positions of the sequence (a partial run)."""
+    is set. In a partial run the activation covers the positions ending at `end` (default: the last):
+    the new positions, or for keys/values the cached prefix too; a key axis covers ``0..end``."""
+    pos_axis = site.pos_axis
+    key_axis = site.axes.index("key_pos") if "key_pos" in site.axes else None
 
     def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
         n_variants = mask.shape[0]
         length = activation.shape[pos_axis]
-        offset = source.shape[pos_axis] - length
-        src = source.narrow(pos_axis, offset, length).to(activation.device, activation.dtype)
-        m = mask.narrow(pos_axis, offset, length).to(activation.device)
+        offset = (source.shape[pos_axis] if end is None else end) - length
+        src = source.narrow(pos_axis, offset, length)
+        m = mask.narrow(pos_axis, offset, length)
+        if key_axis is not None:
+            n_keys = activation.shape[key_axis]
+            src, m = src.narrow(key_axis, 0, n_keys), m.narrow(key_axis, 0, n_keys)
+        src, m = src.to(activation.device, activation.dtype), m.to(activation.device)
         view = activation.reshape(n_variants, -1, *activation.shape[1:])
         return torch.where(m.unsqueeze(1), src.unsqueeze(0), view).reshape(activation.shape)
 
@@ -136,7 +146,7 @@ def run_loop(
     out = []
     inputs = {"input_ids": base.input_ids, "attention_mask": base.attention_mask}
     for variant in progress_bar(variants, progress, "patching (loop)"):
-        hooks = {site: patch_hook(sources[site], mask, site.pos_axis) for site, mask in variant.masks.items()}
+        hooks = {site: patch_hook(sources[site], mask, site) for site, mask in variant.masks.items()}
         with torch.no_grad(), model.hooks(dict(base_hooks or {})), model.hooks(hooks):
             logits = model(inputs)
         out.append(metric_value(metric, logits, base.batch))
@@ -184,13 +194,27 @@ def run_batched(
         keep = [p for p in read if p >= start]
         early = [p for p in read if p < start]
         sites = sorted({s for i in members for s in variants[i].masks}, key=lambda s: s.order)
+        # A patch inside one layer that feeds none of its keys/values: run that layer on the patched
+        # positions only, then the rest of the model from the next layer.
+        local = layer < last and all(s.layer == layer and s.kind in LAYER_LOCAL for s in sites)
+        end = base.n_pos
+        if local:
+            end = 1 + max(max(patched_positions(m, s.pos_axis)) for i in members for s, m in variants[i].masks.items())
         hooks: dict[SiteLike, HookFn] = {}
         for site in sites:
             empty = torch.zeros_like(next(variants[i].masks[site] for i in members if site in variants[i].masks))
             masks = torch.cat([variants[i].masks.get(site, empty) for i in members])
-            hooks[site] = patch_hook(sources[site], masks, site.pos_axis)
-        resid = base.resid_pre[layer][:, start:].repeat(len(members), 1, 1)
-        logits = run_from(model, base, resid, layer=layer, start_pos=start, logit_positions=keep, hooks=hooks)
+            hooks[site] = patch_hook(sources[site], masks, site, end)
+        n = len(members)
+        if local:
+            resid = base.resid_pre[layer][:, start:end].repeat(n, 1, 1)
+            hidden = run_from(model, base, resid, layer=layer, start_pos=start, hooks=hooks, stop_layer=layer + 1)
+            resid = base.resid_pre[layer + 1][:, start:].repeat(n, 1, 1)
+            resid[:, : end - start] = hidden
+            logits = run_from(model, base, resid, layer=layer + 1, start_pos=start, logit_positions=keep)
+        else:
+            resid = base.resid_pre[layer][:, start:].repeat(n, 1, 1)
+            logits = run_from(model, base, resid, layer=layer, start_pos=start, logit_positions=keep, hooks=hooks)
         if early:
             buffer[:, early] = base.logits[:, early]
         for j, i in enumerate(members):
@@ -200,6 +224,7 @@ def run_batched(
 
 
 __all__ = [
+    "LAYER_LOCAL",
     "POSITIONWISE",
     "MetricError",
     "Variant",

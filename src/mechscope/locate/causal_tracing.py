@@ -186,7 +186,7 @@ def causal_trace(
     tensors: dict[str, Tensor] = {kind: grids[i] for i, kind in enumerate(kind_sites)}
     tensors["clean"] = metric(clean.logits).float().mean()
     tensors["corrupt"] = metric(corrupt.logits).float().mean()
-    config: dict[str, Any] = {
+    record: dict[str, Any] = {
         "kinds": list(kind_sites),
         "noise": cfg.noise,
         "noise_std": cfg.noise * std,
@@ -202,7 +202,7 @@ def causal_trace(
         tensors=tensors,
         axes={**{kind: ("layer", "pos") for kind in kind_sites}, "clean": (), "corrupt": ()},
         labels={"layer": [str(i) for i in range(n_layers)], "pos": [f"{i}:{t}" for i, t in enumerate(tokens)]},
-        config=config,
+        config=record,
     )
 
 

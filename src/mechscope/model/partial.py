@@ -97,8 +97,9 @@ def base_run(
     cache = DynamicCache()  # no config: full-length layers for every family, so prefixes can be cut
     with torch.no_grad(), model.hooks(dict(extra or {})), model.hooks(keepers):
         out = model.hf_model(**batch, use_cache=True, past_key_values=cache)
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
+    layers: list[Any] = list(cache.layers)
+    keys: list[Tensor] = [layer.keys for layer in layers]
+    values: list[Tensor] = [layer.values for layer in layers]
     if len(keys) != n_layers:
         raise ShapeError(f"expected a KV cache with {n_layers} layers from the base run; got {len(keys)}")
     ids = batch["input_ids"]
@@ -123,16 +124,20 @@ def _parent_and_attr(model: HookedModel) -> tuple[nn.Module, str]:
     return (model.module(parent) if parent else model.hf_model), attr
 
 
+class _Stop(Exception):
+    """Ends a partial run once the hidden state entering ``stop_layer`` is known."""
+
+
 @contextmanager
-def _layers_from(model: HookedModel, start: int) -> Iterator[None]:
-    """Temporarily cut the HF decoder-layer list (and per-layer config lists) to ``start..end``."""
+def _layers_from(model: HookedModel, start: int, stop: int | None = None) -> Iterator[None]:
+    """Temporarily cut the HF decoder-layer list (and per-layer config lists) to ``start..stop-1``."""
     parent, attr = _parent_and_attr(model)
     full = getattr(parent, attr)
     config = model.hf_model.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
-    setattr(parent, attr, nn.ModuleList(list(full)[start:]))
+    setattr(parent, attr, nn.ModuleList(list(full)[start:stop]))
     if isinstance(layer_types, list) and len(layer_types) == model.dims.n_layers:
-        config.layer_types = layer_types[start:]
+        config.layer_types = layer_types[start:stop]
     try:
         yield
     finally:
@@ -141,12 +146,20 @@ def _layers_from(model: HookedModel, start: int) -> Iterator[None]:
             config.layer_types = layer_types
 
 
-def _prefix_cache(run: BaseRun, start_pos: int, repeats: int) -> Any:
+def _prefix_cache(run: BaseRun, start_pos: int, repeats: int, first_layer: int) -> Any:
+    """The base run's keys/values of positions ``< start_pos``, repeated per variant. Layers before
+    `first_layer` never run, so they hold zero-stride placeholders of the right length."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(zip(run.keys, run.values)):
-        cache.update(k[:, :, :start_pos].repeat(repeats, 1, 1, 1), v[:, :, :start_pos].repeat(repeats, 1, 1, 1), i)
+        k, v = k[:, :, :start_pos], v[:, :, :start_pos]
+        if i < first_layer:
+            shape = (k.shape[0] * repeats, *k.shape[1:])
+            k, v = k.new_zeros(()).expand(shape), v.new_zeros(()).expand(shape)
+        else:
+            k, v = k.repeat(repeats, 1, 1, 1), v.repeat(repeats, 1, 1, 1)
+        cache.update(k, v, i)
     return cache
 
 
@@ -159,24 +172,34 @@ def run_from(
     start_pos: int = 0,
     logit_positions: Sequence[int] | None = None,
     hooks: Mapping[SiteLike, HookFn | Sequence[HookFn]] | None = None,
-) -> Float[Tensor, "rows kept d_vocab"]:
-    """Logits of the model run from `layer`'s input `resid` at positions ``start_pos..end``.
+    stop_layer: int | None = None,
+) -> Float[Tensor, "rows kept d_vocab"] | Float[Tensor, "rows new_pos d_model"]:
+    """Logits of the model run from `layer`'s input `resid` at positions ``start_pos..``.
 
     `resid` has ``rows = k * batch`` rows: ``k`` variants of the base batch, variant-major. Positions
     before `start_pos` come from the base run's KV cache. Returns logits at `logit_positions`
     (absolute indices ``>= start_pos``; default all of ``start_pos..end``), in that order.
+
+    `resid` may cover fewer positions than ``start_pos..end`` only with `stop_layer`: then the
+    layers ``layer..stop_layer-1`` run on those positions and the hidden state entering `stop_layer`
+    ``[rows, new_pos, d_model]`` is returned (a patch inside one layer that reaches no later position
+    of that layer needs no more).
     """
     n_layers, n_pos, batch = model.dims.n_layers, run.n_pos, run.batch
     if not 0 <= layer < n_layers:
         raise ConfigError(f"layer must be in 0..{n_layers - 1}; got {layer}")
     if not 0 <= start_pos < n_pos:
         raise ConfigError(f"start_pos must be in 0..{n_pos - 1}; got {start_pos}")
+    if stop_layer is not None and not layer < stop_layer < n_layers:
+        raise ConfigError(f"stop_layer must be in {layer + 1}..{n_layers - 1}; got {stop_layer}")
     new = n_pos - start_pos
-    if resid.ndim != 3 or resid.shape[1] != new or resid.shape[0] % batch or resid.shape[2] != model.dims.d_model:
+    width_ok = resid.shape[1] == new or (stop_layer is not None and 0 < resid.shape[1] <= new)
+    if resid.ndim != 3 or not width_ok or resid.shape[0] % batch or resid.shape[2] != model.dims.d_model:
         raise ShapeError(
             f"resid must be [k * batch, pos - start_pos, d_model] = [k * {batch}, {new}, {model.dims.d_model}]; "
             f"got {tuple(resid.shape)}"
         )
+    end = start_pos + resid.shape[1]
     repeats = resid.shape[0] // batch
     keep = list(range(start_pos, n_pos)) if logit_positions is None else [int(p) for p in logit_positions]
     if any(not start_pos <= p < n_pos for p in keep) or not keep:
@@ -184,25 +207,35 @@ def run_from(
     relative = torch.tensor([p - start_pos for p in keep], device=resid.device)
     kwargs: dict[str, Any] = {
         "inputs_embeds": resid,
-        "attention_mask": run.attention_mask.repeat(repeats, 1),
-        "position_ids": run.position_ids[:, start_pos:].repeat(repeats, 1),
+        "attention_mask": run.attention_mask[:, :end].repeat(repeats, 1),
+        "position_ids": run.position_ids[:, start_pos:end].repeat(repeats, 1),
         "use_cache": start_pos > 0,
-        "logits_to_keep": relative,
+        "logits_to_keep": relative if stop_layer is None else 1,
     }
     if start_pos > 0:
-        kwargs["past_key_values"] = _prefix_cache(run, start_pos, repeats)
+        kwargs["past_key_values"] = _prefix_cache(run, start_pos, repeats, layer)
+    captured: list[Tensor] = []
 
     def replace_input(_module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
         if args:
             return (resid, *args[1:]), kw
         return args, {**kw, "hidden_states": resid}
 
-    handle = model.layer(layer).register_forward_pre_hook(replace_input, with_kwargs=True, prepend=True)
+    def stop(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(output if isinstance(output, Tensor) else output[0])
+        raise _Stop
+
+    handles = [model.layer(layer).register_forward_pre_hook(replace_input, with_kwargs=True, prepend=True)]
     try:
-        with torch.no_grad(), model.hooks(hooks or {}), _layers_from(model, layer):
+        with torch.no_grad(), model.hooks(hooks or {}), _layers_from(model, layer, stop_layer):
+            if stop_layer is not None:  # after the session's hooks, so it sees the patched output
+                handles.append(model.layer(stop_layer - 1).register_forward_hook(stop))
             out = model.hf_model(**kwargs)
+    except _Stop:
+        return captured[0]
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return out.logits  # type: ignore[no-any-return]
 
 
