@@ -169,3 +169,15 @@ def test_bad_ablation_shapes_are_refused(model):
         graph_forward(model, g, model.prepare_inputs(clean), torch.ones(g.n_edges), ablated=torch.zeros(1, 3, 2, 1))
     with pytest.raises(ShapeError, match="edge mask must be"):
         graph_forward(model, g, model.prepare_inputs(clean), torch.ones(4))
+
+
+def test_ablation_values_follow_their_definitions(model):
+    g = Graph.from_model(model)
+    clean, corrupt = pair()
+    ct, xt = model.prepare_inputs(clean), model.prepare_inputs(corrupt)
+    _, clean_outs = node_outputs(model, g, ct)
+    _, corrupt_outs = node_outputs(model, g, xt)
+    torch.testing.assert_close(ablation_values(model, g, ct, None, "mean")[2], clean_outs.mean(0, keepdim=True))
+    torch.testing.assert_close(ablation_values(model, g, ct, xt, "mean")[2], corrupt_outs.mean(0, keepdim=True))
+    torch.testing.assert_close(ablation_values(model, g, ct, xt, "resample")[2], corrupt_outs)
+    assert not ablation_values(model, g, ct, xt, "zero")[2].any()
