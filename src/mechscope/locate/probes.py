@@ -8,7 +8,8 @@ own type, so nothing generalises; pass e.g. the entity of each example as its ty
 task accuracy - control accuracy on the held-out set; a probe that only memorises has none.
 
 The learned direction of each layer is kept in activation space (feature standardisation is undone),
-so :meth:`ProbeResult.direction` returns a unit ``d_model`` vector that steering can add to the site.
+(features are centred and scaled by one global factor, which keeps
+the penalty isotropic in activation space), so :meth:`ProbeResult.direction` returns a unit ``d_model`` vector that steering can add to the site.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def fit_probe(x: Float[Tensor, "n d_model"], y: Int[Tensor, " n"], config: Probe
         w = mu1 - mu0
         return Probe(w, float(-(w @ (mu1 + mu0) / 2)))
     mu = x.mean(0)
-    sigma = x.std(0).clamp_min(1e-6)
+    # one scale for all features: conditioning without distorting the geometry of the L2 penalty
+    sigma = (x - mu).pow(2).mean().sqrt().clamp_min(1e-6)
     z = (x - mu) / sigma
     target = y.float()
     if cfg.kind == "linear":

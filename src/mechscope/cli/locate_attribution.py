@@ -1,0 +1,93 @@
+"""``mechscope locate dla | ig``: direct logit attribution and integrated gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mechscope.cli.locate_lens import _fail, _offline, read_prompts
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("dla")
+    def dla_cmd(
+        model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+        target: Annotated[str, typer.Option(help="Target token (a single-token string, e.g. ' Paris').")],
+        baseline: Annotated[str | None, typer.Option(help="Token subtracted (logit difference).")] = None,
+        prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")] = [],  # noqa: B006
+        prompt_file: Annotated[Path | None, typer.Option(help="File with one prompt per line.")] = None,
+        by: Annotated[str, typer.Option(help="layer, head, neuron or position.")] = "head",
+        top: Annotated[int, typer.Option(help="Components listed.")] = 10,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("dla.safetensors"),
+        html: Annotated[Path | None, typer.Option(help="Also write an HTML figure.")] = None,
+    ) -> None:
+        """Direct logit attribution of the target (minus baseline) logit at each prompt's last token."""
+        _offline()
+        from mechscope.errors import MechscopeError
+        from mechscope.locate.attribution import logit_attribution
+        from mechscope.locate.metrics import last_positions
+        from mechscope.model.loading import load_model
+
+        try:
+            hm = load_model(model)
+            batch = hm.prepare_inputs(read_prompts(prompt, prompt_file))
+            result = logit_attribution(
+                hm,
+                batch,
+                target,
+                baseline=baseline,
+                position=last_positions(batch["attention_mask"]),
+                by=by,  # type: ignore[arg-type]
+            )
+            result.save(out)
+            if html is not None:
+                result.plot().write_html(str(html))
+        except (MechscopeError, ValueError) as exc:
+            raise _fail(exc) from exc
+        typer.echo(f"logit{' difference' if baseline else ''}: {result['logit'].mean():.4f} (mean over prompts)")
+        for name, value in result.top(top):
+            typer.echo(f"{name:20s} {value:+9.4f}")
+        typer.echo(f"result -> {out}")
+
+    @app.command("ig")
+    def ig_cmd(
+        model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+        target: Annotated[str, typer.Option(help="Target token (single-token string).")],
+        baseline_token: Annotated[str | None, typer.Option(help="Token subtracted (logit difference).")] = None,
+        prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (one prompt).")] = [],  # noqa: B006
+        prompt_file: Annotated[Path | None, typer.Option(help="File whose first line is the prompt.")] = None,
+        site: Annotated[
+            str, typer.Option(help="Site to attribute to (hook_embed: input IG; else layer IG).")
+        ] = "hook_embed",
+        steps: Annotated[int, typer.Option(help="Integration steps.")] = 32,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("ig.safetensors"),
+    ) -> None:
+        """Integrated gradients of the target logit (difference) at the last token, with completeness check."""
+        _offline()
+        from mechscope.errors import MechscopeError
+        from mechscope.locate.attribution import IGConfig, integrated_gradients, logit_metric
+        from mechscope.model.loading import load_model
+
+        try:
+            hm = load_model(model)
+            text = read_prompts(prompt, prompt_file)[0]
+            good = hm.to_single_token(target)
+            bad = hm.to_single_token(baseline_token) if baseline_token else None
+            result = integrated_gradients(
+                hm, text, logit_metric(good, bad), site=site, config=IGConfig(steps=steps), progress=True
+            )
+            result.save(out)
+        except (MechscopeError, ValueError) as exc:
+            raise _fail(exc) from exc
+        tokens = hm.to_str_tokens(text)
+        attribution = result["attribution"][0]
+        if attribution.ndim == 1:
+            for tok, value in zip(tokens, attribution.tolist()):
+                typer.echo(f"{tok!r:16s} {value:+9.4f}")
+        typer.echo(
+            f"f(x) - f(baseline) = {float(result['delta'][0]):.4f}; sum of attributions - that = "
+            f"{float(result['error'][0]):.2e}"
+        )
+        typer.echo(f"result -> {out}")

@@ -1,0 +1,66 @@
+"""``mechscope locate heads | patterns``: head detectors and attention pattern views."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mechscope.cli.locate_lens import _fail, _offline, read_prompts
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("heads")
+    def heads_cmd(
+        model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+        n_sequences: Annotated[int, typer.Option(help="Random repeated sequences.")] = 16,
+        half_len: Annotated[int, typer.Option(help="Length of the repeated random half.")] = 20,
+        seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+        top: Annotated[int, typer.Option(help="Heads listed per detector.")] = 3,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("heads.safetensors"),
+        html: Annotated[Path | None, typer.Option(help="Also write an HTML heatmap of induction scores.")] = None,
+    ) -> None:
+        """Score every head as previous-token, duplicate-token, induction and copying head."""
+        _offline()
+        from mechscope.errors import MechscopeError
+        from mechscope.locate.heads import DETECTORS, HeadDetectorConfig, detect_heads
+        from mechscope.model.loading import load_model
+
+        try:
+            hm = load_model(model)
+            cfg = HeadDetectorConfig(n_sequences=n_sequences, half_len=half_len, seed=seed)
+            scores = detect_heads(hm, config=cfg)
+            scores.save(out)
+            if html is not None:
+                scores.plot().write_html(str(html))
+        except (MechscopeError, ValueError) as exc:
+            raise _fail(exc) from exc
+        for name in DETECTORS:
+            best = ", ".join(f"L{layer}H{head} {score:.3f}" for layer, head, score in scores.top(name, top))
+            typer.echo(f"{name:16s} {best}")
+        typer.echo(f"result -> {out}")
+
+    @app.command("patterns")
+    def patterns_cmd(
+        model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+        prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text.")] = [],  # noqa: B006
+        prompt_file: Annotated[Path | None, typer.Option(help="File whose first line is the prompt.")] = None,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("patterns.safetensors"),
+        html: Annotated[Path | None, typer.Option(help="Interactive pattern view (HTML, head selector).")] = None,
+    ) -> None:
+        """Attention patterns of one prompt, every layer and head."""
+        _offline()
+        from mechscope.errors import MechscopeError
+        from mechscope.locate.heads import attention_patterns
+        from mechscope.model.loading import load_model
+
+        try:
+            hm = load_model(model)
+            result = attention_patterns(hm, read_prompts(prompt, prompt_file)[0])
+            result.save(out)
+            if html is not None:
+                result.plot().write_html(str(html))
+        except (MechscopeError, ValueError) as exc:
+            raise _fail(exc) from exc
+        typer.echo(f"patterns {tuple(result['pattern'].shape)} -> {out}" + (f", view -> {html}" if html else ""))

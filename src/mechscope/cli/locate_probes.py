@@ -1,0 +1,117 @@
+"""``mechscope locate probe``: per-layer probes on labelled prompts (a JSONL file or a zoo task)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mechscope.cli.locate_lens import _fail, _offline
+
+
+def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(train prompts, train labels, test prompts, test labels) of a zoo task with binary labels."""
+    from mechscope.zoo.tasks import sentiment, truth
+
+    if task == "truth":
+        data = truth.generate(seed)
+        test = data.eval["heldout_entities"]
+    elif task == "sentiment":
+        data = sentiment.generate(seed)
+        test = next(iter(data.eval.values()))
+    else:
+        raise typer.BadParameter(f"--task must be 'truth' or 'sentiment'; got {task!r}")
+    return (
+        [e.prompt for e in data.train],
+        [e.label for e in data.train],
+        [e.prompt for e in test],
+        [e.label for e in test],
+    )
+
+
+def _jsonl(path: Path) -> tuple[list[str], list[Any]]:
+    texts, labels = [], []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "text" not in row or "label" not in row:
+            raise typer.BadParameter(f"{path}:{i + 1}: each line needs 'text' and 'label'; got keys {sorted(row)}")
+        texts.append(row["text"])
+        labels.append(row["label"])
+    return texts, labels
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("probe")
+    def probe_cmd(
+        model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+        data: Annotated[
+            Path | None, typer.Option(help="JSONL with {'text', 'label'} per line (binary labels).")
+        ] = None,
+        task: Annotated[str | None, typer.Option(help="Zoo task instead of --data: 'truth' or 'sentiment'.")] = None,
+        test_data: Annotated[Path | None, typer.Option(help="JSONL test set (default: a random split).")] = None,
+        site_kind: Annotated[str, typer.Option(help="Site kind read at every layer.")] = "hook_resid_post",
+        position: Annotated[int | None, typer.Option(help="Token position (default: each row's last token).")] = None,
+        kind: Annotated[str, typer.Option(help="logistic, linear or mass_mean.")] = "logistic",
+        folds: Annotated[int, typer.Option(help="Cross-validation folds (0: none).")] = 5,
+        max_examples: Annotated[int, typer.Option(help="Cap on training examples (random subset).")] = 2000,
+        positive: Annotated[str | None, typer.Option(help="Label of class 1 (default: the larger label).")] = None,
+        seed: Annotated[int, typer.Option(help="Seed of split, folds, control task and subset.")] = 0,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("probes.safetensors"),
+        html: Annotated[Path | None, typer.Option(help="Also write an HTML figure of test accuracy.")] = None,
+    ) -> None:
+        """Train a probe per layer; print held-out, cross-validated and control accuracy, selectivity."""
+        import random
+
+        _offline()
+        from mechscope.errors import MechscopeError
+        from mechscope.locate.probes import ProbeConfig, train_probes
+        from mechscope.model.loading import load_model
+
+        if (data is None) == (task is None):
+            raise typer.BadParameter("give exactly one of --data or --task")
+        test_texts: list[str] | None = None
+        test_labels: list[Any] | None = None
+        if task is not None:
+            texts, labels, test_texts, test_labels = _zoo_task(task, seed)
+        else:
+            assert data is not None
+            texts, labels = _jsonl(data)
+            if test_data is not None:
+                test_texts, test_labels = _jsonl(test_data)
+        order = list(range(len(texts)))
+        random.Random(seed).shuffle(order)
+        order = order[:max_examples]
+        texts, labels = [texts[i] for i in order], [labels[i] for i in order]
+        try:
+            hm = load_model(model)
+            cfg = ProbeConfig(kind=kind, folds=folds, seed=seed)  # type: ignore[arg-type]
+            result = train_probes(
+                hm,
+                texts,
+                labels,
+                site_kind=site_kind,
+                position=position,
+                test_inputs=test_texts,
+                test_labels=test_labels,
+                positive_label=positive,
+                config=cfg,
+                progress=True,
+            )
+            result.save(out)
+            if html is not None:
+                result.plot().write_html(str(html))
+        except (MechscopeError, ValueError) as exc:
+            raise _fail(exc) from exc
+        cols = [
+            c
+            for c in ("train_accuracy", "test_accuracy", "cv_accuracy", "control_accuracy", "selectivity")
+            if c in result.tensors
+        ]
+        typer.echo(f"{'site':28s} " + " ".join(f"{c.replace('_accuracy', ''):>9s}" for c in cols))
+        for i, label in enumerate(result.labels["layer"]):
+            typer.echo(f"{label:28s} " + " ".join(f"{float(result[c][i]):9.3f}" for c in cols))
+        typer.echo(f"best layer {result.config['layers'][result.best_layer()]}; result -> {out}")

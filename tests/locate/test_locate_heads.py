@@ -1,0 +1,159 @@
+"""Head detectors score constructed patterns exactly; patterns are causal distributions; ablation hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.locate.heads import (
+    HeadDetectorConfig,
+    HeadScores,
+    PatternResult,
+    ablate_heads,
+    attention_patterns,
+    copying_scores,
+    detect_heads,
+    in_context_gain,
+    repeated_tokens,
+)
+from mechscope.locate.results import Result
+from mechscope.model.hooked import HookedModel
+from mechscope.sites import Site
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+HALF = 6
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request):
+    hf, tok = tiny_model(request.param)
+    return HookedModel(hf, tok)
+
+
+def distinct_repeated(n: int = 3) -> torch.Tensor:
+    """Sequences of HALF distinct tokens, repeated: every behaviour has exactly one target key."""
+    gen = torch.Generator().manual_seed(0)
+    halves = torch.stack([torch.randperm(90, generator=gen)[:HALF] + 4 for _ in range(n)])
+    return torch.cat([halves, halves], dim=1)
+
+
+def forced_pattern(offset_fn):
+    """A hook setting every head's pattern to a one-hot on key offset_fn(q) (or q itself if invalid)."""
+
+    def fn(pattern, _ctx):
+        n = pattern.shape[-1]
+        out = torch.zeros_like(pattern)
+        for q in range(n):
+            k = offset_fn(q)
+            out[..., q, k if 0 <= k <= q else q] = 1.0
+        return out
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    ("kind", "offset"),
+    [
+        ("previous_token", lambda q: q - 1),
+        ("duplicate_token", lambda q: q - HALF),
+        ("induction", lambda q: q - HALF + 1),
+    ],
+)
+def test_a_head_with_the_ideal_pattern_scores_one_and_others_do_not(model, kind, offset):
+    sites = {Site("attn.hook_pattern", 0): forced_pattern(offset)}
+    with model.hooks(sites):
+        scores = detect_heads(model, distinct_repeated(), config=HeadDetectorConfig(n_copy_tokens=20))
+    torch.testing.assert_close(scores[kind][0], torch.ones(model.dims.n_heads))
+    others = [k for k in ("previous_token", "duplicate_token", "induction") if k != kind]
+    for other in others:
+        assert scores[other][0].max() < 1e-6
+    assert scores[kind][1].max() < 0.99  # the untouched layer is not ideal
+
+
+def test_scores_are_bounded_and_results_save_load_plot(model, tmp_path):
+    scores = detect_heads(model, config=HeadDetectorConfig(n_sequences=4, half_len=5, n_copy_tokens=30))
+    d = model.dims
+    for name in ("previous_token", "duplicate_token", "induction", "copying"):
+        assert scores[name].shape == (d.n_layers, d.n_heads)
+        assert (scores[name] >= 0).all() and (scores[name] <= 1 + 1e-6).all()
+    assert (scores["copying_eigen"].abs() <= 1 + 1e-6).all()
+    loaded = Result.load(scores.save(tmp_path / "heads.safetensors"))
+    assert isinstance(loaded, HeadScores) and loaded.top("previous_token", 2) == scores.top("previous_token", 2)
+    assert loaded.plot() is not None
+
+
+def test_copying_scores_are_bounded_and_need_enough_candidates(model):
+    d = model.dims
+    rate, eigen = copying_scores(model, n=40, top_k=1)
+    assert rate.shape == (d.n_layers, d.n_heads)
+    assert ((rate >= 0) & (rate <= 1)).all() and ((eigen >= -1) & (eigen <= 1)).all()
+    with pytest.raises(ConfigError):
+        copying_scores(model, tokens=[5, 6], top_k=5)
+
+
+def test_patterns_are_causal_distributions_and_the_view_has_one_trace_per_head(model):
+    result = attention_patterns(model, "The cat sat on the mat.")
+    pattern = result["pattern"]
+    d = model.dims
+    n = pattern.shape[-1]
+    assert pattern.shape == (d.n_layers, d.n_heads, n, n)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(d.n_layers, d.n_heads, n))
+    assert pattern.triu(1).abs().max() == 0
+    fig = result.plot()
+    assert len(fig.data) == d.n_layers * d.n_heads and len(fig.layout.updatemenus[0].buttons) == len(fig.data)
+    assert isinstance(result, PatternResult) and result.labels["query_pos"][0].startswith("0:")
+
+
+def test_zero_and_mean_ablation_set_the_heads_z(model):
+    x = distinct_repeated()
+    before = model(x)
+    with ablate_heads(model, [(1, 0), (1, 2)]):
+        _, cache = model.run_with_cache(x, ["blocks.1.attn.hook_z"])
+    z = cache["blocks.1.attn.hook_z"]
+    assert z[:, :, [0, 2]].abs().max() == 0 and z[:, :, 1].abs().max() > 0
+    ref = repeated_tokens(model, n=2, half_len=4, seed=3)
+    _, ref_cache = model.run_with_cache(ref, ["blocks.0.attn.hook_z"])
+    with ablate_heads(model, [(0, 1)], mode="mean", reference=ref):
+        _, cache = model.run_with_cache(x, ["blocks.0.attn.hook_z"])
+    expected = ref_cache["blocks.0.attn.hook_z"][:, :, 1].mean((0, 1))
+    torch.testing.assert_close(cache["blocks.0.attn.hook_z"][:, :, 1], expected.expand(3, 2 * HALF, -1))
+    # hooks are gone after the block
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_in_context_gain_reads_targets_from_the_previous_position(model):
+    x = distinct_repeated()
+    first = torch.zeros_like(x, dtype=torch.bool)
+    repeat = torch.zeros_like(x, dtype=torch.bool)
+    first[:, 1:HALF] = True
+    repeat[:, HALF + 1 :] = True
+    out = in_context_gain(model, x, first, repeat)
+    with torch.no_grad():
+        logits = model(x)[:, :-1]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+    assert out["loss_first"] == pytest.approx(float(losses[:, : HALF - 1].mean()), rel=1e-5)
+    assert out["gain"] == pytest.approx(out["loss_first"] - out["loss_repeat"])
+    with pytest.raises(ShapeError):
+        in_context_gain(model, x, first[:, :-1], repeat)
+
+
+def test_bad_input_is_rejected(model):
+    with pytest.raises(ConfigError, match="does not exist"):
+        with ablate_heads(model, [(5, 0)]):
+            pass
+    with pytest.raises(ConfigError, match="reference"):
+        with ablate_heads(model, [(0, 0)], mode="mean"):
+            pass
+    with pytest.raises(ConfigError, match="mode"):
+        with ablate_heads(model, [(0, 0)], mode="resample"):  # type: ignore[arg-type]
+            pass
+    no_repeats = torch.arange(4, 14)[None]
+    with pytest.raises(ConfigError, match="no query"):
+        detect_heads(model, no_repeats)
+    with pytest.raises(ConfigError):
+        HeadDetectorConfig(half_len=1)
+    with pytest.raises(ConfigError, match="row"):
+        attention_patterns(model, "a b", row=3)

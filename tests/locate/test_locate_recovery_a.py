@@ -1,0 +1,83 @@
+"""Recovery of planted mechanisms on the bundled organisms: induction heads, tuned lens, probes.
+
+Figures measured by these tests are reported in docs/locate-lenses-probes-heads.md.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import mechscope
+from mechscope.locate.heads import ablate_heads, detect_heads, in_context_gain, ordinary_token_range
+from mechscope.locate.probes import ProbeConfig, train_probes
+from mechscope.locate.tuned_lens import TunedLensConfig, compare_lenses, token_windows, train_tuned_lens, zoo_texts
+from mechscope.zoo.tasks import induction, sentiment
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
+
+@pytest.fixture(scope="module")
+def induction_model():
+    return mechscope.load_model("organism-induction")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return mechscope.load_model("organism-gpt2")
+
+
+def test_the_top_induction_head_carries_the_in_context_gain(induction_model):
+    model = induction_model
+    # held-out repeated spans at the length the organism was trained on (its card: 32-token rows)
+    batch = induction.sequences(0, "eval", 200, seq_len=32, token_range=ordinary_token_range(model), span=(5, 15))
+    scores = detect_heads(model, batch.tokens)
+    top_layer, top_head, top_score = scores.top("induction", 1)[0]
+    assert (top_layer, top_head) == scores.top("copying", 1)[0][:2]  # prefix matching and copying agree
+    assert top_score > 5 * float(scores["induction"].flatten().sort().values[-2])
+    clean = in_context_gain(model, batch.tokens, batch.first_mask, batch.repeat_mask)["gain"]
+    assert clean > 2.0
+    others = [
+        (i, h) for i in range(model.dims.n_layers) for h in range(model.dims.n_heads) if (i, h) != (top_layer, top_head)
+    ]
+    for mode in ("zero", "mean"):
+        with ablate_heads(model, [(top_layer, top_head)], mode=mode, reference=batch.tokens[:64]):
+            ablated = in_context_gain(model, batch.tokens, batch.first_mask, batch.repeat_mask)["gain"]
+        assert ablated < 0.1 * clean
+        with ablate_heads(model, others, mode=mode, reference=batch.tokens[:64]):
+            kept = in_context_gain(model, batch.tokens, batch.first_mask, batch.repeat_mask)["gain"]
+        assert kept > ablated + 0.1 * clean
+
+
+def test_tuned_lens_beats_the_logit_lens_at_early_layers(gpt2):
+    lens = train_tuned_lens(
+        gpt2, zoo_texts(0), config=TunedLensConfig(steps=40, lr=3e-3, batch_tokens=128, seq_len=32, max_windows=32)
+    )
+    held_out = token_windows(gpt2, zoo_texts(0, split="eval"), seq_len=32, max_windows=8)
+    comparison = compare_lenses(gpt2, held_out, lens)
+    logit, tuned = comparison["logit_lens_kl"], comparison["tuned_lens_kl"]
+    assert tuned[0] < 0.5 * logit[0]
+    assert tuned[1] < logit[1]
+
+
+def test_sentiment_is_linearly_decodable_and_selective(gpt2):
+    data = sentiment.generate(0)
+    train = random.Random(0).sample(data.train, 300)
+    test = random.Random(1).sample(next(iter(data.eval.values())), 200)
+    result = train_probes(
+        gpt2,
+        [e.prompt for e in train],
+        [e.label for e in train],
+        test_inputs=[e.prompt for e in test],
+        test_labels=[e.label for e in test],
+        positive_label="positive",
+        config=ProbeConfig(folds=3),
+    )
+    best = result.best_layer()
+    assert result["test_accuracy"][best] >= 0.95
+    assert result["control_accuracy"].max() < 0.75
+    assert result["selectivity"][best] > 0.25
+    direction = result.direction(result.config["layers"][best])
+    assert torch.isfinite(direction).all()

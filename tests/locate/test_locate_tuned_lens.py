@@ -1,0 +1,93 @@
+"""Tuned lens: identity translators are the logit lens; training lowers KL; files round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.locate.lens import logit_lens
+from mechscope.locate.results import Result
+from mechscope.locate.tuned_lens import (
+    LensComparison,
+    TunedLens,
+    TunedLensConfig,
+    TunedLensResult,
+    compare_lenses,
+    token_windows,
+    train_tuned_lens,
+    tuned_lens,
+)
+from mechscope.model.hooked import HookedModel
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def tokens(seed: int = 1, n: int = 2) -> torch.Tensor:
+    return torch.randint(4, 100, (n, 7), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2"])
+def model(request):
+    hf, tok = tiny_model(request.param)
+    return HookedModel(hf, tok)
+
+
+def test_identity_translators_give_the_logit_lens_exactly(model):
+    lens = TunedLens.for_model(model)
+    tuned = tuned_lens(model, tokens(), lens, keep_logits=True)
+    plain = logit_lens(model, tokens(), keep_logits=True)
+    torch.testing.assert_close(tuned["logits"], plain["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(tuned["kl"], plain["kl"], rtol=0, atol=0)
+    assert isinstance(tuned, TunedLensResult) and tuned.method == "tuned_lens"
+    comparison = compare_lenses(model, tokens(), lens)
+    torch.testing.assert_close(comparison["tuned_lens_kl"], comparison["logit_lens_kl"], rtol=0, atol=0)
+
+
+def test_training_lowers_kl_and_step_zero_is_the_logit_lens(model, tmp_path):
+    data = tokens(seed=2, n=16)
+    lens = train_tuned_lens(model, data, config=TunedLensConfig(steps=40, lr=3e-3, batch_tokens=64))
+    log = lens.training_log
+    assert log["loss_last"] < log["loss_first"]
+    held_out = compare_lenses(model, tokens(seed=3, n=4), lens)
+    assert held_out["tuned_lens_kl"][0] < held_out["logit_lens_kl"][0]
+    assert held_out["tuned_lens_kl"][-1] == 0  # the final residual is read untranslated
+    # step 0 loss is the logit lens's mean KL on the training tokens
+    first = logit_lens(model, data)["kl"][:-1].mean()
+    assert log["loss_first"] == pytest.approx(float(first), rel=0.2)
+    path = lens.save(tmp_path / "lens.safetensors")
+    loaded = TunedLens.load(path)
+    a = tuned_lens(model, tokens(), lens, keep_logits=True)["logits"]
+    b = tuned_lens(model, tokens(), loaded, keep_logits=True)["logits"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert loaded.training_log == log and loaded.model_fingerprint == model.fingerprint()
+    saved = Result.load(held_out.save(tmp_path / "cmp.safetensors"))
+    assert isinstance(saved, LensComparison) and len(saved.plot().data) == 2
+
+
+def test_text_streams_are_cut_into_windows(model):
+    windows = token_windows(model, ["The cat sat on the mat."] * 10, seq_len=5, max_windows=4)
+    assert windows.shape == (4, 5) and windows.dtype == torch.long
+    with pytest.raises(ConfigError, match="need at least"):
+        token_windows(model, ["a"], seq_len=50)
+
+
+def test_bad_input_is_rejected(model, tmp_path):
+    other = TunedLens(model.dims.d_model + 1, model.dims.n_layers)
+    with pytest.raises(ShapeError, match="d_model"):
+        tuned_lens(model, tokens(), other)
+    lens = TunedLens.for_model(model)
+    with pytest.raises(ConfigError, match="layer"):
+        lens(torch.zeros(1, model.dims.d_model), model.dims.n_layers + 1)
+    with pytest.raises(ShapeError):
+        lens(torch.zeros(1, model.dims.d_model + 2), 0)
+    with pytest.raises(ShapeError, match="integer tensor"):
+        train_tuned_lens(model, torch.zeros(2, 3), config=TunedLensConfig(steps=1))
+    logit_lens(model, tokens()).save(tmp_path / "not_a_lens.safetensors")
+    with pytest.raises(ConfigError, match="tuned_lens"):
+        TunedLens.load(tmp_path / "not_a_lens.safetensors")
+    with pytest.raises(ConfigError):
+        TunedLensConfig(steps=0)
+    with pytest.raises(ConfigError):
+        TunedLensConfig(lr=0)
