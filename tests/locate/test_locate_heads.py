@@ -141,15 +141,12 @@ def test_in_context_gain_reads_targets_from_the_previous_position(model):
 
 
 def test_bad_input_is_rejected(model):
-    with pytest.raises(ConfigError, match="does not exist"):
-        with ablate_heads(model, [(5, 0)]):
-            pass
-    with pytest.raises(ConfigError, match="reference"):
-        with ablate_heads(model, [(0, 0)], mode="mean"):
-            pass
-    with pytest.raises(ConfigError, match="mode"):
-        with ablate_heads(model, [(0, 0)], mode="resample"):  # type: ignore[arg-type]
-            pass
+    with pytest.raises(ConfigError, match="does not exist"), ablate_heads(model, [(5, 0)]):
+        pass
+    with pytest.raises(ConfigError, match="reference"), ablate_heads(model, [(0, 0)], mode="mean"):
+        pass
+    with pytest.raises(ConfigError, match="mode"), ablate_heads(model, [(0, 0)], mode="resample"):  # type: ignore[arg-type]
+        pass
     no_repeats = torch.arange(4, 14)[None]
     with pytest.raises(ConfigError, match="no query"):
         detect_heads(model, no_repeats)

@@ -7,9 +7,9 @@ Liang control task: labels reassigned at random per *control type* (by default e
 own type, so nothing generalises; pass e.g. the entity of each example as its type). Selectivity =
 task accuracy - control accuracy on the held-out set; a probe that only memorises has none.
 
-The learned direction of each layer is kept in activation space (feature standardisation is undone),
-(features are centred and scaled by one global factor, which keeps
-the penalty isotropic in activation space), so :meth:`ProbeResult.direction` returns a unit ``d_model`` vector that steering can add to the site.
+The learned direction of each layer is kept in activation space: features are centred and scaled by
+one global factor for fitting (which keeps the L2 penalty isotropic) and the scaling is undone, so
+:meth:`ProbeResult.direction` returns a unit ``d_model`` vector that steering can add to the site.
 """
 
 from __future__ import annotations
