@@ -145,3 +145,30 @@ def test_bad_input_is_rejected(gpt2):
         IGConfig(steps=0)
     with pytest.raises(ConfigError):
         IGConfig(steps=1, rule="trapezoid")
+
+
+def test_cli_dla_and_ig(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    hf, tok = tiny_model("gpt2")
+    folder = tmp_path / "gpt2"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    target = tok.convert_ids_to_tokens(40)
+    text = tok.convert_tokens_to_string([target])
+    runner = CliRunner()
+    args = ["locate", "dla", str(folder), "--target", text, "-p", "The cat sat", "-p", "A dog", "--by", "layer"]
+    out = runner.invoke(app, [*args, "-o", str(tmp_path / "dla.st")])
+    assert out.exit_code == 0, out.output
+    result = Result.load(tmp_path / "dla.st")
+    assert isinstance(result, AttributionResult) and result["logit"].shape == (2,)
+    torch.testing.assert_close(result["attribution"].sum(0), result["logit"], atol=2e-5, rtol=1e-5)
+    out = runner.invoke(
+        app, ["locate", "ig", str(folder), "--target", text, "-p", "The cat sat", "-o", str(tmp_path / "ig.st")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "f(x) - f(baseline)" in out.output
+    out = runner.invoke(app, ["locate", "ig", str(folder), "--target", text, "-p", "x", "--site", "blocks.7.hook_z"])
+    assert out.exit_code == 2 and "error" in out.output

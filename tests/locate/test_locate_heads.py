@@ -154,3 +154,26 @@ def test_bad_input_is_rejected(model):
         HeadDetectorConfig(half_len=1)
     with pytest.raises(ConfigError, match="row"):
         attention_patterns(model, "a b", row=3)
+
+
+def test_cli_heads_and_patterns(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    hf, tok = tiny_model("llama")
+    folder = tmp_path / "llama"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    runner = CliRunner()
+    out = runner.invoke(
+        app, ["locate", "heads", str(folder), "--n-sequences", "2", "--half-len", "4", "-o", str(tmp_path / "h.st")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "induction" in out.output and isinstance(Result.load(tmp_path / "h.st"), HeadScores)
+    html = tmp_path / "view.html"
+    out = runner.invoke(
+        app, ["locate", "patterns", str(folder), "-p", "The cat sat", "-o", str(tmp_path / "p.st"), "--html", str(html)]
+    )
+    assert out.exit_code == 0, out.output
+    assert html.stat().st_size > 1000 and isinstance(Result.load(tmp_path / "p.st"), PatternResult)

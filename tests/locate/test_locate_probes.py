@@ -141,3 +141,35 @@ def test_bad_input_is_rejected(model):
     result = train_probes(model, x, y, position=0, layers=[1], config=ProbeConfig(folds=0, control=False))
     with pytest.raises(ConfigError, match="probed layers"):
         result.direction(0)
+
+
+def test_cli_probe_on_a_jsonl_file(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    hf, tok = tiny_model("gpt2")
+    folder = tmp_path / "gpt2"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    rows = [
+        {"text": f"The cat sat {i}" if i % 2 else f"A dog ran {i}", "label": "cat" if i % 2 else "dog"}
+        for i in range(40)
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out_file = tmp_path / "probe.st"
+    runner = CliRunner()
+    out = runner.invoke(
+        app,
+        ["locate", "probe", str(folder), "--data", str(data), "--position", "0", "--folds", "2", "-o", str(out_file)],
+    )
+    assert out.exit_code == 0, out.output
+    assert "selectivity" in out.output and "blocks.1.hook_resid_post" in out.output
+    assert isinstance(Result.load(out_file), ProbeResult)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x"}))
+    out = runner.invoke(app, ["locate", "probe", str(folder), "--data", str(bad)])
+    assert out.exit_code != 0 and "label" in out.output

@@ -91,3 +91,42 @@ def test_bad_input_is_rejected(model, tmp_path):
         TunedLensConfig(steps=0)
     with pytest.raises(ConfigError):
         TunedLensConfig(lr=0)
+
+
+def test_cli_logit_lens_train_and_read_a_tuned_lens(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    hf, tok = tiny_model("gpt2")
+    folder = tmp_path / "gpt2"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    runner = CliRunner()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["The cat sat on the mat and looked at the dog."] * 40))
+    out = runner.invoke(app, ["locate", "logit-lens", str(folder), "-p", "The cat sat", "-o", str(tmp_path / "ll.st")])
+    assert out.exit_code == 0, out.output
+    assert "final" in out.output and Result.load(tmp_path / "ll.st").method == "logit_lens"
+    args = ["locate", "tuned-lens-train", str(folder), "--text-file", str(texts), "--steps", "5", "--seq-len", "8"]
+    out = runner.invoke(app, [*args, "--batch-tokens", "32", "-o", str(tmp_path / "lens.st")])
+    assert out.exit_code == 0, out.output
+    assert "tuned-lens KL" in out.output
+    out = runner.invoke(
+        app,
+        [
+            "locate",
+            "tuned-lens",
+            str(folder),
+            "--lens",
+            str(tmp_path / "lens.st"),
+            "-p",
+            "The cat",
+            "-o",
+            str(tmp_path / "tl.st"),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert isinstance(Result.load(tmp_path / "tl.st"), TunedLensResult)
+    out = runner.invoke(app, ["locate", "tuned-lens", str(folder), "--lens", str(tmp_path / "ll.st"), "-p", "x"])
+    assert out.exit_code == 2 and "tuned_lens" in out.output
