@@ -181,3 +181,30 @@ def test_ablation_values_follow_their_definitions(model):
     torch.testing.assert_close(ablation_values(model, g, ct, xt, "mean")[2], corrupt_outs.mean(0, keepdim=True))
     torch.testing.assert_close(ablation_values(model, g, ct, xt, "resample")[2], corrupt_outs)
     assert not ablation_values(model, g, ct, xt, "zero")[2].any()
+
+
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+def test_cutting_one_head_input_equals_patching_that_heads_q_k_or_v(model, kind):
+    # Every edge into one query (or key/value head) removed with resample ablation = that head's
+    # q/k/v (after rotary) patched from the corrupted run: each head input is rebuilt on its own.
+    g = Graph.from_model(model)
+    clean, corrupt = pair()
+    ct, xt = model.prepare_inputs(clean), model.prepare_inputs(corrupt)
+    _, _, ablated = ablation_values(model, g, ct, xt, "resample")
+    layer, head = model.dims.n_layers - 1, 1
+    receiver = next(i for i, n in enumerate(g.receivers) if n.layer == layer and n.kind == kind and n.head == head)
+    dense = torch.ones(g.valid.shape)
+    dense[:, receiver] = 0
+    got = graph_forward(model, g, ct, dense, ablated=ablated)
+    site = f"blocks.{layer}.attn.hook_{kind}"
+    _, cache = model.run_with_cache(xt, sites=[site])
+
+    def patch(activation: torch.Tensor, _ctx: object) -> torch.Tensor:
+        out = activation.clone()
+        out[:, :, head] = cache[site][:, :, head]
+        return out
+
+    with model.hooks({site: patch}):
+        expected = model.forward(ct)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - model.forward(ct)).abs().max() > 1e-4  # the cut changed something
