@@ -116,3 +116,29 @@ def test_gqa_key_heads_are_expanded_in_weight_views():
     groups = model.dims.n_heads // model.dims.n_kv_heads
     torch.testing.assert_close(expanded[0], expanded[groups - 1])
     torch.testing.assert_close(expanded[groups], w_k[1])
+
+
+def test_head_results_with_a_single_head_and_flattened_z():
+    """One head: n_heads * d_head == d_head, so flattened z must be recognised by rank, not width."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mechscope.errors import ShapeError
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=16,
+    )
+    m = HookedModel(LlamaForCausalLM(cfg).eval())
+    z = torch.randn(2, 3, 16)
+    flat = m.head_results(z, 0)
+    assert flat.shape == (2, 3, 1, 16)
+    torch.testing.assert_close(flat, m.head_results(z.reshape(2, 3, 1, 16), 0))
+    with pytest.raises(ShapeError, match=r"\[batch, pos, 1, 16\]"):
+        m.head_results(torch.randn(2, 3, 2, 8), 0)

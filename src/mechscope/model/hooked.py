@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mechscope.errors import AdapterError, AttentionSiteError, ConfigError, SiteError, did_you_mean
+from mechscope.errors import AdapterError, AttentionSiteError, ConfigError, ShapeError, SiteError, did_you_mean
 from mechscope.model import attention as attention_fn
 from mechscope.model import tokens as tok
 from mechscope.model.adapters import Adapter, adapter_for
@@ -210,8 +210,13 @@ class HookedModel(nn.Module):
     ) -> Float[Tensor, "batch pos n_heads d_model"]:
         """Per-head attention outputs in d_model: ``z[h] @ W_O[h]`` (bias not included)."""
         d = self.dims
-        if z.shape[-1] != d.d_head:
+        if z.ndim == 3:  # flattened heads; decided by rank, since n_heads * d_head == d_head with one head
             z = z.reshape(*z.shape[:-1], d.n_heads, d.d_head)
+        if z.ndim != 4 or tuple(z.shape[-2:]) != (d.n_heads, d.d_head):
+            raise ShapeError(
+                f"z must be [batch, pos, {d.n_heads}, {d.d_head}] or [batch, pos, {d.n_heads * d.d_head}]; "
+                f"got {tuple(z.shape)}"
+            )
         return torch.einsum("bphk,hkd->bphd", z, self.weights.W_O_layer(layer).to(z.dtype))
 
     # Inputs ---------------------------------------------------------------------------------------------
