@@ -1,0 +1,65 @@
+"""Steer: interventions that change a model's forward pass and artifacts that record them.
+
+Interventions are context managers bound to a :class:`~mechscope.model.hooked.HookedModel`; they
+compose by nesting and remove their hooks on exit. Steering vectors and directions save to one
+safetensors file each, with the fingerprint of the model they were made on.
+"""
+
+from __future__ import annotations
+
+from mechscope.steer.ablation import (
+    Ablation,
+    AblationConfig,
+    mean_ablation,
+    resample_ablation,
+    scaling,
+    zero_ablation,
+)
+from mechscope.steer.directional import (
+    Direction,
+    DirectionalAblation,
+    DirectionSelection,
+    DirectionSelectionConfig,
+    directional_ablation,
+    orthogonalize,
+    select_direction,
+    token_logodds,
+)
+from mechscope.steer.intervention import Artifact, Intervention, ModelMismatchError, applied
+from mechscope.steer.vectors import (
+    Steering,
+    SteeringVector,
+    from_direction,
+    mean_difference,
+    pca_direction,
+    read_activations,
+    steer,
+)
+
+__all__ = [
+    "Ablation",
+    "AblationConfig",
+    "Artifact",
+    "Direction",
+    "DirectionSelection",
+    "DirectionSelectionConfig",
+    "DirectionalAblation",
+    "Intervention",
+    "ModelMismatchError",
+    "Steering",
+    "SteeringVector",
+    "applied",
+    "directional_ablation",
+    "from_direction",
+    "mean_ablation",
+    "mean_difference",
+    "orthogonalize",
+    "pca_direction",
+    "read_activations",
+    "resample_ablation",
+    "scaling",
+    "select_direction",
+    "steer",
+    "token_logodds",
+    "zero_ablation",
+]

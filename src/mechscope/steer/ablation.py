@@ -1,0 +1,280 @@
+"""Ablation and scaling of any site, head, neuron or position: zero, mean, resample, multiply.
+
+Definitions (applied to the selected entries only; everything else passes through unchanged):
+
+- **zero**: ``a <- 0``.
+- **mean**: ``a <- E_ref[a]`` over a reference set of prompts, either per position (``over="batch"``:
+  the mean over reference rows at each position, so inputs must have the reference's length) or
+  over every real token (``over="tokens"``: one value per entry, any length, also during generation).
+- **resample**: ``a <- a(x')`` with ``x'`` another prompt of a source set (``pairing="derange"``: a
+  seeded permutation without fixed points, so row i never reads source row i; ``"aligned"``: row i
+  reads source row i).
+- **scale**: ``a <- factor * a`` (``factor=0`` is zero-ablation, 1 the identity).
+
+Reference and source activations are computed when the ablation is built, with whatever
+interventions are active at that moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.model.hooks import HookContext, HookFn
+from mechscope.sites import Site, SiteLike
+from mechscope.steer.intervention import (
+    Intervention,
+    check_finite,
+    resolve_sites,
+    selection_mask,
+    validate_selection,
+)
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel, Inputs
+
+AblationMethod = Literal["zero", "mean", "resample", "scale"]
+METHODS: tuple[str, ...] = ("zero", "mean", "resample", "scale")
+MeanOver = Literal["batch", "tokens"]
+Pairing = Literal["derange", "aligned"]
+
+
+def _ints(name: str, values: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    seq = (values,) if isinstance(values, int) else tuple(values)
+    if not seq or not all(isinstance(v, int) and not isinstance(v, bool) for v in seq):
+        raise ConfigError(f"{name} must be an int or a non-empty list of ints; got {values!r}")
+    return seq
+
+
+@dataclass(frozen=True, kw_only=True)
+class AblationConfig:
+    """Options of :class:`Ablation` (see the module docstring for each method's definition)."""
+
+    method: AblationMethod = "zero"
+    heads: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | None = None
+    factor: float = 0.0
+    over: MeanOver = "batch"
+    pairing: Pairing = "derange"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"ablation method must be one of {METHODS}; got {self.method!r}")
+        for name in ("heads", "neurons", "positions"):
+            object.__setattr__(self, name, _ints(name, getattr(self, name)))
+        object.__setattr__(self, "factor", check_finite("factor", self.factor))
+        if self.over not in ("batch", "tokens"):
+            raise ConfigError(f"over must be 'batch' or 'tokens'; got {self.over!r}")
+        if self.pairing not in ("derange", "aligned"):
+            raise ConfigError(f"pairing must be 'derange' or 'aligned'; got {self.pairing!r}")
+
+
+def _derangement(n: int, seed: int) -> Tensor:
+    """A seeded permutation of range(n) with no fixed point (identity for n == 1)."""
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        if not bool((perm == torch.arange(n)).any()):
+            return perm
+
+
+def _pos_mask(site: Site, act: Tensor, mask: Tensor) -> Tensor:
+    """The [batch, pos] attention mask reshaped to broadcast against a site's activation."""
+    shape = [1] * act.ndim
+    shape[0], shape[site.pos_axis] = mask.shape
+    return mask.to(act.device, act.dtype).view(shape)
+
+
+class Ablation(Intervention):
+    """Zero, mean, resample or scale the selected entries of `sites` while active."""
+
+    kind = "ablation"
+
+    def __init__(
+        self,
+        model: HookedModel,
+        sites: SiteLike | Iterable[SiteLike],
+        config: AblationConfig | None = None,
+        *,
+        reference: Inputs | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.config = config or AblationConfig()
+        self.sites = resolve_sites(self.model, sites)
+        cfg = self.config
+        for site in self.sites:
+            validate_selection(self.model, site, heads=cfg.heads, neurons=cfg.neurons)
+        needs_reference = cfg.method in ("mean", "resample")
+        if needs_reference and reference is None:
+            raise ConfigError(f"{cfg.method} ablation needs reference prompts (reference=...); got none")
+        if not needs_reference and reference is not None:
+            raise ConfigError(f"{cfg.method} ablation takes no reference prompts")
+        self.values: dict[Site, Tensor] = {}
+        self.rows: Tensor | None = None
+        if reference is not None:
+            self._compute_reference(reference)
+
+    def _compute_reference(self, reference: Inputs) -> None:
+        batch = self.model.prepare_inputs(reference)
+        _, cache = self.model.run_with_cache(batch, self.sites)
+        mask = batch["attention_mask"]
+        cfg = self.config
+        for site in self.sites:
+            act = cache[site.name]
+            if cfg.method == "resample":
+                if not bool(mask.all()):
+                    raise ConfigError(
+                        "resample ablation needs source prompts of equal length (no padding); "
+                        f"got lengths {mask.sum(-1).tolist()}"
+                    )
+                self.values[site] = act
+                continue
+            weights = _pos_mask(site, act, mask)
+            if cfg.over == "batch":
+                count = weights.sum(0)
+                if bool((count == 0).any()):
+                    raise ConfigError("a reference position is padding in every row; use over='tokens'")
+                self.values[site] = (act * weights).sum(0) / count
+            else:
+                total = (act * weights).sum(dim=(0, site.pos_axis), keepdim=True)
+                self.values[site] = (total / weights.sum(dim=(0, site.pos_axis), keepdim=True)).squeeze(0)
+        if cfg.method == "resample":
+            n_source = int(mask.shape[0])
+            self.rows = torch.arange(n_source) if cfg.pairing == "aligned" else _derangement(n_source, cfg.seed)
+
+    # Hooks ------------------------------------------------------------------------------------------
+    def _replacement(self, act: Tensor, site: Site) -> Tensor:
+        cfg = self.config
+        if cfg.method == "zero":
+            return torch.zeros_like(act)
+        if cfg.method == "scale":
+            return act * cfg.factor
+        value = self.values[site].to(act.device, act.dtype)
+        if cfg.method == "mean":
+            if cfg.over == "tokens":
+                return value.unsqueeze(0).expand_as(act)
+            if value.shape != act.shape[1:]:
+                raise ShapeError(
+                    f"mean ablation of {site.name}: the reference mean has shape {tuple(value.shape)} (per position); "
+                    f"this forward has {tuple(act.shape[1:])}. Use inputs of the reference's length or over='tokens'."
+                )
+            return value.unsqueeze(0).expand_as(act)
+        assert self.rows is not None
+        n_source, batch = value.shape[0], act.shape[0]
+        if value.shape[1:] != act.shape[1:]:
+            raise ShapeError(
+                f"resample ablation of {site.name}: source activations have shape {tuple(value.shape[1:])} per row; "
+                f"this forward has {tuple(act.shape[1:])}. Resample from prompts of the same length."
+            )
+        if self.config.pairing == "aligned" and n_source != batch:
+            raise ShapeError(f"aligned resampling needs {batch} source rows (one per input row); got {n_source}")
+        index = self.rows[torch.arange(batch) % n_source].to(value.device)
+        return value.index_select(0, index)
+
+    def _hook(self, site: Site) -> HookFn:
+        cfg = self.config
+
+        def fn(act: Tensor, _ctx: HookContext) -> Tensor:
+            new = self._replacement(act, site)
+            mask = selection_mask(
+                site, act.shape, act.device, heads=cfg.heads, positions=cfg.positions, neurons=cfg.neurons
+            )
+            return new if mask is None else torch.where(mask, new, act)
+
+        return fn
+
+    def hook_plan(self) -> dict[Site, list[HookFn]]:
+        return {site: [self._hook(site)] for site in self.sites}
+
+    def describe(self) -> str:
+        cfg = self.config
+        parts = [cfg.method, ",".join(s.name for s in self.sites)]
+        for name in ("heads", "neurons", "positions"):
+            if getattr(cfg, name) is not None:
+                parts.append(f"{name}={list(getattr(cfg, name))}")
+        if cfg.method == "scale":
+            parts.append(f"factor={cfg.factor}")
+        return " ".join(parts)
+
+
+def _config(method: AblationMethod, **kwargs: object) -> AblationConfig:
+    return AblationConfig(method=method, **kwargs)  # type: ignore[arg-type]
+
+
+def zero_ablation(
+    model: HookedModel,
+    sites: SiteLike | Iterable[SiteLike],
+    *,
+    heads: int | Sequence[int] | None = None,
+    neurons: int | Sequence[int] | None = None,
+    positions: int | Sequence[int] | None = None,
+) -> Ablation:
+    """Set the selected entries of `sites` to zero."""
+    return Ablation(model, sites, _config("zero", heads=heads, neurons=neurons, positions=positions))
+
+
+def mean_ablation(
+    model: HookedModel,
+    sites: SiteLike | Iterable[SiteLike],
+    reference: Inputs,
+    *,
+    over: MeanOver = "batch",
+    heads: int | Sequence[int] | None = None,
+    neurons: int | Sequence[int] | None = None,
+    positions: int | Sequence[int] | None = None,
+) -> Ablation:
+    """Replace the selected entries by their mean over `reference` (per position, or over tokens)."""
+    cfg = _config("mean", over=over, heads=heads, neurons=neurons, positions=positions)
+    return Ablation(model, sites, cfg, reference=reference)
+
+
+def resample_ablation(
+    model: HookedModel,
+    sites: SiteLike | Iterable[SiteLike],
+    source: Inputs,
+    *,
+    pairing: Pairing = "derange",
+    seed: int = 0,
+    heads: int | Sequence[int] | None = None,
+    neurons: int | Sequence[int] | None = None,
+    positions: int | Sequence[int] | None = None,
+) -> Ablation:
+    """Replace the selected entries by those of other prompts (`source`, same length as the inputs)."""
+    cfg = _config("resample", pairing=pairing, seed=seed, heads=heads, neurons=neurons, positions=positions)
+    return Ablation(model, sites, cfg, reference=source)
+
+
+def scaling(
+    model: HookedModel,
+    sites: SiteLike | Iterable[SiteLike],
+    factor: float,
+    *,
+    heads: int | Sequence[int] | None = None,
+    neurons: int | Sequence[int] | None = None,
+    positions: int | Sequence[int] | None = None,
+) -> Ablation:
+    """Multiply the selected entries by `factor`."""
+    return Ablation(model, sites, _config("scale", factor=factor, heads=heads, neurons=neurons, positions=positions))
+
+
+__all__ = [
+    "METHODS",
+    "Ablation",
+    "AblationConfig",
+    "AblationMethod",
+    "mean_ablation",
+    "resample_ablation",
+    "scaling",
+    "zero_ablation",
+]

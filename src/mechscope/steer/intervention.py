@@ -1,0 +1,319 @@
+"""The common base of every intervention: a hook plan bound to one model, applied in a ``with`` block.
+
+An :class:`Intervention` turns into ``model.hooks({site: fn})`` when entered and removes every hook
+when left (also when the block raises), so interventions compose by nesting
+(``with ablation, steering: ...``; the outer one runs first at a shared site). They act on every
+forward the wrapped HF model makes inside the block -- :meth:`HookedModel.forward`,
+:meth:`HookedModel.generate` and plain ``hf_model(...)`` calls alike -- and know whether a forward
+reads the prompt or generated tokens (``phase``), from the KV cache HF passes in.
+
+:class:`Artifact` is the file side: tensors and a JSON description in one safetensors file, always
+with the fingerprint of the model the artifact was made on; loading it for another model raises
+:class:`ModelMismatchError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.io import read_safetensors, write_safetensors
+from mechscope.model.hooks import HookFn
+from mechscope.sites import Site, SiteLike, parse_sites
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
+
+ARTIFACT_FORMAT = "mechscope.artifact"
+ARTIFACT_SCHEMA_VERSION = 1
+
+Phase = Literal["prompt", "generated"]
+
+A = TypeVar("A", bound="Artifact")
+
+#: artifact kind -> class, filled by subclasses so that files load as the right type.
+_ARTIFACTS: dict[str, type[Artifact]] = {}
+
+
+class ModelMismatchError(ConfigError):
+    """An artifact (steering vector, direction, ablation) applied to a model other than its own."""
+
+
+def check_finite(name: str, value: float) -> float:
+    """`value` as a float, or :class:`ConfigError` when it is NaN, infinite or not a number."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be a finite number; got {value!r}") from exc
+    if not math.isfinite(out):
+        raise ConfigError(f"{name} must be a finite number; got {out}")
+    return out
+
+
+def require_hooked(model: Any) -> HookedModel:
+    from mechscope.model.hooked import HookedModel
+
+    if not isinstance(model, HookedModel):
+        raise ConfigError(f"expected a mechscope HookedModel (mechscope.load_model(...)); got {type(model).__name__}")
+    return model
+
+
+def resolve_sites(model: HookedModel, sites: SiteLike | Iterable[SiteLike]) -> list[Site]:
+    """Validate `sites` against `model` (at least one)."""
+    chosen = [model.site(s) for s in parse_sites(sites)]
+    if not chosen:
+        raise ConfigError("expected at least one site; got none")
+    return chosen
+
+
+def axis_size(model: HookedModel, axis: str) -> int | None:
+    """The size of a named model axis (``d_model``, ``n_heads``...), None for batch/positions."""
+    d = model.dims
+    sizes = {
+        "d_model": d.d_model,
+        "n_heads": d.n_heads,
+        "n_kv_heads": d.n_kv_heads,
+        "d_head": d.d_head,
+        "d_mlp": d.d_mlp,
+        "d_vocab": d.d_vocab,
+    }
+    return sizes.get(axis)
+
+
+def _check_indices(what: str, values: Sequence[int] | None, size: int | None, site: Site) -> None:
+    if values is None or size is None:
+        return
+    bad = [v for v in values if not -size <= v < size]
+    if bad:
+        raise ConfigError(f"{what} {bad} are out of range for {site.name}, whose axis has {size} entries")
+
+
+def validate_selection(
+    model: HookedModel,
+    site: Site,
+    *,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+) -> None:
+    """Check that `heads` / `neurons` make sense for `site` on `model` (before any hook exists)."""
+    if heads is not None:
+        head_axes = [a for a in site.axes if a in ("n_heads", "n_kv_heads")]
+        if not head_axes:
+            raise ConfigError(f"site {site.name} has no head axis (axes {site.axes}); heads= does not apply")
+        _check_indices("heads", heads, axis_size(model, head_axes[0]), site)
+    if neurons is not None:
+        _check_indices("neurons", neurons, axis_size(model, site.axes[-1]), site)
+
+
+def selection_mask(
+    site: Site,
+    shape: torch.Size,
+    device: torch.device,
+    *,
+    heads: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+) -> Tensor | None:
+    """A boolean mask (broadcastable to `shape`) of the selected entries; None selects everything.
+
+    `positions` index the position axis of this forward (negative from the end; out-of-range ones
+    are skipped, so ``[-1]`` means the newest token during generation); `neurons` index the last axis.
+    """
+    if heads is None and positions is None and neurons is None:
+        return None
+    ndim = len(shape)
+    mask = torch.ones((1,) * ndim, dtype=torch.bool, device=device)
+
+    def along(axis: int, index: Sequence[int], wrap: bool) -> Tensor:
+        n = shape[axis]
+        keep = torch.zeros(n, dtype=torch.bool, device=device)
+        idx = [i % n for i in index if -n <= i < n] if wrap else [i % n for i in index]
+        if idx:
+            keep[torch.tensor(idx, device=device)] = True
+        view = [1] * ndim
+        view[axis] = n
+        return keep.view(view)
+
+    if heads is not None:
+        head_axis = next(i for i, a in enumerate(site.axes) if a in ("n_heads", "n_kv_heads"))
+        mask = mask & along(head_axis, heads, wrap=False)
+    if positions is not None:
+        mask = mask & along(site.pos_axis, positions, wrap=True)
+    if neurons is not None:
+        mask = mask & along(ndim - 1, neurons, wrap=False)
+    return mask
+
+
+class Intervention:
+    """A change to a model's forward pass, active inside ``with intervention:`` only.
+
+    Subclasses build their hook plan in :meth:`hook_plan` and validate everything in ``__init__``,
+    so that a bad argument fails before any hook is attached and leaves the model untouched.
+    """
+
+    kind: ClassVar[str] = "intervention"
+
+    def __init__(self, model: HookedModel) -> None:
+        self.model = require_hooked(model)
+        self.phase: Phase = "prompt"
+        self._stack: ExitStack | None = None
+
+    def hook_plan(self) -> dict[Site, list[HookFn]]:
+        """``{site: [fn, ...]}`` to attach while active."""
+        raise NotImplementedError
+
+    @property
+    def active(self) -> bool:
+        return self._stack is not None
+
+    def __enter__(self) -> Intervention:
+        if self._stack is not None:
+            raise ConfigError(f"{type(self).__name__} is already active; build a second one to apply it twice")
+        stack = ExitStack()
+        try:
+            handle = self.model.hf_model.register_forward_pre_hook(self._track_phase, with_kwargs=True)
+            stack.callback(handle.remove)
+            stack.enter_context(self.model.hooks(self.hook_plan()))  # type: ignore[arg-type]
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def _track_phase(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values")
+        seen = 0
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            seen = int(cache.get_seq_length())
+        self.phase = "prompt" if seen == 0 else "generated"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+    def describe(self) -> str:
+        """A one-line human description (used in reports)."""
+        return self.kind
+
+
+@contextmanager
+def applied(*interventions: Intervention) -> Iterator[tuple[Intervention, ...]]:
+    """Enter several interventions in order (the first is outermost) and leave them all."""
+    with ExitStack() as stack:
+        for intervention in interventions:
+            stack.enter_context(intervention)
+        yield interventions
+
+
+class Artifact:
+    """Something saved to disk and tied to the model it was made on (by fingerprint).
+
+    Subclasses set ``kind`` and implement :meth:`_parts` / :meth:`_from_parts`.
+    """
+
+    kind: ClassVar[str] = "artifact"
+
+    def __init__(self, *, fingerprint: str, model_type: str, d_model: int) -> None:
+        self.fingerprint = fingerprint
+        self.model_type = model_type
+        self.d_model = d_model
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _ARTIFACTS[cls.kind] = cls
+
+    @staticmethod
+    def model_info(model: HookedModel) -> dict[str, Any]:
+        """The keyword arguments recording `model` in an artifact."""
+        return {"fingerprint": model.fingerprint(), "model_type": model.dims.model_type, "d_model": model.dims.d_model}
+
+    def check_model(self, model: HookedModel) -> None:
+        """:class:`ShapeError` for a model of another width, :class:`ModelMismatchError` for another model."""
+        if model.dims.d_model != self.d_model:
+            raise ShapeError(
+                f"this {self.kind} has width d_model={self.d_model}; the model has d_model={model.dims.d_model}"
+            )
+        actual = model.fingerprint()
+        if actual != self.fingerprint:
+            raise ModelMismatchError(
+                f"this {self.kind} was made on model {self.fingerprint} ({self.model_type}); the given model is "
+                f"{actual} ({model.dims.model_type}). Rebuild it on this model (weights or config differ)."
+            )
+
+    def _parts(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_parts(cls: type[A], tensors: dict[str, Tensor], config: dict[str, Any], info: dict[str, Any]) -> A:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: tensors + JSON metadata (kind, config, model fingerprint)."""
+        tensors, config = self._parts()
+        try:
+            config_json = json.dumps(config, sort_keys=True)
+        except TypeError as exc:
+            raise ConfigError(f"{self.kind} config must be JSON-serialisable: {exc}") from exc
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "schema_version": str(ARTIFACT_SCHEMA_VERSION),
+            "kind": self.kind,
+            "config": config_json,
+            "model": json.dumps(
+                {"fingerprint": self.fingerprint, "model_type": self.model_type, "d_model": self.d_model}
+            ),
+        }
+        return write_safetensors(Path(path), tensors, meta)
+
+    @classmethod
+    def load(cls: type[A], path: str | Path, model: HookedModel | None = None) -> A:
+        """Read a file written by :meth:`save`; with `model`, also check it was made on that model."""
+        tensors, meta = read_safetensors(path, "mechscope artifact")
+        where = str(path)
+        if meta.get("format") != ARTIFACT_FORMAT:
+            raise ConfigError(f"{where}: expected format {ARTIFACT_FORMAT!r}; got {meta.get('format')!r}")
+        if meta.get("schema_version") != str(ARTIFACT_SCHEMA_VERSION):
+            raise ConfigError(
+                f"{where}: expected schema_version {ARTIFACT_SCHEMA_VERSION}; got {meta.get('schema_version')!r}"
+            )
+        kind = meta.get("kind", "")
+        target = _ARTIFACTS.get(kind)
+        if target is None or not issubclass(target, cls):
+            raise ConfigError(
+                f"{where}: holds a {kind!r} artifact; expected a {cls.kind!r} (known: {sorted(_ARTIFACTS)})"
+            )
+        try:
+            config = json.loads(meta["config"])
+            info = json.loads(meta["model"])
+            artifact = target._from_parts(tensors, config, info)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: malformed {kind} artifact ({type(exc).__name__}: {exc})") from exc
+        if model is not None:
+            artifact.check_model(model)
+        return artifact  # type: ignore[return-value]
+
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "Artifact",
+    "Intervention",
+    "ModelMismatchError",
+    "Phase",
+    "applied",
+    "check_finite",
+    "resolve_sites",
+    "selection_mask",
+    "validate_selection",
+]

@@ -1,0 +1,171 @@
+"""Steering vectors: constructors' definitions, identity at 0, composition, phases, files, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.model.hooked import HookedModel
+from mechscope.sites import Site
+from mechscope.steer import (
+    ModelMismatchError,
+    SteeringVector,
+    applied,
+    from_direction,
+    mean_difference,
+    pca_direction,
+    steer,
+    zero_ablation,
+)
+from tiny_models import tiny_model
+
+POS = ["the cat is happy", "a good day in the sun", "we love the park", "the book is great"]
+NEG = ["the cat is sad", "a bad day in the rain", "we hate the mud", "the book is awful"]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request) -> HookedModel:
+    hf, tok = tiny_model(request.param)
+    return HookedModel(hf, tok)
+
+
+def _no_hooks(model: HookedModel) -> bool:
+    modules = model.hf_model.modules()
+    return not model._sessions and all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+
+
+def _random_vector(model: HookedModel, seed: int, layers=(0, 1)) -> SteeringVector:
+    gen = torch.Generator().manual_seed(seed)
+    return from_direction(model, torch.randn(len(layers), model.dims.d_model, generator=gen), layers=list(layers))
+
+
+def test_mean_difference_is_the_difference_of_last_token_means(model: HookedModel) -> None:
+    vec = mean_difference(model, POS, NEG, layers=[0, 1])
+    for layer in (0, 1):
+        site = Site("hook_resid_pre", layer)
+        rows = []
+        for texts in (POS, NEG):
+            acts = [model.run_with_cache(t, site)[1][site.name][0, -1] for t in texts]
+            rows.append(torch.stack(acts).mean(0))
+        torch.testing.assert_close(vec.at(layer), rows[0] - rows[1], rtol=1e-4, atol=1e-5)
+    assert vec.method == "mean_difference" and vec.layers == [0, 1]
+
+
+def test_pca_direction_is_the_top_signed_direction_of_differences(model: HookedModel) -> None:
+    vec = pca_direction(model, POS, NEG, layers=1)
+    mean_diff = mean_difference(model, POS, NEG, layers=1).at(1)
+    site = Site("hook_resid_pre", 1)
+    diffs = torch.stack(
+        [
+            model.run_with_cache(p, site)[1][site.name][0, -1] - model.run_with_cache(n, site)[1][site.name][0, -1]
+            for p, n in zip(POS, NEG, strict=True)
+        ]
+    )
+    unit = vec.at(1) / vec.at(1).norm()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # no other unit direction explains more of the differences
+        other = torch.randn(model.dims.d_model, generator=gen)
+        assert (diffs @ unit).norm() >= (diffs @ (other / other.norm())).norm() - 1e-4
+    assert float(unit @ mean_diff) > 0
+    torch.testing.assert_close(vec.at(1).norm(), (diffs @ unit).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_coefficient_zero_is_the_identity(model: HookedModel) -> None:
+    vec = _random_vector(model, 0)
+    base = model.forward(POS)
+    base_gen = model.generate(POS[:2], max_new_tokens=4, do_sample=False)
+    with steer(model, vec, 0.0):
+        torch.testing.assert_close(model.forward(POS), base, rtol=0, atol=0)
+        assert torch.equal(model.generate(POS[:2], max_new_tokens=4, do_sample=False), base_gen)
+    with steer(model, vec, 3.0):
+        assert not torch.allclose(model.forward(POS), base)
+
+
+def test_steering_adds_coefficient_times_vector(model: HookedModel) -> None:
+    vec = _random_vector(model, 1)
+    site = "blocks.1.hook_resid_pre"
+    _, base = model.run_with_cache(POS, site)
+    with steer(model, vec, 2.0, layers=1):
+        _, cache = model.run_with_cache(POS, site)
+    torch.testing.assert_close(cache[site], base[site] + 2.0 * vec.at(1), rtol=1e-5, atol=1e-5)
+    with steer(model, vec, 2.0, layers=1, positions=[-1]):
+        _, last = model.run_with_cache(POS, site)
+    torch.testing.assert_close(last[site][:, :-1], base[site][:, :-1])
+    torch.testing.assert_close(last[site][:, -1], base[site][:, -1] + 2.0 * vec.at(1), rtol=1e-5, atol=1e-5)
+
+
+def test_nesting_order_of_commuting_interventions_does_not_matter(model: HookedModel) -> None:
+    a, b = _random_vector(model, 2), _random_vector(model, 3)
+    heads = zero_ablation(model, "blocks.1.attn.hook_z", heads=[0, 2])
+    s_a, s_b = steer(model, a, 1.5), steer(model, b, -0.7)
+    with applied(s_a, s_b, heads):
+        first = model.forward(POS)
+    with applied(heads, s_b, s_a):
+        second = model.forward(POS)
+    torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-5)
+    with s_a:
+        assert not torch.allclose(model.forward(POS), first)
+    assert _no_hooks(model)
+
+
+@pytest.mark.parametrize("mode", ["prompt", "generated", "all"])
+def test_prompt_and_generated_phases(model: HookedModel, mode: str) -> None:
+    """An outer and an inner recorder around the steering see a difference of c*v exactly when
+    the mode covers the forward's phase (prompt: no KV cache yet; generated: later steps)."""
+    vec = _random_vector(model, 4)
+    site = "blocks.1.hook_resid_pre"
+    seen: dict[str, list[torch.Tensor]] = {"outer": [], "inner": []}
+    outer = model.hooks({site: lambda a, _c: seen["outer"].append(a.clone())})
+    with outer, steer(model, vec, 1.0, positions=mode), model.hooks({site: lambda a, _c: seen["inner"].append(a)}):
+        model.generate(POS[:2], max_new_tokens=3, do_sample=False)
+    assert len(seen["outer"]) == len(seen["inner"]) == 3
+    for step, (o, i) in enumerate(zip(seen["outer"], seen["inner"], strict=True)):
+        steered = mode == "all" or (mode == "prompt") == (step == 0)
+        expected = o + vec.at(1) if steered else o
+        torch.testing.assert_close(i, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_and_model_checks(model: HookedModel, tmp_path) -> None:
+    vec = mean_difference(model, POS, NEG, layers=[1])
+    path = vec.save(tmp_path / "vec.safetensors")
+    loaded = SteeringVector.load(path, model)
+    assert torch.equal(loaded.directions, vec.directions) and loaded.layers == [1] and loaded.method == vec.method
+    family = model.dims.model_type
+    other_hf, other_tok = tiny_model("gpt2" if family == "gpt2" else "llama", seed=7)
+    other = HookedModel(other_hf, other_tok)
+    with pytest.raises(ModelMismatchError, match="made on model"):
+        SteeringVector.load(path, other)
+    with pytest.raises(ModelMismatchError):
+        steer(other, loaded, 1.0)
+    wide_hf, wide_tok = tiny_model("gpt2", n_embd=48)
+    with pytest.raises(ShapeError, match="d_model"):
+        steer(HookedModel(wide_hf, wide_tok), loaded, 1.0)
+    assert _no_hooks(other)
+
+
+def test_bad_input_leaves_the_model_unmodified(model: HookedModel) -> None:
+    weights = {k: v.clone() for k, v in model.hf_model.state_dict().items()}
+    base = model.forward(POS)
+    vec = _random_vector(model, 5)
+    with pytest.raises(ShapeError, match="direction must be"):
+        from_direction(model, torch.ones(model.dims.d_model + 1))
+    with pytest.raises(ConfigError, match="finite"):
+        steer(model, vec, float("nan"))
+    with pytest.raises(ConfigError, match="positions"):
+        steer(model, vec, 1.0, positions="middle")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no direction for layers"):
+        steer(model, _random_vector(model, 6, layers=(0,)), 1.0, layers=[1])
+    with pytest.raises(ConfigError, match="layers"):
+        mean_difference(model, POS, NEG, layers=[5])
+    with pytest.raises(ConfigError, match="pairs"):
+        pca_direction(model, POS, NEG[:3])
+    s = steer(model, vec, 1.0)
+    with pytest.raises(ConfigError, match="already active"), s, s:
+        pass
+    assert _no_hooks(model)
+    torch.testing.assert_close(model.forward(POS), base, rtol=0, atol=0)
+    for k, v in model.hf_model.state_dict().items():
+        assert torch.equal(v, weights[k])
