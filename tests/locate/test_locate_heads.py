@@ -71,6 +71,9 @@ def test_a_head_with_the_ideal_pattern_scores_one_and_others_do_not(model, kind,
     for other in others:
         assert scores[other][0].max() < 1e-6
     assert scores[kind][1].max() < 0.99  # the untouched layer is not ideal
+    # a pattern that ignores content is purely positional: no excess over fresh random tokens
+    for excess in ("duplicate_token_excess", "induction_excess"):
+        assert scores[excess][0].abs().max() < 1e-6
 
 
 def test_scores_are_bounded_and_results_save_load_plot(model, tmp_path):
@@ -79,7 +82,8 @@ def test_scores_are_bounded_and_results_save_load_plot(model, tmp_path):
     for name in ("previous_token", "duplicate_token", "induction", "copying"):
         assert scores[name].shape == (d.n_layers, d.n_heads)
         assert (scores[name] >= 0).all() and (scores[name] <= 1 + 1e-6).all()
-    assert (scores["copying_eigen"].abs() <= 1 + 1e-6).all()
+    for name in ("copying_eigen", "induction_excess", "duplicate_token_excess"):
+        assert (scores[name].abs() <= 1 + 1e-6).all()
     loaded = Result.load(scores.save(tmp_path / "heads.safetensors"))
     assert isinstance(loaded, HeadScores) and loaded.top("previous_token", 2) == scores.top("previous_token", 2)
     assert loaded.plot() is not None

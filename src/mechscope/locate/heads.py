@@ -12,7 +12,10 @@ is repeated, which makes every behaviour measurable at once):
   token's own logit ranks in the top-k of the candidate set; ``copying_eigen`` is the positive
   eigenvalue ratio ``sum(Re lambda) / sum(|lambda|)`` of that token-to-token matrix.
 
-Scores are in [0, 1] (eigen ratio in [-1, 1]). An induction head scores high on both induction and
+``*_excess`` variants subtract the mass the head gives the same (query, key) cells when the content
+is replaced by fresh random tokens: a head that merely attends to a window of recent positions gets a
+prefix-matching score by coincidence of offsets, but no excess. Scores are in [0, 1] (eigen ratio and
+excess in [-1, 1]). An induction head scores high on both induction and
 copying; a previous-token head feeds it through K-composition.
 """
 
@@ -35,7 +38,15 @@ if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
     from mechscope.model.hooks import HookContext
 
-DETECTORS = ("previous_token", "duplicate_token", "induction", "copying", "copying_eigen")
+DETECTORS = (
+    "previous_token",
+    "duplicate_token",
+    "duplicate_token_excess",
+    "induction",
+    "induction_excess",
+    "copying",
+    "copying_eigen",
+)
 
 
 class PatternResult(Result):
@@ -85,7 +96,7 @@ class PatternResult(Result):
 
 
 class HeadScores(Result):
-    """Detector scores ``[layer, head]``: previous_token, duplicate_token, induction, copying, copying_eigen."""
+    """Detector scores ``[layer, head]``, one tensor per name in :data:`DETECTORS`."""
 
     method = "head_detectors"
 
@@ -196,11 +207,31 @@ def _behaviour_masks(ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
     }
 
 
-def _attention_scores(model: HookedModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    d = model.dims
-    sites = [model.site(Site("attn.hook_pattern", i)) for i in range(d.n_layers)]
+def _pattern_mass(patterns: list[Tensor], target: Tensor, has: Tensor) -> Tensor:
+    """Mean attention mass on `target` keys over the queries in `has`: ``[layer, head]``."""
+    per_layer = []
+    for pattern in patterns:  # [batch, head, q, k]
+        mass = (pattern * target[:, None].to(pattern.dtype)).sum(-1)  # [batch, head, q]
+        weight = has[:, None].to(pattern.dtype)
+        per_layer.append((mass * weight).sum((0, 2)) / weight.sum((0, 2)))
+    return torch.stack(per_layer).cpu()
+
+
+def _patterns(model: HookedModel, batch: dict[str, Tensor]) -> list[Tensor]:
+    sites = [model.site(Site("attn.hook_pattern", i)) for i in range(model.dims.n_layers)]
     _, cache = model.run_with_cache(batch, sites)
-    masks = _behaviour_masks(batch["input_ids"], batch["attention_mask"])
+    return [cache[s].float() for s in sites]
+
+
+def _attention_scores(model: HookedModel, batch: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """Attention-based scores, plus ``*_excess`` scores: the same cells' mass minus what the head gives
+    them when the content is replaced by fresh random tokens (its purely positional share)."""
+    patterns = _patterns(model, batch)
+    lo, hi = ordinary_token_range(model)
+    ids = batch["input_ids"]
+    fresh = torch.randint(lo, hi, tuple(ids.shape), generator=torch.Generator().manual_seed(seed + 1))
+    control = _patterns(model, {"input_ids": fresh.to(ids.device), "attention_mask": batch["attention_mask"]})
+    masks = _behaviour_masks(ids, batch["attention_mask"])
     out: dict[str, Tensor] = {}
     for name, target in masks.items():
         has = target.any(-1)  # [batch, q]: queries where the behaviour is defined
@@ -209,13 +240,9 @@ def _attention_scores(model: HookedModel, batch: dict[str, Tensor]) -> dict[str,
                 f"the inputs give no query where {name!r} is defined (e.g. induction needs a repeated token); "
                 "use repeated_tokens(model) or sequences with repeats"
             )
-        per_layer = []
-        for site in sites:
-            pattern = cache[site].float()  # [batch, head, q, k]
-            mass = (pattern * target[:, None].to(pattern.dtype)).sum(-1)  # [batch, head, q]
-            weight = has[:, None].to(pattern.dtype)
-            per_layer.append((mass * weight).sum((0, 2)) / weight.sum((0, 2)))
-        out[name] = torch.stack(per_layer).cpu()
+        out[name] = _pattern_mass(patterns, target, has)
+        if name != "previous_token":
+            out[f"{name}_excess"] = out[name] - _pattern_mass(control, target, has)
     return out
 
 
@@ -274,7 +301,7 @@ def detect_heads(
     if tokens is None:
         tokens = repeated_tokens(model, n=cfg.n_sequences, half_len=cfg.half_len, seed=cfg.seed)
     batch = model.prepare_inputs(tokens)
-    scores = _attention_scores(model, batch)
+    scores = _attention_scores(model, batch, cfg.seed)
     rate, eigen = copying_scores(model, top_k=cfg.copy_top_k, seed=cfg.seed, n=cfg.n_copy_tokens)
     scores["copying"], scores["copying_eigen"] = rate, eigen
     axes: dict[str, tuple[str, ...]] = {name: ("layer", "head") for name in scores}
