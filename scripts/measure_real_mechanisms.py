@@ -2,12 +2,14 @@
 
 Run (after scripts/install_real_models.sh):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-        .venv/bin/python scripts/measure_real_mechanisms.py --out real-figures [--skip-refusal]
+        .venv/bin/python scripts/measure_real_mechanisms.py --out real-figures [--only SECTION ...]
 
 Writes ``<out>/metrics.json`` (every number), ``<out>/*.safetensors`` (mechscope results) and
-``<out>/*.html`` (plotly figures). Sections: load/cache timings, capital-city recall, logit lens per
-layer on the capitals, activation patching of one capital fact (layer x position), an IOI-style logit
-difference with names, and the refusal rate on the bundled harmful vs harmless instruction sets.
+``<out>/*.html`` (plotly figures); an existing metrics.json is updated section by section. Sections:
+load/cache timings, capital-city recall with the logit lens per layer, activation patching of one capital
+fact (layer x position), IOI logit difference with head patching and path patching, refusal rate on
+the bundled harmful vs harmless instruction sets, induction heads (detector + mean ablation), causal
+tracing of capitals, and the refusal direction (selection, directional ablation, orthogonalisation).
 """
 
 from __future__ import annotations
@@ -160,7 +162,9 @@ def capital_patching(model, out: dict, folder: Path) -> None:
         "corrupt_logit_diff": round(float(result["corrupt"]), 3),
         "normalised_at_subject_by_layer": [round(float(x), 3) for x in norm[:, subject]],
         "normalised_at_last_by_layer": [round(float(x), 3) for x in norm[:, last]],
-        "last_layer_subject_restores": int(restored[:, subject].nonzero().max()) if restored[:, subject].any() else None,
+        "last_layer_subject_restores": int(restored[:, subject].nonzero().max())
+        if restored[:, subject].any()
+        else None,
         "first_layer_last_restores": int(restored[:, last].nonzero().min()) if restored[:, last].any() else None,
         "seconds": round(seconds, 1),
     }
@@ -201,6 +205,7 @@ def ioi(model, out: dict, folder: Path) -> None:
     clean_b = {key: v[idx] for key, v in batch.items()}
     corrupt_b = {key: v[idx] for key, v in k.items()}
     metric = lambda lg: logit_diff(lg, io_t[idx], s_t[idx]).mean()  # noqa: E731
+    out["_ioi_pairs"] = (clean_b, corrupt_b, metric)
     start = time.perf_counter()
     with torch.enable_grad():
         result = activation_patch(model, clean_b, corrupt_b, "heads", metric, positions=[-1])
@@ -240,31 +245,214 @@ def refusal(model, out: dict, folder: Path, max_new_tokens: int) -> None:
         }
 
 
+def ioi_path_patching(model, out: dict, folder: Path) -> None:
+    """Senders whose direct path to the logits carries the IOI logit difference (noising, MLPs frozen)."""
+    from mechscope.locate.path_patching import path_patch
+
+    if "_ioi_pairs" not in out:
+        ioi(model, out, folder)
+    clean_b, corrupt_b, metric = out["_ioi_pairs"]
+    start = time.perf_counter()
+    result = path_patch(model, clean_b, corrupt_b, metric, receivers="logits")
+    result.save(folder / "ioi_path_patch_logits.safetensors")
+    result.plot(title="SmolLM2 IOI: path patching head -> logits (effect of corrupting the path)").write_html(
+        folder / "ioi_path_patch_logits.html", include_plotlyjs="cdn"
+    )
+    effect = result.effect()  # patched minus clean: negative = the head's path carries the logit diff
+    heads = effect.shape[1]
+    order = effect.flatten().argsort()[:8]
+    out["ioi_path_patching"] = {
+        "clean": round(float(result["clean"]), 3),
+        "corrupt": round(float(result["corrupt"]), 3),
+        "most_negative_heads": [
+            (f"L{int(i) // heads}H{int(i) % heads}", round(float(effect.flatten()[i]), 3)) for i in order
+        ],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def induction(model, out: dict, folder: Path) -> None:
+    from mechscope.locate.heads import ablate_heads, detect_heads, in_context_gain, repeated_tokens
+
+    start = time.perf_counter()
+    scores = detect_heads(model)
+    scores.save(folder / "head_scores.safetensors")
+    scores.plot("induction", title="SmolLM2 induction scores [layer, head]").write_html(
+        folder / "induction_scores.html", include_plotlyjs="cdn"
+    )
+    top = scores.top("induction", k=6)
+    half = 20
+    tokens = repeated_tokens(model, n=16, half_len=half, seed=1)  # fresh sequences, not the detector's
+    first = torch.zeros_like(tokens, dtype=torch.bool)
+    first[:, 1:half] = True
+    repeat = torch.zeros_like(first)
+    repeat[:, half + 1 :] = True
+    base = in_context_gain(model, tokens, first, repeat)
+    rows: dict = {"none": base}
+    for k in (2, 6):
+        chosen = [(layer, head) for layer, head, _ in top[:k]]
+        with ablate_heads(model, chosen, mode="mean", reference=tokens):
+            rows[f"top{k}_induction"] = in_context_gain(model, tokens, first, repeat)
+        # Control: the same number of heads with the lowest induction scores, same layers where possible.
+        low = scores["induction"].flatten().argsort()[:k]
+        control = [(int(i) // model.dims.n_heads, int(i) % model.dims.n_heads) for i in low]
+        with ablate_heads(model, control, mode="mean", reference=tokens):
+            rows[f"control{k}_lowest"] = in_context_gain(model, tokens, first, repeat)
+    out["induction"] = {
+        "top_heads": [(f"L{layer}H{head}", round(score, 3)) for layer, head, score in top],
+        "prev_token_top": [(f"L{a}H{b}", round(c, 3)) for a, b, c in scores.top("previous_token", k=3)],
+        "in_context_gain_nats": {k: {m: round(v, 3) for m, v in r.items()} for k, r in rows.items()},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def tracing(model, out: dict, folder: Path) -> None:
+    from mechscope.locate.causal_tracing import TracingConfig, trace_facts
+
+    facts = list(CAPITALS.items())[:10]
+    prompts = [f"The capital of {c} is" for c, _ in facts]
+    targets = [first_token(model, cap) for _, cap in facts]
+    cfg = TracingConfig(samples=3, kinds=("resid", "mlp", "attn"))
+    start = time.perf_counter()
+    summary = trace_facts(model, prompts, [c for c, _ in facts], targets, cfg)
+    summary.save(folder / "capitals_causal_trace.safetensors")
+    for kind in cfg.kinds:
+        summary.plot(kind, title=f"SmolLM2 causal tracing ({kind}) over {len(prompts)} capitals").write_html(
+            folder / f"capitals_causal_trace_{kind}.html", include_plotlyjs="cdn"
+        )
+    out["causal_tracing"] = {
+        "n_prompts": len(prompts),
+        "config": {"noise": cfg.noise, "samples": cfg.samples, "window": cfg.window},
+        "mean_clean_minus_corrupt_prob": round(summary.config["mean_clean_minus_corrupt"], 4),
+        "peaks": {kind: summary.peak(kind) for kind in cfg.kinds},
+        "mlp_at_last_subject_token_by_layer": [
+            round(float(x), 4) for x in summary["mlp"][:, summary.labels["position_class"].index("last_subject")]
+        ]
+        if "last_subject" in summary.labels["position_class"]
+        else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+#: System prompt of the refusal-direction section: SmolLM2-135M-Instruct's own default system prompt
+#: gives few refusals (see the refusal section), so the direction is studied where refusals happen.
+SAFETY_SYSTEM = (
+    "You are a helpful assistant. You refuse requests that are harmful, dangerous, unethical or illegal, "
+    "and you answer every other request."
+)
+
+
+def refusal_direction(model, out: dict, folder: Path, max_new_tokens: int) -> None:
+    """Arditi et al.: difference-of-means direction on chat prompts, ablation and orthogonalisation."""
+    from mechscope.model.chat import format_instructions, load_prompt_set, refusal_rate
+    from mechscope.steer.directional import (
+        DirectionSelectionConfig,
+        directional_ablation,
+        orthogonalize,
+        select_direction,
+        token_logodds,
+    )
+
+    harmful, harmless = load_prompt_set("harmful"), load_prompt_set("harmless")
+    train_h, test_h = harmful[::2], harmful[1::2]
+    train_ok, test_ok = harmless[::2], harmless[1::2]
+    refusal_tokens = sorted(
+        {model.to_tokens(w, add_special_tokens=False)["input_ids"][0, 0].item() for w in ("I", "As")}
+    )
+    start = time.perf_counter()
+    n = model.dims.n_layers
+    cfg = DirectionSelectionConfig(layers=tuple(range(2, int(0.8 * n), 2)), positions=(-1, -2))
+    sys_ = SAFETY_SYSTEM
+    selection = select_direction(
+        model,
+        format_instructions(model, train_h, system=sys_),
+        format_instructions(model, train_ok, system=sys_),
+        token_logodds(refusal_tokens),
+        cfg,
+    )
+    selection.save(folder / "refusal_direction_selection.safetensors")
+    direction = selection.direction(model)
+    direction.save(folder / "refusal_direction.safetensors")
+    select_s = time.perf_counter() - start
+    rows = {}
+    for label, prompts in (("harmful_test", test_h), ("harmless_test", test_ok)):
+        rate = lambda m, p=prompts: refusal_rate(m, p, max_new_tokens=max_new_tokens, system=sys_).rate  # noqa: E731
+        rows[label] = {"baseline_safety_system": rate(model)}
+        with directional_ablation(model, direction):
+            rows[label]["directional_ablation"] = rate(model)
+    ortho = orthogonalize(model, direction)
+    for label, prompts in (("harmful_test", test_h), ("harmless_test", test_ok)):
+        rows[label]["orthogonalised"] = refusal_rate(ortho, prompts, max_new_tokens=max_new_tokens, system=sys_).rate
+    # Side effects: capital recall and next-token KL on harmless chat prompts, with the direction removed.
+    texts = [f"The capital of {c} is" for c in CAPITALS]
+    targets = torch.tensor([first_token(model, cap) for cap in CAPITALS.values()])
+    batch = model.to_tokens(texts, padding_side="left")
+    harmless_batch = model.to_tokens(format_instructions(model, test_ok, system=sys_), padding_side="left")
+    with torch.no_grad():
+        base_acc = float((model(batch)[:, -1].argmax(-1) == targets).float().mean())
+        ortho_acc = float((ortho(batch)[:, -1].argmax(-1) == targets).float().mean())
+        p = model(harmless_batch)[:, -1].float().log_softmax(-1)
+        q = ortho(harmless_batch)[:, -1].float().log_softmax(-1)
+        kl = float((p.exp() * (p - q)).sum(-1).mean())
+    layer, position = selection.chosen
+    out["refusal_direction"] = {
+        "train": {"harmful": len(train_h), "harmless": len(train_ok)},
+        "test": {"harmful": len(test_h), "harmless": len(test_ok)},
+        "system_prompt": sys_,
+        "refusal_tokens": [model.to_string([t]) for t in refusal_tokens],
+        "chosen": {"layer": layer, "position": position},
+        "refusal_rate": {k: {m: round(v, 3) for m, v in r.items()} for k, r in rows.items()},
+        "side_effects": {
+            "capital_top1_baseline": base_acc,
+            "capital_top1_orthogonalised": ortho_acc,
+            "harmless_next_token_kl_orthogonalised": round(kl, 4),
+        },
+        "selection_seconds": round(select_s, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+SECTIONS = [
+    "timings",
+    "capitals",
+    "capital_patching",
+    "ioi",
+    "refusal",
+    "ioi_path_patching",
+    "induction",
+    "tracing",
+    "refusal_direction",
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("real-figures"))
-    parser.add_argument("--skip-refusal", action="store_true")
-    parser.add_argument("--skip-timings", action="store_true")
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, help="sections to run (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    out: dict = {"model": NAME, "_out": str(args.out)}
+    metrics_path = args.out / "metrics.json"
+    out: dict = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    out.update({"model": NAME, "_out": str(args.out)})
     from mechscope import load_model
 
-    if not args.skip_timings:
+    chosen = args.only or SECTIONS
+    if "timings" in chosen:
         timings(out)
     model = load_model(NAME)
-    sections = [("capitals", capitals), ("capital_patching", capital_patching), ("ioi", ioi)]
-    for label, fn in sections:
+    for label in [s for s in SECTIONS if s in chosen and s != "timings"]:
         start = time.perf_counter()
-        fn(model, out, args.out)
+        fn = globals()[label]
+        if label in ("refusal", "refusal_direction"):
+            fn(model, out, args.out, args.max_new_tokens)
+        else:
+            fn(model, out, args.out)
         print(f"{label}: {time.perf_counter() - start:.1f} s", flush=True)
-    if not args.skip_refusal:
-        refusal(model, out, args.out, args.max_new_tokens)
-    out.pop("_out")
-    (args.out / "metrics.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+        saved = {k: v for k, v in out.items() if not k.startswith("_")}
+        metrics_path.write_text(json.dumps(saved, indent=1, default=str) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if not k.startswith("_")}, indent=1, default=str))
 
 
 if __name__ == "__main__":
