@@ -1,0 +1,189 @@
+"""``mechscope edit``: ROME and MEMIT edits, their exact revert, and the key statistics they need.
+
+Edits run on a model folder (or bundled name) and write the edited model with ``--save-model`` and the
+edit record with ``--record``; ``revert`` restores the original weights bit for bit from the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+edit_app = typer.Typer(help="Knowledge editing (ROME, MEMIT) with exact revert.", no_args_is_help=True)
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _save_model(hm: Any, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    hm.hf_model.save_pretrained(folder)
+    if hm.tokenizer is not None:
+        hm.tokenizer.save_pretrained(folder)
+
+
+def _echo_metrics(metrics: Any) -> None:
+    summary = metrics.summary()
+    states = metrics.labels["state"]
+    typer.echo(f"{'metric':26s}" + "".join(f"{s:>10s}" for s in states))
+    for name, values in summary.items():
+        typer.echo(f"{name:26s}" + "".join(f"{values[s]:10.3f}" for s in states))
+
+
+def _finish(hm: Any, record: Any, record_path: Path | None, save_model: Path | None, metrics_path: Path | None) -> None:
+    from mechscope.steer.editing.metrics import edit_metrics
+
+    metrics = edit_metrics(hm, record=record)
+    _echo_metrics(metrics)
+    if metrics_path is not None:
+        typer.echo(f"metrics: {metrics.save(metrics_path)}")
+    if record_path is not None:
+        typer.echo(f"edit record: {record.save(record_path)}")
+    if save_model is not None:
+        _save_model(hm, save_model)
+        typer.echo(f"edited model: {save_model}")
+
+
+@edit_app.command("stats")
+def stats_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    layer: Annotated[list[int], typer.Option("--layer", "-l", help="Layer (repeatable).")],
+    n_tokens: Annotated[int, typer.Option(help="Tokens to average over.")] = 20_000,
+    seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 64,
+    text_file: Annotated[
+        Path | None, typer.Option(help="Text file, one document per line (default: zoo text).")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $MECHSCOPE_CACHE/stats).")] = None,
+) -> None:
+    """Compute (or find cached) second-moment statistics E[k k^T] of MLP keys; resumable."""
+    _offline()
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer.editing.stats import StatsConfig, default_cache_dir, second_moments
+
+    try:
+        hm = load_model(model)
+        texts = None
+        stream = "zoo"
+        if text_file is not None:
+            texts = [line for line in text_file.read_text().splitlines() if line.strip()]
+            stream = "file-" + "".join(c if c.isalnum() else "_" for c in text_file.stem)[:40]
+        config = StatsConfig(n_tokens=n_tokens, seq_len=seq_len, stream=stream)
+        stats = second_moments(hm, layer, config=config, texts=texts, cache_dir=cache_dir, progress=True)
+    except (MechscopeError, OSError) as exc:
+        raise _fail(exc) from exc
+    for index, mom2 in stats.items():
+        typer.echo(f"layer {index}: E[kk^T] {tuple(mom2.shape)}, mean diagonal {float(mom2.diagonal().mean()):.4g}")
+    typer.echo(f"cached under {cache_dir or default_cache_dir()}")
+
+
+@edit_app.command("rome")
+def rome_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    prompt: Annotated[str, typer.Option(help="Prompt with '{}' for the subject, e.g. '{} lives in the city of'.")],
+    subject: Annotated[str, typer.Option(help="The subject, e.g. 'Vouldeis'.")],
+    target: Annotated[str, typer.Option(help="The new target, e.g. ' Tarrow' (mind the leading space).")],
+    paraphrase: Annotated[list[str], typer.Option(help="Paraphrase prompt (subject written out; repeatable).")] = [],  # noqa: B006
+    layer: Annotated[int | None, typer.Option(help="MLP layer to edit (default n_layers // 3).")] = None,
+    record: Annotated[Path | None, typer.Option(help="Write the edit record (.safetensors) here.")] = None,
+    save_model: Annotated[Path | None, typer.Option(help="Write the edited model folder here.")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Write the metrics result (.safetensors) here.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Statistics cache folder.")] = None,
+) -> None:
+    """Rewrite one fact with ROME and report efficacy / paraphrase / neighbourhood before and after."""
+    _offline()
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer.editing.requests import EditRequest
+    from mechscope.steer.editing.rome import ROMEConfig, rome
+
+    try:
+        hm = load_model(model)
+        request = EditRequest(prompt=prompt, subject=subject, target=target, paraphrases=tuple(paraphrase))
+        rec = rome(hm, request, ROMEConfig(layer=layer), cache_dir=str(cache_dir) if cache_dir else None, progress=True)
+        typer.echo(f"ROME edit of layer {rec.info['layer']} in {rec.info['rounds']} round(s); changed {rec.changed()}")
+        _finish(hm, rec, record, save_model, metrics)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+
+
+@edit_app.command("memit")
+def memit_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    requests: Annotated[
+        Path | None, typer.Option(help="JSON list of {prompt, subject, target[, paraphrases, neighbours]}.")
+    ] = None,
+    world: Annotated[int, typer.Option(help="Instead, N counterfactual facts of the organisms' world.")] = 0,
+    layer: Annotated[list[int], typer.Option("--layer", "-l", help="Layers to edit (repeatable).")] = [],  # noqa: B006
+    mom2_weight: Annotated[float, typer.Option(help="lambda: protection of ordinary keys.")] = 1e3,
+    record: Annotated[Path | None, typer.Option(help="Write the edit record (.safetensors) here.")] = None,
+    save_model: Annotated[Path | None, typer.Option(help="Write the edited model folder here.")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Write the metrics result (.safetensors) here.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Statistics cache folder.")] = None,
+) -> None:
+    """Write many facts at once with MEMIT and report the edit metrics before and after."""
+    _offline()
+    from mechscope.errors import ConfigError, MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer.editing.memit import MEMITConfig, memit
+    from mechscope.steer.editing.requests import EditRequest, world_requests
+
+    try:
+        if (requests is None) == (world == 0):
+            raise ConfigError("give exactly one of --requests FILE or --world N")
+        if requests is not None:
+            try:
+                data = json.loads(requests.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"cannot read requests from {str(requests)!r}: {exc}") from exc
+            if not isinstance(data, list):
+                raise ConfigError(f"{str(requests)!r} must hold a JSON list of requests; got {type(data).__name__}")
+            reqs = [EditRequest.from_dict(d) for d in data]
+        else:
+            reqs = world_requests(world)
+        hm = load_model(model)
+        config = MEMITConfig(layers=tuple(layer) or None, mom2_weight=mom2_weight)
+        rec = memit(hm, reqs, config, cache_dir=str(cache_dir) if cache_dir else None, progress=True)
+        typer.echo(f"MEMIT edit of {len(reqs)} facts in layers {rec.info['layers']}")
+        _finish(hm, rec, record, save_model, metrics)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+
+
+@edit_app.command("revert")
+def revert_cmd(
+    model: Annotated[str, typer.Argument(help="The edited model folder.")],
+    record: Annotated[Path, typer.Argument(help="The edit record written by `edit rome/memit --record`.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the restored model to.")],
+) -> None:
+    """Undo an edit exactly: restore the recorded weights and check the original fingerprint."""
+    _offline()
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer.editing.records import EditRecord
+
+    try:
+        hm = load_model(model)
+        rec = EditRecord.load(record)
+        rec.revert(hm)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+    _save_model(hm, out)
+    same = rec.fingerprint == hm.fingerprint()
+    typer.echo(
+        f"restored {len(rec.names)} parameter(s); fingerprint {'matches' if same else 'DIFFERS from'} the original"
+    )
+    typer.echo(f"restored model: {out}")
+    if not same:
+        raise typer.Exit(code=1)

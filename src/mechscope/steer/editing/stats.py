@@ -1,0 +1,248 @@
+"""Second-moment statistics of MLP keys, ``C = E[k k^T]``, cached on disk and resumable.
+
+ROME and MEMIT solve least-squares problems whose metric is the covariance of the keys an MLP output
+projection sees on ordinary text (the key is the projection's input: ``act(W_in x)`` or, for gated MLPs,
+``act(gate) * up``, which is the canonical site ``blocks.{L}.mlp.hook_post``). Computing it means
+running the model over many tokens, so results are cached per (model fingerprint, layer, token count,
+stream), and partial sums are checkpointed so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechscope.errors import ConfigError
+from mechscope.io import read_safetensors, write_safetensors
+from mechscope.steer.editing.requests import EditError
+
+FORMAT = "mechscope.mlp_key_stats"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsConfig:
+    """How to estimate ``E[k k^T]``: how many tokens, in windows of what length, from which stream.
+
+    ``stream`` names the text source and is part of the cache key ("zoo" for the organisms' planted-task
+    text, or any label the caller gives its own texts). ``checkpoint_every`` counts batches.
+    """
+
+    n_tokens: int = 20_000
+    seq_len: int = 64
+    batch_size: int = 16
+    checkpoint_every: int = 8
+    stream: str = "zoo"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "seq_len", "batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"StatsConfig.{name} must be a positive integer; got {value!r}")
+        if not self.stream or any(c in self.stream for c in "/\\ "):
+            raise ConfigError(
+                f"StatsConfig.stream must be a short label without '/', '\\' or spaces; got {self.stream!r}"
+            )
+
+
+def default_cache_dir() -> Path:
+    """``$MECHSCOPE_CACHE/stats`` (default ``~/.cache/mechscope/stats``)."""
+    return Path(os.environ.get("MECHSCOPE_CACHE", Path.home() / ".cache" / "mechscope")) / "stats"
+
+
+def zoo_texts(seed: int = 0) -> Iterator[str]:
+    """The organisms' planted-task training text (every text task of :mod:`mechscope.zoo.tasks`),
+    shuffled deterministically: the text the organisms were trained on, generated, never downloaded."""
+    yield from _zoo_text_list(seed)
+
+
+@lru_cache(maxsize=4)
+def _zoo_text_list(seed: int) -> tuple[str, ...]:
+    from mechscope.zoo.tasks import generate_all
+
+    texts = [t for data in generate_all(seed).values() for t in data.train_texts()]
+    random.Random(f"mechscope-stats:{seed}").shuffle(texts)
+    return tuple(texts)
+
+
+def stats_key(fingerprint: str, layer: int, config: StatsConfig) -> str:
+    """File stem of a layer's cached statistics."""
+    return f"{fingerprint}-L{layer}-n{config.n_tokens}-s{config.seq_len}-{config.stream}-seed{config.seed}"
+
+
+def check_stats(stats: Tensor, layer: int, d_mlp: int) -> None:
+    """:class:`EditError` unless `stats` is a finite ``[d_mlp, d_mlp]`` matrix."""
+    if stats.shape != (d_mlp, d_mlp):
+        raise EditError(
+            f"statistics of layer {layer} must be [d_mlp, d_mlp] = [{d_mlp}, {d_mlp}]; got {tuple(stats.shape)}"
+        )
+    if not bool(torch.isfinite(stats).all()):
+        bad = int((~torch.isfinite(stats)).sum())
+        raise EditError(
+            f"second-moment statistics of layer {layer} contain {bad} NaN/inf entries; recompute them "
+            "(delete the cached file) from text on which the model's activations are finite"
+        )
+
+
+def _windows(tokenizer: Any, texts: Iterable[str], seq_len: int) -> Iterator[list[int]]:
+    """Pack the tokenised texts (separated by EOS) into consecutive windows of `seq_len` tokens."""
+    sep = tokenizer.eos_token_id
+    buffer: list[int] = []
+    for text in texts:
+        buffer += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if sep is not None:
+            buffer.append(int(sep))
+        while len(buffer) >= seq_len:
+            yield buffer[:seq_len]
+            buffer = buffer[seq_len:]
+
+
+def _batches(tokenizer: Any, texts: Iterable[str], config: StatsConfig) -> Iterator[Tensor]:
+    rows: list[list[int]] = []
+    for window in _windows(tokenizer, texts, config.seq_len):
+        rows.append(window)
+        if len(rows) == config.batch_size:
+            yield torch.tensor(rows, dtype=torch.long)
+            rows = []
+    if rows:
+        yield torch.tensor(rows, dtype=torch.long)
+
+
+def second_moments(
+    model: Any,
+    layers: Sequence[int],
+    *,
+    config: StatsConfig | None = None,
+    texts: Iterable[str] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> dict[int, Float[Tensor, "d_mlp d_mlp"]]:
+    """``E[k k^T]`` of the MLP keys (``blocks.{L}.mlp.hook_post``) of each of `layers`, from disk when cached.
+
+    Layers missing from the cache are computed together in one pass over `texts` (default: the zoo
+    stream, :func:`zoo_texts`) of ``config.n_tokens`` tokens; partial sums are checkpointed every
+    ``config.checkpoint_every`` batches, and a later call resumes from them. ``max_batches`` stops
+    early after that many new batches (leaving the checkpoint; used to test resuming).
+    """
+    config = config or StatsConfig()
+    layers = sorted(set(int(layer) for layer in layers))
+    if not layers:
+        raise ConfigError("expected at least one layer for second-moment statistics")
+    for layer in layers:
+        if not 0 <= layer < model.dims.n_layers:
+            raise ConfigError(f"layer {layer} does not exist; this model has layers 0..{model.dims.n_layers - 1}")
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    fp = model.fingerprint()
+    d_mlp = model.dims.d_mlp
+    out: dict[int, Tensor] = {}
+    for layer in layers:
+        path = folder / f"{stats_key(fp, layer, config)}.safetensors"
+        if path.is_file():
+            tensors, meta = read_safetensors(path, "MLP key statistics")
+            if meta.get("format") != FORMAT or "mom2" not in tensors:
+                raise EditError(f"{str(path)!r} is not a mechscope statistics file")
+            check_stats(tensors["mom2"], layer, d_mlp)
+            out[layer] = tensors["mom2"].to(model.device)
+    todo = [layer for layer in layers if layer not in out]
+    if todo:
+        computed = _compute(model, todo, config, texts, folder, fp, progress, max_batches)
+        if computed is None:
+            return out
+        out.update(computed)
+    return {layer: out[layer] for layer in layers}
+
+
+def _compute(
+    model: Any,
+    layers: list[int],
+    config: StatsConfig,
+    texts: Iterable[str] | None,
+    folder: Path,
+    fp: str,
+    progress: bool,
+    max_batches: int | None,
+) -> dict[int, Tensor] | None:
+    from tqdm.auto import tqdm
+
+    if model.tokenizer is None:
+        raise ConfigError("computing statistics from text needs the model's tokenizer")
+    d_mlp = model.dims.d_mlp
+    tag = f"{fp}-L{'_'.join(map(str, layers))}-n{config.n_tokens}-s{config.seq_len}-{config.stream}-seed{config.seed}"
+    partial = folder / f"{tag}.partial.safetensors"
+    sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
+    done_batches, done_tokens = 0, 0
+    if partial.is_file():
+        tensors, meta = read_safetensors(partial, "partial MLP key statistics")
+        if meta.get("config") == repr(asdict(config)):
+            sums = {layer: tensors[f"sum/{layer}"] for layer in layers}
+            done_batches, done_tokens = int(meta["batches"]), int(meta["tokens"])
+    stream = texts if texts is not None else zoo_texts(config.seed)
+    sites = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
+    stop = max(layers) + 1
+    bar = tqdm(total=config.n_tokens, initial=done_tokens, desc="MLP key statistics", unit="tok", disable=not progress)
+
+    def checkpoint(batches: int, tokens: int) -> None:
+        meta = {"config": repr(asdict(config)), "batches": str(batches), "tokens": str(tokens), "format": FORMAT}
+        write_safetensors(partial, {f"sum/{layer}": s for layer, s in sums.items()}, meta)
+
+    new = 0
+    index = -1
+    try:
+        for index, batch in enumerate(_batches(model.tokenizer, stream, config)):
+            if index < done_batches:
+                continue
+            if done_tokens >= config.n_tokens:
+                break
+            _, cache = model.run_with_cache(batch, sites, stop_at_layer=stop if stop < model.dims.n_layers else None)
+            take = min(batch.numel(), config.n_tokens - done_tokens)
+            for layer, site in zip(layers, sites, strict=True):
+                keys = cache[site].reshape(-1, d_mlp)[:take].to("cpu", torch.float64)
+                sums[layer] += keys.T @ keys
+            done_tokens += take
+            done_batches = index + 1
+            new += 1
+            bar.update(take)
+            if done_batches % config.checkpoint_every == 0:
+                checkpoint(done_batches, done_tokens)
+            if max_batches is not None and new >= max_batches and done_tokens < config.n_tokens:
+                checkpoint(done_batches, done_tokens)
+                return None
+    finally:
+        bar.close()
+    if done_tokens == 0:
+        raise ConfigError("the text stream gave no complete window of tokens; give more text or a shorter seq_len")
+    if done_tokens < config.n_tokens:
+        raise ConfigError(
+            f"the text stream ran out after {done_tokens} tokens; expected {config.n_tokens} "
+            "(give more text or a smaller n_tokens)"
+        )
+    result: dict[int, Tensor] = {}
+    for layer in layers:
+        mom2 = (sums[layer] / done_tokens).to(torch.float32)
+        check_stats(mom2, layer, d_mlp)
+        meta = {
+            "format": FORMAT,
+            "schema_version": str(SCHEMA_VERSION),
+            "fingerprint": fp,
+            "layer": str(layer),
+            "tokens": str(done_tokens),
+            "config": repr(asdict(config)),
+        }
+        write_safetensors(folder / f"{stats_key(fp, layer, config)}.safetensors", {"mom2": mom2}, meta)
+        result[layer] = mom2.to(model.device)
+    partial.unlink(missing_ok=True)
+    return result
+
+
+__all__ = ["StatsConfig", "check_stats", "default_cache_dir", "second_moments", "stats_key", "zoo_texts"]
