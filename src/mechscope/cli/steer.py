@@ -1,0 +1,299 @@
+"""``mechscope steer ...``: build steering vectors and directions, steer, ablate, orthogonalise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+steer_app = typer.Typer(help="Steer: ablation, steering vectors, directional ablation.", no_args_is_help=True)
+
+CONTRASTS = ("sentiment", "refusal")
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _lines(path: Path | None) -> list[str]:
+    from mechscope.errors import ConfigError
+
+    if path is None:
+        return []
+    if not path.is_file():
+        raise ConfigError(f"no text file at {str(path)!r} (expected one prompt per line)")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"{str(path)!r} has no non-empty lines")
+    return lines
+
+
+def contrast_texts(name: str, n: int = 48, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(positive, negative) prompts of a bundled contrast, from the organisms' training splits.
+
+    ``sentiment``: negative reviews vs positive reviews (the vector steers towards negative);
+    ``refusal``: forbidden vs benign requests (the direction mediates refusal).
+    """
+    import random
+
+    from mechscope.errors import ConfigError
+    from mechscope.zoo.tasks import refusal, sentiment
+
+    rng = random.Random(seed)
+    if name == "sentiment":
+        data = sentiment.generate(seed).train
+        pos, neg = "negative", "positive"
+    elif name == "refusal":
+        data = refusal.generate(seed).train
+        pos, neg = "forbidden", "benign"
+    else:
+        raise ConfigError(f"unknown contrast {name!r}; known: {list(CONTRASTS)}")
+    positive = [e.prompt for e in data if e.label == pos]
+    negative = [e.prompt for e in data if e.label == neg]
+    return rng.sample(positive, min(n, len(positive))), rng.sample(negative, min(n, len(negative)))
+
+
+def retain_texts(n_per_task: int = 32, seed: int = 0) -> list[str]:
+    """Ordinary prompts of the organisms' sentiment, truth and IOI training splits (not refusal, not facts)."""
+    import random
+
+    from mechscope.zoo.tasks import generate_all
+
+    rng = random.Random(seed)
+    data = generate_all(seed)
+    out: list[str] = []
+    for name in ("sentiment", "truth", "ioi"):
+        out += [e.prompt for e in rng.sample(data[name].train, n_per_task)]
+    return out
+
+
+def _pair(contrast: str, positive: Path | None, negative: Path | None) -> tuple[list[str], list[str]]:
+    from mechscope.errors import ConfigError
+
+    if contrast:
+        if positive or negative:
+            raise ConfigError("give either --contrast or --positive/--negative files, not both")
+        return contrast_texts(contrast)
+    pos, neg = _lines(positive), _lines(negative)
+    if not pos or not neg:
+        raise ConfigError("need --contrast NAME or both --positive FILE and --negative FILE")
+    return pos, neg
+
+
+def _ints(text: str) -> list[int] | None:
+    from mechscope.errors import ConfigError
+
+    if not text.strip():
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"expected comma-separated integers; got {text!r}") from exc
+
+
+def _positions(text: str) -> Any:
+    return text if text in ("all", "prompt", "generated") else _ints(text)
+
+
+@steer_app.command("vector")
+def vector_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    contrast: Annotated[str, typer.Option(help=f"Bundled contrast: {', '.join(CONTRASTS)}.")] = "",
+    positive: Annotated[Path | None, typer.Option(help="File of positive prompts, one per line.")] = None,
+    negative: Annotated[Path | None, typer.Option(help="File of negative prompts, one per line.")] = None,
+    layers: Annotated[str, typer.Option(help="Comma-separated layers (default: all).")] = "",
+    site: Annotated[str, typer.Option(help="Residual-width site kind.")] = "hook_resid_pre",
+    method: Annotated[str, typer.Option(help="mean (CAA difference of means) or pca (RepE).")] = "mean",
+    read: Annotated[str, typer.Option(help="last token or mean over tokens.")] = "last",
+) -> None:
+    """Build a steering vector (positive minus negative) and save it with the model's fingerprint."""
+    _offline()
+    from mechscope.errors import ConfigError, MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer import mean_difference, pca_direction
+
+    try:
+        hm = load_model(model)
+        pos, neg = _pair(contrast, positive, negative)
+        if method == "mean":
+            vec = mean_difference(hm, pos, neg, layers=_ints(layers), site=site, read=read)  # type: ignore[arg-type]
+        elif method == "pca":
+            n = min(len(pos), len(neg))
+            vec = pca_direction(hm, pos[:n], neg[:n], layers=_ints(layers), site=site, read=read)  # type: ignore[arg-type]
+        else:
+            raise ConfigError(f"method must be 'mean' or 'pca'; got {method!r}")
+        path = vec.save(out)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+    norms = ", ".join(f"L{k}: {v:.3g}" for k, v in vec.norms().items())
+    typer.echo(f"{vec!r} from {len(pos)}/{len(neg)} prompts; norms {norms} -> {path}")
+
+
+@steer_app.command("generate")
+def generate_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    vector: Annotated[Path, typer.Option(help="Steering vector file (mechscope steer vector).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeatable).")],
+    coefficient: Annotated[float, typer.Option(help="Multiplier of the vector.")] = 1.0,
+    positions: Annotated[str, typer.Option(help="all, prompt, generated, or comma-separated indices.")] = "all",
+    layers: Annotated[str, typer.Option(help="Comma-separated layers (default: the vector's).")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 20,
+) -> None:
+    """Greedy generations without and with steering."""
+    _offline()
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer import SteeringVector, steer
+
+    try:
+        hm = load_model(model)
+        vec = SteeringVector.load(vector, hm)
+        intervention = steer(hm, vec, coefficient, positions=_positions(positions), layers=_ints(layers))
+        before = hm.generate_text(list(prompt), max_new_tokens=max_new_tokens, do_sample=False)
+        with intervention:
+            after = hm.generate_text(list(prompt), max_new_tokens=max_new_tokens, do_sample=False)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+    typer.echo(intervention.describe())
+    for p, b, a in zip(prompt, before, after, strict=True):
+        typer.echo(f"prompt  {p!r}\n  before {b!r}\n  after  {a!r}")
+
+
+@steer_app.command("direction")
+def direction_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output direction .safetensors file.")],
+    token: Annotated[str, typer.Option(help="Behaviour token scored by log-odds (e.g. ' Sorry').")] = " Sorry",
+    contrast: Annotated[str, typer.Option(help=f"Bundled contrast: {', '.join(CONTRASTS)}.")] = "",
+    positive: Annotated[Path | None, typer.Option(help="Prompts showing the behaviour, one per line.")] = None,
+    negative: Annotated[Path | None, typer.Option(help="Prompts without it, one per line.")] = None,
+    retain: Annotated[Path | None, typer.Option(help="Ordinary prompts to spare, one per line.")] = None,
+    organism_retain: Annotated[
+        bool, typer.Option("--organism-retain", help="Spare the organisms' sentiment/truth/IOI prompts.")
+    ] = False,
+    layers: Annotated[str, typer.Option(help="Candidate layers (default: first 80 %).")] = "",
+    positions: Annotated[str, typer.Option(help="Candidate positions from the end.")] = "-1,-2,-3",
+    max_kl: Annotated[float, typer.Option(help="KL filter.")] = 0.1,
+    max_ablation_score: Annotated[
+        float | None, typer.Option(help="Rank by KL among candidates at or below this ablation score.")
+    ] = None,
+    induction: Annotated[bool, typer.Option("--induction/--no-induction", help="Require induction > 0.")] = False,
+    selection_out: Annotated[Path | None, typer.Option(help="Also save the candidate scores here.")] = None,
+) -> None:
+    """Choose a behaviour direction among (layer, position) candidates and save it."""
+    _offline()
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer import DirectionSelectionConfig, select_direction, token_logodds
+
+    try:
+        hm = load_model(model)
+        pos, neg = _pair(contrast, positive, negative)
+        keep = retain_texts() if organism_retain else (_lines(retain) or None)
+        chosen_layers = _ints(layers)
+        cfg = DirectionSelectionConfig(
+            layers=tuple(chosen_layers) if chosen_layers else None,
+            positions=tuple(_ints(positions) or (-1,)),
+            max_kl=max_kl,
+            require_induction=induction,
+            max_ablation_score=max_ablation_score,
+        )
+        sel = select_direction(hm, pos, neg, token_logodds(hm.to_single_token(token)), cfg, retain=keep)
+        path = sel.direction(hm).save(out)
+        if selection_out is not None:
+            sel.save(selection_out)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+    layer, position = sel.chosen
+    typer.echo(
+        f"chosen layer {layer}, position {position} (baseline score {sel.config['baseline_positive_score']:.3g})"
+    )
+    typer.echo(f"direction -> {path}")
+
+
+@steer_app.command("orthogonalize")
+def orthogonalize_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    direction: Annotated[Path, typer.Option(help="Direction file (mechscope steer direction).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the orthogonalised model.")],
+) -> None:
+    """Write a model whose weights never write along the direction (loads with plain transformers)."""
+    _offline()
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer import Direction, orthogonalize
+
+    try:
+        hm = load_model(model)
+        new = orthogonalize(hm, Direction.load(direction, hm), inplace=True)
+        out.mkdir(parents=True, exist_ok=True)
+        new.hf_model.save_pretrained(out)
+        if new.tokenizer is not None:
+            new.tokenizer.save_pretrained(out)
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"orthogonalised model written to {out}")
+
+
+@steer_app.command("ablate")
+def ablate_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    site: Annotated[list[str], typer.Option("--site", "-s", help="Site to ablate (repeatable).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeatable).")],
+    method: Annotated[str, typer.Option(help="zero, mean, resample or scale.")] = "zero",
+    heads: Annotated[str, typer.Option(help="Comma-separated heads.")] = "",
+    neurons: Annotated[str, typer.Option(help="Comma-separated neurons (last axis).")] = "",
+    positions: Annotated[str, typer.Option(help="Comma-separated positions.")] = "",
+    factor: Annotated[float, typer.Option(help="Multiplier for method=scale.")] = 0.0,
+    reference: Annotated[Path | None, typer.Option(help="Reference/source prompts for mean/resample.")] = None,
+    over: Annotated[str, typer.Option(help="Mean over 'batch' (per position) or 'tokens'.")] = "tokens",
+    top: Annotated[int, typer.Option(help="Top next tokens to show.")] = 5,
+) -> None:
+    """Next-token predictions of prompts without and with an ablation."""
+    _offline()
+    import torch
+
+    from mechscope.errors import MechscopeError
+    from mechscope.model.loading import load_model
+    from mechscope.steer import Ablation, AblationConfig
+
+    try:
+        hm = load_model(model)
+        cfg = AblationConfig(
+            method=method,  # type: ignore[arg-type]
+            heads=_ints(heads),  # type: ignore[arg-type]
+            neurons=_ints(neurons),  # type: ignore[arg-type]
+            positions=_ints(positions),  # type: ignore[arg-type]
+            factor=factor,
+            over=over,  # type: ignore[arg-type]
+        )
+        ref = _lines(reference) or None
+        ablation = Ablation(hm, site, cfg, reference=ref)
+        with torch.no_grad():
+            before = hm.forward(list(prompt))
+            with ablation:
+                after = hm.forward(list(prompt))
+        mask = hm.to_tokens(list(prompt))["attention_mask"]
+        last = mask.sum(-1) - 1
+    except MechscopeError as exc:
+        raise _fail(exc) from exc
+    typer.echo(ablation.describe())
+    for i, p in enumerate(prompt):
+        typer.echo(f"prompt {p!r}")
+        for name, logits in (("before", before), ("after", after)):
+            probs = logits[i, int(last[i])].float().softmax(-1)
+            vals, ids = probs.topk(top)
+            shown = ", ".join(f"{hm.to_string([int(t)])!r} {float(v):.3f}" for v, t in zip(vals, ids, strict=True))
+            typer.echo(f"  {name:6s} {shown}")
+
+
+__all__ = ["contrast_texts", "retain_texts", "steer_app"]

@@ -1,0 +1,233 @@
+"""One evaluation harness: an intervention's target effect and its side effects, before and after.
+
+``evaluate(model, intervention, task)`` runs the task's metrics on the unmodified model and with the
+intervention (a context manager such as :class:`~mechscope.steer.Steering`, or an already modified
+model such as the output of :func:`~mechscope.steer.orthogonalize`), and measures side effects:
+
+- ``kl_neutral``: mean next-token ``KL(before || after)`` over every token of neutral text;
+- ``perplexity``: perplexity of the neutral text before and after;
+- the organisms' other planted tasks (:mod:`mechscope.zoo.tasks`), when the model has their vocabulary.
+
+Greedy continuations of the task's sample prompts are recorded before and after. The result is an
+:class:`EvaluationResult` (a :class:`~mechscope.locate.results.Result`: save/load, table, figure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import ConfigError
+from mechscope.improve.neutral import NEUTRAL_TEXTS
+from mechscope.improve.tasks import Task, has_organism_vocabulary, zoo_metrics
+from mechscope.locate.results import Result
+from mechscope.steer.intervention import require_hooked
+from mechscope.zoo.tasks import TEXT_TASKS
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationConfig:
+    """Options of :func:`evaluate`.
+
+    ``side_tasks``: planted zoo tasks to re-measure as side effects; ``None`` means every text task
+    other than the target task's, when the model has the organisms' vocabulary (none otherwise).
+    """
+
+    neutral_texts: tuple[str, ...] = NEUTRAL_TEXTS
+    side_tasks: tuple[str, ...] | None = None
+    max_new_tokens: int = 12
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.neutral_texts or not all(isinstance(t, str) and t for t in self.neutral_texts):
+            raise ConfigError("neutral_texts must be a non-empty tuple of non-empty strings")
+        if self.side_tasks is not None:
+            unknown = [t for t in self.side_tasks if t not in TEXT_TASKS]
+            if unknown:
+                raise ConfigError(f"unknown side tasks {unknown}; known: {list(TEXT_TASKS)}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive int; got {self.max_new_tokens!r}")
+
+
+class EvaluationResult(Result):
+    """Metric values before and after an intervention.
+
+    Tensor ``values`` [metric, condition] (condition: before, after). ``config`` records which
+    metrics are the target effect (``target``) and which are side effects (``side``), the task, the
+    intervention's description and the sample continuations (``samples``: prompt, before, after).
+    """
+
+    method = "evaluation"
+
+    def before(self, metric: str) -> float:
+        return float(self.tensors["values"][self._row(metric), 0])
+
+    def after(self, metric: str) -> float:
+        return float(self.tensors["values"][self._row(metric), 1])
+
+    def _row(self, metric: str) -> int:
+        names = self.labels["metric"]
+        if metric not in names:
+            raise KeyError(f"no metric {metric!r}; this evaluation has {names}")
+        return names.index(metric)
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.labels["metric"])
+
+    def table(self) -> str:
+        """A Markdown table: metric, role, before, after, change."""
+        target = set(self.config.get("target", []))
+        lines = ["| metric | role | before | after | change |", "|---|---|---|---|---|"]
+        for name in self.metrics:
+            b, a = self.before(name), self.after(name)
+            role = "target" if name in target else "side effect"
+            lines.append(f"| `{name}` | {role} | {b:.4g} | {a:.4g} | {a - b:+.4g} |")
+        return "\n".join(lines)
+
+    def samples_table(self) -> str:
+        """A Markdown table of the sample continuations."""
+        lines = ["| prompt | before | after |", "|---|---|---|"]
+        for row in self.config.get("samples", []):
+            cells = [str(row[k]).replace("|", "\\|").replace("\n", "\\n") for k in ("prompt", "before", "after")]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot(self, name: str | None = None, *, reduce: Sequence[str] = (), title: str | None = None) -> Any:
+        """Grouped bars, before and after, one group per metric (target metrics first)."""
+        import plotly.graph_objects as go
+
+        if name is not None and name != "values":
+            return super().plot(name, reduce=reduce, title=title)
+        target = [m for m in self.metrics if m in set(self.config.get("target", []))]
+        order = target + [m for m in self.metrics if m not in target]
+        labels = [f"{m} (target)" if m in target else m for m in order]
+        fig = go.Figure()
+        for column, condition in enumerate(("before", "after")):
+            values = [float(self.tensors["values"][self._row(m), column]) for m in order]
+            fig.add_trace(go.Bar(name=condition, x=labels, y=values))
+        fig.update_layout(
+            barmode="group",
+            title=title or f"{self.config.get('task', 'task')}: {self.config.get('intervention', '')}",
+            yaxis_title="value",
+        )
+        return fig
+
+
+def _neutral_logprobs(model: HookedModel, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """(log-probs at every real token but the last [n, d_vocab], the next-token ids [n])."""
+    batch = model.to_tokens(list(texts), padding_side="right")
+    with torch.no_grad():
+        logits = model.forward(batch).float()
+    ids = batch["input_ids"].to(logits.device)
+    mask = batch["attention_mask"].to(logits.device).bool()
+    keep = mask[:, 1:] & mask[:, :-1]
+    return logits[:, :-1][keep].log_softmax(-1), ids[:, 1:][keep]
+
+
+def _perplexity(logprobs: Tensor, targets: Tensor) -> float:
+    nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(nll.mean().exp())
+
+
+def _continuations(model: HookedModel, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    if not prompts:
+        return []
+    with torch.no_grad():
+        return model.generate_text(list(prompts), max_new_tokens=max_new_tokens, do_sample=False)
+
+
+def _describe(intervention: Any) -> str:
+    describe = getattr(intervention, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return type(intervention).__name__
+
+
+def evaluate(
+    model: HookedModel,
+    intervention: AbstractContextManager[Any] | HookedModel,
+    task: Task,
+    config: EvaluationConfig | None = None,
+) -> EvaluationResult:
+    """Target effect and side effects of `intervention` on `model` for `task`.
+
+    `intervention` is either a context manager that changes `model` while active (every mechscope
+    intervention; edits that revert on exit) or a modified model with the same tokenizer (e.g. the
+    result of :func:`~mechscope.steer.orthogonalize`), compared with `model`.
+    """
+    model = require_hooked(model)
+    if not isinstance(task, Task):
+        raise ConfigError(f"task must be a mechscope.improve Task (RefusalTask(), SentimentTask(), ...); got {task!r}")
+    cfg = config or EvaluationConfig()
+    from mechscope.model.hooked import HookedModel
+
+    if isinstance(intervention, HookedModel):
+        if intervention is model:
+            raise ConfigError("the modified model is the unmodified model itself; pass a copy or an intervention")
+        if intervention.dims.d_vocab != model.dims.d_vocab:
+            raise ConfigError(
+                f"the modified model has d_vocab={intervention.dims.d_vocab}; the original {model.dims.d_vocab}"
+            )
+        after_model: HookedModel = intervention
+        context: AbstractContextManager[Any] = nullcontext()
+    elif isinstance(intervention, AbstractContextManager) or hasattr(intervention, "__enter__"):
+        after_model, context = model, intervention
+    else:
+        raise ConfigError(
+            f"intervention must be a context manager (e.g. a mechscope Intervention) or a modified HookedModel; "
+            f"got {type(intervention).__name__}"
+        )
+    if cfg.side_tasks is not None:
+        side_tasks = [t for t in cfg.side_tasks if t not in task.zoo_tasks]
+    elif has_organism_vocabulary(model):
+        side_tasks = [t for t in TEXT_TASKS if t not in task.zoo_tasks]
+    else:
+        side_tasks = []
+    prompts = task.sample_prompts()
+
+    with torch.no_grad():
+        target_before = task.metrics(model)
+        side_before = zoo_metrics(model, side_tasks, cfg.seed)
+        ref_lp, targets = _neutral_logprobs(model, cfg.neutral_texts)
+        samples_before = _continuations(model, prompts, cfg.max_new_tokens)
+        with context:
+            target_after = task.metrics(after_model)
+            side_after = zoo_metrics(after_model, side_tasks, cfg.seed)
+            new_lp, _ = _neutral_logprobs(after_model, cfg.neutral_texts)
+            samples_after = _continuations(after_model, prompts, cfg.max_new_tokens)
+
+    kl = float((ref_lp.exp() * (ref_lp - new_lp)).sum(-1).mean())
+    rows: list[tuple[str, float, float]] = [(k, target_before[k], target_after[k]) for k in target_before]
+    rows.append(("kl_neutral", 0.0, kl))
+    rows.append(("perplexity_neutral", _perplexity(ref_lp, targets), _perplexity(new_lp, targets)))
+    rows.extend((k, side_before[k], side_after[k]) for k in side_before)
+    values = torch.tensor([[b, a] for _, b, a in rows], dtype=torch.float64)
+    return EvaluationResult(
+        tensors={"values": values},
+        axes={"values": ("metric", "condition")},
+        labels={"metric": [r[0] for r in rows], "condition": ["before", "after"]},
+        config={
+            "task": task.name,
+            "intervention": _describe(intervention),
+            "target": list(target_before),
+            "side": [r[0] for r in rows if r[0] not in target_before],
+            "side_tasks": side_tasks,
+            "n_neutral_texts": len(cfg.neutral_texts),
+            "samples": [
+                {"prompt": p, "before": b, "after": a}
+                for p, b, a in zip(prompts, samples_before, samples_after, strict=True)
+            ],
+        },
+    )
+
+
+__all__ = ["EvaluationConfig", "EvaluationResult", "evaluate"]

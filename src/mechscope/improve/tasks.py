@@ -1,0 +1,170 @@
+"""Tasks for the evaluation harness: what an intervention should change (the target effect).
+
+A task measures its metrics on a :class:`~mechscope.model.hooked.HookedModel` *as it runs now* --
+inside an intervention's ``with`` block, or on an edited copy -- and names prompts whose
+generations are shown before and after. The built-in tasks read the organisms' planted tasks
+(:mod:`mechscope.zoo.tasks`), regenerated from a seed, so numbers match the model cards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from mechscope.errors import ConfigError
+from mechscope.zoo.tasks import TEXT_TASKS, backdoor, facts, generate_all, ioi, refusal, sentiment, truth, vocab
+from mechscope.zoo.tasks.metrics import next_token_predictions
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
+
+_MODULES = {m.NAME: m for m in (facts, truth, ioi, refusal, sentiment, backdoor)}
+
+
+class Task:
+    """Base of evaluation tasks: ``name``, ``zoo_tasks`` (planted tasks it covers), metrics, samples."""
+
+    name: str = "task"
+    #: planted zoo tasks this task measures itself (excluded from the side-effect tasks).
+    zoo_tasks: tuple[str, ...] = ()
+
+    def metrics(self, model: HookedModel) -> dict[str, float]:
+        raise NotImplementedError
+
+    def sample_prompts(self) -> list[str]:
+        """Prompts whose greedy continuations are shown before and after."""
+        return []
+
+
+def _check_n(n: int, what: str) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{what} must be a positive int; got {n!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefusalTask(Task):
+    """Refusal rate on held-out forbidden and benign requests (the organisms' refusal task)."""
+
+    seed: int = 0
+    n_samples: int = 4
+    name: str = "refusal"
+    zoo_tasks: tuple[str, ...] = ("refusal",)
+
+    def __post_init__(self) -> None:
+        _check_n(self.n_samples, "n_samples")
+
+    def metrics(self, model: HookedModel) -> dict[str, float]:
+        data = refusal.generate(self.seed)
+        return refusal.evaluate(model.hf_model, model.tokenizer, data)
+
+    def sample_prompts(self) -> list[str]:
+        split = refusal.generate(self.seed).eval["heldout"]
+        return [e.prompt for e in split if e.label == "forbidden"][: self.n_samples]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SentimentTask(Task):
+    """How often reviews of one polarity get the other polarity's verdict (a sentiment flip).
+
+    ``flip_rate``: share of held-out `source` reviews whose greedy verdict word is the opposite one;
+    ``verdict_accuracy``: share of all held-out reviews with the correct verdict.
+    """
+
+    source: Literal["positive", "negative"] = "positive"
+    seed: int = 0
+    n_eval: int = 200
+    n_samples: int = 4
+    name: str = "sentiment"
+    zoo_tasks: tuple[str, ...] = ("sentiment",)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("positive", "negative"):
+            raise ConfigError(f"source must be 'positive' or 'negative'; got {self.source!r}")
+        _check_n(self.n_eval, "n_eval")
+        _check_n(self.n_samples, "n_samples")
+
+    def _split(self) -> list[sentiment.Example]:
+        return sentiment.generate(self.seed, n_eval=self.n_eval).eval["heldout"]
+
+    def metrics(self, model: HookedModel) -> dict[str, float]:
+        split = self._split()
+        words = {"positive": vocab.POSITIVE_WORD, "negative": vocab.NEGATIVE_WORD}
+        opposite = model.to_single_token(" " + words["negative" if self.source == "positive" else "positive"])
+        preds = next_token_predictions(model.hf_model, model.tokenizer, [e.prompt for e in split])
+        source = [p for p, e in zip(preds, split, strict=True) if e.label == self.source]
+        correct = [p == model.to_single_token(e.target) for p, e in zip(preds, split, strict=True)]
+        return {
+            "flip_rate": sum(p == opposite for p in source) / max(1, len(source)),
+            "verdict_accuracy": sum(correct) / max(1, len(correct)),
+        }
+
+    def sample_prompts(self) -> list[str]:
+        return [e.prompt for e in self._split() if e.label == self.source][: self.n_samples]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZooTask(Task):
+    """Any planted zoo task by name (``facts``, ``truth``, ``ioi``, ``refusal``, ``sentiment``, ``backdoor``)."""
+
+    task: str
+    seed: int = 0
+    n_samples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.task not in TEXT_TASKS:
+            raise ConfigError(f"unknown zoo task {self.task!r}; known: {list(TEXT_TASKS)}")
+        _check_n(self.n_samples, "n_samples")
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.task
+
+    @property
+    def zoo_tasks(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.task,)
+
+    def metrics(self, model: HookedModel) -> dict[str, float]:
+        data = generate_all(self.seed)[self.task]
+        return _MODULES[self.task].evaluate(model.hf_model, model.tokenizer, data)
+
+    def sample_prompts(self) -> list[str]:
+        data = generate_all(self.seed)[self.task]
+        split = next(iter(data.eval.values()))
+        return [e.prompt for e in split][: self.n_samples]
+
+
+def zoo_metrics(model: HookedModel, tasks: Sequence[str], seed: int = 0) -> dict[str, float]:
+    """The planted-task metrics of `tasks` on `model` as it runs now."""
+    unknown = [t for t in tasks if t not in TEXT_TASKS]
+    if unknown:
+        raise ConfigError(f"unknown zoo tasks {unknown}; known: {list(TEXT_TASKS)}")
+    if not tasks:
+        return {}
+    data = generate_all(seed)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for name in tasks:
+            out.update(_MODULES[name].evaluate(model.hf_model, model.tokenizer, data[name]))
+    return out
+
+
+def has_organism_vocabulary(model: HookedModel) -> bool:
+    """Whether every scored word of the planted tasks is one token (true for the bundled organisms)."""
+    from mechscope.zoo.tasks import required_words
+
+    if model.tokenizer is None:
+        return False
+    try:
+        for word in required_words():
+            model.to_single_token(" " + word)
+    except ConfigError:
+        return False
+    return True
+
+
+TASKS: dict[str, type[Task]] = {"refusal": RefusalTask, "sentiment": SentimentTask}
+
+__all__ = ["TASKS", "RefusalTask", "SentimentTask", "Task", "ZooTask", "has_organism_vocabulary", "zoo_metrics"]
