@@ -373,7 +373,9 @@ def integrated_gradients(
     ``attribution = (x - x') * integral_0^1 d metric(x' + a (x - x')) / dx da``, summed over the
     feature axis. `baseline` x' is ``"zero"``, ``"mean"`` (each row's mean over positions, a common
     "uninformative" input) or a tensor of the site's shape. Completeness -- attributions sum to
-    ``f(x) - f(x')`` -- is checked and reported as ``error`` per row.
+    ``f(x) - f(x')`` -- is checked and reported as ``error`` per row. A zero baseline on a residual
+    stream site is degenerate: the next norm is scale-invariant, so the metric jumps near the origin
+    and no quadrature converges (the reported error shows it); use ``"mean"`` there.
     """
     cfg = config or IGConfig()
     chosen = model.site(site)
