@@ -94,7 +94,10 @@ def main() -> None:
         f"extrapolated to all {cells} cells: {loop_full:.0f}s"
     )
     print(f"batched: all {cells} cells (layer x head x position) in {batched_time:.1f}s")
-    print(f"speed-up (extrapolated loop / batched): {loop_full / batched_time:.1f}x; max |diff| on shared cells {diff:.2e}")
+    print(
+        f"speed-up (extrapolated loop / batched): {loop_full / batched_time:.1f}x; "
+        f"max |diff| on shared cells {diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_restorations_match_their_definition(model, tmp_path):
     for kind in ("resid", "mlp", "attn"):
         torch.testing.assert_close(result.effect(kind)[:, before], torch.zeros(model.dims.n_layers, len(before)))
     layer, pos, value = result.peak("resid")
-    assert value == pytest.approx(float(result.effect("resid").max()))
+    assert value == pytest.approx(float(result.effect("resid").max())) == float(result.effect("resid")[layer, pos])
     back = TracingResult.load(result.save(tmp_path / "trace.safetensors"))
     torch.testing.assert_close(back["mlp"], result["mlp"])
 
@@ -87,7 +87,9 @@ def test_trace_facts_averages_by_position_class(model):
         classes = set(position_classes(model.find_positions(prompt, subject), n_pos))
         expected += torch.tensor([float(c in classes) for c in summary.labels["position_class"]])
     torch.testing.assert_close(summary["count"], expected)
-    assert torch.isnan(summary["mlp"][:, expected == 0]).all() and not torch.isnan(summary["mlp"][:, expected > 0]).any()
+    assert (
+        torch.isnan(summary["mlp"][:, expected == 0]).all() and not torch.isnan(summary["mlp"][:, expected > 0]).any()
+    )
     assert summary.peak("mlp")[1] in summary.labels["position_class"]
 
 

@@ -184,7 +184,9 @@ def test_head_by_position_sweep_has_three_labelled_axes(model):
     assert result["metric"].shape == (model.dims.n_layers, model.dims.n_heads, 6)
     # patching a head at every position at once is not the sum of per-position patches, but before
     # the first differing token (position 2) the prompts agree: those cells are the corrupt metric
-    torch.testing.assert_close(result["metric"][:, :, :2], result["corrupt"].expand(model.dims.n_layers, model.dims.n_heads, 2))
+    torch.testing.assert_close(
+        result["metric"][:, :, :2], result["corrupt"].expand(model.dims.n_layers, model.dims.n_heads, 2)
+    )
 
 
 def test_metric_positions_finds_what_the_metric_reads():

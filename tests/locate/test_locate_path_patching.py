@@ -7,8 +7,8 @@ import torch
 
 from mechscope.errors import ConfigError, SiteError
 from mechscope.locate.metrics import logit_diff
-from mechscope.locate.path_patching import PathPatchResult, Receiver, path_patch
 from mechscope.locate.patching import PromptMismatchError, activation_patch
+from mechscope.locate.path_patching import PathPatchResult, Receiver, path_patch
 from mechscope.model.hooked import HookedModel
 from mechscope.sites import Site
 from tiny_models import tiny_model

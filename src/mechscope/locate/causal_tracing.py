@@ -126,10 +126,7 @@ def causal_trace(
     `target` is the answer token (a single-token string or an id; default: the clean run's top token).
     """
     cfg = config or TracingConfig()
-    if isinstance(prompt, str):
-        ids = model.to_tokens(prompt)["input_ids"]
-    else:
-        ids = prompt.reshape(1, -1)
+    ids = model.to_tokens(prompt)["input_ids"] if isinstance(prompt, str) else prompt.reshape(1, -1)
     ids = ids.to(model.device)
     n_pos = int(ids.shape[1])
     if isinstance(subject, str):

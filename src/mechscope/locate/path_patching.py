@@ -17,6 +17,7 @@ in batches (one sender per copy of the base batch), each starting at its layer
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -116,7 +117,9 @@ def _receiver_hook(recorded: Tensor, heads: list[int]) -> HookFn:
 def _parse_receivers(receivers: str | Sequence[Receiver | tuple[Any, ...]]) -> list[Receiver] | None:
     if isinstance(receivers, str):
         if receivers not in ("logits", "resid"):
-            raise ConfigError(f"receivers must be 'logits' or a list of Receiver(layer, head, input); got {receivers!r}")
+            raise ConfigError(
+                f"receivers must be 'logits' or a list of Receiver(layer, head, input); got {receivers!r}"
+            )
         return None
     out = [r if isinstance(r, Receiver) else Receiver(*r) for r in receivers]
     if not out:
@@ -231,10 +234,8 @@ def _receiver_pass(
     hooks: dict[SiteLike, list[HookFn]] = {site: [fn] for site, fn in frozen.items()}
     for site in sites:
         hooks.setdefault(site, []).append(record)
-    try:
+    with contextlib.suppress(_Stop):
         run_from(model, base, resid, layer=layer, logit_positions=read, hooks=hooks)
-    except _Stop:
-        pass
     first = min(s.layer for s in sites if s.layer is not None)
     patch: dict[SiteLike, HookFn] = {}
     for site in sites:

@@ -1,0 +1,96 @@
+"""Attribution patching cost: AtP over every head, neuron and residual position against one plain
+forward + backward of the same batch, measured in the same run (goal: <= 5x).
+
+Default: a random GPT-2-small-sized model (12 layers, d_model 768, 12 heads, MLP 3072, vocab 50257),
+batch 4 x 32 tokens, CPU, fp32, one thread. Also times AtP* (QK fix; GradDrop adds one
+forward + backward per layer and is reported separately).
+
+    python benchmarks/bench_atp.py [--layers 12] [--d-model 768] [--batch 4] [--pos 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mechscope.locate.attribution_patching import AtPConfig, attribution_patch
+from mechscope.locate.metrics import logit_diff
+from mechscope.model.hooked import HookedModel
+
+
+def best_of(repeats: int, fn) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--pos", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--graddrop", action="store_true", help="also time GradDrop")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=args.layers,
+        n_embd=args.d_model,
+        n_head=args.heads,
+        n_positions=max(64, args.pos),
+        vocab_size=args.vocab,
+    )
+    model = HookedModel(GPT2LMHeadModel(config).eval())
+    clean = torch.randint(0, args.vocab, (args.batch, args.pos))
+    corrupt = clean.clone()
+    corrupt[:, 1] = torch.randint(0, args.vocab, (args.batch,))
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logit_diff(logits, 1, 2)
+
+    def forward_backward() -> None:
+        model.run_with_grads(clean, lambda logits: metric(logits).mean(), ["blocks.0.hook_resid_pre"])
+
+    def atp() -> None:
+        attribution_patch(model, clean, corrupt, metric, AtPConfig(nodes=("heads", "neurons", "resid")))
+
+    def atp_star() -> None:
+        attribution_patch(model, clean, corrupt, metric, AtPConfig(nodes=("heads", "neurons"), qk_fix=True))
+
+    def graddrop() -> None:
+        attribution_patch(model, clean, corrupt, metric, AtPConfig(nodes=("heads", "neurons"), grad_drop=True))
+
+    forward_backward()  # warm-up
+    base = best_of(args.repeats, forward_backward)
+    n_nodes = args.layers * (args.heads + 4 * args.d_model + args.pos)
+    print(
+        f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}; "
+        f"batch {args.batch} x {args.pos}; {torch.get_num_threads()} thread(s); best of {args.repeats}"
+    )
+    print(f"one forward + backward: {base:.3f}s")
+    t = best_of(args.repeats, atp)
+    print(f"AtP, all {n_nodes} heads + neurons + residual positions: {t:.3f}s = {t / base:.2f}x")
+    t = best_of(args.repeats, atp_star)
+    print(f"AtP* QK fix (heads, q/k/v, neurons): {t:.3f}s = {t / base:.2f}x")
+    if args.graddrop:
+        t = best_of(1, graddrop)
+        print(f"AtP + GradDrop ({args.layers} extra backward passes): {t:.3f}s = {t / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

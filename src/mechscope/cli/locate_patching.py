@@ -1,0 +1,201 @@
+"""``mechscope locate patch | path-patch | atp``: activation patching, path patching, attribution patching.
+
+All three compare a clean and a corrupted prompt set (same token lengths) with a logit-difference
+metric at the last position: ``logit[answer] - logit[wrong]``, one answer/wrong token per prompt
+(or one for all).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+Model = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
+Clean = Annotated[list[str], typer.Option("--clean", "-c", help="Clean prompt (repeatable).")]
+Corrupt = Annotated[
+    list[str], typer.Option("--corrupt", "-x", help="Corrupted prompt, same token length (repeatable).")
+]
+Answer = Annotated[list[str], typer.Option("--answer", "-a", help="Correct next token (one, or one per prompt).")]
+Wrong = Annotated[list[str], typer.Option("--wrong", "-w", help="Incorrect next token (one, or one per prompt).")]
+Direction = Annotated[str, typer.Option(help="denoising (restore clean) or noising (insert corrupt).")]
+Html = Annotated[Path | None, typer.Option(help="Also write an interactive HTML figure here.")]
+
+
+def logit_diff_metric(hm: Any, answer: list[str], wrong: list[str], n_prompts: int) -> Callable[[Any], Any]:
+    """``logit[answer] - logit[wrong]`` at the last position, per prompt."""
+    from mechscope.errors import ConfigError
+    from mechscope.locate.metrics import logit_diff
+
+    for name, tokens in (("--answer", answer), ("--wrong", wrong)):
+        if len(tokens) not in (1, n_prompts):
+            raise ConfigError(f"give one {name} token or one per prompt ({n_prompts}); got {len(tokens)}")
+    good = [hm.to_single_token(t) for t in answer]
+    bad = [hm.to_single_token(t) for t in wrong]
+    good_ids: Any = good[0] if len(good) == 1 else good
+    bad_ids: Any = bad[0] if len(bad) == 1 else bad
+    return lambda logits: logit_diff(logits, good_ids, bad_ids)
+
+
+def _top(values: Any, labels: list[list[str]], k: int = 10) -> list[tuple[str, float]]:
+    flat = values.flatten()
+    order = flat.abs().argsort(descending=True)[:k]
+    out = []
+    for i in order.tolist():
+        index, rest = [], i
+        for axis in reversed(labels):
+            rest, j = divmod(rest, len(axis))
+            index.append(axis[j])
+        out.append((" ".join(reversed(index)), float(flat[i])))
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("patch")
+    def patch_cmd(
+        model: Model,
+        clean: Clean,
+        corrupt: Corrupt,
+        answer: Answer,
+        wrong: Wrong,
+        kind: Annotated[
+            str, typer.Option(help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|heads|q|k|v|pattern|neurons")
+        ] = "resid_pre",
+        direction: Direction = "denoising",
+        per_position: Annotated[bool, typer.Option(help="Heads: sweep layer x head x position.")] = False,
+        per_head: Annotated[bool, typer.Option(help="Heads: sweep per head (else per position).")] = True,
+        method: Annotated[str, typer.Option(help="batched or loop (reference).")] = "batched",
+        chunk_size: Annotated[int, typer.Option(help="Patched variants per forward.")] = 32,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("patch.safetensors"),
+        html: Html = None,
+    ) -> None:
+        """Activation patching sweep; prints the cells with the largest normalised effect."""
+        _offline()
+        from mechscope.errors import MechscopeError
+        from mechscope.locate.patching import activation_patch
+        from mechscope.model.loading import load_model
+
+        try:
+            hm = load_model(model)
+            metric = logit_diff_metric(hm, answer, wrong, len(clean))
+            result = activation_patch(
+                hm,
+                clean,
+                corrupt,
+                kind,
+                metric,
+                direction=direction,
+                per_head=per_head,
+                per_position=per_position,
+                method=method,
+                chunk_size=chunk_size,
+                progress=True,
+            )
+            result.save(out)
+            if html is not None:
+                result.plot().write_html(str(html))
+            normalised = result.normalised()
+        except (MechscopeError, ValueError) as exc:
+            raise _fail(exc) from exc
+        typer.echo(f"clean {float(result['clean']):.4f}  corrupt {float(result['corrupt']):.4f}")
+        labels = [result.labels[a] for a in result.axes["metric"]]
+        for cell, value in _top(normalised - (0 if direction == "denoising" else 1), labels):
+            typer.echo(f"{cell:24s} {value:+.4f}")
+        typer.echo(f"result -> {out}")
+
+    @app.command("path-patch")
+    def path_patch_cmd(
+        model: Model,
+        clean: Clean,
+        corrupt: Corrupt,
+        answer: Answer,
+        wrong: Wrong,
+        receiver: Annotated[
+            list[str], typer.Option(help="Receiver 'layer.head.q|k|v' (repeatable; default: the logits).")
+        ] = [],  # noqa: B006
+        direction: Annotated[str, typer.Option(help="noising (the paper's) or denoising.")] = "noising",
+        freeze_mlps: Annotated[bool, typer.Option(help="Freeze MLPs too (direct head paths only).")] = True,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("path_patch.safetensors"),
+        html: Html = None,
+    ) -> None:
+        """Path patching from every head (sender) to the logits or to receiver heads' inputs."""
+        _offline()
+        from mechscope.errors import ConfigError, MechscopeError
+        from mechscope.locate.path_patching import Receiver, path_patch
+        from mechscope.model.loading import load_model
+
+        try:
+            receivers: Any = "logits"
+            if receiver:
+                receivers = []
+                for text in receiver:
+                    parts = text.split(".")
+                    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+                        raise ConfigError(f"a receiver is 'layer.head.q|k|v' (e.g. 3.1.q); got {text!r}")
+                    receivers.append(Receiver(int(parts[0]), int(parts[1]), parts[2]))
+            hm = load_model(model)
+            metric = logit_diff_metric(hm, answer, wrong, len(clean))
+            result = path_patch(
+                hm, clean, corrupt, metric, receivers=receivers, direction=direction, freeze_mlps=freeze_mlps
+            )
+            result.save(out)
+            if html is not None:
+                result.plot().write_html(str(html))
+        except (MechscopeError, ValueError) as exc:
+            raise _fail(exc) from exc
+        typer.echo(f"clean {float(result['clean']):.4f}  corrupt {float(result['corrupt']):.4f}")
+        for cell, value in _top(result.effect(), [result.labels["layer"], result.labels["head"]]):
+            typer.echo(f"sender {cell:16s} {value:+.4f}")
+        typer.echo(f"result -> {out}")
+
+    @app.command("atp")
+    def atp_cmd(
+        model: Model,
+        clean: Clean,
+        corrupt: Corrupt,
+        answer: Answer,
+        wrong: Wrong,
+        direction: Direction = "denoising",
+        qk_fix: Annotated[bool, typer.Option(help="AtP*: exact attention pattern for query/key patches.")] = False,
+        grad_drop: Annotated[bool, typer.Option(help="AtP*: GradDrop magnitudes (one backward per layer).")] = False,
+        compare: Annotated[bool, typer.Option(help="Also run exact head patching and report agreement.")] = False,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("atp.safetensors"),
+    ) -> None:
+        """Attribution patching of every head, neuron and residual position (AtP, AtP*)."""
+        _offline()
+        from mechscope.errors import MechscopeError
+        from mechscope.locate.attribution_patching import AtPConfig, atp_vs_exact, attribution_patch
+        from mechscope.model.loading import load_model
+
+        try:
+            hm = load_model(model)
+            metric = logit_diff_metric(hm, answer, wrong, len(clean))
+            cfg = AtPConfig(direction=direction, qk_fix=qk_fix, grad_drop=grad_drop)
+            result = attribution_patch(hm, clean, corrupt, metric, cfg)
+            result.save(out)
+            comparison = atp_vs_exact(hm, clean, corrupt, metric, direction=direction) if compare else None
+        except (MechscopeError, ValueError) as exc:
+            raise _fail(exc) from exc
+        typer.echo(f"base {float(result['base']):.4f}  source {float(result['source']):.4f}")
+        for cell, value in _top(result["heads"], [result.labels["layer"], result.labels["head"]]):
+            typer.echo(f"head {cell:16s} {value:+.4f}")
+        if comparison is not None:
+            c = comparison.config
+            typer.echo(f"AtP vs exact (heads): spearman {c['spearman']:.3f}  pearson {c['pearson']:.3f}")
+            for d in c["top_disagreements"][:5]:
+                typer.echo(f"  L{d['layer']} {d['head']}: atp {d['atp']:+.4f}  exact {d['exact']:+.4f}")
+        typer.echo(f"result -> {out}")

@@ -1,0 +1,47 @@
+"""``mechscope locate trace``: causal tracing (ROME) of one prompt and its subject."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("trace")
+    def trace_cmd(
+        model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+        prompt: Annotated[str, typer.Option("--prompt", "-p", help="The factual prompt.")],
+        subject: Annotated[str, typer.Option("--subject", "-s", help="Subject substring of the prompt to noise.")],
+        target: Annotated[str | None, typer.Option(help="Answer token (default: the model's top token).")] = None,
+        noise: Annotated[float, typer.Option(help="Noise std as a multiple of the embedding std.")] = 3.0,
+        samples: Annotated[int, typer.Option(help="Noise draws.")] = 10,
+        window: Annotated[int | None, typer.Option(help="Layers restored together for mlp/attn.")] = None,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("trace.safetensors"),
+        html: Annotated[Path | None, typer.Option(help="Also write an interactive HTML figure here.")] = None,
+    ) -> None:
+        """Noise the subject, restore states per layer x position, report where the answer recovers."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from mechscope.errors import MechscopeError
+        from mechscope.locate.causal_tracing import TracingConfig, causal_trace
+        from mechscope.model.loading import load_model
+
+        try:
+            hm = load_model(model)
+            cfg = TracingConfig(noise=noise, samples=samples, window=window)
+            result = causal_trace(hm, prompt, subject, target, cfg)
+            result.save(out)
+            if html is not None:
+                result.plot().write_html(str(html))
+        except (MechscopeError, ValueError) as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from exc
+        typer.echo(f"p(target) clean {float(result['clean']):.4f}  corrupted {float(result['corrupt']):.4f}")
+        typer.echo(f"subject positions {result.config['subject_positions']}")
+        for kind in result.config["kinds"]:
+            layer, pos, value = result.peak(kind)
+            typer.echo(f"{kind:6s} peak: layer {layer}, position {result.labels['pos'][pos]}, effect {value:+.4f}")
+        typer.echo(f"result -> {out}")
