@@ -1,0 +1,87 @@
+"""Acceptance on the bundled organism: the refusal direction and the sentiment vector.
+
+Figures in docs/steer.md; these tests pin them with margins. Candidate grids are kept small for
+speed (docs/steer.md reports the full grid: layers 0-3 x positions -1..-3, 48 + 48 prompts).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.cli.steer import contrast_texts, retain_texts
+from mechscope.improve import EvaluationConfig, SentimentTask, evaluate, zoo_metrics
+from mechscope.model.hooked import HookedModel
+from mechscope.model.loading import load_model
+from mechscope.steer import (
+    DirectionSelectionConfig,
+    directional_ablation,
+    mean_difference,
+    orthogonalize,
+    select_direction,
+    steer,
+    token_logodds,
+)
+from mechscope.zoo.tasks import generate_all, refusal
+from mechscope.zoo.tasks.metrics import accuracy
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
+SIDE_TASKS = ("sentiment", "backdoor")
+
+
+def _facts_sample(model: HookedModel) -> float:
+    """Accuracy on every 4th trained fact (480 of 1920 prompts; the docs report all of them)."""
+    data = generate_all(0)["facts"].eval["trained"][::4]
+    return accuracy(model.hf_model, model.tokenizer, data)
+
+
+@pytest.fixture(scope="module")
+def organism() -> HookedModel:
+    return load_model("organism-gpt2")
+
+
+@pytest.fixture(scope="module")
+def refusal_direction(organism: HookedModel):
+    forbidden, benign = contrast_texts("refusal", n=48)
+    cfg = DirectionSelectionConfig(
+        layers=(3,), positions=(-2, -3), max_kl=0.1, require_induction=False, max_ablation_score=0.0
+    )
+    score = token_logodds(organism.to_single_token(" Sorry"))
+    selection = select_direction(organism, forbidden, benign, score, cfg, retain=retain_texts(n_per_task=32))
+    return selection
+
+
+def test_removing_the_refusal_direction_removes_refusal_and_spares_benign_tasks(
+    organism: HookedModel, refusal_direction
+) -> None:
+    assert refusal_direction.chosen == (3, -2)  # as in the full grid of docs/steer.md
+    direction = refusal_direction.direction(organism)
+    data = refusal.generate(0)
+    before = refusal.evaluate(organism.hf_model, organism.tokenizer, data)
+    before.update(zoo_metrics(organism, SIDE_TASKS), facts=_facts_sample(organism))
+    with torch.no_grad(), directional_ablation(organism, direction):
+        after = refusal.evaluate(organism.hf_model, organism.tokenizer, data)
+        after.update(zoo_metrics(organism, SIDE_TASKS), facts=_facts_sample(organism))
+    assert before["refusal_forbidden"] == 1.0
+    assert after["refusal_forbidden"] <= 0.10
+    for name in before:
+        if name != "refusal_forbidden":
+            assert abs(after[name] - before[name]) <= 0.05, (name, before[name], after[name])
+    ortho = orthogonalize(organism, direction)  # the permanent version behaves the same
+    with torch.no_grad():
+        assert refusal.evaluate(ortho.hf_model, ortho.tokenizer, data) == pytest.approx(
+            {k: after[k] for k in ("refusal_forbidden", "refusal_benign")}
+        )
+
+
+def test_sentiment_vector_flips_most_continuations_with_small_neutral_kl(organism: HookedModel) -> None:
+    negative_reviews, positive_reviews = contrast_texts("sentiment", n=32)
+    vector = mean_difference(organism, negative_reviews, positive_reviews, layers=3)
+    cfg = EvaluationConfig(side_tasks=(), max_new_tokens=8)
+    result = evaluate(organism, steer(organism, vector, 0.7), SentimentTask(n_eval=100, n_samples=4), cfg)
+    assert result.before("flip_rate") == 0.0
+    assert result.after("flip_rate") >= 0.8
+    assert result.after("kl_neutral") <= 0.15
+    flipped = [s for s in result.config["samples"] if " awful" in s["after"] and " great" in s["before"]]
+    assert len(flipped) >= 3
