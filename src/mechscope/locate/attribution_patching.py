@@ -266,10 +266,13 @@ class AtPComparison(Result):
 
 
 def _ranks(x: Tensor) -> Tensor:
+    """Ranks with ties sharing their average rank (as Spearman's correlation needs)."""
     order = x.argsort()
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=x.dtype)
-    return ranks
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, ranks)
+    return (sums / counts)[inverse]
 
 
 def _pearson(a: Tensor, b: Tensor) -> float:
