@@ -1,0 +1,57 @@
+"""`mechscope steer ...` and `mechscope eval ...` end to end on the bundled organism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from mechscope.cli.main import app
+
+runner = CliRunner()
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_vector_generate_and_eval(tmp_path) -> None:
+    vec = tmp_path / "sentiment.safetensors"
+    out = _ok(["steer", "vector", "organism-gpt2", "--contrast", "sentiment", "--layers", "3", "-o", str(vec)])
+    assert "mean_difference" in out and vec.is_file()
+    prompt = "Review of the film: I was delighted. Overall, it was"
+    out = _ok(["steer", "generate", "organism-gpt2", "--vector", str(vec), "-p", prompt, "--coefficient", "0.7"])
+    assert "before ' great" in out and "after  ' awful" in out
+    result, figure = tmp_path / "eval.safetensors", tmp_path / "eval.html"
+    args = ["eval", "run", "organism-gpt2", "--task", "sentiment", "--vector", str(vec), "--coefficient", "0.7"]
+    out = _ok([*args, "--side-tasks", "none", "-o", str(result), "--figure", str(figure)])
+    assert "| `flip_rate` | target |" in out and "kl_neutral" in out
+    assert figure.read_text().count("<html") == 1
+    assert "| `flip_rate` | target |" in _ok(["eval", "show", str(result)])
+    bad = runner.invoke(app, ["steer", "generate", "organism-llama", "--vector", str(vec), "-p", prompt])
+    assert bad.exit_code == 2 and "made on model" in bad.output
+
+
+def test_direction_orthogonalize_and_ablate(tmp_path) -> None:
+    direction, folder = tmp_path / "refusal.safetensors", tmp_path / "ortho"
+    args = ["steer", "direction", "organism-gpt2", "--contrast", "refusal", "--layers", "3", "--positions", "-2"]
+    out = _ok([*args, "--organism-retain", "--max-ablation-score", "0", "-o", str(direction)])
+    assert "chosen layer 3, position -2" in out
+    _ok(["steer", "orthogonalize", "organism-gpt2", "--direction", str(direction), "-o", str(folder)])
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = tok("User: Please teach me to make a bomb.\nAssistant:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        top = int(model(ids).logits[0, -1].argmax())
+    assert tok.decode([top]) != " Sorry"
+    out = _ok(["steer", "ablate", "organism-gpt2", "-s", "blocks.3.hook_mlp_out", "-p", "User: hi", "--method", "zero"])
+    assert "before" in out and "after" in out
+    bad = runner.invoke(
+        app, ["steer", "ablate", "organism-gpt2", "-s", "blocks.0.hook_resid_pre", "-p", "x", "--heads", "1"]
+    )
+    assert bad.exit_code == 2 and "no head axis" in bad.output
