@@ -179,10 +179,10 @@ def run_batched(
         layer, start = variant.start()
         if start > max(read):
             continue  # nothing the metric reads comes after this patch
-        if all(s.layer == last and s.kind in POSITIONWISE for s in variant.masks) and not set(read) & {
+        if all(s.layer == last and s.kind in LAYER_LOCAL for s in variant.masks) and not set(read) & {
             p for s, m in variant.masks.items() for p in patched_positions(m, s.pos_axis)
         }:
-            continue  # after the last attention, a patch only reaches its own positions
+            continue  # in the last layer, such a patch only reaches its own positions
         if base_acts is not None and all(
             torch.equal(torch.where(m, sources[s], base_acts[s]), base_acts[s]) for s, m in variant.masks.items()
         ):
