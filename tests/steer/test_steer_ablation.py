@@ -7,7 +7,15 @@ import torch
 
 from mechscope.errors import ConfigError, ShapeError, SiteError
 from mechscope.model.hooked import HookedModel
-from mechscope.steer import Ablation, AblationConfig, mean_ablation, resample_ablation, scaling, zero_ablation
+from mechscope.steer import (
+    Ablation,
+    AblationConfig,
+    ModelMismatchError,
+    mean_ablation,
+    resample_ablation,
+    scaling,
+    zero_ablation,
+)
 from tiny_models import tiny_model
 
 PROMPTS = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot today", "we read a good book"]
@@ -148,3 +156,21 @@ def test_bad_input_is_refused_and_leaves_no_hooks(model: HookedModel) -> None:
     assert _no_hooks(model)
     for k, v in model.hf_model.state_dict().items():
         assert torch.equal(v, weights[k])
+
+
+def test_saved_ablation_reloads_on_its_model_only(model: HookedModel, tmp_path) -> None:
+    ids = _ids(model)
+    abl = mean_ablation(model, ["blocks.0.hook_attn_out", "blocks.1.hook_mlp_out"], reference=ids, neurons=[1, 2])
+    path = abl.save(tmp_path / "abl.safetensors")
+    loaded = Ablation.load(path, model)
+    assert loaded.config == abl.config and loaded.sites == abl.sites
+    with abl:
+        expected = model.forward(ids[:, :6])
+    with loaded:
+        torch.testing.assert_close(model.forward(ids[:, :6]), expected, rtol=0, atol=0)
+    res = resample_ablation(model, "blocks.0.hook_resid_post", source=ids, seed=2)
+    again = Ablation.load(res.save(tmp_path / "res.safetensors"), model)
+    assert again.rows is not None and torch.equal(again.rows, res.rows)
+    other_hf, other_tok = tiny_model(model.dims.model_type, seed=9)
+    with pytest.raises(ModelMismatchError):
+        Ablation.load(path, HookedModel(other_hf, other_tok))

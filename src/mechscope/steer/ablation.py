@@ -18,8 +18,9 @@ interventions are active at that moment.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.sites import Site, SiteLike
 from mechscope.steer.intervention import (
+    Artifact,
     Intervention,
     check_finite,
     resolve_sites,
@@ -197,6 +199,31 @@ class Ablation(Intervention):
     def hook_plan(self) -> dict[Site, list[HookFn]]:
         return {site: [self._hook(site)] for site in self.sites}
 
+    # Files ------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the ablation (sites, options, reference means or source activations) with the model's
+        fingerprint; :meth:`load` rebuilds it for the same model only."""
+        record = AblationRecord(
+            [s.name for s in self.sites],
+            self.config,
+            {s.name: v for s, v in self.values.items()},
+            self.rows,
+            **Artifact.model_info(self.model),
+        )
+        return record.save(path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: HookedModel) -> Ablation:
+        """Rebuild a saved ablation on `model` (:class:`ModelMismatchError` for another model)."""
+        record = AblationRecord.load(path, model)
+        ablation = cls.__new__(cls)
+        Intervention.__init__(ablation, model)
+        ablation.config = record.config
+        ablation.sites = resolve_sites(ablation.model, record.sites)
+        ablation.values = {Site.parse(name): v for name, v in record.values.items()}
+        ablation.rows = record.rows
+        return ablation
+
     def describe(self) -> str:
         cfg = self.config
         parts = [cfg.method, ",".join(s.name for s in self.sites)]
@@ -206,6 +233,46 @@ class Ablation(Intervention):
         if cfg.method == "scale":
             parts.append(f"factor={cfg.factor}")
         return " ".join(parts)
+
+
+class AblationRecord(Artifact):
+    """The file form of an :class:`Ablation` (see :meth:`Ablation.save`)."""
+
+    kind = "ablation"
+
+    def __init__(
+        self,
+        sites: list[str],
+        config: AblationConfig,
+        values: dict[str, Tensor],
+        rows: Tensor | None,
+        *,
+        fingerprint: str,
+        model_type: str,
+        d_model: int,
+    ) -> None:
+        super().__init__(fingerprint=fingerprint, model_type=model_type, d_model=d_model)
+        self.sites, self.config, self.values, self.rows = list(sites), config, dict(values), rows
+
+    def _parts(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"value:{name}": v for name, v in self.values.items()}
+        if self.rows is not None:
+            tensors["rows"] = self.rows
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
+        return tensors, {"sites": self.sites, "options": options}
+
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, Tensor], config: dict[str, Any], info: dict[str, Any]) -> AblationRecord:
+        values = {k.split(":", 1)[1]: v for k, v in tensors.items() if k.startswith("value:")}
+        return cls(
+            list(config["sites"]),
+            AblationConfig(**config["options"]),
+            values,
+            tensors.get("rows"),
+            fingerprint=info["fingerprint"],
+            model_type=info["model_type"],
+            d_model=int(info["d_model"]),
+        )
 
 
 def _config(method: AblationMethod, **kwargs: object) -> AblationConfig:
@@ -273,6 +340,7 @@ __all__ = [
     "Ablation",
     "AblationConfig",
     "AblationMethod",
+    "AblationRecord",
     "mean_ablation",
     "resample_ablation",
     "scaling",
