@@ -114,14 +114,28 @@ def _last(batch: dict[str, Tensor]) -> Int[Tensor, " batch"]:
     return batch["attention_mask"].sum(-1) - 1
 
 
-def interchange_logits(
-    model: Any, basis: Float[Tensor, "d_model rank"], site: str, pairs: Pairs
-) -> Float[Tensor, "batch d_vocab"]:
-    """Next-token logits after each base prompt with the subspace `basis` taken from the source."""
-    src = _encode(model, pairs.source)
-    _, cache = model.run_with_cache(src, [site])
+def source_activations(model: Any, site: str, pairs: Pairs) -> Float[Tensor, "batch d_model"]:
+    """The site's activation at each source prompt's intervention position."""
+    layer = Site.parse(site).layer
+    stop = layer + 1 if layer is not None and layer + 1 < model.dims.n_layers else None
+    _, cache = model.run_with_cache(_encode(model, pairs.source), [site], stop_at_layer=stop)
     rows = torch.arange(len(pairs.source), device=model.device)
-    h_src = cache[site][rows, torch.tensor(pairs.source_pos, device=model.device)]
+    return cache[site][rows, torch.tensor(pairs.source_pos, device=model.device)]
+
+
+def interchange_logits(
+    model: Any,
+    basis: Float[Tensor, "d_model rank"],
+    site: str,
+    pairs: Pairs,
+    source: Float[Tensor, "batch d_model"] | None = None,
+) -> Float[Tensor, "batch d_vocab"]:
+    """Next-token logits after each base prompt with the subspace `basis` taken from the source.
+
+    `source` (from :func:`source_activations`) saves recomputing the source run.
+    """
+    h_src = source_activations(model, site, pairs) if source is None else source
+    rows = torch.arange(len(pairs.base), device=model.device)
     base = _encode(model, pairs.base)
     pos = torch.tensor(pairs.base_pos, device=model.device)
 
@@ -167,13 +181,20 @@ def das(model: Any, pairs: Pairs, config: DASConfig) -> DASResult:
         rotation.weight = torch.linalg.qr(torch.randn(d, config.rank, generator=gen))[0].T.contiguous()
     rotation.to(model.device)
     optimiser = torch.optim.Adam(rotation.parameters(), lr=config.lr)
+    with torch.no_grad():
+        train_source = torch.cat(
+            [
+                source_activations(model, site, train.subset(range(i, min(len(train.base), i + config.batch_size))))
+                for i in range(0, len(train.base), config.batch_size)
+            ]
+        )
     losses: list[float] = []
     for step in range(config.steps):
         idx = [(step * config.batch_size + i) % len(train.base) for i in range(min(config.batch_size, len(train.base)))]
         batch = train.subset(idx)
         with torch.enable_grad():
             basis = rotation.weight.T  # [d, rank], orthonormal columns
-            logits = interchange_logits(model, basis, site, batch)
+            logits = interchange_logits(model, basis, site, batch, train_source[idx])
             loss = nn.functional.cross_entropy(logits.float(), torch.tensor(batch.labels, device=logits.device))
             optimiser.zero_grad()
             loss.backward(inputs=list(rotation.parameters()))
@@ -247,4 +268,13 @@ def with_positions(pairs: Pairs, model: Any, where: str) -> Pairs:
     return Pairs(pairs.base, pairs.source, lens, slens, pairs.labels)
 
 
-__all__ = ["DASConfig", "DASResult", "Pairs", "das", "interchange_logits", "with_positions", "world_pairs"]
+__all__ = [
+    "DASConfig",
+    "DASResult",
+    "Pairs",
+    "das",
+    "interchange_logits",
+    "source_activations",
+    "with_positions",
+    "world_pairs",
+]

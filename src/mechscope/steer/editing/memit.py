@@ -45,8 +45,8 @@ class MEMITConfig:
     weight_decay: float = 0.01
     clamp_norm_factor: float = 4.0
     stop_prob: float = 0.95
-    mom2_weight: float = 1e4
-    n_prefixes: int = 5
+    mom2_weight: float = 1e3
+    n_prefixes: int = 2
     prefix_len: int = 8
     stats: StatsConfig = field(default_factory=StatsConfig)
 
