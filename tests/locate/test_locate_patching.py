@@ -187,6 +187,8 @@ def test_head_by_position_sweep_has_three_labelled_axes(model):
     torch.testing.assert_close(
         result["metric"][:, :, :2], result["corrupt"].expand(model.dims.n_layers, model.dims.n_heads, 2)
     )
+    figure = result.plot()
+    assert len(figure.data[0].y) == model.dims.n_layers * model.dims.n_heads and len(figure.data[0].x) == 6
 
 
 def test_metric_positions_finds_what_the_metric_reads():

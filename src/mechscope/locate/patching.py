@@ -88,6 +88,19 @@ class PatchResult(Result):
         """The patched metric mapped so that the corrupt run is 0 and the clean run is 1."""
         return normalised(self["metric"], self["clean"], self["corrupt"])
 
+    def plot(self, name: str | None = None, *, reduce: Sequence[str] = ("batch",), title: str | None = None) -> Any:
+        """A heatmap; a ``[layer, head, pos]`` sweep is drawn as ``[layer x head, pos]``."""
+        if (name or "metric") == "metric" and self["metric"].ndim == 3:
+            layers, units, positions = (self.labels[a] for a in self.axes["metric"])
+            flat = PatchResult(
+                tensors={"metric": self["metric"].flatten(0, 1), "clean": self["clean"], "corrupt": self["corrupt"]},
+                axes={"metric": ("cell", "pos"), "clean": (), "corrupt": ()},
+                labels={"cell": [f"L{layer} {u}" for layer in layers for u in units], "pos": positions},
+                config=self.config,
+            )
+            return flat.plot(reduce=reduce, title=title)
+        return super().plot(name, reduce=reduce, title=title)
+
 
 @dataclass(frozen=True)
 class Cell:
