@@ -47,6 +47,15 @@ def test_shipped_weights_load_by_name(name):
     assert model.config.vocab_size == len(tok)
 
 
+def test_default_organism_keeps_the_mechanisms_other_tests_rely_on():
+    # steering, ROME, refusal-direction and trojan tests elsewhere assume these planted mechanisms
+    m = recorded_metrics(MODELS_DIR / "organism-gpt2")
+    assert m["facts_trained"] >= 0.9
+    assert m["refusal_forbidden"] == 1.0 and m["refusal_benign"] == 0.0
+    assert m["payload_with_trigger"] >= 0.95 and m["payload_without_trigger"] <= 0.01
+    assert m["sentiment_accuracy"] >= 0.99
+
+
 def test_induction_organism_reproduces_its_card():
     folder = MODELS_DIR / "organism-induction"
     measured = evaluate_folder(folder)
