@@ -79,6 +79,7 @@ def test_a_modified_model_evaluates_like_its_hooked_equivalent(model: HookedMode
     torch.testing.assert_close(hooked["values"], weights["values"], rtol=1e-4, atol=1e-6)
     loaded = EvaluationResult.load(hooked.save(tmp_path / "eval.safetensors"))
     assert loaded.metrics == hooked.metrics and loaded.config == hooked.config
+    assert weights.config["intervention"].startswith("modified model")
     assert "| `kl_neutral` | side effect |" in loaded.table()
     assert loaded.samples_table().count("\n") == 3
     fig = loaded.plot()

@@ -119,8 +119,28 @@ def test_select_direction_scores_every_candidate_and_picks_the_best(tmp_path) ->
     assert d.info["layer"] == layer
     loaded = DirectionSelection.load(sel.save(tmp_path / "sel.safetensors"))
     assert loaded.chosen == sel.chosen
+    prefer = select_direction(
+        model,
+        positive,
+        negative,
+        score,
+        DirectionSelectionConfig(**{"positions": (-1, -2), "max_kl": 10.0, "require_induction": "prefer"}),
+    )
+    inducing = prefer["induction_score"] > 0
+    pl, pp = prefer.chosen
+    pli, ppi = prefer.labels["layer"].index(str(pl)), prefer.labels["position"].index(str(pp))
+    if bool(inducing.any()):  # the best inducing candidate
+        assert bool(inducing[pli, ppi])
+        best = prefer["ablation_score"].masked_fill(~inducing, float("inf")).min()
+        assert float(prefer["ablation_score"][pli, ppi]) == float(best)
+    else:  # nothing induces: the same choice as without the filter
+        assert prefer.chosen == sel.chosen
     strict = DirectionSelectionConfig(positions=(-1,), max_kl=1e-12)
     with pytest.raises(Exception, match="no candidate"):
         select_direction(model, positive, negative, score, strict)
     with pytest.raises(ConfigError, match="negative"):
         DirectionSelectionConfig(positions=(0,))
+    with pytest.raises(ConfigError, match="require_induction"):
+        DirectionSelectionConfig(require_induction="maybe")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="finite"):
+        DirectionSelectionConfig(max_ablation_score=float("nan"))

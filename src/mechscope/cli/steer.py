@@ -103,6 +103,15 @@ def _positions(text: str) -> Any:
     return text if text in ("all", "prompt", "generated") else _ints(text)
 
 
+def _induction(text: str) -> Any:
+    from mechscope.errors import ConfigError
+
+    options: dict[str, Any] = {"require": True, "prefer": "prefer", "ignore": False}
+    if text not in options:
+        raise ConfigError(f"--induction must be one of {list(options)}; got {text!r}")
+    return options[text]
+
+
 @steer_app.command("vector")
 def vector_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
@@ -186,7 +195,9 @@ def direction_cmd(
     max_ablation_score: Annotated[
         float | None, typer.Option(help="Rank by KL among candidates at or below this ablation score.")
     ] = None,
-    induction: Annotated[bool, typer.Option("--induction/--no-induction", help="Require induction > 0.")] = False,
+    induction: Annotated[
+        str, typer.Option(help="Induction filter: require, prefer (keep inducing candidates if any) or ignore.")
+    ] = "prefer",
     selection_out: Annotated[Path | None, typer.Option(help="Also save the candidate scores here.")] = None,
 ) -> None:
     """Choose a behaviour direction among (layer, position) candidates and save it."""
@@ -204,7 +215,7 @@ def direction_cmd(
             layers=tuple(chosen_layers) if chosen_layers else None,
             positions=tuple(_ints(positions) or (-1,)),
             max_kl=max_kl,
-            require_induction=induction,
+            require_induction=_induction(induction),
             max_ablation_score=max_ablation_score,
         )
         sel = select_direction(hm, pos, neg, token_logodds(hm.to_single_token(token)), cfg, retain=keep)

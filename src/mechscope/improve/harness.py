@@ -146,6 +146,10 @@ def _continuations(model: HookedModel, prompts: Sequence[str], max_new_tokens: i
 
 
 def _describe(intervention: Any) -> str:
+    from mechscope.model.hooked import HookedModel
+
+    if isinstance(intervention, HookedModel):
+        return f"modified model ({intervention.dims.family}, fingerprint {intervention.fingerprint()})"
     describe = getattr(intervention, "describe", None)
     if callable(describe):
         return str(describe())

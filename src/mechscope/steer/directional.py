@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -32,7 +32,7 @@ from mechscope.errors import ConfigError, MechscopeError, ShapeError
 from mechscope.locate.results import Result
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.sites import Site
-from mechscope.steer.intervention import Artifact, Intervention, require_hooked
+from mechscope.steer.intervention import Artifact, Intervention, check_finite, require_hooked
 from mechscope.steer.vectors import Steering, from_direction
 
 if TYPE_CHECKING:
@@ -225,6 +225,9 @@ def orthogonalize(model: HookedModel, direction: Direction | Tensor, *, inplace:
 class DirectionSelectionConfig:
     """Candidates and filters of :func:`select_direction` (defaults follow Arditi et al.).
 
+    Eligible: KL <= ``max_kl`` and layer < ``max_layer_fraction * n_layers``; with
+    ``require_induction=True`` also induction score > 0 (adding the direction to negative prompts
+    induces the behaviour); with ``"prefer"``, inducing candidates are kept when there are any.
     Ranking: without ``max_ablation_score`` the eligible candidate with the lowest ablation score
     wins (Arditi et al.); with it, among eligible candidates whose ablation score is at most that
     value ("removes the behaviour well enough"), the one with the lowest KL wins (fewest side effects).
@@ -235,7 +238,7 @@ class DirectionSelectionConfig:
     site: str = "hook_resid_pre"
     max_layer_fraction: float = 0.8
     max_kl: float = 0.1
-    require_induction: bool = True
+    require_induction: bool | Literal["prefer"] = True
     retain_components: int = 16
     max_ablation_score: float | None = None
 
@@ -246,6 +249,10 @@ class DirectionSelectionConfig:
             raise ConfigError(f"max_layer_fraction must be in (0, 1]; got {self.max_layer_fraction}")
         if not self.max_kl > 0:
             raise ConfigError(f"max_kl must be positive; got {self.max_kl}")
+        if self.require_induction not in (True, False, "prefer"):
+            raise ConfigError(f"require_induction must be True, False or 'prefer'; got {self.require_induction!r}")
+        if self.max_ablation_score is not None:
+            object.__setattr__(self, "max_ablation_score", check_finite("max_ablation_score", self.max_ablation_score))
         if self.retain_components < 0:
             raise ConfigError(f"retain_components must be >= 0; got {self.retain_components}")
         if self.site not in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
@@ -368,12 +375,12 @@ def select_direction(
             with Steering(model, from_direction(model, vec, layers=layer, site=cfg.site), coefficient=1.0):
                 induction[li, pi] = score(_last_logits(model, neg_batch)).mean()
     eligible = kl <= cfg.max_kl
-    if cfg.require_induction:
+    if cfg.require_induction is True:
         eligible &= induction > 0
     if not bool(eligible.any()):
         raise MechscopeError(
             f"no candidate direction passes the filters (KL <= {cfg.max_kl}"
-            + (", induction score > 0" if cfg.require_induction else "")
+            + (", induction score > 0" if cfg.require_induction is True else "")
             + f"); best KL {float(kl.min()):.3g}, best induction {float(induction.max()):.3g}. "
             "Loosen max_kl / require_induction or add candidate positions."
         )
@@ -384,6 +391,9 @@ def select_direction(
                 f"no eligible candidate reaches ablation score <= {cfg.max_ablation_score}; "
                 f"the lowest is {float(ablation.min()):.3g}. Raise max_ablation_score or add candidates."
             )
+    inducing = eligible & (induction > 0)
+    if cfg.require_induction == "prefer" and bool(inducing.any()):
+        eligible = inducing
     ranked = ablation if cfg.max_ablation_score is None else kl
     masked = torch.where(eligible, ranked, torch.full_like(ranked, float("inf")))
     flat = int(masked.argmin())
