@@ -56,7 +56,7 @@ def test_atp_correlates_with_exact_patching_on_organism_gpt2(world):
         return logit_diff(logits, [p[2] for p in pairs], [p[3] for p in pairs])
 
     heads = atp_vs_exact(model, clean, corrupt, metric, node="heads")
-    assert heads.config["spearman"] > 0.8 and heads.config["pearson"] > 0.8, heads.config
+    assert heads.config["spearman"] > 0.75 and heads.config["pearson"] > 0.9, heads.config  # measured 0.81, 0.95
     neurons = atp_vs_exact(model, clean, corrupt, metric, node="neurons", units=range(0, model.dims.d_mlp, 32))
     assert neurons.config["spearman"] > 0.9 and neurons.config["pearson"] > 0.9, neurons.config
 

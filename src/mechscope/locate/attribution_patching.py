@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError
+from mechscope.locate._engine import metric_positions
 from mechscope.locate.patching import (
     MetricError,
     activation_patch,
@@ -100,14 +101,14 @@ def _grads(
     metric: Metric,
     sites: list[Site],
     extra: dict[SiteLike, HookFn] | None = None,
-) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-    """Metric, activations and d metric / d activation at `sites` (one forward + backward)."""
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """Metric, activations, d metric / d activation at `sites` and logits (one forward + backward)."""
     batch = int(inputs["input_ids"].shape[0])
     with model.hooks(extra or {}):
         result = model.run_with_grads(inputs, lambda logits: _metric_mean(metric, logits, batch), sites)
     acts = {s.name: result.activations[s.name] for s in sites}
     grads = {s.name: result.gradients[s.name] for s in sites}
-    return result.loss, acts, grads
+    return result.loss, acts, grads, result.logits
 
 
 def attribution_patch(
@@ -133,9 +134,13 @@ def attribution_patch(
         kinds += ["attn.hook_q", "attn.hook_k", "attn.hook_v"]
     sites = [model.site(Site(kind, layer)) for kind in dict.fromkeys(kinds) for layer in range(n_layers)]
     batch = int(base_t["input_ids"].shape[0])
-    source_logits, source_cache = model.run_with_cache(source_t, sites=sites)
-    assert source_logits is not None
-    base_value, acts, grads = _grads(model, base_t, metric, sites)
+    base_value, acts, grads, base_logits = _grads(model, base_t, metric, sites)
+    # The source run only needs the logits the metric reads (the vocabulary projection is costly).
+    read = metric_positions(metric, base_logits)
+    kept, source_cache = model.run_with_cache(source_t, sites=sites, logits_to_keep=torch.tensor(read))
+    assert kept is not None
+    source_logits = torch.full_like(base_logits, float("nan"))
+    source_logits[:, read] = kept
     delta = {s.name: source_cache[s.name] - acts[s.name] for s in sites}
     tensors: dict[str, Tensor] = {}
     axes: dict[str, tuple[str, ...]] = {}
@@ -170,7 +175,7 @@ def attribution_patch(
         node_sites = [s for s in sites if s.kind in {NODE_SITES[n] for n in cfg.nodes}]
         totals = {node: torch.zeros_like(tensors[node]) for node in cfg.nodes}
         for dropped in range(n_layers):
-            _, _, g = _grads(model, base_t, metric, node_sites, extra=_drop_layer(model, dropped))
+            _, _, g, _ = _grads(model, base_t, metric, node_sites, extra=_drop_layer(model, dropped))
             for node in cfg.nodes:
                 totals[node] += score(node, NODE_SITES[node], g, reduce_pos=True).abs()
         for node in cfg.nodes:
@@ -233,7 +238,7 @@ def _qk_fix(
     d = model.dims
     pattern_sites = [Site("attn.hook_pattern", layer) for layer in range(d.n_layers)]
     score_sites = [Site("attn.hook_attn_scores", layer) for layer in range(d.n_layers)]
-    _, pacts, pgrads = _grads(model, base, metric, pattern_sites + score_sites)
+    _, pacts, pgrads, _ = _grads(model, base, metric, pattern_sites + score_sites)
     groups = d.n_heads // d.n_kv_heads
     q_out = torch.zeros(d.n_layers, d.n_heads)
     k_out = torch.zeros(d.n_layers, d.n_kv_heads)
