@@ -89,7 +89,7 @@ def test_refusal_detector(reply, expected):
 
 
 def test_refusal_rate_result_on_a_tiny_model(tmp_path):
-    hf, tok = tiny_model("llama")
+    hf, tok = tiny_model("llama", max_position_embeddings=256)  # chat prompts are long in bytes
     tok.chat_template = TEMPLATE
     model = HookedModel(hf, tok)
     prompts = ["Name a fruit.", "Say hi.", "Count to three please."]
