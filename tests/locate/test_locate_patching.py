@@ -204,3 +204,13 @@ def test_units_are_checked(model):
         activation_patch(model, clean, corrupt, "heads", metric, units=[99])
     with pytest.raises(ConfigError, match="units= applies"):
         activation_patch(model, clean, corrupt, "resid_pre", metric, units=[0])
+
+
+def test_sweeps_built_in_blocks_of_cells_give_the_same_result(model, monkeypatch):
+    import mechscope.locate.patching as patching
+
+    clean, corrupt = prompts()
+    whole = activation_patch(model, clean, corrupt, "heads", metric, per_position=True)
+    monkeypatch.setattr(patching, "_MASK_BUDGET", 1)  # one chunk of cells per block
+    blocks = activation_patch(model, clean, corrupt, "heads", metric, per_position=True, chunk_size=5)
+    torch.testing.assert_close(blocks["metric"], whole["metric"], rtol=1e-5, atol=1e-6)

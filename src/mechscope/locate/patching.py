@@ -67,6 +67,8 @@ UNIT_AXES: dict[str, str] = {
     "mlp.hook_post": "d_mlp",
 }
 DIRECTIONS = ("denoising", "noising")
+#: Mask entries (bytes) built at once in a sweep.
+_MASK_BUDGET = 64 * 2**20
 METHODS = ("batched", "loop")
 
 
@@ -218,15 +220,31 @@ def activation_patch(
     )
     cells = _cells(kind, n_layers, n_units, per_head, per_position, pos, unit_list)
     shape = base.cache[sites[0].name].shape
-    variants = [Variant({Site(kind, c.layer): _cell_mask(kind, c, shape, pos)}) for c in cells]
     sources = {site: source.cache[site.name] for site in sites}
-    if method == "loop":
-        flat = run_loop(model, base, sources, variants, metric, progress=progress)
-    else:
-        base_acts = {site: base.cache[site.name] for site in sites}
-        flat = run_batched(
-            model, base, sources, variants, metric, base_acts=base_acts, chunk_size=chunk_size, progress=progress
-        )
+    base_acts = {site: base.cache[site.name] for site in sites}
+    # Masks are activation-sized; build them a block of cells at a time so memory stays bounded.
+    block = max(chunk_size, _MASK_BUDGET // max(1, shape[1:].numel()))
+    parts = []
+    for first in range(0, len(cells), block):
+        variants = [
+            Variant({Site(kind, c.layer): _cell_mask(kind, c, shape, pos)}) for c in cells[first : first + block]
+        ]
+        if method == "loop":
+            parts.append(run_loop(model, base, sources, variants, metric, progress=progress))
+        else:
+            parts.append(
+                run_batched(
+                    model,
+                    base,
+                    sources,
+                    variants,
+                    metric,
+                    base_acts=base_acts,
+                    chunk_size=chunk_size,
+                    progress=progress,
+                )
+            )
+    flat = torch.cat(parts)
     unit_name = "neuron" if kind == "mlp.hook_post" else "head"
     layer_labels = [str(i) for i in range(n_layers)]
     if unit_axis is not None and per_head:
