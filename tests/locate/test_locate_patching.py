@@ -214,3 +214,28 @@ def test_sweeps_built_in_blocks_of_cells_give_the_same_result(model, monkeypatch
     monkeypatch.setattr(patching, "_MASK_BUDGET", 1)  # one chunk of cells per block
     blocks = activation_patch(model, clean, corrupt, "heads", metric, per_position=True, chunk_size=5)
     torch.testing.assert_close(blocks["metric"], whole["metric"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_equals_loop_on_padded_batches(family_models, side):
+    from mechscope.locate.metrics import last_positions
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 100, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    padded = slice(-3, None) if side == "right" else slice(0, 3)
+    mask[1, padded], ids[1, padded] = 0, 0
+    corrupt_ids = ids.clone()
+    corrupt_ids[:, 4] = torch.randint(4, 100, (2,), generator=gen)
+    clean, corrupt = {"input_ids": ids, "attention_mask": mask}, {"input_ids": corrupt_ids, "attention_mask": mask}
+    last = last_positions(mask)
+
+    def row_metric(logits: torch.Tensor) -> torch.Tensor:
+        return logit_diff(logits, 5, 6, position=last)
+
+    for family in ("gpt2", "mistral"):
+        model = _family_model(family_models, family)
+        for kind in ("resid_pre", "heads"):
+            loop = activation_patch(model, clean, corrupt, kind, row_metric, method="loop", per_position=True)
+            batched = activation_patch(model, clean, corrupt, kind, row_metric, per_position=True)
+            torch.testing.assert_close(batched["metric"], loop["metric"], rtol=1e-5, atol=1e-5)
