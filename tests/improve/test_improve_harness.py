@@ -60,16 +60,20 @@ def test_kl_and_perplexity_follow_their_definitions(model: HookedModel) -> None:
     batch = model.to_tokens(list(NEUTRAL), padding_side="right")
     keep = (batch["attention_mask"][:, 1:] & batch["attention_mask"][:, :-1]).bool()
     targets = batch["input_ids"][:, 1:][keep]
+    real = batch["attention_mask"].bool()
     with torch.no_grad():
-        ref = model.forward(batch)[:, :-1][keep].log_softmax(-1)
+        ref_all = model.forward(batch).log_softmax(-1)
         with intervention:
-            new = model.forward(batch)[:, :-1][keep].log_softmax(-1)
-    kl = (ref.exp() * (ref - new)).sum(-1).mean()
+            new_all = model.forward(batch).log_softmax(-1)
+    kl = (ref_all.exp() * (ref_all - new_all)).sum(-1)[real].mean()  # every real position
+    new = new_all[:, :-1][keep]
     ppl = (-new.gather(-1, targets[:, None]).mean()).exp()
     assert result.after("kl_neutral") == pytest.approx(float(kl), rel=1e-4)
     assert result.after("perplexity_neutral") == pytest.approx(float(ppl), rel=1e-4)
     assert result.after("kl_neutral") > 1e-3
     assert "x2" in result.config["intervention"]
+    last_only = evaluate(model, steer(model, vec, 2.0, positions=[-1]), TokenTask(5), _config())
+    assert last_only.after("kl_neutral") > 1e-4  # the last position's prediction counts too
 
 
 def test_a_modified_model_evaluates_like_its_hooked_equivalent(model: HookedModel, tmp_path) -> None:

@@ -45,7 +45,7 @@ def organism() -> HookedModel:
 def refusal_direction(organism: HookedModel):
     forbidden, benign = contrast_texts("refusal", n=48)
     cfg = DirectionSelectionConfig(
-        layers=(2, 3), positions=(-1, -2), max_kl=0.1, require_induction="prefer", max_ablation_score=0.0
+        layers=(3,), positions=(-1, -2), max_kl=0.1, require_induction="prefer", max_ablation_score=0.0
     )
     score = token_logodds(organism.to_single_token(" Sorry"))
     selection = select_direction(organism, forbidden, benign, score, cfg, retain=retain_texts(n_per_task=32))

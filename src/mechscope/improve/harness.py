@@ -4,7 +4,7 @@
 intervention (a context manager such as :class:`~mechscope.steer.Steering`, or an already modified
 model such as the output of :func:`~mechscope.steer.orthogonalize`), and measures side effects:
 
-- ``kl_neutral``: mean next-token ``KL(before || after)`` over every token of neutral text;
+- ``kl_neutral``: mean next-token ``KL(before || after)`` at every real position of neutral text;
 - ``perplexity``: perplexity of the neutral text before and after;
 - the organisms' other planted tasks (:mod:`mechscope.zoo.tasks`), when the model has their vocabulary.
 
@@ -123,19 +123,18 @@ class EvaluationResult(Result):
 
 
 def _neutral_logprobs(model: HookedModel, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """(log-probs at every real token but the last [n, d_vocab], the next-token ids [n])."""
+    """Next-token log-probs at every real position [batch, pos, d_vocab] (right-padded) and the mask."""
     batch = model.to_tokens(list(texts), padding_side="right")
     with torch.no_grad():
         logits = model.forward(batch).float()
-    ids = batch["input_ids"].to(logits.device)
-    mask = batch["attention_mask"].to(logits.device).bool()
+    return logits.log_softmax(-1), batch["attention_mask"].to(logits.device).bool()
+
+
+def _perplexity(logprobs: Tensor, mask: Tensor, ids: Tensor) -> float:
+    """``exp`` of the mean NLL of each real token given the ones before it."""
     keep = mask[:, 1:] & mask[:, :-1]
-    return logits[:, :-1][keep].log_softmax(-1), ids[:, 1:][keep]
-
-
-def _perplexity(logprobs: Tensor, targets: Tensor) -> float:
-    nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return float(nll.mean().exp())
+    nll = -logprobs[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return float(nll[keep].mean().exp())
 
 
 def _continuations(model: HookedModel, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -201,7 +200,7 @@ def evaluate(
     with torch.no_grad():
         target_before = task.metrics(model)
         side_before = zoo_metrics(model, side_tasks, cfg.seed)
-        ref_lp, targets = _neutral_logprobs(model, cfg.neutral_texts)
+        ref_lp, mask = _neutral_logprobs(model, cfg.neutral_texts)
         samples_before = _continuations(model, prompts, cfg.max_new_tokens)
         with context:
             target_after = task.metrics(after_model)
@@ -209,10 +208,11 @@ def evaluate(
             new_lp, _ = _neutral_logprobs(after_model, cfg.neutral_texts)
             samples_after = _continuations(after_model, prompts, cfg.max_new_tokens)
 
-    kl = float((ref_lp.exp() * (ref_lp - new_lp)).sum(-1).mean())
+    kl = float((ref_lp.exp() * (ref_lp - new_lp)).sum(-1)[mask].mean())
+    ids = model.to_tokens(list(cfg.neutral_texts), padding_side="right")["input_ids"].to(ref_lp.device)
     rows: list[tuple[str, float, float]] = [(k, target_before[k], target_after[k]) for k in target_before]
     rows.append(("kl_neutral", 0.0, kl))
-    rows.append(("perplexity_neutral", _perplexity(ref_lp, targets), _perplexity(new_lp, targets)))
+    rows.append(("perplexity_neutral", _perplexity(ref_lp, mask, ids), _perplexity(new_lp, mask, ids)))
     rows.extend((k, side_before[k], side_after[k]) for k in side_before)
     values = torch.tensor([[b, a] for _, b, a in rows], dtype=torch.float64)
     return EvaluationResult(
