@@ -10,7 +10,7 @@ predictions and by a norm penalty.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -232,8 +232,3 @@ def targets_on_top(model: Any, rows: Rows) -> bool:
     logits = model.forward(rows.inputs)
     top = logits[torch.arange(len(rows.last)), rows.last].argmax(-1).tolist()
     return all(t == tgt[0] for t, tgt in zip(top, rows.targets, strict=True))
-
-
-def iter_chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))

@@ -133,7 +133,8 @@ def second_moments(
     Layers missing from the cache are computed together in one pass over `texts` (default: the zoo
     stream, :func:`zoo_texts`) of ``config.n_tokens`` tokens; partial sums are checkpointed every
     ``config.checkpoint_every`` batches, and a later call resumes from them. ``max_batches`` stops
-    early after that many new batches (leaving the checkpoint; used to test resuming).
+    early after that many new batches, leaving the checkpoint, and returns only the layers that
+    were already cached (used to test resuming).
     """
     config = config or StatsConfig()
     layers = sorted(set(int(layer) for layer in layers))
