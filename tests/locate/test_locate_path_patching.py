@@ -95,3 +95,34 @@ def test_bad_input_fails_clearly(model):
         path_patch(model, clean, corrupt, metric, receivers=[(7, 0, "q")])
     with pytest.raises(ConfigError, match="'logits'"):
         path_patch(model, clean, corrupt, metric, receivers="mlp")
+
+
+def test_sender_sets(model):
+    clean, corrupt = prompts()
+    single = path_patch(model, clean, corrupt, metric)
+    sets = path_patch(model, clean, corrupt, metric, senders=[[(0, 1)], [(1, 2)], [(1, 0), (1, 3)]])
+    assert sets.axes["metric"] == ("sender",) and sets.labels["sender"][2] == "L1H0+L1H3"
+    torch.testing.assert_close(sets["metric"][:2], torch.stack([single["metric"][0, 1], single["metric"][1, 2]]))
+    # The last layer's heads as one set, MLPs recomputing: nothing follows, so it is the patch of
+    # that layer's hook_z from the corrupted run.
+    last = model.dims.n_layers - 1
+    every = [(last, h) for h in range(model.dims.n_heads)]
+    result = path_patch(model, clean, corrupt, metric, senders=[every], freeze_mlps=False)
+    _, source = model.run_with_cache(corrupt, sites=[f"blocks.{last}.attn.hook_z"])
+    with torch.no_grad(), model.hooks({f"blocks.{last}.attn.hook_z": lambda z, ctx: source[ctx.name]}):
+        expected = metric(model(clean)).mean()
+    torch.testing.assert_close(result["metric"][0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_effects_of_sender_sets_add_up_when_the_logits_are_linear_in_them():
+    from torch import nn
+
+    model = HookedModel(tiny_model("gpt_neox", with_tokenizer=False)[0])  # parallel blocks
+    parent, _, attr = model.adapter.final_norm.rpartition(".")
+    setattr(model.module(parent), attr, nn.Identity())  # logits linear in the last layer's heads
+    clean, corrupt = prompts()
+    result = path_patch(model, clean, corrupt, metric, senders=[[(1, 0)], [(1, 2)], [(1, 0), (1, 2)]])
+    effect = result.effect()
+    torch.testing.assert_close(effect[2], effect[0] + effect[1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="sender set"):
+        path_patch(model, clean, corrupt, metric, senders=[[(5, 0)]])

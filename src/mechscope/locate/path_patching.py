@@ -59,8 +59,9 @@ class Receiver:
 
 
 class PathPatchResult(Result):
-    """``metric [layer, head]``: the metric with that sender head path-patched to the receivers,
-    averaged over the batch; ``clean`` and ``corrupt`` (0-d): the unpatched metrics."""
+    """``metric [layer, head]`` (or ``[sender]`` for sender sets): the metric with that sender
+    path-patched to the receivers, averaged over the batch; ``clean`` and ``corrupt`` (0-d): the
+    unpatched metrics."""
 
     method = "path_patch"
 
@@ -81,6 +82,25 @@ class _Stop(Exception):
     """Ends a sender pass once the receivers' inputs are recorded."""
 
 
+def _parse_senders(
+    senders: Sequence[Sequence[tuple[int, int]]] | None, n_layers: int, n_heads: int
+) -> list[tuple[tuple[int, int], ...]]:
+    if senders is None:
+        return [((layer, head),) for layer in range(n_layers) for head in range(n_heads)]
+    out = []
+    for group in senders:
+        heads = tuple(sorted({(int(layer), int(head)) for layer, head in group}))
+        if not heads or any(not (0 <= layer < n_layers and 0 <= head < n_heads) for layer, head in heads):
+            raise ConfigError(
+                f"each sender set must be a non-empty list of (layer, head) with layer in 0..{n_layers - 1} "
+                f"and head in 0..{n_heads - 1}; got {list(group)}"
+            )
+        out.append(heads)
+    if not out:
+        raise ConfigError("senders must not be empty")
+    return out
+
+
 def _replace(values: Tensor) -> HookFn:
     """Replace a ``[k * batch, ...]`` activation by `values` ``[batch, ...]`` repeated (a frozen site)."""
 
@@ -91,14 +111,16 @@ def _replace(values: Tensor) -> HookFn:
     return fn
 
 
-def _sender_hook(source: Tensor, heads: list[int]) -> HookFn:
-    """Variant j takes head ``heads[j]`` of hook_z from `source`."""
+def _frozen_with_senders(base: Tensor, source: Tensor, heads: list[list[int]]) -> HookFn:
+    """hook_z frozen at `base` in every variant, except variant j's sender heads ``heads[j]`` from `source`."""
 
     def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
-        view = activation.reshape(len(heads), -1, *activation.shape[1:]).clone()
-        for j, head in enumerate(heads):
-            view[j, :, :, head] = source[:, :, head].to(activation.dtype)
-        return view.reshape(activation.shape)
+        out = base.to(activation.dtype).repeat(len(heads), *([1] * (base.ndim - 1)))
+        view = out.view(len(heads), -1, *base.shape[1:])
+        for j, chosen in enumerate(heads):
+            if chosen:
+                view[j, :, :, chosen] = source[:, :, chosen].to(activation.dtype)
+        return out
 
     return fn
 
@@ -134,16 +156,19 @@ def path_patch(
     metric: Metric,
     *,
     receivers: str | Sequence[Receiver | tuple[Any, ...]] = "logits",
+    senders: Sequence[Sequence[tuple[int, int]]] | None = None,
     direction: str = "noising",
     freeze_mlps: bool = True,
     chunk_size: int = 32,
     progress: bool = False,
 ) -> PathPatchResult:
-    """Path-patch every attention head, one at a time, as the sender to `receivers`.
+    """Path-patch every attention head, one at a time (or each set of `senders`), to `receivers`.
 
     Args:
         receivers: ``"logits"`` or receiver heads' inputs, ``[Receiver(layer, head, "q"|"k"|"v"), ...]``
             (tuples accepted).
+        senders: sets of heads patched together, ``[[(layer, head), ...], ...]``; the result is then
+            ``metric [sender]``. Default: every head alone, ``metric [layer, head]``.
         direction: ``noising`` (base = clean, senders from corrupt; the paper's) or ``denoising``.
         freeze_mlps: freeze MLP outputs too (only direct head-to-receiver paths); False lets MLPs
             recompute (paths through MLPs count as direct, as in some implementations).
@@ -171,38 +196,49 @@ def path_patch(
     batch = base.batch
     values = {"base": metric_value(metric, base.logits, batch), "source": metric_value(metric, source.logits, batch)}
     read = metric_positions(metric, base.logits)
-    out = values["base"].expand(d.n_layers, d.n_heads).clone()
+    sets = _parse_senders(senders, d.n_layers, d.n_heads)
+    flat = values["base"].expand(len(sets)).clone()
     last_receiver = d.n_layers if parsed is None else max(r.layer for r in parsed)
+    by_start: dict[int, list[int]] = {}
+    for i, group in enumerate(sets):
+        if group[0][0] < last_receiver:  # senders at or after every receiver have no path: base value
+            by_start.setdefault(group[0][0], []).append(i)
     chunks = [
-        (layer, list(range(d.n_heads))[j : j + chunk_size])
-        for layer in range(min(d.n_layers, last_receiver))
-        for j in range(0, d.n_heads, chunk_size)
+        (layer, idx[j : j + chunk_size]) for layer, idx in by_start.items() for j in range(0, len(idx), chunk_size)
     ]
     buffer = torch.full_like(base.logits, float("nan"))
-    for layer, heads in progress_bar(chunks, progress, "path patching"):
-        frozen: dict[SiteLike, HookFn] = {z_sites[layer]: _sender_hook(source.cache[z_sites[layer].name], heads)}
-        for later in range(layer + 1, d.n_layers):
-            frozen[z_sites[later]] = _replace(base.cache[z_sites[later].name])
-        if freeze_mlps:
-            for later in range(layer, d.n_layers):
+    for layer, members in progress_bar(chunks, progress, "path patching"):
+        frozen: dict[SiteLike, HookFn] = {}
+        for later in range(layer, d.n_layers):
+            heads = [[h for sl, h in sets[i] if sl == later] for i in members]
+            name = z_sites[later].name
+            frozen[z_sites[later]] = _frozen_with_senders(base.cache[name], source.cache[name], heads)
+            if freeze_mlps:
                 frozen[mlp_sites[later]] = _replace(base.cache[mlp_sites[later].name])
-        resid = base.resid_pre[layer].repeat(len(heads), 1, 1)
+        resid = base.resid_pre[layer].repeat(len(members), 1, 1)
         if parsed is None:
             logits = run_from(model, base, resid, layer=layer, logit_positions=read, hooks=frozen)
         else:
             logits = _receiver_pass(model, base, resid, layer, frozen, parsed, read)
-        for j, head in enumerate(heads):
+        for j, i in enumerate(members):
             buffer[:, read] = logits[j * batch : (j + 1) * batch]
-            out[layer, head] = metric_value(metric, buffer, batch)
+            flat[i] = metric_value(metric, buffer, batch)
+    if senders is None:
+        out, axes = flat.reshape(d.n_layers, d.n_heads), ("layer", "head")
+        labels = {"layer": [str(i) for i in range(d.n_layers)], "head": [f"H{h}" for h in range(d.n_heads)]}
+    else:
+        out, axes = flat, ("sender",)
+        labels = {"sender": ["+".join(f"L{layer}H{head}" for layer, head in group) for group in sets]}
     clean_value, corrupt_value = (
         (values["base"], values["source"]) if direction == "noising" else (values["source"], values["base"])
     )
     return PathPatchResult(
         tensors={"metric": out, "clean": clean_value, "corrupt": corrupt_value},
-        axes={"metric": ("layer", "head"), "clean": (), "corrupt": ()},
-        labels={"layer": [str(i) for i in range(d.n_layers)], "head": [f"H{h}" for h in range(d.n_heads)]},
+        axes={"metric": axes, "clean": (), "corrupt": ()},
+        labels=labels,
         config={
             "receivers": "logits" if parsed is None else [[r.layer, r.head, r.input] for r in parsed],
+            "senders": None if senders is None else [[list(h) for h in group] for group in sets],
             "direction": direction,
             "freeze_mlps": freeze_mlps,
             "model_type": d.model_type,
