@@ -224,7 +224,8 @@ def path_patch(
             buffer[:, read] = logits[j * batch : (j + 1) * batch]
             flat[i] = metric_value(metric, buffer, batch)
     if senders is None:
-        out, axes = flat.reshape(d.n_layers, d.n_heads), ("layer", "head")
+        axes: tuple[str, ...] = ("layer", "head")
+        out = flat.reshape(d.n_layers, d.n_heads)
         labels = {"layer": [str(i) for i in range(d.n_layers)], "head": [f"H{h}" for h in range(d.n_heads)]}
     else:
         out, axes = flat, ("sender",)
