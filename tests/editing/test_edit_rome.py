@@ -104,3 +104,31 @@ def test_bad_requests_raise_and_leave_model_unmodified(tmp_path):
     with pytest.raises(EditError, match=r"\[d_mlp, d_mlp\]"):
         rome(model, REQUEST, FAST, mom2=stats[0][:4, :4])
     assert equal_to_snapshot(model, before) == []
+
+
+def test_edit_metrics_before_after_and_model_left_edited(tmp_path):
+    from mechscope.locate.results import Result
+    from mechscope.steer.editing import EditMetrics, edit_metrics
+
+    model = tiny("gpt2")
+    stats = tiny_stats(model, [0], tmp_path)
+    request = EditRequest(
+        prompt="The capital of {}",
+        subject="France",
+        target=" Rome",
+        paraphrases=("Hello world! The capital of France",),
+        neighbours=(("The capital of Italy", " is"),),
+    )
+    record = rome(model, request, FAST, mom2=stats[0])
+    edited = snapshot(model)
+    metrics = edit_metrics(model, record=record)
+    assert equal_to_snapshot(model, edited) == []  # measured before and after, left edited
+    summary = metrics.summary()
+    assert summary["efficacy"] == {"before": 0.0, "after": 1.0}
+    assert summary["neighbourhood_unchanged"]["before"] == 1.0
+    assert metrics.labels == {"request": ["France:Rome"], "state": ["before", "after"]}
+    loaded = Result.load(metrics.save(tmp_path / "m.safetensors"))
+    assert isinstance(loaded, EditMetrics) and loaded.summary() == summary
+    metrics.plot()
+    current = edit_metrics(model, [request])
+    assert current.labels["state"] == ["current"] and current.summary()["efficacy"]["current"] == 1.0
