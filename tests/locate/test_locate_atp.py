@@ -117,3 +117,30 @@ def test_bad_input_fails_clearly():
         AtPConfig(nodes=("edges",))
     with pytest.raises(ConfigError, match="direction"):
         AtPConfig(direction="up")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_graddrop_matches_its_definition(family):
+    """GradDrop: mean over dropped layers l of |AtP with the gradient through l's outputs stopped|."""
+    model = HookedModel(tiny_model(family, with_tokenizer=False)[0])
+    clean, corrupt = prompts()
+    atp = attribution_patch(model, clean, corrupt, metric, AtPConfig(nodes=("heads", "neurons"), grad_drop=True))
+    n_layers = model.dims.n_layers
+    sites = [f"blocks.{layer}.{kind}" for kind in ("attn.hook_z", "mlp.hook_post") for layer in range(n_layers)]
+    _, source = model.run_with_cache(clean, sites=sites)
+    total = {
+        "attn.hook_z": torch.zeros(n_layers, model.dims.n_heads),
+        "mlp.hook_post": torch.zeros(n_layers, model.dims.d_mlp),
+    }
+    for dropped in range(n_layers):
+        stop = {f"blocks.{dropped}.{k}": (lambda a, ctx: a.detach()) for k in ("hook_attn_out", "hook_mlp_out")}
+        with model.hooks(stop):
+            run = model.run_with_grads(corrupt, lambda logits: metric(logits).mean(), sites)
+        for kind in total:
+            for layer in range(n_layers):
+                name = f"blocks.{layer}.{kind}"
+                prod = ((source[name] - run.activations[name]) * run.gradients[name]).sum(0)
+                per_unit = prod.sum(-1).sum(0) if kind == "attn.hook_z" else prod.sum(0)
+                total[kind][layer] += per_unit.abs()
+    torch.testing.assert_close(atp["heads_graddrop"], total["attn.hook_z"] / (n_layers - 1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(atp["neurons_graddrop"], total["mlp.hook_post"] / (n_layers - 1), rtol=1e-4, atol=1e-6)

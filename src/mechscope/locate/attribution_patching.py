@@ -174,8 +174,7 @@ def attribution_patch(
     if cfg.grad_drop:
         node_sites = [s for s in sites if s.kind in {NODE_SITES[n] for n in cfg.nodes}]
         totals = {node: torch.zeros_like(tensors[node]) for node in cfg.nodes}
-        for dropped in range(n_layers):
-            _, _, g, _ = _grads(model, base_t, metric, node_sites, extra=_drop_layer(model, dropped))
+        for g in _graddrop_grads(model, base_t, metric, node_sites):
             for node in cfg.nodes:
                 totals[node] += score(node, NODE_SITES[node], g, reduce_pos=True).abs()
         for node in cfg.nodes:
@@ -208,13 +207,58 @@ def attribution_patch(
     )
 
 
-def _drop_layer(model: HookedModel, layer: int) -> dict[SiteLike, HookFn]:
-    """Hooks that stop the gradient through `layer`'s attention and MLP outputs (values unchanged)."""
+class _Gate(torch.autograd.Function):
+    """Identity forward; backward scales the gradient by ``open[0]`` (a switch read at backward time)."""
 
-    def stop(activation: Tensor, _ctx: HookContext) -> Tensor:
-        return activation.detach()
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, switch: list[float]) -> Tensor:
+        ctx.switch = switch
+        return x.view_as(x)
 
-    return {Site("hook_attn_out", layer): stop, Site("hook_mlp_out", layer): stop}
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.switch[0], None
+
+
+def _graddrop_grads(
+    model: HookedModel, inputs: dict[str, Tensor], metric: Metric, sites: list[Site]
+) -> list[dict[str, Tensor]]:
+    """Per layer l, d metric / d activation at `sites` with the gradient through layer l's attention
+    and MLP outputs dropped: one forward, then one backward per layer on the same graph (each layer's
+    outputs pass through a gate whose gradient switch is flipped between backward passes)."""
+    n_layers, batch = model.dims.n_layers, int(inputs["input_ids"].shape[0])
+    switches = [[1.0] for _ in range(n_layers)]
+    acts: dict[str, Tensor] = {}
+
+    def leaf(activation: Tensor, _ctx: HookContext) -> Tensor:
+        return activation.detach().requires_grad_(True)
+
+    def gate(activation: Tensor, ctx: HookContext) -> Tensor:
+        assert ctx.layer is not None
+        out: Tensor = _Gate.apply(activation, switches[ctx.layer])
+        return out
+
+    def keep(activation: Tensor, ctx: HookContext) -> None:
+        acts[ctx.name] = activation
+
+    hooks: dict[SiteLike, list[HookFn]] = {Site("hook_embed"): [leaf]}
+    if model.adapter.pos_embed is not None:
+        hooks[Site("hook_pos_embed")] = [leaf]
+    for layer in range(n_layers):
+        hooks[Site("hook_attn_out", layer)] = [gate]
+        hooks[Site("hook_mlp_out", layer)] = [gate]
+    for site in sites:
+        hooks.setdefault(site, []).append(keep)
+    out = []
+    with torch.enable_grad(), model.hooks(hooks):
+        loss = _metric_mean(metric, model(inputs), batch)
+        names = [s.name for s in sites]
+        for dropped in range(n_layers):
+            for layer, switch in enumerate(switches):
+                switch[0] = 0.0 if layer == dropped else 1.0
+            grads = torch.autograd.grad(loss, [acts[n] for n in names], retain_graph=True, allow_unused=True)
+            out.append({n: torch.zeros_like(acts[n]) if g is None else g.detach() for n, g in zip(names, grads)})
+    return out
 
 
 def _pattern(q: Tensor, k: Tensor, masked: Tensor, scaling: float, softcap: float | None) -> Tensor:
