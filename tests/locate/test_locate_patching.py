@@ -239,3 +239,39 @@ def test_batched_equals_loop_on_padded_batches(family_models, side):
             loop = activation_patch(model, clean, corrupt, kind, row_metric, method="loop", per_position=True)
             batched = activation_patch(model, clean, corrupt, kind, row_metric, per_position=True)
             torch.testing.assert_close(batched["metric"], loop["metric"], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_patch_path_patch_atp_and_trace(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+    from mechscope.locate.causal_tracing import TracingResult
+    from mechscope.locate.path_patching import PathPatchResult
+
+    hf, tok = tiny_model("gpt2")
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    pair = ["-c", "the dog sat on the", "-x", "the the sat on the", "-a", " dog", "-w", " the"]
+    runner = CliRunner()
+    out = runner.invoke(app, ["locate", "patch", str(folder), *pair, "--kind", "heads", "-o", str(tmp_path / "p.st")])
+    assert out.exit_code == 0, out.output
+    assert PatchResult.load(tmp_path / "p.st")["metric"].shape == (2, 4) and "clean" in out.output
+    out = runner.invoke(
+        app, ["locate", "path-patch", str(folder), *pair, "--receiver", "1.0.q", "-o", str(tmp_path / "pp.st")]
+    )
+    assert out.exit_code == 0, out.output
+    assert PathPatchResult.load(tmp_path / "pp.st").config["receivers"] == [[1, 0, "q"]]
+    out = runner.invoke(app, ["locate", "atp", str(folder), *pair, "--qk-fix", "--compare", "-o", str(tmp_path / "a")])
+    assert out.exit_code == 0, out.output
+    assert "spearman" in out.output
+    args = ["locate", "trace", str(folder), "-p", "the dog sat on the", "-s", "dog", "--samples", "2"]
+    out = runner.invoke(app, [*args, "-o", str(tmp_path / "t.st")])
+    assert out.exit_code == 0, out.output
+    assert TracingResult.load(tmp_path / "t.st").config["subject_positions"] and "mlp" in out.output
+    out = runner.invoke(app, ["locate", "path-patch", str(folder), *pair, "--receiver", "1.q"])
+    assert out.exit_code == 2 and "layer.head.q|k|v" in out.output
+    out = runner.invoke(
+        app, ["locate", "patch", str(folder), "-c", "the dog", "-x", "the dog sat", "-a", " dog", "-w", " the"]
+    )
+    assert out.exit_code == 2 and "same [batch, pos] token shape" in out.output
