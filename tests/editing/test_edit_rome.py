@@ -9,6 +9,7 @@ from edit_helpers import tiny, tiny_stats
 from mechscope.steer.editing import EditError, EditRecord, EditRequest, ROMEConfig, rome, snapshot
 from mechscope.steer.editing.records import equal_to_snapshot, mlp_out_weight
 from mechscope.steer.editing.rome import solve_inverse
+from tiny_models import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -132,3 +133,19 @@ def test_edit_metrics_before_after_and_model_left_edited(tmp_path):
     metrics.plot()
     current = edit_metrics(model, [request])
     assert current.labels["state"] == ["current"] and current.summary()["efficacy"]["current"] == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rome_and_revert_on_every_family(family, tmp_path):
+    """Every adapter's MLP output projection (Conv1D, Linear, gated, fused, post-norm, parallel) edits
+    exactly one weight, makes W' k* = W k* + delta hold, and reverts bit for bit."""
+    model = tiny(family)
+    stats = tiny_stats(model, [0], tmp_path)
+    before = snapshot(model)
+    w0 = mlp_out_weight(model, 0).detach().clone()
+    record = rome(model, REQUEST, ROMEConfig(layer=0, steps=3, n_prefixes=0, rounds=1), mom2=stats[0])
+    assert record.changed() == [f"{model.adapter.layers}.0.{model.adapter.mlp_down}.weight"]
+    s = torch.linalg.svdvals((mlp_out_weight(model, 0).detach() - w0).double())
+    assert s[0] > 0 and s[1] / s[0] < 1e-5  # rank one up to float32 rounding
+    record.revert(model)
+    assert equal_to_snapshot(model, before) == []

@@ -66,7 +66,7 @@ def stats_cmd(
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $MECHSCOPE_CACHE/stats).")] = None,
 ) -> None:
-    """Compute (or find cached) second-moment statistics E[k k^T] of MLP keys; resumable."""
+    """Compute (or find cached) second-moment statistics E(k k^T) of MLP keys; resumable."""
     _offline()
     from mechscope.errors import MechscopeError
     from mechscope.model.loading import load_model
