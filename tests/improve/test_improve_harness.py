@@ -7,6 +7,7 @@ import torch
 
 from mechscope.errors import ConfigError
 from mechscope.improve import EvaluationConfig, EvaluationResult, Task, evaluate
+from mechscope.improve.tasks import continuation_sentiment
 from mechscope.model.hooked import HookedModel
 from mechscope.steer import directional_ablation, from_direction, orthogonalize, steer
 from tiny_models import tiny_model
@@ -101,3 +102,10 @@ def test_bad_input(model: HookedModel) -> None:
         EvaluationConfig(side_tasks=("poetry",))
     with pytest.raises(ConfigError, match="neutral_texts"):
         EvaluationConfig(neutral_texts=())
+
+
+def test_continuation_sentiment() -> None:
+    assert continuation_sentiment(" awful. I would not recommend it.") == "negative"
+    assert continuation_sentiment(" great. I would recommend it.") == "positive"
+    assert continuation_sentiment(" fine, I suppose") == "neutral"
+    assert continuation_sentiment(" great, but I would not recommend it.") == "neutral"

@@ -81,6 +81,8 @@ def test_sentiment_vector_flips_most_continuations_with_small_neutral_kl(organis
     result = evaluate(organism, steer(organism, vector, 0.7), SentimentTask(n_eval=100, n_samples=4), cfg)
     assert result.before("flip_rate") == 0.0
     assert result.after("flip_rate") >= 0.8
+    assert result.before("continuation_flip_rate") == 0.0
+    assert result.after("continuation_flip_rate") >= 0.8  # most generated continuations turn negative
     assert result.after("kl_neutral") <= 0.15
     flipped = [s for s in result.config["samples"] if " awful" in s["after"] and " great" in s["before"]]
     assert len(flipped) >= 3

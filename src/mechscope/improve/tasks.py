@@ -70,13 +70,17 @@ class SentimentTask(Task):
     """How often reviews of one polarity get the other polarity's verdict (a sentiment flip).
 
     ``flip_rate``: share of held-out `source` reviews whose greedy verdict word is the opposite one;
-    ``verdict_accuracy``: share of all held-out reviews with the correct verdict.
+    ``verdict_accuracy``: share of all held-out reviews with the correct verdict;
+    ``continuation_flip_rate``: share of the first ``n_continuations`` `source` reviews whose greedy
+    continuation (``max_new_tokens``) reads as the opposite sentiment (:func:`continuation_sentiment`).
     """
 
     source: Literal["positive", "negative"] = "positive"
     seed: int = 0
     n_eval: int = 200
     n_samples: int = 4
+    n_continuations: int = 32
+    max_new_tokens: int = 8
     name: str = "sentiment"
     zoo_tasks: tuple[str, ...] = ("sentiment",)
 
@@ -85,6 +89,8 @@ class SentimentTask(Task):
             raise ConfigError(f"source must be 'positive' or 'negative'; got {self.source!r}")
         _check_n(self.n_eval, "n_eval")
         _check_n(self.n_samples, "n_samples")
+        _check_n(self.n_continuations, "n_continuations")
+        _check_n(self.max_new_tokens, "max_new_tokens")
 
     def _split(self) -> list[sentiment.Example]:
         return sentiment.generate(self.seed, n_eval=self.n_eval).eval["heldout"]
@@ -96,13 +102,30 @@ class SentimentTask(Task):
         preds = next_token_predictions(model.hf_model, model.tokenizer, [e.prompt for e in split])
         source = [p for p, e in zip(preds, split, strict=True) if e.label == self.source]
         correct = [p == model.to_single_token(e.target) for p, e in zip(preds, split, strict=True)]
+        prompts = [e.prompt for e in split if e.label == self.source][: self.n_continuations]
+        texts = model.generate_text(prompts, max_new_tokens=self.max_new_tokens, do_sample=False)
+        other = "negative" if self.source == "positive" else "positive"
         return {
             "flip_rate": sum(p == opposite for p in source) / max(1, len(source)),
             "verdict_accuracy": sum(correct) / max(1, len(correct)),
+            "continuation_flip_rate": sum(continuation_sentiment(t) == other for t in texts) / max(1, len(texts)),
         }
 
     def sample_prompts(self) -> list[str]:
         return [e.prompt for e in self._split() if e.label == self.source][: self.n_samples]
+
+
+def continuation_sentiment(text: str) -> str:
+    """``"negative"``, ``"positive"`` or ``"neutral"`` for a review continuation, by the organisms'
+    verdict words and closing sentences (" awful" / "would not recommend" vs " great" / "would recommend")."""
+    lowered = " " + text.lower()
+    negative = f" {vocab.NEGATIVE_WORD}" in lowered or "not recommend" in lowered
+    positive = f" {vocab.POSITIVE_WORD}" in lowered or ("recommend" in lowered and "not recommend" not in lowered)
+    if negative and not positive:
+        return "negative"
+    if positive and not negative:
+        return "positive"
+    return "neutral"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,4 +190,13 @@ def has_organism_vocabulary(model: HookedModel) -> bool:
 
 TASKS: dict[str, type[Task]] = {"refusal": RefusalTask, "sentiment": SentimentTask}
 
-__all__ = ["TASKS", "RefusalTask", "SentimentTask", "Task", "ZooTask", "has_organism_vocabulary", "zoo_metrics"]
+__all__ = [
+    "TASKS",
+    "RefusalTask",
+    "SentimentTask",
+    "Task",
+    "ZooTask",
+    "continuation_sentiment",
+    "has_organism_vocabulary",
+    "zoo_metrics",
+]
