@@ -98,6 +98,9 @@ def test_bad_input(model: HookedModel) -> None:
         evaluate(model, 3.0, TokenTask(1))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="itself"):
         evaluate(model, model, TokenTask(1))
+    other = HookedModel(*tiny_model("llama", seed=4))
+    with pytest.raises(ConfigError, match="another HookedModel"):
+        evaluate(model, steer(other, from_direction(other, torch.ones(32)), 1.0), TokenTask(1))
     with pytest.raises(ConfigError, match="side tasks"):
         EvaluationConfig(side_tasks=("poetry",))
     with pytest.raises(ConfigError, match="neutral_texts"):

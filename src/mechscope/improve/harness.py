@@ -26,7 +26,7 @@ from mechscope.errors import ConfigError
 from mechscope.improve.neutral import NEUTRAL_TEXTS
 from mechscope.improve.tasks import Task, has_organism_vocabulary, zoo_metrics
 from mechscope.locate.results import Result
-from mechscope.steer.intervention import require_hooked
+from mechscope.steer.intervention import Intervention, require_hooked
 from mechscope.zoo.tasks import TEXT_TASKS
 
 if TYPE_CHECKING:
@@ -183,6 +183,8 @@ def evaluate(
         after_model: HookedModel = intervention
         context: AbstractContextManager[Any] = nullcontext()
     elif isinstance(intervention, AbstractContextManager) or hasattr(intervention, "__enter__"):
+        if isinstance(intervention, Intervention) and intervention.model is not model:
+            raise ConfigError("the intervention is bound to another HookedModel; build it on the evaluated model")
         after_model, context = model, intervention
     else:
         raise ConfigError(
