@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,20 +77,34 @@ def main() -> None:
         attribution_patch(model, clean, corrupt, metric, AtPConfig(nodes=("heads", "neurons"), grad_drop=True))
 
     forward_backward()  # warm-up
-    base = best_of(args.repeats, forward_backward)
     n_nodes = args.layers * (args.heads + 4 * args.d_model + args.pos)
     print(
         f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}; "
-        f"batch {args.batch} x {args.pos}; {torch.get_num_threads()} thread(s); best of {args.repeats}"
+        f"batch {args.batch} x {args.pos}; {torch.get_num_threads()} thread(s); {args.repeats} rounds"
     )
-    print(f"one forward + backward: {base:.3f}s")
-    t = best_of(args.repeats, atp)
-    print(f"AtP, all {n_nodes} heads + neurons + residual positions: {t:.3f}s = {t / base:.2f}x")
-    t = best_of(args.repeats, atp_star)
-    print(f"AtP* QK fix (heads, q/k/v, neurons): {t:.3f}s = {t / base:.2f}x")
+    # The machine is shared: every round times the baseline right before each method, and the
+    # reported ratio is the median over rounds of (method / baseline of the same round).
+    methods = {
+        f"AtP, all {n_nodes} heads + neurons + residual positions": atp,
+        "AtP* QK fix (heads, q/k/v, neurons)": atp_star,
+    }
     if args.graddrop:
-        t = best_of(1, graddrop)
-        print(f"AtP + GradDrop ({args.layers} extra backward passes): {t:.3f}s = {t / base:.2f}x")
+        methods[f"AtP + GradDrop ({args.layers} extra backward passes)"] = graddrop
+    ratios: dict[str, list[float]] = {name: [] for name in methods}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    base_times: list[float] = []
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            base = best_of(1, forward_backward)
+            took = best_of(1, fn)
+            base_times.append(base)
+            times[name].append(took)
+            ratios[name].append(took / base)
+    print(f"one forward + backward: median {statistics.median(base_times):.3f}s")
+    for name in methods:
+        print(
+            f"{name}: median {statistics.median(times[name]):.3f}s, median ratio {statistics.median(ratios[name]):.2f}x"
+        )
 
 
 if __name__ == "__main__":
