@@ -7,22 +7,52 @@ import json
 import pytest
 
 from mechscope.demo import run_demo
+from mechscope.errors import ConfigError
 from tiny_models import tiny_model
 
 
-@pytest.mark.slow
-def test_demo_writes_report_and_metrics(tmp_path, monkeypatch):
-    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+@pytest.fixture
+def tiny_folder(tmp_path):
     hf, tok = tiny_model("gpt2", n_positions=64)
     folder = tmp_path / "model"
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_demo_on_a_model_without_planted_tasks_runs_the_induction_loop(tmp_path, tiny_folder):
     lines: list[str] = []
-    report = run_demo(str(folder), tmp_path / "out", echo=lines.append)
+    report = run_demo(str(tiny_folder), tmp_path / "out", echo=lines.append)
     page = report.read_text()
     assert page.startswith("<!doctype html>") and "Induction score per head" in page
     assert "cdn.plot.ly" not in page.split("<script")[0]  # plotly.js is inlined: the page opens offline
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["induction"]
     assert set(metrics) >= {"none", "top induction heads", "control heads"}
     assert metrics["none"]["first_half_kl_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert any(line.startswith("Locate:") for line in lines) and any(line.startswith("Improve:") for line in lines)
+
+
+def test_demo_refuses_organism_loops_on_other_models_and_unknown_sections(tmp_path, tiny_folder):
+    with pytest.raises(ConfigError, match="planted tasks"):
+        run_demo(str(tiny_folder), tmp_path / "out", sections=("refusal",))
+    with pytest.raises(ConfigError, match="unknown demo sections"):
+        run_demo(str(tiny_folder), tmp_path / "out", sections=("nonsense",))
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
+def test_demo_on_the_default_organism_closes_the_refusal_and_fact_loops(tmp_path):
+    lines: list[str] = []
+    report = run_demo(None, tmp_path / "out", echo=lines.append, sections=("refusal", "facts"))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["model"] == "organism-gpt2"
+    refusal = metrics["refusal"]
+    assert refusal["refusal_forbidden"]["before"] >= 0.95
+    assert refusal["refusal_forbidden"]["after"] <= refusal["refusal_forbidden"]["before"] - 0.5
+    assert refusal["orthogonalised_max_logit_gap"] < 1e-3
+    facts = metrics["facts"]
+    assert facts["mean_after"]["efficacy"] >= 0.8 and facts["reverted_exactly"] is True
+    page = report.read_text()
+    assert "Refusal" in page and "ROME" in page

@@ -103,3 +103,21 @@ def test_bad_options_are_reported():
         load_model(hf, dtype="float8")
     with pytest.raises(ConfigError, match="source must be"):
         load_model(42)  # type: ignore[arg-type]
+
+
+def test_fingerprint_depends_on_weights_not_on_the_folder(tmp_path):
+    """Same weights from two folders: same fingerprint; one weight changed: a different one."""
+    import torch
+
+    from mechscope.model.loading import load_model
+    from tiny_models import tiny_model
+
+    hf, tok = tiny_model("llama")
+    for name in ("a", "b"):
+        hf.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    first, second = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert first.fingerprint() == second.fingerprint()
+    with torch.no_grad():
+        next(second.hf_model.parameters()).add_(1.0)
+    assert first.fingerprint() != second.fingerprint()

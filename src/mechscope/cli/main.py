@@ -86,6 +86,10 @@ def demo(
     model: Annotated[str, typer.Option(help="Model folder or bundled name (default: the bundled default).")] = "",
     out: Annotated[Path, typer.Option(help="Folder for the HTML report.")] = Path("mechscope-report"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    section: Annotated[
+        list[str],
+        typer.Option(help="Run only these loops: refusal, facts, sentiment (organisms) or induction (any model)."),
+    ] = [],  # noqa: B006
 ) -> None:
     """Locate -> Steer -> Improve on the default model; writes a self-contained HTML report."""
     _offline_by_default()
@@ -93,7 +97,7 @@ def demo(
     from mechscope.errors import MechscopeError
 
     try:
-        report = run_demo(model or None, out, seed=seed, echo=typer.echo)
+        report = run_demo(model or None, out, seed=seed, echo=typer.echo, sections=tuple(section) or None)
     except MechscopeError as exc:
         raise _fail(exc) from exc
     typer.echo(f"report written to {report}")

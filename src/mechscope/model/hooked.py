@@ -60,6 +60,12 @@ class GradientResult:
     gradients: ActivationCache
 
 
+#: Config entries that describe where/how a model was loaded, not what it computes.
+_UNFINGERPRINTED_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset"}
+)
+
+
 class HookedModel(nn.Module):
     """Wrap an HF ``PreTrainedModel`` (causal LM) and its tokenizer.
 
@@ -192,8 +198,13 @@ class HookedModel(nn.Module):
         return next(self.hf_model.parameters()).dtype
 
     def fingerprint(self) -> str:
-        """A short hash of the config and weights, recorded with artifacts made on this model."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
+        """A short hash of the config and weights, recorded with artifacts made on this model.
+
+        Where the model was loaded from and with which attention backend does not enter: the same weights
+        give the same fingerprint from any folder (so caches and artifacts carry over).
+        """
+        config = {k: v for k, v in self.config.to_dict().items() if k not in _UNFINGERPRINTED_CONFIG_KEYS}
+        h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, param in self.hf_model.state_dict().items():
             flat = param.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()

@@ -1,0 +1,1 @@
+"""Prompt sets and contrast pairs that methods and workflows share (no model code here)."""

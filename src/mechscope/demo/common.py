@@ -1,0 +1,42 @@
+"""What a demo section hands back: its measured metrics and how to write itself into the report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Section:
+    """One Locate -> Steer -> Improve loop: `metrics` go to metrics.json, `parts` to the HTML report.
+
+    ``parts`` are ``(kind, payload)`` pairs replayed onto a :class:`~mechscope.report.html.Report`:
+    ``("section", heading)``, ``("text", paragraph)``, ``("note", paragraph)``, ``("table", (header,
+    rows))`` or ``("figure", plotly_figure)``.
+    """
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parts: list[tuple[str, Any]] = field(default_factory=list)
+
+    def add(self, kind: str, payload: Any) -> None:
+        self.parts.append((kind, payload))
+
+    def write(self, report: Any) -> None:
+        writers: dict[str, Callable[[Any], None]] = {
+            "section": report.section,
+            "text": report.text,
+            "note": lambda p: report.text(p, note=True),
+            "table": lambda p: report.table(*p),
+            "figure": report.figure,
+        }
+        for kind, payload in self.parts:
+            writers[kind](payload)
+
+
+def markdown_rows(table: str) -> tuple[list[str], list[list[str]]]:
+    """A Markdown table (as the results' ``table()`` methods write) as a header and rows."""
+    lines = [line.strip().strip("|") for line in table.strip().splitlines()]
+    header = [c.strip().strip("`") for c in lines[0].split("|")]
+    rows = [[c.strip().strip("`") for c in line.split("|")] for line in lines[2:]]
+    return header, rows
