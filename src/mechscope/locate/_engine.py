@@ -184,7 +184,8 @@ def run_batched(
         }:
             continue  # in the last layer, such a patch only reaches its own positions
         if base_acts is not None and all(
-            torch.equal(torch.where(m, sources[s], base_acts[s]), base_acts[s]) for s, m in variant.masks.items()
+            torch.equal(torch.where(m.to(base_acts[s].device), sources[s], base_acts[s]), base_acts[s])
+            for s, m in variant.masks.items()
         ):
             continue  # the patch writes the values already there
         groups.setdefault((layer, start), []).append(i)

@@ -137,7 +137,8 @@ def attribution_patch(
     base_value, acts, grads, base_logits = _grads(model, base_t, metric, sites)
     # The source run only needs the logits the metric reads (the vocabulary projection is costly).
     read = metric_positions(metric, base_logits)
-    kept, source_cache = model.run_with_cache(source_t, sites=sites, logits_to_keep=torch.tensor(read))
+    keep = torch.tensor(read, device=base_logits.device)
+    kept, source_cache = model.run_with_cache(source_t, sites=sites, logits_to_keep=keep)
     assert kept is not None
     source_logits = torch.full_like(base_logits, float("nan"))
     source_logits[:, read] = kept
@@ -284,8 +285,9 @@ def _qk_fix(
     score_sites = [Site("attn.hook_attn_scores", layer) for layer in range(d.n_layers)]
     _, pacts, pgrads, _ = _grads(model, base, metric, pattern_sites + score_sites)
     groups = d.n_heads // d.n_kv_heads
-    q_out = torch.zeros(d.n_layers, d.n_heads)
-    k_out = torch.zeros(d.n_layers, d.n_kv_heads)
+    device = next(iter(pgrads.values())).device
+    q_out = torch.zeros(d.n_layers, d.n_heads, device=device)
+    k_out = torch.zeros(d.n_layers, d.n_kv_heads, device=device)
     for layer in range(d.n_layers):
         attn = model.layer_module(layer, model.adapter.attn)
         scaling = float(getattr(attn, "scaling", d.d_head**-0.5))

@@ -168,7 +168,8 @@ def causal_trace(
                 masks = {}
                 for restored in layers:
                     site = Site(site_kind, restored)
-                    mask = torch.zeros(1, *clean.cache[site.name].shape[1:], dtype=torch.bool)
+                    acts = clean.cache[site.name]
+                    mask = torch.zeros(1, *acts.shape[1:], dtype=torch.bool, device=acts.device)
                     mask[:, pos] = True
                     masks[site] = mask
                 variants.append(Variant(masks))
@@ -272,7 +273,7 @@ def trace_facts(
                 continue
             count[c] += 1
             for kind in cfg.kinds:
-                sums[kind][:, c] += result.effect(kind)[:, cols].mean(-1)
+                sums[kind][:, c] += result.effect(kind)[:, cols].mean(-1).float().cpu()
     tensors: dict[str, Tensor] = {kind: s / count.clamp(min=1) for kind, s in sums.items()}
     for kind in cfg.kinds:
         tensors[kind][:, count == 0] = float("nan")

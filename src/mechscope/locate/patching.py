@@ -152,10 +152,12 @@ def _cells(
     return [Cell(layer, pos=p) for layer in layers for p in positions]
 
 
-def _cell_mask(kind: str, cell: Cell, shape: torch.Size, positions: list[int]) -> Bool[Tensor, "1 ..."]:
+def _cell_mask(
+    kind: str, cell: Cell, shape: torch.Size, positions: list[int], device: torch.device | None = None
+) -> Bool[Tensor, "1 ..."]:
     """Where `cell` patches an activation of `shape` (batch axis of size 1)."""
     site = Site(kind, cell.layer)
-    mask = torch.zeros(1, *shape[1:], dtype=torch.bool)
+    mask = torch.zeros(1, *shape[1:], dtype=torch.bool, device=device)
     index: list[Any] = [slice(None)] * len(shape)
     index[site.pos_axis] = torch.tensor(positions if cell.pos is None else [cell.pos])
     if cell.unit is not None:
@@ -227,7 +229,8 @@ def activation_patch(
     parts = []
     for first in range(0, len(cells), block):
         variants = [
-            Variant({Site(kind, c.layer): _cell_mask(kind, c, shape, pos)}) for c in cells[first : first + block]
+            Variant({Site(kind, c.layer): _cell_mask(kind, c, shape, pos, base.logits.device)})
+            for c in cells[first : first + block]
         ]
         if method == "loop":
             parts.append(run_loop(model, base, sources, variants, metric, progress=progress))
