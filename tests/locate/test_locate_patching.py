@@ -262,6 +262,8 @@ def test_cli_patch_path_patch_atp_and_trace(tmp_path):
     )
     assert out.exit_code == 0, out.output
     assert PathPatchResult.load(tmp_path / "pp.st").config["receivers"] == [[1, 0, "q"]]
+    out = runner.invoke(app, ["locate", "path-patch", str(folder), *pair, "--sender", "0.1,0.2", "--sender", "1.0"])
+    assert out.exit_code == 0 and "L0H1+L0H2" in out.output, out.output
     out = runner.invoke(app, ["locate", "atp", str(folder), *pair, "--qk-fix", "--compare", "-o", str(tmp_path / "a")])
     assert out.exit_code == 0, out.output
     assert "spearman" in out.output

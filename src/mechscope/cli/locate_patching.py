@@ -64,6 +64,19 @@ def _top(values: Any, labels: list[list[str]], k: int = 10) -> list[tuple[str, f
     return out
 
 
+def _heads(text: str) -> list[tuple[int, int]]:
+    """``"2.1,2.5"`` -> ``[(2, 1), (2, 5)]``."""
+    from mechscope.errors import ConfigError
+
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"a sender set is 'layer.head,layer.head' (e.g. 2.1,2.5); got {text!r}")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
 def register(app: typer.Typer) -> None:
     @app.command("patch")
     def patch_cmd(
@@ -127,6 +140,10 @@ def register(app: typer.Typer) -> None:
         receiver: Annotated[
             list[str], typer.Option(help="Receiver 'layer.head.q|k|v' (repeatable; default: the logits).")
         ] = [],  # noqa: B006
+        sender: Annotated[
+            list[str],
+            typer.Option(help="Sender set 'layer.head,layer.head' patched together (repeatable; default: each head)."),
+        ] = [],  # noqa: B006
         direction: Annotated[str, typer.Option(help="noising (the paper's) or denoising.")] = "noising",
         freeze_mlps: Annotated[bool, typer.Option(help="Freeze MLPs too (direct head paths only).")] = True,
         out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("path_patch.safetensors"),
@@ -147,10 +164,18 @@ def register(app: typer.Typer) -> None:
                     if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
                         raise ConfigError(f"a receiver is 'layer.head.q|k|v' (e.g. 3.1.q); got {text!r}")
                     receivers.append(Receiver(int(parts[0]), int(parts[1]), parts[2]))
+            senders = [_heads(text) for text in sender] or None
             hm = load_model(model)
             metric = logit_diff_metric(hm, answer, wrong, len(clean))
             result = path_patch(
-                hm, clean, corrupt, metric, receivers=receivers, direction=direction, freeze_mlps=freeze_mlps
+                hm,
+                clean,
+                corrupt,
+                metric,
+                receivers=receivers,
+                senders=senders,
+                direction=direction,
+                freeze_mlps=freeze_mlps,
             )
             result.save(out)
             if html is not None:
@@ -158,7 +183,8 @@ def register(app: typer.Typer) -> None:
         except (MechscopeError, ValueError) as exc:
             raise _fail(exc) from exc
         typer.echo(f"clean {float(result['clean']):.4f}  corrupt {float(result['corrupt']):.4f}")
-        for cell, value in _top(result.effect(), [result.labels["layer"], result.labels["head"]]):
+        labels = [result.labels[a] for a in result.axes["metric"]]
+        for cell, value in _top(result.effect(), labels):
             typer.echo(f"sender {cell:16s} {value:+.4f}")
         typer.echo(f"result -> {out}")
 
