@@ -370,14 +370,18 @@ def refusal_direction(model, out: dict, folder: Path, max_new_tokens: int) -> No
     )
 
     harmful, harmless = load_prompt_set("harmful"), load_prompt_set("harmless")
-    train_h, test_h = harmful[::2], harmful[1::2]
-    train_ok, test_ok = harmless[::2], harmless[1::2]
+    # Disjoint halves (even/odd lines), capped to keep the run to ~15 min on 2 shared cores.
+    train_h, test_h = harmful[::2][:32], harmful[1::2][:40]
+    train_ok, test_ok = harmless[::2][:32], harmless[1::2][:40]
     refusal_tokens = sorted(
         {model.to_tokens(w, add_special_tokens=False)["input_ids"][0, 0].item() for w in ("I", "As")}
     )
     start = time.perf_counter()
     n = model.dims.n_layers
-    cfg = DirectionSelectionConfig(layers=tuple(range(2, int(0.8 * n), 2)), positions=(-1, -2))
+    # A weak refuser: prefer (not require) candidates that induce refusal, and allow a larger KL.
+    cfg = DirectionSelectionConfig(
+        layers=tuple(range(6, int(0.8 * n), 4)), positions=(-1,), require_induction="prefer", max_kl=0.5
+    )
     sys_ = SAFETY_SYSTEM
     selection = select_direction(
         model,
