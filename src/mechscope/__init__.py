@@ -19,6 +19,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Site": ("mechscope.sites", "Site"),
     "sites": ("mechscope.sites", ""),
     "hook_fns": ("mechscope.model.hook_fns", ""),
+    "locate": ("mechscope.locate", ""),
+    "steer": ("mechscope.steer", ""),
+    "improve": ("mechscope.improve", ""),
     "decompose_resid": ("mechscope.model.decompose", "decompose_resid"),
     "accumulated_resid": ("mechscope.model.decompose", "accumulated_resid"),
     "apply_final_norm": ("mechscope.model.decompose", "apply_final_norm"),
@@ -52,8 +55,11 @@ __all__ = [
     "direct_logit_attribution",
     "fold_layer_norm",
     "hook_fns",
+    "improve",
     "load_model",
+    "locate",
     "sites",
+    "steer",
 ]
 
 
@@ -72,7 +78,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static names for type checkers and editors
-    from mechscope import sites
+    from mechscope import improve, locate, sites, steer
     from mechscope.errors import (
         AdapterError,
         AttentionSiteError,
