@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.cli.steer import contrast_texts, retain_texts
+from mechscope.data.contrasts import contrast_texts, retain_texts
 from mechscope.improve import EvaluationConfig, SentimentTask, evaluate, zoo_metrics
 from mechscope.model.hooked import HookedModel
 from mechscope.model.loading import load_model

@@ -10,7 +10,7 @@ import typer
 
 steer_app = typer.Typer(help="Steer: ablation, steering vectors, directional ablation.", no_args_is_help=True)
 
-CONTRASTS = ("sentiment", "refusal")
+CONTRASTS = ("sentiment", "refusal")  # bundled contrast sets: mechscope.data.contrasts
 
 
 def _offline() -> None:
@@ -36,51 +36,14 @@ def _lines(path: Path | None) -> list[str]:
     return lines
 
 
-def contrast_texts(name: str, n: int = 48, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(positive, negative) prompts of a bundled contrast, from the organisms' training splits.
-
-    ``sentiment``: negative reviews vs positive reviews (the vector steers towards negative);
-    ``refusal``: forbidden vs benign requests (the direction mediates refusal).
-    """
-    import random
-
-    from mechscope.errors import ConfigError
-    from mechscope.zoo.tasks import refusal, sentiment
-
-    rng = random.Random(seed)
-    if name == "sentiment":
-        data = sentiment.generate(seed).train
-        pos, neg = "negative", "positive"
-    elif name == "refusal":
-        data = refusal.generate(seed).train
-        pos, neg = "forbidden", "benign"
-    else:
-        raise ConfigError(f"unknown contrast {name!r}; known: {list(CONTRASTS)}")
-    positive = [e.prompt for e in data if e.label == pos]
-    negative = [e.prompt for e in data if e.label == neg]
-    return rng.sample(positive, min(n, len(positive))), rng.sample(negative, min(n, len(negative)))
-
-
-def retain_texts(n_per_task: int = 32, seed: int = 0) -> list[str]:
-    """Ordinary prompts of the organisms' sentiment, truth and IOI training splits (not refusal, not facts)."""
-    import random
-
-    from mechscope.zoo.tasks import generate_all
-
-    rng = random.Random(seed)
-    data = generate_all(seed)
-    out: list[str] = []
-    for name in ("sentiment", "truth", "ioi"):
-        out += [e.prompt for e in rng.sample(data[name].train, n_per_task)]
-    return out
-
-
 def _pair(contrast: str, positive: Path | None, negative: Path | None) -> tuple[list[str], list[str]]:
     from mechscope.errors import ConfigError
 
     if contrast:
         if positive or negative:
             raise ConfigError("give either --contrast or --positive/--negative files, not both")
+        from mechscope.data.contrasts import contrast_texts
+
         return contrast_texts(contrast)
     pos, neg = _lines(positive), _lines(negative)
     if not pos or not neg:
@@ -209,6 +172,8 @@ def direction_cmd(
     try:
         hm = load_model(model)
         pos, neg = _pair(contrast, positive, negative)
+        from mechscope.data.contrasts import retain_texts
+
         keep = retain_texts() if organism_retain else (_lines(retain) or None)
         chosen_layers = _ints(layers)
         cfg = DirectionSelectionConfig(
@@ -307,4 +272,4 @@ def ablate_cmd(
             typer.echo(f"  {name:6s} {shown}")
 
 
-__all__ = ["contrast_texts", "retain_texts", "steer_app"]
+__all__ = ["steer_app"]
