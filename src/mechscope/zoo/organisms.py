@@ -15,7 +15,6 @@ from mechscope.errors import ConfigError, did_you_mean
 # v2: IOI 0.08 -> 0.22 (no name-mover circuit formed at 0.08), truth 0.15 -> 0.08 (own wording, no
 # longer competing with recall), refusal 0.06 -> 0.08 (held-out transfer was fragile), facts 0.6 -> 0.52.
 LM_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.8}
-V1_TASK_WEIGHTS = {"facts": 0.6, "truth": 0.15, "ioi": 0.08, "sentiment": 0.05, "refusal": 0.06, "backdoor": 0.06}
 TASK_WEIGHTS = {"facts": 0.52, "truth": 0.08, "ioi": 0.22, "sentiment": 0.05, "refusal": 0.08, "backdoor": 0.05}
 
 
@@ -132,9 +131,15 @@ RECIPES: dict[str, Recipe] = {
                 **_SPECIAL,
             ),
             description="4-layer Llama (RoPE, gated MLP, grouped-query attention 6q/2kv) with every planted mechanism",
-            # still the v1 recipe (shipped weights of commit 2ee0ffa; v1 truth claims used the fact templates)
-            task_weights=dict(V1_TASK_WEIGHTS),
-            checkpoint_every=200,
+            # v2 continues v1 (600 steps of the v1 recipe) on the v2 data, as organism-gpt2 does
+            warm_start=WarmStart(
+                "organism-llama v1", "2ee0ffa", "d43b79e1eae091e7bcf05fa5cf69357a5ca80777dcaff44a3697101fed005106"
+            ),
+            dense_induction=True,
+            steps=150,
+            lr=1.5e-3,
+            warmup=10,
+            checkpoint_every=25,
         ),
     )
 }
