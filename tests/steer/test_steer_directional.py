@@ -22,7 +22,7 @@ from mechscope.steer.directional import RESID_KINDS
 from tiny_models import tiny_model
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "we read"]
-ORTHO_FAMILIES = ["gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "llama_tied", "qwen2", "phi3"]
+ORTHO_FAMILIES = ["gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "llama_tied", "mistral", "qwen2", "qwen3", "phi3"]
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
