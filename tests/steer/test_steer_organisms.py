@@ -11,13 +11,17 @@ import torch
 
 from mechscope.data.contrasts import contrast_texts, retain_texts
 from mechscope.improve import EvaluationConfig, SentimentTask, evaluate, zoo_metrics
+from mechscope.locate.probes import ProbeConfig, fit_probe
 from mechscope.model.hooked import HookedModel
 from mechscope.model.loading import load_model
+from mechscope.sites import Site
 from mechscope.steer import (
     DirectionSelectionConfig,
     directional_ablation,
+    from_direction,
     mean_difference,
     orthogonalize,
+    read_activations,
     select_direction,
     steer,
     token_logodds,
@@ -86,3 +90,19 @@ def test_sentiment_vector_flips_most_continuations_with_small_neutral_kl(organis
     assert result.after("kl_neutral") <= 0.15
     flipped = [s for s in result.config["samples"] if " awful" in s["after"] and " great" in s["before"]]
     assert len(flipped) >= 3
+
+
+def test_a_probe_direction_from_locate_steers_sentiment(organism: HookedModel) -> None:
+    """Locate -> Steer: a logistic probe separating negative from positive reviews at layer 3 gives a
+    direction that, as a unit steering vector, flips the verdicts."""
+    negative_reviews, positive_reviews = contrast_texts("sentiment", n=32)
+    site = Site("hook_resid_pre", 3)
+    feats = read_activations(organism, negative_reviews + positive_reviews, [site])[site]
+    labels = torch.tensor([1] * len(negative_reviews) + [0] * len(positive_reviews))
+    probe = fit_probe(feats, labels, ProbeConfig(kind="logistic"))
+    assert probe.accuracy(feats, labels) == 1.0
+    vector = from_direction(organism, probe.weight, layers=3, normalize=True)
+    cfg = EvaluationConfig(side_tasks=(), max_new_tokens=8)
+    task = SentimentTask(n_eval=100, n_samples=2, n_continuations=8)
+    assert evaluate(organism, steer(organism, vector, 2.0), task, cfg).after("flip_rate") <= 0.05
+    assert evaluate(organism, steer(organism, vector, 20.0), task, cfg).after("flip_rate") >= 0.8
