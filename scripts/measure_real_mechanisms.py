@@ -432,6 +432,44 @@ def refusal_direction(model, out: dict, folder: Path, max_new_tokens: int) -> No
     }
 
 
+def rome_edit(model, out: dict, folder: Path) -> None:
+    """One counterfactual ROME edit (Germany's capital -> Rome), made separately at six MLP layers."""
+    from mechscope.steer.editing.metrics import edit_metrics
+    from mechscope.steer.editing.requests import EditRequest
+    from mechscope.steer.editing.rome import ROMEConfig, rome
+    from mechscope.steer.editing.stats import StatsConfig
+
+    request = EditRequest(
+        prompt="The capital of {} is",
+        subject="Germany",
+        target=" Rome",
+        paraphrases=("Germany's capital city is", "The capital city of Germany is", "In Germany, the capital is"),
+        neighbours=(
+            ("The capital of France is", " Paris"),
+            ("The capital of Spain is", " Madrid"),
+            ("The capital of Japan is", " Tokyo"),
+            ("The capital of Austria is", " Vienna"),
+        ),
+    )
+    start = time.perf_counter()
+    per_layer = {}
+    for layer in (2, 6, 10, 14, 18, 22):
+        cfg = ROMEConfig(layer=layer, stats=StatsConfig(n_tokens=10_000))
+        record = rome(model, request, cfg)
+        metrics = edit_metrics(model, record=record)  # reverts, measures before, re-applies, measures after
+        record.revert(model)
+        metrics.save(folder / f"rome_germany_rome_layer{layer}.safetensors")
+        per_layer[layer] = {name: {k: round(v, 4) for k, v in d.items()} for name, d in metrics.summary().items()}
+    out["rome"] = {
+        "request": {"prompt": request.prompt, "subject": request.subject, "target": request.target},
+        "paraphrases": list(request.paraphrases),
+        "neighbours": [list(n) for n in request.neighbours],
+        "stats_tokens": 10_000,
+        "by_layer": per_layer,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 SECTIONS = [
     "timings",
     "capitals",
@@ -442,6 +480,7 @@ SECTIONS = [
     "induction",
     "tracing",
     "refusal_direction",
+    "rome_edit",
 ]
 
 
