@@ -9,7 +9,8 @@ currently holds the state they start from, so edits cannot be undone out of orde
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,22 @@ class EditRecord:
         with torch.no_grad():
             for n, t in self.after.items():
                 params[n].copy_(t.to(params[n].device))
+
+    @contextmanager
+    def applied(self, model: Any) -> Iterator[Any]:
+        """The edit as an intervention: applied inside the block (if not already), the model restored after.
+
+        ``evaluate(model, record.applied(model), task)`` measures an edit like any other intervention.
+        A model already holding the edit keeps it on exit; one without it is reverted bit for bit.
+        """
+        already = bool(self._check_state(model, self.after, "apply"))
+        if not already:
+            self.apply(model)
+        try:
+            yield model
+        finally:
+            if not already:
+                self.revert(model, check=False)
 
     # Files ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
