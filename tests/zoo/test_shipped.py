@@ -72,3 +72,11 @@ def test_zoo_eval_reproduces_the_model_card(name):
 
     result = CliRunner().invoke(zoo_app, ["eval", name])
     assert result.exit_code == 0, result.output
+
+
+def test_zoo_commands_refuse_real_models_with_a_clear_error():
+    from mechscope.errors import ModelNotFoundError
+    from mechscope.zoo.loading import resolve_folder
+
+    with pytest.raises(ModelNotFoundError, match="real pretrained model, not a bundled organism"):
+        resolve_folder("smollm2-135m-instruct")

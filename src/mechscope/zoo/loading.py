@@ -83,6 +83,11 @@ def resolve_folder(name_or_path: str | Path) -> Path:
     from mechscope.zoo.registry import list_models, resolve
 
     entry = resolve(str(name_or_path))
+    if entry is not None and entry.kind != "organism":
+        raise ModelNotFoundError(
+            f"{entry.name!r} is a real pretrained model, not a bundled organism: it has no planted tasks to "
+            "evaluate or train; load it with mechscope.load_model and use the locate/steer/improve verbs"
+        )
     if entry is not None:
         return entry.path
     path = Path(name_or_path)
