@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,15 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from mechscope.locate.attribution_patching import AtPConfig, attribution_patch
 from mechscope.locate.metrics import logit_diff
 from mechscope.model.hooked import HookedModel
-
-
-def best_of(repeats: int, fn) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from timing import best_of
 
 
 def main() -> None:
@@ -95,8 +86,8 @@ def main() -> None:
     base_times: list[float] = []
     for _ in range(args.repeats):
         for name, fn in methods.items():
-            base = best_of(1, forward_backward)
-            took = best_of(1, fn)
+            base = best_of(forward_backward, 1)
+            took = best_of(fn, 1)
             base_times.append(base)
             times[name].append(took)
             ratios[name].append(took / base)

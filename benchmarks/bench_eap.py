@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,15 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from mechscope.locate.circuits import Graph, eap
 from mechscope.locate.metrics import logit_diff
 from mechscope.model.hooked import HookedModel
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from timing import best_of
 
 
 def main() -> None:
