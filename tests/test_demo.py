@@ -50,7 +50,7 @@ def test_demo_on_the_default_organism_closes_the_refusal_and_fact_loops(tmp_path
     assert metrics["model"] == "organism-gpt2"
     refusal = metrics["refusal"]
     assert refusal["refusal_forbidden"]["before"] >= 0.95
-    assert refusal["refusal_forbidden"]["after"] <= refusal["refusal_forbidden"]["before"] - 0.5
+    assert refusal["refusal_forbidden"]["after"] <= 0.10  # issue 5: <= 10 % after removing the direction
     assert refusal["orthogonalised_max_logit_gap"] < 1e-3
     facts = metrics["facts"]
     assert facts["mean_after"]["efficacy"] >= 0.8 and facts["reverted_exactly"] is True
