@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         try:
             hm = load_model(model)
             cfg = TracingConfig(noise=noise, samples=samples, window=window)
-            result = causal_trace(hm, prompt, subject, target, cfg)
+            result = causal_trace(hm, prompt, subject, target, cfg, progress=True)
             result.save(out)
             if html is not None:
                 result.plot().write_html(str(html))

@@ -120,6 +120,8 @@ def causal_trace(
     subject: str | Sequence[int],
     target: str | int | None = None,
     config: TracingConfig | None = None,
+    *,
+    progress: bool = False,
 ) -> TracingResult:
     """Trace one prompt: noise `subject` (a substring of `prompt`, or its token positions), restore states.
 
@@ -175,10 +177,12 @@ def causal_trace(
                 variants.append(Variant(masks))
     sources = {site: clean.cache[site.name] for site in sites}
     if cfg.method == "loop":
-        flat = run_loop(model, corrupt, sources, variants, metric, base_hooks=noise_hooks)
+        flat = run_loop(model, corrupt, sources, variants, metric, base_hooks=noise_hooks, progress=progress)
     else:
         base_acts = {site: corrupt.cache[site.name] for site in sites}
-        flat = run_batched(model, corrupt, sources, variants, metric, base_acts=base_acts, chunk_size=cfg.chunk_size)
+        flat = run_batched(
+            model, corrupt, sources, variants, metric, base_acts=base_acts, chunk_size=cfg.chunk_size, progress=progress
+        )
     grids = flat.reshape(len(kind_sites), n_layers, n_pos)
     tokens = model.to_str_tokens(ids[0]) if model.tokenizer is not None else [str(t) for t in ids[0].tolist()]
     tensors: dict[str, Tensor] = {kind: grids[i] for i, kind in enumerate(kind_sites)}
@@ -249,8 +253,10 @@ def trace_facts(
     subjects: Sequence[str],
     targets: Sequence[str | int | None] | None = None,
     config: TracingConfig | None = None,
+    *,
+    progress: bool = False,
 ) -> TracingSummary:
-    """Trace many facts and average the indirect effects by ROME's position classes."""
+    """Trace many facts and average the indirect effects by ROME's position classes (`progress`: a bar)."""
     if len(prompts) != len(subjects) or (targets is not None and len(targets) != len(prompts)):
         raise ConfigError(
             f"prompts, subjects (and targets) must have equal lengths; got {len(prompts)}, {len(subjects)}"
@@ -263,7 +269,10 @@ def trace_facts(
     sums = {kind: torch.zeros(n_layers, n_cls) for kind in cfg.kinds}
     count = torch.zeros(n_cls)
     gaps = []
-    for i, (prompt, subject) in enumerate(zip(prompts, subjects)):
+    from mechscope.locate._engine import progress_bar
+
+    pairs = list(zip(prompts, subjects, strict=True))
+    for i, (prompt, subject) in enumerate(progress_bar(pairs, progress, "causal tracing")):
         result = causal_trace(model, prompt, subject, None if targets is None else targets[i], cfg)
         classes = position_classes(result.config["subject_positions"], result[cfg.kinds[0]].shape[1])
         gaps.append(float(result["clean"] - result["corrupt"]))
