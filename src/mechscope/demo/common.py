@@ -40,3 +40,21 @@ def markdown_rows(table: str) -> tuple[list[str], list[list[str]]]:
     header = [c.strip().strip("`") for c in lines[0].split("|")]
     rows = [[c.strip().strip("`") for c in line.split("|")] for line in lines[2:]]
     return header, rows
+
+
+def rates_figure(result: Any, title: str) -> Any:
+    """Before/after bars of an evaluation's metrics that are rates or divergences (perplexity, on its own
+    scale, stays in the table), target metrics first."""
+    import plotly.graph_objects as go
+
+    target = set(result.config.get("target", []))
+    names = [m for m in result.metrics if not m.startswith("perplexity")]
+    names = [m for m in names if m in target] + [m for m in names if m not in target]
+    labels = [f"{m} (target)" if m in target else m for m in names]
+    fig = go.Figure(
+        [
+            go.Bar(name="before", x=labels, y=[result.before(m) for m in names]),
+            go.Bar(name="after", x=labels, y=[result.after(m) for m in names]),
+        ]
+    )
+    return fig.update_layout(title=title, barmode="group", height=380)

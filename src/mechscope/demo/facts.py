@@ -70,8 +70,14 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
         f"Locate. Causal tracing (Meng et al. 2022) noises the subject's token embeddings and restores one "
         f"window of MLP outputs, attention outputs or residual states at a time; the indirect effect is the "
         f"recovered probability of the model's own answer. Averaged over {len(prompts)} facts of the "
-        f"organism's synthetic world, the MLP effect peaks at layer {mlp_layer} at the {mlp_class.replace('_', ' ')} "
-        "token, where ROME expects facts to be recalled.",
+        f"organism's synthetic world, the MLP effect peaks at layer {mlp_layer} at the "
+        f"{mlp_class.replace('_', ' ')} token"
+        + (
+            ", where ROME expects facts to be recalled."
+            if mlp_class == "last_subject"
+            else " -- not at the subject's last token, where ROME expects recall in large models, so the edit "
+            f"below uses ROME's default layer ({layer})."
+        ),
     )
     section.add("figure", summary.plot("mlp", title="Causal tracing: restoring MLP outputs (mean indirect effect)"))
     section.add("figure", summary.plot("resid", title="Causal tracing: restoring residual states"))

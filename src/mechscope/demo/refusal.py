@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mechscope.demo.common import Section, markdown_rows
+from mechscope.demo.common import Section, markdown_rows, rates_figure
 
 
 def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
@@ -74,7 +74,7 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
         "effects (KL and perplexity on neutral text, accuracy on the organism's other planted tasks).",
     )
     section.add("table", markdown_rows(result.table()))
-    section.add("figure", result.plot(title="Refusal direction ablated: target and side effects"))
+    section.add("figure", rates_figure(result, "Refusal direction ablated: target and side effects"))
     section.add("table", markdown_rows(result.samples_table()))
     section.add(
         "note",
