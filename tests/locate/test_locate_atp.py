@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from patch_pairs import metric, prompts
 from torch import nn
 
 from mechscope.errors import ConfigError
 from mechscope.locate.attribution_patching import AtPConfig, AtPResult, atp_vs_exact, attribution_patch
-from mechscope.locate.metrics import logit_diff
 from mechscope.locate.patching import MetricError, PromptMismatchError, activation_patch
 from mechscope.model.hooked import HookedModel
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.randint(4, 100, (2, 6), generator=gen)
-    corrupt = clean.clone()
-    corrupt[:, 2] = torch.randint(4, 100, (2,), generator=gen)
-    return clean, corrupt
-
-
-def metric(logits: torch.Tensor) -> torch.Tensor:
-    return logit_diff(logits, [5, 6], [7, 8])
 
 
 def linear_tail(family: str) -> HookedModel:

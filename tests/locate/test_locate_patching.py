@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from patch_pairs import metric, prompts
 
 from mechscope.errors import ConfigError, SiteError
 from mechscope.locate.metrics import logit_diff
@@ -19,18 +20,6 @@ KINDS = ["resid_pre", "resid_post", "attn_out", "mlp_out", "heads"]
 @pytest.fixture(scope="module", params=["gpt2", "llama", "gpt_neox"])
 def model(request):
     return HookedModel(tiny_model(request.param, with_tokenizer=False)[0])
-
-
-def prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.randint(4, 100, (2, 6), generator=gen)
-    corrupt = clean.clone()
-    corrupt[:, 2] = torch.randint(4, 100, (2,), generator=gen)
-    return clean, corrupt
-
-
-def metric(logits: torch.Tensor) -> torch.Tensor:
-    return logit_diff(logits, [5, 6], [7, 8])
 
 
 @pytest.mark.parametrize("kind", KINDS)

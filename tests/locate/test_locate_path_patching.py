@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from patch_pairs import metric, prompts
 
 from mechscope.errors import ConfigError, SiteError
-from mechscope.locate.metrics import logit_diff
 from mechscope.locate.patching import PromptMismatchError, activation_patch
 from mechscope.locate.path_patching import PathPatchResult, Receiver, path_patch
 from mechscope.model.hooked import HookedModel
@@ -19,18 +19,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module", params=["gpt2", "llama", "gpt_neox"])
 def model(request):
     return HookedModel(tiny_model(request.param, with_tokenizer=False)[0])
-
-
-def prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.randint(4, 100, (2, 6), generator=gen)
-    corrupt = clean.clone()
-    corrupt[:, 2] = torch.randint(4, 100, (2,), generator=gen)
-    return clean, corrupt
-
-
-def metric(logits: torch.Tensor) -> torch.Tensor:
-    return logit_diff(logits, [5, 6], [7, 8])
 
 
 def test_identical_prompts_change_nothing(model):
