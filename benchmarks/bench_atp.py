@@ -18,36 +18,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+from common import add_model_options, best_of, random_gpt2
 from mechscope.locate.attribution_patching import AtPConfig, attribution_patch
 from mechscope.locate.metrics import logit_diff
-from mechscope.model.hooked import HookedModel
-from timing import best_of
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--pos", type=int, default=32)
+    add_model_options(parser, batch=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--graddrop", action="store_true", help="also time GradDrop")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=args.layers,
-        n_embd=args.d_model,
-        n_head=args.heads,
-        n_positions=max(64, args.pos),
-        vocab_size=args.vocab,
-    )
-    model = HookedModel(GPT2LMHeadModel(config).eval())
+    model = random_gpt2(args)
     clean = torch.randint(0, args.vocab, (args.batch, args.pos))
     corrupt = clean.clone()
     corrupt[:, 1] = torch.randint(0, args.vocab, (args.batch,))

@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from common import best_of
 from mechscope.locate.circuits import Graph, eap
 from mechscope.locate.metrics import logit_diff
 from mechscope.model.hooked import HookedModel
-from timing import best_of
 
 
 def main() -> None:

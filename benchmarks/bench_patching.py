@@ -23,42 +23,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+from common import add_model_options, random_gpt2
 from mechscope.locate.metrics import logit_diff
 from mechscope.locate.patching import PatchResult, activation_patch
-from mechscope.model.hooked import HookedModel
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--pos", type=int, default=32)
+    add_model_options(parser, batch=1)
     parser.add_argument("--diff-pos", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--loop-heads", type=int, default=2)
     parser.add_argument("--loop-positions", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=args.layers,
-        n_embd=args.d_model,
-        n_head=args.heads,
-        n_positions=max(64, args.pos),
-        vocab_size=args.vocab,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = HookedModel(GPT2LMHeadModel(config).eval())
-    clean = torch.randint(0, config.vocab_size, (args.batch, args.pos))
+    model = random_gpt2(args, bos_token_id=0, eos_token_id=0)
+    clean = torch.randint(0, args.vocab, (args.batch, args.pos))
     corrupt = clean.clone()
-    corrupt[:, args.diff_pos] = torch.randint(0, config.vocab_size, (args.batch,))
+    corrupt[:, args.diff_pos] = torch.randint(0, args.vocab, (args.batch,))
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return logit_diff(logits, 1, 2)
