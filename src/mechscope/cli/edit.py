@@ -7,23 +7,14 @@ edit record with ``--record``; ``revert`` restores the original weights bit for 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from mechscope.cli.common import fail, offline_by_default
+
 edit_app = typer.Typer(help="Knowledge editing (ROME, MEMIT) with exact revert.", no_args_is_help=True)
-
-
-def _offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def _save_model(hm: Any, folder: Path) -> None:
@@ -67,7 +58,7 @@ def stats_cmd(
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $MECHSCOPE_CACHE/stats).")] = None,
 ) -> None:
     """Compute (or find cached) second-moment statistics E(k k^T) of MLP keys; resumable."""
-    _offline()
+    offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.model.loading import load_model
     from mechscope.steer.editing.stats import StatsConfig, default_cache_dir, second_moments
@@ -82,7 +73,7 @@ def stats_cmd(
         config = StatsConfig(n_tokens=n_tokens, seq_len=seq_len, stream=stream)
         stats = second_moments(hm, layer, config=config, texts=texts, cache_dir=cache_dir, progress=True)
     except (MechscopeError, OSError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     for index, mom2 in stats.items():
         typer.echo(f"layer {index}: E[kk^T] {tuple(mom2.shape)}, mean diagonal {float(mom2.diagonal().mean()):.4g}")
     typer.echo(f"cached under {cache_dir or default_cache_dir()}")
@@ -110,7 +101,7 @@ def rome_cmd(
     With ``--world N``, N facts of the organisms' world are edited one at a time (each reverted after
     it is measured) and the mean metrics are printed.
     """
-    _offline()
+    offline_by_default()
     from mechscope.errors import ConfigError, MechscopeError
     from mechscope.model.loading import load_model
     from mechscope.steer.editing.metrics import edit_metrics
@@ -150,7 +141,7 @@ def rome_cmd(
         typer.echo(f"ROME edit of layer {rec.info['layer']} in {rec.info['rounds']} round(s); changed {rec.changed()}")
         _finish(hm, rec, record, save_model, metrics)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
 
 @edit_app.command("memit")
@@ -169,7 +160,7 @@ def memit_cmd(
     stats_tokens: Annotated[int, typer.Option(help="Tokens of zoo text for the key statistics.")] = 20_000,
 ) -> None:
     """Write many facts at once with MEMIT and report the edit metrics before and after."""
-    _offline()
+    offline_by_default()
     from mechscope.errors import ConfigError, MechscopeError
     from mechscope.model.loading import load_model
     from mechscope.steer.editing.memit import MEMITConfig, memit
@@ -197,7 +188,7 @@ def memit_cmd(
         typer.echo(f"MEMIT edit of {len(reqs)} facts in layers {rec.info['layers']}")
         _finish(hm, rec, record, save_model, metrics)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
 
 @edit_app.command("revert")
@@ -207,7 +198,7 @@ def revert_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the restored model to.")],
 ) -> None:
     """Undo an edit exactly: restore the recorded weights (the model must hold the edit's weights)."""
-    _offline()
+    offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.model.loading import load_model
     from mechscope.steer.editing.records import EditRecord
@@ -217,7 +208,7 @@ def revert_cmd(
         rec = EditRecord.load(record)
         rec.revert(hm)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     _save_model(hm, out)
     typer.echo(f"restored {len(rec.names)} parameter(s) bit for bit to their values before the {rec.method} edit")
     typer.echo(f"restored model: {out}")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from mechscope.cli.common import fail, offline_by_default
+
 eval_app = typer.Typer(help="Evaluate an intervention on its target and its side effects.", no_args_is_help=True)
 
 TASK_NAMES = ("refusal", "sentiment")
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 @eval_app.command("run")
@@ -40,8 +36,7 @@ def run_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the task splits.")] = 0,
 ) -> None:
     """Evaluate one intervention (steering vector, directional ablation, or a modified model)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    offline_by_default()
     from mechscope.errors import ConfigError, MechscopeError
     from mechscope.improve import EvaluationConfig, RefusalTask, SentimentTask, evaluate
     from mechscope.model.loading import load_model
@@ -77,7 +72,7 @@ def run_cmd(
             figure.parent.mkdir(parents=True, exist_ok=True)
             result.plot().write_html(str(figure), include_plotlyjs=True)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"{result.config['task']}: {result.config['intervention']}")
     typer.echo(result.table())
     typer.echo("")
@@ -96,7 +91,7 @@ def show_cmd(
     try:
         loaded = EvaluationResult.load(result)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"{loaded.config['task']}: {loaded.config['intervention']}")
     typer.echo(loaded.table())
     typer.echo("")

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.locate_lens import _fail, _offline, read_prompts
+from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.locate_lens import read_prompts
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +25,7 @@ def register(app: typer.Typer) -> None:
         html: Annotated[Path | None, typer.Option(help="Also write an HTML figure.")] = None,
     ) -> None:
         """Direct logit attribution of the target (minus baseline) logit at each prompt's last token."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.attribution import logit_attribution
         from mechscope.locate.metrics import last_positions
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
             if html is not None:
                 result.plot().write_html(str(html))
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         typer.echo(f"logit{' difference' if baseline else ''}: {result['logit'].mean():.4f} (mean over prompts)")
         for name, value in result.top(top):
             typer.echo(f"{name:20s} {value:+9.4f}")
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("ig.safetensors"),
     ) -> None:
         """Integrated gradients of the target logit (difference) at the last token, with completeness check."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.attribution import IGConfig, integrated_gradients, logit_metric
         from mechscope.model.loading import load_model
@@ -80,7 +81,7 @@ def register(app: typer.Typer) -> None:
             )
             result.save(out)
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         tokens = hm.to_str_tokens(text)
         attribution = result["attribution"][0]
         if attribution.ndim == 1:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from mechscope.cli.common import fail
 from mechscope.errors import ConfigError, MechscopeError
 
 if TYPE_CHECKING:
@@ -32,11 +33,6 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the resu
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the circuit as JSON.")]
 BatchOpt = Annotated[int | None, typer.Option(help="Rows per backward pass (bounds memory).")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the circuit as a self-contained HTML graph.")]
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def read_pairs(path: Path, *, need_answers: bool = True) -> list[dict[str, str]]:
@@ -120,7 +116,7 @@ def _attribution(
             typer.echo(f"scores -> {scores.save(out)}")
         _write_circuit(circuit, None, json_path, html)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
 
 def register(app: typer.Typer) -> None:
@@ -188,7 +184,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"  {edge}")
             _write_circuit(circuit, out, json_path, html)
         except MechscopeError as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
 
     @app.command("circuit-faithfulness")
     def faithfulness_command(
@@ -208,4 +204,4 @@ def register(app: typer.Typer) -> None:
                 f"full {float(result['full']):.4f}, empty {float(result['empty']):.4f}"
             )
         except MechscopeError as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.locate_lens import _fail, _offline, read_prompts
+from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.locate_lens import read_prompts
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +23,7 @@ def register(app: typer.Typer) -> None:
         html: Annotated[Path | None, typer.Option(help="Also write an HTML heatmap of induction scores.")] = None,
     ) -> None:
         """Score every head as previous-token, duplicate-token, induction and copying head."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.heads import DETECTORS, HeadDetectorConfig, detect_heads
         from mechscope.model.loading import load_model
@@ -35,7 +36,7 @@ def register(app: typer.Typer) -> None:
             if html is not None:
                 scores.plot().write_html(str(html))
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         for name in DETECTORS:
             best = ", ".join(f"L{layer}H{head} {score:.3f}" for layer, head, score in scores.top(name, top))
             typer.echo(f"{name:16s} {best}")
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
         html: Annotated[Path | None, typer.Option(help="Interactive pattern view (HTML, head selector).")] = None,
     ) -> None:
         """Attention patterns of one prompt, every layer and head."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.heads import attention_patterns
         from mechscope.model.loading import load_model
@@ -62,5 +63,5 @@ def register(app: typer.Typer) -> None:
             if html is not None:
                 result.plot().write_html(str(html))
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         typer.echo(f"patterns {tuple(result['pattern'].shape)} -> {out}" + (f", view -> {html}" if html else ""))

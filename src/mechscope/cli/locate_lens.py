@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-
-def _offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
+from mechscope.cli.common import fail, offline_by_default
 
 
 def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
@@ -45,7 +36,7 @@ def register(app: typer.Typer) -> None:
         html: Html = None,
     ) -> None:
         """Logit lens: per-layer KL to the final distribution and top tokens."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.lens import logit_lens
         from mechscope.model.loading import load_model
@@ -57,7 +48,7 @@ def register(app: typer.Typer) -> None:
             if html is not None:
                 result.plot().write_html(str(html))
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         kl = result["kl"].mean((1, 2))
         for label, value in zip(result.labels["layer"], kl.tolist()):
             typer.echo(f"{label:14s} KL {value:8.4f}")
@@ -78,7 +69,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     ) -> None:
         """Train a tuned lens on a text stream, save it and print held-out KL of both lenses."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.tuned_lens import (
             TunedLensConfig,
@@ -103,7 +94,7 @@ def register(app: typer.Typer) -> None:
             lens.save(out)
             comparison = compare_lenses(hm, token_windows(hm, held, seq_len=seq_len, max_windows=16), lens)
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         typer.echo("layer           logit-lens KL  tuned-lens KL  (held-out text)")
         for label, a, b in zip(
             comparison.labels["layer"], comparison["logit_lens_kl"].tolist(), comparison["tuned_lens_kl"].tolist()
@@ -121,7 +112,7 @@ def register(app: typer.Typer) -> None:
         html: Html = None,
     ) -> None:
         """Read prompts through a trained tuned lens (per-layer KL and top tokens)."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.tuned_lens import TunedLens, tuned_lens
         from mechscope.model.loading import load_model
@@ -133,7 +124,7 @@ def register(app: typer.Typer) -> None:
             if html is not None:
                 result.plot().write_html(str(html))
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         for label, value in zip(result.labels["layer"], result["kl"].mean((1, 2)).tolist()):
             typer.echo(f"{label:14s} KL {value:8.4f}")
         typer.echo(f"result -> {out}")

@@ -7,23 +7,13 @@ metric at the last position: ``logit[answer] - logit[wrong]``, one answer/wrong 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-
-def _offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
-
+from mechscope.cli.common import fail, offline_by_default
 
 Model = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
 Clean = Annotated[list[str], typer.Option("--clean", "-c", help="Clean prompt (repeatable).")]
@@ -97,7 +87,7 @@ def register(app: typer.Typer) -> None:
         html: Html = None,
     ) -> None:
         """Activation patching sweep; prints the cells with the largest normalised effect."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.patching import activation_patch
         from mechscope.model.loading import load_model
@@ -123,7 +113,7 @@ def register(app: typer.Typer) -> None:
                 result.plot().write_html(str(html))
             normalised = result.normalised()
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         typer.echo(f"clean {float(result['clean']):.4f}  corrupt {float(result['corrupt']):.4f}")
         labels = [result.labels[a] for a in result.axes["metric"]]
         for cell, value in _top(normalised - (0 if direction == "denoising" else 1), labels):
@@ -150,7 +140,7 @@ def register(app: typer.Typer) -> None:
         html: Html = None,
     ) -> None:
         """Path patching from every head (sender) to the logits or to receiver heads' inputs."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import ConfigError, MechscopeError
         from mechscope.locate.path_patching import Receiver, path_patch
         from mechscope.model.loading import load_model
@@ -181,7 +171,7 @@ def register(app: typer.Typer) -> None:
             if html is not None:
                 result.plot().write_html(str(html))
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         typer.echo(f"clean {float(result['clean']):.4f}  corrupt {float(result['corrupt']):.4f}")
         labels = [result.labels[a] for a in result.axes["metric"]]
         for cell, value in _top(result.effect(), labels):
@@ -202,7 +192,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("atp.safetensors"),
     ) -> None:
         """Attribution patching of every head, neuron and residual position (AtP, AtP*)."""
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.attribution_patching import AtPConfig, atp_vs_exact, attribution_patch
         from mechscope.model.loading import load_model
@@ -215,7 +205,7 @@ def register(app: typer.Typer) -> None:
             result.save(out)
             comparison = atp_vs_exact(hm, clean, corrupt, metric, direction=direction) if compare else None
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         typer.echo(f"base {float(result['base']):.4f}  source {float(result['source']):.4f}")
         for cell, value in _top(result["heads"], [result.labels["layer"], result.labels["head"]]):
             typer.echo(f"head {cell:16s} {value:+.4f}")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.locate_lens import _fail, _offline
+from mechscope.cli.common import fail, offline_by_default
 
 
 def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         """Train a probe per layer; print held-out, cross-validated and control accuracy, selectivity."""
         import random
 
-        _offline()
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.probes import ProbeConfig, train_probes
         from mechscope.model.loading import load_model
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
             if html is not None:
                 result.plot().write_html(str(html))
         except (MechscopeError, ValueError) as exc:
-            raise _fail(exc) from exc
+            raise fail(exc) from exc
         cols = [
             c
             for c in ("train_accuracy", "test_accuracy", "cv_accuracy", "control_accuracy", "selectivity")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from mechscope.cli.common import fail, offline_by_default
 
 
 def register(app: typer.Typer) -> None:
@@ -23,8 +24,7 @@ def register(app: typer.Typer) -> None:
         html: Annotated[Path | None, typer.Option(help="Also write an interactive HTML figure here.")] = None,
     ) -> None:
         """Noise the subject, restore states per layer x position, report where the answer recovers."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.causal_tracing import TracingConfig, causal_trace
         from mechscope.model.loading import load_model
@@ -37,8 +37,7 @@ def register(app: typer.Typer) -> None:
             if html is not None:
                 result.plot().write_html(str(html))
         except (MechscopeError, ValueError) as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=2) from exc
+            raise fail(exc) from exc
         typer.echo(f"p(target) clean {float(result['clean']):.4f}  corrupted {float(result['corrupt']):.4f}")
         typer.echo(f"subject positions {result.config['subject_positions']}")
         for kind in result.config["kinds"]:

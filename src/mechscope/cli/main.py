@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from mechscope.cli.common import fail, offline_by_default
 
 app = typer.Typer(
     help="mechscope: locate, steer and improve behaviours of Hugging Face causal LMs.",
@@ -15,31 +16,20 @@ app = typer.Typer(
 )
 
 
-def _offline_by_default() -> None:
-    """mechscope never downloads unless asked: keep HF libraries from trying (they hang when offline)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
-
-
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
     sites: Annotated[bool, typer.Option("--sites/--no-sites", help="List every canonical site.")] = True,
 ) -> None:
     """Architecture, sizes and site list of a model."""
-    _offline_by_default()
+    offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.model.loading import load_model
 
     try:
         hm = load_model(model)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     d = hm.dims
     n_params = sum(p.numel() for p in hm.hf_model.parameters())
     typer.echo(f"model        {model}")
@@ -66,7 +56,7 @@ def cache(
     positions: Annotated[str, typer.Option(help="Comma-separated positions to keep (e.g. '-1' or '0,3').")] = "",
 ) -> None:
     """Run prompts and save the activations of chosen sites to a safetensors file."""
-    _offline_by_default()
+    offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.model.loading import load_model
 
@@ -77,7 +67,7 @@ def cache(
         acts.meta.update({"model": model, "prompts": list(prompt), "fingerprint": hm.fingerprint()})
         path = acts.save(out)
     except (MechscopeError, ValueError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"cached {len(acts)} sites for {len(prompt)} prompt(s) -> {path}")
 
 
@@ -92,14 +82,14 @@ def demo(
     ] = [],  # noqa: B006
 ) -> None:
     """Locate -> Steer -> Improve on the default model; writes a self-contained HTML report."""
-    _offline_by_default()
+    offline_by_default()
     from mechscope.demo import run_demo
     from mechscope.errors import MechscopeError
 
     try:
         report = run_demo(model or None, out, seed=seed, echo=typer.echo, sections=tuple(section) or None)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"report written to {report}")
 
 

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from mechscope.cli.common import fail, offline_by_default
+
 steer_app = typer.Typer(help="Steer: ablation, steering vectors, directional ablation.", no_args_is_help=True)
 
 CONTRASTS = ("sentiment", "refusal")  # bundled contrast sets: mechscope.data.contrasts
-
-
-def _offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def _lines(path: Path | None) -> list[str]:
@@ -88,7 +79,7 @@ def vector_cmd(
     read: Annotated[str, typer.Option(help="last token or mean over tokens.")] = "last",
 ) -> None:
     """Build a steering vector (positive minus negative) and save it with the model's fingerprint."""
-    _offline()
+    offline_by_default()
     from mechscope.errors import ConfigError, MechscopeError
     from mechscope.model.loading import load_model
     from mechscope.steer import mean_difference, pca_direction
@@ -105,7 +96,7 @@ def vector_cmd(
             raise ConfigError(f"method must be 'mean' or 'pca'; got {method!r}")
         path = vec.save(out)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     norms = ", ".join(f"L{k}: {v:.3g}" for k, v in vec.norms().items())
     typer.echo(f"{vec!r} from {len(pos)}/{len(neg)} prompts; norms {norms} -> {path}")
 
@@ -121,7 +112,7 @@ def generate_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 20,
 ) -> None:
     """Greedy generations without and with steering."""
-    _offline()
+    offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.model.loading import load_model
     from mechscope.steer import SteeringVector, steer
@@ -134,7 +125,7 @@ def generate_cmd(
         with intervention:
             after = hm.generate_text(list(prompt), max_new_tokens=max_new_tokens, do_sample=False)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(intervention.describe())
     for p, b, a in zip(prompt, before, after, strict=True):
         typer.echo(f"prompt  {p!r}\n  before {b!r}\n  after  {a!r}")
@@ -164,7 +155,7 @@ def direction_cmd(
     selection_out: Annotated[Path | None, typer.Option(help="Also save the candidate scores here.")] = None,
 ) -> None:
     """Choose a behaviour direction among (layer, position) candidates and save it."""
-    _offline()
+    offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.model.loading import load_model
     from mechscope.steer import DirectionSelectionConfig, select_direction, token_logodds
@@ -188,7 +179,7 @@ def direction_cmd(
         if selection_out is not None:
             sel.save(selection_out)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     layer, position = sel.chosen
     typer.echo(
         f"chosen layer {layer}, position {position} (baseline score {sel.config['baseline_positive_score']:.3g})"
@@ -203,7 +194,7 @@ def orthogonalize_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the orthogonalised model.")],
 ) -> None:
     """Write a model whose weights never write along the direction (loads with plain transformers)."""
-    _offline()
+    offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.model.loading import load_model
     from mechscope.steer import Direction, orthogonalize
@@ -216,7 +207,7 @@ def orthogonalize_cmd(
         if new.tokenizer is not None:
             new.tokenizer.save_pretrained(out)
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(f"orthogonalised model written to {out}")
 
 
@@ -235,7 +226,7 @@ def ablate_cmd(
     top: Annotated[int, typer.Option(help="Top next tokens to show.")] = 5,
 ) -> None:
     """Next-token predictions of prompts without and with an ablation."""
-    _offline()
+    offline_by_default()
     import torch
 
     from mechscope.errors import MechscopeError
@@ -261,7 +252,7 @@ def ablate_cmd(
         mask = hm.to_tokens(list(prompt))["attention_mask"]
         last = mask.sum(-1) - 1
     except MechscopeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     typer.echo(ablation.describe())
     for i, p in enumerate(prompt):
         typer.echo(f"prompt {p!r}")

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mechscope.cli.common import offline_by_default
+
 zoo_app = typer.Typer(help="Bundled model organisms with planted mechanisms.", no_args_is_help=True)
 
 DEFAULT_CACHE = Path(".cache/zoo")
 DEFAULT_CORPUS = DEFAULT_CACHE / "corpus"
-
-
-def _offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @zoo_app.command("corpus")
@@ -30,7 +26,7 @@ def corpus_cmd(
     """Build the training corpus (natural text + planted-task text) with a checksummed manifest."""
     from mechscope.zoo.corpus import CorpusOptions, build_corpus
 
-    _offline()
+    offline_by_default()
     manifest = build_corpus(
         CorpusOptions(out=out, seed=seed, max_chars_per_source=max_chars_per_source, text_dir=text_dir)
     )
@@ -49,7 +45,7 @@ def tokenizer_cmd(
     from mechscope.zoo.corpus import verify_corpus
     from mechscope.zoo.tokenizer import ASSET_DIR, train_tokenizer
 
-    _offline()
+    offline_by_default()
     verify_corpus(corpus)
     tok = train_tokenizer(corpus, out or ASSET_DIR, vocab_size)
     typer.echo(f"tokenizer with {len(tok)} tokens saved to {out or ASSET_DIR}")
@@ -76,7 +72,7 @@ def train_cmd(
     from mechscope.zoo.tokenizer import ASSET_DIR
     from mechscope.zoo.train import TrainOptions
 
-    _offline()
+    offline_by_default()
     recipe = get_recipe(name)
     verify_corpus(corpus)
     opts = TrainOptions(
@@ -147,7 +143,7 @@ def eval_cmd(
     from mechscope.zoo.evaluate import TOLERANCE, compare, evaluate_folder, recorded_metrics
     from mechscope.zoo.loading import resolve_folder
 
-    _offline()
+    offline_by_default()
     folder = resolve_folder(name)
     measured = evaluate_folder(folder, seed)
     recorded = recorded_metrics(folder) if seed == 0 else {}
