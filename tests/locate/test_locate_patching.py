@@ -266,3 +266,21 @@ def test_cli_patch_path_patch_atp_and_trace(tmp_path):
         app, ["locate", "patch", str(folder), "-c", "the dog", "-x", "the dog sat", "-a", " dog", "-w", " the"]
     )
     assert out.exit_code == 2 and "same [batch, pos] token shape" in out.output
+
+
+def test_merged_chunks_cover_every_variant_once_within_size_and_waste_bounds():
+    from mechscope.locate._engine import merge_groups
+
+    n_pos = 40
+    groups = {
+        (layer, start): [layer * 100 + start * 3 + k for k in range(3)] for layer in (0, 2) for start in range(n_pos)
+    }
+    start_of = {i: start for (_, start), idx in groups.items() for i in idx}
+    layer_of = {i: layer for (layer, _), idx in groups.items() for i in idx}
+    chunks = merge_groups(groups, chunk_size=8, n_pos=n_pos)
+    members = [i for _, idx in chunks for i in idx]
+    assert sorted(members) == sorted(start_of)
+    for (layer, first), idx in chunks:
+        assert len(idx) <= 8 and all(layer_of[i] == layer for i in idx)
+        assert all(0 <= start_of[i] - first <= max(4, (n_pos - start_of[i]) // 4) for i in idx)
+    assert len(chunks) < len(groups)  # neighbouring starts share forwards
