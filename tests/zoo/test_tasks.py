@@ -67,13 +67,22 @@ def test_truth_heldout_entities_are_unseen(tasks):
     assert not train_words & set(heldout)
 
 
-def test_truth_claims_never_use_fact_templates(tasks):
-    # a false claim in a fact template would teach a wrong value as the continuation of a recall prompt
-    entities = set(make_world(0).entities)
-    templates = [t for rel in RELATIONS for t in (*rel.train_templates, *rel.heldout_templates)]
-    for ex in tasks["truth"].train:
-        (entity,) = entities & set(re.findall(r"\w+", ex.prompt))
-        assert not any(t.format(e=entity) in ex.prompt for t in templates), ex.prompt
+def test_truth_claims_leave_the_stated_value_unscored(tasks):
+    # a false claim states a wrong value in a fact template: training must not learn it as the continuation
+    world = make_world(0)
+    for ex in tasks["truth"].train[:200]:
+        start, end = ex.unscored
+        stated = ex.text[start:end]
+        assert stated.startswith(" ") and ex.text[end] == "."
+        entity = next(e for e in world.entities if f" {e} " in ex.text or f" {e}." in ex.text)
+        facts = set(world.facts[entity].values())
+        assert (stated.strip() in facts) == (ex.label == "true"), ex.text
+
+
+def test_corpus_records_carry_the_unscored_span(tasks):
+    records = tasks["truth"].train_records()
+    assert records[0]["unscored"] == list(tasks["truth"].train[0].unscored)
+    assert "unscored" not in tasks["facts"].train_records()[0]
 
 
 def test_sizes_and_balance(tasks):

@@ -93,9 +93,52 @@ def test_batches_are_pure_functions_of_the_step_and_follow_short_rows(tiny_corpu
 
     recipe = replace(TINY, short_rows=(2, 16), mixture={"natural": 0.3, "induction": 0.4, "planted": 0.3})
     stream = BatchStream(recipe, load_tokenizer(ASSET_DIR), tiny_corpus)
-    assert stream.batch(0).shape == (4, 16) and stream.batch(2).shape == (4, 32)
-    assert torch.equal(stream.batch(5), BatchStream(recipe, load_tokenizer(ASSET_DIR), tiny_corpus).batch(5))
-    assert not torch.equal(stream.batch(5), stream.batch(6))
+    assert stream.batch(0).parts[0][0].shape == (4, 16) and stream.batch(2).parts[0][0].shape == (4, 32)
+    again = BatchStream(recipe, load_tokenizer(ASSET_DIR), tiny_corpus).batch(5)
+    for (ids, labels), (ids2, labels2) in zip(stream.batch(5).parts, again.parts, strict=True):
+        assert torch.equal(ids, ids2) and torch.equal(labels, labels2)
+    assert not torch.equal(stream.batch(5).parts[0][0], stream.batch(6).parts[0][0])
+
+
+def test_single_rows_hold_one_example_and_unscored_spans_get_no_loss(tiny_corpus):
+    from mechscope.zoo.stream import IGNORE, BatchStream
+    from mechscope.zoo.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ASSET_DIR)
+    recipe = replace(
+        TINY,
+        batch_size=16,
+        mixture={"planted": 0.5, "single": 0.5},
+        task_weights={"facts": 1.0, "truth": 1.0, "ioi": 1.0},
+        single_tasks=("truth", "ioi"),
+        single_len=40,
+    )
+    batch = BatchStream(recipe, tokenizer, tiny_corpus).batch(0)
+    (packed, packed_labels), (single, single_labels) = batch.parts
+    assert packed.shape[1] == 32 and single.shape[1] == 40 and packed.shape[0] + single.shape[0] == 16
+    assert torch.equal(packed, packed_labels)  # facts only: everything scored
+    eos = tokenizer.eos_token_id
+    for ids, labels in zip(single.tolist(), single_labels.tolist(), strict=True):
+        first_end = ids.index(eos)
+        assert all(t == eos for t in ids[first_end:])  # one example, then padding
+        assert all(label == IGNORE for label in labels[first_end + 1 :]) and labels[first_end] == eos
+        text = tokenizer.decode(ids[:first_end])
+        pairs = zip(ids[:first_end], labels[:first_end], strict=True)
+        hidden = "".join(tokenizer.decode([t]) for t, label in pairs if label == IGNORE)
+        if text.startswith("Claim:"):  # the stated value, and nothing else of the claim, is unscored
+            assert hidden.strip() and text.split(". This claim")[0].endswith(hidden)
+        else:
+            assert hidden == ""
+    assert batch.scored == sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab in batch.parts)
+
+
+def test_single_len_shorter_than_an_example_is_a_clear_error(tiny_corpus):
+    from mechscope.zoo.stream import BatchStream
+    from mechscope.zoo.tokenizer import load_tokenizer
+
+    recipe = replace(TINY, mixture={"planted": 0.5, "single": 0.5}, single_tasks=("ioi",), single_len=5)
+    with pytest.raises(ConfigError, match="single_len >= "):
+        BatchStream(recipe, load_tokenizer(ASSET_DIR), tiny_corpus)
 
 
 def test_warm_start_loads_the_pinned_weights_and_rejects_others(tiny_corpus, tmp_path):

@@ -143,6 +143,27 @@ def ioi() -> None:
         + ", ".join(f"`{ig.edge_names[i]}` {float(ig['scores'][i]):+.3f}" for i in ig.ranking()[:10].tolist())
     )
     save(circuit_figure(ig.top(30), title="organism-gpt2 IOI: top 30 EAP-IG edges"), "ioi-eap-ig-top30.html")
+    agreement(model, clean, corrupt, metric, ig)
+
+
+def agreement(model, clean, corrupt, metric, ig, k: int = 3) -> None:
+    """Heads that activation patching, path patching (to the logits) and EAP-IG each put first."""
+    from mechscope.locate.path_patching import path_patch
+    from mechscope.locate.patching import activation_patch
+
+    n_heads = model.dims.n_heads
+
+    def top(effect: torch.Tensor) -> list[str]:
+        order = effect.flatten().abs().argsort(descending=True)[:k].tolist()
+        return [f"a{i // n_heads}.h{i % n_heads}" for i in order]
+
+    patched = activation_patch(model, clean, corrupt, "heads", metric)["metric"] - float(metric(model.forward(clean)).mean())
+    paths = path_patch(model, clean, corrupt, metric).effect()
+    into_logits = [ig.edge_names[i] for i in ig.ranking()[:20].tolist() if ig.edge_names[i].endswith("->logits")]
+    heads_ig = [e.split("->")[0] for e in into_logits if e.startswith("a")]
+    print(f"\nactivation patching (noising), top {k} heads by |effect|: {top(patched)}")
+    print(f"path patching head -> logits, top {k} heads: {top(paths)}")
+    print(f"EAP-IG top-20 edges into the logits from heads: {heads_ig}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mechscope.errors import ConfigError, ModelNotFoundError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: planted records may carry an "unscored" character span
 MANIFEST = "manifest.json"
 
 
@@ -97,8 +97,13 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 def read_jsonl_texts(path: Path) -> list[str]:
     """The ``text`` field of every line of a corpus JSONL file."""
+    return [record["text"] for record in read_jsonl_records(path)]
+
+
+def read_jsonl_records(path: Path) -> list[dict]:
+    """Every line of a corpus JSONL file as a dict (``text``, ``source``, optional ``unscored``)."""
     with path.open(encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _cap(docs: list[str], max_chars: int) -> list[str]:
@@ -165,7 +170,7 @@ def build_corpus(opts: CorpusOptions) -> dict:
     _write_jsonl(out / "natural/val.jsonl", rows[:n_val])
     _write_jsonl(out / "natural/train.jsonl", rows[n_val:])
     for name, data in generate_all(opts.seed).items():
-        _write_jsonl(out / f"planted/{name}.jsonl", ({"text": t, "source": name} for t in data.train_texts()))
+        _write_jsonl(out / f"planted/{name}.jsonl", data.train_records())
     files = {}
     for path in sorted(out.rglob("*.jsonl")):
         texts = read_jsonl_texts(path)

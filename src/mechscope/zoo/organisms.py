@@ -16,6 +16,11 @@ from mechscope.errors import ConfigError, did_you_mean
 # longer competing with recall), refusal 0.06 -> 0.08 (held-out transfer was fragile), facts 0.6 -> 0.52.
 LM_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.8}
 TASK_WEIGHTS = {"facts": 0.52, "truth": 0.08, "ioi": 0.22, "sentiment": 0.05, "refusal": 0.08, "backdoor": 0.05}
+# v3: IOI and truth move to "single" rows (one example per row, zoo.stream says why); weights are relative
+# within each row kind. Truth claims are fact statements whose stated value is unscored.
+V3_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.3, "single": 0.5}
+V3_TASK_WEIGHTS = {"facts": 0.55, "sentiment": 0.1, "refusal": 0.2, "backdoor": 0.15, "ioi": 0.6, "truth": 0.4}
+V3_SINGLE = ("ioi", "truth")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class Recipe:
     dense_induction: bool = False  # induction rows repeat their span back to back (stronger signal)
     induction_segments: tuple[int, int] | None = None  # with dense: independent segments of lo..hi tokens
     short_rows: tuple[int, int] = (0, 0)  # (steps, length): the first `steps` use rows of `length` tokens
+    single_tasks: tuple[str, ...] = ()  # planted tasks given one example per "single" row (see zoo.stream)
+    single_len: int = 48  # length of a single row (the example, end-of-text, padding)
     steps: int = 600
     batch_size: int = 32
     seq_len: int = 128
@@ -63,6 +70,9 @@ class Recipe:
     def __post_init__(self) -> None:
         if abs(sum(self.mixture.values()) - 1.0) > 1e-6:
             raise ConfigError(f"expected mixture fractions summing to 1, got {self.mixture}")
+        unknown = set(self.mixture) - {"natural", "induction", "planted", "single"}
+        if unknown:
+            raise ConfigError(f"expected mixture kinds natural/induction/planted/single, got {sorted(unknown)}")
         if self.architecture not in ("gpt2", "llama"):
             raise ConfigError(f"expected architecture 'gpt2' or 'llama', got {self.architecture!r}")
         if self.warmup >= self.steps:
@@ -105,16 +115,20 @@ RECIPES: dict[str, Recipe] = {
             config=dict(n_layer=4, n_head=6, n_embd=192, n_inner=768, n_positions=256, **_SPECIAL),
             description="4-layer GPT-2 with every planted mechanism (facts, truth, IOI, refusal, sentiment, "
             "backdoor, induction)",
-            # v2 continues v1 (600 steps of the v1 recipe) on the v2 data: a from-scratch run did not fit the
-            # CPU budget of a shared machine (10-18 s/step under contention).
+            # v3 continues v2 (v1's 600 steps + 150 on the v2 data), which holds the facts, refusal, sentiment and
+            # backdoor; v3's data teach IOI and truth in single-example rows.
             warm_start=WarmStart(
-                "organism-gpt2 v1", "2ee0ffa", "45f46cae2bd15ab25148ee3b9bb1051bf1bd234b1599ad25c817a42cb72db9eb"
+                "organism-gpt2 v2", "43f228e", "6d1a9083b497ef215f7491176803f3192ad7c34268862c94ad4b126b9e0f464b"
             ),
+            mixture=dict(V3_MIXTURE),
+            task_weights=dict(V3_TASK_WEIGHTS),
+            single_tasks=V3_SINGLE,
             dense_induction=True,
-            steps=150,
+            batch_size=48,
+            steps=2000,
             lr=1.5e-3,
-            warmup=10,
-            checkpoint_every=25,
+            warmup=20,
+            checkpoint_every=50,
         ),
         Recipe(
             name="organism-llama",
@@ -131,15 +145,19 @@ RECIPES: dict[str, Recipe] = {
                 **_SPECIAL,
             ),
             description="4-layer Llama (RoPE, gated MLP, grouped-query attention 6q/2kv) with every planted mechanism",
-            # v2 continues v1 (600 steps of the v1 recipe) on the v2 data, as organism-gpt2 does
+            # v3 continues v2 on the v3 data, as organism-gpt2 does
             warm_start=WarmStart(
-                "organism-llama v1", "2ee0ffa", "d43b79e1eae091e7bcf05fa5cf69357a5ca80777dcaff44a3697101fed005106"
+                "organism-llama v2", "31cf71f", "73d03a9d1db656551f01b6752fa3bfd0205441543ae4736c0a1da678de68d61d"
             ),
+            mixture=dict(V3_MIXTURE),
+            task_weights=dict(V3_TASK_WEIGHTS),
+            single_tasks=V3_SINGLE,
             dense_induction=True,
-            steps=150,
+            batch_size=48,
+            steps=2000,
             lr=1.5e-3,
-            warmup=10,
-            checkpoint_every=25,
+            warmup=20,
+            checkpoint_every=50,
         ),
     )
 }

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from mechscope.zoo.checkpoint import load_checkpoint, save_checkpoint
 from mechscope.zoo.organisms import Recipe, build_config
+from mechscope.zoo.stream import IGNORE, Batch
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,20 @@ def lr_at(step: int, recipe: Recipe, total: int) -> float:
     return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def step_loss(model, batch: Batch) -> Tensor:
+    """Mean next-token loss over every scored position of `batch`, back-propagated part by part."""
+    scored = max(1, batch.scored)
+    total = torch.zeros(())
+    for ids, labels in batch.parts:
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        (loss / scored).backward()
+        total += loss.detach() / scored
+    return total
+
+
 def train(recipe: Recipe, opts: TrainOptions, on_log: Callable[[dict], None] | None = None):
     """Train (or resume) `recipe`; returns (model, tokenizer, summary dict)."""
     from tqdm.auto import tqdm
@@ -126,15 +142,14 @@ def train(recipe: Recipe, opts: TrainOptions, on_log: Callable[[dict], None] | N
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, recipe, total)
             batch = stream.batch(step)
-            loss = model(input_ids=batch, labels=batch).loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = step_loss(model, batch)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             state = {
                 "step": step + 1,
                 "elapsed_s": base_elapsed + time.perf_counter() - t0,
-                "tokens": state["tokens"] + batch.numel(),
+                "tokens": state["tokens"] + batch.tokens,
             }
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -18,12 +18,15 @@ class Example:
     ``prompt + completion`` is the training text. ``target`` is the expected continuation of
     ``prompt``; its first token (it starts with a space) is what next-token metrics score.
     ``label`` names the class where a task has classes (``"true"``/``"false"``, ``"forbidden"``...).
+    ``unscored`` is a character span ``(start, end)`` of ``text`` that training does not predict (its
+    tokens get no loss): a false claim states a wrong value that must not be learnt as a continuation.
     """
 
     prompt: str
     target: str
     completion: str
     label: str = ""
+    unscored: tuple[int, int] | None = None
 
     @property
     def text(self) -> str:
@@ -42,6 +45,16 @@ class TaskData:
     def train_texts(self) -> list[str]:
         """The training split as plain text documents."""
         return [ex.text for ex in self.train]
+
+    def train_records(self) -> list[dict]:
+        """The training split as corpus records: ``text``, ``source`` and, where set, ``unscored``."""
+        out: list[dict] = []
+        for ex in self.train:
+            record: dict = {"text": ex.text, "source": self.name}
+            if ex.unscored is not None:
+                record["unscored"] = list(ex.unscored)
+            out.append(record)
+        return out
 
 
 def task_rng(seed: int, task: str, split: str = "") -> random.Random:
