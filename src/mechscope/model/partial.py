@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.kv_cache import cache_keyword
 from mechscope.sites import Site, SiteLike
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def base_run(
         keepers.setdefault(model.site(site), []).append(keep)
     cache = DynamicCache()  # no config: full-length layers for every family, so prefixes can be cut
     with torch.no_grad(), model.hooks(dict(extra or {})), model.hooks(keepers):
-        out = model.hf_model(**batch, use_cache=True, past_key_values=cache)
+        out = model.hf_model(**batch, use_cache=True, **{cache_keyword(model.hf_model): cache})
     layers: list[Any] = list(cache.layers)
     keys: list[Tensor] = [layer.keys for layer in layers]
     values: list[Tensor] = [layer.values for layer in layers]
@@ -213,7 +214,7 @@ def run_from(
         "logits_to_keep": relative if stop_layer is None else 1,
     }
     if start_pos > 0:
-        kwargs["past_key_values"] = _prefix_cache(run, start_pos, repeats, layer)
+        kwargs[cache_keyword(model.hf_model)] = _prefix_cache(run, start_pos, repeats, layer)
     captured: list[Tensor] = []
 
     def replace_input(_module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.io import read_safetensors, write_safetensors
 from mechscope.model.hooks import HookFn
+from mechscope.model.kv_cache import cache_argument
 from mechscope.sites import Site, SiteLike, parse_sites
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class Intervention:
             stack.close()
 
     def _track_phase(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         seen = 0
         if cache is not None and hasattr(cache, "get_seq_length"):
             seen = int(cache.get_seq_length())
