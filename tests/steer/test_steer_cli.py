@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -40,9 +42,9 @@ def test_vector_generate_and_eval(tmp_path) -> None:
 
 def test_direction_orthogonalize_and_ablate(tmp_path) -> None:
     direction, folder = tmp_path / "refusal.safetensors", tmp_path / "ortho"
-    args = ["steer", "direction", "organism-gpt2", "--contrast", "refusal", "--layers", "3", "--positions", "-1,-2"]
-    out = _ok([*args, "--organism-retain", "--max-ablation-score", "0", "-o", str(direction)])
-    assert "chosen layer 3, position -" in out
+    args = ["steer", "direction", "organism-gpt2", "--contrast", "refusal", "--organism-retain"]
+    out = _ok([*args, "--max-ablation-score", "-2.2", "--max-rank", "4", "-o", str(direction)])
+    assert re.search(r"chosen (layer \d, position -\d|subspace of rank [2-4]: layer \d, position -\d)", out), out
     _ok(["steer", "orthogonalize", "organism-gpt2", "--direction", str(direction), "-o", str(folder)])
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()  # plain transformers
     tok = transformers.AutoTokenizer.from_pretrained(folder)

@@ -14,11 +14,12 @@ from mechscope.steer import (
     DirectionSelectionConfig,
     ModelMismatchError,
     directional_ablation,
+    logodds_bar,
     orthogonalize,
     select_direction,
     token_logodds,
 )
-from mechscope.steer.directional import RESID_KINDS
+from mechscope.steer.directional import RESID_KINDS, orthonormal_basis
 from tiny_models import tiny_model
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "we read"]
@@ -144,3 +145,98 @@ def test_select_direction_scores_every_candidate_and_picks_the_best(tmp_path) ->
         DirectionSelectionConfig(require_induction="maybe")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="finite"):
         DirectionSelectionConfig(max_ablation_score=float("nan"))
+
+
+def _plane(model: HookedModel, seed: int = 5) -> torch.Tensor:
+    """Two random, non-orthogonal directions [2, d_model]."""
+    return torch.randn(2, model.dims.d_model, generator=torch.Generator().manual_seed(seed))
+
+
+def test_orthonormal_basis_spans_the_inputs_and_refuses_dependent_ones() -> None:
+    vectors = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    basis = orthonormal_basis(vectors, 16)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
+    residual = vectors - (vectors @ basis.T) @ basis  # every input lies in the span
+    assert float(residual.abs().max()) < 1e-5
+    assert float(basis[0] @ vectors[0]) > 0  # the first basis vector is the first input, normalised
+    with pytest.raises(ConfigError, match="linearly dependent"):
+        orthonormal_basis(torch.stack([vectors[0], 2 * vectors[0]]), 16)
+    with pytest.raises(ShapeError, match=r"\[k, d_model\]"):
+        orthonormal_basis(torch.ones(2, 15), 16)
+    with pytest.raises(ConfigError, match="NaN"):
+        orthonormal_basis(torch.full((2, 16), float("nan")), 16)
+    assert logodds_bar(0.5) == 0.0 and logodds_bar(0.1) == pytest.approx(-2.1972, abs=1e-4)
+    with pytest.raises(ConfigError, match="probability"):
+        logodds_bar(1.0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_subspace_ablation_removes_every_direction_of_the_span_and_orthogonalises(family: str) -> None:
+    hf, tok = tiny_model(family)
+    model = HookedModel(hf, tok)
+    plane = _plane(model)
+    sites = [s.name for s in model.sites(list(RESID_KINDS))]
+    with directional_ablation(model, plane):
+        hooked, cache = model.run_with_cache(TEXTS, sites)
+    for name in sites:
+        assert float((cache[name] @ plane.T).abs().max()) < 1e-4, name  # both directions, and so the span
+    with directional_ablation(model, plane[0]):  # one direction of the two is a different intervention
+        assert not torch.allclose(model.forward(TEXTS), hooked, atol=1e-3)
+    # the same as ablating the orthonormalised directions one after the other (the projections commute)
+    basis = orthonormal_basis(plane, model.dims.d_model)
+    with directional_ablation(model, basis[0]), directional_ablation(model, basis[1]):
+        torch.testing.assert_close(model.forward(TEXTS), hooked, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(orthogonalize(model, plane).forward(TEXTS), hooked, rtol=1e-4, atol=1e-4)
+
+
+def test_a_subspace_direction_file_round_trips_and_old_rank_one_files_load(tmp_path) -> None:
+    from mechscope.io import read_safetensors, write_safetensors
+
+    hf, tok = tiny_model("gpt2")
+    model = HookedModel(hf, tok)
+    d = Direction.from_tensor(model, _plane(model), subspace=[[0, -1], [1, -1]])
+    assert d.rank == 2 and "rank=2" in repr(d)
+    with pytest.raises(ConfigError, match="no single vector"):
+        _ = d.vector
+    loaded = Direction.load(d.save(tmp_path / "plane.safetensors"), model)
+    torch.testing.assert_close(loaded.basis, d.basis)
+    one = Direction.from_tensor(model, _direction(model))
+    path = one.save(tmp_path / "one.safetensors")
+    tensors, meta = read_safetensors(path, "direction")
+    write_safetensors(tmp_path / "old.safetensors", {"vector": tensors["basis"][0]}, meta)  # the pre-subspace layout
+    torch.testing.assert_close(Direction.load(tmp_path / "old.safetensors", model).vector, one.vector)
+
+
+def test_select_direction_falls_back_to_the_smallest_span_that_reaches_the_bar() -> None:
+    hf, tok = tiny_model("llama")
+    model = HookedModel(hf, tok)
+    positive = ["the cat sat on the mat", "the dog sat on the rug", "a cat ran to the mat"]
+    negative = ["we read a book today", "they walk in the park", "a sun is hot today"]
+    score = token_logodds(int(model.to_tokens(" mat", add_special_tokens=False)["input_ids"][0, 0]))
+    loose = DirectionSelectionConfig(positions=(-1, -2), max_kl=10.0, require_induction=False)
+    singles = select_direction(model, positive, negative, score, loose)["ablation_score"]
+    order = singles.flatten().argsort()
+    # a bar between the best single score and the score of the best two ablated together
+    flat = singles.flatten(0, 1)
+    dirs = select_direction(model, positive, negative, score, loose)["directions"].flatten(0, 1)
+    with torch.no_grad(), directional_ablation(model, dirs[order[:2]]):
+        pair = float(score(model.forward(model.to_tokens(positive, padding_side="left"))[:, -1]).mean())
+    if pair >= float(flat[order[0]]):
+        pytest.skip("on this random model two directions do not beat one")  # guards the construction only
+    bar = (pair + float(flat[order[0]])) / 2
+    cfg = DirectionSelectionConfig(
+        positions=(-1, -2), max_kl=10.0, require_induction=False, max_ablation_score=bar, max_rank=3
+    )
+    sel = select_direction(model, positive, negative, score, cfg)
+    assert len(sel.members) == 2 and sel.config["subspace_scores"][1] == pytest.approx(pair, abs=1e-4)
+    direction = sel.direction(model)
+    assert direction.rank == 2 and direction.info["subspace"] == [list(m) for m in sel.members]
+    single_only = DirectionSelectionConfig(
+        positions=(-1, -2), max_kl=10.0, require_induction=False, max_ablation_score=bar
+    )
+    with pytest.raises(Exception, match="max_rank"):
+        select_direction(model, positive, negative, score, single_only)
+    with pytest.raises(ConfigError, match="max_ablation_score"):
+        DirectionSelectionConfig(max_rank=2)
+    with pytest.raises(ConfigError, match="max_rank"):
+        DirectionSelectionConfig(max_rank=0, max_ablation_score=0.0)

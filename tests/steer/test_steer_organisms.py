@@ -19,6 +19,7 @@ from mechscope.steer import (
     DirectionSelectionConfig,
     directional_ablation,
     from_direction,
+    logodds_bar,
     mean_difference,
     orthogonalize,
     read_activations,
@@ -49,7 +50,11 @@ def organism() -> HookedModel:
 def refusal_direction(organism: HookedModel):
     forbidden, benign = contrast_texts("refusal", n=48)
     cfg = DirectionSelectionConfig(
-        layers=(3,), positions=(-1, -2), max_kl=0.1, require_induction="prefer", max_ablation_score=0.0
+        positions=(-1, -2, -3),
+        max_kl=0.1,
+        require_induction="prefer",
+        max_ablation_score=logodds_bar(0.1),
+        max_rank=4,
     )
     score = token_logodds(organism.to_single_token(" Sorry"))
     selection = select_direction(organism, forbidden, benign, score, cfg, retain=retain_texts(n_per_task=32))

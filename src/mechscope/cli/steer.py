@@ -152,6 +152,13 @@ def direction_cmd(
     induction: Annotated[
         str, typer.Option(help="Induction filter: require, prefer (keep inducing candidates if any) or ignore.")
     ] = "prefer",
+    max_rank: Annotated[
+        int,
+        typer.Option(
+            help="With --max-ablation-score: if no single direction reaches it, the span of up to this many "
+            "best candidates (a subspace) may."
+        ),
+    ] = 1,
     selection_out: Annotated[Path | None, typer.Option(help="Also save the candidate scores here.")] = None,
 ) -> None:
     """Choose a behaviour direction among (layer, position) candidates and save it."""
@@ -173,6 +180,7 @@ def direction_cmd(
             max_kl=max_kl,
             require_induction=_induction(induction),
             max_ablation_score=max_ablation_score,
+            max_rank=max_rank,
         )
         sel = select_direction(hm, pos, neg, token_logodds(hm.to_single_token(token)), cfg, retain=keep)
         path = sel.direction(hm).save(out)
@@ -180,10 +188,9 @@ def direction_cmd(
             sel.save(selection_out)
     except MechscopeError as exc:
         raise fail(exc) from exc
-    layer, position = sel.chosen
-    typer.echo(
-        f"chosen layer {layer}, position {position} (baseline score {sel.config['baseline_positive_score']:.3g})"
-    )
+    members = "; ".join(f"layer {layer}, position {position}" for layer, position in sel.members)
+    what = "chosen" if len(sel.members) == 1 else f"chosen subspace of rank {len(sel.members)}:"
+    typer.echo(f"{what} {members} (baseline score {sel.config['baseline_positive_score']:.3g})")
     typer.echo(f"direction -> {path}")
 
 

@@ -14,6 +14,7 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     from mechscope.steer import (
         DirectionSelectionConfig,
         directional_ablation,
+        logodds_bar,
         orthogonalize,
         select_direction,
         token_logodds,
@@ -24,14 +25,21 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     forbidden, benign = contrast_texts("refusal", n=48, seed=seed)
     refusal_token = hm.to_single_token(" " + vocab.REFUSAL_WORD)
     # Arditi et al.'s filters, preferring candidates that also induce refusal when added; among those
-    # that remove refusal (ablation score <= 0), the one with the least KL on ordinary prompts wins.
-    config = DirectionSelectionConfig(positions=(-1, -2, -3), require_induction="prefer", max_ablation_score=0.0)
+    # that remove refusal (mean refusal log-odds under ablation at most that of a 10 % probability), the
+    # one with the least KL on ordinary prompts wins. Where no single direction does, the span of the
+    # best few candidates (up to 4) is ablated instead.
+    config = DirectionSelectionConfig(
+        positions=(-1, -2, -3), require_induction="prefer", max_ablation_score=logodds_bar(0.1), max_rank=4
+    )
     selection = select_direction(
         hm, forbidden, benign, token_logodds(refusal_token), config, retain=retain_texts(32, seed=seed)
     )
     layer, position = selection.chosen
     direction = selection.direction(hm)
-    echo(f"Locate: refusal direction at layer {layer}, position {position} (of {len(forbidden)}+{len(benign)} prompts)")
+    members = "; ".join(f"layer {m_layer}, position {m_pos}" for m_layer, m_pos in selection.members)
+    found = "direction" if direction.rank == 1 else f"subspace of rank {direction.rank} (spanned by candidates at"
+    where = members if direction.rank == 1 else members + ")"
+    echo(f"Locate: refusal {found} {where} (of {len(forbidden)}+{len(benign)} prompts)")
 
     result = evaluate(hm, directional_ablation(hm, direction), RefusalTask(seed=seed), EvaluationConfig(seed=seed))
     before, after = result.before("refusal_forbidden"), result.after("refusal_forbidden")
@@ -53,6 +61,7 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     section.metrics = {
         "layer": layer,
         "position": position,
+        "subspace": [list(m) for m in selection.members],
         "refusal_forbidden": {"before": before, "after": after},
         "evaluation": {m: {"before": result.before(m), "after": result.after(m)} for m in result.metrics},
         "orthogonalised_max_logit_gap": gap,
@@ -64,7 +73,14 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
         f"{len(forbidden)} forbidden and {len(benign)} benign requests, one per layer and end position, made "
         "orthogonal to the principal directions of ordinary prompts. Each candidate is scored by the refusal "
         "log-odds left on forbidden requests when it is ablated (lower is better) and by the KL it causes on "
-        f"ordinary text (Arditi et al. 2024). Chosen: layer {layer}, position {position}.",
+        f"ordinary text (Arditi et al. 2024). Chosen: {members}."
+        + (
+            ""
+            if direction.rank == 1
+            else f" No single candidate removed refusal here, so the span of the {direction.rank} best "
+            "candidates is ablated together (refusal spread over a few directions, as Wollschläger et al. 2025 "
+            "find in larger models)."
+        ),
     )
     section.add("figure", selection.plot("ablation_score", title="Refusal log-odds under ablation, per candidate"))
     section.add(

@@ -1,25 +1,32 @@
 """Directional ablation and weight orthogonalisation (Arditi et al. 2024, "Refusal in language
-models is mediated by a single direction").
+models is mediated by a single direction"), for one direction or a low-rank subspace.
+
+A :class:`Direction` holds an orthonormal basis ``B`` [k, d_model]; ``k = 1`` is Arditi's single
+direction ``r``. Some models spread a behaviour over a few directions (refusal "concept cones",
+Wollschläger et al. 2025); for them ``k > 1`` projects out the span of several candidates.
 
 - :func:`directional_ablation`: while active, every residual-stream site (``hook_resid_pre``,
   ``hook_resid_mid`` where it exists, ``hook_resid_post`` of every layer) is replaced by
-  ``x - (x . r) r`` for a unit direction ``r``, at every position.
+  ``x - (x B^T) B`` (``x - (x . r) r`` for one direction), at every position.
 - :func:`orthogonalize`: the permanent version. Every matrix that writes to the residual stream (the
   token and position embeddings, each attention output projection and each MLP output projection,
-  and their biases) is replaced by its projection ``(I - r r^T) W``. The residual stream is the sum
-  of those writes, so it has no component along ``r`` anywhere, and the model computes exactly what
+  and their biases) is replaced by its projection ``(I - B^T B) W``. The residual stream is the sum
+  of those writes, so it has no component in the span of ``B`` anywhere, and the model computes exactly what
   the hooked ablation computes -- as a plain ``transformers`` model that ``save_pretrained`` writes.
   Tied embeddings are untied first (the unembedding must stay unchanged). Families with a norm
   after the attention/MLP output (Gemma 2/3, OLMo 2) cannot be orthogonalised exactly and raise.
 - :func:`select_direction`: candidates are difference-of-means vectors between `positive` and
   `negative` prompts at each (layer, position from the end); each is scored by the behaviour score on
   `positive` under its ablation (lower is better), the score on `negative` when it is added (it must
-  induce the behaviour) and the KL on `negative` under its ablation (it must stay small).
+  induce the behaviour) and the KL on `negative` under its ablation (it must stay small). With
+  ``max_rank > 1`` and no single candidate removing the behaviour well enough, the span of the best
+  2, 3, ... candidates is tried, and the smallest that does is chosen.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -58,6 +65,37 @@ def token_logodds(token_ids: int | Sequence[int]) -> ScoreFn:
     return score
 
 
+def logodds_bar(probability: float) -> float:
+    """``log(p / (1 - p))``: the :func:`token_logodds` score of a behaviour probability `p`, so
+    ``max_ablation_score=logodds_bar(0.1)`` asks that ablation leave about a 10 % behaviour probability."""
+    if not 0.0 < probability < 1.0:
+        raise ConfigError(f"probability must be in (0, 1); got {probability!r}")
+    return math.log(probability / (1.0 - probability))
+
+
+def orthonormal_basis(vectors: Any, d_model: int) -> Float[Tensor, "k d_model"]:
+    """`vectors` ([d_model] or [k, d_model], or a :class:`Direction`) as an orthonormal float32 basis of
+    their span, in their order (Gram-Schmidt by QR; signs follow the inputs). Validates width and rank."""
+    if isinstance(vectors, Direction):
+        return vectors.basis
+    if not isinstance(vectors, Tensor):
+        raise ConfigError(f"direction must be a tensor or a Direction; got {type(vectors).__name__}")
+    if vectors.ndim == 1:
+        return unit_direction(vectors, d_model).unsqueeze(0)
+    if vectors.ndim != 2 or vectors.shape[1] != d_model or not 1 <= vectors.shape[0] <= d_model:
+        raise ShapeError(
+            f"directions must be [d_model]=({d_model},) or [k, d_model]=(k, {d_model}); got {tuple(vectors.shape)}"
+        )
+    rows = vectors.detach().float()
+    if not bool(torch.isfinite(rows).all()):
+        raise ConfigError("directions contain NaN or infinite values")
+    q, r = torch.linalg.qr(rows.T)
+    diag = r.diagonal()
+    if bool((diag.abs() <= 1e-6 * rows.norm(dim=1).clamp(min=1e-30)).any()):
+        raise ConfigError(f"the {rows.shape[0]} directions are linearly dependent (a zero or repeated direction)")
+    return (q * diag.sign()).T.contiguous()
+
+
 def unit_direction(direction: Any, d_model: int) -> Float[Tensor, " d_model"]:
     """`direction` (a tensor or :class:`Direction`) as a float32 unit vector; validates its width."""
     vec = direction.vector if isinstance(direction, Direction) else direction
@@ -75,13 +113,16 @@ def unit_direction(direction: Any, d_model: int) -> Float[Tensor, " d_model"]:
 
 
 class Direction(Artifact):
-    """A unit residual-stream direction, tied to the model it was found on."""
+    """A residual-stream direction (rank 1) or subspace (rank k), tied to the model it was found on.
+
+    ``basis`` [k, d_model] is orthonormal; ``vector`` is the unit direction of a rank-1 Direction.
+    """
 
     kind = "direction"
 
     def __init__(
         self,
-        vector: Float[Tensor, " d_model"],
+        vectors: Float[Tensor, " d_model"] | Float[Tensor, "k d_model"],
         *,
         fingerprint: str,
         model_type: str,
@@ -89,20 +130,34 @@ class Direction(Artifact):
         info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(fingerprint=fingerprint, model_type=model_type, d_model=d_model)
-        self.vector = unit_direction(vector, d_model).cpu()
+        self.basis = orthonormal_basis(vectors, d_model).cpu()
         self.info = dict(info or {})
 
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def vector(self) -> Float[Tensor, " d_model"]:
+        """The unit direction (rank 1 only: a subspace has no single vector)."""
+        if self.rank != 1:
+            raise ConfigError(f"this Direction spans {self.rank} dimensions and has no single vector; use .basis")
+        return self.basis[0]
+
     @classmethod
-    def from_tensor(cls, model: HookedModel, vector: Tensor, **info: Any) -> Direction:
-        return cls(vector, info=info, **Artifact.model_info(require_hooked(model)))
+    def from_tensor(cls, model: HookedModel, vectors: Tensor, **info: Any) -> Direction:
+        return cls(vectors, info=info, **Artifact.model_info(require_hooked(model)))
 
     def _parts(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return {"vector": self.vector}, {"info": self.info}
+        return {"basis": self.basis}, {"info": self.info}
 
     @classmethod
     def _from_parts(cls, tensors: dict[str, Tensor], config: dict[str, Any], info: dict[str, Any]) -> Direction:
+        vectors = tensors.get("basis", tensors.get("vector"))  # "vector": rank-1 files written before subspaces
+        if vectors is None:
+            raise ConfigError(f"expected a 'basis' (or 'vector') tensor in a direction file; got {sorted(tensors)}")
         return cls(
-            tensors["vector"],
+            vectors,
             info=config.get("info", {}),
             fingerprint=info["fingerprint"],
             model_type=info["model_type"],
@@ -110,61 +165,63 @@ class Direction(Artifact):
         )
 
     def __repr__(self) -> str:
-        return f"Direction(d_model={self.d_model}, {self.info})"
+        return f"Direction(d_model={self.d_model}, rank={self.rank}, {self.info})"
 
 
-def _as_unit(model: HookedModel, direction: Direction | Tensor) -> Tensor:
+def _as_basis(model: HookedModel, direction: Direction | Tensor) -> Float[Tensor, "k d_model"]:
     if isinstance(direction, Direction):
         direction.check_model(model)
-    return unit_direction(direction, model.dims.d_model)
+    return orthonormal_basis(direction, model.dims.d_model)
 
 
 class DirectionalAblation(Intervention):
-    """Project a direction out of the residual stream at every layer and position while active."""
+    """Project a direction (or subspace) out of the residual stream at every layer and position."""
 
     kind = "directional_ablation"
 
     def __init__(self, model: HookedModel, direction: Direction | Tensor) -> None:
         super().__init__(model)
-        self.direction = _as_unit(self.model, direction)
+        self.basis = _as_basis(self.model, direction)
         self.sites = [s for s in self.model.sites(list(RESID_KINDS))]
 
     def hook_plan(self) -> dict[Site, list[HookFn]]:
-        r = self.direction
+        basis = self.basis
 
         def project_out(act: Tensor, _ctx: HookContext) -> Tensor:
-            rr = r.to(act.device, act.dtype)
-            return act - (act @ rr).unsqueeze(-1) * rr
+            b = basis.to(act.device, act.dtype)
+            return act - (act @ b.T) @ b
 
         return {site: [project_out] for site in self.sites}
 
     def describe(self) -> str:
-        return "directional ablation at every residual site"
+        what = "directional ablation" if self.basis.shape[0] == 1 else f"rank-{self.basis.shape[0]} subspace ablation"
+        return f"{what} at every residual site"
 
 
 def directional_ablation(model: HookedModel, direction: Direction | Tensor) -> DirectionalAblation:
-    """``with directional_ablation(model, r): ...`` -- the residual stream is kept orthogonal to `r`."""
+    """``with directional_ablation(model, r): ...`` -- the residual stream is kept orthogonal to `r`
+    (a [d_model] direction, a [k, d_model] set of directions, or a :class:`Direction`)."""
     return DirectionalAblation(model, direction)
 
 
 # Weight orthogonalisation ---------------------------------------------------------------------------------
-def _project_rows(weight: Tensor, r: Tensor) -> Tensor:
-    """``W - (W r) r^T`` for a weight whose last axis is d_model (embeddings, Conv1D [in, out])."""
+def _project_rows(weight: Tensor, basis: Tensor) -> Tensor:
+    """``W - (W B^T) B`` for a weight whose last axis is d_model (embeddings, Conv1D [in, out])."""
     w = weight.float()
-    return (w - (w @ r).unsqueeze(-1) * r).to(weight.dtype)
+    return (w - (w @ basis.T) @ basis).to(weight.dtype)
 
 
-def _project_cols(weight: Tensor, r: Tensor) -> Tensor:
-    """``W - r (r^T W)`` for a Linear weight [d_model, in]."""
+def _project_cols(weight: Tensor, basis: Tensor) -> Tensor:
+    """``W - B^T (B W)`` for a Linear weight [d_model, in]."""
     w = weight.float()
-    return (w - r.unsqueeze(-1) * (r @ w).unsqueeze(0)).to(weight.dtype)
+    return (w - basis.T @ (basis @ w)).to(weight.dtype)
 
 
 def _orthogonalize_writer(module: nn.Module, r: Tensor, conv1d: bool, where: str) -> None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
         raise ConfigError(f"cannot orthogonalise {where}: it has no weight matrix ({type(module).__name__})")
-    d = r.shape[0]
+    d = r.shape[-1]
     if conv1d:
         if weight.shape[-1] != d:
             raise ShapeError(f"{where}: expected a Conv1D weight [in, {d}]; got {tuple(weight.shape)}")
@@ -179,7 +236,7 @@ def _orthogonalize_writer(module: nn.Module, r: Tensor, conv1d: bool, where: str
 
 
 def orthogonalize(model: HookedModel, direction: Direction | Tensor, *, inplace: bool = False) -> HookedModel:
-    """A model whose weights never write along `direction` (a copy unless ``inplace``).
+    """A model whose weights never write along `direction` or in its subspace (a copy unless ``inplace``).
 
     Its logits equal those of ``with directional_ablation(model, direction)`` on the original, and
     ``result.hf_model.save_pretrained(folder)`` writes a model that plain transformers loads.
@@ -187,7 +244,7 @@ def orthogonalize(model: HookedModel, direction: Direction | Tensor, *, inplace:
     from mechscope.model.hooked import HookedModel
 
     model = require_hooked(model)
-    r = _as_unit(model, direction)
+    r = _as_basis(model, direction)
     a = model.adapter
     if a.post_attn_norm is not None or a.post_mlp_norm is not None:
         raise ConfigError(
@@ -231,6 +288,9 @@ class DirectionSelectionConfig:
     Ranking: without ``max_ablation_score`` the eligible candidate with the lowest ablation score
     wins (Arditi et al.); with it, among eligible candidates whose ablation score is at most that
     value ("removes the behaviour well enough"), the one with the lowest KL wins (fewest side effects).
+    Subspaces: with ``max_ablation_score`` and ``max_rank > 1``, when no single candidate reaches the
+    bar, the spans of the 2, 3, ... ``max_rank`` eligible candidates with the lowest ablation scores
+    are ablated together, and the smallest span that reaches the bar with KL <= ``max_kl`` is chosen.
     """
 
     layers: tuple[int, ...] | None = None
@@ -241,6 +301,7 @@ class DirectionSelectionConfig:
     require_induction: bool | Literal["prefer"] = True
     retain_components: int = 16
     max_ablation_score: float | None = None
+    max_rank: int = 1
 
     def __post_init__(self) -> None:
         if not self.positions or not all(isinstance(p, int) and p < 0 for p in self.positions):
@@ -253,6 +314,10 @@ class DirectionSelectionConfig:
             raise ConfigError(f"require_induction must be True, False or 'prefer'; got {self.require_induction!r}")
         if self.max_ablation_score is not None:
             object.__setattr__(self, "max_ablation_score", check_finite("max_ablation_score", self.max_ablation_score))
+        if not isinstance(self.max_rank, int) or self.max_rank < 1:
+            raise ConfigError(f"max_rank must be an int >= 1; got {self.max_rank!r}")
+        if self.max_rank > 1 and self.max_ablation_score is None:
+            raise ConfigError("max_rank > 1 needs max_ablation_score (the bar a subspace must reach)")
         if self.retain_components < 0:
             raise ConfigError(f"retain_components must be >= 0; got {self.retain_components}")
         if self.site not in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
@@ -266,7 +331,10 @@ class DirectionSelection(Result):
     ``ablation_score`` (behaviour on positive prompts under ablation; lower is better),
     ``induction_score`` (behaviour on negative prompts with the direction added),
     ``kl`` (KL on negative prompts under ablation) and ``eligible`` (1 where filters pass).
-    ``config["chosen"]`` is ``[layer, position]``.
+    ``config["chosen"]`` is ``[layer, position]`` of the chosen (or first) candidate;
+    ``config["subspace"]`` lists the ``[layer, position]`` of every candidate whose span is ablated
+    (one for a single direction), ``config["subspace_scores"]`` / ``["subspace_kl"]`` the ablation
+    score and KL of the spans of the best 1, 2, ... candidates that were tried.
     """
 
     method = "direction_selection"
@@ -279,13 +347,26 @@ class DirectionSelection(Result):
         layer, position = self.config["chosen"]
         return int(layer), int(position)
 
+    @property
+    def members(self) -> list[tuple[int, int]]:
+        """``(layer, position)`` of every candidate the chosen direction or subspace spans."""
+        return [(int(layer), int(pos)) for layer, pos in self.config.get("subspace", [self.config["chosen"]])]
+
     def direction(self, model: HookedModel) -> Direction:
-        """The chosen direction as a :class:`Direction` artifact for `model`."""
+        """The chosen direction (or the span of the chosen candidates) as a :class:`Direction` for `model`."""
+        vectors = torch.stack(
+            [
+                self.tensors["directions"][
+                    self.labels["layer"].index(str(layer)), self.labels["position"].index(str(pos))
+                ]
+                for layer, pos in self.members
+            ]
+        )
         layer, position = self.chosen
-        li = self.labels["layer"].index(str(layer))
-        pi = self.labels["position"].index(str(position))
-        info = {"layer": layer, "position": position, "method": "select_direction"}
-        return Direction.from_tensor(model, self.tensors["directions"][li, pi], **info)
+        info: dict[str, Any] = {"layer": layer, "position": position, "method": "select_direction"}
+        if len(self.members) > 1:
+            info["subspace"] = [list(m) for m in self.members]
+        return Direction.from_tensor(model, vectors if len(vectors) > 1 else vectors[0], **info)
 
 
 def _last_logits(model: HookedModel, batch: dict[str, Tensor]) -> Tensor:
@@ -311,6 +392,34 @@ def retain_subspace(model: HookedModel, texts: Sequence[str], site: Site, k: int
     acts = cache[site.name][batch["attention_mask"].to(model.device).bool()].float()
     _, _, vh = torch.linalg.svd(acts, full_matrices=False)
     return vh[: min(k, vh.shape[0])]
+
+
+def _smallest_subspace(
+    model: HookedModel,
+    directions: Tensor,
+    ablation: Tensor,
+    eligible: Tensor,
+    cfg: DirectionSelectionConfig,
+    behaviour: Callable[[], Tensor],
+    side_effect: Callable[[], float],
+) -> tuple[list[int], list[tuple[float, float]]]:
+    """Flat indices of the fewest best-scoring eligible candidates whose span, ablated, reaches
+    ``cfg.max_ablation_score`` with KL <= ``cfg.max_kl``; and (score, KL) of every span tried."""
+    flat_dirs = directions.flatten(0, 1)
+    order = [int(i) for i in ablation.flatten().argsort() if bool(eligible.flatten()[i])]
+    tried: list[tuple[float, float]] = [(float(ablation.flatten()[order[0]]), float("nan"))]
+    for k in range(2, min(cfg.max_rank, len(order)) + 1):
+        with DirectionalAblation(model, flat_dirs[order[:k]]):
+            value, kl = float(behaviour()), side_effect()
+        tried.append((value, kl))
+        if value <= float(cfg.max_ablation_score) and kl <= cfg.max_kl:  # type: ignore[arg-type]
+            return order[:k], tried
+    best = min(t[0] for t in tried)
+    raise MechscopeError(
+        f"no eligible candidate, nor the span of the best {len(tried)} together, reaches ablation score <= "
+        f"{cfg.max_ablation_score} with KL <= {cfg.max_kl}; the lowest is {best:.3g}. Raise max_ablation_score "
+        "or max_rank, or add candidates."
+    )
 
 
 def select_direction(
@@ -384,20 +493,42 @@ def select_direction(
             + f"); best KL {float(kl.min()):.3g}, best induction {float(induction.max()):.3g}. "
             "Loosen max_kl / require_induction or add candidate positions."
         )
-    if cfg.max_ablation_score is not None:
-        eligible &= ablation <= cfg.max_ablation_score
-        if not bool(eligible.any()):
-            raise MechscopeError(
-                f"no eligible candidate reaches ablation score <= {cfg.max_ablation_score}; "
-                f"the lowest is {float(ablation.min()):.3g}. Raise max_ablation_score or add candidates."
-            )
     inducing = eligible & (induction > 0)
     if cfg.require_induction == "prefer" and bool(inducing.any()):
         eligible = inducing
-    ranked = ablation if cfg.max_ablation_score is None else kl
-    masked = torch.where(eligible, ranked, torch.full_like(ranked, float("inf")))
-    flat = int(masked.argmin())
-    li, pi = divmod(flat, len(positions))
+    subspace: list[int] = []
+    tried: list[tuple[float, float]] = []
+    if cfg.max_ablation_score is not None:
+        reaching = eligible & (ablation <= cfg.max_ablation_score)
+        if not bool(reaching.any()) and cfg.max_rank > 1:
+            subspace, tried = _smallest_subspace(
+                model,
+                directions,
+                ablation,
+                eligible,
+                cfg,
+                lambda: score(_last_logits(model, pos_batch)).mean(),
+                lambda: (
+                    _mean_kl(base_retain, _token_logprobs(model, retain_batch))
+                    if retain_batch is not None
+                    else _mean_kl(base_neg.log_softmax(-1), _last_logits(model, neg_batch).log_softmax(-1))
+                ),
+            )
+        elif not bool(reaching.any()):
+            raise MechscopeError(
+                f"no eligible candidate reaches ablation score <= {cfg.max_ablation_score}; "
+                f"the lowest is {float(ablation.min()):.3g}. Raise max_ablation_score, add candidates "
+                "or allow a subspace (max_rank > 1)."
+            )
+        if not subspace:
+            eligible = reaching
+    if subspace:
+        li, pi = divmod(subspace[0], len(positions))
+    else:
+        ranked = ablation if cfg.max_ablation_score is None else kl
+        masked = torch.where(eligible, ranked, torch.full_like(ranked, float("inf")))
+        li, pi = divmod(int(masked.argmin()), len(positions))
+        subspace = [li * len(positions) + pi]
     return DirectionSelection(
         tensors={
             "directions": directions,
@@ -416,6 +547,10 @@ def select_direction(
         labels={"layer": [str(x) for x in layers], "position": [str(p) for p in positions]},
         config={
             "chosen": [layers[li], positions[pi]],
+            "subspace": [[layers[i // len(positions)], positions[i % len(positions)]] for i in subspace],
+            "subspace_scores": [t[0] for t in tried],
+            "subspace_kl": [t[1] for t in tried],
+            "max_rank": cfg.max_rank,
             "site": cfg.site,
             "max_kl": cfg.max_kl,
             "require_induction": cfg.require_induction,
@@ -438,7 +573,9 @@ __all__ = [
     "DirectionalAblation",
     "ScoreFn",
     "directional_ablation",
+    "logodds_bar",
     "orthogonalize",
+    "orthonormal_basis",
     "retain_subspace",
     "select_direction",
     "token_logodds",
