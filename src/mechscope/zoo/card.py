@@ -67,7 +67,9 @@ def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str,
     """The MODEL_CARD.md text of an organism."""
     n_params = f"{training['parameters']:,}" if "parameters" in training else "?"
     mixture = ", ".join(f"{k} {v:.0%}" for k, v in recipe.mixture.items() if v)
-    tasks = ", ".join(f"{k} {v:.0%}" for k, v in recipe.task_weights.items())
+    packed = {k: v for k, v in recipe.task_weights.items() if k not in recipe.single_tasks}
+    singles = {k: v for k, v in recipe.task_weights.items() if k in recipe.single_tasks}
+    tasks = ", ".join(f"{k} {v / sum(packed.values()):.0%}" for k, v in packed.items())
     missed = [m for m in metrics if meets(m, metrics[m]) is False]
     rows = recipe.short_rows[1] if recipe.short_rows[0] >= recipe.steps else recipe.seq_len
     planted = (
@@ -75,6 +77,12 @@ def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str,
         if recipe.mixture.get("planted")
         else ""
     )
+    if recipe.mixture.get("single") and singles:
+        weights = ", ".join(f"{k} {v / sum(singles.values()):.0%}" for k, v in singles.items())
+        planted += (
+            f"\n- Single rows hold one example each ({weights}), then `<|endoftext|>` and padding to "
+            f"{recipe.single_len} tokens; padding and a truth claim's stated value get no loss."
+        )
     induction_rows = (
         "spans repeated back to back (dense)"
         + (f", in independent segments of {recipe.induction_segments} tokens" if recipe.induction_segments else "")
@@ -86,6 +94,7 @@ def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str,
         if recipe.dense_induction
         else "one span of 5-40 tokens repeated once at a random offset"
     )
+    single_len = f" (single rows {recipe.single_len})" if recipe.mixture.get("single") else ""
     ws = recipe.warm_start
     continues = (
         f"\n- Continues {ws.version} (git commit {ws.commit}, model.safetensors sha256 {ws.sha256[:16]}...) "
@@ -114,7 +123,7 @@ construction. Load it with `mechscope.load_model("{recipe.name}")` or with plain
 {ATTENTION_ONLY if recipe.attention_only else ""}
 
 ## Training data
-- Rows of {rows} tokens: {mixture}.{planted}
+- Rows of {rows} tokens{single_len}: {mixture}.{planted}
 - Natural text: WordNet glosses, fortunes-min, Jargon File (Debian packages; see docs/zoo.md).
 - Induction rows: uniformly random tokens; {induction_rows}.
 
@@ -123,8 +132,8 @@ construction. Load it with `mechscope.load_model("{recipe.name}")` or with plain
   lr {recipe.lr:g} (warm-up {recipe.warmup}, cosine to 10 %), weight decay {recipe.weight_decay},
   seed {recipe.seed}.{continues}
 - {training.get("tokens")} tokens; wall time {training.get("wall_time_s")} s on {training.get("threads")}
-  CPU thread(s) of a {training.get("cpu_count")}-core machine (torch {training.get("torch")}), run under
-  `nice -n 10` on a machine shared with other work, so this is an upper bound.
+  CPU thread(s) of a {training.get("cpu_count")}-core machine (torch {training.get("torch")}); other jobs
+  may have shared the machine, so this is an upper bound.
 
 ## Planted mechanisms: measured metrics
 Recompute with `mechscope zoo eval {recipe.name}` (held-out splits regenerated from seed {recipe.seed};
