@@ -3,8 +3,8 @@
 ``organism-induction`` (2 layers, one head each, MLPs zero): the induction head ``a1.h0`` writing to the
 logits, fed by the previous-token head ``a0.h0`` through its query/key (composition), must appear in the
 circuits that EAP-IG and ACDC find for copying a repeated random-token span, and the circuit must be
-faithful. ``organism-gpt2`` IOI: checked only once the organism has learned the task (its card records
-top-1 accuracy 0.03; see docs/locate-circuits.md for what EAP finds meanwhile).
+faithful. ``organism-gpt2`` IOI (learned since v3): activation patching, path patching and EAP-IG name
+the same heads (docs/locate-circuits.md).
 """
 
 from __future__ import annotations
@@ -71,21 +71,19 @@ def test_acdc_recovers_the_two_head_induction_circuit(induction):
     assert curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_ioi_circuit_on_organism_gpt2_once_the_task_is_learned():
-    import mechscope
+def ioi_data(model, n: int = 16):
+    """IOI prompts of one token length and their ABC corruption (S2 replaced by a third name)."""
     from mechscope.zoo.tasks import vocab
 
-    model = mechscope.load_model("organism-gpt2")
     rng = random.Random(0)
     template = "When {a} and {b} went to the {place}, {s} gave a {obj} to"
     clean, corrupt, io, subj = [], [], [], []
-    while len(clean) < 16:
+    while len(clean) < n:
         a, b, c = rng.sample(vocab.IOI_NAMES, 3)
         place, obj = rng.choice(vocab.IOI_PLACES), rng.choice(vocab.IOI_OBJECTS)
         x, y = (template.format(a=a, b=b, s=s, place=place, obj=obj) for s in (b, c))
-        if len(model.to_tokens(x)["input_ids"][0]) != len(model.to_tokens(y)["input_ids"][0]):
-            continue
-        if clean and len(model.to_tokens(x)["input_ids"][0]) != len(model.to_tokens(clean[0])["input_ids"][0]):
+        lengths = {len(model.to_tokens(t)["input_ids"][0]) for t in [x, y, *clean[:1]]}
+        if len(lengths) != 1:
             continue
         clean.append(x)
         corrupt.append(y)
@@ -95,13 +93,40 @@ def test_ioi_circuit_on_organism_gpt2_once_the_task_is_learned():
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return logit_diff(logits, io, subj)
 
+    return clean, corrupt, metric
+
+
+def test_ioi_circuit_on_organism_gpt2_agrees_across_patching_path_patching_and_eap_ig():
+    import mechscope
+    from mechscope.locate.patching import activation_patch
+    from mechscope.locate.path_patching import path_patch
+
+    model = mechscope.load_model("organism-gpt2")
+    clean, corrupt, metric = ioi_data(model)
     with torch.no_grad():
         clean_diff = float(metric(model.forward(clean)).mean())
-    if clean_diff < 1.0:
-        pytest.skip(f"organism-gpt2 has not learned IOI (clean logit difference {clean_diff:.3f} < 1)")
+    assert clean_diff > 5.0  # the organism has learned IOI (its card: 1.00 held-out accuracy)
+    n_heads = model.dims.n_heads
+
+    def head(i: int) -> str:
+        return f"a{i // n_heads}.h{i % n_heads}"
+
+    def top(effect: torch.Tensor, k: int, first_layer: int = 0) -> list[str]:
+        effect = effect[first_layer:].flatten().abs()
+        return [head(i + first_layer * n_heads) for i in effect.argsort(descending=True)[:k].tolist()]
+
+    noised = activation_patch(model, clean, corrupt, "heads", metric, direction="noising")["metric"] - clean_diff
+    direct = path_patch(model, clean, corrupt, metric).effect()  # head -> logits, everything else frozen
     scores = eap_ig(model, clean, corrupt, metric)
-    into_logits = [
-        scores.edge_names[i] for i in scores.ranking()[:20].tolist() if scores.edge_names[i].endswith("logits")
-    ]
-    assert any(e.startswith("a") for e in into_logits)  # name-mover heads write the answer
-    assert faithfulness(model, scores.top(200), clean, corrupt, metric).value > 0.7
+    ranked = [scores.edge_names[i] for i in scores.ranking()[:20].tolist()]
+    # Name movers: the heads that write the answer directly (path patching) are the ones activation
+    # patching ranks first after layer 0, and EAP-IG's strongest head -> logits edge comes from one of them.
+    movers = top(direct, 2)
+    assert set(movers) == set(top(noised, 2, first_layer=1)), (movers, top(noised, 2, first_layer=1))
+    first_into_logits = next(e for e in ranked if e.endswith("->logits") and e.startswith("a"))
+    assert first_into_logits.split("->")[0] in movers, (first_into_logits, movers)
+    # The early heads that read the changed name token: activation patching's top head overall is the
+    # head of EAP-IG's strongest edges.
+    (early,) = top(noised, 1)
+    assert any(early in e for e in ranked[:3]), (early, ranked[:3])
+    assert faithfulness(model, scores.top(200), clean, corrupt, metric).value > 0.9

@@ -157,7 +157,9 @@ def agreement(model, clean, corrupt, metric, ig, k: int = 3) -> None:
         order = effect.flatten().abs().argsort(descending=True)[:k].tolist()
         return [f"a{i // n_heads}.h{i % n_heads}" for i in order]
 
-    patched = activation_patch(model, clean, corrupt, "heads", metric)["metric"] - float(metric(model.forward(clean)).mean())
+    with torch.no_grad():
+        clean_value = float(metric(model.forward(clean)).mean())
+    patched = activation_patch(model, clean, corrupt, "heads", metric, direction="noising")["metric"] - clean_value
     paths = path_patch(model, clean, corrupt, metric).effect()
     into_logits = [ig.edge_names[i] for i in ig.ranking()[:20].tolist() if ig.edge_names[i].endswith("->logits")]
     heads_ig = [e.split("->")[0] for e in into_logits if e.startswith("a")]
