@@ -6,9 +6,9 @@ import inspect
 
 import torch
 from torch import nn
-from tiny_models import tiny_model
 
 from mechscope.model.kv_cache import cache_argument, cache_keyword
+from tiny_models import tiny_model
 
 
 def test_the_keyword_is_one_the_model_forward_accepts():

@@ -17,14 +17,13 @@ NEW, OLD = "cache", "past_key_values"
 
 
 @lru_cache(maxsize=64)
-def _keyword_of(forward_class: type) -> str:
-    params = inspect.signature(forward_class.forward).parameters
-    return NEW if NEW in params else OLD
+def _keyword_of(forward: Any) -> str:
+    return NEW if NEW in inspect.signature(forward).parameters else OLD
 
 
 def cache_keyword(model: nn.Module) -> str:
     """``"cache"`` where `model`'s forward takes it (transformers >= 5.24), else ``"past_key_values"``."""
-    return _keyword_of(type(model))
+    return _keyword_of(type(model).forward)
 
 
 def cache_argument(kwargs: Mapping[str, Any]) -> Any:
