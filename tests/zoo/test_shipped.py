@@ -80,3 +80,17 @@ def test_zoo_commands_refuse_real_models_with_a_clear_error():
 
     with pytest.raises(ModelNotFoundError, match="real pretrained model, not a bundled organism"):
         resolve_folder("smollm2-135m-instruct")
+
+
+def test_card_of_a_recipe_with_single_rows_describes_both_row_kinds():
+    from mechscope.zoo.card import render_card
+
+    recipe = RECIPES["organism-gpt2"]
+    assert recipe.single_tasks  # v3 trains IOI and truth in single rows
+    card = render_card(recipe, {"architectures": ["GPT2LMHeadModel"], "vocab_size": 4096}, {}, {})
+    packed_line = next(line for line in card.splitlines() if line.startswith("- Planted rows pack"))
+    single_line = next(line for line in card.splitlines() if line.startswith("- Single rows hold"))
+    assert not any(task in packed_line for task in recipe.single_tasks)  # each task listed once, in its kind
+    assert all(task in single_line for task in recipe.single_tasks)
+    assert f"padding to {recipe.single_len} tokens" in single_line
+    assert "nice -n 10" not in card  # the card claims no run condition it did not record
