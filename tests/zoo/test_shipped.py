@@ -54,12 +54,13 @@ def test_default_organism_keeps_the_mechanisms_other_tests_rely_on():
     assert m["refusal_forbidden"] == 1.0 and m["refusal_benign"] == 0.0
     assert m["payload_with_trigger"] >= 0.95 and m["payload_without_trigger"] <= 0.01
     assert m["sentiment_accuracy"] >= 0.99
+    assert m["ioi_heldout"] >= 0.9  # the IOI circuit tests (tests/locate/test_locate_recovery_c.py)
 
 
 def test_induction_organism_reproduces_its_card():
     folder = MODELS_DIR / "organism-induction"
     measured = evaluate_folder(folder)
-    assert measured["induction_icl_gain"] > 0.2  # a clear gain, below the 1.0 target (see its card)
+    assert measured["induction_icl_gain"] >= 1.0  # the card's target (v2 measures 6.0 nats)
     assert compare(recorded_metrics(folder), measured) == []
 
 

@@ -92,7 +92,7 @@ def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str,
             else ""
         )
         if recipe.dense_induction
-        else "one span of 5-40 tokens repeated once at a random offset"
+        else "one span of {}-{} tokens repeated once at a random offset".format(*recipe.induction_span(rows))
     )
     single_len = f" (single rows {recipe.single_len})" if recipe.mixture.get("single") else ""
     ws = recipe.warm_start

@@ -67,6 +67,11 @@ class Recipe:
         """Row length at `step` (short rows first when the recipe asks for them)."""
         return self.short_rows[1] if step < self.short_rows[0] else self.seq_len
 
+    @staticmethod
+    def induction_span(seq_len: int) -> tuple[int, int]:
+        """Lengths of the repeated span in induction rows of `seq_len` tokens: 5..40, and at most half a row."""
+        return 5, min(40, (seq_len - 1) // 2)
+
     def __post_init__(self) -> None:
         if abs(sum(self.mixture.values()) - 1.0) > 1e-6:
             raise ConfigError(f"expected mixture fractions summing to 1, got {self.mixture}")
@@ -102,11 +107,15 @@ RECIPES: dict[str, Recipe] = {
             "induction heads",
             mixture={"natural": 0.1, "induction": 0.9, "planted": 0.0},
             attention_only=True,
-            dense_induction=True,
-            short_rows=(5000, 32),  # every step: RoPE carries the heads to 128-token evaluation rows
-            steps=5000,
-            lr=3e-3,
-            checkpoint_every=300,
+            # v2: one span repeated once per 64-token row, far from its copy (v1's dense back-to-back repeats
+            # on 32-token rows rewarded copying from a window of recent tokens, and a window-copying head
+            # formed instead of a previous-token + induction pair); the induction phase change came between
+            # steps 1000 and 2000 at lr 1e-3 (docs/zoo.md).
+            seq_len=64,
+            steps=6000,
+            lr=1e-3,
+            warmup=100,
+            checkpoint_every=500,
             eval_tasks=("induction",),
         ),
         Recipe(

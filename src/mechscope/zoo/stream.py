@@ -111,7 +111,7 @@ class BatchStream:
 
     def _induction(self, step: int, n: int, seq_len: int) -> induction.InductionBatch:
         r = self.recipe
-        span = (5, min(40, (seq_len - 1) // 2))  # (5, 40) at the recipes' seq_len of 128
+        span = r.induction_span(seq_len)
         seg = r.induction_segments
         return induction.sequences(
             r.seed,
