@@ -399,26 +399,28 @@ def _smallest_subspace(
     directions: Tensor,
     ablation: Tensor,
     eligible: Tensor,
-    cfg: DirectionSelectionConfig,
+    max_rank: int,
+    bar: float,
+    max_kl: float,
     behaviour: Callable[[], Tensor],
     side_effect: Callable[[], float],
 ) -> tuple[list[int], list[tuple[float, float]]]:
-    """Flat indices of the fewest best-scoring eligible candidates whose span, ablated, reaches
-    ``cfg.max_ablation_score`` with KL <= ``cfg.max_kl``; and (score, KL) of every span tried."""
+    """Flat indices of the fewest best-scoring eligible candidates (at most `max_rank`) whose span,
+    ablated, scores <= `bar` with KL <= `max_kl`; and (score, KL) of every span tried."""
     flat_dirs = directions.flatten(0, 1)
     order = [int(i) for i in ablation.flatten().argsort() if bool(eligible.flatten()[i])]
     tried: list[tuple[float, float]] = [(float(ablation.flatten()[order[0]]), float("nan"))]
-    for k in range(2, min(cfg.max_rank, len(order)) + 1):
+    for k in range(2, min(max_rank, len(order)) + 1):
         with DirectionalAblation(model, flat_dirs[order[:k]]):
             value, kl = float(behaviour()), side_effect()
         tried.append((value, kl))
-        if value <= float(cfg.max_ablation_score) and kl <= cfg.max_kl:  # type: ignore[arg-type]
+        if value <= bar and kl <= max_kl:
             return order[:k], tried
     best = min(t[0] for t in tried)
     raise MechscopeError(
         f"no eligible candidate, nor the span of the best {len(tried)} together, reaches ablation score <= "
-        f"{cfg.max_ablation_score} with KL <= {cfg.max_kl}; the lowest is {best:.3g}. Raise max_ablation_score "
-        "or max_rank, or add candidates."
+        f"{bar} with KL <= {max_kl}; the lowest is {best:.3g}. Raise max_ablation_score or max_rank, or add "
+        "candidates."
     )
 
 
@@ -493,20 +495,29 @@ def select_direction(
             + f"); best KL {float(kl.min()):.3g}, best induction {float(induction.max()):.3g}. "
             "Loosen max_kl / require_induction or add candidate positions."
         )
-    inducing = eligible & (induction > 0)
-    if cfg.require_induction == "prefer" and bool(inducing.any()):
-        eligible = inducing
+
+    def prefer_inducing(mask: Tensor) -> Tensor:
+        """With ``require_induction="prefer"``, the inducing candidates of `mask` when there are any."""
+        inducing = mask & (induction > 0)
+        return inducing if cfg.require_induction == "prefer" and bool(inducing.any()) else mask
+
     subspace: list[int] = []
     tried: list[tuple[float, float]] = []
-    if cfg.max_ablation_score is not None:
+    if cfg.max_ablation_score is None:
+        eligible = prefer_inducing(eligible)
+    else:
         reaching = eligible & (ablation <= cfg.max_ablation_score)
-        if not bool(reaching.any()) and cfg.max_rank > 1:
+        if bool(reaching.any()):
+            eligible = prefer_inducing(reaching)
+        elif cfg.max_rank > 1:
             subspace, tried = _smallest_subspace(
                 model,
                 directions,
                 ablation,
-                eligible,
-                cfg,
+                prefer_inducing(eligible),
+                cfg.max_rank,
+                cfg.max_ablation_score,
+                cfg.max_kl,
                 lambda: score(_last_logits(model, pos_batch)).mean(),
                 lambda: (
                     _mean_kl(base_retain, _token_logprobs(model, retain_batch))
@@ -514,14 +525,12 @@ def select_direction(
                     else _mean_kl(base_neg.log_softmax(-1), _last_logits(model, neg_batch).log_softmax(-1))
                 ),
             )
-        elif not bool(reaching.any()):
+        else:
             raise MechscopeError(
                 f"no eligible candidate reaches ablation score <= {cfg.max_ablation_score}; "
                 f"the lowest is {float(ablation.min()):.3g}. Raise max_ablation_score, add candidates "
                 "or allow a subspace (max_rank > 1)."
             )
-        if not subspace:
-            eligible = reaching
     if subspace:
         li, pi = divmod(subspace[0], len(positions))
     else:
