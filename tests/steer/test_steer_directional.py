@@ -214,11 +214,11 @@ def test_select_direction_falls_back_to_the_smallest_span_that_reaches_the_bar()
     negative = ["we read a book today", "they walk in the park", "a sun is hot today"]
     score = token_logodds(int(model.to_tokens(" mat", add_special_tokens=False)["input_ids"][0, 0]))
     loose = DirectionSelectionConfig(positions=(-1, -2), max_kl=10.0, require_induction=False)
-    singles = select_direction(model, positive, negative, score, loose)["ablation_score"]
-    order = singles.flatten().argsort()
+    candidates = select_direction(model, positive, negative, score, loose)
+    flat = candidates["ablation_score"].flatten()
+    order = flat.argsort()
+    dirs = candidates["directions"].flatten(0, 1)
     # a bar between the best single score and the score of the best two ablated together
-    flat = singles.flatten(0, 1)
-    dirs = select_direction(model, positive, negative, score, loose)["directions"].flatten(0, 1)
     with torch.no_grad(), directional_ablation(model, dirs[order[:2]]):
         pair = float(score(model.forward(model.to_tokens(positive, padding_side="left"))[:, -1]).mean())
     assert pair < float(flat[order[0]])  # the construction: on this model two directions beat the best one
