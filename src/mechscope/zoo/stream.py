@@ -5,7 +5,8 @@ separated by ``<|endoftext|>``. ``single`` rows hold one example of a task in ``
 each, padded to ``recipe.single_len``: tasks solved by copying from the context (IOI names, a claim's
 stated value) do not form their circuits when earlier examples in the row offer wrong candidates to
 copy (measured: held-out IOI accuracy stayed at 0.02-0.09 through the 750 packed steps of v1 and v2;
-continuing with single rows it reached 0.37-0.57 after 500 steps and 0.99 after 1100, docs/zoo.md). Tokens inside an example's ``unscored`` span, and padding, get no loss (label -100).
+continuing with single rows it reached 0.37-0.57 after 500 steps and 0.99 after 1100, docs/zoo.md).
+Tokens inside an example's ``unscored`` span, and padding, get no loss (label -100).
 
 Batch ``k`` is a pure function of (seed, k), so a resumed run sees exactly the batches an uninterrupted
 run would have seen, without saving any sampler state.
