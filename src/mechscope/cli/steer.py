@@ -188,7 +188,7 @@ def direction_cmd(
             sel.save(selection_out)
     except MechscopeError as exc:
         raise fail(exc) from exc
-    members = "; ".join(f"layer {layer}, position {position}" for layer, position in sel.members)
+    members = sel.describe_members()
     what = "chosen" if len(sel.members) == 1 else f"chosen subspace of rank {len(sel.members)}:"
     typer.echo(f"{what} {members} (baseline score {sel.config['baseline_positive_score']:.3g})")
     typer.echo(f"direction -> {path}")

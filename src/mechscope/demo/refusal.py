@@ -36,7 +36,7 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     )
     layer, position = selection.chosen
     direction = selection.direction(hm)
-    members = "; ".join(f"layer {m_layer}, position {m_pos}" for m_layer, m_pos in selection.members)
+    members = selection.describe_members()
     found = "direction" if direction.rank == 1 else f"subspace of rank {direction.rank} (spanned by candidates at"
     where = members if direction.rank == 1 else members + ")"
     echo(f"Locate: refusal {found} {where} (of {len(forbidden)}+{len(benign)} prompts)")

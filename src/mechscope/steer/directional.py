@@ -352,6 +352,10 @@ class DirectionSelection(Result):
         """``(layer, position)`` of every candidate the chosen direction or subspace spans."""
         return [(int(layer), int(pos)) for layer, pos in self.config.get("subspace", [self.config["chosen"]])]
 
+    def describe_members(self) -> str:
+        """``"layer L, position P"`` of each member, joined by ``"; "`` (for reports and the CLI)."""
+        return "; ".join(f"layer {layer}, position {position}" for layer, position in self.members)
+
     def direction(self, model: HookedModel) -> Direction:
         """The chosen direction (or the span of the chosen candidates) as a :class:`Direction` for `model`."""
         vectors = torch.stack(
