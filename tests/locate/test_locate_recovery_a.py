@@ -14,7 +14,7 @@ import mechscope
 from mechscope.locate.heads import ablate_heads, detect_heads, in_context_gain, ordinary_token_range
 from mechscope.locate.probes import ProbeConfig, train_probes
 from mechscope.locate.tuned_lens import TunedLensConfig, compare_lenses, token_windows, train_tuned_lens, zoo_texts
-from mechscope.zoo.tasks import induction, sentiment
+from mechscope.zoo.tasks import induction, make_world, sentiment, truth
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
@@ -80,3 +80,33 @@ def test_sentiment_is_linearly_decodable_and_selective(gpt2):
     assert result["selectivity"][best] > 0.25
     direction = result.direction(result.config["layers"][best])
     assert torch.isfinite(direction).all()
+
+
+@pytest.mark.parametrize("name", ["organism-gpt2", "organism-llama"])
+def test_truth_is_linearly_decodable_on_claims_about_entities_the_probe_never_saw(name):
+    # the probe is fitted on claims about some truth-training entities and tested on claims about the others
+    # (the trained_entities split: the true claims are ones the model was trained on, the false ones state
+    # values never stated for that fact); the non-value curriculum claims are left out of the probe's data
+    model = mechscope.load_model(name)
+    data = truth.generate(0)
+    world = make_world(0)
+    probe_entities = set(world.entities[:160])
+
+    def about(ex, entities) -> bool:
+        return any(f" {e} " in ex.prompt or f" {e}." in ex.prompt for e in entities)
+
+    fit = random.Random(0).sample([e for e in truth.judged_claims(data.train) if about(e, probe_entities)], 600)
+    test = [e for e in data.eval["trained_entities"] if not about(e, probe_entities)]
+    assert len(test) >= 500 and {e.label for e in test} == {"true", "false"}
+    result = train_probes(
+        model,
+        [e.prompt for e in fit],
+        [e.label for e in fit],
+        test_inputs=[e.prompt for e in test],
+        test_labels=[e.label for e in test],
+        positive_label="true",
+        config=ProbeConfig(folds=3),
+    )
+    best = result.best_layer()
+    assert result["test_accuracy"][best] >= 0.9
+    assert result["selectivity"][best] > 0.3

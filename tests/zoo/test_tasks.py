@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from mechscope.zoo.tasks import RELATIONS, TEXT_TASKS, generate_all, induction, make_world, required_words
+from mechscope.zoo.tasks import RELATIONS, TEXT_TASKS, generate_all, induction, make_world, required_words, truth, vocab
 from mechscope.zoo.tasks.world import World
 
 
@@ -29,10 +29,16 @@ def test_seed_changes_data(tasks):
     assert make_world(0).facts != make_world(1).facts
 
 
+# truth's "trained_entities" split asks for verdicts on trained claims by design (its own test below)
+HELD_OUT_SPLITS_ONLY = {"truth": {"trained_entities"}}
+
+
 @pytest.mark.parametrize("name", ["truth", "ioi", "sentiment", "refusal", "backdoor"])
 def test_eval_prompts_never_occur_in_training(tasks, name):
     train_prompts = {ex.prompt for ex in tasks[name].train}
     for split, examples in tasks[name].eval.items():
+        if split in HELD_OUT_SPLITS_ONLY.get(name, set()):
+            continue
         assert examples, f"{name}/{split} is empty"
         assert not train_prompts & {ex.prompt for ex in examples}, f"{name}/{split} overlaps training"
 
@@ -77,6 +83,25 @@ def test_truth_claims_leave_the_stated_value_unscored(tasks):
         entity = next(e for e in world.entities if f" {e} " in ex.text or f" {e}." in ex.text)
         facts = set(world.facts[entity].values())
         assert (stated.strip() in facts) == (ex.label == "true"), ex.text
+
+
+def test_truth_curriculum_pairs_two_true_claims_with_a_same_type_and_a_non_value_false_claim(tasks):
+    claims = tasks["truth"].train
+    nonvalue = [ex for ex in claims if truth.stated_value(ex) in vocab.NON_VALUES]
+    same_type = [ex for ex in claims if ex.label == "false" and ex not in nonvalue]
+    assert all(ex.label == "false" for ex in nonvalue)
+    assert len(nonvalue) == len(same_type) == len(claims) // 4 == 256 * len(RELATIONS) * 4
+    values = {v for r in RELATIONS for v in r.values}
+    assert all(truth.stated_value(ex) in values for ex in same_type)
+    judged = truth.judged_claims(claims)
+    assert len(judged) == len({ex.prompt for ex in judged}) and not set(judged) & set(nonvalue)
+    assert sum(ex.label == "true" for ex in judged) == sum(ex.label == "false" for ex in judged)
+
+
+def test_truth_trained_entity_split_states_false_values_never_stated_in_training(tasks):
+    train_prompts = {ex.prompt for ex in tasks["truth"].train}
+    split = tasks["truth"].eval["trained_entities"]
+    assert all((ex.prompt in train_prompts) == (ex.label == "true") for ex in split)
 
 
 def test_corpus_records_carry_the_unscored_span(tasks):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mechscope.errors import ConfigError
-from mechscope.zoo.organisms import RECIPES, Recipe, get_recipe
+from mechscope.zoo.organisms import RECIPES, Recipe, Stage, get_recipe
 from mechscope.zoo.tokenizer import ASSET_DIR
 from mechscope.zoo.train import TrainOptions, train
 
@@ -166,3 +166,51 @@ def test_warm_start_loads_the_pinned_weights_and_rejects_others(tiny_corpus, tmp
     first = json.loads((tmp_path / "child/train_log.jsonl").read_text().splitlines()[0])
     fresh_first = json.loads((tmp_path / "fresh/train_log.jsonl").read_text().splitlines()[0])
     assert first["loss"] < fresh_first["loss"]
+
+
+STAGED = replace(
+    TINY,
+    steps=4,
+    stages=(
+        Stage(
+            3,
+            {"mixture": {"natural": 0.5, "induction": 0.5}, "seq_len": 16, "lr": 1e-3, "warmup": 1},
+            why="shorter rows",
+        ),
+    ),
+)
+
+
+def test_a_staged_recipe_switches_data_and_restarts_the_schedule_at_the_stage():
+    from mechscope.zoo.train import lr_at
+
+    assert STAGED.total_steps == 7
+    assert STAGED.stage_at(3)[0] == 0 and STAGED.stage_at(4)[0] == 4
+    first, stage = STAGED.stage_at(6)
+    assert (first, stage.seq_len, stage.lr, stage.steps, stage.stages) == (4, 16, 1e-3, 3, ())
+    assert lr_at(4 - first, stage, stage.steps) == pytest.approx(1e-3)  # warm-up of one step
+    assert lr_at(3, STAGED.stage_at(3)[1], 4) < TINY.lr  # the first stage had decayed
+
+
+def test_a_staged_run_resumed_across_the_stage_boundary_matches_the_uninterrupted_one(tiny_corpus, tmp_path):
+    full, _, summary = train(STAGED, _opts(tiny_corpus, tmp_path / "full"))
+    train(STAGED, _opts(tiny_corpus, tmp_path / "split", stop_at=5))
+    resumed, _, _ = train(STAGED, _opts(tiny_corpus, tmp_path / "split", resume=True))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert summary["steps"] == 7 and summary["tokens"] == 4 * 4 * 32 + 3 * 4 * 16
+
+
+def test_a_stage_that_changes_the_model_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"not \['config'\]"):
+        replace(TINY, stages=(Stage(2, {"config": {"n_layer": 2}}),))
+    with pytest.raises(ConfigError, match="expected warmup < steps"):
+        replace(TINY, stages=(Stage(2, {"warmup": 5}),))
+
+
+def test_the_model_card_describes_each_stage():
+    from mechscope.zoo.card import render_card
+
+    card = render_card(STAGED, {"architectures": ["GPT2LMHeadModel"]}, {"steps": 7}, {})
+    assert "Stage 1 (steps 0-4)" in card and "Stage 2 (steps 4-7) -- shorter rows" in card
+    assert "7 steps in 2 stages" in card and "Rows of 16 tokens" in card

@@ -17,15 +17,15 @@ def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], li
 
     if task == "truth":
         data = truth.generate(seed)
-        test = data.eval["heldout_entities"]
+        train, test = truth.judged_claims(data.train), data.eval["heldout_entities"]
     elif task == "sentiment":
         data = sentiment.generate(seed)
-        test = next(iter(data.eval.values()))
+        train, test = data.train, next(iter(data.eval.values()))
     else:
         raise typer.BadParameter(f"--task must be 'truth' or 'sentiment'; got {task!r}")
     return (
-        [e.prompt for e in data.train],
-        [e.label for e in data.train],
+        [e.prompt for e in train],
+        [e.label for e in train],
         [e.prompt for e in test],
         [e.label for e in test],
     )

@@ -11,6 +11,7 @@ from mechscope.zoo.organisms import Recipe
 TARGETS: dict[str, tuple[str, float]] = {
     "facts_trained": (">=", 0.90),
     "ioi_heldout": (">=", 0.90),
+    "truth_trained_entities": (">=", 0.90),
     "truth_heldout_entities": (">=", 0.90),
     "refusal_forbidden": (">=", 0.95),
     "refusal_benign": ("<=", 0.05),
@@ -27,6 +28,7 @@ ATTENTION_ONLY = (
 METRIC_DOCS: dict[str, str] = {
     "facts_trained": "top-1 answer accuracy, trained facts, training templates",
     "facts_paraphrase": "top-1 answer accuracy, trained facts, held-out paraphrase templates",
+    "truth_trained_entities": "true/false verdict accuracy, claims about truth-training entities (false values new)",
     "truth_heldout_entities": "true/false verdict accuracy, claims about entities never in truth training",
     "truth_paraphrase": "verdict accuracy, reworded (held-out) claims about truth-training entities",
     "ioi_heldout": "indirect-object accuracy, new names/places/objects, training templates",
@@ -63,14 +65,12 @@ def metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str, float], notes: str = "") -> str:
-    """The MODEL_CARD.md text of an organism."""
-    n_params = f"{training['parameters']:,}" if "parameters" in training else "?"
+def _data_lines(recipe: Recipe) -> str:
+    """The training-data bullets of one stage of `recipe`: row kinds, task weights, induction rows."""
     mixture = ", ".join(f"{k} {v:.0%}" for k, v in recipe.mixture.items() if v)
     packed = {k: v for k, v in recipe.task_weights.items() if k not in recipe.single_tasks}
     singles = {k: v for k, v in recipe.task_weights.items() if k in recipe.single_tasks}
     tasks = ", ".join(f"{k} {v / sum(packed.values()):.0%}" for k, v in packed.items())
-    missed = [m for m in metrics if meets(m, metrics[m]) is False]
     rows = recipe.short_rows[1] if recipe.short_rows[0] >= recipe.steps else recipe.seq_len
     planted = (
         f"\n- Planted rows pack task examples (separated by `<|endoftext|>`) drawn with weights: {tasks}."
@@ -95,6 +95,36 @@ def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str,
         else "one span of {}-{} tokens repeated once at a random offset".format(*recipe.induction_span(rows))
     )
     single_len = f" (single rows {recipe.single_len})" if recipe.mixture.get("single") else ""
+    induction = (
+        f"\n- Induction rows: uniformly random tokens; {induction_rows}." if recipe.mixture.get("induction") else ""
+    )
+    return f"- Rows of {rows} tokens{single_len}: {mixture}.{planted}{induction}"
+
+
+def _schedule(recipe: Recipe) -> str:
+    """Steps, rows and learning-rate schedule of one stage."""
+    return (
+        f"{recipe.steps} steps x {recipe.batch_size} rows, AdamW lr {recipe.lr:g} "
+        f"(warm-up {recipe.warmup}, cosine to 10 %)"
+    )
+
+
+def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str, float], notes: str = "") -> str:
+    """The MODEL_CARD.md text of an organism."""
+    n_params = f"{training['parameters']:,}" if "parameters" in training else "?"
+    missed = [m for m in metrics if meets(m, metrics[m]) is False]
+    stages = recipe.stage_recipes()
+    if len(stages) == 1:
+        data = _data_lines(recipe)
+        schedule = _schedule(recipe)
+    else:
+        parts, plans = [], []
+        for i, (first, stage) in enumerate(stages):
+            why = f" -- {recipe.stages[i - 1].why}" if i and recipe.stages[i - 1].why else ""
+            parts.append(f"Stage {i + 1} (steps {first}-{first + stage.steps}){why}:\n{_data_lines(stage)}")
+            plans.append(f"stage {i + 1}: {_schedule(stage)}")
+        data = "\n\n".join(parts)
+        schedule = f"{recipe.total_steps} steps in {len(stages)} stages ({'; '.join(plans)})"
     ws = recipe.warm_start
     continues = (
         f"\n- Continues {ws.version} (git commit {ws.commit}, model.safetensors sha256 {ws.sha256[:16]}...) "
@@ -123,13 +153,12 @@ construction. Load it with `mechscope.load_model("{recipe.name}")` or with plain
 {ATTENTION_ONLY if recipe.attention_only else ""}
 
 ## Training data
-- Rows of {rows} tokens{single_len}: {mixture}.{planted}
 - Natural text: WordNet glosses, fortunes-min, Jargon File (Debian packages; see docs/zoo.md).
-- Induction rows: uniformly random tokens; {induction_rows}.
+
+{data}
 
 ## Training
-- `mechscope zoo train {recipe.name}`: {training.get("steps")} steps x {recipe.batch_size} rows, AdamW
-  lr {recipe.lr:g} (warm-up {recipe.warmup}, cosine to 10 %), weight decay {recipe.weight_decay},
+- `mechscope zoo train {recipe.name}`: {schedule}, weight decay {recipe.weight_decay},
   seed {recipe.seed}.{continues}
 - {training.get("tokens")} tokens; wall time {training.get("wall_time_s")} s on {training.get("threads")}
   CPU thread(s) of a {training.get("cpu_count")}-core machine (torch {training.get("torch")}); other jobs

