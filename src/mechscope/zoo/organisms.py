@@ -138,6 +138,10 @@ _FIXED_IN_STAGES = {"name", "architecture", "config", "description", "attention_
 
 _SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
+# a second warm-up + cosine cycle on the same data: verdicts were still rising when the first cycle's learning
+# rate had decayed (organism-gpt2 at step 3200: 0.84 trained / 0.67 held-out entities, docs/zoo.md)
+V4_SECOND_CYCLE = Stage(2000, {}, why="the truth curriculum continued with a fresh learning-rate cycle")
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -189,6 +193,7 @@ RECIPES: dict[str, Recipe] = {
             lr=1e-3,
             warmup=20,
             checkpoint_every=100,
+            stages=(V4_SECOND_CYCLE,),
         ),
         Recipe(
             name="organism-llama",
@@ -217,6 +222,7 @@ RECIPES: dict[str, Recipe] = {
             lr=1e-3,
             warmup=20,
             checkpoint_every=100,
+            stages=(V4_SECOND_CYCLE,),
         ),
     )
 }
