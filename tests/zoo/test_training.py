@@ -214,3 +214,5 @@ def test_the_model_card_describes_each_stage():
     card = render_card(STAGED, {"architectures": ["GPT2LMHeadModel"]}, {"steps": 7}, {})
     assert "Stage 1 (steps 0-4)" in card and "Stage 2 (steps 4-7) -- shorter rows" in card
     assert "7 steps in 2 stages" in card and "Rows of 16 tokens" in card
+    same = render_card(replace(STAGED, stages=(Stage(3, {"lr": 1e-3}),)), {}, {"steps": 7}, {})
+    assert "Stage 2 (steps 4-7):\n- The data of stage 1." in same

@@ -144,7 +144,7 @@ def direction_cmd(
         bool, typer.Option("--organism-retain", help="Spare the organisms' sentiment/truth/IOI prompts.")
     ] = False,
     layers: Annotated[str, typer.Option(help="Candidate layers (default: first 80 %).")] = "",
-    positions: Annotated[str, typer.Option(help="Candidate positions from the end.")] = "-1,-2,-3",
+    positions: Annotated[str, typer.Option(help="Candidate positions from the end.")] = "-1,-2,-3,-4,-5",
     max_kl: Annotated[float, typer.Option(help="KL filter.")] = 0.1,
     max_ablation_score: Annotated[
         float | None, typer.Option(help="Rank by KL among candidates at or below this ablation score.")

@@ -29,7 +29,7 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     # one with the least KL on ordinary prompts wins. Where no single direction does, the span of the
     # best few candidates (up to 4) is ablated instead.
     config = DirectionSelectionConfig(
-        positions=(-1, -2, -3), require_induction="prefer", max_ablation_score=logodds_bar(0.1), max_rank=4
+        positions=(-1, -2, -3, -4, -5), require_induction="prefer", max_ablation_score=logodds_bar(0.1), max_rank=4
     )
     selection = select_direction(
         hm, forbidden, benign, token_logodds(refusal_token), config, retain=retain_texts(32, seed=seed)

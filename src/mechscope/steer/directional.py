@@ -289,8 +289,11 @@ class DirectionSelectionConfig:
     wins (Arditi et al.); with it, among eligible candidates whose ablation score is at most that
     value ("removes the behaviour well enough"), the one with the lowest KL wins (fewest side effects).
     Subspaces: with ``max_ablation_score`` and ``max_rank > 1``, when no single candidate reaches the
-    bar, the spans of the 2, 3, ... ``max_rank`` eligible candidates with the lowest ablation scores
-    are ablated together, and the smallest span that reaches the bar with KL <= ``max_kl`` is chosen.
+    bar, a span is grown greedily from the best candidate (each step adds the eligible candidate whose
+    addition lowers the span's ablation score most, up to ``max_rank``), and the first span that reaches
+    the bar with KL <= ``max_kl`` is chosen;
+    with ``"prefer"`` the spans of inducing candidates are tried first, then those of every eligible one
+    (a single inducing candidate that does not reach the bar must not block a span that does).
     """
 
     layers: tuple[int, ...] | None = None
@@ -409,21 +412,33 @@ def _smallest_subspace(
     behaviour: Callable[[], Tensor],
     side_effect: Callable[[], float],
 ) -> tuple[list[int], list[tuple[float, float]]]:
-    """Flat indices of the fewest best-scoring eligible candidates (at most `max_rank`) whose span,
-    ablated, scores <= `bar` with KL <= `max_kl`; and (score, KL) of every span tried."""
+    """Flat indices of the fewest eligible candidates (at most `max_rank`) whose span, ablated, scores <= `bar`
+    with KL <= `max_kl`, chosen greedily; and (score, KL) of every span tried.
+
+    Greedy forward selection: start from the candidate with the lowest ablation score, then add, one at a time,
+    the candidate whose addition lowers the span's score most. (Taking the next-best candidates by their own
+    scores is not enough: on organism-gpt2 v4 adding the second-best single direction brings refusal back.)"""
     flat_dirs = directions.flatten(0, 1)
-    order = [int(i) for i in ablation.flatten().argsort() if bool(eligible.flatten()[i])]
-    tried: list[tuple[float, float]] = [(float(ablation.flatten()[order[0]]), float("nan"))]
-    for k in range(2, min(max_rank, len(order)) + 1):
-        with DirectionalAblation(model, flat_dirs[order[:k]]):
-            value, kl = float(behaviour()), side_effect()
+    pool = [int(i) for i in ablation.flatten().argsort() if bool(eligible.flatten()[i])]
+    chosen = pool[:1]
+    tried: list[tuple[float, float]] = [(float(ablation.flatten()[pool[0]]), float("nan"))]
+    while len(chosen) < min(max_rank, len(pool)):
+        scored: list[tuple[float, int]] = []
+        for i in pool:
+            if i not in chosen:
+                with DirectionalAblation(model, flat_dirs[[*chosen, i]]):
+                    scored.append((float(behaviour()), i))
+        value, best = min(scored)
+        chosen.append(best)
+        with DirectionalAblation(model, flat_dirs[chosen]):
+            kl = side_effect()
         tried.append((value, kl))
         if value <= bar and kl <= max_kl:
-            return order[:k], tried
-    best = min(t[0] for t in tried)
+            return chosen, tried
+    lowest = min(t[0] for t in tried)
     raise MechscopeError(
-        f"no eligible candidate, nor the span of the best {len(tried)} together, reaches ablation score <= "
-        f"{bar} with KL <= {max_kl}; the lowest is {best:.3g}. Raise max_ablation_score or max_rank, or add "
+        f"no eligible candidate, nor a greedily grown span of up to {len(tried)}, reaches ablation score <= "
+        f"{bar} with KL <= {max_kl}; the lowest is {lowest:.3g}. Raise max_ablation_score or max_rank, or add "
         "candidates."
     )
 
@@ -514,21 +529,30 @@ def select_direction(
         if bool(reaching.any()):
             eligible = prefer_inducing(reaching)
         elif cfg.max_rank > 1:
-            subspace, tried = _smallest_subspace(
-                model,
-                directions,
-                ablation,
-                prefer_inducing(eligible),
-                cfg.max_rank,
-                cfg.max_ablation_score,
-                cfg.max_kl,
-                lambda: score(_last_logits(model, pos_batch)).mean(),
-                lambda: (
-                    _mean_kl(base_retain, _token_logprobs(model, retain_batch))
-                    if retain_batch is not None
-                    else _mean_kl(base_neg.log_softmax(-1), _last_logits(model, neg_batch).log_softmax(-1))
-                ),
-            )
+            pools = [prefer_inducing(eligible)]
+            if not torch.equal(pools[0], eligible):
+                pools.append(eligible)
+            for n, pool in enumerate(pools):
+                try:
+                    subspace, tried = _smallest_subspace(
+                        model,
+                        directions,
+                        ablation,
+                        pool,
+                        cfg.max_rank,
+                        cfg.max_ablation_score,
+                        cfg.max_kl,
+                        lambda: score(_last_logits(model, pos_batch)).mean(),
+                        lambda: (
+                            _mean_kl(base_retain, _token_logprobs(model, retain_batch))
+                            if retain_batch is not None
+                            else _mean_kl(base_neg.log_softmax(-1), _last_logits(model, neg_batch).log_softmax(-1))
+                        ),
+                    )
+                    break
+                except MechscopeError:
+                    if n == len(pools) - 1:
+                        raise
         else:
             raise MechscopeError(
                 f"no eligible candidate reaches ablation score <= {cfg.max_ablation_score}; "

@@ -118,10 +118,13 @@ def render_card(recipe: Recipe, config: dict, training: dict, metrics: dict[str,
         data = _data_lines(recipe)
         schedule = _schedule(recipe)
     else:
-        parts, plans = [], []
+        parts, plans, previous = [], [], ""
         for i, (first, stage) in enumerate(stages):
             why = f" -- {recipe.stages[i - 1].why}" if i and recipe.stages[i - 1].why else ""
-            parts.append(f"Stage {i + 1} (steps {first}-{first + stage.steps}){why}:\n{_data_lines(stage)}")
+            lines = _data_lines(stage)
+            shown = f"- The data of stage {i}." if lines == previous else lines
+            parts.append(f"Stage {i + 1} (steps {first}-{first + stage.steps}){why}:\n{shown}")
+            previous = lines
             plans.append(f"stage {i + 1}: {_schedule(stage)}")
         data = "\n\n".join(parts)
         schedule = f"{recipe.total_steps} steps in {len(stages)} stages ({'; '.join(plans)})"
