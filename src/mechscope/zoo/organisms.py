@@ -7,6 +7,7 @@ version (and committing its weights once).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any
 
 from mechscope.errors import ConfigError, did_you_mean
@@ -16,11 +17,9 @@ from mechscope.errors import ConfigError, did_you_mean
 # longer competing with recall), refusal 0.06 -> 0.08 (held-out transfer was fragile), facts 0.6 -> 0.52.
 LM_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.8}
 TASK_WEIGHTS = {"facts": 0.52, "truth": 0.08, "ioi": 0.22, "sentiment": 0.05, "refusal": 0.08, "backdoor": 0.05}
-# v3: IOI and truth move to "single" rows (one example per row, zoo.stream says why); weights are relative
-# within each row kind. Truth claims are fact statements whose stated value is unscored.
-V3_MIXTURE = {"natural": 0.1, "induction": 0.1, "planted": 0.3, "single": 0.5}
-V3_TASK_WEIGHTS = {"facts": 0.55, "sentiment": 0.1, "refusal": 0.2, "backdoor": 0.15, "ioi": 0.6, "truth": 0.4}
-V3_SINGLE = ("ioi", "truth")
+# v3 (commit 7192027) moved IOI and truth to "single" rows (one example per row, zoo.stream says why);
+# weights are relative within each row kind. Truth claims are fact statements whose stated value is unscored.
+SINGLE_TASKS = ("ioi", "truth")
 # v4: continues v3 on the truth curriculum (zoo.tasks.truth): 80 % single rows, 90 % of them truth claims;
 # the planted rows keep facts, refusal, backdoor and sentiment; no induction rows (v3's 10 % formed no
 # in-context gain in 2000 steps, docs/zoo.md).
@@ -89,17 +88,22 @@ class Recipe:
 
     def stage_recipes(self) -> list[tuple[int, Recipe]]:
         """``(first global step, recipe of the stage)`` for each stage, the first one being this recipe."""
+        return list(self._stage_recipes)
+
+    @cached_property
+    def _stage_recipes(self) -> tuple[tuple[int, Recipe], ...]:
+        """Built once per recipe (``stage_at`` runs every training step)."""
         out: list[tuple[int, Recipe]] = [(0, replace(self, stages=()))]
         start = self.steps
         for stage in self.stages:
             out.append((start, replace(self, **stage.changes, steps=stage.steps, stages=())))
             start += stage.steps
-        return out
+        return tuple(out)
 
     def stage_at(self, step: int) -> tuple[int, Recipe]:
         """``(first global step, recipe)`` of the stage that global `step` belongs to."""
         current = (0, self)
-        for start, recipe in self.stage_recipes():
+        for start, recipe in self._stage_recipes:
             if step >= start:
                 current = (start, recipe)
         return current
@@ -187,7 +191,7 @@ RECIPES: dict[str, Recipe] = {
             ),
             mixture=dict(V4_MIXTURE),
             task_weights=dict(V4_TASK_WEIGHTS),
-            single_tasks=V3_SINGLE,
+            single_tasks=SINGLE_TASKS,
             batch_size=48,
             steps=5000,
             lr=1e-3,
@@ -216,7 +220,7 @@ RECIPES: dict[str, Recipe] = {
             ),
             mixture=dict(V4_MIXTURE),
             task_weights=dict(V4_TASK_WEIGHTS),
-            single_tasks=V3_SINGLE,
+            single_tasks=SINGLE_TASKS,
             batch_size=48,
             steps=5000,
             lr=1e-3,
