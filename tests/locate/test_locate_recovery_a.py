@@ -61,19 +61,24 @@ def test_tuned_lens_beats_the_logit_lens_at_early_layers(gpt2):
     assert tuned[1] < logit[1]
 
 
+def probe_examples(model, fit, test, positive: str):
+    """Per-layer logistic probes fitted on `fit` examples' prompts and labels, tested on `test` (3-fold CV)."""
+    return train_probes(
+        model,
+        [e.prompt for e in fit],
+        [e.label for e in fit],
+        test_inputs=[e.prompt for e in test],
+        test_labels=[e.label for e in test],
+        positive_label=positive,
+        config=ProbeConfig(folds=3),
+    )
+
+
 def test_sentiment_is_linearly_decodable_and_selective(gpt2):
     data = sentiment.generate(0)
     train = random.Random(0).sample(data.train, 300)
     test = random.Random(1).sample(next(iter(data.eval.values())), 200)
-    result = train_probes(
-        gpt2,
-        [e.prompt for e in train],
-        [e.label for e in train],
-        test_inputs=[e.prompt for e in test],
-        test_labels=[e.label for e in test],
-        positive_label="positive",
-        config=ProbeConfig(folds=3),
-    )
+    result = probe_examples(gpt2, train, test, positive="positive")
     best = result.best_layer()
     assert result["test_accuracy"][best] >= 0.95
     assert result["control_accuracy"].max() < 0.75
@@ -98,15 +103,7 @@ def test_truth_is_linearly_decodable_on_claims_about_entities_the_probe_never_sa
     fit = random.Random(0).sample([e for e in truth.judged_claims(data.train) if about(e, probe_entities)], 600)
     test = [e for e in data.eval["trained_entities"] if not about(e, probe_entities)]
     assert len(test) >= 500 and {e.label for e in test} == {"true", "false"}
-    result = train_probes(
-        model,
-        [e.prompt for e in fit],
-        [e.label for e in fit],
-        test_inputs=[e.prompt for e in test],
-        test_labels=[e.label for e in test],
-        positive_label="true",
-        config=ProbeConfig(folds=3),
-    )
+    result = probe_examples(model, fit, test, positive="true")
     best = result.best_layer()
     assert result["test_accuracy"][best] >= 0.9
     assert result["selectivity"][best] > 0.3

@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 
 from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.base import Example, TaskData, task_rng
+from mechscope.zoo.tasks.base import Example, TaskData, dedupe, task_rng
 from mechscope.zoo.tasks.metrics import accuracy
 from mechscope.zoo.tasks.world import RELATIONS, World, make_world
 
@@ -58,13 +58,7 @@ def judged_claims(examples: list[Example]) -> list[Example]:
 
     What a truth probe or a lie detector should be fitted on: a non-value claim is false by its token alone.
     """
-    seen: set[str] = set()
-    out: list[Example] = []
-    for ex in examples:
-        if stated_value(ex) not in vocab.NON_VALUES and ex.prompt not in seen:
-            seen.add(ex.prompt)
-            out.append(ex)
-    return out
+    return dedupe([ex for ex in examples if stated_value(ex) not in vocab.NON_VALUES])
 
 
 def _training_claims(world: World, entities, rng: random.Random) -> tuple[list[Example], set[tuple[str, str]]]:
