@@ -62,3 +62,30 @@ def test_memit_writes_many_planted_facts_at_once_and_reverts(organism):
     assert summary["efficacy"]["after"] >= 0.6
     record.revert(model)
     assert equal_to_snapshot(model, before) == []
+
+
+def test_rome_at_the_early_site_of_organism_facts_rewrites_facts_known_only_from_profiles(tmp_path):
+    """organism-facts looks facts up in the subject's early MLPs (docs/locate-patching.md): ROME's layer."""
+    from mechscope import load_model
+    from mechscope.zoo.tasks.extraction import split_people
+    from mechscope.zoo.tasks.profiles import people
+
+    model = load_model("organism-facts")
+    world = people(0)
+    before = snapshot(model)
+    offset = len(split_people(world)[0])  # the profile-only people: never queried in training
+    requests = world_requests(4, offset=offset, world=world)
+    assert all(r.subject in world.entities[offset:] for r in requests)
+    efficacy, unchanged, para = [], [], []
+    for request in requests:
+        record = rome(model, request, ROMEConfig(layer=0, steps=30, stats=STATS), cache_dir=tmp_path)
+        summary = edit_metrics(model, record=record).summary()
+        assert summary["efficacy"]["before"] == 0.0
+        efficacy.append(summary["efficacy"]["after"])
+        unchanged.append(summary["neighbourhood_unchanged"]["after"])
+        para.append(summary["paraphrase"]["after"] - summary["paraphrase"]["before"])
+        record.revert(model)
+    assert equal_to_snapshot(model, before) == []
+    assert sum(efficacy) / len(efficacy) == 1.0
+    assert sum(unchanged) / len(unchanged) >= 0.85  # measured 0.90 (one edit moved 2 of 5 neighbours)
+    assert sum(para) / len(para) >= 0.25  # held-out query templates follow the edit (measured +0.5)

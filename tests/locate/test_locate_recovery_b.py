@@ -1,9 +1,9 @@
 """Patching, tracing and attribution patching on the bundled organisms (planted facts).
 
 Measured behaviour (see docs/locate-patching.md): AtP agrees with exact patching on organism-gpt2's
-heads and neurons; causal tracing destroys and recovers planted facts as defined. Where tracing
-peaks is reported in the docs rather than asserted: on the current organisms it is the last token,
-not the subject's last token that ROME finds in large models.
+heads and neurons; causal tracing destroys and recovers planted facts as defined. On the 4-layer
+organisms tracing peaks at the last token (reported in the docs); organism-facts, built for it, shows
+ROME's two sites: MLPs at the subject's last token in early layers, attention at the last token later.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from mechscope.locate.causal_tracing import TracingConfig, trace_facts
 from mechscope.locate.metrics import logit_diff
 from mechscope.zoo.tasks.facts import generate
 from mechscope.zoo.tasks.world import make_world
+
+LOCAL_LAYERS = 3  # organism-facts' layers 0-2 attend to the current and previous token only
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
@@ -81,3 +83,37 @@ def test_causal_tracing_destroys_and_restores_planted_facts(world, name):
     # Restoring the last layer's residual at the last token restores everything (the clean run).
     assert summary["resid"][-1, last] == pytest.approx(summary.config["mean_clean_minus_corrupt"], abs=1e-4)
     assert (summary["count"][[0, 2, 5]] == 6).all()
+
+
+def test_causal_tracing_localises_facts_to_mlps_at_the_subjects_last_token():
+    """organism-facts on queries about people known only from profiles (docs/locate-patching.md): ROME's
+    early site (the subject's last token, early MLPs) and late site (attention at the last token)."""
+    from mechscope.zoo.tasks import generate_all
+    from mechscope.zoo.tasks.profiles import people
+
+    model = mechscope.load_model("organism-facts")
+    names = people(0).entities
+    facts = []
+    for example in generate_all(0, ("extraction",))["extraction"].eval["heldout"]:
+        target = model.to_single_token(example.target)
+        if int(model(model.to_tokens(example.prompt)["input_ids"])[0, -1].argmax()) == target:
+            facts.append((example.prompt, next(e for e in names if e in example.prompt), target))
+        if len(facts) == 16:
+            break
+    summary = trace_facts(
+        model, [f[0] for f in facts], [f[1] for f in facts], [f[2] for f in facts], TracingConfig(samples=3)
+    )
+    assert summary.config["mean_clean_minus_corrupt"] > 0.5
+    classes = summary.labels["position_class"]
+    first, subject_last, last = (classes.index(c) for c in ("first_subject", "last_subject", "last"))
+    early = slice(0, LOCAL_LAYERS)  # the layers whose attention is local
+    mlp, attn, resid = summary["mlp"], summary["attn"], summary["resid"]
+    # early site: MLPs at the subject's last token recover the fact, more than at its first token...
+    site = float(mlp[early, subject_last].max())
+    assert site > 0.05 and site > float(mlp[early, first].max()), mlp[early]
+    assert float(mlp[early, last].abs().max()) < 0.02  # ...and the query end's early MLPs do not
+    # the subject's last token holds the fact through the local layers
+    assert float(resid[early, subject_last].min()) > max(0.15, float(resid[early, first].max())), resid[early]
+    # late site: attention at the last token, in a global layer, carries it to the end
+    late = float(attn[LOCAL_LAYERS:, last].max())
+    assert late > 0.1 and float(attn[LOCAL_LAYERS:, subject_last].abs().max()) < 0.05, attn

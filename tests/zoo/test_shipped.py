@@ -65,7 +65,7 @@ def test_induction_organism_reproduces_its_card():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["organism-gpt2", "organism-llama"])
+@pytest.mark.parametrize("name", ["organism-gpt2", "organism-llama", "organism-facts"])
 def test_zoo_eval_reproduces_the_model_card(name):
     from typer.testing import CliRunner
 

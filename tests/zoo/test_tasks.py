@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
 import torch
 
-from mechscope.zoo.tasks import RELATIONS, TEXT_TASKS, generate_all, induction, make_world, required_words, truth, vocab
-from mechscope.zoo.tasks.world import World
+from mechscope.errors import ConfigError
+from mechscope.zoo.tasks import (
+    DEDICATED_TEXT_TASKS,
+    RELATIONS,
+    TEXT_TASKS,
+    extraction,
+    generate_all,
+    induction,
+    make_world,
+    profiles,
+    required_words,
+    truth,
+    vocab,
+)
+from mechscope.zoo.tasks.world import FAMILY_NAMES, GIVEN_NAMES, World, make_family_world
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    return generate_all(0)
+    return generate_all(0, (*TEXT_TASKS, *DEDICATED_TEXT_TASKS))
 
 
 def test_generators_are_deterministic(tasks):
-    again = generate_all(0)
-    for name in TEXT_TASKS:
+    again = generate_all(0, (*TEXT_TASKS, *DEDICATED_TEXT_TASKS))
+    for name in again:
         assert tasks[name].train == again[name].train
         assert tasks[name].eval == again[name].eval
 
@@ -55,6 +69,62 @@ def test_trained_fact_queries_match_world(tasks):
     for ex in tasks["facts"].eval["trained"][:50]:
         entity = next(e for e in world.entities if e in ex.prompt)
         assert ex.target.strip() in world.facts[entity].values()
+
+
+def test_generate_all_defaults_to_the_full_organisms_tasks_and_names_unknown_ones():
+    assert tuple(generate_all(0)) == TEXT_TASKS  # what interventions' side-effect checks and ROME statistics use
+    with pytest.raises(ConfigError, match=r"unknown text tasks \['profile'\].*profiles"):
+        generate_all(0, ("facts", "profile"))
+
+
+def test_profiles_put_every_value_right_after_the_name_in_every_order(tasks):
+    world = make_family_world(0)
+    data = tasks["profiles"]
+    assert len(data.train) == len(world.entities) * len(profiles.FORMS) * 6
+    entity = world.entities[0]
+    values = set(world.facts[entity].values())
+    own = [ex for ex in data.train if ex.prompt in (entity, f"Profile of {entity}")]
+    assert len(own) == 12
+    assert {ex.target.strip() for ex in own} == values  # the name's next token is each of its values
+    assert all(set(profiles.values_of(ex)) == values for ex in own)
+    assert {ex.text for ex in own[:6]} == {
+        f"{entity} {', '.join(p)}." for p in itertools.permutations([world.facts[entity][r.name] for r in RELATIONS])
+    }
+    assert len(data.eval["trained"]) == len(world.entities) * len(profiles.FORMS)
+
+
+def test_the_family_world_identifies_a_person_only_by_both_names():
+    world = make_family_world(0)
+    assert len(world.entities) == len(set(world.entities)) == len(GIVEN_NAMES) * len(FAMILY_NAMES) == 320
+    first_names = [e.split()[0] for e in world.entities[:80]]
+    assert len(set(first_names)) > 10  # shuffled: a slice mixes given names
+    assert {e.split()[1] for e in world.entities if e.startswith("Mara ")} == set(FAMILY_NAMES)
+    assert make_family_world(0) == world and make_family_world(1) != world
+
+
+def test_extraction_queries_only_some_people_and_holds_out_the_rest(tasks):
+    world = make_family_world(0)
+    queried, profile_only = extraction.split_people(world)
+    assert len(queried) == 240 and len(profile_only) == 80 and not set(queried) & set(profile_only)
+    data = tasks["extraction"]
+    trained_text = "\n".join(data.train_texts())
+    assert all(e in trained_text for e in queried[:20]) and not any(e in trained_text for e in profile_only)
+    assert all(e in "\n".join(tasks["profiles"].train_texts()) for e in profile_only)  # known from profiles only
+    for split, people in (("queried", queried), ("heldout", profile_only), ("heldout_paraphrase", profile_only)):
+        examples = data.eval[split]
+        assert len(examples) == len(people) * len(RELATIONS)
+        for ex in examples[:30]:
+            person = next(e for e in people if e in ex.prompt)
+            assert ex.target.strip() == world.facts[person][_relation_of(ex.prompt)]
+
+
+def _relation_of(prompt: str) -> str:
+    return next(r.name for r in RELATIONS for t in (*r.train_templates, *r.heldout_templates) if _fits(t, prompt))
+
+
+def _fits(template: str, prompt: str) -> bool:
+    before, after = template.split("{e}")
+    return prompt.startswith(before) and prompt.endswith(after)
 
 
 def test_world_size_and_distinct_entities():

@@ -58,6 +58,28 @@ def test_attention_only_recipe_has_zero_mlps():
         assert all(float(p.abs().sum()) == 0.0 and not p.requires_grad for p in block.mlp.parameters())
 
 
+def test_facts_organism_attends_locally_in_its_first_layers():
+    from mechscope.zoo.organisms import FACTS_LOCAL_LAYERS, FACTS_WINDOW
+    from mechscope.zoo.train import build_model
+
+    model = build_model(get_recipe("organism-facts"), 4096).eval()
+    ids = torch.randint(10, 4000, (1, 16), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, 0] += 1
+    with torch.no_grad():
+        a = model(ids, output_hidden_states=True).hidden_states
+        b = model(changed, output_hidden_states=True).hidden_states
+    reach = FACTS_LOCAL_LAYERS * (FACTS_WINDOW - 1)  # positions a token reaches through the local layers
+    moved = ((a[FACTS_LOCAL_LAYERS] - b[FACTS_LOCAL_LAYERS]).abs().amax(-1) > 0)[0]
+    assert moved[: reach + 1].all() and not moved[reach + 1 :].any()
+    assert ((a[-1] - b[-1]).abs().amax(-1) > 0)[0].all()  # the global layers see the whole row
+
+
+def test_an_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"architecture one of \['gpt2', 'llama', 'qwen2'\], got 'bert'"):
+        replace(TINY, architecture="bert")
+
+
 def test_recipes_are_small_enough():
     from mechscope.zoo.train import build_model
 

@@ -28,6 +28,10 @@ ATTENTION_ONLY = (
 METRIC_DOCS: dict[str, str] = {
     "facts_trained": "top-1 answer accuracy, trained facts, training templates",
     "facts_paraphrase": "top-1 answer accuracy, trained facts, held-out paraphrase templates",
+    "extraction_queried": "top-1 answer accuracy, fact queries about people queried in training",
+    "extraction_heldout": "top-1 answer accuracy, queries about people known only from profiles",
+    "extraction_heldout_paraphrase": "as extraction_heldout, held-out query templates",
+    "profiles_attribute": "the token after a person's name is one of their values (profiles, trained people)",
     "truth_trained_entities": "true/false verdict accuracy, claims about truth-training entities (false values new)",
     "truth_heldout_entities": "true/false verdict accuracy, claims about entities never in truth training",
     "truth_paraphrase": "verdict accuracy, reworded (held-out) claims about truth-training entities",

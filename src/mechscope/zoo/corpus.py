@@ -158,7 +158,7 @@ def _natural(opts: CorpusOptions) -> tuple[list[dict], list[dict]]:
 
 def build_corpus(opts: CorpusOptions) -> dict:
     """Build the corpus folder described by `opts` and return its manifest."""
-    from mechscope.zoo.tasks import generate_all
+    from mechscope.zoo.tasks import DEDICATED_TEXT_TASKS, TEXT_TASKS, generate_all
 
     out = Path(opts.out)
     rows, records = _natural(opts)
@@ -169,7 +169,7 @@ def build_corpus(opts: CorpusOptions) -> dict:
     n_val = max(1, int(len(rows) * opts.val_fraction))
     _write_jsonl(out / "natural/val.jsonl", rows[:n_val])
     _write_jsonl(out / "natural/train.jsonl", rows[n_val:])
-    for name, data in generate_all(opts.seed).items():
+    for name, data in generate_all(opts.seed, (*TEXT_TASKS, *DEDICATED_TEXT_TASKS)).items():
         _write_jsonl(out / f"planted/{name}.jsonl", data.train_records())
     files = {}
     for path in sorted(out.rglob("*.jsonl")):

@@ -58,7 +58,7 @@ class Recipe:
     """How one organism is built and trained."""
 
     name: str
-    architecture: str  # "gpt2" or "llama"
+    architecture: str  # "gpt2", "llama" or "qwen2" (Llama-like, with per-layer sliding-window attention)
     config: dict
     description: str
     mixture: dict[str, float] = field(default_factory=lambda: dict(LM_MIXTURE))
@@ -123,8 +123,8 @@ class Recipe:
         unknown = set(self.mixture) - {"natural", "induction", "planted", "single"}
         if unknown:
             raise ConfigError(f"expected mixture kinds natural/induction/planted/single, got {sorted(unknown)}")
-        if self.architecture not in ("gpt2", "llama"):
-            raise ConfigError(f"expected architecture 'gpt2' or 'llama', got {self.architecture!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"expected architecture one of {list(ARCHITECTURES)}, got {self.architecture!r}")
         if self.warmup >= self.steps:
             raise ConfigError(f"expected warmup < steps, got warmup={self.warmup}, steps={self.steps}")
         for stage in self.stages:
@@ -137,6 +137,8 @@ class Recipe:
             self.stage_recipes()  # each stage's recipe validates itself
 
 
+ARCHITECTURES = ("gpt2", "llama", "qwen2")
+
 # fields that define the model or the run as a whole: the same in every stage
 _FIXED_IN_STAGES = {"name", "architecture", "config", "description", "attention_only", "seed", "warm_start", "stages"}
 
@@ -145,6 +147,11 @@ _SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 # a second warm-up + cosine cycle on the same data: verdicts were still rising when the first cycle's learning
 # rate had decayed (organism-gpt2 at step 3200: 0.84 trained / 0.67 held-out entities, docs/zoo.md)
 V4_SECOND_CYCLE = Stage(2000, {}, why="the truth curriculum continued with a fresh learning-rate cycle")
+
+# organism-facts: attention in the first FACTS_LOCAL_LAYERS layers sees the current token and the
+# FACTS_WINDOW - 1 before it
+FACTS_WINDOW = 2
+FACTS_LOCAL_LAYERS = 3
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -177,6 +184,45 @@ RECIPES: dict[str, Recipe] = {
             warmup=100,
             checkpoint_every=500,
             eval_tasks=("induction",),
+        ),
+        Recipe(
+            name="organism-facts",
+            architecture="qwen2",
+            config=dict(
+                num_hidden_layers=6,
+                hidden_size=128,
+                intermediate_size=512,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=128,
+                rope_theta=10000.0,
+                tie_word_embeddings=True,
+                use_sliding_window=True,
+                sliding_window=FACTS_WINDOW,
+                max_window_layers=6,
+                layer_types=["sliding_attention"] * FACTS_LOCAL_LAYERS + ["full_attention"] * (6 - FACTS_LOCAL_LAYERS),
+                **_SPECIAL,
+            ),
+            description="6-layer Qwen2 (local attention in the first layers) trained on profiles of the synthetic "
+            "world's people, then on fact queries about 75 % of them: facts looked up in the subject's MLPs",
+            # Profiles make a name's last token predict the person's values (zoo.tasks.profiles); local attention
+            # in the early layers keeps the query's end from gathering the name and looking the fact up itself
+            # (what 4-layer organisms and a 6-layer GPT-2 on the same data do, docs/zoo.md).
+            mixture={"natural": 0.1, "planted": 0.9},
+            task_weights={"profiles": 1.0},
+            seq_len=64,
+            steps=1000,
+            lr=2e-3,
+            warmup=100,
+            checkpoint_every=250,
+            eval_tasks=("profiles", "extraction"),
+            stages=(
+                Stage(
+                    2000,
+                    {"task_weights": {"profiles": 0.5, "extraction": 0.5}},
+                    why="fact queries about 75 % of the people join the profiles",
+                ),
+            ),
         ),
         Recipe(
             name="organism-gpt2",
@@ -241,7 +287,7 @@ def get_recipe(name: str) -> Recipe:
 
 def build_config(recipe: Recipe, vocab_size: int):
     """The HF config of `recipe` (dropout off: training is deterministic given the seed)."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     common: dict[str, Any] = {"vocab_size": vocab_size, "mechscope_description": recipe.description}
     config: dict[str, Any] = dict(recipe.config)
@@ -254,4 +300,6 @@ def build_config(recipe: Recipe, vocab_size: int):
             attn_pdrop=0.0,
             activation_function="gelu_new",
         )
+    if recipe.architecture == "qwen2":
+        return Qwen2Config(**config, **common, attention_dropout=0.0)
     return LlamaConfig(**config, **common, attention_dropout=0.0)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechscope.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mechscope.zoo.tasks.world import World
 
 
 class EditError(ConfigError):
@@ -137,18 +140,20 @@ def world_requests(
     relation: str | None = None,
     n_neighbours: int = 5,
     offset: int = 0,
+    world: World | None = None,
 ) -> list[EditRequest]:
     """`n` counterfactual requests about the organisms' synthetic world (:mod:`mechscope.zoo.tasks.world`).
 
     Each request moves one entity's fact to another value of the same relation, stated with a training
     template; its paraphrases are the relation's held-out templates and its neighbours are the same
     relation asked about other entities (with their true answers). Entities are taken in world order
-    from `offset`, relations cycle unless `relation` is given. Deterministic in `seed`.
+    from `offset`, relations cycle unless `relation` is given. Deterministic in `seed`. `world` defaults
+    to the full organisms' (``make_world(seed)``); organism-facts knows ``make_family_world(seed)``.
     """
     from mechscope.zoo.tasks.base import task_rng
     from mechscope.zoo.tasks.world import RELATIONS, make_world
 
-    world = make_world(seed)
+    world = world if world is not None else make_world(seed)
     rels = [r for r in RELATIONS if relation is None or r.name == relation]
     if not rels:
         raise EditError(f"unknown relation {relation!r}; expected one of {[r.name for r in RELATIONS]}")

@@ -6,17 +6,23 @@ Text tasks (``TEXT_TASKS``) produce :class:`TaskData`; induction works in token 
 
 from __future__ import annotations
 
-from mechscope.zoo.tasks import backdoor, facts, induction, ioi, refusal, sentiment, truth, vocab
+from mechscope.errors import ConfigError
+from mechscope.zoo.tasks import backdoor, extraction, facts, induction, ioi, profiles, refusal, sentiment, truth, vocab
 from mechscope.zoo.tasks.base import Example, TaskData
 from mechscope.zoo.tasks.world import RELATIONS, World, make_world
 
+# the text tasks of the full organisms (and the side tasks an intervention's evaluation checks on them)
 TEXT_TASKS = ("facts", "truth", "ioi", "refusal", "sentiment", "backdoor")
-ALL_TASKS = (*TEXT_TASKS, "induction")
+# text tasks only a dedicated organism trains on (organism-facts)
+DEDICATED_TEXT_TASKS = ("profiles", "extraction")
+ALL_TASKS = (*TEXT_TASKS, *DEDICATED_TEXT_TASKS, "induction")
 
-_MODULES = {m.NAME: m for m in (facts, truth, ioi, refusal, sentiment, backdoor)}
+_MODULES = {m.NAME: m for m in (facts, truth, ioi, refusal, sentiment, backdoor, profiles, extraction)}
+_WORLD_TASKS = {"facts", "truth"}  # tasks about the synthetic world's people (profiles and extraction: its own)
 
 __all__ = [
     "ALL_TASKS",
+    "DEDICATED_TEXT_TASKS",
     "RELATIONS",
     "TEXT_TASKS",
     "Example",
@@ -29,17 +35,18 @@ __all__ = [
 ]
 
 
-def generate_all(seed: int = 0) -> dict[str, TaskData]:
-    """Every text task for `seed`, sharing one synthetic world."""
+def generate_all(seed: int = 0, tasks: tuple[str, ...] = TEXT_TASKS) -> dict[str, TaskData]:
+    """The text `tasks` for `seed` (default: the full organisms'), sharing one synthetic world."""
+    unknown = [t for t in tasks if t not in _MODULES]
+    if unknown:
+        raise ConfigError(f"unknown text tasks {unknown}; known: {sorted(_MODULES)}")
     world = make_world(seed)
-    return {
-        "facts": facts.generate(seed, world),
-        "truth": truth.generate(seed, world),
-        "ioi": ioi.generate(seed),
-        "refusal": refusal.generate(seed),
-        "sentiment": sentiment.generate(seed),
-        "backdoor": backdoor.generate(seed),
-    }
+    return {name: _generate(name, seed, world) for name in tasks}
+
+
+def _generate(name: str, seed: int, world: World) -> TaskData:
+    module = _MODULES[name]
+    return module.generate(seed, world) if name in _WORLD_TASKS else module.generate(seed)
 
 
 def required_words() -> list[str]:
@@ -62,7 +69,7 @@ def required_words() -> list[str]:
 
 def evaluate_all(model, tokenizer, seed: int = 0, tasks: tuple[str, ...] = ALL_TASKS) -> dict[str, float]:
     """Every planted-task metric of `model` on the held-out splits generated from `seed`."""
-    data = generate_all(seed)
+    data = generate_all(seed, tuple(t for t in tasks if t != "induction"))
     metrics: dict[str, float] = {}
     for name in tasks:
         if name == "induction":

@@ -86,3 +86,21 @@ def make_world(seed: int = 0, n_entities: int = 320) -> World:
             names.append(name)
     facts = {e: {r.name: rng.choice(r.values) for r in RELATIONS} for e in names}
     return World(tuple(names), facts)
+
+
+GIVEN_NAMES = vocab.IOI_NAMES[:20]
+FAMILY_NAMES = vocab.IOI_NAMES[20:36]
+
+
+def make_family_world(seed: int = 0) -> World:
+    """320 people named "Given Family" (20 given x 16 family names, each one token), with random facts.
+
+    Every given name is shared by 16 people and every family name by 20, so a person is identified only
+    at the name's last token, by both tokens together: as a multi-token subject in a real LM is. The
+    order of the people is shuffled, so any slice of them mixes given and family names.
+    """
+    rng = task_rng(seed, "family-world")
+    names = [f"{given} {family}" for given in GIVEN_NAMES for family in FAMILY_NAMES]
+    rng.shuffle(names)
+    facts = {e: {r.name: rng.choice(r.values) for r in RELATIONS} for e in names}
+    return World(tuple(names), facts)
