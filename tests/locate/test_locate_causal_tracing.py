@@ -43,6 +43,12 @@ def test_restorations_match_their_definition(model, tmp_path):
         torch.testing.assert_close(result.effect(kind)[:, before], torch.zeros(model.dims.n_layers, len(before)))
     layer, pos, value = result.peak("resid")
     assert value == pytest.approx(float(result.effect("resid").max())) == float(result.effect("resid")[layer, pos])
+    # restricted to the subject's last token: the best layer there, at that position
+    layer, pos, value = result.peak("mlp", [max(subject)])
+    assert pos == max(subject) and value == float(result.effect("mlp")[:, pos].max())
+    assert result.peak("mlp", [-1])[1] == result.effect("mlp").shape[1] - 1
+    with pytest.raises(ConfigError, match=r"expected positions within 0\.\.\d+.*got \[99\]"):
+        result.peak("mlp", [99])
     back = TracingResult.load(result.save(tmp_path / "trace.safetensors"))
     torch.testing.assert_close(back["mlp"], result["mlp"])
 

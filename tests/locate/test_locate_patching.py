@@ -260,6 +260,7 @@ def test_cli_patch_path_patch_atp_and_trace(tmp_path):
     out = runner.invoke(app, [*args, "-o", str(tmp_path / "t.st")])
     assert out.exit_code == 0, out.output
     assert TracingResult.load(tmp_path / "t.st").config["subject_positions"] and "mlp" in out.output
+    assert out.output.count("at the subject's last token: layer") == 3  # resid, mlp, attn
     out = runner.invoke(app, ["locate", "path-patch", str(folder), *pair, "--receiver", "1.q"])
     assert out.exit_code == 2 and "layer.head.q|k|v" in out.output
     out = runner.invoke(

@@ -40,7 +40,10 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from exc
         typer.echo(f"p(target) clean {float(result['clean']):.4f}  corrupted {float(result['corrupt']):.4f}")
         typer.echo(f"subject positions {result.config['subject_positions']}")
+        subject_last = max(result.config["subject_positions"])
         for kind in result.config["kinds"]:
             layer, pos, value = result.peak(kind)
             typer.echo(f"{kind:6s} peak: layer {layer}, position {result.labels['pos'][pos]}, effect {value:+.4f}")
+            layer, _, value = result.peak(kind, [subject_last])
+            typer.echo(f"{'':6s} at the subject's last token: layer {layer}, effect {value:+.4f}")
         typer.echo(f"result -> {out}")

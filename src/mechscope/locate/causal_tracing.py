@@ -92,12 +92,18 @@ class TracingResult(Result):
         """Indirect effect: restored probability minus the corrupted one."""
         return self[kind] - self["corrupt"]
 
-    def peak(self, kind: str) -> tuple[int, int, float]:
-        """``(layer, position, effect)`` where restoring `kind` recovers the most."""
+    def peak(self, kind: str, positions: Sequence[int] | None = None) -> tuple[int, int, float]:
+        """``(layer, position, effect)`` where restoring `kind` recovers the most, over all positions or
+        only `positions` (e.g. ``[max(config["subject_positions"])]``: ROME's early site)."""
         effect = self.effect(kind)
-        flat = int(effect.argmax())
-        layer, pos = divmod(flat, effect.shape[1])
-        return layer, pos, float(effect[layer, pos])
+        n_pos = effect.shape[1]
+        cols = list(range(n_pos)) if positions is None else [int(p) for p in positions]
+        if not cols or any(not -n_pos <= p < n_pos for p in cols):
+            raise ConfigError(f"expected positions within 0..{n_pos - 1} (or negative from the end), got {positions}")
+        cols = [p % n_pos for p in cols]
+        flat = int(effect[:, cols].argmax())
+        layer, j = divmod(flat, len(cols))
+        return layer, cols[j], float(effect[layer, cols[j]])
 
 
 def _noise_hook(positions: list[int], noise: Tensor) -> HookFn:
