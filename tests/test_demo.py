@@ -54,5 +54,10 @@ def test_demo_on_the_default_organism_closes_the_refusal_and_fact_loops(tmp_path
     assert refusal["orthogonalised_max_logit_gap"] < 1e-3
     facts = metrics["facts"]
     assert facts["mean_after"]["efficacy"] >= 0.8 and facts["reverted_exactly"] is True
+    # organism-facts: tracing locates the subject's last token, and ROME edits the layer it found
+    built = facts["organism_facts"]
+    assert built["subject_mlp_peak"]["position_class"] == "last_subject"
+    assert built["attn_peak"]["position_class"] == "last" and built["attn_peak"]["layer"] >= 3
+    assert built["mean_after"]["efficacy"] >= 0.8 and built["reverted_exactly"] is True
     page = report.read_text()
     assert "Refusal" in page and "ROME" in page

@@ -8,6 +8,7 @@ import torch
 
 from mechscope.errors import ConfigError
 from mechscope.locate.causal_tracing import (
+    SUBJECT_CLASSES,
     TracingConfig,
     TracingResult,
     TracingSummary,
@@ -97,6 +98,12 @@ def test_trace_facts_averages_by_position_class(model):
         torch.isnan(summary["mlp"][:, expected == 0]).all() and not torch.isnan(summary["mlp"][:, expected > 0]).any()
     )
     assert summary.peak("mlp")[1] in summary.labels["position_class"]
+    layer, where, effect = summary.peak("mlp", SUBJECT_CLASSES)
+    assert 0 <= layer < model.dims.n_layers
+    column = summary.labels["position_class"].index(where)
+    assert where in SUBJECT_CLASSES and effect == float(torch.nan_to_num(summary["mlp"][:, column], nan=-1).max())
+    with pytest.raises(ConfigError, match=r"expected position classes from .* got \['subject'\]"):
+        summary.peak("mlp", ["subject"])
 
 
 def test_bad_input_fails_clearly(model):

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 TRACE_SITES: dict[str, str] = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 #: Position classes of :func:`trace_facts` (ROME's Figure 1 rows).
 POSITION_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
+#: The position classes inside the subject.
+SUBJECT_CLASSES = POSITION_CLASSES[:3]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,12 +247,18 @@ class TracingSummary(Result):
     def default_tensor(self) -> str:
         return str(self.config["kinds"][0])
 
-    def peak(self, kind: str) -> tuple[int, str, float]:
-        """``(layer, position class, mean effect)`` of the largest average effect of `kind`."""
-        grid = self[kind]
+    def peak(self, kind: str, classes: Sequence[str] | None = None) -> tuple[int, str, float]:
+        """``(layer, position class, mean effect)`` of the largest average effect of `kind`, over every
+        position class or only `classes` (e.g. the subject's: where ROME's early site is)."""
+        names = list(POSITION_CLASSES) if classes is None else list(classes)
+        unknown = [c for c in names if c not in POSITION_CLASSES]
+        if not names or unknown:
+            raise ConfigError(f"expected position classes from {list(POSITION_CLASSES)}, got {classes}")
+        cols = [POSITION_CLASSES.index(c) for c in names]
+        grid = self[kind][:, cols]
         flat = int(torch.nan_to_num(grid, nan=float("-inf")).argmax())
-        layer, cls = divmod(flat, grid.shape[1])
-        return layer, POSITION_CLASSES[cls], float(grid[layer, cls])
+        layer, j = divmod(flat, grid.shape[1])
+        return layer, names[j], float(grid[layer, j])
 
 
 def trace_facts(
@@ -311,6 +319,7 @@ def trace_facts(
 
 __all__ = [
     "POSITION_CLASSES",
+    "SUBJECT_CLASSES",
     "TRACE_SITES",
     "TracingConfig",
     "TracingResult",
