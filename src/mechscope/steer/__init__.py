@@ -15,6 +15,7 @@ from mechscope.steer.ablation import (
     scaling,
     zero_ablation,
 )
+from mechscope.steer.clamp import FeatureClamp, SAESplice, clamp_features
 from mechscope.steer.directional import (
     Direction,
     DirectionalAblation,
@@ -45,11 +46,14 @@ __all__ = [
     "DirectionSelection",
     "DirectionSelectionConfig",
     "DirectionalAblation",
+    "FeatureClamp",
     "Intervention",
     "ModelMismatchError",
+    "SAESplice",
     "Steering",
     "SteeringVector",
     "applied",
+    "clamp_features",
     "directional_ablation",
     "from_direction",
     "logodds_bar",

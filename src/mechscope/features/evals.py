@@ -1,0 +1,115 @@
+"""How good an SAE is: reconstruction and sparsity on activations, and the model's loss with it spliced in.
+
+- ``fvu``: fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``
+  (``explained_variance`` = 1 - fvu).
+- ``l0``: mean number of active features per token; ``dead_fraction``: features that never fire on
+  the given activations.
+- ``loss_recovered`` (:func:`downstream_loss`): next-token cross-entropy with the site replaced by its
+  reconstruction, placed between the clean loss (1) and the loss with the site zero-ablated (0):
+  ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)``. A reconstruction can score well on FVU and still
+  lose what later layers read; this is the measure that sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechscope.errors import ShapeError
+from mechscope.features.sae import SparseAutoencoder
+from mechscope.features.store import token_rows
+from mechscope.model.hooks import HookContext, HookFn
+from mechscope.sites import SiteLike
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    sae: SparseAutoencoder, activations: Float[Tensor, "tokens d_in"], batch_size: int = 4096
+) -> dict[str, float]:
+    """``fvu``, ``explained_variance``, ``mse`` (per token, summed over dimensions), ``l0``, ``dead_fraction``."""
+    if activations.ndim != 2:
+        raise ShapeError(f"expected activations of shape [tokens, d_in], got {tuple(activations.shape)}")
+    x_all = activations.float()
+    mean = x_all.mean(0)
+    sq_err = total_var = l0 = 0.0
+    fired = torch.zeros(sae.config.d_sae, dtype=torch.bool)
+    for start in range(0, x_all.shape[0], batch_size):
+        x = x_all[start : start + batch_size]
+        recon, f = sae(x)
+        sq_err += float((recon - x).pow(2).sum())
+        total_var += float((x - mean).pow(2).sum())
+        l0 += float((f > 0).sum())
+        fired |= (f > 0).any(0)
+    n = x_all.shape[0]
+    fvu = sq_err / max(total_var, 1e-12)
+    return {
+        "fvu": fvu,
+        "explained_variance": 1.0 - fvu,
+        "mse": sq_err / n,
+        "l0": l0 / n,
+        "dead_fraction": float((~fired).float().mean()),
+    }
+
+
+def splice_hook(sae: SparseAutoencoder, *, keep_error: bool = False) -> HookFn:
+    """A hook replacing the activation by the SAE's reconstruction (plus the reconstruction error when
+    `keep_error`, which makes the splice an exact identity that features can then be edited inside)."""
+
+    def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
+        recon = sae(activation)[0].to(activation.dtype)
+        return recon + (activation - recon) if keep_error else recon
+
+    return fn
+
+
+@torch.no_grad()
+def downstream_loss(
+    model: HookedModel,
+    sae: SparseAutoencoder,
+    site: SiteLike,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 64,
+    batch_size: int = 16,
+    max_rows: int | None = 64,
+) -> dict[str, float]:
+    """Mean next-token loss clean, with the SAE spliced in at `site`, and with `site` zero-ablated."""
+    chosen = model.site(site)
+    rows = token_rows(model, texts, seq_len)[:max_rows]
+    device = next(model.hf_model.parameters()).device
+
+    def zero(activation: Tensor, _ctx: HookContext) -> Tensor:
+        return torch.zeros_like(activation)
+
+    def mean_loss(hooks: dict) -> float:
+        total = count = 0.0
+        with model.hooks(hooks):
+            for start in range(0, rows.shape[0], batch_size):
+                ids = rows[start : start + batch_size].to(device)
+                logits = model(ids).float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                )
+                total += float(loss)
+                count += ids[:, 1:].numel()
+        return total / count
+
+    clean = mean_loss({})
+    spliced = mean_loss({chosen: splice_hook(sae)})
+    zeroed = mean_loss({chosen: zero})
+    return {
+        "ce_clean": clean,
+        "ce_spliced": spliced,
+        "ce_zero_ablated": zeroed,
+        "loss_recovered": (zeroed - spliced) / (zeroed - clean) if zeroed != clean else float("nan"),
+    }
+
+
+__all__ = ["downstream_loss", "reconstruction_metrics", "splice_hook"]

@@ -1,0 +1,81 @@
+"""Activations of one model site over a text corpus, as the training set of an SAE.
+
+Texts are tokenised, joined with end-of-text into one stream and cut into rows of ``seq_len`` tokens (no
+padding, so every activation is a real token's), the way SAE training pipelines pack text. The first
+position of every row is left out by default: it sees no context and its residual norm is an outlier in
+most models (the attention sink), which would dominate the reconstruction loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.sites import SiteLike
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
+
+
+def token_rows(model: HookedModel, texts: Sequence[str], seq_len: int) -> Tensor:
+    """``[rows, seq_len]`` token ids: `texts` joined by end-of-text and cut into full rows."""
+    if isinstance(texts, str) or not texts:
+        raise ConfigError(f"expected a non-empty list of texts, got {type(texts).__name__} of length {len(texts)}")
+    if seq_len < 2:
+        raise ConfigError(f"expected seq_len >= 2, got {seq_len}")
+    tok = model.tokenizer
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+    stream: list[int] = []
+    for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
+        stream += [*ids, *(() if sep is None else (sep,))]
+    n_rows = len(stream) // seq_len
+    if n_rows == 0:
+        raise ConfigError(f"expected at least {seq_len} tokens of text, got {len(stream)}")
+    return torch.tensor(stream[: n_rows * seq_len]).view(n_rows, seq_len)
+
+
+@torch.no_grad()
+def collect_activations(
+    model: HookedModel,
+    site: SiteLike,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 64,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    skip_first: bool = True,
+) -> Float[Tensor, "tokens d"]:
+    """Activations of `site` at every token of `texts` (packed as above), ``[tokens, d]`` on the CPU.
+
+    The site must have one vector per token (residual stream, MLP or attention output, MLP hidden units);
+    per-head sites would first need their heads flattened, which is not done here.
+    """
+    chosen = model.site(site)
+    if chosen.axes[:2] != ("batch", "pos") or len(chosen.axes) != 3:
+        raise ShapeError(
+            f"expected a site with one vector per token (axes batch, pos, d), got {chosen.name} with axes {chosen.axes}"
+        )
+    rows = token_rows(model, texts, seq_len)
+    per_row = seq_len - int(skip_first)
+    if max_tokens is not None:
+        rows = rows[: max(1, -(-max_tokens // per_row))]
+    stop = None if chosen.layer is None or chosen.layer + 1 >= model.dims.n_layers else chosen.layer + 1
+    device = next(model.hf_model.parameters()).device
+    out: list[Tensor] = []
+    for start in range(0, rows.shape[0], batch_size):
+        batch = rows[start : start + batch_size].to(device)
+        _, cache = model.run_with_cache(
+            batch, [chosen], stop_at_layer=stop if stop and stop < model.dims.n_layers else None
+        )
+        acts = cache[chosen.name][:, int(skip_first) :]
+        out.append(acts.reshape(-1, acts.shape[-1]).float().cpu())
+    acts = torch.cat(out)
+    return acts if max_tokens is None else acts[:max_tokens]
+
+
+__all__ = ["collect_activations", "token_rows"]

@@ -1,0 +1,194 @@
+"""Sparse autoencoders: planted-feature recovery, scale handling, save/load, activation collection,
+splicing and feature clamping on tiny random models, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import ConfigError, ShapeError
+from mechscope.features import (
+    SAEConfig,
+    SAETrainConfig,
+    SparseAutoencoder,
+    collect_activations,
+    downstream_loss,
+    reconstruction_metrics,
+    train_sae,
+)
+from mechscope.model.hooked import HookedModel
+from mechscope.steer.clamp import FeatureClamp, SAESplice, clamp_features
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TEXTS = [
+    f"the {a} sat on the {b} and looked at the {c}."
+    for a in ("cat", "dog", "bird")
+    for b in ("mat", "rug")
+    for c in ("sun", "moon", "door")
+] * 4
+SITE = "blocks.0.hook_resid_post"
+
+
+def planted(n: int = 20000, d: int = 16, n_true: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [n, d], true directions [n_true, d])``: each x is 2 random true directions with weights in [1, 2]."""
+    g = torch.Generator().manual_seed(seed)
+    true = torch.randn(n_true, d, generator=g)
+    true = true / true.norm(dim=-1, keepdim=True)
+    idx = torch.stack([torch.randperm(n_true, generator=g)[:2] for _ in range(n)])
+    coef = 1 + torch.rand(n, 2, generator=g)
+    return (coef[:, :, None] * true[idx]).sum(1), true
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HookedModel(*tiny_model("llama"))
+
+
+@pytest.mark.parametrize(
+    ("config", "l1", "min_cosine"),
+    [(SAEConfig(d_in=16, d_sae=48, activation="topk", k=2), 0.0, 0.98), (SAEConfig(d_in=16, d_sae=48), 1.0, 0.9)],
+)
+def test_an_sae_recovers_planted_sparse_directions(config, l1, min_cosine):
+    x, true = planted()
+    sae, log = train_sae(x, config, SAETrainConfig(steps=1500, batch_size=256, lr=3e-3, l1_coefficient=l1))
+    cosine = (true @ sae.W_dec.detach().T).max(-1).values  # best decoder row per planted direction
+    assert float(cosine.min()) > min_cosine, cosine  # measured 0.994 (topk), 0.938 (relu)
+    metrics = reconstruction_metrics(sae, x)
+    assert metrics["explained_variance"] > 0.95
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(config.d_sae), atol=1e-5)
+    assert log[-1]["step"] == 1500 and log[-1]["l0"] <= (2 if config.activation == "topk" else 16)
+
+
+def test_the_l1_penalty_trades_reconstruction_for_sparsity():
+    x, _ = planted(n=5000)
+    train = [SAETrainConfig(steps=800, lr=3e-3, batch_size=256, l1_coefficient=c) for c in (0.0, 1.0, 3.0)]
+    metrics = [reconstruction_metrics(train_sae(x, SAEConfig(d_in=16, d_sae=48), t)[0], x) for t in train]
+    l0, fvu = [m["l0"] for m in metrics], [m["fvu"] for m in metrics]
+    assert l0[0] > l0[1] > l0[2] and l0[2] < 0.5 * l0[0], l0  # measured 22.6, 13.8, 7.2
+    assert fvu[0] < fvu[1] < fvu[2], fvu
+
+
+def test_training_is_invariant_to_the_scale_of_the_activations():
+    x, _ = planted(n=5000)
+    config, train = SAEConfig(d_in=16, d_sae=32, activation="topk", k=2), SAETrainConfig(steps=300)
+    small, big = train_sae(x, config, train)[0], train_sae(1000 * x, config, train)[0]
+    f_small, f_big = small.encode(x), big.encode(1000 * x)
+    torch.testing.assert_close(f_big, 1000 * f_small, rtol=1e-3, atol=1e-2)  # same features, scaled
+    torch.testing.assert_close(big(1000 * x)[0], 1000 * small(x)[0], rtol=1e-3, atol=1e-1)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=20, activation="topk", k=3, site=SITE), seed=3)
+    path = sae.save(tmp_path / "sae.safetensors")
+    back = SparseAutoencoder.load(path)
+    assert back.config == sae.config
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(back(x)[0], sae(x)[0], rtol=0, atol=0)
+    (tmp_path / "sae.json").unlink()
+    with pytest.raises(ConfigError, match=r"expected an SAE at .* config .* missing"):
+        SparseAutoencoder.load(path)
+
+
+def test_collected_activations_are_the_sites_at_every_real_token(model):
+    acts = collect_activations(model, SITE, TEXTS, seq_len=16, batch_size=4)
+    from mechscope.features.store import token_rows
+
+    rows = token_rows(model, TEXTS, 16)
+    assert acts.shape == (rows.shape[0] * 15, model.dims.d_model)
+    _, cache = model.run_with_cache(rows[:1], [SITE])
+    torch.testing.assert_close(acts[:15], cache[SITE][0, 1:])  # first row, position 0 left out
+    assert collect_activations(model, SITE, TEXTS, seq_len=16, max_tokens=20).shape == (20, model.dims.d_model)
+
+
+def test_splicing_with_the_error_term_is_the_identity(model):
+    acts = collect_activations(model, SITE, TEXTS, seq_len=16)
+    sae, _ = train_sae(
+        acts, SAEConfig(d_in=model.dims.d_model, d_sae=64, activation="topk", k=4), SAETrainConfig(steps=200)
+    )
+    ids = model.to_tokens(TEXTS[:2])["input_ids"]
+    clean = model(ids)
+    with SAESplice(model, sae, SITE, keep_error=True):
+        torch.testing.assert_close(model(ids), clean, rtol=1e-4, atol=1e-4)
+    with SAESplice(model, sae, SITE):
+        assert not torch.allclose(model(ids), clean, atol=1e-4)
+    loss = downstream_loss(model, sae, SITE, TEXTS, seq_len=16)  # a random model: only the definition
+    assert loss["loss_recovered"] == pytest.approx(
+        (loss["ce_zero_ablated"] - loss["ce_spliced"]) / (loss["ce_zero_ablated"] - loss["ce_clean"])
+    )
+
+
+def test_clamping_moves_the_site_along_the_feature_only(model):
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=40), seed=1)
+    ids = model.to_tokens(TEXTS[:2])["input_ids"]
+    _, clean = model.run_with_cache(ids, [SITE])
+    x = clean[SITE]
+    feature, value = 7, 2.5
+    before = sae.encode(x)[..., feature]
+    seen: dict[str, torch.Tensor] = {}
+    with (
+        clamp_features(model, sae, SITE, {feature: value}),
+        model.hooks({"blocks.1.hook_resid_pre": lambda a, _c: seen.update(a=a)}),
+    ):
+        model(ids)
+    expected = x + (value - before)[..., None] * sae.W_dec[feature].detach()
+    torch.testing.assert_close(seen["a"], expected, rtol=1e-4, atol=1e-4)
+    # clamping a feature to the value it has at every token changes nothing: here one that never fires
+    with torch.no_grad():
+        sae.b_enc[3] = -1e4
+    plain = model(ids)
+    with clamp_features(model, sae, SITE, {3: 0.0}):
+        torch.testing.assert_close(model(ids), plain, rtol=1e-5, atol=1e-5)
+    # a clamp at the last position leaves every earlier position's logits alone (attention is causal)
+    with clamp_features(model, sae, SITE, {feature: value}, positions=[-1]):
+        clamped = model(ids)
+    torch.testing.assert_close(clamped[:, :-1], plain[:, :-1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(clamped[:, -1], plain[:, -1], atol=1e-4)
+    with (
+        pytest.raises(ConfigError, match=r"clamp positions \[99\] are out of range"),
+        clamp_features(model, sae, SITE, {feature: value}, positions=[99]),
+    ):
+        model(ids)
+
+
+def test_bad_input_is_a_clear_error(model):
+    with pytest.raises(ConfigError, match="'topk' needs 1 <= k <= d_sae=8, got k=None"):
+        SAEConfig(d_in=4, d_sae=8, activation="topk")
+    with pytest.raises(ConfigError, match=r"activation one of \['relu', 'topk'\], got 'gelu'"):
+        SAEConfig(d_in=4, d_sae=8, activation="gelu")
+    wrong = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model + 1, d_sae=8))
+    with pytest.raises(
+        ShapeError, match=f"reads d_in={model.dims.d_model + 1} but {SITE} has width {model.dims.d_model}"
+    ):
+        FeatureClamp(model, wrong, SITE, {0: 1.0})
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=8))
+    with pytest.raises(ConfigError, match=r"feature indices in \[0, 8\), got \[8\]"):
+        clamp_features(model, sae, SITE, {8: 1.0})
+    with pytest.raises(ConfigError, match="clamp value of feature 0 must be a finite number"):
+        clamp_features(model, sae, SITE, {0: float("nan")})
+    with pytest.raises(ShapeError, match="one vector per token"):
+        collect_activations(model, "blocks.0.attn.hook_z", TEXTS)
+    with pytest.raises(ShapeError, match=r"shape \[tokens, d_in=16\], got \(10, 15\)"):
+        train_sae(torch.randn(10, 15), SAEConfig(d_in=16, d_sae=8))
+    with pytest.raises(ShapeError, match="last dimension d_in=8"):
+        SparseAutoencoder(SAEConfig(d_in=8, d_sae=4)).encode(torch.randn(3, 9))
+
+
+@pytest.mark.slow
+def test_an_sae_on_an_organisms_residual_stream_reconstructs_what_later_layers_read():
+    import mechscope
+    from mechscope.steer.editing.stats import zoo_texts
+
+    model = mechscope.load_model("organism-gpt2")
+    texts = list(zoo_texts(0))
+    site = "blocks.1.hook_resid_post"
+    acts = collect_activations(model, site, texts[:2000], max_tokens=20_000)
+    config = SAEConfig(d_in=model.dims.d_model, d_sae=384, activation="topk", k=16, site=site)
+    sae, _ = train_sae(acts, config, SAETrainConfig(steps=600, batch_size=256, lr=2e-3))
+    held_out = collect_activations(model, site, texts[-600:], max_tokens=5_000)
+    metrics = reconstruction_metrics(sae, held_out)
+    assert metrics["explained_variance"] > 0.85 and metrics["l0"] <= 16, metrics
+    loss = downstream_loss(model, sae, site, texts[-400:], max_rows=32)
+    assert loss["ce_clean"] < loss["ce_spliced"] < loss["ce_zero_ablated"]
+    assert loss["loss_recovered"] > 0.9, loss
