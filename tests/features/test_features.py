@@ -192,3 +192,27 @@ def test_an_sae_on_an_organisms_residual_stream_reconstructs_what_later_layers_r
     loss = downstream_loss(model, sae, site, texts[-400:], max_rows=32)
     assert loss["ce_clean"] < loss["ce_spliced"] < loss["ce_zero_ablated"]
     assert loss["loss_recovered"] > 0.9, loss
+
+
+def test_cli_trains_saves_and_evaluates_an_sae(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    hf, tok = tiny_model("gpt2")
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = tmp_path / "texts.txt"
+    text.write_text("\n".join(TEXTS))
+    out = tmp_path / "sae" / "s.safetensors"
+    args = ["features", "train", str(folder), "-s", SITE, "-o", str(out), "--text-file", str(text), "--seq-len", "16"]
+    result = CliRunner().invoke(app, [*args, "--d-sae", "32", "--k", "4", "--steps", "50", "--batch-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "loss_recovered" in result.output and SparseAutoencoder.load(out).config.site == SITE
+    result = CliRunner().invoke(
+        app, ["features", "eval", str(folder), str(out), "--text-file", str(text), "--seq-len", "16"]
+    )
+    assert result.exit_code == 0 and f"{SITE}: fvu" in result.output, result.output
+    result = CliRunner().invoke(app, [*args[:4], "blocks.0.attn.hook_z", *args[5:]])
+    assert result.exit_code != 0 and "one vector per token" in result.output, result.output

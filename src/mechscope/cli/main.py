@@ -98,6 +98,7 @@ _GROUPS = (
     ("mechscope.cli.zoo", "zoo_app", "zoo", "Bundled model organisms: corpus, train, list, eval."),
     ("mechscope.cli.locate", "locate_app", "locate", "Locate behaviours: lenses, probes, heads, patching, circuits."),
     ("mechscope.cli.steer", "steer_app", "steer", "Steer: ablation, steering vectors, directional ablation."),
+    ("mechscope.cli.features", "features_app", "features", "Sparse autoencoders: train on a site, evaluate."),
     ("mechscope.cli.edit", "edit_app", "edit", "Knowledge editing (ROME, MEMIT) with exact revert."),
     ("mechscope.cli.evaluate", "eval_app", "eval", "Evaluate an intervention on its target and its side effects."),
 )

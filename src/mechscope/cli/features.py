@@ -1,0 +1,105 @@
+"""``mechscope features``: train a sparse autoencoder on a site, and evaluate a saved one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mechscope.cli.common import fail, offline_by_default
+
+features_app = typer.Typer(help="Sparse autoencoders: train on a site, evaluate.", no_args_is_help=True)
+
+TextFile = Annotated[Path | None, typer.Option(help="Text file, one document per line (default: zoo text).")]
+
+
+def _texts(text_file: Path | None) -> list[str]:
+    if text_file is None:
+        from mechscope.steer.editing.stats import zoo_texts
+
+        return list(zoo_texts(0))
+    texts = [line for line in text_file.read_text().splitlines() if line.strip()]
+    if len(texts) < 2:
+        from mechscope.errors import ConfigError
+
+        raise ConfigError(f"expected a text file with at least 2 non-empty lines, got {len(texts)} in {text_file}")
+    return texts
+
+
+def _report(hm: Any, sae: Any, site: str, texts: list[str], held_out_tokens: int, seq_len: int) -> dict:
+    from mechscope.features import collect_activations, downstream_loss, reconstruction_metrics
+
+    cut = max(1, len(texts) // 10)  # the last tenth of the documents is held out
+    held = collect_activations(hm, site, texts[-cut:], seq_len=seq_len, max_tokens=held_out_tokens)
+    return {**reconstruction_metrics(sae, held), **downstream_loss(hm, sae, site, texts[-cut:], seq_len=seq_len)}
+
+
+@features_app.command("train")
+def train_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    site: Annotated[str, typer.Option("--site", "-s", help="Site with one vector per token.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to save the SAE (.safetensors + .json).")],
+    d_sae: Annotated[int, typer.Option(help="Number of features.")] = 1024,
+    activation: Annotated[str, typer.Option(help="'topk' or 'relu' (L1 penalty).")] = "topk",
+    k: Annotated[int, typer.Option(help="Active features per token (topk).")] = 32,
+    l1: Annotated[float, typer.Option(help="L1 coefficient (relu).")] = 5.0,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 512,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    max_tokens: Annotated[int, typer.Option(help="Training tokens to collect.")] = 100_000,
+    seq_len: Annotated[int, typer.Option(help="Row length when packing text.")] = 64,
+    text_file: TextFile = None,
+) -> None:
+    """Collect the site's activations, train an SAE, save it, report held-out reconstruction and loss."""
+    offline_by_default()
+    from mechscope.errors import MechscopeError
+    from mechscope.features import SAEConfig, SAETrainConfig, collect_activations, train_sae
+    from mechscope.model.loading import load_model
+
+    try:
+        hm = load_model(model)
+        texts = _texts(text_file)
+        train_texts = texts[: len(texts) - max(1, len(texts) // 10)]
+        acts = collect_activations(hm, site, train_texts, seq_len=seq_len, max_tokens=max_tokens)
+        config = SAEConfig(
+            d_in=acts.shape[1], d_sae=d_sae, activation=activation, k=k if activation == "topk" else None, site=site
+        )
+        train = SAETrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1_coefficient=l1)
+        sae, log = train_sae(acts, config, train)
+        path = sae.save(out)
+        report = _report(hm, sae, site, texts, max(1000, max_tokens // 10), seq_len)
+    except (MechscopeError, OSError) as exc:
+        raise fail(exc) from exc
+    typer.echo(f"trained on {acts.shape[0]} tokens; last step: {json.dumps(log[-1])}")
+    typer.echo("held out: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+    typer.echo(f"SAE -> {path}")
+
+
+@features_app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    sae_path: Annotated[Path, typer.Argument(help="A saved SAE (.safetensors with its .json).")],
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens for reconstruction metrics.")] = 10_000,
+    seq_len: Annotated[int, typer.Option(help="Row length when packing text.")] = 64,
+    text_file: TextFile = None,
+) -> None:
+    """Reconstruction (FVU, L0, dead features) and loss recovered of a saved SAE at its site."""
+    offline_by_default()
+    from mechscope.errors import ConfigError, MechscopeError
+    from mechscope.features import SparseAutoencoder
+    from mechscope.model.loading import load_model
+
+    try:
+        sae = SparseAutoencoder.load(sae_path)
+        if not sae.config.site:
+            raise ConfigError(f"the SAE at {sae_path} names no site; save it with SAEConfig(site=...)")
+        hm = load_model(model)
+        report = _report(hm, sae, sae.config.site, _texts(text_file), max_tokens, seq_len)
+    except (MechscopeError, OSError) as exc:
+        raise fail(exc) from exc
+    typer.echo(f"{sae.config.site}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+
+
+__all__ = ["features_app"]
