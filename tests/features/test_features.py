@@ -105,22 +105,22 @@ def test_collected_activations_are_the_sites_at_every_real_token(model):
 def test_splicing_with_the_error_term_is_the_identity(model):
     acts = collect_activations(model, SITE, TEXTS, seq_len=16)
     sae, _ = train_sae(
-        acts, SAEConfig(d_in=model.dims.d_model, d_sae=64, activation="topk", k=4), SAETrainConfig(steps=200)
+        acts, SAEConfig(d_in=model.dims.d_model, d_sae=64, activation="topk", k=4, site=SITE), SAETrainConfig(steps=200)
     )
     ids = model.to_tokens(TEXTS[:2])["input_ids"]
     clean = model(ids)
-    with SAESplice(model, sae, SITE, keep_error=True):
+    with SAESplice(model, sae, keep_error=True):
         torch.testing.assert_close(model(ids), clean, rtol=1e-4, atol=1e-4)
-    with SAESplice(model, sae, SITE):
+    with SAESplice(model, sae):
         assert not torch.allclose(model(ids), clean, atol=1e-4)
-    loss = downstream_loss(model, sae, SITE, TEXTS, seq_len=16)  # a random model: only the definition
+    loss = downstream_loss(model, sae, TEXTS, seq_len=16)  # a random model: only the definition
     assert loss["loss_recovered"] == pytest.approx(
         (loss["ce_zero_ablated"] - loss["ce_spliced"]) / (loss["ce_zero_ablated"] - loss["ce_clean"])
     )
 
 
 def test_clamping_moves_the_site_along_the_feature_only(model):
-    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=40), seed=1)
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=40, site=SITE), seed=1)
     ids = model.to_tokens(TEXTS[:2])["input_ids"]
     _, clean = model.run_with_cache(ids, [SITE])
     x = clean[SITE]
@@ -128,7 +128,7 @@ def test_clamping_moves_the_site_along_the_feature_only(model):
     before = sae.encode(x)[..., feature]
     seen: dict[str, torch.Tensor] = {}
     with (
-        clamp_features(model, sae, SITE, {feature: value}),
+        clamp_features(model, sae, {feature: value}),
         model.hooks({"blocks.1.hook_resid_pre": lambda a, _c: seen.update(a=a)}),
     ):
         model(ids)
@@ -138,16 +138,16 @@ def test_clamping_moves_the_site_along_the_feature_only(model):
     with torch.no_grad():
         sae.b_enc[3] = -1e4
     plain = model(ids)
-    with clamp_features(model, sae, SITE, {3: 0.0}):
+    with clamp_features(model, sae, {3: 0.0}):
         torch.testing.assert_close(model(ids), plain, rtol=1e-5, atol=1e-5)
     # a clamp at the last position leaves every earlier position's logits alone (attention is causal)
-    with clamp_features(model, sae, SITE, {feature: value}, positions=[-1]):
+    with clamp_features(model, sae, {feature: value}, positions=[-1]):
         clamped = model(ids)
     torch.testing.assert_close(clamped[:, :-1], plain[:, :-1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(clamped[:, -1], plain[:, -1], atol=1e-4)
     with (
         pytest.raises(ConfigError, match=r"clamp positions \[99\] are out of range"),
-        clamp_features(model, sae, SITE, {feature: value}, positions=[99]),
+        clamp_features(model, sae, {feature: value}, positions=[99]),
     ):
         model(ids)
 
@@ -157,19 +157,19 @@ def test_bad_input_is_a_clear_error(model):
         SAEConfig(d_in=4, d_sae=8, activation="topk")
     with pytest.raises(ConfigError, match=r"activation one of \['relu', 'topk'\], got 'gelu'"):
         SAEConfig(d_in=4, d_sae=8, activation="gelu")
-    wrong = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model + 1, d_sae=8))
+    wrong = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model + 1, d_sae=8, site=SITE))
     with pytest.raises(
-        ShapeError, match=f"reads d_in={model.dims.d_model + 1} but {SITE} has width {model.dims.d_model}"
+        ShapeError, match=f"expects width {model.dims.d_model + 1} at {SITE}, which has width {model.dims.d_model}"
     ):
-        FeatureClamp(model, wrong, SITE, {0: 1.0})
-    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=8))
+        FeatureClamp(model, wrong, {0: 1.0})
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=8, site=SITE))
     with pytest.raises(ConfigError, match=r"feature indices in \[0, 8\), got \[8\]"):
-        clamp_features(model, sae, SITE, {8: 1.0})
+        clamp_features(model, sae, {8: 1.0})
     with pytest.raises(ConfigError, match="clamp value of feature 0 must be a finite number"):
-        clamp_features(model, sae, SITE, {0: float("nan")})
+        clamp_features(model, sae, {0: float("nan")})
     with pytest.raises(ShapeError, match="one vector per token"):
         collect_activations(model, "blocks.0.attn.hook_z", TEXTS)
-    with pytest.raises(ShapeError, match=r"shape \[tokens, d_in=16\], got \(10, 15\)"):
+    with pytest.raises(ShapeError, match=r"activations of shape \[tokens, 16\], got \(10, 15\)"):
         train_sae(torch.randn(10, 15), SAEConfig(d_in=16, d_sae=8))
     with pytest.raises(ShapeError, match="last dimension d_in=8"):
         SparseAutoencoder(SAEConfig(d_in=8, d_sae=4)).encode(torch.randn(3, 9))
@@ -189,7 +189,7 @@ def test_an_sae_on_an_organisms_residual_stream_reconstructs_what_later_layers_r
     held_out = collect_activations(model, site, texts[-600:], max_tokens=5_000)
     metrics = reconstruction_metrics(sae, held_out)
     assert metrics["explained_variance"] > 0.85 and metrics["l0"] <= 16, metrics
-    loss = downstream_loss(model, sae, site, texts[-400:], max_rows=32)
+    loss = downstream_loss(model, sae, texts[-400:], max_rows=32)
     assert loss["ce_clean"] < loss["ce_spliced"] < loss["ce_zero_ablated"]
     assert loss["loss_recovered"] > 0.9, loss
 
@@ -214,5 +214,76 @@ def test_cli_trains_saves_and_evaluates_an_sae(tmp_path):
         app, ["features", "eval", str(folder), str(out), "--text-file", str(text), "--seq-len", "16"]
     )
     assert result.exit_code == 0 and f"{SITE}: fvu" in result.output, result.output
+    transcoder = ["-s", MLP_IN, "--out-site", MLP_OUT, "-o", str(tmp_path / "t.safetensors")]
+    result = CliRunner().invoke(app, [*args[:3], *transcoder, *args[7:], "--d-sae", "32", "--k", "4", "--steps", "20"])
+    assert result.exit_code == 0 and "loss_recovered" in result.output, result.output
+    assert SparseAutoencoder.load(tmp_path / "t.safetensors").config.out_site == MLP_OUT
     result = CliRunner().invoke(app, [*args[:4], "blocks.0.attn.hook_z", *args[5:]])
     assert result.exit_code != 0 and "one vector per token" in result.output, result.output
+
+
+MLP_IN, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
+
+
+def transcoder_config(d_in: int, d_sae: int, k: int) -> SAEConfig:
+    return SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk", k=k, site=MLP_IN, d_out=d_in, out_site=MLP_OUT)
+
+
+def test_a_transcoder_learns_a_sparse_map_between_two_sites():
+    x, true = planted()
+    g = torch.Generator().manual_seed(1)
+    mixing = torch.randn(16, 16, generator=g)
+    y = x @ mixing  # each target is 2 of 24 directions (the planted ones, mapped): sparse in the same code
+    config = SAEConfig(d_in=16, d_sae=48, activation="topk", k=2, site="a", d_out=16, out_site="b")
+    tc, _ = train_sae(x, config, SAETrainConfig(steps=1500, batch_size=256, lr=3e-3), y)
+    assert reconstruction_metrics(tc, x, y)["explained_variance"] > 0.93  # measured 0.950
+    mapped = true @ mixing
+    cosine = ((mapped / mapped.norm(dim=-1, keepdim=True)) @ tc.W_dec.detach().T).max(-1).values
+    assert float(cosine.min()) > 0.9, cosine  # measured 0.914 (the median 0.98)
+    with pytest.raises(ConfigError, match="a transcoder needs targets"):
+        train_sae(x, config)
+    with pytest.raises(ShapeError, match="one target per activation"):
+        train_sae(x, config, SAETrainConfig(steps=1), y[:10])
+
+
+def test_a_spliced_transcoder_replaces_the_mlp_and_clamps_its_features(model):
+    x = collect_activations(model, MLP_IN, TEXTS, seq_len=16)
+    y = collect_activations(model, MLP_OUT, TEXTS, seq_len=16)
+    tc, _ = train_sae(x, transcoder_config(model.dims.d_model, 64, 4), SAETrainConfig(steps=200), y)
+    ids = model.to_tokens(TEXTS[:2])["input_ids"]
+    clean = model(ids)
+    with SAESplice(model, tc, keep_error=True):
+        torch.testing.assert_close(model(ids), clean, rtol=1e-4, atol=1e-4)
+    _, cache = model.run_with_cache(ids, [MLP_IN, MLP_OUT])
+    seen: dict[str, torch.Tensor] = {}
+    with SAESplice(model, tc), model.hooks({"blocks.1.hook_resid_pre": lambda a, _c: seen.update(a=a)}):
+        model(ids)
+    _, resid = model.run_with_cache(ids, ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre"])
+    # the MLP's output is replaced by the transcoder's reconstruction from the MLP's input
+    expected = resid["blocks.0.hook_resid_mid"] + tc(cache[MLP_IN])[0]
+    torch.testing.assert_close(seen["a"], expected, rtol=1e-4, atol=1e-4)
+    with clamp_features(model, tc, {5: 3.0}), model.hooks({"blocks.1.hook_resid_pre": lambda a, _c: seen.update(a=a)}):
+        model(ids)
+    moved = 3.0 - tc.encode(cache[MLP_IN])[..., 5]
+    expected = resid["blocks.1.hook_resid_pre"] + moved[..., None] * tc.W_dec[5].detach()
+    torch.testing.assert_close(seen["a"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_transcoder_of_an_organisms_first_mlp_recovers_the_loss_it_carries():
+    import mechscope
+    from mechscope.steer.editing.stats import zoo_texts
+
+    model = mechscope.load_model("organism-gpt2")
+    texts = list(zoo_texts(0))
+    x = collect_activations(model, MLP_IN, texts[:2000], max_tokens=20_000)
+    y = collect_activations(model, MLP_OUT, texts[:2000], max_tokens=20_000)
+    tc, _ = train_sae(
+        x, transcoder_config(model.dims.d_model, 768, 32), SAETrainConfig(steps=800, lr=2e-3, batch_size=256), y
+    )
+    hx = collect_activations(model, MLP_IN, texts[-600:], max_tokens=5_000)
+    hy = collect_activations(model, MLP_OUT, texts[-600:], max_tokens=5_000)
+    assert reconstruction_metrics(tc, hx, hy)["explained_variance"] > 0.85  # measured 0.928
+    loss = downstream_loss(model, tc, texts[-400:], max_rows=32)
+    assert loss["ce_zero_ablated"] > loss["ce_clean"] + 5  # the MLP carries a lot (9.78 vs 1.54 nats)
+    assert loss["loss_recovered"] > 0.95, loss  # measured 0.997

@@ -1,4 +1,4 @@
-"""``mechscope features``: train a sparse autoencoder on a site, and evaluate a saved one."""
+"""``mechscope features``: train a sparse autoencoder (or transcoder) on a site, and evaluate a saved one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from mechscope.cli.common import fail, offline_by_default
 
-features_app = typer.Typer(help="Sparse autoencoders: train on a site, evaluate.", no_args_is_help=True)
+features_app = typer.Typer(help="Sparse autoencoders and transcoders: train, evaluate.", no_args_is_help=True)
 
 TextFile = Annotated[Path | None, typer.Option(help="Text file, one document per line (default: zoo text).")]
 
@@ -28,12 +28,18 @@ def _texts(text_file: Path | None) -> list[str]:
     return texts
 
 
-def _report(hm: Any, sae: Any, site: str, texts: list[str], held_out_tokens: int, seq_len: int) -> dict:
+def _report(hm: Any, sae: Any, texts: list[str], held_out_tokens: int, seq_len: int) -> dict:
     from mechscope.features import collect_activations, downstream_loss, reconstruction_metrics
 
-    cut = max(1, len(texts) // 10)  # the last tenth of the documents is held out
-    held = collect_activations(hm, site, texts[-cut:], seq_len=seq_len, max_tokens=held_out_tokens)
-    return {**reconstruction_metrics(sae, held), **downstream_loss(hm, sae, site, texts[-cut:], seq_len=seq_len)}
+    held = texts[-max(1, len(texts) // 10) :]  # the last tenth of the documents is held out
+    config = sae.config
+    x = collect_activations(hm, config.site, held, seq_len=seq_len, max_tokens=held_out_tokens)
+    y = (
+        collect_activations(hm, config.out_site, held, seq_len=seq_len, max_tokens=held_out_tokens)
+        if config.transcoder
+        else None
+    )
+    return {**reconstruction_metrics(sae, x, y), **downstream_loss(hm, sae, held, seq_len=seq_len)}
 
 
 @features_app.command("train")
@@ -41,6 +47,9 @@ def train_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
     site: Annotated[str, typer.Option("--site", "-s", help="Site with one vector per token.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to save the SAE (.safetensors + .json).")],
+    out_site: Annotated[
+        str, typer.Option(help="Train a transcoder reconstructing this site (e.g. blocks.1.hook_mlp_out).")
+    ] = "",
     d_sae: Annotated[int, typer.Option(help="Number of features.")] = 1024,
     activation: Annotated[str, typer.Option(help="'topk' or 'relu' (L1 penalty).")] = "topk",
     k: Annotated[int, typer.Option(help="Active features per token (topk).")] = 32,
@@ -52,7 +61,8 @@ def train_cmd(
     seq_len: Annotated[int, typer.Option(help="Row length when packing text.")] = 64,
     text_file: TextFile = None,
 ) -> None:
-    """Collect the site's activations, train an SAE, save it, report held-out reconstruction and loss."""
+    """Collect the site's activations, train an SAE (a transcoder with --out-site), save it, report
+    held-out reconstruction and loss."""
     offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.features import SAEConfig, SAETrainConfig, collect_activations, train_sae
@@ -63,13 +73,22 @@ def train_cmd(
         texts = _texts(text_file)
         train_texts = texts[: len(texts) - max(1, len(texts) // 10)]
         acts = collect_activations(hm, site, train_texts, seq_len=seq_len, max_tokens=max_tokens)
+        targets = None
+        if out_site:
+            targets = collect_activations(hm, out_site, train_texts, seq_len=seq_len, max_tokens=max_tokens)
         config = SAEConfig(
-            d_in=acts.shape[1], d_sae=d_sae, activation=activation, k=k if activation == "topk" else None, site=site
+            d_in=acts.shape[1],
+            d_sae=d_sae,
+            activation=activation,
+            k=k if activation == "topk" else None,
+            site=site,
+            d_out=None if targets is None else targets.shape[1],
+            out_site=out_site,
         )
         train = SAETrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1_coefficient=l1)
-        sae, log = train_sae(acts, config, train)
+        sae, log = train_sae(acts, config, train, targets)
         path = sae.save(out)
-        report = _report(hm, sae, site, texts, max(1000, max_tokens // 10), seq_len)
+        report = _report(hm, sae, texts, max(1000, max_tokens // 10), seq_len)
     except (MechscopeError, OSError) as exc:
         raise fail(exc) from exc
     typer.echo(f"trained on {acts.shape[0]} tokens; last step: {json.dumps(log[-1])}")
@@ -96,10 +115,11 @@ def eval_cmd(
         if not sae.config.site:
             raise ConfigError(f"the SAE at {sae_path} names no site; save it with SAEConfig(site=...)")
         hm = load_model(model)
-        report = _report(hm, sae, sae.config.site, _texts(text_file), max_tokens, seq_len)
+        report = _report(hm, sae, _texts(text_file), max_tokens, seq_len)
     except (MechscopeError, OSError) as exc:
         raise fail(exc) from exc
-    typer.echo(f"{sae.config.site}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+    where = sae.config.site + (f" -> {sae.config.out_site}" if sae.config.out_site else "")
+    typer.echo(f"{where}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
 
 
 __all__ = ["features_app"]

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +23,7 @@ from mechscope.errors import ShapeError
 from mechscope.features.sae import SparseAutoencoder
 from mechscope.features.store import token_rows
 from mechscope.model.hooks import HookContext, HookFn
-from mechscope.sites import SiteLike
+from mechscope.sites import Site
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -31,20 +31,32 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    sae: SparseAutoencoder, activations: Float[Tensor, "tokens d_in"], batch_size: int = 4096
+    sae: SparseAutoencoder,
+    activations: Float[Tensor, "tokens d_in"],
+    targets: Float[Tensor, "tokens d_out"] | None = None,
+    batch_size: int = 4096,
 ) -> dict[str, float]:
-    """``fvu``, ``explained_variance``, ``mse`` (per token, summed over dimensions), ``l0``, ``dead_fraction``."""
+    """``fvu``, ``explained_variance``, ``mse`` (per token, summed over dimensions), ``l0``, ``dead_fraction``.
+
+    A transcoder is scored against `targets`, its out-site's activations at the same tokens.
+    """
     if activations.ndim != 2:
         raise ShapeError(f"expected activations of shape [tokens, d_in], got {tuple(activations.shape)}")
+    if sae.config.transcoder != (targets is not None):
+        raise ShapeError("a transcoder is scored against targets (its out-site's activations), an SAE without")
     x_all = activations.float()
-    mean = x_all.mean(0)
+    y_all = x_all if targets is None else targets.float()
+    if y_all.shape != (x_all.shape[0], sae.config.width_out):
+        expected = (x_all.shape[0], sae.config.width_out)
+        raise ShapeError(f"expected targets of shape {list(expected)}, got {tuple(y_all.shape)}")
+    mean = y_all.mean(0)
     sq_err = total_var = l0 = 0.0
     fired = torch.zeros(sae.config.d_sae, dtype=torch.bool)
     for start in range(0, x_all.shape[0], batch_size):
-        x = x_all[start : start + batch_size]
+        x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
         recon, f = sae(x)
-        sq_err += float((recon - x).pow(2).sum())
-        total_var += float((x - mean).pow(2).sum())
+        sq_err += float((recon - y).pow(2).sum())
+        total_var += float((y - mean).pow(2).sum())
         l0 += float((f > 0).sum())
         fired |= (f > 0).any(0)
     n = x_all.shape[0]
@@ -58,30 +70,60 @@ def reconstruction_metrics(
     }
 
 
-def splice_hook(sae: SparseAutoencoder, *, keep_error: bool = False) -> HookFn:
-    """A hook replacing the activation by the SAE's reconstruction (plus the reconstruction error when
-    `keep_error`, which makes the splice an exact identity that features can then be edited inside)."""
+def feature_hooks(
+    model: HookedModel, sae: SparseAutoencoder, edit: Callable[[Tensor, Tensor], Tensor]
+) -> dict[Site, HookFn]:
+    """Hooks that rewrite the reconstructed site from the SAE's features: ``edit(features, activation)``
+    returns the new activation of the reconstructed site, given the features of the read site.
 
-    def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
-        recon = sae(activation)[0].to(activation.dtype)
+    An SAE reads and writes one site; a transcoder reads ``config.site`` and writes ``config.out_site``
+    in the same forward pass (its input is captured first)."""
+    config = sae.config
+    if not config.site:
+        raise ShapeError("the SAE names no site; build it with SAEConfig(site=...)")
+    read = model.site(config.site)
+    if not config.transcoder:
+        return {read: lambda activation, _ctx: edit(sae.encode(activation), activation)}
+    write = model.site(config.out_site)
+    captured: dict[str, Tensor] = {}
+
+    def capture(activation: Tensor, _ctx: HookContext) -> None:
+        captured["x"] = activation
+
+    def rewrite(activation: Tensor, _ctx: HookContext) -> Tensor:
+        if "x" not in captured:
+            raise ShapeError(f"{read.name} did not run before {write.name}; a transcoder reads it first")
+        return edit(sae.encode(captured.pop("x")), activation)
+
+    return {read: capture, write: rewrite}  # type: ignore[dict-item]
+
+
+def splice_hooks(model: HookedModel, sae: SparseAutoencoder, *, keep_error: bool = False) -> dict[Site, HookFn]:
+    """Hooks replacing the reconstructed site by the SAE's reconstruction (plus the reconstruction error
+    when `keep_error`, which makes the splice an exact identity that features can then be edited inside)."""
+
+    def edit(features: Tensor, activation: Tensor) -> Tensor:
+        recon = sae.decode(features).to(activation.dtype)
         return recon + (activation - recon) if keep_error else recon
 
-    return fn
+    return feature_hooks(model, sae, edit)
 
 
 @torch.no_grad()
 def downstream_loss(
     model: HookedModel,
     sae: SparseAutoencoder,
-    site: SiteLike,
     texts: Sequence[str],
     *,
     seq_len: int = 64,
     batch_size: int = 16,
     max_rows: int | None = 64,
 ) -> dict[str, float]:
-    """Mean next-token loss clean, with the SAE spliced in at `site`, and with `site` zero-ablated."""
-    chosen = model.site(site)
+    """Mean next-token loss clean, with the SAE spliced in, and with its reconstructed site zero-ablated
+    (``config.site``, or a transcoder's ``config.out_site``)."""
+    written = model.site(sae.config.out_site or sae.config.site) if sae.config.site else None
+    if written is None:
+        raise ShapeError("the SAE names no site; build it with SAEConfig(site=...)")
     rows = token_rows(model, texts, seq_len)[:max_rows]
     device = next(model.hf_model.parameters()).device
 
@@ -102,8 +144,8 @@ def downstream_loss(
         return total / count
 
     clean = mean_loss({})
-    spliced = mean_loss({chosen: splice_hook(sae)})
-    zeroed = mean_loss({chosen: zero})
+    spliced = mean_loss(splice_hooks(model, sae))
+    zeroed = mean_loss({written: zero})
     return {
         "ce_clean": clean,
         "ce_spliced": spliced,
@@ -112,4 +154,4 @@ def downstream_loss(
     }
 
 
-__all__ = ["downstream_loss", "reconstruction_metrics", "splice_hook"]
+__all__ = ["downstream_loss", "feature_hooks", "reconstruction_metrics", "splice_hooks"]

@@ -1,5 +1,10 @@
 """A sparse autoencoder over one model site: ``f = act(W_enc^T (x - b_dec) + b_enc)``, ``x_hat = W_dec^T f + b_dec``.
 
+With ``out_site`` set it is a *transcoder* (Dunefsky et al. 2024): it reads one site (an MLP's input,
+``blocks.L.ln2.hook_normalized``) and reconstructs another (that MLP's output, ``blocks.L.hook_mlp_out``),
+``f = act(W_enc^T x + b_enc)``, ``y_hat = W_dec^T f + b_dec``: a sparse, interpretable replacement of the
+MLP rather than of a state.
+
 Two sparsity mechanisms, the two most used in published SAE suites: ``relu`` (an L1 penalty on the
 feature activations weighted by their decoder norms, Bricken et al. 2023) and ``topk`` (keep the `k`
 largest pre-activations per token, Gao et al. 2024: sparsity set exactly, no penalty to tune).
@@ -31,7 +36,9 @@ class SAEConfig:
         d_sae: number of features (the dictionary size).
         activation: ``relu`` (sparsity from the L1 penalty while training) or ``topk``.
         k: active features per token for ``topk``.
-        site: the canonical site the SAE reads (``blocks.1.hook_resid_post``); informational.
+        site: the canonical site the SAE reads (``blocks.1.hook_resid_post``).
+        d_out: width of the reconstructed site for a transcoder (None: an SAE, ``d_out = d_in``).
+        out_site: the site a transcoder reconstructs ("" for an SAE: it reconstructs `site`).
     """
 
     d_in: int
@@ -39,6 +46,18 @@ class SAEConfig:
     activation: str = "relu"
     k: int | None = None
     site: str = ""
+    d_out: int | None = None
+    out_site: str = ""
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether this reconstructs another site than it reads."""
+        return self.d_out is not None or bool(self.out_site)
+
+    @property
+    def width_out(self) -> int:
+        """Width of the reconstruction."""
+        return self.d_in if self.d_out is None else self.d_out
 
     def __post_init__(self) -> None:
         if self.d_in < 1 or self.d_sae < 1:
@@ -49,6 +68,8 @@ class SAEConfig:
             raise ConfigError(f"activation 'topk' needs 1 <= k <= d_sae={self.d_sae}, got k={self.k}")
         if self.activation == "relu" and self.k is not None:
             raise ConfigError(f"k is only used by activation 'topk', got k={self.k} with 'relu'")
+        if self.transcoder and (self.d_out is None or self.d_out < 1):
+            raise ConfigError(f"a transcoder (out_site={self.out_site!r}) needs a positive d_out, got {self.d_out}")
 
 
 class SparseAutoencoder(nn.Module):
@@ -58,12 +79,16 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.config = config
         gen = torch.Generator().manual_seed(seed)
-        w_dec = torch.randn(config.d_sae, config.d_in, generator=gen)
+        w_dec = torch.randn(config.d_sae, config.width_out, generator=gen)
         w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
-        self.W_dec = nn.Parameter(w_dec)  # [d_sae, d_in], unit rows
-        self.W_enc = nn.Parameter(w_dec.T.clone())  # [d_in, d_sae]: tied at initialisation
+        self.W_dec = nn.Parameter(w_dec)  # [d_sae, d_out], unit rows
+        if config.transcoder:
+            w_enc = torch.randn(config.d_in, config.d_sae, generator=gen) / config.d_in**0.5
+        else:
+            w_enc = w_dec.T.clone()  # tied at initialisation
+        self.W_enc = nn.Parameter(w_enc)  # [d_in, d_sae]
         self.b_enc = nn.Parameter(torch.zeros(config.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(config.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(config.width_out))
 
     def _check(self, x: Tensor) -> None:
         if x.shape[-1] != self.config.d_in:
@@ -75,7 +100,8 @@ class SparseAutoencoder(nn.Module):
 
     def pre_activations(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         self._check(x)
-        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+        x = x.to(self.W_enc.dtype)
+        return (x if self.config.transcoder else x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         """Feature activations of `x` (non-negative; at most `k` non-zero per token for ``topk``)."""
@@ -86,7 +112,7 @@ class SparseAutoencoder(nn.Module):
         top = pre.topk(self.config.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
-    def decode(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+    def decode(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
         """The reconstruction ``f @ W_dec + b_dec``."""
         if f.shape[-1] != self.config.d_sae:
             raise ShapeError(
@@ -95,7 +121,7 @@ class SparseAutoencoder(nn.Module):
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> tuple[Tensor, Tensor]:
-        """``(reconstruction, feature activations)`` of `x`."""
+        """``(reconstruction [..., d_out], feature activations)`` of `x`."""
         f = self.encode(x)
         return self.decode(f), f
 

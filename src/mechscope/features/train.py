@@ -38,23 +38,50 @@ class SAETrainConfig:
             raise ConfigError(f"expected steps, batch_size >= 1, lr > 0 and l1_coefficient >= 0; got {self}")
 
 
+def _scaled(name: str, x: Tensor, width: int) -> tuple[Tensor, float]:
+    """`x` as fp32 scaled to mean squared norm `width`, and the scale."""
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ShapeError(f"expected {name} of shape [tokens, {width}], got {tuple(x.shape)}")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise ConfigError(f"{name} contain NaN or inf")
+    scale = float((width / x.pow(2).sum(-1).mean().clamp(min=1e-12)).sqrt())
+    return x * scale, scale
+
+
 def train_sae(
     activations: Float[Tensor, "tokens d_in"],
     config: SAEConfig,
     train: SAETrainConfig | None = None,
+    targets: Float[Tensor, "tokens d_out"] | None = None,
 ) -> tuple[SparseAutoencoder, list[dict[str, Any]]]:
-    """Train an SAE of `config` on `activations`; returns it and a log (loss, mse, l0 per logged step)."""
+    """Train an SAE of `config` on `activations` (a transcoder: to reconstruct `targets`, the out-site's
+    activations at the same tokens); returns it and a log (loss, mse, l0 per logged step)."""
     cfg = train or SAETrainConfig()
-    if activations.ndim != 2 or activations.shape[1] != config.d_in:
-        raise ShapeError(f"expected activations of shape [tokens, d_in={config.d_in}], got {tuple(activations.shape)}")
-    data = activations.float()
-    if not torch.isfinite(data).all():
-        raise ConfigError("activations contain NaN or inf")
-    scale = float((config.d_in / data.pow(2).sum(-1).mean()).sqrt())
-    data = data * scale
+    if config.transcoder != (targets is not None):
+        raise ConfigError(
+            "a transcoder needs targets (its out-site's activations) and an SAE none; "
+            f"got transcoder={config.transcoder} with targets {'given' if targets is not None else 'missing'}"
+        )
+    data, scale_in = _scaled("activations", activations, config.d_in)
+    if targets is None:
+        goal, scale_out = data, scale_in
+    else:
+        if targets.shape[0] != activations.shape[0]:
+            raise ShapeError(f"expected one target per activation, got {targets.shape[0]} and {activations.shape[0]}")
+        goal, scale_out = _scaled("targets", targets, config.width_out)
     sae = SparseAutoencoder(config, seed=cfg.seed)
     with torch.no_grad():
-        sae.b_dec.copy_(data.mean(0))
+        sae.b_dec.copy_(goal.mean(0))
+        if config.transcoder:
+            # Tie the encoder to the decoder through the best linear map M from inputs to targets
+            # (least squares on a sample): feature i starts by detecting the input that M sends along
+            # its decoder row, as an SAE's tied initialisation does when M is the identity.
+            sample = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:8192]
+            xc, yc = data[sample] - data[sample].mean(0), goal[sample] - goal[sample].mean(0)
+            linear = torch.linalg.lstsq(xc, yc).solution  # [d_in, d_out]
+            w_enc = linear @ sae.W_dec.T
+            sae.W_enc.copy_(w_enc / w_enc.norm(dim=0, keepdim=True).clamp(min=1e-8))
     optimiser = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed)
     fired = torch.zeros(config.d_sae, dtype=torch.bool)
@@ -62,9 +89,9 @@ def train_sae(
     for step in range(cfg.steps):
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-        batch = data[torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)]
-        recon, f = sae(batch)
-        mse = (recon - batch).pow(2).sum(-1).mean()
+        rows = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
+        recon, f = sae(data[rows])
+        mse = (recon - goal[rows]).pow(2).sum(-1).mean()
         loss = mse
         if config.activation == "relu":
             loss = loss + cfg.l1_coefficient * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean() / config.d_in**0.5
@@ -79,10 +106,12 @@ def train_sae(
                 {"step": step + 1, "loss": loss.item(), "mse": mse.item(), "l0": l0, "ever_fired": int(fired.sum())}
             )
     with torch.no_grad():
-        # Undo the input scaling x_s = s x. relu and top-k are positively homogeneous, so dividing both
-        # biases by s gives features f / s on raw inputs, decoded by the same unit rows into x_hat_s / s.
-        sae.b_dec.div_(scale)
-        sae.b_enc.div_(scale)
+        # Undo the scalings x_s = a x (inputs) and y_s = b y (reconstructed site; b = a for an SAE). relu
+        # and top-k are positively homogeneous, so features f / b, from W_enc a / b and biases / b, decode
+        # through the same unit rows into y_hat_s / b.
+        sae.W_enc.mul_(scale_in / scale_out)
+        sae.b_enc.div_(scale_out)
+        sae.b_dec.div_(scale_out)
     return sae, log
 
 
