@@ -214,6 +214,12 @@ def test_cli_trains_saves_and_evaluates_an_sae(tmp_path):
         app, ["features", "eval", str(folder), str(out), "--text-file", str(text), "--seq-len", "16"]
     )
     assert result.exit_code == 0 and f"{SITE}: fvu" in result.output, result.output
+    cards = ["features", "cards", str(folder), str(out), "-f", "3", "--text-file", str(text), "--seq-len", "16"]
+    result = CliRunner().invoke(app, [*cards, "-o", str(tmp_path / "cards.json")])
+    assert result.exit_code == 0 and "feature 3: frequency" in result.output, result.output
+    from mechscope.features import load_cards
+
+    assert [c.feature for c in load_cards(tmp_path / "cards.json")] == [3]
     transcoder = ["-s", MLP_IN, "--out-site", MLP_OUT, "-o", str(tmp_path / "t.safetensors")]
     result = CliRunner().invoke(app, [*args[:3], *transcoder, *args[7:], "--d-sae", "32", "--k", "4", "--steps", "20"])
     assert result.exit_code == 0 and "loss_recovered" in result.output, result.output
@@ -287,3 +293,30 @@ def test_a_transcoder_of_an_organisms_first_mlp_recovers_the_loss_it_carries():
     loss = downstream_loss(model, tc, texts[-400:], max_rows=32)
     assert loss["ce_zero_ablated"] > loss["ce_clean"] + 5  # the MLP carries a lot (9.78 vs 1.54 nats)
     assert loss["loss_recovered"] > 0.95, loss  # measured 0.997
+
+
+def test_feature_cards_match_an_independent_computation(model, tmp_path):
+    from mechscope.features import feature_cards, load_cards, save_cards
+    from mechscope.features.store import token_rows
+
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=24, site=SITE), seed=2)
+    cards = feature_cards(model, sae, TEXTS, [0, 5, 11], top_k=3, context=4, n_logits=5, seq_len=16)
+    f = sae.encode(collect_activations(model, SITE, TEXTS, seq_len=16)).detach()  # [tokens, d_sae], no position 0
+    rows = token_rows(model, TEXTS, 16)
+    w_u = model.weights.W_U
+    for card in cards:
+        acts = f[:, card.feature]
+        assert card.frequency == pytest.approx(float((acts > 0).float().mean()))
+        assert card.max_activation == pytest.approx(float(acts.max()), abs=1e-5)
+        top = [v for v in acts.topk(3).values.tolist() if v > 0]
+        assert top and [c["activation"] for c in card.top_contexts] == pytest.approx(top, abs=1e-5)
+        assert 0 < card.frequency < 1
+        for c in card.top_contexts:
+            assert c["tokens"][c["active"]] == model.tokenizer.decode([int(rows[c["row"], c["position"]])])
+            assert float(acts[c["row"] * 15 + c["position"] - 1]) == pytest.approx(c["activation"], abs=1e-5)
+        logits = sae.W_dec.detach()[card.feature] @ w_u
+        assert [v for _, v in card.promoted] == pytest.approx(logits.topk(5).values.tolist(), abs=1e-5)
+        assert [v for _, v in card.suppressed] == pytest.approx((-(-logits).topk(5).values).tolist(), abs=1e-5)
+    assert load_cards(save_cards(cards, tmp_path / "cards.json")) == cards
+    with pytest.raises(ConfigError, match=r"feature indices in \[0, 24\), got \[24\]"):
+        feature_cards(model, sae, TEXTS, [24])

@@ -122,4 +122,40 @@ def eval_cmd(
     typer.echo(f"{where}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
 
 
+@features_app.command("cards")
+def cards_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    sae_path: Annotated[Path, typer.Argument(help="A saved SAE (.safetensors with its .json).")],
+    feature: Annotated[list[int], typer.Option("--feature", "-f", help="Feature (repeatable; default: all).")] = [],  # noqa: B006
+    top_k: Annotated[int, typer.Option(help="Top-activating contexts per feature.")] = 5,
+    context: Annotated[int, typer.Option(help="Tokens of context before the active one.")] = 8,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the cards (JSON).")] = Path("cards.json"),
+    seq_len: Annotated[int, typer.Option(help="Row length when packing text.")] = 64,
+    text_file: TextFile = None,
+) -> None:
+    """Top-activating contexts, firing frequency and promoted tokens of SAE features, as JSON."""
+    offline_by_default()
+    from mechscope.errors import MechscopeError
+    from mechscope.features import SparseAutoencoder, feature_cards, save_cards
+    from mechscope.model.loading import load_model
+
+    try:
+        sae = SparseAutoencoder.load(sae_path)
+        hm = load_model(model)
+        texts = _texts(text_file)
+        cards = feature_cards(hm, sae, texts, feature or None, top_k=top_k, context=context, seq_len=seq_len)
+        path = save_cards(cards, out)
+    except (MechscopeError, OSError) as exc:
+        raise fail(exc) from exc
+    for card in cards[:20]:
+        best = card.top_contexts[0] if card.top_contexts else None
+        where = (
+            "never fires"
+            if best is None
+            else "".join(best["tokens"][: best["active"]]) + f"[[{best['tokens'][best['active']]}]]"
+        )
+        typer.echo(f"feature {card.feature}: frequency {card.frequency:.4f}, max {card.max_activation:.3g}: {where!r}")
+    typer.echo(f"{len(cards)} cards -> {path}")
+
+
 __all__ = ["features_app"]

@@ -1,0 +1,147 @@
+"""What a feature is: its top-activating contexts, how often it fires and which tokens it promotes.
+
+A :class:`FeatureCard` holds, for one SAE (or transcoder) feature over a text corpus: the fraction of
+tokens where it fires, its mean activation when it does, its largest activation, the ``top_k`` contexts
+with the largest activations (``context`` tokens before the active one), and -- where the feature writes
+into a ``d_model``-wide site -- the tokens its decoder direction most promotes and suppresses through
+the unembedding (the direct path only: the final norm's scale is not applied and later layers are
+skipped, as in the logit-weight panels of published feature dashboards). Cards save as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mechscope.errors import ConfigError
+from mechscope.features.sae import SparseAutoencoder
+from mechscope.features.store import token_rows
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
+
+
+@dataclass(frozen=True)
+class FeatureCard:
+    """One feature over a corpus (see the module docstring)."""
+
+    feature: int
+    frequency: float
+    mean_when_active: float
+    max_activation: float
+    top_contexts: list[dict[str, Any]] = field(default_factory=list)  # tokens, active (index), activation
+    promoted: list[tuple[str, float]] = field(default_factory=list)
+    suppressed: list[tuple[str, float]] = field(default_factory=list)
+
+
+def save_cards(cards: Sequence[FeatureCard], path: str | Path) -> Path:
+    """Write `cards` as one JSON file; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": "feature_cards", "cards": [asdict(c) for c in cards]}, indent=1))
+    return path
+
+
+def load_cards(path: str | Path) -> list[FeatureCard]:
+    """Cards written by :func:`save_cards`."""
+    data = json.loads(Path(path).read_text())
+    if data.get("kind") != "feature_cards":
+        raise ConfigError(f"expected feature cards (kind 'feature_cards') in {path}, got kind {data.get('kind')!r}")
+    out = []
+    for card in data["cards"]:
+        card["promoted"] = [tuple(p) for p in card["promoted"]]
+        card["suppressed"] = [tuple(p) for p in card["suppressed"]]
+        out.append(FeatureCard(**card))
+    return out
+
+
+@torch.no_grad()
+def feature_cards(
+    model: HookedModel,
+    sae: SparseAutoencoder,
+    texts: Sequence[str],
+    features: Sequence[int] | None = None,
+    *,
+    top_k: int = 5,
+    context: int = 8,
+    n_logits: int = 8,
+    seq_len: int = 64,
+    max_rows: int | None = 256,
+    batch_size: int = 32,
+) -> list[FeatureCard]:
+    """Cards of `features` (default: all) of `sae` over `texts` packed into rows (position 0 left out)."""
+    d_sae = sae.config.d_sae
+    chosen = list(range(d_sae)) if features is None else [int(f) for f in features]
+    bad = [f for f in chosen if not 0 <= f < d_sae]
+    if not chosen or bad:
+        raise ConfigError(f"expected feature indices in [0, {d_sae}), got {bad or 'none'}")
+    if top_k < 1 or context < 0 or n_logits < 0:
+        raise ConfigError(f"expected top_k >= 1, context >= 0, n_logits >= 0; got {top_k}, {context}, {n_logits}")
+    site = model.site(sae.config.site)
+    rows = token_rows(model, texts, seq_len)[:max_rows]
+    device = next(model.hf_model.parameters()).device
+    index = torch.tensor(chosen)
+    count = torch.zeros(len(chosen))
+    total = torch.zeros(len(chosen))
+    best_val = torch.full((len(chosen), top_k), float("-inf"))
+    best_at = torch.zeros((len(chosen), top_k), dtype=torch.long)  # flat token index row * seq_len + pos
+    for start in range(0, rows.shape[0], batch_size):
+        ids = rows[start : start + batch_size].to(device)
+        _, cache = model.run_with_cache(ids, [site])
+        f = sae.encode(cache[site.name])[:, 1:, index].float().cpu()  # [batch, pos - 1, n]
+        count += (f > 0).sum((0, 1))
+        total += f.sum((0, 1))
+        flat = f.reshape(-1, len(chosen)).T  # [n, tokens]
+        rows_here = torch.arange(start, start + ids.shape[0]).repeat_interleave(seq_len - 1)
+        pos_here = torch.arange(1, seq_len).repeat(ids.shape[0])
+        where = rows_here * seq_len + pos_here
+        vals = torch.cat([best_val, flat], 1)
+        ats = torch.cat([best_at, where.expand(len(chosen), -1)], 1)
+        top = vals.topk(top_k, dim=1)
+        best_val, best_at = top.values, ats.gather(1, top.indices)
+    n_tokens = rows.shape[0] * (seq_len - 1)
+    logits = _logit_effects(model, sae, index)
+    tok = model.tokenizer
+    cards = []
+    for i, feature in enumerate(chosen):
+        contexts = []
+        for value, at in zip(best_val[i].tolist(), best_at[i].tolist(), strict=True):
+            if value <= 0:
+                break
+            row, pos = divmod(at, seq_len)
+            lo = max(0, pos - context)
+            tokens = [tok.decode([t]) for t in rows[row, lo : pos + 1].tolist()]
+            contexts.append({"tokens": tokens, "active": pos - lo, "activation": value, "row": row, "position": pos})
+        promoted = suppressed = []
+        if logits is not None and n_logits:
+            up, down = logits[i].topk(n_logits), (-logits[i]).topk(n_logits)
+            promoted = [(tok.decode([t]), float(v)) for v, t in zip(up.values, up.indices.tolist(), strict=True)]
+            suppressed = [(tok.decode([t]), -float(v)) for v, t in zip(down.values, down.indices.tolist(), strict=True)]
+        cards.append(
+            FeatureCard(
+                feature=feature,
+                frequency=float(count[i]) / n_tokens,
+                mean_when_active=float(total[i] / count[i]) if count[i] else 0.0,
+                max_activation=max(0.0, float(best_val[i, 0])),
+                top_contexts=contexts,
+                promoted=promoted,
+                suppressed=suppressed,
+            )
+        )
+    return cards
+
+
+def _logit_effects(model: HookedModel, sae: SparseAutoencoder, index: torch.Tensor) -> torch.Tensor | None:
+    """``W_dec[features] @ W_U`` ``[n, d_vocab]`` where the feature writes a d_model-wide site, else None."""
+    if sae.config.width_out != model.dims.d_model:
+        return None
+    w_u = model.weights.W_U.float().cpu()
+    return sae.W_dec.detach()[index].float() @ w_u
+
+
+__all__ = ["FeatureCard", "feature_cards", "load_cards", "save_cards"]
