@@ -79,6 +79,15 @@ def test_training_is_invariant_to_the_scale_of_the_activations():
     torch.testing.assert_close(big(1000 * x)[0], 1000 * small(x)[0], rtol=1e-3, atol=1e-1)
 
 
+def test_training_works_inside_no_grad():
+    x, _ = planted(n=1000)
+    with torch.no_grad():
+        sae, log = train_sae(
+            x, SAEConfig(d_in=16, d_sae=32, activation="topk", k=2), SAETrainConfig(steps=50, log_every=10)
+        )
+    assert log[-1]["mse"] < log[0]["mse"] and sae.W_enc.grad is not None
+
+
 def test_save_and_load_round_trip(tmp_path):
     sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=20, activation="topk", k=3, site=SITE), seed=3)
     path = sae.save(tmp_path / "sae.safetensors")

@@ -78,7 +78,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     section: Annotated[
         list[str],
-        typer.Option(help="Run only these loops: refusal, facts, sentiment (organisms) or induction (any model)."),
+        typer.Option(
+            help="Run only these loops: refusal, facts, sentiment, features (organisms) or induction (any model)."
+        ),
     ] = [],  # noqa: B006
 ) -> None:
     """Locate -> Steer -> Improve on the default model; writes a self-contained HTML report."""

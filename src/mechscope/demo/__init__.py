@@ -4,7 +4,8 @@ On a bundled organism (the default) the demo runs three loops on planted mechani
 is known: the refusal direction (locate by difference of means and ablation scores, remove it by
 directional ablation and weight orthogonalisation, measure refusal and side effects); a planted fact
 (locate by causal tracing, rewrite with ROME, measure efficacy, generalisation, specificity, revert);
-and a sentiment steering vector (build, steer, measure flips against neutral-text KL). On any other
+a sentiment steering vector (build, steer, measure flips against neutral-text KL); and features (a
+sparse autoencoder, its feature cards, one feature ablated where it fires). On any other
 model (without the organisms' vocabulary) it runs the model-agnostic induction-head loop.
 """
 
@@ -20,15 +21,16 @@ import torch
 from mechscope.demo.common import Section
 from mechscope.errors import ConfigError
 
-ORGANISM_SECTIONS = ("refusal", "facts", "sentiment")
+ORGANISM_SECTIONS = ("refusal", "facts", "sentiment", "features")
 GENERIC_SECTIONS = ("induction",)
 ALL_SECTIONS = (*ORGANISM_SECTIONS, *GENERIC_SECTIONS)
 
 
 def _section_fn(name: str) -> Callable[..., Section]:
-    from mechscope.demo import facts, induction, refusal, sentiment
+    from mechscope.demo import facts, features, induction, refusal, sentiment
 
     return {
+        "features": features.run,
         "refusal": refusal.run,
         "facts": facts.run,
         "sentiment": sentiment.run,

@@ -86,25 +86,26 @@ def train_sae(
     gen = torch.Generator().manual_seed(cfg.seed)
     fired = torch.zeros(config.d_sae, dtype=torch.bool)
     log: list[dict[str, Any]] = []
-    for step in range(cfg.steps):
-        for group in optimiser.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-        rows = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
-        recon, f = sae(data[rows])
-        mse = (recon - goal[rows]).pow(2).sum(-1).mean()
-        loss = mse
-        if config.activation == "relu":
-            loss = loss + cfg.l1_coefficient * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean() / config.d_in**0.5
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        sae.normalise_decoder()
-        fired |= (f > 0).any(0)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            l0 = float((f > 0).float().sum(-1).mean())
-            log.append(
-                {"step": step + 1, "loss": loss.item(), "mse": mse.item(), "l0": l0, "ever_fired": int(fired.sum())}
-            )
+    with torch.enable_grad():  # callers may be inside torch.no_grad() (the demo, evaluation loops)
+        for step in range(cfg.steps):
+            for group in optimiser.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            rows = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
+            recon, f = sae(data[rows])
+            mse = (recon - goal[rows]).pow(2).sum(-1).mean()
+            loss = mse
+            if config.activation == "relu":
+                loss = loss + cfg.l1_coefficient * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean() / config.d_in**0.5
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            sae.normalise_decoder()
+            fired |= (f > 0).any(0)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                l0 = float((f > 0).float().sum(-1).mean())
+                log.append(
+                    {"step": step + 1, "loss": loss.item(), "mse": mse.item(), "l0": l0, "ever_fired": int(fired.sum())}
+                )
     with torch.no_grad():
         # Undo the scalings x_s = a x (inputs) and y_s = b y (reconstructed site; b = a for an SAE). relu
         # and top-k are positively homogeneous, so features f / b, from W_enc a / b and biases / b, decode
