@@ -13,6 +13,21 @@ from mechscope.cli.common import fail, offline_by_default
 features_app = typer.Typer(help="Sparse autoencoders and transcoders: train, evaluate.", no_args_is_help=True)
 
 TextFile = Annotated[Path | None, typer.Option(help="Text file, one document per line (default: zoo text).")]
+ModelArg = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
+SaeArg = Annotated[Path, typer.Argument(help="A saved SAE (.safetensors with its .json).")]
+SeqLen = Annotated[int, typer.Option(help="Row length when packing text.")]
+
+
+def _load(model: str, sae_path: Path) -> tuple[Any, Any]:
+    """The model and the saved SAE, which must name its site."""
+    from mechscope.errors import ConfigError
+    from mechscope.features import SparseAutoencoder
+    from mechscope.model.loading import load_model
+
+    sae = SparseAutoencoder.load(sae_path)
+    if not sae.config.site:
+        raise ConfigError(f"the SAE at {sae_path} names no site; save it with SAEConfig(site=...)")
+    return load_model(model), sae
 
 
 def _texts(text_file: Path | None) -> list[str]:
@@ -44,7 +59,7 @@ def _report(hm: Any, sae: Any, texts: list[str], held_out_tokens: int, seq_len: 
 
 @features_app.command("train")
 def train_cmd(
-    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
+    model: ModelArg,
     site: Annotated[str, typer.Option("--site", "-s", help="Site with one vector per token.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to save the SAE (.safetensors + .json).")],
     out_site: Annotated[
@@ -58,7 +73,7 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 512,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     max_tokens: Annotated[int, typer.Option(help="Training tokens to collect.")] = 100_000,
-    seq_len: Annotated[int, typer.Option(help="Row length when packing text.")] = 64,
+    seq_len: SeqLen = 64,
     text_file: TextFile = None,
 ) -> None:
     """Collect the site's activations, train an SAE (a transcoder with --out-site), save it, report
@@ -98,23 +113,18 @@ def train_cmd(
 
 @features_app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
-    sae_path: Annotated[Path, typer.Argument(help="A saved SAE (.safetensors with its .json).")],
+    model: ModelArg,
+    sae_path: SaeArg,
     max_tokens: Annotated[int, typer.Option(help="Held-out tokens for reconstruction metrics.")] = 10_000,
-    seq_len: Annotated[int, typer.Option(help="Row length when packing text.")] = 64,
+    seq_len: SeqLen = 64,
     text_file: TextFile = None,
 ) -> None:
     """Reconstruction (FVU, L0, dead features) and loss recovered of a saved SAE at its site."""
     offline_by_default()
-    from mechscope.errors import ConfigError, MechscopeError
-    from mechscope.features import SparseAutoencoder
-    from mechscope.model.loading import load_model
+    from mechscope.errors import MechscopeError
 
     try:
-        sae = SparseAutoencoder.load(sae_path)
-        if not sae.config.site:
-            raise ConfigError(f"the SAE at {sae_path} names no site; save it with SAEConfig(site=...)")
-        hm = load_model(model)
+        hm, sae = _load(model, sae_path)
         report = _report(hm, sae, _texts(text_file), max_tokens, seq_len)
     except (MechscopeError, OSError) as exc:
         raise fail(exc) from exc
@@ -124,24 +134,22 @@ def eval_cmd(
 
 @features_app.command("cards")
 def cards_cmd(
-    model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
-    sae_path: Annotated[Path, typer.Argument(help="A saved SAE (.safetensors with its .json).")],
+    model: ModelArg,
+    sae_path: SaeArg,
     feature: Annotated[list[int], typer.Option("--feature", "-f", help="Feature (repeatable; default: all).")] = [],  # noqa: B006
     top_k: Annotated[int, typer.Option(help="Top-activating contexts per feature.")] = 5,
     context: Annotated[int, typer.Option(help="Tokens of context before the active one.")] = 8,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the cards (JSON).")] = Path("cards.json"),
-    seq_len: Annotated[int, typer.Option(help="Row length when packing text.")] = 64,
+    seq_len: SeqLen = 64,
     text_file: TextFile = None,
 ) -> None:
     """Top-activating contexts, firing frequency and promoted tokens of SAE features, as JSON."""
     offline_by_default()
     from mechscope.errors import MechscopeError
-    from mechscope.features import SparseAutoencoder, feature_cards, save_cards
-    from mechscope.model.loading import load_model
+    from mechscope.features import feature_cards, save_cards
 
     try:
-        sae = SparseAutoencoder.load(sae_path)
-        hm = load_model(model)
+        hm, sae = _load(model, sae_path)
         texts = _texts(text_file)
         cards = feature_cards(hm, sae, texts, feature or None, top_k=top_k, context=context, seq_len=seq_len)
         path = save_cards(cards, out)
