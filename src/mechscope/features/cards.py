@@ -20,7 +20,7 @@ import torch
 
 from mechscope.errors import ConfigError
 from mechscope.features.sae import SparseAutoencoder
-from mechscope.features.store import token_rows
+from mechscope.features.store import per_token_site, token_rows
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -82,7 +82,7 @@ def feature_cards(
         raise ConfigError(f"expected feature indices in [0, {d_sae}), got {bad or 'none'}")
     if top_k < 1 or context < 0 or n_logits < 0:
         raise ConfigError(f"expected top_k >= 1, context >= 0, n_logits >= 0; got {top_k}, {context}, {n_logits}")
-    site = model.site(sae.config.site)
+    site = per_token_site(model, sae.config.site)
     rows = token_rows(model, texts, seq_len)[:max_rows]
     device = next(model.hf_model.parameters()).device
     index = torch.tensor(chosen)

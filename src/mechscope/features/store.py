@@ -16,10 +16,20 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.sites import SiteLike
+from mechscope.sites import Site, SiteLike
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
+
+
+def per_token_site(model: HookedModel, site: SiteLike) -> Site:
+    """`site` of `model`, checked to hold one vector per token (axes batch, pos, d): what SAEs read."""
+    chosen = model.site(site)
+    if chosen.axes[:2] != ("batch", "pos") or len(chosen.axes) != 3:
+        raise ShapeError(
+            f"expected a site with one vector per token (axes batch, pos, d), got {chosen.name} with axes {chosen.axes}"
+        )
+    return chosen
 
 
 def token_rows(model: HookedModel, texts: Sequence[str], seq_len: int) -> Tensor:
@@ -55,11 +65,7 @@ def collect_activations(
     The site must have one vector per token (residual stream, MLP or attention output, MLP hidden units);
     per-head sites would first need their heads flattened, which is not done here.
     """
-    chosen = model.site(site)
-    if chosen.axes[:2] != ("batch", "pos") or len(chosen.axes) != 3:
-        raise ShapeError(
-            f"expected a site with one vector per token (axes batch, pos, d), got {chosen.name} with axes {chosen.axes}"
-        )
+    chosen = per_token_site(model, site)
     rows = token_rows(model, texts, seq_len)
     per_row = seq_len - int(skip_first)
     if max_tokens is not None:
@@ -78,4 +84,4 @@ def collect_activations(
     return acts if max_tokens is None else acts[:max_tokens]
 
 
-__all__ = ["collect_activations", "token_rows"]
+__all__ = ["collect_activations", "per_token_site", "token_rows"]

@@ -21,6 +21,7 @@ from torch import Tensor
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.features.evals import feature_hooks, splice_hooks
 from mechscope.features.sae import SparseAutoencoder
+from mechscope.features.store import per_token_site
 from mechscope.model.hooks import HookFn
 from mechscope.sites import Site
 from mechscope.steer.intervention import Intervention, axis_size, check_finite
@@ -36,9 +37,7 @@ def check_sites(model: HookedModel, sae: SparseAutoencoder) -> None:
         raise ConfigError("the SAE names no site; build it with SAEConfig(site=...)")
     pairs = [(config.site, config.d_in)] + ([(config.out_site, config.width_out)] if config.transcoder else [])
     for name, width in pairs:
-        site = model.site(name)
-        if site.axes[:2] != ("batch", "pos") or len(site.axes) != 3:
-            raise ShapeError(f"expected a site with one vector per token (batch, pos, d), got {site.name} {site.axes}")
+        site = per_token_site(model, name)
         actual = axis_size(model, site.axes[-1])
         if actual is not None and actual != width:
             raise ShapeError(f"the SAE expects width {width} at {site.name}, which has width {actual}")
