@@ -20,7 +20,7 @@ import torch
 
 from mechscope.errors import ConfigError
 from mechscope.features.sae import SparseAutoencoder
-from mechscope.features.store import per_token_site, token_rows
+from mechscope.features.store import row_activations, token_rows
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -82,38 +82,22 @@ def feature_cards(
         raise ConfigError(f"expected feature indices in [0, {d_sae}), got {bad or 'none'}")
     if top_k < 1 or context < 0 or n_logits < 0:
         raise ConfigError(f"expected top_k >= 1, context >= 0, n_logits >= 0; got {top_k}, {context}, {n_logits}")
-    site = per_token_site(model, sae.config.site)
     rows = token_rows(model, texts, seq_len)[:max_rows]
-    device = next(model.hf_model.parameters()).device
     index = torch.tensor(chosen)
-    count = torch.zeros(len(chosen))
-    total = torch.zeros(len(chosen))
-    best_val = torch.full((len(chosen), top_k), float("-inf"))
-    best_at = torch.zeros((len(chosen), top_k), dtype=torch.long)  # flat token index row * seq_len + pos
-    for start in range(0, rows.shape[0], batch_size):
-        ids = rows[start : start + batch_size].to(device)
-        _, cache = model.run_with_cache(ids, [site])
-        f = sae.encode(cache[site.name])[:, 1:, index].float().cpu()  # [batch, pos - 1, n]
-        count += (f > 0).sum((0, 1))
-        total += f.sum((0, 1))
-        flat = f.reshape(-1, len(chosen)).T  # [n, tokens]
-        rows_here = torch.arange(start, start + ids.shape[0]).repeat_interleave(seq_len - 1)
-        pos_here = torch.arange(1, seq_len).repeat(ids.shape[0])
-        where = rows_here * seq_len + pos_here
-        vals = torch.cat([best_val, flat], 1)
-        ats = torch.cat([best_at, where.expand(len(chosen), -1)], 1)
-        top = vals.topk(top_k, dim=1)
-        best_val, best_at = top.values, ats.gather(1, top.indices)
-    n_tokens = rows.shape[0] * (seq_len - 1)
+    acts = row_activations(model, sae.config.site, rows, batch_size=batch_size)  # [rows, seq_len - 1, d]
+    f = sae.encode(acts)[..., index].reshape(-1, len(chosen))  # [tokens, n]; token t: row t // (seq_len - 1)
+    count, total = (f > 0).sum(0), f.sum(0)
+    top = f.topk(min(top_k, f.shape[0]), dim=0)  # [top_k, n]
+    n_tokens = f.shape[0]
     logits = _logit_effects(model, sae, index)
     tok = model.tokenizer
     cards = []
     for i, feature in enumerate(chosen):
         contexts = []
-        for value, at in zip(best_val[i].tolist(), best_at[i].tolist(), strict=True):
+        for value, at in zip(top.values[:, i].tolist(), top.indices[:, i].tolist(), strict=True):
             if value <= 0:
                 break
-            row, pos = divmod(at, seq_len)
+            row, pos = at // (seq_len - 1), at % (seq_len - 1) + 1
             lo = max(0, pos - context)
             tokens = [tok.decode([t]) for t in rows[row, lo : pos + 1].tolist()]
             contexts.append({"tokens": tokens, "active": pos - lo, "activation": value, "row": row, "position": pos})
@@ -127,7 +111,7 @@ def feature_cards(
                 feature=feature,
                 frequency=float(count[i]) / n_tokens,
                 mean_when_active=float(total[i] / count[i]) if count[i] else 0.0,
-                max_activation=max(0.0, float(best_val[i, 0])),
+                max_activation=max(0.0, float(top.values[0, i])),
                 top_contexts=contexts,
                 promoted=promoted,
                 suppressed=suppressed,

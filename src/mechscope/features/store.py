@@ -65,23 +65,29 @@ def collect_activations(
     The site must have one vector per token (residual stream, MLP or attention output, MLP hidden units);
     per-head sites would first need their heads flattened, which is not done here.
     """
-    chosen = per_token_site(model, site)
     rows = token_rows(model, texts, seq_len)
     per_row = seq_len - int(skip_first)
     if max_tokens is not None:
         rows = rows[: max(1, -(-max_tokens // per_row))]
+    acts = row_activations(model, site, rows, batch_size=batch_size, skip_first=skip_first)
+    acts = acts.reshape(-1, acts.shape[-1])
+    return acts if max_tokens is None else acts[:max_tokens]
+
+
+@torch.no_grad()
+def row_activations(
+    model: HookedModel, site: SiteLike, rows: Tensor, *, batch_size: int = 32, skip_first: bool = True
+) -> Float[Tensor, "rows pos d"]:
+    """Activations of `site` for token `rows` ``[rows, seq_len]`` (position 0 dropped with `skip_first`),
+    fp32 on the CPU; the forward pass stops after the site's layer."""
+    chosen = per_token_site(model, site)
     stop = None if chosen.layer is None or chosen.layer + 1 >= model.dims.n_layers else chosen.layer + 1
     device = next(model.hf_model.parameters()).device
     out: list[Tensor] = []
     for start in range(0, rows.shape[0], batch_size):
-        batch = rows[start : start + batch_size].to(device)
-        _, cache = model.run_with_cache(
-            batch, [chosen], stop_at_layer=stop if stop and stop < model.dims.n_layers else None
-        )
-        acts = cache[chosen.name][:, int(skip_first) :]
-        out.append(acts.reshape(-1, acts.shape[-1]).float().cpu())
-    acts = torch.cat(out)
-    return acts if max_tokens is None else acts[:max_tokens]
+        _, cache = model.run_with_cache(rows[start : start + batch_size].to(device), [chosen], stop_at_layer=stop)
+        out.append(cache[chosen.name][:, int(skip_first) :].float().cpu())
+    return torch.cat(out)
 
 
-__all__ = ["collect_activations", "per_token_site", "token_rows"]
+__all__ = ["collect_activations", "per_token_site", "row_activations", "token_rows"]
