@@ -1,0 +1,28 @@
+"""Model diffing: where a fine-tuned (or edited) model differs from its base -- weights, activations,
+the logit lens of the activation difference, cross-model patching and KL by position."""
+
+from __future__ import annotations
+
+from mechscope.improve.diffing.activations import direction_logits
+from mechscope.improve.diffing.causal import CausalDiff, cross_model_patch, kl_to_donor
+from mechscope.improve.diffing.diff import DiffConfig, diff_models
+from mechscope.improve.diffing.kl import kl_by_position
+from mechscope.improve.diffing.pair import ModelPairError, apply_edit, check_pair
+from mechscope.improve.diffing.result import DiffResult
+from mechscope.improve.diffing.weights import WeightDiff, weight_diff
+
+__all__ = [
+    "CausalDiff",
+    "DiffConfig",
+    "DiffResult",
+    "ModelPairError",
+    "WeightDiff",
+    "apply_edit",
+    "check_pair",
+    "cross_model_patch",
+    "diff_models",
+    "direction_logits",
+    "kl_by_position",
+    "kl_to_donor",
+    "weight_diff",
+]
