@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.runs import RecordingGroup
 
 app = typer.Typer(
     help="mechscope: locate, steer and improve behaviours of Hugging Face causal LMs.",
     no_args_is_help=True,
     add_completion=False,
+    cls=RecordingGroup,
 )
+
+
+@app.callback()
+def _record_option(
+    record: Annotated[
+        bool, typer.Option("--record", help="Record this command as a run (results, config, provenance).")
+    ] = False,
+    runs: Annotated[
+        Path | None,
+        typer.Option("--runs", help="Run store for --record (default: $MECHSCOPE_RUNS or ./mechscope-runs)."),
+    ] = None,
+    tag: Annotated[list[str], typer.Option("--tag", help="Tag for the recorded run (repeatable).")] = [],  # noqa: B006
+) -> None:
+    """Options for every command; mechscope.cli.runs.RecordingGroup acts on --record."""
 
 
 @app.command()
@@ -103,6 +120,7 @@ _GROUPS = (
     ("mechscope.cli.features", "features_app", "features", "Sparse autoencoders: train on a site, evaluate."),
     ("mechscope.cli.edit", "edit_app", "edit", "Knowledge editing (ROME, MEMIT) with exact revert."),
     ("mechscope.cli.evaluate", "eval_app", "eval", "Evaluate an intervention on its target and its side effects."),
+    ("mechscope.cli.runs", "runs_app", "runs", "Run records: list, show, compare, export, gc, delete."),
 )
 
 
@@ -117,3 +135,4 @@ def _mount_subcommands() -> None:
 
 
 _mount_subcommands()
+app.command("serve")(import_module("mechscope.cli.serve").serve)

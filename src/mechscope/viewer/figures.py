@@ -1,0 +1,199 @@
+"""What the viewer shows for one stored file: a result's plotly figure and tables, an artifact's header.
+
+Files are read only through safetensors (a JSON header and raw tensor bytes: nothing in a store is ever
+executed or unpickled) and only at paths resolved inside the store. Content-addressed files never change,
+so what is derived from one is cached by its SHA-256.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from mechscope.records import ArtifactRecord, PathRefused, RunStore
+
+#: Modules whose Result subclasses the viewer can draw (imported once, lazily; all below the viewer).
+RESULT_MODULES = (
+    "mechscope.locate",
+    "mechscope.locate.circuits",
+    "mechscope.steer",
+    "mechscope.steer.editing",
+    "mechscope.improve",
+    "mechscope.model.chat",
+)
+_MAX_HEADER = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShownFile:
+    """One artifact as the page shows it. `missing` names the absent file instead of failing the page."""
+
+    name: str
+    role: str
+    relative_path: str
+    missing: str = ""
+    figure: str = ""  # plotly JSON
+    tables: tuple[tuple[str, list[str], list[list[str]]], ...] = ()  # (title, header, rows)
+    header: dict[str, Any] = field(default_factory=dict)
+    tensors: tuple[tuple[str, str, str], ...] = ()  # (name, dtype, shape)
+    text: str = ""
+    problem: str = ""
+
+
+_imported = threading.Lock()
+_done = False
+
+
+def _import_result_classes() -> None:
+    global _done
+    with _imported:
+        if _done:
+            return
+        for module in RESULT_MODULES:
+            try:
+                import_module(module)
+            except ImportError:  # a part not present in this install: its results show as headers only
+                continue
+        _done = True
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """(metadata, [(tensor, dtype, shape)]) read from a safetensors header alone (no tensor is loaded)."""
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ValueError("file is shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", raw)
+        if length > _MAX_HEADER:
+            raise ValueError(f"safetensors header of {length} bytes is implausibly large")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", {}) or {}
+    tensors = [(k, str(v.get("dtype", "?")), str(tuple(v.get("shape", [])))) for k, v in header.items()]
+    return {str(k): str(v) for k, v in meta.items()}, tensors
+
+
+class FileViews:
+    """Builds :class:`ShownFile` values for a store, caching by content hash (bounded)."""
+
+    def __init__(self, store: RunStore, *, capacity: int = 256) -> None:
+        self.store = store
+        self.capacity = capacity
+        self._cache: OrderedDict[tuple[str, str, str], ShownFile] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def show(self, art: ArtifactRecord) -> ShownFile:
+        key = (art.sha256, art.ext, art.name)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        shown = self._build(art)
+        if not shown.missing:
+            with self._lock:
+                self._cache[key] = shown
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
+        return shown
+
+    def _build(self, art: ArtifactRecord) -> ShownFile:
+        try:
+            path = self.store.artifact_path(art)
+            relative = self.store.artifacts.relative(art.sha256, art.ext)
+        except PathRefused as exc:
+            return ShownFile(art.name, art.role, art.sha256, missing=f"refused: {exc}")
+        if not path.is_file():
+            return ShownFile(
+                art.name,
+                art.role,
+                relative,
+                missing=f"missing file {relative}: the run references it but it is not in {self.store.root}",
+            )
+        if art.ext == "safetensors":
+            return self._safetensors(art, path, relative)
+        if art.ext in ("json", "txt", "csv"):
+            return ShownFile(art.name, art.role, relative, text=_text(path, art.ext))
+        return ShownFile(art.name, art.role, relative)
+
+    def _safetensors(self, art: ArtifactRecord, path: Path, relative: str) -> ShownFile:
+        try:
+            meta, tensors = safetensors_header(path)
+        except (OSError, ValueError) as exc:
+            return ShownFile(art.name, art.role, relative, problem=f"unreadable safetensors file: {exc}")
+        header = {k: _maybe_json(v) for k, v in meta.items()}
+        if art.role != "result":
+            return ShownFile(art.name, art.role, relative, header=header, tensors=tuple(tensors))
+        figure, tables, problem = self._result_views(path)
+        return ShownFile(
+            art.name,
+            art.role,
+            relative,
+            figure=figure,
+            tables=tables,
+            header=header,
+            tensors=tuple(tensors),
+            problem=problem,
+        )
+
+    def _result_views(self, path: Path) -> tuple[str, tuple[tuple[str, list[str], list[list[str]]], ...], str]:
+        _import_result_classes()
+        from mechscope.results import Result
+
+        try:
+            result = Result.load(path)
+        except Exception as exc:  # shown on the page: one bad file must not break the run page
+            return "", (), f"cannot load this result: {type(exc).__name__}: {exc}"
+        tables = []
+        for method in ("table", "samples_table"):
+            fn = getattr(result, method, None)
+            if callable(fn):
+                try:
+                    header, rows = markdown_table(str(fn()))
+                    tables.append((method.replace("_", " "), header, rows))
+                except Exception:
+                    continue
+        try:
+            figure = result.plot().to_json()
+        except Exception as exc:
+            return "", tuple(tables), f"no figure: {type(exc).__name__}: {exc}"
+        return figure, tuple(tables), ""
+
+
+def markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """A Markdown pipe table as (header, rows); ValueError when `text` is not one."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        raise ValueError("not a Markdown table")
+
+    def cells(line: str) -> list[str]:
+        parts = line.strip().strip("|").replace("\\|", "\x00").split("|")
+        return [p.strip().replace("\x00", "|").strip("`") for p in parts]
+
+    return cells(lines[0]), [cells(line) for line in lines[2:]]
+
+
+def _text(path: Path, ext: str, limit: int = 200_000) -> str:
+    raw = path.read_bytes()[:limit].decode("utf-8", errors="replace")
+    if ext == "json":
+        try:
+            return json.dumps(json.loads(raw), indent=2, ensure_ascii=False)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _maybe_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        return value
+
+
+__all__ = ["FileViews", "ShownFile", "markdown_table", "safetensors_header"]
