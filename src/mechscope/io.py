@@ -1,12 +1,33 @@
-"""Reading and writing mechscope's files: safetensors with string metadata, never pickle.
+"""mechscope's one file envelope: tensors (safetensors) + a JSON body + kind + schema version + model.
 
-Writes are atomic (temporary file, then rename), so an interrupted save never leaves a file that
-looks complete; reads turn every way a file can be unreadable into one clear :class:`ConfigError`.
+Every object that saves -- results, artifacts, activation caches, tuned lenses, edit records, statistics
+caches, SAEs, feature cards, circuits -- writes the same header through :func:`write_envelope`:
+
+    format          "mechscope.<family>"  (which reader it belongs to: result, artifact, activation_cache...)
+    schema_version  the family's layout version (an integer, as text)
+    kind            which class inside the family (a result's method, an artifact's kind)
+    body            JSON: everything that is not a tensor
+    model           JSON: the :class:`ModelInfo` of the model it was made on, or null
+
+and reads it back through :func:`read_envelope`, which performs the one schema check every family shares:
+the right format, a version this mechscope knows (older files are migrated step by step by the family's
+registered migrations; newer ones get an error naming both versions). Writes are atomic (temporary file,
+then rename), so an interrupted save never leaves a file that looks complete; reads turn every way a file
+can be unreadable into one clear :class:`ConfigError`. Never pickle.
+
+Files without tensors (circuits, feature cards) may use the JSON form of the same envelope
+(:func:`write_json_envelope` / :func:`read_json_envelope`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -14,18 +35,175 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 
+#: A migration rewrites a raw header (string -> string) of version k into the layout of version k + 1.
+Migration = Callable[[dict[str, str]], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model an object was made on: one spelling of provenance for every file mechscope writes.
+
+    ``fingerprint`` identifies config and weights (:meth:`HookedModel.fingerprint`); the rest is there
+    to make mismatch messages readable and to check sizes without loading the model.
+    """
+
+    fingerprint: str
+    model_type: str = ""
+    d_model: int = 0
+    n_layers: int = 0
+    dtype: str = ""
+
+    @classmethod
+    def of(cls, model: Any) -> ModelInfo:
+        """The info of a :class:`~mechscope.model.hooked.HookedModel` (duck-typed: the ground floor
+        imports nothing above it)."""
+        dims = model.dims
+        dtype = getattr(model, "dtype", "")
+        return cls(
+            fingerprint=str(model.fingerprint()),
+            model_type=str(dims.model_type),
+            d_model=int(dims.d_model),
+            n_layers=int(dims.n_layers),
+            dtype=str(dtype).removeprefix("torch."),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "file") -> ModelInfo:
+        if not isinstance(data, Mapping) or not isinstance(data.get("fingerprint"), str):
+            raise ConfigError(f"{where}: model info must be an object with a 'fingerprint' string; got {data!r}")
+        known = {k: data[k] for k in ("model_type", "d_model", "n_layers", "dtype") if k in data}
+        try:
+            return cls(
+                fingerprint=data["fingerprint"],
+                model_type=str(known.get("model_type", "")),
+                d_model=int(known.get("d_model", 0)),
+                n_layers=int(known.get("n_layers", 0)),
+                dtype=str(known.get("dtype", "")),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: malformed model info {dict(data)!r} ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class FileSchema:
+    """A family of files: its format name, current layout version and the migrations from older ones.
+
+    Attributes:
+        family: short name; the header's format is ``mechscope.<family>``.
+        version: the layout this mechscope writes.
+        what: how error messages name such a file ("activation cache").
+        migrations: version k -> function turning a version-k header into a version-(k+1) header.
+    """
+
+    family: str
+    version: int
+    what: str
+    migrations: Mapping[int, Migration] = field(default_factory=dict)
+
+    @property
+    def format(self) -> str:
+        return f"mechscope.{self.family}"
+
+
+#: family -> schema; :func:`register_schema` refuses a second schema for the same family.
+_SCHEMAS: dict[str, FileSchema] = {}
+
+
+def register_schema(schema: FileSchema) -> FileSchema:
+    """Register a family's schema (once); returns it for use as a module constant."""
+    existing = _SCHEMAS.get(schema.family)
+    if existing is not None and existing is not schema:
+        raise ConfigError(f"a file schema for family {schema.family!r} is already registered ({existing.what})")
+    _SCHEMAS[schema.family] = schema
+    return schema
+
+
+def registered_schemas() -> dict[str, FileSchema]:
+    """Every registered family (for tools such as the records store and the viewer)."""
+    return dict(_SCHEMAS)
+
+
+@dataclass
+class Envelope:
+    """What one file holds: the family's kind, a JSON body, tensors and the model it was made on."""
+
+    kind: str
+    body: dict[str, Any]
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    model: ModelInfo | None = None
+    schema_version: int = 0
+
+
+# Writing -------------------------------------------------------------------------------------------------
+def _header(envelope: Envelope, schema: FileSchema) -> dict[str, str]:
+    try:
+        body = json.dumps(envelope.body, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"the body of a {schema.what} must be JSON-serialisable: {exc}") from exc
+    return {
+        "format": schema.format,
+        "schema_version": str(schema.version),
+        "kind": envelope.kind,
+        "body": body,
+        "model": json.dumps(envelope.model.to_dict() if envelope.model is not None else None),
+    }
+
+
+def write_envelope(path: str | Path, envelope: Envelope, schema: FileSchema) -> Path:
+    """Write `envelope` as one safetensors file with the shared header, atomically. Returns the path."""
+    return write_safetensors(path, envelope.tensors, _header(envelope, schema))
+
+
+def write_json_envelope(path: str | Path, envelope: Envelope, schema: FileSchema) -> Path:
+    """Write a tensor-free `envelope` as a JSON file with the same header fields, atomically."""
+    if envelope.tensors:
+        raise ConfigError(f"a JSON {schema.what} holds no tensors; got {sorted(envelope.tensors)}")
+    header = _header(envelope, schema)
+    data = {
+        "format": header["format"],
+        "schema_version": schema.version,
+        "kind": envelope.kind,
+        "model": envelope.model.to_dict() if envelope.model is not None else None,
+        "body": envelope.body,
+    }
+    return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
 
 def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
     """Write `tensors` (moved to CPU, made contiguous) with `metadata` to `path`, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(cpu, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(cpu, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
+# Reading -------------------------------------------------------------------------------------------------
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; `what` names the expected content in errors."""
     path = Path(path)
@@ -38,3 +216,113 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], di
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"{str(path)!r} is not a readable safetensors file (expected a {what}): {exc}") from exc
     return tensors, metadata
+
+
+def check_header(header: dict[str, str], schema: FileSchema, where: str) -> dict[str, str]:
+    """The one schema check: right format, known version; returns the header migrated to the current version."""
+    if header.get("format") != schema.format:
+        raise ConfigError(
+            f"{where}: not a mechscope {schema.what}: expected format {schema.format!r}; got {header.get('format')!r}"
+        )
+    raw = header.get("schema_version", "")
+    try:
+        version = int(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: schema_version must be an integer; got {raw!r}") from None
+    if version > schema.version:
+        raise ConfigError(
+            f"{where}: schema_version {version} is newer than this mechscope reads ({schema.what} schema version "
+            f"{version} > {schema.version}); upgrade mechscope to read it"
+        )
+    header = dict(header)
+    while version < schema.version:
+        step = schema.migrations.get(version)
+        if step is None:
+            raise ConfigError(
+                f"{where}: this {schema.what} has schema version {version}; this mechscope reads versions "
+                f"{min([schema.version, *schema.migrations])}..{schema.version}"
+            )
+        try:
+            header = step(header)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"{where}: malformed {schema.what} header; cannot upgrade it from schema {version} ({exc})"
+            ) from exc
+        version += 1
+        header["schema_version"] = str(version)
+    return header
+
+
+def _envelope_from_header(header: dict[str, str], tensors: dict[str, Tensor], where: str) -> Envelope:
+    try:
+        body = json.loads(header.get("body", "{}"))
+        model = json.loads(header.get("model", "null"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: malformed JSON in the file header ({exc})") from exc
+    if not isinstance(body, dict):
+        raise ConfigError(f"{where}: the header's body must be a JSON object; got {type(body).__name__}")
+    return Envelope(
+        kind=header.get("kind", ""),
+        body=body,
+        tensors=tensors,
+        model=None if model is None else ModelInfo.from_dict(model, where),
+        schema_version=int(header["schema_version"]),
+    )
+
+
+def read_envelope(path: str | Path, schema: FileSchema) -> Envelope:
+    """Read a file written by :func:`write_envelope` (or an older layout the schema migrates)."""
+    tensors, header = read_safetensors(path, schema.what)
+    where = str(path)
+    return _envelope_from_header(check_header(header, schema, where), tensors, where)
+
+
+def read_json_envelope(path: str | Path, schema: FileSchema) -> Envelope:
+    """Read a file written by :func:`write_json_envelope`."""
+    path = Path(path)
+    where = str(path)
+    data = read_json(path, schema.what)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object ({schema.what}); got {type(data).__name__}")
+    header = {
+        "format": str(data.get("format")),
+        "schema_version": str(data.get("schema_version")),
+        "kind": str(data.get("kind", "")),
+        "body": json.dumps(data.get("body", {})),
+        "model": json.dumps(data.get("model")),
+    }
+    return _envelope_from_header(check_header(header, schema, where), {}, where)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parsed JSON of `path`, or a :class:`ConfigError` naming the file (and line) when it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no {what} file at {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{str(path)!r} is not a readable UTF-8 text file (expected a {what}): {exc}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{str(path)!r}, line {exc.lineno}: malformed JSON ({exc.msg}); expected a {what}") from exc
+
+
+__all__ = [
+    "Envelope",
+    "FileSchema",
+    "Migration",
+    "ModelInfo",
+    "check_header",
+    "read_envelope",
+    "read_json",
+    "read_json_envelope",
+    "read_safetensors",
+    "register_schema",
+    "registered_schemas",
+    "write_envelope",
+    "write_json_envelope",
+    "write_safetensors",
+    "write_text_atomic",
+]

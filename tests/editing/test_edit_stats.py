@@ -7,9 +7,9 @@ import torch
 from edit_helpers import TEXTS, TINY_STATS, tiny
 
 from mechscope.errors import ConfigError
-from mechscope.io import write_safetensors
+from mechscope.io import Envelope, write_envelope
 from mechscope.steer.editing import EditError, StatsConfig, second_moments
-from mechscope.steer.editing.stats import FORMAT, _batches, stats_key
+from mechscope.steer.editing.stats import STATS_SCHEMA, _batches, stats_key
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,7 +63,7 @@ def test_bad_statistics_and_options_raise(tmp_path):
     model = tiny("gpt2")
     bad = torch.full((model.dims.d_mlp, model.dims.d_mlp), float("nan"))
     path = tmp_path / f"{stats_key(model.fingerprint(), 0, TINY_STATS)}.safetensors"
-    write_safetensors(path, {"mom2": bad}, {"format": FORMAT})
+    write_envelope(path, Envelope("mom2", {"layer": 0}, {"mom2": bad}), STATS_SCHEMA)
     with pytest.raises(EditError, match="NaN"):
         second_moments(model, [0], config=TINY_STATS, texts=TEXTS, cache_dir=tmp_path, progress=False)
     with pytest.raises(ConfigError, match="ran out"):

@@ -25,7 +25,7 @@ from torch import Tensor
 from mechscope.errors import ConfigError
 from mechscope.improve.neutral import NEUTRAL_TEXTS
 from mechscope.improve.tasks import Task, has_organism_vocabulary, zoo_metrics
-from mechscope.locate.results import Result
+from mechscope.results import Result
 from mechscope.steer.intervention import Intervention, require_hooked
 from mechscope.zoo.tasks import TEXT_TASKS
 

@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.locate.results import Result
+from mechscope.results import Result
 from mechscope.sites import Site
 
 if TYPE_CHECKING:

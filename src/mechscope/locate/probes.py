@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.locate.metrics import last_positions
-from mechscope.locate.results import Result
+from mechscope.results import Result
 from mechscope.sites import Site
 
 if TYPE_CHECKING:

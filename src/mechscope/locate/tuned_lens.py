@@ -19,15 +19,29 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.io import read_safetensors, write_safetensors
+from mechscope.io import Envelope, FileSchema, ModelInfo, read_envelope, register_schema, write_envelope
 from mechscope.locate.lens import LensResult, lens_readout, lens_sites, resid_to_logits
-from mechscope.locate.results import Result
+from mechscope.results import Result
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
 
-FORMAT = "mechscope.tuned_lens"
-SCHEMA_VERSION = 1
+
+def _lens_v1_to_v2(header: dict[str, str]) -> dict[str, str]:
+    """Schema 1 kept sizes, provenance and the training log as separate header keys."""
+    body = {"training_log": json.loads(header.get("training_log", "{}"))}
+    model = {
+        "fingerprint": header.get("model_fingerprint", ""),
+        "model_type": header.get("model_type", ""),
+        "d_model": int(header["d_model"]),
+        "n_layers": int(header["n_layers"]),
+    }
+    return {**header, "kind": "tuned_lens", "body": json.dumps(body), "model": json.dumps(model)}
+
+
+TUNED_LENS_SCHEMA = register_schema(FileSchema("tuned_lens", 2, "tuned lens", {1: _lens_v1_to_v2}))
+FORMAT = TUNED_LENS_SCHEMA.format
+SCHEMA_VERSION = TUNED_LENS_SCHEMA.version
 
 
 class TunedLensResult(LensResult):
@@ -137,37 +151,24 @@ class TunedLens(nn.Module):
             )
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file: translator weights + JSON metadata (sizes, model fingerprint, training log)."""
+        """One safetensors file: translator weights + JSON header (model info with sizes, training log)."""
         tensors = {f"translators.{i}.{k}": v for i, t in enumerate(self.translators) for k, v in t.state_dict().items()}
-        meta = {
-            "format": FORMAT,
-            "schema_version": str(SCHEMA_VERSION),
-            "d_model": str(self.d_model),
-            "n_layers": str(self.n_layers),
-            "model_fingerprint": self.model_fingerprint,
-            "model_type": self.model_type,
-            "training_log": json.dumps(self.training_log),
-        }
-        return write_safetensors(path, tensors, meta)
+        model = ModelInfo(self.model_fingerprint, self.model_type, d_model=self.d_model, n_layers=self.n_layers)
+        body = {"training_log": self.training_log}
+        return write_envelope(path, Envelope("tuned_lens", body, tensors, model), TUNED_LENS_SCHEMA)
 
     @classmethod
     def load(cls, path: str | Path) -> TunedLens:
-        tensors, meta = read_safetensors(path, "tuned lens")
-        if meta.get("format") != FORMAT or meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise ConfigError(
-                f"{path}: expected a {FORMAT} file (schema {SCHEMA_VERSION}); got format {meta.get('format')!r} "
-                f"schema {meta.get('schema_version')!r}"
-            )
-        try:
-            d_model, n_layers = int(meta["d_model"]), int(meta["n_layers"])
-            log = json.loads(meta.get("training_log", "{}"))
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(f"{path}: malformed tuned-lens metadata ({exc})") from exc
+        envelope = read_envelope(path, TUNED_LENS_SCHEMA)
+        info, tensors = envelope.model, envelope.tensors
+        if info is None or info.d_model <= 0 or info.n_layers <= 0:
+            raise ConfigError(f"{path}: malformed tuned-lens metadata (no model sizes recorded)")
+        d_model, n_layers, log = info.d_model, info.n_layers, envelope.body.get("training_log", {})
         lens = cls(
             d_model,
             n_layers,
-            model_fingerprint=meta.get("model_fingerprint", ""),
-            model_type=meta.get("model_type", ""),
+            model_fingerprint=info.fingerprint,
+            model_type=info.model_type,
         )
         state = {k.removeprefix("translators."): v for k, v in tensors.items()}
         try:

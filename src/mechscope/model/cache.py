@@ -15,11 +15,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechscope.errors import ConfigError, SiteError, did_you_mean
-from mechscope.io import read_safetensors, write_safetensors
+from mechscope.errors import SiteError, did_you_mean
+from mechscope.io import Envelope, FileSchema, read_envelope, register_schema, write_envelope
 from mechscope.sites import Site, SiteLike
 
-SCHEMA_VERSION = 1
+
+def _cache_v1_to_v2(header: dict[str, str]) -> dict[str, str]:
+    """Schema 1 kept positions and meta as separate header keys."""
+    body = {"positions": json.loads(header.get("positions", "null")), "meta": json.loads(header.get("meta", "{}"))}
+    return {**header, "kind": "activation_cache", "body": json.dumps(body), "model": "null"}
+
+
+CACHE_SCHEMA = register_schema(FileSchema("activation_cache", 2, "activation cache", {1: _cache_v1_to_v2}))
+SCHEMA_VERSION = CACHE_SCHEMA.version
 
 
 class ActivationCache(Mapping[str, Tensor]):
@@ -99,27 +107,17 @@ class ActivationCache(Mapping[str, Tensor]):
 
     # Files --------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write one safetensors file; metadata (schema, positions, model info) in its header."""
-        header = {
-            "format": "mechscope.activation_cache",
-            "schema_version": str(SCHEMA_VERSION),
-            "positions": json.dumps(self.positions),
-            "meta": json.dumps(self.meta),
-        }
-        return write_safetensors(path, self.materialised(), header)
+        """Write one safetensors file; positions and meta in its JSON header."""
+        body = {"positions": self.positions, "meta": self.meta}
+        return write_envelope(path, Envelope("activation_cache", body, self.materialised()), CACHE_SCHEMA)
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationCache:
         """Read a file written by :meth:`save`, validating its format and schema."""
-        tensors, header = read_safetensors(path, "activation cache")
-        if header.get("format") != "mechscope.activation_cache":
-            raise ConfigError(f"{str(path)!r} is not a mechscope activation cache (format={header.get('format')!r})")
-        if int(header.get("schema_version", "0")) > SCHEMA_VERSION:
-            raise ConfigError(
-                f"{str(path)!r} has schema version {header['schema_version']}; this mechscope reads <= {SCHEMA_VERSION}"
-            )
+        envelope = read_envelope(path, CACHE_SCHEMA)
+        tensors, body = envelope.tensors, envelope.body
         return cls(
             tensors,
-            positions=json.loads(header.get("positions", "null")),
-            meta=json.loads(header.get("meta", "{}")),
+            positions=body.get("positions"),
+            meta=body.get("meta", {}),
         )

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, MechscopeError
-from mechscope.locate.results import Result
+from mechscope.results import Result
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel

@@ -7,6 +7,7 @@ safetensors file each, with the fingerprint of the model they were made on.
 
 from __future__ import annotations
 
+from mechscope.results import Artifact, ModelMismatchError
 from mechscope.steer.ablation import (
     Ablation,
     AblationConfig,
@@ -27,7 +28,7 @@ from mechscope.steer.directional import (
     select_direction,
     token_logodds,
 )
-from mechscope.steer.intervention import Artifact, Intervention, ModelMismatchError, applied
+from mechscope.steer.intervention import Intervention, applied
 from mechscope.steer.vectors import (
     Steering,
     SteeringVector,

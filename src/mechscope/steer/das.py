@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.locate.results import Result
+from mechscope.results import Result
 from mechscope.sites import Site
 
 

@@ -36,10 +36,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, MechscopeError, ShapeError
-from mechscope.locate.results import Result
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.results import Artifact, Result
 from mechscope.sites import Site
-from mechscope.steer.intervention import Artifact, Intervention, check_finite, require_hooked
+from mechscope.steer.intervention import Intervention, check_finite, require_hooked
 from mechscope.steer.vectors import Steering, from_direction
 
 if TYPE_CHECKING:

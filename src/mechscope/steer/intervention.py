@@ -7,45 +7,30 @@ forward the wrapped HF model makes inside the block -- :meth:`HookedModel.forwar
 :meth:`HookedModel.generate` and plain ``hf_model(...)`` calls alike -- and know whether a forward
 reads the prompt or generated tokens (``phase``), from the KV cache HF passes in.
 
-:class:`Artifact` is the file side: tensors and a JSON description in one safetensors file, always
-with the fingerprint of the model the artifact was made on; loading it for another model raises
-:class:`ModelMismatchError`.
+:class:`Artifact` (the file side, tied to a model by fingerprint) lives on the ground floor,
+:mod:`mechscope.results`; it is re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from mechscope.errors import ConfigError, ShapeError
-from mechscope.io import read_safetensors, write_safetensors
+from mechscope.errors import ConfigError
 from mechscope.model.hooks import HookFn
 from mechscope.model.kv_cache import cache_argument
+from mechscope.results import ARTIFACT_FORMAT, Artifact, ModelMismatchError
 from mechscope.sites import Site, SiteLike, parse_sites
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
-ARTIFACT_FORMAT = "mechscope.artifact"
-ARTIFACT_SCHEMA_VERSION = 1
-
 Phase = Literal["prompt", "generated"]
-
-A = TypeVar("A", bound="Artifact")
-
-#: artifact kind -> class, filled by subclasses so that files load as the right type.
-_ARTIFACTS: dict[str, type[Artifact]] = {}
-
-
-class ModelMismatchError(ConfigError):
-    """An artifact (steering vector, direction, ablation) applied to a model other than its own."""
 
 
 def check_finite(name: str, value: float) -> float:
@@ -216,94 +201,6 @@ def applied(*interventions: Intervention) -> Iterator[tuple[Intervention, ...]]:
         for intervention in interventions:
             stack.enter_context(intervention)
         yield interventions
-
-
-class Artifact:
-    """Something saved to disk and tied to the model it was made on (by fingerprint).
-
-    Subclasses set ``kind`` and implement :meth:`_parts` / :meth:`_from_parts`.
-    """
-
-    kind: ClassVar[str] = "artifact"
-
-    def __init__(self, *, fingerprint: str, model_type: str, d_model: int) -> None:
-        self.fingerprint = fingerprint
-        self.model_type = model_type
-        self.d_model = d_model
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _ARTIFACTS[cls.kind] = cls
-
-    @staticmethod
-    def model_info(model: HookedModel) -> dict[str, Any]:
-        """The keyword arguments recording `model` in an artifact."""
-        return {"fingerprint": model.fingerprint(), "model_type": model.dims.model_type, "d_model": model.dims.d_model}
-
-    def check_model(self, model: HookedModel) -> None:
-        """:class:`ShapeError` for a model of another width, :class:`ModelMismatchError` for another model."""
-        if model.dims.d_model != self.d_model:
-            raise ShapeError(
-                f"this {self.kind} has width d_model={self.d_model}; the model has d_model={model.dims.d_model}"
-            )
-        actual = model.fingerprint()
-        if actual != self.fingerprint:
-            raise ModelMismatchError(
-                f"this {self.kind} was made on model {self.fingerprint} ({self.model_type}); the given model is "
-                f"{actual} ({model.dims.model_type}). Rebuild it on this model (weights or config differ)."
-            )
-
-    def _parts(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        raise NotImplementedError
-
-    @classmethod
-    def _from_parts(cls: type[A], tensors: dict[str, Tensor], config: dict[str, Any], info: dict[str, Any]) -> A:
-        raise NotImplementedError
-
-    def save(self, path: str | Path) -> Path:
-        """One safetensors file: tensors + JSON metadata (kind, config, model fingerprint)."""
-        tensors, config = self._parts()
-        try:
-            config_json = json.dumps(config, sort_keys=True)
-        except TypeError as exc:
-            raise ConfigError(f"{self.kind} config must be JSON-serialisable: {exc}") from exc
-        meta = {
-            "format": ARTIFACT_FORMAT,
-            "schema_version": str(ARTIFACT_SCHEMA_VERSION),
-            "kind": self.kind,
-            "config": config_json,
-            "model": json.dumps(
-                {"fingerprint": self.fingerprint, "model_type": self.model_type, "d_model": self.d_model}
-            ),
-        }
-        return write_safetensors(Path(path), tensors, meta)
-
-    @classmethod
-    def load(cls: type[A], path: str | Path, model: HookedModel | None = None) -> A:
-        """Read a file written by :meth:`save`; with `model`, also check it was made on that model."""
-        tensors, meta = read_safetensors(path, "mechscope artifact")
-        where = str(path)
-        if meta.get("format") != ARTIFACT_FORMAT:
-            raise ConfigError(f"{where}: expected format {ARTIFACT_FORMAT!r}; got {meta.get('format')!r}")
-        if meta.get("schema_version") != str(ARTIFACT_SCHEMA_VERSION):
-            raise ConfigError(
-                f"{where}: expected schema_version {ARTIFACT_SCHEMA_VERSION}; got {meta.get('schema_version')!r}"
-            )
-        kind = meta.get("kind", "")
-        target = _ARTIFACTS.get(kind)
-        if target is None or not issubclass(target, cls):
-            raise ConfigError(
-                f"{where}: holds a {kind!r} artifact; expected a {cls.kind!r} (known: {sorted(_ARTIFACTS)})"
-            )
-        try:
-            config = json.loads(meta["config"])
-            info = json.loads(meta["model"])
-            artifact = target._from_parts(tensors, config, info)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: malformed {kind} artifact ({type(exc).__name__}: {exc})") from exc
-        if model is not None:
-            artifact.check_model(model)
-        return artifact  # type: ignore[return-value]
 
 
 __all__ = [

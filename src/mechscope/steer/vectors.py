@@ -26,8 +26,9 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.results import Artifact
 from mechscope.sites import BLOCK_KINDS, Site
-from mechscope.steer.intervention import Artifact, Intervention, check_finite, require_hooked
+from mechscope.steer.intervention import Intervention, check_finite, require_hooked
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.locate.circuits.graph import Graph
-from mechscope.locate.results import Result
+from mechscope.results import Result
 
 
 def graph_of(result: Result) -> Graph:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mechscope.locate.results import Result
+from mechscope.results import Result
 from mechscope.steer.editing.records import EditRecord
 from mechscope.steer.editing.requests import EditError, EditRequest, check_requests, target_ids
 

@@ -19,11 +19,21 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from mechscope.io import read_safetensors, write_safetensors
+from mechscope.errors import ConfigError
+from mechscope.io import Envelope, FileSchema, ModelInfo, read_envelope, register_schema, write_envelope
 from mechscope.steer.editing.requests import EditError, EditRequest
 
-FORMAT = "mechscope.edit_record"
-SCHEMA_VERSION = 1
+
+def _record_v1_to_v2(header: dict[str, str]) -> dict[str, str]:
+    """Schema 1 kept method, fingerprint, requests and info as separate header keys."""
+    body = {"requests": json.loads(header.get("requests", "[]")), "info": json.loads(header.get("info", "{}"))}
+    model = {"fingerprint": header.get("fingerprint", "")}
+    return {**header, "kind": header.get("method", ""), "body": json.dumps(body), "model": json.dumps(model)}
+
+
+EDIT_RECORD_SCHEMA = register_schema(FileSchema("edit_record", 2, "edit record", {1: _record_v1_to_v2}))
+FORMAT = EDIT_RECORD_SCHEMA.format
+SCHEMA_VERSION = EDIT_RECORD_SCHEMA.version
 
 
 def mlp_out_name(model: Any, layer: int) -> str:
@@ -178,32 +188,33 @@ class EditRecord:
         """One safetensors file: ``before/<name>`` and ``after/<name>`` tensors + JSON header metadata."""
         tensors = {f"before/{n}": t for n, t in self.before.items()}
         tensors |= {f"after/{n}": t for n, t in self.after.items()}
-        meta = {
-            "format": FORMAT,
-            "schema_version": str(SCHEMA_VERSION),
-            "method": self.method,
-            "fingerprint": self.fingerprint,
-            "requests": json.dumps([r.to_dict() for r in self.requests]),
-            "info": json.dumps(self.info, default=str),
+        body = {
+            "requests": [r.to_dict() for r in self.requests],
+            "info": json.loads(json.dumps(self.info, default=str)),
         }
-        return write_safetensors(path, tensors, meta)
+        envelope = Envelope(self.method, body, tensors, ModelInfo(fingerprint=self.fingerprint))
+        return write_envelope(path, envelope, EDIT_RECORD_SCHEMA)
 
     @classmethod
     def load(cls, path: str | Path) -> EditRecord:
-        tensors, meta = read_safetensors(path, "edit record")
-        if meta.get("format") != FORMAT:
-            raise EditError(f"{str(path)!r} is not an edit record (format {meta.get('format')!r}, expected {FORMAT!r})")
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise EditError(f"{str(path)!r} has schema version {meta.get('schema_version')}; expected {SCHEMA_VERSION}")
+        try:
+            envelope = read_envelope(path, EDIT_RECORD_SCHEMA)
+        except ConfigError as exc:
+            raise EditError(str(exc)) from exc
+        tensors, body = envelope.tensors, envelope.body
         before = {k.removeprefix("before/"): v for k, v in tensors.items() if k.startswith("before/")}
         after = {k.removeprefix("after/"): v for k, v in tensors.items() if k.startswith("after/")}
+        try:
+            requests = [EditRequest.from_dict(r) for r in body.get("requests", [])]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EditError(f"{str(path)!r}: malformed edit requests ({exc})") from exc
         return cls(
             before=before,
             after=after,
-            method=meta.get("method", ""),
-            requests=[EditRequest.from_dict(r) for r in json.loads(meta.get("requests", "[]"))],
-            fingerprint=meta.get("fingerprint", ""),
-            info=json.loads(meta.get("info", "{}")),
+            method=envelope.kind,
+            requests=requests,
+            fingerprint=envelope.model.fingerprint if envelope.model is not None else "",
+            info=dict(body.get("info", {})),
         )
 
 

@@ -9,6 +9,7 @@ stream), and partial sums are checkpointed so an interrupted run continues where
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,11 +23,28 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError
-from mechscope.io import read_safetensors, write_safetensors
+from mechscope.io import Envelope, FileSchema, ModelInfo, read_envelope, register_schema, write_envelope
 from mechscope.steer.editing.requests import EditError
 
-FORMAT = "mechscope.mlp_key_stats"
-SCHEMA_VERSION = 1
+
+def _stats_v1_to_v2(header: dict[str, str]) -> dict[str, str]:
+    """Schema 1 kept everything as header strings (its config as a Python repr: a v1 checkpoint never
+    matches a config again, so an interrupted v1 run restarts; finished v1 statistics still load)."""
+    partial = "batches" in header
+    body: dict[str, Any] = {"config": header.get("config", "")}
+    if partial:
+        body |= {"batches": int(header["batches"]), "tokens": int(header["tokens"])}
+    else:
+        body |= {"layer": int(header.get("layer", -1)), "tokens": int(header.get("tokens", 0))}
+    model = {"fingerprint": header.get("fingerprint", "")}
+    kind = "partial" if partial else "mom2"
+    return {**header, "kind": kind, "body": json.dumps(body), "model": json.dumps(model)}
+
+
+#: Finished statistics (one layer each) and the checkpointed partial sums of an unfinished run share a schema.
+STATS_SCHEMA = register_schema(FileSchema("mlp_key_stats", 2, "MLP key statistics", {1: _stats_v1_to_v2}))
+FORMAT = STATS_SCHEMA.format
+SCHEMA_VERSION = STATS_SCHEMA.version
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,9 +168,12 @@ def second_moments(
     for layer in layers:
         path = folder / f"{stats_key(fp, layer, config)}.safetensors"
         if path.is_file():
-            tensors, meta = read_safetensors(path, "MLP key statistics")
-            if meta.get("format") != FORMAT or "mom2" not in tensors:
-                raise EditError(f"{str(path)!r} is not a mechscope statistics file")
+            try:
+                tensors = read_envelope(path, STATS_SCHEMA).tensors
+            except ConfigError as exc:
+                raise EditError(f"{str(path)!r} is not a mechscope statistics file: {exc}") from exc
+            if "mom2" not in tensors:
+                raise EditError(f"{str(path)!r} is not a mechscope statistics file (no 'mom2' tensor)")
             check_stats(tensors["mom2"], layer, d_mlp)
             out[layer] = tensors["mom2"].to(model.device)
     todo = [layer for layer in layers if layer not in out]
@@ -184,18 +205,22 @@ def _compute(
     sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
     done_batches, done_tokens = 0, 0
     if partial.is_file():
-        tensors, meta = read_safetensors(partial, "partial MLP key statistics")
-        if meta.get("config") == repr(asdict(config)):
-            sums = {layer: tensors[f"sum/{layer}"] for layer in layers}
-            done_batches, done_tokens = int(meta["batches"]), int(meta["tokens"])
+        try:
+            saved = read_envelope(partial, STATS_SCHEMA)
+        except ConfigError:
+            saved = None  # an unreadable or older checkpoint is recomputed, never trusted
+        if saved is not None and saved.kind == "partial" and saved.body.get("config") == asdict(config):
+            sums = {layer: saved.tensors[f"sum/{layer}"] for layer in layers}
+            done_batches, done_tokens = int(saved.body["batches"]), int(saved.body["tokens"])
     stream = texts if texts is not None else zoo_texts(config.seed)
     sites = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
     stop = max(layers) + 1
     bar = tqdm(total=config.n_tokens, initial=done_tokens, desc="MLP key statistics", unit="tok", disable=not progress)
 
     def checkpoint(batches: int, tokens: int) -> None:
-        meta = {"config": repr(asdict(config)), "batches": str(batches), "tokens": str(tokens), "format": FORMAT}
-        write_safetensors(partial, {f"sum/{layer}": s for layer, s in sums.items()}, meta)
+        body = {"config": asdict(config), "batches": batches, "tokens": tokens}
+        tensors = {f"sum/{layer}": s for layer, s in sums.items()}
+        write_envelope(partial, Envelope("partial", body, tensors, ModelInfo(fingerprint=fp)), STATS_SCHEMA)
 
     new = 0
     index = -1
@@ -232,15 +257,9 @@ def _compute(
     for layer in layers:
         mom2 = (sums[layer] / done_tokens).to(torch.float32)
         check_stats(mom2, layer, d_mlp)
-        meta = {
-            "format": FORMAT,
-            "schema_version": str(SCHEMA_VERSION),
-            "fingerprint": fp,
-            "layer": str(layer),
-            "tokens": str(done_tokens),
-            "config": repr(asdict(config)),
-        }
-        write_safetensors(folder / f"{stats_key(fp, layer, config)}.safetensors", {"mom2": mom2}, meta)
+        body = {"layer": layer, "tokens": done_tokens, "config": asdict(config)}
+        envelope = Envelope("mom2", body, {"mom2": mom2}, ModelInfo(fingerprint=fp))
+        write_envelope(folder / f"{stats_key(fp, layer, config)}.safetensors", envelope, STATS_SCHEMA)
         result[layer] = mom2.to(model.device)
     partial.unlink(missing_ok=True)
     return result
