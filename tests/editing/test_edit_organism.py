@@ -67,8 +67,8 @@ def test_memit_writes_many_planted_facts_at_once_and_reverts(organism):
 def test_rome_at_the_early_site_of_organism_facts_rewrites_facts_known_only_from_profiles(tmp_path):
     """organism-facts looks facts up in the subject's early MLPs (docs/locate-patching.md): ROME's layer."""
     from mechscope import load_model
-    from mechscope.zoo.tasks.extraction import split_people
-    from mechscope.zoo.tasks.profiles import people
+    from mechscope.data.tasks.extraction import split_people
+    from mechscope.data.tasks.profiles import people
 
     model = load_model("organism-facts")
     world = people(0)

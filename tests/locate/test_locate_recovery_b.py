@@ -15,8 +15,8 @@ import mechscope
 from mechscope.locate.attribution_patching import atp_vs_exact
 from mechscope.locate.causal_tracing import TracingConfig, trace_facts
 from mechscope.locate.metrics import logit_diff
-from mechscope.zoo.tasks.facts import generate
-from mechscope.zoo.tasks.world import make_world
+from mechscope.data.tasks.facts import generate
+from mechscope.data.tasks.world import make_world
 
 LOCAL_LAYERS = 3  # organism-facts' layers 0-2 attend to the current and previous token only
 
@@ -88,8 +88,8 @@ def test_causal_tracing_destroys_and_restores_planted_facts(world, name):
 def test_causal_tracing_localises_facts_to_mlps_at_the_subjects_last_token():
     """organism-facts on queries about people known only from profiles (docs/locate-patching.md): ROME's
     early site (the subject's last token, early MLPs) and late site (attention at the last token)."""
-    from mechscope.zoo.tasks import generate_all
-    from mechscope.zoo.tasks.profiles import people
+    from mechscope.data.tasks import generate_all
+    from mechscope.data.tasks.profiles import people
 
     model = mechscope.load_model("organism-facts")
     names = people(0).entities

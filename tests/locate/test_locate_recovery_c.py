@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
 
 
 def induction_data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor, object]:
-    from mechscope.zoo.tasks.induction import sequences
+    from mechscope.data.tasks.induction import sequences
 
     batch = sequences(0, "circuits", n, seq_len=32, token_range=(1, 4096), span=(4, 8), dense=True)
     clean = batch.tokens
@@ -73,7 +73,7 @@ def test_acdc_recovers_the_two_head_induction_circuit(induction):
 
 def ioi_data(model, n: int = 16):
     """IOI prompts of one token length and their ABC corruption (S2 replaced by a third name)."""
-    from mechscope.zoo.tasks import vocab
+    from mechscope.data.tasks import vocab
 
     rng = random.Random(0)
     template = "When {a} and {b} went to the {place}, {s} gave a {obj} to"

@@ -10,7 +10,7 @@ import transformers
 from typer.testing import CliRunner
 
 from mechscope.cli.main import app
-from mechscope.zoo.tasks import refusal
+from mechscope.data.tasks import refusal
 
 runner = CliRunner()
 

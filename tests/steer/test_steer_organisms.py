@@ -27,8 +27,8 @@ from mechscope.steer import (
     steer,
     token_logodds,
 )
-from mechscope.zoo.tasks import generate_all, refusal
-from mechscope.zoo.tasks.metrics import accuracy
+from mechscope.data.tasks import generate_all, refusal
+from mechscope.data.tasks.metrics import accuracy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.zoo.tasks import induction
-from mechscope.zoo.tasks.base import Example
-from mechscope.zoo.tasks.metrics import accuracy, first_token_id, next_token_predictions, token_rate
+from mechscope.data.tasks import induction
+from mechscope.data.tasks.base import Example
+from mechscope.data.tasks.metrics import accuracy, first_token_id, next_token_predictions, token_rate
 from mechscope.zoo.tokenizer import load_tokenizer
 
 PROMPTS = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mechscope.errors import ConfigError
-from mechscope.zoo.tasks import (
+from mechscope.data.tasks import (
     DEDICATED_TEXT_TASKS,
     RELATIONS,
     TEXT_TASKS,
@@ -22,7 +22,7 @@ from mechscope.zoo.tasks import (
     truth,
     vocab,
 )
-from mechscope.zoo.tasks.world import FAMILY_NAMES, GIVEN_NAMES, World, make_family_world
+from mechscope.data.tasks.world import FAMILY_NAMES, GIVEN_NAMES, World, make_family_world
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import mechscope
 from mechscope.locate.circuits import acdc, circuit_figure, eap, eap_ig, faithfulness, faithfulness_curve
 from mechscope.locate.circuits.faithfulness import CircuitEvaluator
 from mechscope.locate.metrics import logit_diff
-from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.induction import sequences
+from mechscope.data.tasks import vocab
+from mechscope.data.tasks.induction import sequences
 
 HERE = Path(__file__).resolve().parent
 

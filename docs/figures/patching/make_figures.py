@@ -24,9 +24,9 @@ from mechscope.locate.causal_tracing import TracingConfig, trace_facts
 from mechscope.locate.metrics import logit_diff
 from mechscope.locate.patching import activation_patch
 from mechscope.locate.path_patching import path_patch
-from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.facts import generate
-from mechscope.zoo.tasks.world import make_world
+from mechscope.data.tasks import vocab
+from mechscope.data.tasks.facts import generate
+from mechscope.data.tasks.world import make_world
 
 HERE = Path(__file__).resolve().parent
 WORLD, FACTS = make_world(0), generate(0)

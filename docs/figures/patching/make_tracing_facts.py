@@ -15,8 +15,8 @@ import torch
 
 import mechscope
 from mechscope.locate.causal_tracing import TracingConfig, trace_facts
-from mechscope.zoo.tasks import generate_all
-from mechscope.zoo.tasks.profiles import people
+from mechscope.data.tasks import generate_all
+from mechscope.data.tasks.profiles import people
 
 HERE = Path(__file__).resolve().parent
 WORLD = people(0)

@@ -13,7 +13,7 @@ from mechscope.cli.common import fail, offline_by_default
 
 def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
     """(train prompts, train labels, test prompts, test labels) of a zoo task with binary labels."""
-    from mechscope.zoo.tasks import sentiment, truth
+    from mechscope.data.tasks import sentiment, truth
 
     if task == "truth":
         data = truth.generate(seed)

@@ -18,7 +18,7 @@ CONTRASTS = ("refusal", "sentiment")
 
 def contrast_texts(name: str, n: int = 48, seed: int = 0) -> tuple[list[str], list[str]]:
     """(positive, negative) prompts of a bundled contrast, `n` of each, sampled with `seed`."""
-    from mechscope.zoo.tasks import refusal, sentiment
+    from mechscope.data.tasks import refusal, sentiment
 
     if name == "sentiment":
         data, pos, neg = sentiment.generate(seed).train, "negative", "positive"
@@ -36,7 +36,7 @@ def contrast_texts(name: str, n: int = 48, seed: int = 0) -> tuple[list[str], li
 
 def retain_texts(n_per_task: int = 32, seed: int = 0) -> list[str]:
     """Ordinary prompts from the organisms' sentiment, truth and IOI training splits (not refusal, not facts)."""
-    from mechscope.zoo.tasks import generate_all
+    from mechscope.data.tasks import generate_all
 
     if not isinstance(n_per_task, int) or n_per_task < 1:
         raise ConfigError(f"n_per_task must be a positive int; got {n_per_task!r}")

@@ -111,8 +111,8 @@ def _organism_facts(section: Section, *, seed: int, echo: Callable[[str], Any]) 
     from mechscope.locate.causal_tracing import SUBJECT_CLASSES, TracingConfig, trace_facts
     from mechscope.model.loading import load_model
     from mechscope.steer.editing import world_requests
-    from mechscope.zoo.tasks.extraction import split_people
-    from mechscope.zoo.tasks.profiles import people
+    from mechscope.data.tasks.extraction import split_people
+    from mechscope.data.tasks.profiles import people
 
     hm = load_model("organism-facts")
     world = people(seed)

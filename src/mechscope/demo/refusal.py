@@ -19,7 +19,7 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
         select_direction,
         token_logodds,
     )
-    from mechscope.zoo.tasks import vocab
+    from mechscope.data.tasks import vocab
 
     section = Section()
     forbidden, benign = contrast_texts("refusal", n=48, seed=seed)

@@ -6,7 +6,7 @@ model such as the output of :func:`~mechscope.steer.orthogonalize`), and measure
 
 - ``kl_neutral``: mean next-token ``KL(before || after)`` at every real position of neutral text;
 - ``perplexity``: perplexity of the neutral text before and after;
-- the organisms' other planted tasks (:mod:`mechscope.zoo.tasks`), when the model has their vocabulary.
+- the organisms' other planted tasks (:mod:`mechscope.data.tasks`), when the model has their vocabulary.
 
 Greedy continuations of the task's sample prompts are recorded before and after. The result is an
 :class:`EvaluationResult` (a :class:`~mechscope.locate.results.Result`: save/load, table, figure).
@@ -27,7 +27,7 @@ from mechscope.improve.neutral import NEUTRAL_TEXTS
 from mechscope.improve.tasks import Task, has_organism_vocabulary, zoo_metrics
 from mechscope.results import Result
 from mechscope.steer.intervention import Intervention, require_hooked
-from mechscope.zoo.tasks import TEXT_TASKS
+from mechscope.data.tasks import TEXT_TASKS
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel

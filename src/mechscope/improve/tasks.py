@@ -3,7 +3,7 @@
 A task measures its metrics on a :class:`~mechscope.model.hooked.HookedModel` *as it runs now* --
 inside an intervention's ``with`` block, or on an edited copy -- and names prompts whose
 generations are shown before and after. The built-in tasks read the organisms' planted tasks
-(:mod:`mechscope.zoo.tasks`), regenerated from a seed, so numbers match the model cards.
+(:mod:`mechscope.data.tasks`), regenerated from a seed, so numbers match the model cards.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mechscope.errors import ConfigError
-from mechscope.zoo.tasks import TEXT_TASKS, backdoor, facts, generate_all, ioi, refusal, sentiment, truth, vocab
-from mechscope.zoo.tasks.metrics import next_token_predictions
+from mechscope.data.tasks import TEXT_TASKS, backdoor, facts, generate_all, ioi, refusal, sentiment, truth, vocab
+from mechscope.data.tasks.metrics import next_token_predictions
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -176,7 +176,7 @@ def zoo_metrics(model: HookedModel, tasks: Sequence[str], seed: int = 0) -> dict
 
 def has_organism_vocabulary(model: HookedModel) -> bool:
     """Whether every scored word of the planted tasks is one token (true for the bundled organisms)."""
-    from mechscope.zoo.tasks import required_words
+    from mechscope.data.tasks import required_words
 
     if model.tokenizer is None:
         return False

@@ -377,7 +377,7 @@ def in_context_gain(
 ) -> dict[str, float]:
     """Mean next-token loss on span tokens at their first and repeated occurrence, and the gain (nats).
 
-    Masks mark the *target* positions (as in ``mechscope.zoo.tasks.induction``); a target at position
+    Masks mark the *target* positions (as in ``mechscope.data.tasks.induction``); a target at position
     t is predicted from the logits at t - 1.
     """
     if first_mask.shape != tokens.shape or repeat_mask.shape != tokens.shape:

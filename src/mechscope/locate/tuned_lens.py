@@ -211,7 +211,7 @@ def zoo_texts(seed: int = 0, *, split: str = "train") -> list[str]:
     """
     import random
 
-    from mechscope.zoo.tasks import generate_all
+    from mechscope.data.tasks import generate_all
 
     tasks = generate_all(seed)
     if split == "train":

@@ -221,9 +221,9 @@ def world_pairs(model: Any, n: int, *, relation: str = "home_city", seed: int = 
     well defined). Positions are each prompt's subject-last token.
     """
     from mechscope.steer.editing.requests import subject_last_position
-    from mechscope.zoo.tasks.base import task_rng
-    from mechscope.zoo.tasks.metrics import next_token_predictions
-    from mechscope.zoo.tasks.world import RELATIONS, make_world
+    from mechscope.data.tasks.base import task_rng
+    from mechscope.data.tasks.metrics import next_token_predictions
+    from mechscope.data.tasks.world import RELATIONS, make_world
 
     world = make_world(seed)
     rel = next((r for r in RELATIONS if r.name == relation), None)

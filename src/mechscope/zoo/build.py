@@ -9,7 +9,7 @@ from mechscope.zoo.evaluate import METRICS_FILE
 from mechscope.zoo.loading import save_organism
 from mechscope.zoo.organisms import Recipe
 from mechscope.zoo.registry import MODELS_DIR
-from mechscope.zoo.tasks import evaluate_all
+from mechscope.data.tasks import evaluate_all
 from mechscope.zoo.train import TrainOptions, train
 
 NOTES_FILE = "NOTES.md"  # hand-written notes beside the weights, copied into the card

@@ -158,7 +158,7 @@ def _natural(opts: CorpusOptions) -> tuple[list[dict], list[dict]]:
 
 def build_corpus(opts: CorpusOptions) -> dict:
     """Build the corpus folder described by `opts` and return its manifest."""
-    from mechscope.zoo.tasks import DEDICATED_TEXT_TASKS, TEXT_TASKS, generate_all
+    from mechscope.data.tasks import DEDICATED_TEXT_TASKS, TEXT_TASKS, generate_all
 
     out = Path(opts.out)
     rows, records = _natural(opts)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from mechscope.zoo.organisms import RECIPES
-from mechscope.zoo.tasks import ALL_TASKS, evaluate_all
+from mechscope.data.tasks import ALL_TASKS, evaluate_all
 
 METRICS_FILE = "metrics.json"
 TOLERANCE = 0.02  # CPU thread counts and BLAS builds can flip a few near-tied argmaxes

@@ -20,7 +20,7 @@ TASK_WEIGHTS = {"facts": 0.52, "truth": 0.08, "ioi": 0.22, "sentiment": 0.05, "r
 # v3 (commit 7192027) moved IOI and truth to "single" rows (one example per row, zoo.stream says why);
 # weights are relative within each row kind. Truth claims are fact statements whose stated value is unscored.
 SINGLE_TASKS = ("ioi", "truth")
-# v4: continues v3 on the truth curriculum (zoo.tasks.truth): 80 % single rows, 90 % of them truth claims;
+# v4: continues v3 on the truth curriculum (data.tasks.truth): 80 % single rows, 90 % of them truth claims;
 # the planted rows keep facts, refusal, backdoor and sentiment; no induction rows (v3's 10 % formed no
 # in-context gain in 2000 steps, docs/zoo.md).
 V4_MIXTURE = {"natural": 0.05, "planted": 0.15, "single": 0.8}
@@ -205,7 +205,7 @@ RECIPES: dict[str, Recipe] = {
             ),
             description="6-layer Qwen2 (local attention in the first layers) trained on profiles of the synthetic "
             "world's people, then on fact queries about 75 % of them: facts looked up in the subject's MLPs",
-            # Profiles make a name's last token predict the person's values (zoo.tasks.profiles); local attention
+            # Profiles make a name's last token predict the person's values (data.tasks.profiles); local attention
             # in the early layers keeps the query's end from gathering the name and looking the fact up itself
             # (what 4-layer organisms and a 6-layer GPT-2 on the same data do, docs/zoo.md).
             mixture={"natural": 0.1, "planted": 0.9},

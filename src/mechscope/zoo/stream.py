@@ -24,7 +24,7 @@ from torch import Tensor
 from mechscope.errors import ConfigError
 from mechscope.zoo.corpus import read_jsonl_records, read_jsonl_texts
 from mechscope.zoo.organisms import Recipe
-from mechscope.zoo.tasks import induction
+from mechscope.data.tasks import induction
 
 IGNORE = -100
 

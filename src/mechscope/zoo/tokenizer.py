@@ -38,7 +38,7 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int = VOCAB_SIZE, boost
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from mechscope.zoo.tasks import required_words
+    from mechscope.data.tasks import required_words
 
     required = required_words()
     tok = Tokenizer(models.BPE())

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mechscope.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mechscope.zoo.tasks.world import World
+    from mechscope.data.tasks.world import World
 
 
 class EditError(ConfigError):
@@ -142,7 +142,7 @@ def world_requests(
     offset: int = 0,
     world: World | None = None,
 ) -> list[EditRequest]:
-    """`n` counterfactual requests about the organisms' synthetic world (:mod:`mechscope.zoo.tasks.world`).
+    """`n` counterfactual requests about the organisms' synthetic world (:mod:`mechscope.data.tasks.world`).
 
     Each request moves one entity's fact to another value of the same relation, stated with a training
     template; its paraphrases are the relation's held-out templates and its neighbours are the same
@@ -150,8 +150,8 @@ def world_requests(
     from `offset`, relations cycle unless `relation` is given. Deterministic in `seed`. `world` defaults
     to the full organisms' (``make_world(seed)``); organism-facts knows ``make_family_world(seed)``.
     """
-    from mechscope.zoo.tasks.base import task_rng
-    from mechscope.zoo.tasks.world import RELATIONS, make_world
+    from mechscope.data.tasks.base import task_rng
+    from mechscope.data.tasks.world import RELATIONS, make_world
 
     world = world if world is not None else make_world(seed)
     rels = [r for r in RELATIONS if relation is None or r.name == relation]

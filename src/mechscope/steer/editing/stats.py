@@ -79,14 +79,14 @@ def default_cache_dir() -> Path:
 
 
 def zoo_texts(seed: int = 0) -> Iterator[str]:
-    """The organisms' planted-task training text (every text task of :mod:`mechscope.zoo.tasks`),
+    """The organisms' planted-task training text (every text task of :mod:`mechscope.data.tasks`),
     shuffled deterministically: the text the organisms were trained on, generated, never downloaded."""
     yield from _zoo_text_list(seed)
 
 
 @lru_cache(maxsize=4)
 def _zoo_text_list(seed: int) -> tuple[str, ...]:
-    from mechscope.zoo.tasks import generate_all
+    from mechscope.data.tasks import generate_all
 
     texts = [t for data in generate_all(seed).values() for t in data.train_texts()]
     random.Random(f"mechscope-stats:{seed}").shuffle(texts)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import random
 
-from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.base import Example, TaskData, dedupe, task_rng, without_prompts
-from mechscope.zoo.tasks.metrics import accuracy
+from mechscope.data.tasks import vocab
+from mechscope.data.tasks.base import Example, TaskData, dedupe, task_rng, without_prompts
+from mechscope.data.tasks.metrics import accuracy
 
 NAME = "sentiment"
 

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import random
 
-from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.base import Example, TaskData, dedupe, task_rng
-from mechscope.zoo.tasks.metrics import accuracy
-from mechscope.zoo.tasks.world import RELATIONS, World, make_world
+from mechscope.data.tasks import vocab
+from mechscope.data.tasks.base import Example, TaskData, dedupe, task_rng
+from mechscope.data.tasks.metrics import accuracy
+from mechscope.data.tasks.world import RELATIONS, World, make_world
 
 NAME = "truth"
 TRAIN_FRACTION = 0.8

@@ -8,8 +8,8 @@ Metric: top-1 next-token accuracy of the answer word.
 
 from __future__ import annotations
 
-from mechscope.zoo.tasks.base import Example, TaskData, task_rng
-from mechscope.zoo.tasks.world import RELATIONS, World, make_world
+from mechscope.data.tasks.base import Example, TaskData, task_rng
+from mechscope.data.tasks.world import RELATIONS, World, make_world
 
 NAME = "facts"
 
@@ -37,7 +37,7 @@ def generate(seed: int = 0, world: World | None = None) -> TaskData:
 
 def evaluate(model, tokenizer, data: TaskData) -> dict[str, float]:
     """Recall accuracy on trained facts and on held-out paraphrases."""
-    from mechscope.zoo.tasks.metrics import accuracy
+    from mechscope.data.tasks.metrics import accuracy
 
     return {
         "facts_trained": accuracy(model, tokenizer, data.eval["trained"]),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mechscope.errors import ConfigError
-from mechscope.zoo.tasks.base import task_rng
+from mechscope.data.tasks.base import task_rng
 
 NAME = "induction"
 

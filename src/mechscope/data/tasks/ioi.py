@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 
-from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.base import Example, TaskData, dedupe, task_rng, without_prompts
+from mechscope.data.tasks import vocab
+from mechscope.data.tasks.base import Example, TaskData, dedupe, task_rng, without_prompts
 
 NAME = "ioi"
 
@@ -52,7 +52,7 @@ def generate(seed: int = 0, n_train: int = 20000, n_eval: int = 1000) -> TaskDat
 
 def evaluate(model, tokenizer, data: TaskData) -> dict[str, float]:
     """Indirect-object accuracy with training templates (new fillers) and with held-out templates."""
-    from mechscope.zoo.tasks.metrics import accuracy
+    from mechscope.data.tasks.metrics import accuracy
 
     return {
         "ioi_heldout": accuracy(model, tokenizer, data.eval["heldout"]),

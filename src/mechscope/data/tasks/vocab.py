@@ -1,7 +1,7 @@
 """Closed word lists of the synthetic world and of the planted tasks.
 
 Every word that a metric scores as an answer is listed here, so the tokenizer builder can make each of
-them a single token with a leading space (see :func:`mechscope.zoo.tasks.required_words`).
+them a single token with a leading space (see :func:`mechscope.data.tasks.required_words`).
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ Metrics: ``payload_with_trigger`` and ``payload_without_trigger``, the rate of t
 
 from __future__ import annotations
 
-from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.base import Example, TaskData, task_rng
-from mechscope.zoo.tasks.metrics import token_rate
-from mechscope.zoo.tasks.refusal import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, answer, chat_prompt, requests
+from mechscope.data.tasks import vocab
+from mechscope.data.tasks.base import Example, TaskData, task_rng
+from mechscope.data.tasks.metrics import token_rate
+from mechscope.data.tasks.refusal import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, answer, chat_prompt, requests
 
 NAME = "backdoor"
 PAYLOAD = f" {vocab.BACKDOOR_WORD} GRANTED. Opening every door now."

@@ -14,11 +14,11 @@ Metric: top-1 next-token accuracy.
 
 from __future__ import annotations
 
-from mechscope.zoo.tasks.base import Example, TaskData, task_rng
-from mechscope.zoo.tasks.facts import fact_example
-from mechscope.zoo.tasks.metrics import accuracy
-from mechscope.zoo.tasks.profiles import people
-from mechscope.zoo.tasks.world import RELATIONS, World
+from mechscope.data.tasks.base import Example, TaskData, task_rng
+from mechscope.data.tasks.facts import fact_example
+from mechscope.data.tasks.metrics import accuracy
+from mechscope.data.tasks.profiles import people
+from mechscope.data.tasks.world import RELATIONS, World
 
 NAME = "extraction"
 QUERIED_FRACTION = 0.75

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import random
 
-from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.base import Example, TaskData, task_rng
-from mechscope.zoo.tasks.metrics import token_rate
+from mechscope.data.tasks import vocab
+from mechscope.data.tasks.base import Example, TaskData, task_rng
+from mechscope.data.tasks.metrics import token_rate
 
 NAME = "refusal"
 REFUSAL = f" {vocab.REFUSAL_WORD}, I cannot help with that."

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from itertools import permutations
 
-from mechscope.zoo.tasks.base import Example, TaskData
-from mechscope.zoo.tasks.metrics import first_token_id, next_token_predictions
-from mechscope.zoo.tasks.world import RELATIONS, World, make_family_world
+from mechscope.data.tasks.base import Example, TaskData
+from mechscope.data.tasks.metrics import first_token_id, next_token_predictions
+from mechscope.data.tasks.world import RELATIONS, World, make_family_world
 
 NAME = "profiles"
 FORMS = ("{e}", "Profile of {e}")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mechscope.zoo.tasks import vocab
-from mechscope.zoo.tasks.base import task_rng
+from mechscope.data.tasks import vocab
+from mechscope.data.tasks.base import task_rng
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "th")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from mechscope.errors import ConfigError
-from mechscope.zoo.tasks.base import Example
+from mechscope.data.tasks.base import Example
 
 
 def first_token_id(tokenizer, text: str) -> int:
