@@ -167,7 +167,7 @@ class Monitor:
         self._stack: ExitStack | None = None
         self._step = _Step()
         self._acts: dict[str, Tensor] = {}
-        self._records: list[tuple[Tensor, ...]] = []
+        self._records: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, bool]] = []
         self._state: dict[str, Tensor] = {}
 
     def _stop_token(self, stop_token: int | None) -> int:

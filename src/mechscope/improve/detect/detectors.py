@@ -210,7 +210,8 @@ class Detector(Artifact):
             "model_type": info["model_type"],
             "d_model": int(info["d_model"]),
         }
-        return cls(**tensors, **common)  # type: ignore[call-arg]
+        kwargs: dict[str, Any] = {**tensors, **common}
+        return cls(**kwargs)
 
     def describe(self) -> str:
         thr = "uncalibrated" if self.threshold is None else f"threshold {self.threshold:.4g}"
@@ -341,43 +342,36 @@ def shrunk_covariance(x: Tensor, shrinkage: str | float) -> tuple[Tensor, float]
     return (1 - w) * s + w * mu * torch.eye(s.shape[0], dtype=s.dtype), w
 
 
-def _training_record(description: str, **counts: Any) -> dict[str, Any]:
-    return {"description": description, **counts}
-
-
-def _fit_supervised(
-    model: HookedModel, cfg: DetectorConfig, positive: Any, negative: Any, description: str
+def fit_supervised(
+    positive: TokenActivations,
+    negative: TokenActivations,
+    config: DetectorConfig,
+    model_info: dict[str, Any],
+    training: dict[str, Any] | None = None,
 ) -> Detector:
-    pos = check_examples(positive, "positive examples")
-    neg = check_examples(negative, "negative examples")
-    a_pos = token_activations(model, pos, cfg.sites, batch_size=cfg.batch_size)
-    a_neg = token_activations(model, neg, cfg.sites, batch_size=cfg.batch_size)
+    """A probe or mean-difference detector from activations already collected (class 1 = `positive`)."""
+    cfg = config
     if cfg.pooling == "last":
-        a_pos, a_neg = a_pos.last(), a_neg.last()
-    x = _finite("training activations", torch.cat([_cat(a_pos.acts, cfg.sites), _cat(a_neg.acts, cfg.sites)]))
-    y = torch.cat([torch.ones(len(a_pos.example)), torch.zeros(len(a_neg.example))]).long()
-    common = {
-        "sites": list(cfg.sites),
-        "pooling": cfg.pooling,
-        "training": _training_record(
-            description,
-            kind=cfg.kind,
-            n_positive=len(pos),
-            n_negative=len(neg),
-            n_tokens=len(y),
-            fitted_on="last tokens" if cfg.pooling == "last" else "every scored token",
-            positive_sample=[str(e)[:120] for e in pos[:3]],
-            negative_sample=[str(e)[:120] for e in neg[:3]],
-        ),
-        **Artifact.model_info(model),
+        positive, negative = positive.last(), negative.last()
+    x = _finite("training activations", torch.cat([_cat(positive.acts, cfg.sites), _cat(negative.acts, cfg.sites)]))
+    y = torch.cat([torch.ones(len(positive.example)), torch.zeros(len(negative.example))]).long()
+    if len(positive.example) == 0 or len(negative.example) == 0:
+        raise ConfigError("training data must hold both classes (positive and negative tokens); one is empty")
+    record = {
+        "kind": cfg.kind,
+        "fitted_on": "last tokens" if cfg.pooling == "last" else "every scored token",
+        "n_tokens": len(y),
+        **(training or {}),
     }
+    common = {"sites": list(cfg.sites), "pooling": cfg.pooling, "training": record, **model_info}
     if cfg.kind == "probe":
         mean = x.mean(0)
         std = x.std(0, unbiased=False).clamp_min(1e-6)
-        z = (x - mean) / std
-        probe = fit_probe(z, y, ProbeConfig(kind="logistic", l2=cfg.l2, max_iter=cfg.max_iter))
-        common["training"]["l2"] = cfg.l2
+        probe = fit_probe((x - mean) / std, y, ProbeConfig(kind="logistic", l2=cfg.l2, max_iter=cfg.max_iter))
+        record["l2"] = cfg.l2
         return ProbeDetector(mean=mean, std=std, weight=probe.weight, bias=torch.tensor([probe.bias]), **common)
+    if cfg.kind != "mean_difference":
+        raise ConfigError(f"fit_supervised fits 'probe' or 'mean_difference' detectors; got {cfg.kind!r}")
     mu1, mu0 = x[y == 1].mean(0), x[y == 0].mean(0)
     diff = mu1 - mu0
     if float(diff.norm()) == 0:
@@ -391,11 +385,15 @@ def _fit_supervised(
     )
 
 
-def _fit_anomaly(model: HookedModel, cfg: DetectorConfig, normal: Any, description: str) -> Detector:
-    norm_ex = check_examples(normal, "normal examples")
-    acts = token_activations(model, norm_ex, cfg.sites, batch_size=cfg.batch_size)
-    if cfg.pooling == "last":
-        acts = acts.last()
+def fit_anomaly(
+    normal: TokenActivations,
+    config: DetectorConfig,
+    model_info: dict[str, Any],
+    training: dict[str, Any] | None = None,
+) -> MahalanobisDetector:
+    """A Mahalanobis detector from normal activations already collected."""
+    cfg = config
+    acts = normal.last() if cfg.pooling == "last" else normal
     n = len(acts.example)
     if n < 2:
         raise ConfigError(f"the anomaly detector needs at least 2 normal tokens to estimate a covariance; got {n}")
@@ -403,13 +401,21 @@ def _fit_anomaly(model: HookedModel, cfg: DetectorConfig, normal: Any, descripti
     for s in cfg.sites:
         x = _finite("normal activations", acts.acts[s])
         cov, w = shrunk_covariance(x, cfg.shrinkage)
-        if float(cov.diagonal().min()) <= 0:
+        if float(torch.linalg.eigvalsh(cov).min()) <= 0:
             raise ConfigError(
-                f"the normal activations at {s} have a singular covariance (constant features); use shrinkage > 0"
+                f"the normal activations at {s} have a singular covariance (too few tokens or constant features); "
+                "use shrinkage > 0 or more normal data"
             )
         means.append(x.double().mean(0).float())
         covs.append(cov.float())
         shrinks.append(w)
+    record = {
+        "kind": "mahalanobis",
+        "fitted_on": "last tokens" if cfg.pooling == "last" else "every scored token",
+        "n_tokens": n,
+        "shrinkage": cfg.shrinkage if isinstance(cfg.shrinkage, str) else float(cfg.shrinkage),
+        **(training or {}),
+    }
     det = MahalanobisDetector(
         means=torch.stack(means),
         covariances=torch.stack(covs),
@@ -417,20 +423,16 @@ def _fit_anomaly(model: HookedModel, cfg: DetectorConfig, normal: Any, descripti
         norms=torch.tensor([[0.0, 1.0]] * len(cfg.sites)),
         sites=list(cfg.sites),
         pooling=cfg.pooling,
-        training=_training_record(
-            description,
-            kind="mahalanobis",
-            n_normal=len(norm_ex),
-            n_tokens=n,
-            fitted_on="last tokens" if cfg.pooling == "last" else "every scored token",
-            shrinkage=cfg.shrinkage if isinstance(cfg.shrinkage, str) else float(cfg.shrinkage),
-            normal_sample=[str(e)[:120] for e in norm_ex[:3]],
-        ),
-        **Artifact.model_info(model),
+        training=record,
+        **model_info,
     )
     d = det.site_distances(acts.acts)
     det.norms = torch.stack([d.mean(1), d.std(1).clamp_min(1e-6)], dim=1)
     return det
+
+
+def _sample(examples: Sequence[Example]) -> list[str]:
+    return [str(e)[:120] for e in examples[:3]]
 
 
 def train_detector(
@@ -451,14 +453,29 @@ def train_detector(
     if not isinstance(config, DetectorConfig):
         raise ConfigError(f"config must be a DetectorConfig; got {type(config).__name__}")
     detector_sites(model, config.sites)
+    info = Artifact.model_info(model)
     with torch.no_grad():
         if config.kind == "mahalanobis":
             if normal is None or positive is not None or negative is not None:
                 raise ConfigError("the mahalanobis detector is fitted on normal= examples only (no positive/negative)")
-            return _fit_anomaly(model, config, normal, description)
+            norm_ex = check_examples(normal, "normal examples")
+            acts = token_activations(model, norm_ex, config.sites, batch_size=config.batch_size)
+            record = {"description": description, "n_normal": len(norm_ex), "normal_sample": _sample(norm_ex)}
+            return fit_anomaly(acts, config, info, record)
         if positive is None or negative is None or normal is not None:
             raise ConfigError(f"a {config.kind} detector needs positive= and negative= examples (both classes)")
-        return _fit_supervised(model, config, positive, negative, description)
+        pos = check_examples(positive, "positive examples")
+        neg = check_examples(negative, "negative examples")
+        a_pos = token_activations(model, pos, config.sites, batch_size=config.batch_size)
+        a_neg = token_activations(model, neg, config.sites, batch_size=config.batch_size)
+        record = {
+            "description": description,
+            "n_positive": len(pos),
+            "n_negative": len(neg),
+            "positive_sample": _sample(pos),
+            "negative_sample": _sample(neg),
+        }
+        return fit_supervised(a_pos, a_neg, config, info, record)
 
 
 __all__ = [
@@ -469,6 +486,8 @@ __all__ = [
     "MahalanobisDetector",
     "MeanDifferenceDetector",
     "ProbeDetector",
+    "fit_anomaly",
+    "fit_supervised",
     "ledoit_wolf",
     "pool",
     "shrunk_covariance",
