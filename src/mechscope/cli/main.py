@@ -99,14 +99,27 @@ def demo(
             help="Run only these loops: refusal, facts, sentiment, features (organisms) or induction (any model)."
         ),
     ] = [],  # noqa: B006
+    runs: Annotated[
+        Path | None,
+        typer.Option("--runs", help="Run store for the sections (default: $MECHSCOPE_RUNS or ./mechscope-runs)."),
+    ] = None,
+    record: Annotated[bool, typer.Option("--record/--no-record", help="Record each section as a run.")] = True,
 ) -> None:
     """Locate -> Steer -> Improve on the default model; writes a self-contained HTML report."""
     offline_by_default()
     from mechscope.demo import run_demo
     from mechscope.errors import MechscopeError
+    from mechscope.records import default_store_dir
 
     try:
-        report = run_demo(model or None, out, seed=seed, echo=typer.echo, sections=tuple(section) or None)
+        report = run_demo(
+            model or None,
+            out,
+            seed=seed,
+            echo=typer.echo,
+            sections=tuple(section) or None,
+            runs=(runs or default_store_dir()) if record else None,
+        )
     except MechscopeError as exc:
         raise fail(exc) from exc
     typer.echo(f"report written to {report}")

@@ -8,9 +8,11 @@ hex digest with a known extension, ``..``, absolute paths and symlinks pointing 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
+import struct
 import time
 from pathlib import Path, PurePosixPath
 
@@ -97,6 +99,26 @@ class ArtifactFolder:
         return [p for p in self.tmp.iterdir() if p.is_file() and p.stat().st_mtime < cutoff]
 
 
+def canonicalize_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place (tensor bytes untouched).
+
+    Writers serialise the header from a hash map whose order changes from process to process, so the same
+    result would get a different SHA-256 each time it is saved; sorted, equal content gives equal bytes.
+    """
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{str(path)!r} is not a safetensors file (shorter than its header)")
+        (length,) = struct.unpack("<Q", raw)
+        header = json.loads(handle.read(length))
+        data = handle.read()
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
 def parse_name(path: Path) -> tuple[str, str] | None:
     """(sha256, ext) of a committed file's name, or None for a name the store did not write."""
     sha, _, ext = path.name.partition(".")
@@ -110,4 +132,4 @@ def _check_ext(ext: str) -> None:
         raise PathRefused(f"artifact extension {ext!r} is not one the store keeps; known: {list(EXTENSIONS)}")
 
 
-__all__ = ["EXTENSIONS", "ArtifactFolder", "PathRefused", "parse_name", "sha256_file"]
+__all__ = ["EXTENSIONS", "ArtifactFolder", "PathRefused", "canonicalize_safetensors", "parse_name", "sha256_file"]

@@ -13,6 +13,7 @@ import contextvars
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 from mechscope import observe
 from mechscope.errors import ConfigError
-from mechscope.records.artifacts import EXTENSIONS
+from mechscope.records.artifacts import EXTENSIONS, canonicalize_safetensors
 from mechscope.records.provenance import ModelInfo, git_state, model_info, versions
 from mechscope.records.store import ArtifactRecord, RunRecord, RunStore, new_run_id, now
 
@@ -99,14 +100,19 @@ class Run:
             self._objects.append((name, obj))
 
     def log_file(self, path: str | Path, name: str | None = None) -> None:
-        """Copy a file (JSON, text, CSV, PNG, HTML or safetensors) into the store with the run."""
+        """Copy a file (JSON, text, CSV, PNG, HTML or safetensors) into the store with the run.
+
+        A JSON file holding a plotly figure (``fig.to_json()``) is drawn as a figure by the viewer.
+        """
         path = Path(path)
         ext = path.name.partition(".")[2].rsplit(".", 1)[-1] if "." in path.name else ""
         if not path.is_file():
             raise ConfigError(f"log_file: no file at {str(path)!r}")
         if ext not in EXTENSIONS:
             raise ConfigError(f"log_file keeps files ending in {list(EXTENSIONS)}; got {path.name!r}")
-        self._files.append((name or path.name, path))
+        staged = self.store.artifacts.staging_path(ext)  # copied now: later changes to the file do not count
+        shutil.copyfile(path, staged)
+        self._files.append((name or path.name, staged))
 
     def log_model(self, model: Any, source: str | None = None) -> ModelInfo:
         """Record a model's identity now (fingerprint and full weight hash: later edits do not change it)."""
@@ -173,6 +179,7 @@ class Run:
                 written = Path(written) if written is not None else path
                 if written != path:
                     written.replace(path)
+                canonicalize_safetensors(path)
             except Exception as exc:  # a result that cannot be saved must not lose the run's record
                 problems.append(f"could not save {name} ({type(obj).__name__}): {type(exc).__name__}: {exc}")
                 path.unlink(missing_ok=True)
@@ -196,11 +203,9 @@ class Run:
                     path,
                 )
             )
-        for given, source in self._files:
+        for given, path in self._files:
             name = _unique(given, names)
-            ext = source.name.rsplit(".", 1)[-1]
-            path = self.store.artifacts.staging_path(ext)
-            path.write_bytes(source.read_bytes())
+            ext = path.name.rsplit(".", 1)[-1]
             staged.append((ArtifactRecord(name=name, role="file", sha256="", ext=ext, size=0), path))
         return staged, problems
 

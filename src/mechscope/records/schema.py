@@ -93,7 +93,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-def _check_version(conn: sqlite3.Connection, where: Path) -> int:
+def _check_version(conn: sqlite3.Connection, where: Path, newest: int = SCHEMA_VERSION) -> int:
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -102,10 +102,10 @@ def _check_version(conn: sqlite3.Connection, where: Path) -> int:
             f"{str(where)!r} is not a readable mechscope run database ({exc}); it was left untouched. "
             "Point --runs at another folder or move the file away."
         ) from exc
-    if version > SCHEMA_VERSION:
+    if version > newest:
         raise StoreError(
             f"run store {str(where)!r} has schema version {version}; this mechscope reads versions up to "
-            f"{SCHEMA_VERSION}. Upgrade mechscope to read it (the store was left untouched)."
+            f"{newest}. Upgrade mechscope to read it (the store was left untouched)."
         )
     return version
 
@@ -115,7 +115,7 @@ def connect_rw(path: Path, migrations: Sequence[tuple[int, str, str]] = MIGRATIO
     existed = path.exists()
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     try:
-        version = _check_version(conn, path)
+        version = _check_version(conn, path, max(v for v, _, _ in migrations))
         if existed and version == 0 and _has_tables(conn):
             raise StoreError(f"{str(path)!r} is a SQLite database but not a mechscope run store; it was left untouched")
         conn.execute("PRAGMA journal_mode=WAL")

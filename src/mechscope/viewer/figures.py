@@ -118,6 +118,8 @@ class FileViews:
             )
         if art.ext == "safetensors":
             return self._safetensors(art, path, relative)
+        if art.ext == "json" and (figure := _plotly_json(path)):
+            return ShownFile(art.name, art.role, relative, figure=figure)
         if art.ext in ("json", "txt", "csv"):
             return ShownFile(art.name, art.role, relative, text=_text(path, art.ext))
         return ShownFile(art.name, art.role, relative)
@@ -187,6 +189,19 @@ def _text(path: Path, ext: str, limit: int = 200_000) -> str:
         except json.JSONDecodeError:
             return raw
     return raw
+
+
+def _plotly_json(path: Path, limit: int = 20_000_000) -> str:
+    """The text of a JSON file holding a plotly figure (``{"data": [...], "layout": {...}}``), else ""."""
+    if path.stat().st_size > limit:
+        return ""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list) and isinstance(doc.get("layout", {}), dict):
+        return json.dumps(doc)
+    return ""
 
 
 def _maybe_json(value: str) -> Any:

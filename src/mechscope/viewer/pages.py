@@ -91,7 +91,7 @@ def list_page(
                 _status(r.status),
                 e(r.method),
                 " ".join(f"<span class='tag'>{e(t)}</span>" for t in r.tags),
-                e(r.started_at.replace("T", " ").replace("+00:00", "Z")),
+                e(r.started_at[:19].replace("T", " ")),
                 e(None if r.wall_s is None else f"{r.wall_s:.2f} s"),
                 f"<code>{e(model)}</code>",
                 e(len(r.metrics)),
