@@ -54,11 +54,13 @@ def run_demo(
     seed: int = 0,
     echo: Callable[[str], Any] = lambda _line: None,
     sections: tuple[str, ...] | None = None,
+    runs: str | Path | None = None,
 ) -> Path:
     """Run the demo and write ``out/report.html`` plus ``out/metrics.json``; returns the report path.
 
     `sections` defaults to the organism loops when the model has the organisms' vocabulary and to the
-    induction loop otherwise.
+    induction loop otherwise. With `runs` (a run store folder) each section is recorded as a run there
+    (model fingerprint, seed, metrics, the results it made) and the report links to it.
     """
     from mechscope.improve.tasks import has_organism_vocabulary
     from mechscope.model.loading import load_model
@@ -84,12 +86,53 @@ def run_demo(
     )
     metrics: dict[str, Any] = {"model": label, "seed": seed}
     for name in chosen:
-        section = _section_fn(name)(hm, seed=seed, echo=echo)
-        section.write(report)
+        if runs is None:
+            section = _section_fn(name)(hm, seed=seed, echo=echo)
+            section.write(report)
+        else:
+            section = _recorded_section(name, hm, label, seed, echo, report, Path(runs))
         metrics[name] = section.metrics
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     return report.save(out / "report.html")
+
+
+def _recorded_section(
+    name: str, hm: Any, label: str, seed: int, echo: Callable[[str], Any], report: Any, runs: Path
+) -> Section:
+    """One section inside a recorded run; the report gets a link to the run in the local viewer."""
+    import html
+    import tempfile
+
+    from mechscope import records
+
+    with records.run(
+        f"demo {name}",
+        tags=["demo", name],
+        store=runs,
+        model=hm,
+        model_source=label,
+        seed=seed,
+        config={"section": name, "model": label, "seed": seed},
+        method=f"demo.{name}",
+    ) as run:
+        section = _section_fn(name)(hm, seed=seed, echo=echo)
+        run.log_metrics(section.metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = [payload for kind, payload in section.parts if kind == "figure"]
+            for i, fig in enumerate(figures):
+                path = Path(tmp) / f"figure-{i + 1}.json"
+                path.write_text(fig.to_json(), encoding="utf-8")
+                run.log_file(path, name=f"{name} figure {i + 1}")
+    section.write(report)
+    url = f"http://127.0.0.1:8765/runs/{run.id}"
+    report.blocks.append(
+        f"<p class='note'>Recorded as run <a href='{html.escape(url)}'>{html.escape(run.id)}</a> in "
+        f"<code>{html.escape(str(runs))}</code>; browse it with <code>mechscope serve --runs "
+        f"{html.escape(str(runs))}</code>.</p>"
+    )
+    echo(f"recorded run {run.id} in {runs}")
+    return section
 
 
 __all__ = ["ALL_SECTIONS", "run_demo"]
