@@ -1,10 +1,13 @@
-"""Chat formatting with a tokenizer's own template, chat batches, the refusal detector and the prompt sets."""
+"""Chat formatting with a tokenizer's own template, chat batches, the refusal detector and the prompt sets
+(the detector now lives in mechscope.improve.refusal, the prompt sets in mechscope.data.prompt_sets)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mechscope.data import prompt_sets
+from mechscope.improve import refusal
 from mechscope.model import chat
 from mechscope.model.hooked import HookedModel
 from tiny_models import tiny_model, tiny_tokenizer
@@ -85,7 +88,7 @@ def test_chat_inputs_are_left_padded_and_end_at_the_assistant_turn():
     ],
 )
 def test_refusal_detector(reply, expected):
-    assert chat.is_refusal(reply) is expected
+    assert refusal.is_refusal(reply) is expected
 
 
 def test_refusal_rate_result_on_a_tiny_model(tmp_path):
@@ -93,30 +96,41 @@ def test_refusal_rate_result_on_a_tiny_model(tmp_path):
     tok.chat_template = TEMPLATE
     model = HookedModel(hf, tok)
     prompts = ["Name a fruit.", "Say hi.", "Count to three please."]
-    result = chat.refusal_rate(model, prompts, max_new_tokens=4, batch_size=2)
+    result = refusal.refusal_rate(model, prompts, max_new_tokens=4, batch_size=2)
     assert result["refused"].shape == (3,) and result.labels["prompt"] == prompts
     assert len(result.replies) == 3 and 0.0 <= result.rate <= 1.0
     # Definition: refused[i] is the detector applied to reply i, and the replies are the greedy continuation.
-    assert result["refused"].tolist() == [float(chat.is_refusal(r)) for r in result.replies]
+    assert result["refused"].tolist() == [float(refusal.is_refusal(r)) for r in result.replies]
     single = chat.generate_replies(model, prompts[2:], max_new_tokens=4)
     assert single == result.replies[2:]  # batch padding does not change a greedy reply
-    loaded = chat.RefusalResult.load(result.save(tmp_path / "refusal.safetensors"))
+    loaded = refusal.RefusalResult.load(result.save(tmp_path / "refusal.safetensors"))
     assert loaded.rate == result.rate and loaded.replies == result.replies
     with pytest.raises(chat.ConfigError, match="max_new_tokens"):
         chat.generate_replies(model, prompts, max_new_tokens=0)
 
 
 def test_bundled_prompt_sets():
-    harmful, harmless = chat.load_prompt_set("harmful"), chat.load_prompt_set("harmless")
+    harmful, harmless = prompt_sets.load_prompt_set("harmful"), prompt_sets.load_prompt_set("harmless")
     assert len(harmful) >= 100 and len(harmless) >= 100
     assert not set(harmful) & set(harmless)
     assert all(len(p) > 10 and not p.startswith("#") for p in harmful + harmless)
-    with pytest.raises(chat.PromptSetError, match="bundled"):
-        chat.load_prompt_set("evil")
+    with pytest.raises(prompt_sets.PromptSetError, match="bundled"):
+        prompt_sets.load_prompt_set("evil")
 
 
 def test_refused_tensor_is_float_zero_one():
-    r = chat.RefusalResult(
+    r = refusal.RefusalResult(
         tensors={"refused": torch.tensor([1.0, 0.0])}, axes={"refused": ("prompt",)}, config={"replies": ["a", "b"]}
     )
     assert r.rate == 0.5
+
+
+@pytest.mark.parametrize(
+    "name,home",
+    [("is_refusal", refusal), ("refusal_rate", refusal), ("RefusalResult", refusal), ("load_prompt_set", prompt_sets)],
+)
+def test_moved_names_still_import_from_chat_with_a_deprecation(name, home):
+    with pytest.warns(DeprecationWarning, match=f"moved to {home.__name__}"):
+        assert getattr(chat, name) is getattr(home, name)
+    with pytest.raises(AttributeError):
+        chat.no_such_name  # noqa: B018

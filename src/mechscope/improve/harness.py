@@ -6,9 +6,13 @@ model such as the output of :func:`~mechscope.steer.orthogonalize`), and measure
 
 - ``kl_neutral``: mean next-token ``KL(before || after)`` at every real position of neutral text;
 - ``perplexity``: perplexity of the neutral text before and after;
-- the organisms' other planted tasks (:mod:`mechscope.data.tasks`), when the model has their vocabulary.
+- the organisms' other planted tasks (:mod:`mechscope.data.tasks`), when the model has their vocabulary;
+- the task's own side-effect metrics (``Task.side_effect_metrics``: e.g. harmless requests must stay
+  answered, an edit's neighbours must keep their answers) and every metric of the extra side-effect
+  tasks of ``EvaluationConfig.side_effect_tasks`` (named ``"{task}/{metric}"``).
 
-Greedy continuations of the task's sample prompts are recorded before and after. The result is an
+Every row of the result has a role, ``target`` or ``side effect``, recorded in ``config["target"]`` and
+``config["side"]``. Greedy continuations of the task's sample prompts are recorded before and after. The result is an
 :class:`EvaluationResult` (a :class:`~mechscope.locate.results.Result`: save/load, table, figure).
 """
 
@@ -22,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from mechscope.data.tasks import TEXT_TASKS
 from mechscope.errors import ConfigError
 from mechscope.improve.neutral import NEUTRAL_TEXTS
 from mechscope.improve.tasks import Task, has_organism_vocabulary, zoo_metrics
 from mechscope.results import Result
 from mechscope.steer.intervention import Intervention, require_hooked
-from mechscope.data.tasks import TEXT_TASKS
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -39,10 +43,13 @@ class EvaluationConfig:
 
     ``side_tasks``: planted zoo tasks to re-measure as side effects; ``None`` means every text task
     other than the target task's, when the model has the organisms' vocabulary (none otherwise).
+    ``side_effect_tasks``: further tasks whose every metric is a side effect (the user's own checks, e.g.
+    a :class:`~mechscope.improve.completion.CompletionTask` of prompts whose answers must not change).
     """
 
     neutral_texts: tuple[str, ...] = NEUTRAL_TEXTS
     side_tasks: tuple[str, ...] | None = None
+    side_effect_tasks: tuple[Task, ...] = ()
     max_new_tokens: int = 12
     seed: int = 0
 
@@ -55,6 +62,13 @@ class EvaluationConfig:
                 raise ConfigError(f"unknown side tasks {unknown}; known: {list(TEXT_TASKS)}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive int; got {self.max_new_tokens!r}")
+        object.__setattr__(self, "side_effect_tasks", tuple(self.side_effect_tasks))
+        bad = [t for t in self.side_effect_tasks if not isinstance(t, Task)]
+        if bad:
+            raise ConfigError(f"side_effect_tasks must be mechscope.improve Task objects; got {bad!r}")
+        names = [t.name for t in self.side_effect_tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"side_effect_tasks need distinct names; got {names}")
 
 
 class EvaluationResult(Result):
@@ -137,11 +151,12 @@ def _perplexity(logprobs: Tensor, mask: Tensor, ids: Tensor) -> float:
     return float(nll[keep].mean().exp())
 
 
-def _continuations(model: HookedModel, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    if not prompts:
-        return []
-    with torch.no_grad():
-        return model.generate_text(list(prompts), max_new_tokens=max_new_tokens, do_sample=False)
+def _task_metrics(model: HookedModel, task: Task, extra: Sequence[Task]) -> dict[str, float]:
+    """The task's metrics, then every extra side-effect task's as ``"{task}/{metric}"``."""
+    out = dict(task.metrics(model))
+    for side in extra:
+        out.update({f"{side.name}/{k}": v for k, v in side.metrics(model).items()})
+    return out
 
 
 def _describe(intervention: Any) -> str:
@@ -197,22 +212,25 @@ def evaluate(
         side_tasks = [t for t in TEXT_TASKS if t not in task.zoo_tasks]
     else:
         side_tasks = []
-    prompts = task.sample_prompts()
+    extra = cfg.side_effect_tasks
 
     with torch.no_grad():
-        target_before = task.metrics(model)
+        task_before = _task_metrics(model, task, extra)
         side_before = zoo_metrics(model, side_tasks, cfg.seed)
         ref_lp, mask = _neutral_logprobs(model, cfg.neutral_texts)
-        samples_before = _continuations(model, prompts, cfg.max_new_tokens)
+        samples_before = task.continuations(model, cfg.max_new_tokens)
         with context:
-            target_after = task.metrics(after_model)
+            task_after = _task_metrics(after_model, task, extra)
             side_after = zoo_metrics(after_model, side_tasks, cfg.seed)
             new_lp, _ = _neutral_logprobs(after_model, cfg.neutral_texts)
-            samples_after = _continuations(after_model, prompts, cfg.max_new_tokens)
+            samples_after = task.continuations(after_model, cfg.max_new_tokens)
 
     kl = float((ref_lp.exp() * (ref_lp - new_lp)).sum(-1)[mask].mean())
     ids = model.to_tokens(list(cfg.neutral_texts), padding_side="right")["input_ids"].to(ref_lp.device)
-    rows: list[tuple[str, float, float]] = [(k, target_before[k], target_after[k]) for k in target_before]
+    own_side = set(task.side_effect_metrics)
+    target = [k for k in task_before if k not in own_side and "/" not in k]
+    rows: list[tuple[str, float, float]] = [(k, task_before[k], task_after[k]) for k in target]
+    rows.extend((k, task_before[k], task_after[k]) for k in task_before if k not in target)
     rows.append(("kl_neutral", 0.0, kl))
     rows.append(("perplexity_neutral", _perplexity(ref_lp, mask, ids), _perplexity(new_lp, mask, ids)))
     rows.extend((k, side_before[k], side_after[k]) for k in side_before)
@@ -224,13 +242,14 @@ def evaluate(
         config={
             "task": task.name,
             "intervention": _describe(intervention),
-            "target": list(target_before),
-            "side": [r[0] for r in rows if r[0] not in target_before],
+            "target": target,
+            "side": [r[0] for r in rows if r[0] not in target],
             "side_tasks": side_tasks,
+            "side_effect_tasks": [t.name for t in extra],
             "n_neutral_texts": len(cfg.neutral_texts),
             "samples": [
                 {"prompt": p, "before": b, "after": a}
-                for p, b, a in zip(prompts, samples_before, samples_after, strict=True)
+                for (p, b), (_, a) in zip(samples_before, samples_after, strict=True)
             ],
         },
     )

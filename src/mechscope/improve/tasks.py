@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from mechscope.errors import ConfigError
 from mechscope.data.tasks import TEXT_TASKS, backdoor, facts, generate_all, ioi, refusal, sentiment, truth, vocab
 from mechscope.data.tasks.metrics import next_token_predictions
+from mechscope.errors import ConfigError
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -25,11 +25,18 @@ _MODULES = {m.NAME: m for m in (facts, truth, ioi, refusal, sentiment, backdoor)
 
 
 class Task:
-    """Base of evaluation tasks: ``name``, ``zoo_tasks`` (planted tasks it covers), metrics, samples."""
+    """Base of evaluation tasks: ``name``, ``zoo_tasks`` (planted tasks it covers), metrics, samples.
+
+    A task declares which of its metrics are **targets** (what the intervention should change) and
+    which are **side effects** (what it must leave alone): every metric is a target unless its name is
+    in ``side_effect_metrics``. :func:`~mechscope.improve.evaluate` reports both, with their role.
+    """
 
     name: str = "task"
     #: planted zoo tasks this task measures itself (excluded from the side-effect tasks).
     zoo_tasks: tuple[str, ...] = ()
+    #: names of this task's metrics that are side effects rather than targets.
+    side_effect_metrics: tuple[str, ...] = ()
 
     def metrics(self, model: HookedModel) -> dict[str, float]:
         raise NotImplementedError
@@ -37,6 +44,14 @@ class Task:
     def sample_prompts(self) -> list[str]:
         """Prompts whose greedy continuations are shown before and after."""
         return []
+
+    def continuations(self, model: HookedModel, max_new_tokens: int) -> list[tuple[str, str]]:
+        """(prompt, greedy continuation) of each sample prompt on `model` as it runs now."""
+        prompts = self.sample_prompts()
+        if not prompts:
+            return []
+        texts = model.generate_text(list(prompts), max_new_tokens=max_new_tokens, do_sample=False)
+        return list(zip(prompts, texts, strict=True))
 
 
 def _check_n(n: int, what: str) -> None:
@@ -46,12 +61,16 @@ def _check_n(n: int, what: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class RefusalTask(Task):
-    """Refusal rate on held-out forbidden and benign requests (the organisms' refusal task)."""
+    """Refusal rate on held-out forbidden and benign requests (the organisms' refusal task).
+
+    ``refusal_forbidden`` is the target; ``refusal_benign`` (benign requests must stay answered) a side effect.
+    """
 
     seed: int = 0
     n_samples: int = 4
     name: str = "refusal"
     zoo_tasks: tuple[str, ...] = ("refusal",)
+    side_effect_metrics: tuple[str, ...] = ("refusal_benign",)
 
     def __post_init__(self) -> None:
         _check_n(self.n_samples, "n_samples")
@@ -176,16 +195,9 @@ def zoo_metrics(model: HookedModel, tasks: Sequence[str], seed: int = 0) -> dict
 
 def has_organism_vocabulary(model: HookedModel) -> bool:
     """Whether every scored word of the planted tasks is one token (true for the bundled organisms)."""
-    from mechscope.data.tasks import required_words
+    from mechscope.data.corpus import has_organism_vocabulary as check
 
-    if model.tokenizer is None:
-        return False
-    try:
-        for word in required_words():
-            model.to_single_token(" " + word)
-    except ConfigError:
-        return False
-    return True
+    return check(model)
 
 
 TASKS: dict[str, type[Task]] = {"refusal": RefusalTask, "sentiment": SentimentTask}

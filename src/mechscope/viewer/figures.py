@@ -25,7 +25,7 @@ RESULT_MODULES = (
     "mechscope.steer",
     "mechscope.steer.editing",
     "mechscope.improve",
-    "mechscope.model.chat",
+    "mechscope.improve.refusal",
 )
 _MAX_HEADER = 64 * 1024 * 1024
 

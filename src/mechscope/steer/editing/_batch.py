@@ -23,15 +23,17 @@ from mechscope.steer.editing.requests import EditError, EditRequest, subject_las
 
 
 def context_prefixes(model: Any, n: int, length: int, seed: int = 0) -> list[list[int]]:
-    """The empty prefix plus `n` prefixes of `length` tokens from the zoo text stream, each ending in EOS.
+    """The empty prefix plus `n` prefixes of `length` tokens from the model's default text (the organisms'
+    text on the organisms, English on any other model), each ending in EOS.
 
     Averaging keys over several contexts makes an edit hold whatever precedes the subject.
     """
-    from mechscope.steer.editing.stats import zoo_texts
+    from mechscope.data.corpus import default_stream
+    from mechscope.steer.editing.stats import default_stream_texts
 
     prefixes: list[list[int]] = [[]]
     eos = model.tokenizer.eos_token_id
-    for text in zoo_texts(seed + 7919):
+    for text in default_stream_texts(model, default_stream(model), seed + 7919):
         if len(prefixes) > n:
             break
         ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][:length]

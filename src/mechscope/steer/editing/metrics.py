@@ -5,8 +5,13 @@ All metrics are greedy next-token checks on the first token of the answer, the o
 - ``target_prob``: the probability of the target's first token after the prompt;
 - ``paraphrase``: the fraction of the request's paraphrases followed by the target;
 - ``neighbourhood``: the fraction of neighbour prompts (other subjects) answered with their true answer;
-- ``neighbourhood_unchanged``: the fraction of neighbour prompts whose top prediction did not move.
+- ``neighbourhood_unchanged``: the fraction of neighbour prompts whose top prediction did not move;
+- ``neighbourhood_to_target``: the fraction of neighbour prompts now answered with the edit's target
+  (the collateral damage of an edit that rewrote the relation for every subject);
+- ``neighbourhood_kl``: mean next-token ``KL(first state || this state)`` at the neighbour prompts.
 With an :class:`EditRecord`, each is measured before (edit reverted) and after (edit re-applied).
+Requests without neighbours get them built on the model (:mod:`.neighbourhood`) by the CLI and
+:func:`edit_metrics` with ``neighbourhood=``.
 """
 
 from __future__ import annotations
@@ -18,10 +23,19 @@ import torch
 from torch import Tensor
 
 from mechscope.results import Result
+from mechscope.steer.editing.neighbourhood import NeighbourhoodConfig, with_neighbourhood
 from mechscope.steer.editing.records import EditRecord
 from mechscope.steer.editing.requests import EditError, EditRequest, check_requests, target_ids
 
-METRICS = ("efficacy", "target_prob", "paraphrase", "neighbourhood", "neighbourhood_unchanged")
+METRICS = (
+    "efficacy",
+    "target_prob",
+    "paraphrase",
+    "neighbourhood",
+    "neighbourhood_unchanged",
+    "neighbourhood_to_target",
+    "neighbourhood_kl",
+)
 
 
 class EditMetrics(Result):
@@ -71,17 +85,22 @@ def _next_token(model: Any, prompts: Sequence[str], batch_size: int = 64) -> tup
     return tops, torch.cat(probs) if probs else torch.zeros(0)
 
 
-def _measure(model: Any, requests: Sequence[EditRequest]) -> tuple[dict[str, list[float]], list[list[int]]]:
-    """Per-request metrics (all but ``neighbourhood_unchanged``) and the neighbours' top predictions."""
+Measured = tuple[dict[str, list[float]], list[list[int]], list[Tensor]]
+
+
+def _measure(model: Any, requests: Sequence[EditRequest]) -> Measured:
+    """Per-request metrics (all but the ones relative to the first state), the neighbours' top predictions
+    and their next-token probabilities."""
     tk = model.tokenizer
     firsts = [target_ids(tk, r.target)[0] for r in requests]
     top, probs = _next_token(model, [r.text for r in requests])
     para_prompts = [p for r in requests for p in r.paraphrases]
     neigh_prompts = [p for r in requests for p, _ in r.neighbours]
     para_top = _next_token(model, para_prompts)[0] if para_prompts else []
-    neigh_top = _next_token(model, neigh_prompts)[0] if neigh_prompts else []
+    neigh_top, neigh_probs = _next_token(model, neigh_prompts) if neigh_prompts else ([], torch.zeros(0))
     out: dict[str, list[float]] = {m: [] for m in METRICS}
     neighbour_tops: list[list[int]] = []
+    neighbour_probs: list[Tensor] = []
     i_para = i_neigh = 0
     for k, req in enumerate(requests):
         out["efficacy"].append(float(top[k] == firsts[k]))
@@ -96,19 +115,36 @@ def _measure(model: Any, requests: Sequence[EditRequest]) -> tuple[dict[str, lis
         out["neighbourhood"].append(
             sum(t == a for t, a in zip(tops, answers, strict=True)) / n_n if n_n else float("nan")
         )
+        out["neighbourhood_to_target"].append(sum(t == firsts[k] for t in tops) / n_n if n_n else float("nan"))
         neighbour_tops.append(tops)
+        neighbour_probs.append(neigh_probs[i_neigh : i_neigh + n_n])
         i_neigh += n_n
-    return out, neighbour_tops
+    return out, neighbour_tops, neighbour_probs
+
+
+def _kl(reference: Tensor, probs: Tensor) -> float:
+    """Mean ``KL(reference || probs)`` over rows of next-token distributions (NaN for no rows)."""
+    if reference.numel() == 0:
+        return float("nan")
+    ref = reference.double().clamp_min(1e-30)
+    new = probs.double().clamp_min(1e-30)
+    return float((ref * (ref.log() - new.log())).sum(-1).mean())
 
 
 def edit_metrics(
-    model: Any, requests: Sequence[EditRequest] | None = None, record: EditRecord | None = None
+    model: Any,
+    requests: Sequence[EditRequest] | None = None,
+    record: EditRecord | None = None,
+    *,
+    neighbourhood: NeighbourhoodConfig | bool = False,
 ) -> EditMetrics:
     """Efficacy, paraphrase generalisation and neighbourhood specificity of an edit (see module doc).
 
     With `record` (the edit currently applied to `model`), metrics are measured with the edit reverted
     (``before``) and re-applied (``after``); the model ends exactly as it started. Without it, only the
     model's current state is measured (state ``current``). `requests` defaults to the record's.
+    With `neighbourhood` (True or a :class:`NeighbourhoodConfig`), requests without neighbours get
+    neighbour prompts about other subjects, answered by the model before the edit (:func:`with_neighbourhood`).
     """
     if requests is None:
         if record is None:
@@ -116,24 +152,31 @@ def edit_metrics(
         requests = record.requests
     requests = list(requests)
     check_requests(model.tokenizer, requests)
-    states: list[tuple[str, tuple[dict[str, list[float]], list[list[int]]]]] = []
+    config = neighbourhood if isinstance(neighbourhood, NeighbourhoodConfig) else None
+    states: list[tuple[str, Measured]] = []
     if record is not None:
         record.revert(model)
         try:
+            if neighbourhood:
+                requests = [with_neighbourhood(model, r, config) for r in requests]
             states.append(("before", _measure(model, requests)))
         finally:
             record.apply(model)
         states.append(("after", _measure(model, requests)))
     else:
+        if neighbourhood:
+            requests = [with_neighbourhood(model, r, config) for r in requests]
         states.append(("current", _measure(model, requests)))
-    ref_tops = states[0][1][1]
-    for _, (m, tops) in states:
+    ref_tops, ref_probs = states[0][1][1], states[0][1][2]
+    for _, (m, tops, probs) in states:
         m["neighbourhood_unchanged"] = [
             (sum(a == b for a, b in zip(t, r0, strict=True)) / len(t)) if t else float("nan")
             for t, r0 in zip(tops, ref_tops, strict=True)
         ]
+        m["neighbourhood_kl"] = [_kl(r0, p) for p, r0 in zip(probs, ref_probs, strict=True)]
     tensors = {
-        name: torch.tensor([m[name] for _, (m, _t) in states], dtype=torch.float32).T.contiguous() for name in METRICS
+        name: torch.tensor([m[name] for _, (m, _t, _p) in states], dtype=torch.float32).T.contiguous()
+        for name in METRICS
     }
     return EditMetrics(
         tensors=tensors,

@@ -51,15 +51,17 @@ SCHEMA_VERSION = STATS_SCHEMA.version
 class StatsConfig:
     """How to estimate ``E[k k^T]``: how many tokens, in windows of what length, from which stream.
 
-    ``stream`` names the text source and is part of the cache key ("zoo" for the organisms' planted-task
-    text, or any label the caller gives its own texts). ``checkpoint_every`` counts batches.
+    ``stream`` names the text source and is part of the cache key: ``None`` (default) means the model's
+    default text (:func:`mechscope.data.corpus.default_stream`: ``"zoo"``, the organisms' planted-task
+    text, on the organisms; ``"english"``, standard-library docstrings, on any other model); give any
+    other label with your own texts. ``checkpoint_every`` counts batches.
     """
 
     n_tokens: int = 20_000
     seq_len: int = 64
     batch_size: int = 16
     checkpoint_every: int = 8
-    stream: str = "zoo"
+    stream: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,7 +69,7 @@ class StatsConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"StatsConfig.{name} must be a positive integer; got {value!r}")
-        if not self.stream or any(c in self.stream for c in "/\\ "):
+        if self.stream is not None and (not self.stream or any(c in self.stream for c in "/\\ ")):
             raise ConfigError(
                 f"StatsConfig.stream must be a short label without '/', '\\' or spaces; got {self.stream!r}"
             )
@@ -91,6 +93,37 @@ def _zoo_text_list(seed: int) -> tuple[str, ...]:
     texts = [t for data in generate_all(seed).values() for t in data.train_texts()]
     random.Random(f"mechscope-stats:{seed}").shuffle(texts)
     return tuple(texts)
+
+
+def default_stream_texts(model: Any, stream: str, seed: int) -> Iterator[str]:
+    """The text of a default stream: ``"zoo"`` (:func:`zoo_texts`) or ``"english"`` (standard-library docs)."""
+    if stream == "zoo":
+        return zoo_texts(seed)
+    if stream == "english":
+        from mechscope.data.corpus import english_texts
+
+        return iter(english_texts("train", seed))
+    raise ConfigError(f"no texts given for the statistics stream {stream!r}; pass texts= (or stream=None)")
+
+
+def resolve_stream(model: Any, config: StatsConfig, texts: Iterable[str] | None) -> StatsConfig:
+    """`config` with its stream named (the label keys the cache): the model's default stream when ``stream``
+    is None and no texts are given; for unlabelled texts, ``texts-<hash>`` of a list's content (``texts``
+    for an iterator, which cannot be hashed without consuming it: label those yourself)."""
+    from dataclasses import replace
+
+    if config.stream is not None:
+        return config
+    if texts is None:
+        from mechscope.data.corpus import default_stream
+
+        return replace(config, stream=default_stream(model))
+    if isinstance(texts, Sequence) and not isinstance(texts, str):
+        import hashlib
+
+        digest = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:12]
+        return replace(config, stream=f"texts-{digest}")
+    return replace(config, stream="texts")
 
 
 def stats_key(fingerprint: str, layer: int, config: StatsConfig) -> str:
@@ -148,13 +181,13 @@ def second_moments(
 ) -> dict[int, Float[Tensor, "d_mlp d_mlp"]]:
     """``E[k k^T]`` of the MLP keys (``blocks.{L}.mlp.hook_post``) of each of `layers`, from disk when cached.
 
-    Layers missing from the cache are computed together in one pass over `texts` (default: the zoo
-    stream, :func:`zoo_texts`) of ``config.n_tokens`` tokens; partial sums are checkpointed every
+    Layers missing from the cache are computed together in one pass over `texts` (default: the model's
+    default text, :func:`resolve_stream`) of ``config.n_tokens`` tokens; partial sums are checkpointed every
     ``config.checkpoint_every`` batches, and a later call resumes from them. ``max_batches`` stops
     early after that many new batches, leaving the checkpoint, and returns only the layers that
     were already cached (used to test resuming).
     """
-    config = config or StatsConfig()
+    config = resolve_stream(model, config or StatsConfig(), texts)
     layers = sorted(set(int(layer) for layer in layers))
     if not layers:
         raise ConfigError("expected at least one layer for second-moment statistics")
@@ -212,7 +245,7 @@ def _compute(
         if saved is not None and saved.kind == "partial" and saved.body.get("config") == asdict(config):
             sums = {layer: saved.tensors[f"sum/{layer}"] for layer in layers}
             done_batches, done_tokens = int(saved.body["batches"]), int(saved.body["tokens"])
-    stream = texts if texts is not None else zoo_texts(config.seed)
+    stream = texts if texts is not None else default_stream_texts(model, str(config.stream), config.seed)
     sites = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
     stop = max(layers) + 1
     bar = tqdm(total=config.n_tokens, initial=done_tokens, desc="MLP key statistics", unit="tok", disable=not progress)
@@ -265,4 +298,13 @@ def _compute(
     return result
 
 
-__all__ = ["StatsConfig", "check_stats", "default_cache_dir", "second_moments", "stats_key", "zoo_texts"]
+__all__ = [
+    "StatsConfig",
+    "check_stats",
+    "default_cache_dir",
+    "default_stream_texts",
+    "resolve_stream",
+    "second_moments",
+    "stats_key",
+    "zoo_texts",
+]
