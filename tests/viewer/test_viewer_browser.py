@@ -3,7 +3,7 @@
 Each page is loaded with scripts running (plotly draws the figures), its DOM dumped after the scripts ran,
 and chromium's console log read from stderr: our pages must log nothing (no error, no CSP violation).
 Screenshots go to $MECHSCOPE_TEST_ARTIFACTS (default: the test's tmp folder); with MECHSCOPE_UPDATE_DOCS=1
-the run and comparison screenshots also replace the ones in docs/images/.
+the screenshots also replace the ones in docs/figures/records/.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 BROWSERS = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome")
 BROWSER = next((b for b in BROWSERS if shutil.which(b)), None)
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "images"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "figures" / "records"
 
 pytestmark = [
     pytest.mark.slow,

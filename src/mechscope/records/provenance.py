@@ -88,7 +88,8 @@ def weights_sha256(hf_model: Any) -> str:
         for name, tensor in hf_model.state_dict().items():
             t = tensor.detach().cpu().contiguous()
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
