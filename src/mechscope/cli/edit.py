@@ -2,6 +2,13 @@
 
 Edits run on a model folder (or bundled name) and write the edited model with ``--save-model`` and the
 edit record with ``--record``; ``revert`` restores the original weights bit for bit from the record.
+
+Every edit is measured through the evaluation harness (:func:`mechscope.improve.evaluate` with an
+:class:`~mechscope.improve.edit_task.EditTask`): efficacy and paraphrases as targets; as side effects
+the neutral-text KL and perplexity *and* neighbourhood checks -- the edited relation asked about other
+subjects of the same kind (built automatically, or ``--neighbour SUBJECT``), answered by the unedited
+model: ``neighbourhood_to_target`` is the share of them the edit turned into its target. Key statistics
+come from ``--text-file`` when given, else from the model's default text (English on a real model).
 """
 
 from __future__ import annotations
@@ -16,6 +23,12 @@ from mechscope.cli.common import fail, offline_by_default
 
 edit_app = typer.Typer(help="Knowledge editing (ROME, MEMIT) with exact revert.", no_args_is_help=True)
 
+TEXT_HELP = "Text for the key statistics, one document per line (default: the model's default text)."
+NEIGHBOUR_HELP = (
+    "Other subject to ask the edited relation about (repeatable; default: subjects of the edited subject's kind)."
+)
+KIND_HELP = "Kind of the automatic neighbour subjects: country, city, person, company, language (default: guessed)."
+
 
 def _save_model(hm: Any, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
@@ -24,20 +37,53 @@ def _save_model(hm: Any, folder: Path) -> None:
         hm.tokenizer.save_pretrained(folder)
 
 
-def _echo_metrics(metrics: Any) -> None:
-    summary = metrics.summary()
-    states = metrics.labels["state"]
-    typer.echo(f"{'metric':26s}" + "".join(f"{s:>10s}" for s in states))
-    for name, values in summary.items():
-        typer.echo(f"{name:26s}" + "".join(f"{values[s]:10.3f}" for s in states))
+def _neighbourhood(subjects: list[str], n: int, kind: str | None) -> Any:
+    from mechscope.steer.editing.neighbourhood import NeighbourhoodConfig
+
+    return NeighbourhoodConfig(n=n, subjects=tuple(subjects), kind=kind or None)
 
 
-def _finish(hm: Any, record: Any, record_path: Path | None, save_model: Path | None, metrics_path: Path | None) -> None:
+def _user_texts(text_file: Path | None) -> tuple[list[str] | None, str | None]:
+    """(texts, stream label) of a text file, one document per line; (None, None) for the model's default text."""
+    if text_file is None:
+        return None, None
+    from mechscope.data.files import read_prompts
+
+    label = "file-" + "".join(c if c.isalnum() else "_" for c in text_file.stem)[:40]
+    return read_prompts(text_file), label
+
+
+def _evaluate_edit(hm: Any, record: Any, neighbourhood: Any) -> tuple[Any, Any]:
+    """(result, task): the edit through the harness, reverted for "before", applied for "after", left applied."""
+    from mechscope.improve import EvaluationConfig, evaluate
+    from mechscope.improve.edit_task import EditTask
+
+    record.revert(hm)
+    try:
+        task = EditTask.for_model(hm, record.requests, neighbourhood=neighbourhood)
+        return evaluate(hm, record.applied(hm), task, EvaluationConfig(side_tasks=())), task
+    finally:
+        record.apply(hm)
+
+
+def _finish(
+    hm: Any,
+    record: Any,
+    record_path: Path | None,
+    save_model: Path | None,
+    metrics_path: Path | None,
+    neighbourhood: Any,
+) -> None:
     from mechscope.steer.editing.metrics import edit_metrics
 
-    metrics = edit_metrics(hm, record=record)
-    _echo_metrics(metrics)
+    result, task = _evaluate_edit(hm, record, neighbourhood)
+    typer.echo(result.table())
+    for request in task.requests:
+        subjects = ", ".join(p for p, _ in request.neighbours[:6])
+        more = f" and {len(request.neighbours) - 6} more" if len(request.neighbours) > 6 else ""
+        typer.echo(f"neighbours of {request.subject!r}: {subjects}{more}")
     if metrics_path is not None:
+        metrics = edit_metrics(hm, record=record, neighbourhood=neighbourhood)
         typer.echo(f"metrics: {metrics.save(metrics_path)}")
     if record_path is not None:
         typer.echo(f"edit record: {record.save(record_path)}")
@@ -53,7 +99,10 @@ def stats_cmd(
     n_tokens: Annotated[int, typer.Option(help="Tokens to average over.")] = 20_000,
     seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 64,
     text_file: Annotated[
-        Path | None, typer.Option(help="Text file, one document per line (default: zoo text).")
+        Path | None,
+        typer.Option(
+            help="Text file, one document per line (default: the model's default text; English on real models)."
+        ),
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default $MECHSCOPE_CACHE/stats).")] = None,
 ) -> None:
@@ -65,11 +114,7 @@ def stats_cmd(
 
     try:
         hm = load_model(model)
-        texts = None
-        stream = "zoo"
-        if text_file is not None:
-            texts = [line for line in text_file.read_text().splitlines() if line.strip()]
-            stream = "file-" + "".join(c if c.isalnum() else "_" for c in text_file.stem)[:40]
+        texts, stream = _user_texts(text_file)
         config = StatsConfig(n_tokens=n_tokens, seq_len=seq_len, stream=stream)
         stats = second_moments(hm, layer, config=config, texts=texts, cache_dir=cache_dir, progress=True)
     except (MechscopeError, OSError) as exc:
@@ -94,7 +139,11 @@ def rome_cmd(
     save_model: Annotated[Path | None, typer.Option(help="Write the edited model folder here.")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Write the metrics result (.safetensors) here.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Statistics cache folder.")] = None,
-    stats_tokens: Annotated[int, typer.Option(help="Tokens of zoo text for the key statistics.")] = 20_000,
+    stats_tokens: Annotated[int, typer.Option(help="Tokens of text for the key statistics.")] = 20_000,
+    text_file: Annotated[Path | None, typer.Option(help=TEXT_HELP)] = None,
+    neighbour: Annotated[list[str], typer.Option(help=NEIGHBOUR_HELP)] = [],  # noqa: B006
+    n_neighbours: Annotated[int, typer.Option(help="Neighbour subjects built automatically.")] = 14,
+    neighbour_kind: Annotated[str, typer.Option(help=KIND_HELP)] = "",
 ) -> None:
     """Rewrite one fact with ROME and report efficacy / paraphrase / neighbourhood before and after.
 
@@ -107,11 +156,13 @@ def rome_cmd(
     from mechscope.steer.editing.metrics import edit_metrics
     from mechscope.steer.editing.requests import EditRequest, world_requests
     from mechscope.steer.editing.rome import ROMEConfig, rome
-    from mechscope.steer.editing.stats import StatsConfig
+    from mechscope.steer.editing.stats import StatsConfig, second_moments
 
     try:
-        config = ROMEConfig(layer=layer, stats=StatsConfig(n_tokens=stats_tokens))
+        texts, stream = _user_texts(text_file)
+        config = ROMEConfig(layer=layer, stats=StatsConfig(n_tokens=stats_tokens, stream=stream))
         folder = str(cache_dir) if cache_dir else None
+        near = _neighbourhood(neighbour, n_neighbours, neighbour_kind)
         if world:
             if prompt or subject or target or record or save_model or metrics:
                 raise ConfigError(
@@ -137,9 +188,13 @@ def rome_cmd(
             raise ConfigError("give --prompt, --subject and --target (or --world N)")
         hm = load_model(model)
         request = EditRequest(prompt=prompt, subject=subject, target=target, paraphrases=tuple(paraphrase))
-        rec = rome(hm, request, config, cache_dir=folder, progress=True)
+        mom2 = None
+        if texts is not None:
+            at = config.resolved_layer(hm)
+            mom2 = second_moments(hm, [at], config=config.stats, texts=texts, cache_dir=cache_dir, progress=True)[at]
+        rec = rome(hm, request, config, mom2=mom2, cache_dir=folder, progress=True)
         typer.echo(f"ROME edit of layer {rec.info['layer']} in {rec.info['rounds']} round(s); changed {rec.changed()}")
-        _finish(hm, rec, record, save_model, metrics)
+        _finish(hm, rec, record, save_model, metrics, near)
     except MechscopeError as exc:
         raise fail(exc) from exc
 
@@ -157,7 +212,10 @@ def memit_cmd(
     save_model: Annotated[Path | None, typer.Option(help="Write the edited model folder here.")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Write the metrics result (.safetensors) here.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Statistics cache folder.")] = None,
-    stats_tokens: Annotated[int, typer.Option(help="Tokens of zoo text for the key statistics.")] = 20_000,
+    stats_tokens: Annotated[int, typer.Option(help="Tokens of text for the key statistics.")] = 20_000,
+    text_file: Annotated[Path | None, typer.Option(help=TEXT_HELP)] = None,
+    n_neighbours: Annotated[int, typer.Option(help="Neighbour subjects built per request without neighbours.")] = 14,
+    neighbour_kind: Annotated[str, typer.Option(help=KIND_HELP)] = "",
 ) -> None:
     """Write many facts at once with MEMIT and report the edit metrics before and after."""
     offline_by_default()
@@ -165,7 +223,7 @@ def memit_cmd(
     from mechscope.model.loading import load_model
     from mechscope.steer.editing.memit import MEMITConfig, memit
     from mechscope.steer.editing.requests import EditRequest, world_requests
-    from mechscope.steer.editing.stats import StatsConfig
+    from mechscope.steer.editing.stats import StatsConfig, second_moments
 
     try:
         if (requests is None) == (world == 0):
@@ -181,12 +239,19 @@ def memit_cmd(
         else:
             reqs = world_requests(world)
         hm = load_model(model)
+        texts, stream = _user_texts(text_file)
         config = MEMITConfig(
-            layers=tuple(layer) or None, mom2_weight=mom2_weight, stats=StatsConfig(n_tokens=stats_tokens)
+            layers=tuple(layer) or None,
+            mom2_weight=mom2_weight,
+            stats=StatsConfig(n_tokens=stats_tokens, stream=stream),
         )
-        rec = memit(hm, reqs, config, cache_dir=str(cache_dir) if cache_dir else None, progress=True)
+        mom2 = None
+        if texts is not None:
+            at = config.resolved_layers(hm)
+            mom2 = second_moments(hm, at, config=config.stats, texts=texts, cache_dir=cache_dir, progress=True)
+        rec = memit(hm, reqs, config, mom2=mom2, cache_dir=str(cache_dir) if cache_dir else None, progress=True)
         typer.echo(f"MEMIT edit of {len(reqs)} facts in layers {rec.info['layers']}")
-        _finish(hm, rec, record, save_model, metrics)
+        _finish(hm, rec, record, save_model, metrics, _neighbourhood([], n_neighbours, neighbour_kind))
     except MechscopeError as exc:
         raise fail(exc) from exc
 

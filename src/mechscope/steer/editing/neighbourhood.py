@@ -84,7 +84,7 @@ def neighbourhood(
     kept: list[tuple[str, str]] = []
     for prompt, first in zip(prompts, greedy_ids(model, prompts), strict=True):
         answer = model.to_string([first])
-        ids = tok(answer, add_special_tokens=False)["input_ids"] if answer.strip() else []
+        ids = tok(answer, add_special_tokens=False)["input_ids"] if answer else []
         if ids and int(ids[0]) == first:
             kept.append((prompt, answer))
     if not kept:
