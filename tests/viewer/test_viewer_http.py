@@ -187,3 +187,14 @@ def test_fifty_concurrent_requests_all_succeed_in_bounded_time(server, store, ge
     assert [s for s, _, _ in results] == [200] * 50
     assert all(store.lens in body for _, body, _ in results)
     assert elapsed < 45, f"50 concurrent requests took {elapsed:.1f} s"
+
+
+def test_a_long_list_shows_the_newest_runs_and_says_how_many_match(server, store, get, monkeypatch):
+    import mechscope.viewer.server as viewer_server
+
+    monkeypatch.setattr(viewer_server, "_LIST_LIMIT", 2)
+    page = get(server + "/")[1]
+    assert _rows(page) == [store.missing, store.heads2]
+    assert "4 of 4 runs (the newest 2 of 4 that match are shown)" in page
+    with records.open_store(store.root, read_only=True) as s:
+        assert s.count() == 4 and s.count(tag="heads") == 2 and len(s.runs(tag="tiny", limit=1)) == 1

@@ -302,24 +302,16 @@ class RunStore:
         limit: int | None = None,
     ) -> list[RunRecord]:
         """Runs, newest first, filtered: `text` in the name, description or id; exact tag, method, status."""
-        where: list[str] = ["1=1"]
-        params: list[Any] = []
-        if text:
-            where.append("(instr(lower(r.name), lower(?)) OR instr(lower(r.description), lower(?)) OR instr(r.id, ?))")
-            params += [text, text, text]
-        if tag:
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.run_id = r.id AND t.tag = ?)")
-            params.append(tag)
-        if method:
-            where.append("r.method = ?")
-            params.append(method)
-        if status:
-            where.append("r.status = ?")
-            params.append(status)
-        sql = f"SELECT r.id FROM runs r WHERE {' AND '.join(where)} ORDER BY r.started_at DESC, r.id DESC"
+        where, params = _filters(text, tag, method, status)
+        sql = f"SELECT r.id FROM runs r WHERE {where} ORDER BY r.started_at DESC, r.id DESC"
         if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+            sql += f" LIMIT {max(0, int(limit))}"
         return [self.get(r[0]) for r in self._read(sql, params)]
+
+    def count(self, *, text: str = "", tag: str = "", method: str = "", status: str = "") -> int:
+        """How many runs :meth:`runs` would return without a limit."""
+        where, params = _filters(text, tag, method, status)
+        return int(self._read(f"SELECT count(*) FROM runs r WHERE {where}", params)[0][0])
 
     def get(self, run_id: str) -> RunRecord:
         """The full record of one run; :class:`StoreError` naming close ids when there is none."""
@@ -403,6 +395,24 @@ class RunStore:
             "store": str(self.root),
             "runs": [self.get(i).to_json() for i in ids],
         }
+
+
+def _filters(text: str, tag: str, method: str, status: str) -> tuple[str, list[Any]]:
+    where: list[str] = ["1=1"]
+    params: list[Any] = []
+    if text:
+        where.append("(instr(lower(r.name), lower(?)) OR instr(lower(r.description), lower(?)) OR instr(r.id, ?))")
+        params += [text, text, text]
+    if tag:
+        where.append("EXISTS (SELECT 1 FROM tags t WHERE t.run_id = r.id AND t.tag = ?)")
+        params.append(tag)
+    if method:
+        where.append("r.method = ?")
+        params.append(method)
+    if status:
+        where.append("r.status = ?")
+        params.append(status)
+    return " AND ".join(where), params
 
 
 def _dump(value: Any) -> str:

@@ -71,6 +71,7 @@ def list_page(
     tags: Sequence[str],
     methods: Sequence[str],
     total: int,
+    matched: int | None = None,
 ) -> str:
     form = (
         "<form class='filters' method='get' action='/' id='filters'>"
@@ -104,7 +105,9 @@ def list_page(
         cls="runs",
         raw=True,
     )
-    shown = f"<p class='count' id='run-count'>{len(runs)} of {total} runs</p>"
+    matched = len(runs) if matched is None else matched
+    more = f" (the newest {len(runs)} of {matched} that match are shown)" if matched > len(runs) else ""
+    shown = f"<p class='count' id='run-count'>{matched} of {total} runs{e(more)}</p>"
     compare = (
         f"<form method='get' action='/compare' id='compare-form'>{table}"
         "<button type='submit'>compare selected</button></form>"

@@ -29,6 +29,8 @@ from mechscope.viewer.figures import FileViews, ShownFile
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 _MAX_COMPARE = 8
+#: The run list shows at most this many runs (the newest that match); filters narrow it.
+_LIST_LIMIT = 500
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
@@ -83,9 +85,8 @@ class Viewer:
     def list_runs(self) -> str:
         query = bottle.request.query.decode()
         filters = {k: str(query.get(k, "")).strip()[:200] for k in ("q", "tag", "method", "status")}
-        runs = self.store.runs(
-            text=filters["q"], tag=filters["tag"], method=filters["method"], status=filters["status"]
-        )
+        chosen = {"text": filters["q"], "tag": filters["tag"], "method": filters["method"], "status": filters["status"]}
+        runs = self.store.runs(**chosen, limit=_LIST_LIMIT)
         return self._html(
             pages.list_page(
                 runs,
@@ -93,7 +94,8 @@ class Viewer:
                 filters=filters,
                 tags=self.store.tags(),
                 methods=self.store.methods(),
-                total=len(self.store.ids()),
+                total=self.store.count(),
+                matched=self.store.count(**chosen),
             )
         )
 
