@@ -7,17 +7,22 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
 
 eval_app = typer.Typer(help="Evaluate an intervention on its target and its side effects.", no_args_is_help=True)
 
-TASK_NAMES = ("refusal", "sentiment")
+TASK_NAMES = ("refusal", "chat-refusal", "sentiment", "facts", "truth", "ioi", "backdoor")
+TASK_HELP = (
+    f"Target task: {', '.join(TASK_NAMES)}; a .jsonl/.tsv file of prompts with expected completions "
+    "({'prompt', 'answer'[, 'wrong', 'role': 'target'|'side']} per line); or PATH.py:NAME / module:NAME "
+    "naming a mechscope.improve.Task."
+)
 
 
 @eval_app.command("run")
 def run_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
-    task: Annotated[str, typer.Option(help=f"Target task: {', '.join(TASK_NAMES)}.")],
+    task: Annotated[str, typer.Option(help=TASK_HELP)],
     vector: Annotated[Path | None, typer.Option(help="Steering vector file to apply.")] = None,
     coefficient: Annotated[float, typer.Option(help="Steering coefficient.")] = 1.0,
     positions: Annotated[str, typer.Option(help="Steering positions: all, prompt or generated.")] = "all",
@@ -26,51 +31,63 @@ def run_cmd(
         bool, typer.Option("--orthogonalized", help="Use weight orthogonalisation instead of hooks.")
     ] = False,
     modified: Annotated[Path | None, typer.Option(help="A modified model folder to compare with MODEL.")] = None,
+    edit: Annotated[Path | None, typer.Option(help="An edit record (mechscope edit --record) to apply.")] = None,
     side_tasks: Annotated[
         str, typer.Option(help="Comma-separated planted tasks for side effects ('none'; default: all others).")
     ] = "",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Result .safetensors file.")] = Path(
-        "evaluation.safetensors"
-    ),
-    figure: Annotated[Path | None, typer.Option(help="Also write the figure as a self-contained HTML file.")] = None,
+    side: Annotated[
+        list[str], typer.Option(help="Extra side-effect task (repeatable; same forms as --task): must not change.")
+    ] = [],  # noqa: B006
+    chat: Annotated[
+        str, typer.Option(help="Completion files in the chat template: auto (chat models), on, off.")
+    ] = "auto",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens of each sample continuation.")] = 12,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Result .safetensors file (default: under ./mechscope-out).")
+    ] = None,
+    figure: Annotated[Path | None, typer.Option(help="Also write the figure as HTML (plotly.js shared).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the task splits.")] = 0,
 ) -> None:
-    """Evaluate one intervention (steering vector, directional ablation, or a modified model)."""
+    """Evaluate one intervention (steering vector, directional ablation, edit, or a modified model)."""
     offline_by_default()
     from mechscope.errors import ConfigError, MechscopeError
-    from mechscope.improve import EvaluationConfig, RefusalTask, SentimentTask, evaluate
+    from mechscope.improve import EvaluationConfig, evaluate
+    from mechscope.improve.task_specs import load_task
     from mechscope.model.loading import load_model
     from mechscope.steer import Direction, SteeringVector, directional_ablation, orthogonalize, steer
 
     try:
-        hm = load_model(model)
-        chosen = [x for x in (vector, direction, modified) if x is not None]
+        if chat not in ("auto", "on", "off"):
+            raise ConfigError(f"--chat must be auto, on or off; got {chat!r}")
+        chosen = [x for x in (vector, direction, modified, edit) if x is not None]
         if len(chosen) != 1:
-            raise ConfigError("give exactly one of --vector, --direction or --modified")
+            raise ConfigError("give exactly one of --vector, --direction, --edit or --modified")
+        hm = load_model(model)
+        as_chat = None if chat == "auto" else chat == "on"
         intervention: Any
         if vector is not None:
             intervention = steer(hm, SteeringVector.load(vector, hm), coefficient, positions=positions)  # type: ignore[arg-type]
         elif direction is not None:
             d = Direction.load(direction, hm)
             intervention = orthogonalize(hm, d) if orthogonalized else directional_ablation(hm, d)
+        elif edit is not None:
+            from mechscope.steer.editing.records import EditRecord
+
+            intervention = EditRecord.load(edit).applied(hm)
         else:
             assert modified is not None
             intervention = load_model(modified)
-        if task == "refusal":
-            target: Any = RefusalTask(seed=seed)
-        elif task == "sentiment":
-            target = SentimentTask(seed=seed)
-        else:
-            raise ConfigError(f"unknown task {task!r}; known: {list(TASK_NAMES)}")
+        target = load_task(task, model=hm, seed=seed, chat=as_chat)
+        extra = tuple(load_task(spec, model=hm, seed=seed, chat=as_chat) for spec in side)
         if side_tasks == "none":
             sides: tuple[str, ...] | None = ()
         else:
             sides = tuple(t for t in side_tasks.split(",") if t.strip()) or None
-        result = evaluate(hm, intervention, target, EvaluationConfig(side_tasks=sides, seed=seed))
-        path = result.save(out)
+        config = EvaluationConfig(side_tasks=sides, side_effect_tasks=extra, seed=seed, max_new_tokens=max_new_tokens)
+        result = evaluate(hm, intervention, target, config)
+        path = result.save(output_path(out, "evaluation.safetensors"))
         if figure is not None:
-            figure.parent.mkdir(parents=True, exist_ok=True)
-            result.plot().write_html(str(figure), include_plotlyjs=True)
+            write_figure(result.plot(), figure)
     except MechscopeError as exc:
         raise fail(exc) from exc
     typer.echo(f"{result.config['task']}: {result.config['intervention']}")

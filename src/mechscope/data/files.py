@@ -119,16 +119,15 @@ def read_contrast(path: str | Path) -> tuple[list[str], list[str]]:
 
 def _renamed(row: dict[str, Any], where: str) -> dict[str, Any]:
     out = dict(row)
-    for old, new in _RENAMED.items():
-        if old in out:
-            if new in out:
-                raise ConfigError(f"{where}: give {new!r} or the older {old!r}, not both")
-            warnings.warn(
-                f"{where}: the key {old!r} is deprecated; call it {new!r} (one naming across mechscope)",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            out[new] = out.pop(old)
+    old_keys = [old for old in _RENAMED if old in out]
+    for old in old_keys:
+        new = _RENAMED[old]
+        if new in out:
+            raise ConfigError(f"{where}: give {new!r} or the older {old!r}, not both")
+        out[new] = out.pop(old)
+    if old_keys:
+        names = " and ".join(f"{old!r} is deprecated; call it {_RENAMED[old]!r}" for old in old_keys)
+        warnings.warn(f"{where}: {names} (one naming across mechscope)", DeprecationWarning, stacklevel=3)
     return out
 
 
