@@ -86,10 +86,23 @@ def _local_run(
     return {s.name: cache[s.name] for s in outputs}, logits
 
 
-def activation_diff(base: HookedModel, tuned: HookedModel, tokens: dict[str, Tensor]) -> ActivationDiff:
-    """Total, local and mean-difference views on right-padded `tokens` (checked by the caller)."""
+def last_token_mask(mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """A mask of each row's last real token (right padding)."""
+    out = torch.zeros_like(mask)
+    out[torch.arange(mask.shape[0], device=mask.device), mask.sum(-1) - 1] = 1
+    return out
+
+
+def activation_diff(
+    base: HookedModel, tuned: HookedModel, tokens: dict[str, Tensor], *, lens_read: str = "all"
+) -> ActivationDiff:
+    """Total, local and mean-difference views on right-padded `tokens` (checked by the caller).
+
+    The mean difference for the lens averages every real token (``lens_read="all"``) or each text's
+    last token (``"last"``, where a prompt's behaviour is decided)."""
     n = base.dims.n_layers
     mask = tokens["attention_mask"]
+    lens_mask = mask if lens_read == "all" else last_token_mask(mask)
     total_sites = _total_sites(base)
     z_sites = [Site("attn.hook_z", layer) for layer in range(n)]
     resid = [Site("hook_resid_pre", layer) for layer in range(n)] + [Site("hook_resid_post", n - 1)]
@@ -109,7 +122,8 @@ def activation_diff(base: HookedModel, tuned: HookedModel, tokens: dict[str, Ten
     mean_delta = torch.stack(
         [
             masked_mean(
-                cache_t[Site("hook_resid_post", layer).name] - cache_b[Site("hook_resid_post", layer).name], mask
+                cache_t[Site("hook_resid_post", layer).name] - cache_b[Site("hook_resid_post", layer).name],
+                lens_mask,
             )
             for layer in range(n)
         ]
@@ -175,4 +189,12 @@ def lens_of_difference(
     return top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), (-bottom.values).cpu()
 
 
-__all__ = ["TOTAL_KINDS", "ActivationDiff", "activation_diff", "direction_logits", "lens_of_difference", "masked_mean"]
+__all__ = [
+    "TOTAL_KINDS",
+    "ActivationDiff",
+    "activation_diff",
+    "direction_logits",
+    "last_token_mask",
+    "lens_of_difference",
+    "masked_mean",
+]

@@ -32,10 +32,13 @@ class DiffConfig:
 
     ``k``: tokens per layer in the lens of the difference; ``causal``: run cross-model patching (one
     batched sweep over the embeddings, every head and every MLP); ``chunk_size``: patched copies per
-    forward in that sweep; ``progress``: show a progress bar.
+    forward in that sweep; ``progress``: show a progress bar; ``lens_read``: the lens of the difference
+    averages every real token of the texts (``"all"``) or each text's last token (``"last"``: prompts
+    that end where the tuned behaviour shows, e.g. before a verdict word).
     """
 
     k: int = 10
+    lens_read: str = "all"
     causal: bool = True
     chunk_size: int = 32
     progress: bool = False
@@ -45,6 +48,8 @@ class DiffConfig:
             raise ConfigError(f"DiffConfig.k must be a positive int; got {self.k!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ConfigError(f"DiffConfig.chunk_size must be a positive int; got {self.chunk_size!r}")
+        if self.lens_read not in ("all", "last"):
+            raise ConfigError(f"DiffConfig.lens_read must be 'all' or 'last'; got {self.lens_read!r}")
 
 
 def diff_models(
@@ -96,7 +101,7 @@ def _diff(
     w = weight_diff(base, tuned)
     # Phase 2: activations on the texts, and the lens of their mean difference.
     with torch.no_grad():
-        acts = activation_diff(base, tuned, tokens)
+        acts = activation_diff(base, tuned, tokens, lens_read=cfg.lens_read)
         up_ids, up_scores, down_ids, down_scores = lens_of_difference(base, acts.mean_delta, cfg.k)
         # Phase 3: outputs.
         kl = kl_by_position(base, tuned, tokens)
@@ -155,6 +160,7 @@ def _diff(
         "n_texts": len(texts),
         "texts": texts,
         "k": cfg.k,
+        "lens_read": cfg.lens_read,
         "lens_strings": strings(up_ids),
         "lens_down_strings": strings(down_ids),
         "base_fingerprint": base.fingerprint(),
