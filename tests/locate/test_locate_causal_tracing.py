@@ -67,7 +67,8 @@ def test_noise_is_reproducible_and_scales(model):
     a = causal_trace(model, PROMPT, [10, 11], target=5, config=TracingConfig(samples=2, kinds=("resid",)))
     b = causal_trace(model, PROMPT, [10, 11], target=5, config=TracingConfig(samples=2, kinds=("resid",)))
     torch.testing.assert_close(a["resid"], b["resid"], rtol=0, atol=0)
-    assert set(a.tensors) == {"resid", "clean", "corrupt"} and a.config["target"] == 5
+    assert set(a.tensors) == {"resid", "resid_samples", "clean", "corrupt", "corrupt_samples"}
+    assert a.config["target"] == 5
 
 
 def test_position_classes_follow_rome():

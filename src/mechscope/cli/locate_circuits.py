@@ -21,8 +21,6 @@ from mechscope.cli.common import fail
 from mechscope.errors import ConfigError, MechscopeError
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
     from mechscope.locate.circuits import Circuit
     from mechscope.model.hooked import HookedModel
 
@@ -59,7 +57,7 @@ def read_pairs(path: Path, *, need_answers: bool = True) -> list[dict[str, str]]
 def _setup(model_name: str, data: Path, need_answers: bool = True) -> tuple[HookedModel, list[str], list[str], Any]:
     import torch
 
-    from mechscope.locate.metrics import last_positions, logit_diff
+    from mechscope.metrics import logit_diff_metric
     from mechscope.model.loading import load_model
 
     rows = read_pairs(data, need_answers=need_answers)
@@ -69,12 +67,8 @@ def _setup(model_name: str, data: Path, need_answers: bool = True) -> tuple[Hook
         return model, clean, corrupt, None
     good = torch.tensor([model.to_single_token(r["correct"]) for r in rows])
     bad = torch.tensor([model.to_single_token(r["incorrect"]) for r in rows])
-    last = last_positions(model.to_tokens(clean)["attention_mask"])
-
-    def metric(logits: Tensor) -> Tensor:
-        return logit_diff(logits, good, bad, position=last.to(logits.device))
-
-    return model, clean, corrupt, metric
+    # Each row is scored at its last real token: the circuit methods pass the attention mask.
+    return model, clean, corrupt, logit_diff_metric(good, bad)
 
 
 def _write_circuit(circuit: Circuit, out: Path | None, json_path: Path | None, html: Path | None) -> None:

@@ -11,7 +11,7 @@ base metric without a forward. Both return the metric of every variant, averaged
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +19,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechscope.errors import MechscopeError
+from mechscope.metrics import Metric, MetricError, score, score_rows
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.model.partial import BaseRun, run_from
 from mechscope.sites import Site, SiteLike
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
-
-Metric = Callable[[Tensor], Tensor]
 
 #: Kinds whose last-layer patches reach no other position (no attention runs after them).
 POSITIONWISE = frozenset({"hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post"})
@@ -36,23 +34,25 @@ POSITIONWISE = frozenset({"hook_resid_mid", "hook_resid_post", "hook_attn_out", 
 LAYER_LOCAL = POSITIONWISE | {"attn.hook_q", "attn.hook_z", "attn.hook_pattern", "attn.hook_attn_scores"}
 
 
-class MetricError(MechscopeError, ValueError):
-    """A metric that does not return one value (or one per batch row) as a tensor."""
+def metric_value(metric: Metric, logits: Tensor, batch: int, attention_mask: Tensor | None = None) -> Tensor:
+    """The metric averaged over batch rows, after checking it returns a scalar or ``[batch]``.
+
+    The metric is scored with `attention_mask` (each row's last real token; see :mod:`mechscope.metrics`)."""
+    if logits.shape[0] != batch:
+        raise MetricError(f"expected logits of {batch} rows; got {logits.shape[0]}")
+    return score(metric, logits, attention_mask).detach()
 
 
-def metric_value(metric: Metric, logits: Tensor, batch: int) -> Tensor:
-    """The metric averaged over batch rows, after checking it returns a scalar or ``[batch]``."""
-    out = metric(logits)
-    if not isinstance(out, Tensor):
-        raise MetricError(f"metric must return a tensor (a scalar or [batch]=({batch},)); got {type(out).__name__}")
-    if out.ndim == 0:
-        return out.detach().float()
-    if out.shape != (batch,):
-        raise MetricError(f"metric must return a scalar or [batch]=({batch},); got shape {tuple(out.shape)}")
-    return out.detach().float().mean()
+def metric_rows_value(metric: Metric, logits: Tensor, batch: int, attention_mask: Tensor | None = None) -> Tensor:
+    """The metric per batch row ``[batch]`` (float32, detached; a scalar metric is broadcast)."""
+    if logits.shape[0] != batch:
+        raise MetricError(f"expected logits of {batch} rows; got {logits.shape[0]}")
+    return score_rows(metric, logits, attention_mask).detach().float()
 
 
-def metric_positions(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"]) -> list[int]:
+def metric_positions(
+    metric: Metric, logits: Float[Tensor, "batch pos d_vocab"], attention_mask: Tensor | None = None
+) -> list[int]:
     """The positions whose logits `metric` reads, found from its gradient and then verified.
 
     The metric is differentiated once; positions with a non-zero gradient are kept. They are accepted
@@ -64,8 +64,8 @@ def metric_positions(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"])
     probe = logits.detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad():
-            out = metric(probe)
-            if not isinstance(out, Tensor) or not out.requires_grad:
+            out = score(metric, probe, attention_mask)
+            if not out.requires_grad:
                 return everything
             out.float().sum().backward()
     except RuntimeError:
@@ -78,7 +78,9 @@ def metric_positions(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"])
     masked = torch.full_like(logits, float("nan"))
     masked[:, used] = logits[:, used]
     with torch.no_grad():
-        same = torch.equal(metric_value(metric, masked, batch), metric_value(metric, logits, batch))
+        same = torch.equal(
+            metric_value(metric, masked, batch, attention_mask), metric_value(metric, logits, batch, attention_mask)
+        )
     return used if same else everything
 
 
@@ -139,17 +141,20 @@ def run_loop(
     *,
     base_hooks: Mapping[SiteLike, HookFn] | None = None,
     progress: bool = False,
+    per_row: bool = False,
 ) -> Tensor:
     """One full patched forward per variant: the reference implementation.
 
-    `base_hooks` recreate the base run when it is not just its tokens (causal tracing's noise)."""
+    `base_hooks` recreate the base run when it is not just its tokens (causal tracing's noise).
+    Returns ``[variant]`` batch means, or with `per_row` ``[variant, batch]``."""
     out = []
     inputs = {"input_ids": base.input_ids, "attention_mask": base.attention_mask}
     for variant in progress_bar(variants, progress, "patching (loop)"):
         hooks = {site: patch_hook(sources[site], mask, site) for site, mask in variant.masks.items()}
         with torch.no_grad(), model.hooks(dict(base_hooks or {})), model.hooks(hooks):
             logits = model(inputs)
-        out.append(metric_value(metric, logits, base.batch))
+        rows = metric_rows_value(metric, logits, base.batch, base.attention_mask)
+        out.append(rows if per_row else rows.mean())
     return torch.stack(out)
 
 
@@ -192,16 +197,18 @@ def run_batched(
     base_acts: Mapping[Site, Tensor] | None = None,
     chunk_size: int = 32,
     progress: bool = False,
+    per_row: bool = False,
 ) -> Tensor:
     """Many variants per forward, grouped by (first layer, first position) and run from there.
 
     `base_acts` (the base run's activations at the patched sites) let variants whose patch writes the
-    values already there be skipped.
+    values already there be skipped. Returns ``[variant]`` batch means, or with `per_row` ``[variant, batch]``.
     """
     batch = base.batch
-    base_value = metric_value(metric, base.logits, batch)
-    out = base_value.expand(len(variants)).clone()
-    read = metric_positions(metric, base.logits)
+    mask = base.attention_mask
+    base_rows = metric_rows_value(metric, base.logits, batch, mask)
+    out = base_rows.expand(len(variants), batch).clone()
+    read = metric_positions(metric, base.logits, mask)
     last = model.dims.n_layers - 1
     groups: dict[tuple[int, int], list[int]] = {}
     for i, variant in enumerate(variants):
@@ -249,8 +256,8 @@ def run_batched(
             buffer[:, early] = base.logits[:, early]
         for j, i in enumerate(members):
             buffer[:, keep] = logits[j * batch : (j + 1) * batch]
-            out[i] = metric_value(metric, buffer, batch)
-    return out
+            out[i] = metric_rows_value(metric, buffer, batch, mask)
+    return out if per_row else out.mean(-1)
 
 
 __all__ = [
@@ -260,6 +267,7 @@ __all__ = [
     "Variant",
     "merge_groups",
     "metric_positions",
+    "metric_rows_value",
     "metric_value",
     "patch_hook",
     "patched_positions",

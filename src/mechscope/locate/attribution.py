@@ -12,7 +12,7 @@ as ``steps`` grows and is reported with the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,21 +22,21 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.locate.patching import MetricError
-from mechscope.locate.results import Result
+from mechscope.metrics import Metric, MetricError, Position, last_positions, scoring
+from mechscope.metrics import logit_metric as _logit_metric
 from mechscope.model.decompose import (
     _token_ids,
     _unembed_direction,
     direct_logit_attribution,
     frozen_norm,
 )
+from mechscope.results import Result
 from mechscope.sites import Site, SiteLike
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
 
 Tokens = int | str | Sequence[int | str] | Tensor
-Metric = Callable[[Tensor], Tensor]
 DLA_MODES = ("layer", "head", "neuron", "position")
 #: Last axes that carry features (summed over by default); other axes (heads, keys) are kept.
 FEATURE_AXES = ("d_model", "d_head", "d_mlp")
@@ -83,10 +83,13 @@ def logit_attribution(
     target: Tokens,
     *,
     baseline: Tokens | None = None,
-    position: int | Tensor = -1,
+    position: int | Tensor | Sequence[int] | None = None,
     by: Literal["layer", "head", "neuron", "position"] = "head",
 ) -> AttributionResult:
     """Direct logit attribution of ``logit[target] - logit[baseline]`` at `position`, per component.
+
+    `position` is an int for every row, one index per row, or None: each row's last real token (from
+    the attention mask, so a mixed-length padded batch reads every prompt at its own end).
 
     `by` picks the components: attention and MLP ``layer``s, attention ``head``s (+ per-layer output
     bias), MLP ``neuron``s (+ per-layer output bias; attention per layer), or heads split by the
@@ -96,7 +99,7 @@ def logit_attribution(
         raise ConfigError(f"by must be one of {DLA_MODES}; got {by!r}")
     batch = model.prepare_inputs(inputs)
     n_rows, n_pos = batch["input_ids"].shape
-    pos = _positions(position, n_rows, n_pos)
+    pos = last_positions(batch["attention_mask"]) if position is None else _positions(position, n_rows, n_pos)
     if by in ("layer", "head"):
         dla = direct_logit_attribution(model, batch, target, baseline=baseline, position=pos, heads=by == "head")
         values, labels = dla.values.float(), list(dla.labels)
@@ -146,7 +149,7 @@ def _json_tokens(tokens: Tokens) -> Any:
     return tokens.tolist() if isinstance(tokens, Tensor) else tokens
 
 
-def _positions(position: int | Tensor, n_rows: int, n_pos: int) -> Tensor:
+def _positions(position: int | Tensor | Sequence[int], n_rows: int, n_pos: int) -> Tensor:
     """Per-row non-negative position indices, validated."""
     pos = torch.as_tensor(position, dtype=torch.long).reshape(-1)
     if pos.numel() == 1:
@@ -244,26 +247,20 @@ def _through_post_norm(model: HookedModel, layer: int, norm_path: str | None, pa
 
 
 # Gradient-based attribution -----------------------------------------------------------------------------
-def logit_metric(target: Tokens, baseline: Tokens | None = None, *, position: int = -1) -> Metric:
-    """A metric ``logits -> [batch]``: the logit of token id `target` (minus `baseline`) at `position`.
+def logit_metric(target: Tokens, baseline: Tokens | None = None, *, position: Position = None) -> Metric:
+    """A metric ``logits -> [batch]``: the logit of token id `target` (minus `baseline`) at `position`
+    (default: each row's last real token; see :mod:`mechscope.metrics`).
 
     Ids are one int or one per row (resolve strings first with ``model.to_single_token``).
     """
-
-    def metric(logits: Tensor) -> Tensor:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        at = logits[:, position]
-        good = torch.as_tensor(target, device=logits.device).reshape(-1).expand(logits.shape[0])
-        value = at[rows, good]
-        if baseline is not None:
-            bad = torch.as_tensor(baseline, device=logits.device).reshape(-1).expand(logits.shape[0])
-            value = value - at[rows, bad]
-        return value
-
-    return metric
+    return _logit_metric(target, baseline, position=position)  # type: ignore[arg-type]
 
 
-def _check_metric(value: Any, n_rows: int) -> Tensor:
+def _check_metric(metric: Metric, logits: Tensor, mask: Tensor) -> Tensor:
+    """`metric(logits)`, one value per row, each row scored at its last real token of `mask` by default."""
+    n_rows = logits.shape[0]
+    with scoring(mask):
+        value = metric(logits)
     if not isinstance(value, Tensor) or value.shape != (n_rows,):
         got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise MetricError(f"metric must return one value per batch row, a tensor of shape ({n_rows},); got {got}")
@@ -311,7 +308,8 @@ def gradient_x_input(
     x = _site_activation(model, batch, chosen)
     leaf = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        value = _check_metric(metric(_forward_with(model, batch, chosen, leaf.to(model.dtype))), x.shape[0])
+        logits = _forward_with(model, batch, chosen, leaf.to(model.dtype))
+        value = _check_metric(metric, logits, batch["attention_mask"])
         (grad,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
     grad = torch.zeros_like(leaf) if grad is None else grad
     axes, summed = _attribution_axes(chosen, x.shape)
@@ -381,7 +379,7 @@ def integrated_gradients(
     chosen = model.site(site)
     batch = model.prepare_inputs(inputs)
     x = _site_activation(model, batch, chosen)
-    base = _baseline(x, baseline, chosen)
+    base = _baseline(x, baseline, chosen, batch["attention_mask"])
     axes, summed = _attribution_axes(chosen, x.shape)
     alphas, weights = cfg.nodes()
     total = torch.zeros_like(x)
@@ -400,14 +398,16 @@ def integrated_gradients(
         leaf = path.detach().requires_grad_(True)
         big = {k: v.repeat(m, *([1] * (v.ndim - 1))) for k, v in batch.items()}
         with torch.enable_grad():
-            value = _check_metric(metric(_forward_with(model, big, chosen, leaf.to(model.dtype))), m * n_rows)
+            logits = _forward_with(model, big, chosen, leaf.to(model.dtype))
+            value = _check_metric(metric, logits, big["attention_mask"])
             (grad,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
         if grad is not None:
             total += (grad.float().reshape(m, *x.shape) * w_chunk.view(shape)).sum(0)
     attribution = (x - base) * total
     with torch.no_grad():
-        f_x = _check_metric(metric(model(batch)), n_rows).float()
-        f_base = _check_metric(metric(_forward_with(model, batch, chosen, base.to(model.dtype))), n_rows).float()
+        mask = batch["attention_mask"]
+        f_x = _check_metric(metric, model(batch), mask).float()
+        f_base = _check_metric(metric, _forward_with(model, batch, chosen, base.to(model.dtype)), mask).float()
     per_row = attribution.reshape(n_rows, -1).sum(-1)
     delta = f_x - f_base
     tensors = {
@@ -429,13 +429,18 @@ def integrated_gradients(
     return GradientAttribution(tensors=tensors, axes=result_axes, config=config_out)
 
 
-def _baseline(x: Tensor, baseline: Tensor | str, site: Site) -> Tensor:
+def _baseline(x: Tensor, baseline: Tensor | str, site: Site, mask: Tensor) -> Tensor:
     if isinstance(baseline, str):
         if baseline == "zero":
             return torch.zeros_like(x)
-        if baseline == "mean":
+        if baseline == "mean":  # each row's mean over its real tokens (pads left out)
             pos_axis = site.pos_axis
-            return x.mean(pos_axis, keepdim=True).expand_as(x).clone()
+            shape = [1] * x.ndim
+            shape[0], shape[pos_axis] = mask.shape
+            w = mask.to(x.device, x.dtype).reshape(shape)
+            return (
+                ((x * w).sum(pos_axis, keepdim=True) / w.sum(pos_axis, keepdim=True).clamp_min(1)).expand_as(x).clone()
+            )
         raise ConfigError(f"baseline must be 'zero', 'mean' or a tensor; got {baseline!r}")
     if not isinstance(baseline, Tensor):
         raise ConfigError(f"baseline must be 'zero', 'mean' or a tensor; got {type(baseline).__name__}")

@@ -18,7 +18,7 @@ and the cells where they disagree most.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,20 +28,14 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.locate._engine import metric_positions
-from mechscope.locate.patching import (
-    MetricError,
-    activation_patch,
-    check_pair,
-    tokens_of,
-)
-from mechscope.locate.results import Result
+from mechscope.locate.patching import activation_patch, check_pair, tokens_of
+from mechscope.metrics import Metric, score
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.results import Result
 from mechscope.sites import Site, SiteLike
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
-
-Metric = Callable[[Tensor], Tensor]
 
 #: Node types AtP scores, and the site each is read from.
 NODE_SITES: dict[str, str] = {"heads": "attn.hook_z", "neurons": "mlp.hook_post", "resid": "hook_resid_pre"}
@@ -86,13 +80,9 @@ class AtPResult(Result):
         return next(iter(n for n in ("heads", "neurons", "resid") if n in self.tensors))
 
 
-def _metric_mean(metric: Metric, logits: Tensor, batch: int) -> Tensor:
-    out = metric(logits)
-    if not isinstance(out, Tensor):
-        raise MetricError(f"metric must return a tensor (a scalar or [batch]=({batch},)); got {type(out).__name__}")
-    if out.ndim != 0 and out.shape != (batch,):
-        raise MetricError(f"metric must return a scalar or [batch]=({batch},); got shape {tuple(out.shape)}")
-    return out.float().mean()
+def _metric_mean(metric: Metric, logits: Tensor, mask: Tensor) -> Tensor:
+    """The batch mean of `metric`, each row scored at its last real token of `mask` (keeps gradients)."""
+    return score(metric, logits, mask)
 
 
 def _grads(
@@ -103,9 +93,9 @@ def _grads(
     extra: dict[SiteLike, HookFn] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], Tensor]:
     """Metric, activations, d metric / d activation at `sites` and logits (one forward + backward)."""
-    batch = int(inputs["input_ids"].shape[0])
+    mask = inputs["attention_mask"]
     with model.hooks(extra or {}):
-        result = model.run_with_grads(inputs, lambda logits: _metric_mean(metric, logits, batch), sites)
+        result = model.run_with_grads(inputs, lambda logits: _metric_mean(metric, logits, mask), sites)
     acts = {s.name: result.activations[s.name] for s in sites}
     grads = {s.name: result.gradients[s.name] for s in sites}
     return result.loss, acts, grads, result.logits
@@ -133,10 +123,9 @@ def attribution_patch(
     if cfg.qk_fix:
         kinds += ["attn.hook_q", "attn.hook_k", "attn.hook_v"]
     sites = [model.site(Site(kind, layer)) for kind in dict.fromkeys(kinds) for layer in range(n_layers)]
-    batch = int(base_t["input_ids"].shape[0])
     base_value, acts, grads, base_logits = _grads(model, base_t, metric, sites)
     # The source run only needs the logits the metric reads (the vocabulary projection is costly).
-    read = metric_positions(metric, base_logits)
+    read = metric_positions(metric, base_logits, base_t["attention_mask"])
     keep = torch.tensor(read, device=base_logits.device)
     kept, source_cache = model.run_with_cache(source_t, sites=sites, logits_to_keep=keep)
     assert kept is not None
@@ -190,7 +179,7 @@ def attribution_patch(
         "neuron": [f"N{i}" for i in range(model.dims.d_mlp)],
     }
     used = {a for ax in axes.values() for a in ax}
-    source_value = _metric_mean(metric, source_logits, batch).detach()
+    source_value = _metric_mean(metric, source_logits, base_t["attention_mask"]).detach()
     tensors.update(base=base_value.detach(), source=source_value)
     axes.update(base=(), source=())
     return AtPResult(
@@ -227,7 +216,7 @@ def _graddrop_grads(
     """Per layer l, d metric / d activation at `sites` with the gradient through layer l's attention
     and MLP outputs dropped: one forward, then one backward per layer on the same graph (each layer's
     outputs pass through a gate whose gradient switch is flipped between backward passes)."""
-    n_layers, batch = model.dims.n_layers, int(inputs["input_ids"].shape[0])
+    n_layers = model.dims.n_layers
     switches = [[1.0] for _ in range(n_layers)]
     acts: dict[str, Tensor] = {}
 
@@ -252,7 +241,7 @@ def _graddrop_grads(
         hooks.setdefault(site, []).append(keep)
     out = []
     with torch.enable_grad(), model.hooks(hooks):
-        loss = _metric_mean(metric, model(inputs), batch)
+        loss = _metric_mean(metric, model(inputs), inputs["attention_mask"])
         names = [s.name for s in sites]
         for dropped in range(n_layers):
             for layer, switch in enumerate(switches):

@@ -7,14 +7,15 @@ models, the final logit soft-capping HF applies), so the last row is exactly the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError
-from mechscope.locate.results import Result
+from mechscope.metrics import kl_div, last_positions
+from mechscope.results import Result
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
@@ -23,12 +24,21 @@ if TYPE_CHECKING:
 
 class LensResult(Result):
     """Per-layer lens readout: ``kl [layer, batch, pos]`` (to the final distribution), ``top_tokens``
-    and ``top_probs [layer, batch, pos, k]``, and optionally ``logits [layer, batch, pos, d_vocab]``."""
+    and ``top_probs [layer, batch, pos, k]``, ``attention_mask [batch, pos]`` (1 at real tokens), and
+    optionally ``logits [layer, batch, pos, d_vocab]``."""
 
     method = "logit_lens"
 
     def default_tensor(self) -> str:
         return "kl"
+
+    def mean_kl(self) -> Float[Tensor, " layer"]:
+        """Mean KL per layer over real tokens only (pads of a mixed-length batch are left out)."""
+        kl = self["kl"].float()
+        if "attention_mask" not in self.tensors:  # results saved before the mask was recorded
+            return kl.mean((1, 2))
+        mask = self["attention_mask"].float()
+        return (kl * mask).sum((1, 2)) / mask.sum().clamp_min(1.0)
 
 
 def resid_to_logits(model: HookedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
@@ -59,11 +69,12 @@ def logit_lens(
     model: HookedModel,
     inputs: Inputs,
     *,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int] | Literal["last"] | None = None,
     k: int = 5,
     keep_logits: bool = False,
 ) -> LensResult:
-    """Logit lens over every layer at `positions` (default: all). KL is ``KL(final || layer)``."""
+    """Logit lens over every layer at `positions` (default: all; ``"last"``: each prompt's last real
+    token, one column). KL is ``KL(final || layer)``."""
     return lens_readout(model, inputs, positions=positions, k=k, keep_logits=keep_logits)
 
 
@@ -76,7 +87,7 @@ def lens_readout(
     inputs: Inputs,
     *,
     transform: Transform | None = None,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int] | Literal["last"] | None = None,
     k: int = 5,
     keep_logits: bool = False,
     result_type: type[LensResult] = LensResult,
@@ -88,25 +99,44 @@ def lens_readout(
     """
     if k < 1 or k > model.dims.d_vocab:
         raise ConfigError(f"k must be in 1..{model.dims.d_vocab}; got {k}")
-    pos = None if positions is None else list(positions)
     batch = model.prepare_inputs(inputs)
     sites = lens_sites(model)
+    mask = batch["attention_mask"]
+    last: Tensor | None = None
+    if isinstance(positions, str):
+        if positions != "last":
+            raise ConfigError(f"positions must be a list of ints, 'last' or None; got {positions!r}")
+        last = last_positions(mask)
+        pos = None
+        mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
+    else:
+        pos = None if positions is None else list(positions)
+        if pos is not None:
+            mask = mask[:, pos]
     _, cache = model.run_with_cache(batch, sites, positions=pos)
+    rows_idx = torch.arange(mask.shape[0])
     with torch.no_grad():
         rows = []
         for layer, site in enumerate(sites):
             resid = cache[site]
+            if last is not None:  # each row's last real token: [batch, 1, d_model]
+                resid = resid[rows_idx.to(resid.device), last.to(resid.device)][:, None]
             if transform is not None:
                 resid = transform(resid, layer)
             rows.append(resid_to_logits(model, resid))
         logits = torch.stack(rows).float()
     logprobs = logits.log_softmax(-1)
-    final = logprobs[-1:]
-    kl = (final.exp() * (final - logprobs)).sum(-1).clamp_min(0.0)
+    kl = kl_div(logits, logits[-1:].expand_as(logits))  # KL(final || layer) per token, pads included
     top_probs, top_tokens = logprobs.exp().topk(k, dim=-1)
-    tensors: dict[str, Tensor] = {"kl": kl, "top_tokens": top_tokens, "top_probs": top_probs}
+    tensors: dict[str, Tensor] = {
+        "kl": kl,
+        "top_tokens": top_tokens,
+        "top_probs": top_probs,
+        "attention_mask": mask.detach().cpu().to(torch.int64),
+    }
     axes: dict[str, tuple[str, ...]] = {
         "kl": ("layer", "batch", "pos"),
+        "attention_mask": ("batch", "pos"),
         "top_tokens": ("layer", "batch", "pos", "k"),
         "top_probs": ("layer", "batch", "pos", "k"),
     }
@@ -115,9 +145,14 @@ def lens_readout(
         axes["logits"] = ("layer", "batch", "pos", "d_vocab")
     labels = {
         "layer": [f"resid_pre {i}" for i in range(model.dims.n_layers)] + ["final"],
-        "pos": _position_labels(model, batch["input_ids"], pos),
+        "pos": ["last"] if last is not None else _position_labels(model, batch["input_ids"], pos),
     }
-    config: dict[str, Any] = {"positions": pos, "k": k, "model_type": model.dims.model_type, **(extra_config or {})}
+    config: dict[str, Any] = {
+        "positions": "last" if last is not None else pos,
+        "k": k,
+        "model_type": model.dims.model_type,
+        **(extra_config or {}),
+    }
     return result_type(tensors=tensors, axes=axes, labels=labels, config=config)
 
 

@@ -20,7 +20,7 @@ Two implementations with identical results (to fp32 rounding):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,15 +30,13 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError, SiteError, did_you_mean
 from mechscope.locate._engine import MetricError, Variant, metric_positions, metric_value, run_batched, run_loop
-from mechscope.locate.metrics import normalised
-from mechscope.locate.results import Result
+from mechscope.metrics import Metric, normalised
 from mechscope.model.partial import base_run
+from mechscope.results import Result
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
-
-Metric = Callable[[Tensor], Tensor]
 
 #: Short names accepted for the site kinds that can be swept.
 KIND_ALIASES: dict[str, str] = {
@@ -216,7 +214,11 @@ def activation_patch(
     unit_axis = UNIT_AXES.get(kind)
     n_units = 0 if unit_axis is None else int(base.cache[sites[0].name].shape[Site(kind, 0).axes.index(unit_axis)])
     unit_list = _checked_units(units, n_units, kind)
-    values = {"base": metric_value(metric, base.logits, batch), "source": metric_value(metric, source.logits, batch)}
+    mask = base_t["attention_mask"]  # the same for both runs (check_pair): metrics read each row's last real token
+    values = {
+        "base": metric_value(metric, base.logits, batch, mask),
+        "source": metric_value(metric, source.logits, batch, mask),
+    }
     clean_value, corrupt_value = (
         (values["source"], values["base"]) if direction == "denoising" else (values["base"], values["source"])
     )

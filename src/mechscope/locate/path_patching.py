@@ -18,7 +18,7 @@ in batches (one sender per copy of the base batch), each starting at its layer
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,17 +27,16 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.locate._engine import metric_positions, metric_value, progress_bar
-from mechscope.locate.metrics import normalised
 from mechscope.locate.patching import check_pair, tokens_of
-from mechscope.locate.results import Result
+from mechscope.metrics import Metric, normalised
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.model.partial import BaseRun, base_run, run_from
+from mechscope.results import Result
 from mechscope.sites import Site, SiteLike
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
 
-Metric = Callable[[Tensor], Tensor]
 RECEIVER_INPUTS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
 
 
@@ -194,8 +193,12 @@ def path_patch(
     base = base_run(model, base_t, z_sites + mlp_sites)
     source = base_run(model, source_t, z_sites)
     batch = base.batch
-    values = {"base": metric_value(metric, base.logits, batch), "source": metric_value(metric, source.logits, batch)}
-    read = metric_positions(metric, base.logits)
+    mask = base_t["attention_mask"]  # the same for both runs (check_pair): metrics read each row's last real token
+    values = {
+        "base": metric_value(metric, base.logits, batch, mask),
+        "source": metric_value(metric, source.logits, batch, mask),
+    }
+    read = metric_positions(metric, base.logits, mask)
     sets = _parse_senders(senders, d.n_layers, d.n_heads)
     flat = values["base"].expand(len(sets)).clone()
     last_receiver = d.n_layers if parsed is None else max(r.layer for r in parsed)
@@ -222,7 +225,7 @@ def path_patch(
             logits = _receiver_pass(model, base, resid, layer, frozen, parsed, read)
         for j, i in enumerate(members):
             buffer[:, read] = logits[j * batch : (j + 1) * batch]
-            flat[i] = metric_value(metric, buffer, batch)
+            flat[i] = metric_value(metric, buffer, batch, mask)
     if senders is None:
         axes: tuple[str, ...] = ("layer", "head")
         out = flat.reshape(d.n_layers, d.n_heads)

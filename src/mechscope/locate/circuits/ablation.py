@@ -7,7 +7,6 @@ reference prompts (the corrupted ones when given, else the clean ones) at each p
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,12 +16,12 @@ from torch import Tensor
 from mechscope.errors import ConfigError
 from mechscope.locate.circuits.forward import node_outputs
 from mechscope.locate.circuits.graph import Graph
-from mechscope.locate.patching import MetricError, PromptMismatchError
+from mechscope.locate.patching import PromptMismatchError
+from mechscope.metrics import Metric, score_rows
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
 
-Metric = Callable[[Tensor], Tensor]
 ABLATIONS = ("resample", "mean", "zero")
 
 
@@ -52,17 +51,10 @@ def tokens_pair(
     return a, b
 
 
-def metric_rows(metric: Metric, logits: Tensor) -> Float[Tensor, " batch"]:
-    """`metric(logits)` as one value per row (a scalar is broadcast), with a clear error otherwise."""
-    batch = logits.shape[0]
-    out = metric(logits)
-    if not isinstance(out, Tensor):
-        raise MetricError(f"metric must return a tensor (a scalar or [batch]=({batch},)); got {type(out).__name__}")
-    if out.ndim == 0:
-        return out.expand(batch)
-    if out.shape != (batch,):
-        raise MetricError(f"metric must return a scalar or [batch]=({batch},); got shape {tuple(out.shape)}")
-    return out
+def metric_rows(metric: Metric, logits: Tensor, attention_mask: Tensor | None = None) -> Float[Tensor, " batch"]:
+    """`metric(logits)` as one value per row (a scalar is broadcast), each row scored at its last real
+    token of `attention_mask` (:func:`mechscope.metrics.score_rows`), with a clear error otherwise."""
+    return score_rows(metric, logits, attention_mask)
 
 
 def ablation_values(

@@ -77,7 +77,7 @@ def _attribute(
     logits, outs, ablated = ablation_values(model, graph, clean_t, corrupt_t, config.ablation)
     batch = logits.shape[0]
     with torch.no_grad():
-        full_metric = metric_rows(metric, logits).float().mean()
+        full_metric = metric_rows(metric, logits, clean_t["attention_mask"]).float().mean()
     step_alphas = [(k + 1) / config.steps for k in range(config.steps)] if integrated else [1.0]
     delta = (outs - ablated).detach()
     size = min(config.batch_size or batch, batch)
@@ -99,14 +99,14 @@ def _attribute(
 
         mask = torch.ones(graph.valid.shape, device=model.device, dtype=model.dtype, requires_grad=True)
         if len(chunks) == 1:
-            value = metric_rows(metric, run(chunks[0], mask)).sum() / batch
+            value = metric_rows(metric, run(chunks[0], mask), clean_t["attention_mask"]).sum() / batch
             (grad,) = torch.autograd.grad(value, mask)
             grad_sum += grad.float()
             continue
         with torch.no_grad():
             full = torch.cat([run(sl, mask.detach()) for sl in chunks])
         full.requires_grad_(True)
-        (d_logits,) = torch.autograd.grad(metric_rows(metric, full).sum() / batch, full)
+        (d_logits,) = torch.autograd.grad(metric_rows(metric, full, clean_t["attention_mask"]).sum() / batch, full)
         for sl in chunks:
             (grad,) = torch.autograd.grad(run(sl, mask), mask, grad_outputs=d_logits[sl])
             grad_sum += grad.float()

@@ -21,7 +21,7 @@ from mechscope.locate.circuits.circuit import Circuit, EdgeScores
 from mechscope.locate.circuits.forward import graph_forward
 from mechscope.locate.circuits.graph import Graph
 from mechscope.locate.metrics import kl_to_reference, last_positions
-from mechscope.locate.results import Result
+from mechscope.results import Result
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
@@ -56,7 +56,7 @@ class CircuitEvaluator:
 
     def _metric(self, logits: Tensor) -> float:
         assert self.metric_fn is not None
-        return float(metric_rows(self.metric_fn, logits).float().mean())
+        return float(metric_rows(self.metric_fn, logits, self.tokens["attention_mask"]).float().mean())
 
     @torch.no_grad()
     def run(self, mask: Bool[Tensor, " n_edges"]) -> Tensor:
