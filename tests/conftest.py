@@ -8,6 +8,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CLI commands run without -o write into $MECHSCOPE_OUT: keep them out of the working tree.
+if "MECHSCOPE_OUT" not in os.environ:
+    import tempfile
+
+    os.environ["MECHSCOPE_OUT"] = tempfile.mkdtemp(prefix="mechscope-out-")
 
 import sys
 from pathlib import Path

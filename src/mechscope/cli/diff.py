@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
 
 
 def diff_command(
@@ -21,7 +21,9 @@ def diff_command(
     k: Annotated[int, typer.Option(help="Tokens per layer in the lens of the difference.")] = 10,
     causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Run cross-model patching.")] = True,
     top: Annotated[int, typer.Option(help="Components to print per view.")] = 8,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Result .safetensors file.")] = Path("diff.safetensors"),
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Result .safetensors file (default: ./mechscope-out).")
+    ] = None,
     figure: Annotated[Path | None, typer.Option(help="Also write the figure as a self-contained HTML file.")] = None,
 ) -> None:
     """Diff two models of one architecture: weights, activations, logit lens of the difference, cross-model
@@ -49,10 +51,9 @@ def diff_command(
             other = load_model(tuned)
         config = DiffConfig(k=k, causal=causal, progress=True)
         result = diff_models(base_model, other, texts or NEUTRAL_TEXTS, config=config)
-        path = result.save(out)
+        path = result.save(output_path(out, "diff.safetensors"))
         if figure is not None:
-            figure.parent.mkdir(parents=True, exist_ok=True)
-            result.plot().write_html(str(figure), include_plotlyjs=True)
+            write_figure(result.plot(), figure)
     except MechscopeError as exc:
         raise fail(exc) from exc
     typer.echo(f"base {base} vs {'edit ' + str(edit) if edit is not None else 'tuned ' + tuned}")

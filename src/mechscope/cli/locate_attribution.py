@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, output_path, renamed, write_figure
 from mechscope.cli.locate_lens import read_prompts
 
 
@@ -15,16 +15,18 @@ def register(app: typer.Typer) -> None:
     @app.command("dla")
     def dla_cmd(
         model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
-        target: Annotated[str, typer.Option(help="Target token (a single-token string, e.g. ' Paris').")],
-        baseline: Annotated[str | None, typer.Option(help="Token subtracted (logit difference).")] = None,
+        answer: Annotated[str | None, typer.Option(help="Answer token (a single-token string, e.g. ' Paris').")] = None,
+        wrong: Annotated[str | None, typer.Option(help="Wrong-answer token subtracted (logit difference).")] = None,
+        target: Annotated[str | None, typer.Option(hidden=True, help="Deprecated: --answer.")] = None,
+        baseline: Annotated[str | None, typer.Option(hidden=True, help="Deprecated: --wrong.")] = None,
         prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")] = [],  # noqa: B006
         prompt_file: Annotated[Path | None, typer.Option(help="File with one prompt per line.")] = None,
         by: Annotated[str, typer.Option(help="layer, head, neuron or position.")] = "head",
         top: Annotated[int, typer.Option(help="Components listed.")] = 10,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("dla.safetensors"),
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an HTML figure.")] = None,
     ) -> None:
-        """Direct logit attribution of the target (minus baseline) logit at each prompt's last token."""
+        """Direct logit attribution of the answer (minus wrong) logit at each prompt's last token."""
         offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.attribution import logit_attribution
@@ -32,38 +34,44 @@ def register(app: typer.Typer) -> None:
         from mechscope.model.loading import load_model
 
         try:
+            answer = renamed(answer, target, new="--answer", old="--target")
+            wrong = renamed(wrong, baseline, new="--wrong", old="--baseline")
+            if answer is None:
+                raise typer.BadParameter("give --answer TOKEN (e.g. ' Paris')")
             hm = load_model(model)
             batch = hm.prepare_inputs(read_prompts(prompt, prompt_file))
             result = logit_attribution(
                 hm,
                 batch,
-                target,
-                baseline=baseline,
+                answer,
+                baseline=wrong,
                 position=last_positions(batch["attention_mask"]),
                 by=by,  # type: ignore[arg-type]
             )
-            result.save(out)
+            path = result.save(output_path(out, "dla.safetensors"))
             if html is not None:
-                result.plot().write_html(str(html))
+                write_figure(result.plot(), html)
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
-        typer.echo(f"logit{' difference' if baseline else ''}: {result['logit'].mean():.4f} (mean over prompts)")
+        typer.echo(f"logit{' difference' if wrong else ''}: {result['logit'].mean():.4f} (mean over prompts)")
         for name, value in result.top(top):
             typer.echo(f"{name:20s} {value:+9.4f}")
-        typer.echo(f"result -> {out}")
+        typer.echo(f"result -> {path}")
 
     @app.command("ig")
     def ig_cmd(
         model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
-        target: Annotated[str, typer.Option(help="Target token (single-token string).")],
-        baseline_token: Annotated[str | None, typer.Option(help="Token subtracted (logit difference).")] = None,
+        answer: Annotated[str | None, typer.Option(help="Answer token (single-token string).")] = None,
+        wrong: Annotated[str | None, typer.Option(help="Wrong-answer token subtracted (logit difference).")] = None,
+        target: Annotated[str | None, typer.Option(hidden=True, help="Deprecated: --answer.")] = None,
+        baseline_token: Annotated[str | None, typer.Option(hidden=True, help="Deprecated: --wrong.")] = None,
         prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (one prompt).")] = [],  # noqa: B006
         prompt_file: Annotated[Path | None, typer.Option(help="File whose first line is the prompt.")] = None,
         site: Annotated[
             str, typer.Option(help="Site to attribute to (hook_embed: input IG; else layer IG).")
         ] = "hook_embed",
         steps: Annotated[int, typer.Option(help="Integration steps.")] = 32,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("ig.safetensors"),
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
     ) -> None:
         """Integrated gradients of the target logit (difference) at the last token, with completeness check."""
         offline_by_default()
@@ -72,14 +80,18 @@ def register(app: typer.Typer) -> None:
         from mechscope.model.loading import load_model
 
         try:
+            answer = renamed(answer, target, new="--answer", old="--target")
+            wrong = renamed(wrong, baseline_token, new="--wrong", old="--baseline-token")
+            if answer is None:
+                raise typer.BadParameter("give --answer TOKEN (e.g. ' Paris')")
             hm = load_model(model)
             text = read_prompts(prompt, prompt_file)[0]
-            good = hm.to_single_token(target)
-            bad = hm.to_single_token(baseline_token) if baseline_token else None
+            good = hm.to_single_token(answer)
+            bad = hm.to_single_token(wrong) if wrong else None
             result = integrated_gradients(
                 hm, text, logit_metric(good, bad), site=site, config=IGConfig(steps=steps), progress=True
             )
-            result.save(out)
+            path = result.save(output_path(out, "ig.safetensors"))
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
         tokens = hm.to_str_tokens(text)
@@ -91,4 +103,4 @@ def register(app: typer.Typer) -> None:
             f"f(x) - f(baseline) = {float(result['delta'][0]):.4f}; sum of attributions - that = "
             f"{float(result['error'][0]):.2e}"
         )
-        typer.echo(f"result -> {out}")
+        typer.echo(f"result -> {path}")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
 
 
 def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
@@ -26,14 +26,41 @@ PromptFile = Annotated[Path | None, typer.Option(help="File with one prompt per 
 Html = Annotated[Path | None, typer.Option(help="Also write an interactive HTML figure here.")]
 
 
+def _echo_lens(hm: Any, result: Any, prompts: list[str], top: int) -> None:
+    """Mean KL over real tokens per layer, then each prompt's top tokens per layer at its last real token."""
+    import json
+
+    import torch
+
+    res: Any = result
+    kl = res.mean_kl()
+    typer.echo(f"{'layer':14s} {'KL (nats, real tokens)':>22s}")
+    for label, value in zip(res.labels["layer"], kl.tolist(), strict=True):
+        typer.echo(f"{label:14s} {value:22.4f}")
+    mask = res["attention_mask"] if "attention_mask" in res.tensors else None
+    k = min(top, res["top_tokens"].shape[-1])
+    for b, text in enumerate(prompts):
+        last = int(torch.nonzero(mask[b]).max()) if mask is not None else res["top_tokens"].shape[2] - 1
+        typer.echo(f"top {k} tokens at the last token of {text!r}:")
+        for li, label in enumerate(res.labels["layer"]):
+            ids = res["top_tokens"][li, b, last, :k].tolist()
+            probs = res["top_probs"][li, b, last, :k].tolist()
+            shown = "  ".join(
+                f"{json.dumps(hm.to_string([int(i)]), ensure_ascii=False)} {p:.3f}"
+                for i, p in zip(ids, probs, strict=True)
+            )
+            typer.echo(f"  {label:14s} {shown}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("logit-lens")
     def logit_lens_cmd(
         model: Model,
         prompt: Prompts = [],  # noqa: B006
         prompt_file: PromptFile = None,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("logit_lens.safetensors"),
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Html = None,
+        top: Annotated[int, typer.Option(help="Top tokens shown per layer (at each prompt's last token).")] = 3,
     ) -> None:
         """Logit lens: per-layer KL to the final distribution and top tokens."""
         offline_by_default()
@@ -43,16 +70,15 @@ def register(app: typer.Typer) -> None:
 
         try:
             hm = load_model(model)
-            result = logit_lens(hm, read_prompts(prompt, prompt_file))
-            result.save(out)
+            prompts = read_prompts(prompt, prompt_file)
+            result = logit_lens(hm, prompts)
+            path = result.save(output_path(out, "logit_lens.safetensors"))
             if html is not None:
-                result.plot().write_html(str(html))
+                write_figure(result.plot(), html)
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
-        kl = result["kl"].mean((1, 2))
-        for label, value in zip(result.labels["layer"], kl.tolist()):
-            typer.echo(f"{label:14s} KL {value:8.4f}")
-        typer.echo(f"result -> {out}")
+        _echo_lens(hm, result, prompts, top)
+        typer.echo(f"result -> {path}")
 
     @app.command("tuned-lens-train")
     def tuned_lens_train_cmd(

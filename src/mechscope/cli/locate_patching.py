@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.cells import echo_effects
+from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
 
 Model = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
 Clean = Annotated[list[str], typer.Option("--clean", "-c", help="Clean prompt (repeatable).")]
@@ -41,17 +42,9 @@ def logit_diff_metric(hm: Any, answer: list[str], wrong: list[str], n_prompts: i
     return lambda logits: logit_diff(logits, good_ids, bad_ids)
 
 
-def _top(values: Any, labels: list[list[str]], k: int = 10) -> list[tuple[str, float]]:
-    flat = values.flatten()
-    order = flat.abs().argsort(descending=True)[:k]
-    out = []
-    for i in order.tolist():
-        index, rest = [], i
-        for axis in reversed(labels):
-            rest, j = divmod(rest, len(axis))
-            index.append(axis[j])
-        out.append((" ".join(reversed(index)), float(flat[i])))
-    return out
+def _runs(result: Any) -> dict[str, float]:
+    """The clean and corrupt metric of a patching result (for :func:`echo_effects`)."""
+    return {"clean": float(result["clean"].float().mean()), "corrupt": float(result["corrupt"].float().mean())}
 
 
 def _heads(text: str) -> list[tuple[int, int]]:
@@ -83,10 +76,10 @@ def register(app: typer.Typer) -> None:
         per_head: Annotated[bool, typer.Option(help="Heads: sweep per head (else per position).")] = True,
         method: Annotated[str, typer.Option(help="batched or loop (reference).")] = "batched",
         chunk_size: Annotated[int, typer.Option(help="Patched variants per forward.")] = 32,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("patch.safetensors"),
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Html = None,
     ) -> None:
-        """Activation patching sweep; prints the cells with the largest normalised effect."""
+        """Activation patching sweep; prints the cells with the largest effect (raw and normalised)."""
         offline_by_default()
         from mechscope.errors import MechscopeError
         from mechscope.locate.patching import activation_patch
@@ -108,17 +101,16 @@ def register(app: typer.Typer) -> None:
                 chunk_size=chunk_size,
                 progress=True,
             )
-            result.save(out)
+            path = result.save(output_path(out, "patch.safetensors"))
             if html is not None:
-                result.plot().write_html(str(html))
-            normalised = result.normalised()
+                write_figure(result.plot(), html)
+            tokens = hm.to_str_tokens(clean[0])
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
-        typer.echo(f"clean {float(result['clean']):.4f}  corrupt {float(result['corrupt']):.4f}")
-        labels = [result.labels[a] for a in result.axes["metric"]]
-        for cell, value in _top(normalised - (0 if direction == "denoising" else 1), labels):
-            typer.echo(f"{cell:24s} {value:+.4f}")
-        typer.echo(f"result -> {out}")
+        start = result["corrupt"] if direction == "denoising" else result["clean"]
+        axes = result.axes["metric"]
+        echo_effects(typer.echo, result["metric"] - start, axes, result.labels, **_runs(result), tokens=tokens)
+        typer.echo(f"result -> {path}")
 
     @app.command("path-patch")
     def path_patch_cmd(
@@ -136,7 +128,7 @@ def register(app: typer.Typer) -> None:
         ] = [],  # noqa: B006
         direction: Annotated[str, typer.Option(help="noising (the paper's) or denoising.")] = "noising",
         freeze_mlps: Annotated[bool, typer.Option(help="Freeze MLPs too (direct head paths only).")] = True,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("path_patch.safetensors"),
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Html = None,
     ) -> None:
         """Path patching from every head (sender) to the logits or to receiver heads' inputs."""
@@ -167,16 +159,14 @@ def register(app: typer.Typer) -> None:
                 direction=direction,
                 freeze_mlps=freeze_mlps,
             )
-            result.save(out)
+            path = result.save(output_path(out, "path_patch.safetensors"))
             if html is not None:
-                result.plot().write_html(str(html))
+                write_figure(result.plot(), html)
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
-        typer.echo(f"clean {float(result['clean']):.4f}  corrupt {float(result['corrupt']):.4f}")
-        labels = [result.labels[a] for a in result.axes["metric"]]
-        for cell, value in _top(result.effect(), labels):
-            typer.echo(f"sender {cell:16s} {value:+.4f}")
-        typer.echo(f"result -> {out}")
+        axes = result.axes["metric"]
+        echo_effects(typer.echo, result.effect(), axes, result.labels, **_runs(result), what="sender")
+        typer.echo(f"result -> {path}")
 
     @app.command("atp")
     def atp_cmd(
@@ -189,7 +179,7 @@ def register(app: typer.Typer) -> None:
         qk_fix: Annotated[bool, typer.Option(help="AtP*: exact attention pattern for query/key patches.")] = False,
         grad_drop: Annotated[bool, typer.Option(help="AtP*: GradDrop magnitudes (one backward per layer).")] = False,
         compare: Annotated[bool, typer.Option(help="Also run exact head patching and report agreement.")] = False,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("atp.safetensors"),
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
     ) -> None:
         """Attribution patching of every head, neuron and residual position (AtP, AtP*)."""
         offline_by_default()
@@ -202,16 +192,17 @@ def register(app: typer.Typer) -> None:
             metric = logit_diff_metric(hm, answer, wrong, len(clean))
             cfg = AtPConfig(direction=direction, qk_fix=qk_fix, grad_drop=grad_drop)
             result = attribution_patch(hm, clean, corrupt, metric, cfg)
-            result.save(out)
+            path = result.save(output_path(out, "atp.safetensors"))
             comparison = atp_vs_exact(hm, clean, corrupt, metric, direction=direction) if compare else None
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
-        typer.echo(f"base {float(result['base']):.4f}  source {float(result['source']):.4f}")
-        for cell, value in _top(result["heads"], [result.labels["layer"], result.labels["head"]]):
-            typer.echo(f"head {cell:16s} {value:+.4f}")
+        base, source = float(result["base"]), float(result["source"])
+        runs = {"clean": source, "corrupt": base} if direction == "denoising" else {"clean": base, "corrupt": source}
+        typer.echo("AtP estimates (first-order), per head:")
+        echo_effects(typer.echo, result["heads"], result.axes["heads"], result.labels, **runs, what="head")
         if comparison is not None:
             c = comparison.config
             typer.echo(f"AtP vs exact (heads): spearman {c['spearman']:.3f}  pearson {c['pearson']:.3f}")
             for d in c["top_disagreements"][:5]:
                 typer.echo(f"  L{d['layer']} {d['head']}: atp {d['atp']:+.4f}  exact {d['exact']:+.4f}")
-        typer.echo(f"result -> {out}")
+        typer.echo(f"result -> {path}")

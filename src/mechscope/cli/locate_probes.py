@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
 
 
 def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         max_examples: Annotated[int, typer.Option(help="Cap on training examples (random subset).")] = 2000,
         positive: Annotated[str | None, typer.Option(help="Label of class 1 (default: the larger label).")] = None,
         seed: Annotated[int, typer.Option(help="Seed of split, folds, control task and subset.")] = 0,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("probes.safetensors"),
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an HTML figure of test accuracy.")] = None,
     ) -> None:
         """Train a probe per layer; print held-out, cross-validated and control accuracy, selectivity."""
@@ -101,9 +101,9 @@ def register(app: typer.Typer) -> None:
                 config=cfg,
                 progress=True,
             )
-            result.save(out)
+            path = result.save(output_path(out, "probes.safetensors"))
             if html is not None:
-                result.plot().write_html(str(html))
+                write_figure(result.plot(), html)
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
         cols = [
@@ -114,4 +114,4 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{'site':28s} " + " ".join(f"{c.replace('_accuracy', ''):>9s}" for c in cols))
         for i, label in enumerate(result.labels["layer"]):
             typer.echo(f"{label:28s} " + " ".join(f"{float(result[c][i]):9.3f}" for c in cols))
-        typer.echo(f"best layer {result.config['layers'][result.best_layer()]}; result -> {out}")
+        typer.echo(f"best layer {result.config['layers'][result.best_layer()]}; result -> {path}")

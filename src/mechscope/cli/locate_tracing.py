@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
 
 
 def register(app: typer.Typer) -> None:
@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         noise: Annotated[float, typer.Option(help="Noise std as a multiple of the embedding std.")] = 3.0,
         samples: Annotated[int, typer.Option(help="Noise draws.")] = 10,
         window: Annotated[int | None, typer.Option(help="Layers restored together for mlp/attn.")] = None,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("trace.safetensors"),
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an interactive HTML figure here.")] = None,
     ) -> None:
         """Noise the subject, restore states per layer x position, report where the answer recovers."""
@@ -33,9 +33,9 @@ def register(app: typer.Typer) -> None:
             hm = load_model(model)
             cfg = TracingConfig(noise=noise, samples=samples, window=window)
             result = causal_trace(hm, prompt, subject, target, cfg, progress=True)
-            result.save(out)
+            path = result.save(output_path(out, "trace.safetensors"))
             if html is not None:
-                result.plot().write_html(str(html))
+                write_figure(result.plot(), html)
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
         typer.echo(f"p(target) clean {float(result['clean']):.4f}  corrupted {float(result['corrupt']):.4f}")
@@ -46,4 +46,4 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{kind:6s} peak: layer {layer}, position {result.labels['pos'][pos]}, effect {value:+.4f}")
             layer, _, value = result.peak(kind, [subject_last])
             typer.echo(f"{'':6s} at the subject's last token: layer {layer}, effect {value:+.4f}")
-        typer.echo(f"result -> {out}")
+        typer.echo(f"result -> {path}")
