@@ -2,11 +2,12 @@
 
 Prompts come from a JSONL file, one contrast pair per line::
 
-    {"clean": "...", "corrupt": "...", "correct": " Mara", "incorrect": " Tobin"}
+    {"clean": "...", "corrupt": "...", "answer": " Mara", "wrong": " Tobin"}
 
-and the metric is the logit difference ``correct - incorrect`` (each a single token) at the last token.
-Clean and corrupted prompts must tokenise to the same length. ``correct``/``incorrect`` may be omitted
-for ``acdc``, which then measures damage by KL divergence from the full model.
+and the metric is the logit difference ``answer - wrong`` (each a single token) at the last token.
+Clean and corrupted prompts must tokenise to the same length. ``answer``/``wrong`` may be omitted
+for ``acdc``, which then measures damage by KL divergence from the full model. The older keys
+``correct``/``incorrect`` are still read, with a deprecation note (one naming across the CLI).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
 ModelArg = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
-DataOpt = Annotated[Path, typer.Option("--data", "-d", help="JSONL file of {clean, corrupt, correct, incorrect}.")]
+DataOpt = Annotated[Path, typer.Option("--data", "-d", help="JSONL file of {clean, corrupt, answer, wrong}.")]
 AblationOpt = Annotated[str, typer.Option(help="What removed edges carry: resample, mean or zero.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the result (.safetensors).")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the circuit as JSON.")]
@@ -38,7 +39,8 @@ def read_pairs(path: Path, *, need_answers: bool = True) -> list[dict[str, str]]
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist")
     rows: list[dict[str, str]] = []
-    keys = ("clean", "corrupt", "correct", "incorrect") if need_answers else ("clean", "corrupt")
+    keys = ("clean", "corrupt", "answer", "wrong") if need_answers else ("clean", "corrupt")
+    renamed: set[str] = set()
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -46,11 +48,21 @@ def read_pairs(path: Path, *, need_answers: bool = True) -> list[dict[str, str]]
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{number}: not JSON ({exc})") from exc
+        for old, new in (("correct", "answer"), ("incorrect", "wrong")):
+            if isinstance(row, dict) and old in row and new not in row:
+                row[new] = row.pop(old)
+                renamed.add(old)
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
             raise ConfigError(f"{path}:{number}: expected an object with string fields {list(keys)}; got {row!r}")
         rows.append(row)
     if not rows:
         raise ConfigError(f"{path} holds no prompt pairs")
+    if renamed:
+        typer.secho(
+            f"note: the JSONL keys {sorted(renamed)} are deprecated; call them 'answer' and 'wrong'",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     return rows
 
 
@@ -63,10 +75,10 @@ def _setup(model_name: str, data: Path, need_answers: bool = True) -> tuple[Hook
     rows = read_pairs(data, need_answers=need_answers)
     model = load_model(model_name)
     clean, corrupt = [r["clean"] for r in rows], [r["corrupt"] for r in rows]
-    if not need_answers or any("correct" not in r for r in rows):
+    if not need_answers or any("answer" not in r for r in rows):
         return model, clean, corrupt, None
-    good = torch.tensor([model.to_single_token(r["correct"]) for r in rows])
-    bad = torch.tensor([model.to_single_token(r["incorrect"]) for r in rows])
+    good = torch.tensor([model.to_single_token(r["answer"]) for r in rows])
+    bad = torch.tensor([model.to_single_token(r["wrong"]) for r in rows])
     # Each row is scored at its last real token: the circuit methods pass the attention mask.
     return model, clean, corrupt, logit_diff_metric(good, bad)
 
