@@ -23,10 +23,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.results import Artifact, ModelMismatchError, Result
 from mechscope.sites import Site
-from mechscope.steer.directional import Direction
 from mechscope.steer.intervention import check_finite, require_hooked
 from mechscope.steer.vectors import STEERABLE_KINDS, SteeringVector, from_direction, mean_difference, steer
 

@@ -31,6 +31,7 @@ from mechscope.locate.circuits import (
     faithfulness,
     faithfulness_curve,
 )
+from mechscope.locate.directions import logit_direction
 from mechscope.locate.heads import (
     HeadDetectorConfig,
     HeadScores,
@@ -44,7 +45,6 @@ from mechscope.locate.lens import LensResult, logit_lens
 from mechscope.locate.patching import MetricError, PatchResult, PromptMismatchError, activation_patch
 from mechscope.locate.path_patching import PathPatchResult, Receiver, path_patch
 from mechscope.locate.probes import ProbeConfig, ProbeResult, fit_probe, train_probes
-from mechscope.locate.results import Result
 from mechscope.locate.tuned_lens import (
     LensComparison,
     TunedLens,
@@ -54,6 +54,7 @@ from mechscope.locate.tuned_lens import (
     train_tuned_lens,
     tuned_lens,
 )
+from mechscope.results import Result
 
 __all__ = [
     "ACDCConfig",
@@ -105,6 +106,7 @@ __all__ = [
     "in_context_gain",
     "integrated_gradients",
     "logit_attribution",
+    "logit_direction",
     "logit_lens",
     "logit_metric",
     "metrics",

@@ -23,9 +23,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.locate.metrics import last_positions
-from mechscope.results import Result
+from mechscope.results import ModelMismatchError, Result
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
@@ -197,6 +198,18 @@ class ProbeResult(Result):
         if layer not in layers:
             raise ConfigError(f"no probe at layer {layer}; probed layers are {layers}")
         return self["directions"][layers.index(layer)].clone()
+
+    def to_direction(self, model: Any, layer: int) -> Direction:
+        """The probe direction of `layer` as a :class:`~mechscope.direction.Direction` for `model` (checked against
+        the fingerprint the probes were trained on), recording where and how it was found."""
+        meta = self.direction_metadata(layer)
+        trained_on = meta.pop("model_fingerprint")
+        if trained_on is not None and trained_on != model.fingerprint():
+            raise ModelMismatchError(
+                f"these probes were trained on model {trained_on}; the given model is {model.fingerprint()}"
+            )
+        kind = self.config["site_kind"]
+        return Direction.from_tensor(model, self.direction(layer), layer=layer, method="probe", **meta, site_kind=kind)
 
     def direction_metadata(self, layer: int) -> dict[str, Any]:
         """Where and how the direction of `layer` was found (site, position, probe kind, accuracy)."""

@@ -7,6 +7,7 @@ safetensors file each, with the fingerprint of the model they were made on.
 
 from __future__ import annotations
 
+from mechscope.direction import Direction
 from mechscope.results import Artifact, ModelMismatchError
 from mechscope.steer.ablation import (
     Ablation,
@@ -17,18 +18,15 @@ from mechscope.steer.ablation import (
     zero_ablation,
 )
 from mechscope.steer.clamp import FeatureClamp, SAESplice, clamp_features
-from mechscope.steer.directional import (
-    Direction,
-    DirectionalAblation,
+from mechscope.steer.directional import DirectionalAblation, directional_ablation, orthogonalize
+from mechscope.steer.intervention import Intervention, applied
+from mechscope.steer.selection import (
     DirectionSelection,
     DirectionSelectionConfig,
-    directional_ablation,
     logodds_bar,
-    orthogonalize,
     select_direction,
     token_logodds,
 )
-from mechscope.steer.intervention import Intervention, applied
 from mechscope.steer.vectors import (
     Steering,
     SteeringVector,

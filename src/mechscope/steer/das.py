@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.results import Result
 from mechscope.sites import Site
@@ -77,6 +78,20 @@ class DASResult(Result):
 
     def default_tensor(self) -> str:
         return "iia"
+
+    def to_direction(self, model: Any) -> Direction:
+        """The learned subspace as a :class:`~mechscope.direction.Direction` (rank = the DAS rank) for `model`,
+        recording the site it was learned at and the variable it carries; ablate or steer it like any other."""
+        site = Site.parse(self.config["site"])
+        info = {
+            "site": site.name,
+            "layer": site.layer,
+            "method": "das",
+            "variable": self.config.get("variable"),
+            "test_iia": self.iia("test"),
+        }
+        basis = self.basis.T  # [rank, d_model]
+        return Direction.from_tensor(model, basis if basis.shape[0] > 1 else basis[0], **info)
 
 
 @dataclass
@@ -220,10 +235,10 @@ def world_pairs(model: Any, n: int, *, relation: str = "home_city", seed: int = 
     facts the model recalls correctly (so the counterfactual label, the source person's value, is
     well defined). Positions are each prompt's subject-last token.
     """
-    from mechscope.steer.editing.requests import subject_last_position
     from mechscope.data.tasks.base import task_rng
     from mechscope.data.tasks.metrics import next_token_predictions
     from mechscope.data.tasks.world import RELATIONS, make_world
+    from mechscope.steer.editing.requests import subject_last_position
 
     world = make_world(seed)
     rel = next((r for r in RELATIONS if r.name == relation), None)

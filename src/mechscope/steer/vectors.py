@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.results import Artifact
@@ -248,15 +249,28 @@ def pca_direction(
 
 def from_direction(
     model: HookedModel,
-    direction: Float[Tensor, " d_model"] | Float[Tensor, "n_layers d_model"],
+    direction: Float[Tensor, " d_model"] | Float[Tensor, "n_layers d_model"] | Direction,
     *,
     layers: int | Sequence[int] | None = None,
-    site: str = "hook_resid_pre",
+    site: str | None = None,
     normalize: bool = False,
     method: str = "from_direction",
 ) -> SteeringVector:
-    """A steering vector from any direction: one ``[d_model]`` for every layer, or one per layer."""
+    """A steering vector from any direction: one ``[d_model]`` for every layer, or one per layer.
+
+    A rank-1 :class:`~mechscope.direction.Direction` (from a probe, DAS, DLA or direction selection) is
+    checked against `model` and, unless `layers` / `site` are given, steers where it was found (its
+    recorded layer and residual site kind; every layer at ``hook_resid_pre`` when it records none).
+    """
     model = require_hooked(model)
+    if isinstance(direction, Direction):
+        direction.check_model(model)
+        found = Site.parse(direction.site) if direction.site is not None else None
+        if found is not None and found.kind in STEERABLE_KINDS:
+            site = site or found.kind
+            layers = found.layer if layers is None else layers
+        direction = direction.vector
+    site = site or "hook_resid_pre"
     chosen = _layers(model, layers)
     _site_kind(model, site)
     d_model = model.dims.d_model
@@ -340,13 +354,18 @@ class Steering(Intervention):
 
 def steer(
     model: HookedModel,
-    vector: SteeringVector,
+    vector: SteeringVector | Direction,
     coefficient: float = 1.0,
     *,
     positions: PositionMode | int | Sequence[int] = "all",
     layers: int | Sequence[int] | None = None,
 ) -> Steering:
-    """Steering intervention: ``with steer(model, vec, 4.0): model.generate(...)``."""
+    """Steering intervention: ``with steer(model, vec, 4.0): model.generate(...)``.
+
+    A :class:`~mechscope.direction.Direction` steers along its unit vector where it was found (see
+    :func:`from_direction`), so `coefficient` is then in residual-stream units."""
+    if isinstance(vector, Direction):
+        vector = from_direction(model, vector, layers=layers, method=f"direction ({vector.method or 'given'})")
     return Steering(model, vector, coefficient=coefficient, positions=positions, layers=layers)
 
 
