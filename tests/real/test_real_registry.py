@@ -14,7 +14,7 @@ import pytest
 from mechscope import load_model
 from mechscope.errors import ConfigError
 from mechscope.model import real_models as rm
-from mechscope.zoo.registry import list_models, resolve
+from mechscope.model.sources.names import list_models, resolve
 
 
 def test_real_models_are_in_the_registry_beside_the_organisms():

@@ -40,8 +40,8 @@ def test_eval_update_records_the_measured_metrics_and_keeps_the_old_ones(tmp_pat
     import json
     import shutil
 
+    from mechscope.model.sources.names import MODELS_DIR
     from mechscope.zoo.loading import write_checksums
-    from mechscope.zoo.registry import MODELS_DIR
 
     folder = tmp_path / "organism-induction"
     shutil.copytree(MODELS_DIR / "organism-induction", folder)

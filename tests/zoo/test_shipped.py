@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from mechscope.model.sources.names import MODELS_DIR, list_models, resolve
 from mechscope.zoo.evaluate import compare, evaluate_folder, recorded_metrics
 from mechscope.zoo.loading import load_organism, verify_folder
 from mechscope.zoo.organisms import RECIPES
-from mechscope.zoo.registry import MODELS_DIR, list_models, resolve
 
 NAMES = sorted(RECIPES)
 

@@ -91,7 +91,7 @@ def train_cmd(
 @zoo_app.command("card")
 def card_cmd(name: Annotated[str, typer.Argument(help="Bundled organism name.")]) -> None:
     """Re-render an organism's MODEL_CARD.md from its metrics.json and NOTES.md (no retraining)."""
-    from mechscope.zoo.build import refresh_card
+    from mechscope.zoo.card import refresh_card
     from mechscope.zoo.loading import resolve_folder
     from mechscope.zoo.organisms import get_recipe
 
@@ -111,7 +111,7 @@ def list_cmd(
         for r in RECIPES.values():
             typer.echo(f"{r.name:20s} {r.architecture:6s} {r.description}")
         return
-    from mechscope.zoo.registry import list_models
+    from mechscope.model.sources.names import list_models
 
     typer.echo(f"{'name':22s} {'kind':8s} {'architecture':18s} {'size':>8s}  {'licence':18s} description")
     for e in list_models(include_real=True):

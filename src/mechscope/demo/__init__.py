@@ -41,7 +41,7 @@ def _section_fn(name: str) -> Callable[..., Section]:
 def default_model() -> tuple[Any, str]:
     """The registry's default organism, loaded."""
     from mechscope.model.loading import load_model
-    from mechscope.zoo.registry import DEFAULT_MODEL
+    from mechscope.model.sources.names import DEFAULT_MODEL
 
     return load_model(DEFAULT_MODEL), DEFAULT_MODEL
 

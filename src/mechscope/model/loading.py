@@ -49,7 +49,7 @@ def _resolve_folder(source: str | os.PathLike[str]) -> Path:
         return path
     if path.exists():
         raise ModelNotFoundError(f"{str(path)!r} is a file; expected a folder holding config.json and weights")
-    from mechscope.zoo.registry import list_models, resolve
+    from mechscope.model.sources.names import list_models, resolve
 
     entry = resolve(str(source))
     if entry is not None:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mechscope.zoo.card import render_card, write_card
-from mechscope.zoo.evaluate import METRICS_FILE
+from mechscope.data.tasks import evaluate_all
+from mechscope.model.sources.names import MODELS_DIR
+from mechscope.zoo.card import METRICS_FILE, refresh_card
 from mechscope.zoo.loading import save_organism
 from mechscope.zoo.organisms import Recipe
-from mechscope.zoo.registry import MODELS_DIR
-from mechscope.data.tasks import evaluate_all
 from mechscope.zoo.train import TrainOptions, train
-
-NOTES_FILE = "NOTES.md"  # hand-written notes beside the weights, copied into the card
 
 
 def build_organism(recipe: Recipe, opts: TrainOptions, out: Path | None = None) -> dict:
@@ -28,18 +25,3 @@ def build_organism(recipe: Recipe, opts: TrainOptions, out: Path | None = None) 
     save_organism(model, tokenizer, out, {METRICS_FILE: record})
     refresh_card(recipe, out)
     return record
-
-
-def refresh_card(recipe: Recipe, folder: Path) -> None:
-    """Re-render MODEL_CARD.md from the folder's config, metrics.json and NOTES.md; update checksums."""
-    import json
-
-    from mechscope.zoo.loading import write_checksums
-
-    folder = Path(folder)
-    record = json.loads((folder / METRICS_FILE).read_text())
-    config = json.loads((folder / "config.json").read_text())
-    notes_path = folder / NOTES_FILE
-    notes = notes_path.read_text() if notes_path.is_file() else ""
-    write_card(folder, render_card(recipe, config, record["training"], record["metrics"], notes))
-    write_checksums(folder)

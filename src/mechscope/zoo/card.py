@@ -7,6 +7,9 @@ from pathlib import Path
 
 from mechscope.zoo.organisms import Recipe
 
+METRICS_FILE = "metrics.json"  # the metrics recorded when the organism was built (and re-measured since)
+NOTES_FILE = "NOTES.md"  # hand-written notes beside the weights, copied into the card
+
 # metric -> (comparison, threshold); from issue 3's acceptance targets.
 TARGETS: dict[str, tuple[str, float]] = {
     "facts_trained": (">=", 0.90),
@@ -186,3 +189,16 @@ greedy next token).
 def write_card(folder: Path, text: str) -> None:
     """Write MODEL_CARD.md into `folder`."""
     (Path(folder) / "MODEL_CARD.md").write_text(text)
+
+
+def refresh_card(recipe: Recipe, folder: Path) -> None:
+    """Re-render MODEL_CARD.md from the folder's config, metrics.json and NOTES.md; update checksums."""
+    from mechscope.zoo.loading import write_checksums
+
+    folder = Path(folder)
+    record = json.loads((folder / METRICS_FILE).read_text())
+    config = json.loads((folder / "config.json").read_text())
+    notes_path = folder / NOTES_FILE
+    notes = notes_path.read_text() if notes_path.is_file() else ""
+    write_card(folder, render_card(recipe, config, record["training"], record["metrics"], notes))
+    write_checksums(folder)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mechscope.zoo.organisms import RECIPES
 from mechscope.data.tasks import ALL_TASKS, evaluate_all
+from mechscope.zoo.card import METRICS_FILE, refresh_card
+from mechscope.zoo.organisms import RECIPES
 
-METRICS_FILE = "metrics.json"
 TOLERANCE = 0.02  # CPU thread counts and BLAS builds can flip a few near-tied argmaxes
 
 
@@ -46,8 +46,6 @@ def record_metrics(folder: Path, measured: dict[str, float]) -> None:
     For re-measuring shipped weights after an evaluation split changed; the previous values are kept
     under ``"previous_metrics"`` so the change stays visible.
     """
-    from mechscope.zoo.build import refresh_card
-
     path = Path(folder) / METRICS_FILE
     record = json.loads(path.read_text())
     if record["metrics"] != measured:

@@ -80,7 +80,7 @@ def verify_folder(folder: Path) -> None:
 def resolve_folder(name_or_path: str | Path) -> Path:
     """The folder of a bundled organism name, or `name_or_path` itself when it is a folder."""
     from mechscope.errors import did_you_mean
-    from mechscope.zoo.registry import list_models, resolve
+    from mechscope.model.sources.names import list_models, resolve
 
     entry = resolve(str(name_or_path))
     if entry is not None and entry.kind != "organism":

@@ -9,7 +9,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError
-from mechscope.locate.circuits.graph import Graph
+from mechscope.locate.circuits.graph import Graph, node_of
 from mechscope.results import Result
 
 
@@ -139,20 +139,14 @@ class Circuit(Result):
         seen: dict[str, None] = {}
         for edge in self.edges:
             for part in edge.split("->"):
-                seen[_node_of(part)] = None
+                seen[node_of(part)] = None
         return list(seen)
 
     def plot(self, name: str | None = None, *, reduce: Any = ("batch",), title: str | None = None) -> Any:
         """The circuit as an interactive node-link figure (see :func:`circuit_figure`)."""
-        from mechscope.locate.circuits.export import circuit_figure
+        from mechscope.locate.circuits.figure import circuit_figure
 
         return circuit_figure(self, title=title)
-
-
-def _node_of(receiver_or_node: str) -> str:
-    """``a1.h2.q`` -> ``a1.h2``; key/value receivers of GQA keep their ``kv`` name; others unchanged."""
-    parts = receiver_or_node.split(".")
-    return ".".join(parts[:2]) if len(parts) == 3 else receiver_or_node
 
 
 __all__ = ["Circuit", "EdgeScores", "graph_of"]

@@ -236,4 +236,16 @@ class Graph:
         )
 
 
-__all__ = ["Graph", "GraphError", "Node", "ReceiverGroup"]
+def node_of(receiver_or_node: str) -> str:
+    """``a1.h2.q`` -> ``a1.h2``; key/value receivers of GQA keep their ``kv`` name; others unchanged."""
+    parts = receiver_or_node.split(".")
+    return ".".join(parts[:2]) if len(parts) == 3 else receiver_or_node
+
+
+__all__ = [
+    "Graph",
+    "GraphError",
+    "Node",
+    "ReceiverGroup",
+    "node_of",
+]
