@@ -118,3 +118,52 @@ def test_bad_input_fails_clearly(model):
         TracingConfig(kinds=("embed",))
     with pytest.raises(ConfigError, match="equal lengths"):
         trace_facts(model, [PROMPT], ["Italy", "France"])
+
+
+def test_window_is_cut_at_the_ends_so_no_two_rows_restore_the_same_layers():
+    """On a 30-layer model the default window is 6 layers; a window shifted to fit at the ends made
+    rows 0-3 restore the same 6 layers (identical rows, and a peak at layer 0 by construction)."""
+    from mechscope.locate.causal_tracing import _window, default_window
+
+    assert default_window(30) == 6 and default_window(48) == 9 and default_window(2) == 1
+    for n_layers in (2, 6, 12, 30):
+        window = default_window(n_layers)
+        sets = [tuple(_window(layer, window, n_layers)) for layer in range(n_layers)]
+        assert len(set(sets)) == n_layers, sets  # every row restores its own set of layers
+        for layer, chosen in enumerate(sets):
+            assert layer in chosen and len(chosen) <= window and chosen == tuple(range(chosen[0], chosen[-1] + 1))
+            if window // 2 <= layer < n_layers - (window - window // 2):
+                assert len(chosen) == window  # away from the ends: the full window, centred
+    hf, tok = tiny_model("llama", num_hidden_layers=30)
+    deep = HookedModel(hf, tok)
+    result = causal_trace(deep, PROMPT, "Italy", config=TracingConfig(samples=2, kinds=("mlp",)))
+    assert result.config["window"] == 6 and result.config["windows"]["0"] == [0, 1, 2]
+    rows = result["mlp"][:4]
+    assert all(not torch.equal(rows[i], rows[i + 1]) for i in range(3)), rows
+
+
+def test_peak_estimate_reports_its_uncertainty_over_noise_draws_and_prompts(model):
+    cfg = TracingConfig(samples=6, noise=5.0)
+    result = causal_trace(model, PROMPT, "Italy", config=cfg)
+    samples = result["mlp_samples"]
+    assert samples.shape == (*result["mlp"].shape, 6)
+    torch.testing.assert_close(samples.mean(-1), result["mlp"])
+    torch.testing.assert_close(result["corrupt_samples"].mean(), result["corrupt"])
+    subject = result.config["subject_positions"]
+    for positions in (None, [max(subject)]):
+        est = result.peak_estimate("mlp", positions, n_boot=200)
+        layer, pos, value = result.peak("mlp", positions)
+        assert (est.layer, est.position) == (layer, pos) and est.effect == pytest.approx(value, abs=1e-6)
+        draws = samples[layer, pos] - result["corrupt_samples"]
+        assert est.stderr == pytest.approx(float(draws.double().std() / 6**0.5), rel=1e-5)
+        assert est.layer in est.layers and 0.0 < est.frequency <= 1.0 and est.n == 6
+        assert f"layer {est.layer}" in est.describe() and "+-" in est.describe()
+    # One draw: no spread to measure; the peak alone, found in every resample.
+    single = causal_trace(model, PROMPT, "Italy", config=TracingConfig(samples=1)).peak_estimate("resid")
+    assert single.stderr == 0.0 and single.frequency == 1.0
+    prompts = [PROMPT, "The capital of Germany is Berlin, and the capital of Spain is"]
+    summary = trace_facts(model, prompts, ["Italy", "Spain"], config=TracingConfig(samples=2))
+    est = summary.peak_estimate("mlp", SUBJECT_CLASSES, n_boot=100)
+    layer, cls, value = summary.peak("mlp", SUBJECT_CLASSES)
+    assert (est.layer, est.position) == (layer, cls) and est.effect == pytest.approx(value, abs=1e-6)
+    assert est.n == int(summary["count"][list(summary.labels["position_class"]).index(cls)])

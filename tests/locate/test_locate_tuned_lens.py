@@ -130,3 +130,40 @@ def test_cli_logit_lens_train_and_read_a_tuned_lens(tmp_path):
     assert isinstance(Result.load(tmp_path / "tl.st"), TunedLensResult)
     out = runner.invoke(app, ["locate", "tuned-lens", str(folder), "--lens", str(tmp_path / "ll.st"), "-p", "x"])
     assert out.exit_code == 2 and "tuned_lens" in out.output
+
+
+def test_cli_tuned_lens_commands_never_overwrite_a_file_the_user_did_not_name(tmp_path, monkeypatch):
+    """With default flags, tuned-lens-train and tuned-lens both wrote ./tuned_lens.safetensors: reading
+    prompts through a freshly trained lens replaced the lens. Unnamed outputs now never replace a file."""
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+    from mechscope.locate.tuned_lens import TunedLens
+
+    hf, tok = tiny_model("gpt2")
+    folder = tmp_path / "gpt2"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["The cat sat on the mat and looked at the dog."] * 40))
+    work, out_dir = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MECHSCOPE_OUT", str(out_dir))
+    precious = work / "tuned_lens.safetensors"  # the old shared default name, holding the user's file
+    precious.write_bytes(b"user data")
+    runner = CliRunner()
+    train = ["locate", "tuned-lens-train", str(folder), "--text-file", str(texts), "--steps", "3", "--seq-len", "8"]
+    for _ in range(2):
+        out = runner.invoke(app, [*train, "--batch-tokens", "16"])
+        assert out.exit_code == 0, out.output
+    lenses = sorted(out_dir.glob("tuned_lens_translators*.safetensors"))
+    assert [p.name for p in lenses] == ["tuned_lens_translators-1.safetensors", "tuned_lens_translators.safetensors"]
+    before = {p: p.read_bytes() for p in lenses}
+    for _ in range(2):
+        out = runner.invoke(app, ["locate", "tuned-lens", str(folder), "--lens", str(lenses[1]), "-p", "The cat"])
+        assert out.exit_code == 0, out.output
+    assert {p: p.read_bytes() for p in lenses} == before  # the trained lenses are intact
+    assert len(list(out_dir.glob("tuned_lens_readout*.safetensors"))) == 2
+    assert precious.read_bytes() == b"user data" and sorted(p.name for p in work.iterdir()) == [precious.name]
+    TunedLens.load(lenses[1])

@@ -83,7 +83,10 @@ def register(app: typer.Typer) -> None:
     @app.command("tuned-lens-train")
     def tuned_lens_train_cmd(
         model: Model,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Lens file.")] = Path("tuned_lens.safetensors"),
+        out: Annotated[
+            Path | None,
+            typer.Option("--out", "-o", help="Lens file (default: ./mechscope-out, never replacing a file)."),
+        ] = None,
         text_file: Annotated[
             Path | None, typer.Option(help="Training text, one document per line (default: zoo task text).")
         ] = None,
@@ -117,8 +120,10 @@ def register(app: typer.Typer) -> None:
             else:
                 train, held = zoo_texts(seed), zoo_texts(seed, split="eval")
             lens = train_tuned_lens(hm, train, config=cfg, progress=True)
-            lens.save(out)
-            comparison = compare_lenses(hm, token_windows(hm, held, seq_len=seq_len, max_windows=16), lens)
+            lens_path = lens.save(output_path(out, "tuned_lens_translators.safetensors"))
+            typer.echo(f"lens -> {lens_path}")
+            held_windows = token_windows(hm, held, seq_len=seq_len, max_windows=16)
+            comparison = compare_lenses(hm, held_windows, lens, progress=True)
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
         typer.echo("layer           logit-lens KL  tuned-lens KL  (held-out text)")
@@ -126,7 +131,7 @@ def register(app: typer.Typer) -> None:
             comparison.labels["layer"], comparison["logit_lens_kl"].tolist(), comparison["tuned_lens_kl"].tolist()
         ):
             typer.echo(f"{label:14s} {a:14.4f} {b:14.4f}")
-        typer.echo(f"lens -> {out}")
+        typer.echo(f"lens -> {lens_path}")
 
     @app.command("tuned-lens")
     def tuned_lens_cmd(
@@ -134,7 +139,10 @@ def register(app: typer.Typer) -> None:
         lens: Annotated[Path, typer.Option(help="Lens file from `tuned-lens-train`.")],
         prompt: Prompts = [],  # noqa: B006
         prompt_file: PromptFile = None,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Result file.")] = Path("tuned_lens.safetensors"),
+        out: Annotated[
+            Path | None,
+            typer.Option("--out", "-o", help="Result file (default: ./mechscope-out, never replacing a file)."),
+        ] = None,
         html: Html = None,
     ) -> None:
         """Read prompts through a trained tuned lens (per-layer KL and top tokens)."""
@@ -146,11 +154,11 @@ def register(app: typer.Typer) -> None:
         try:
             hm = load_model(model)
             result = tuned_lens(hm, read_prompts(prompt, prompt_file), TunedLens.load(lens))
-            result.save(out)
+            path = result.save(output_path(out, "tuned_lens_readout.safetensors"))
             if html is not None:
-                result.plot().write_html(str(html))
+                write_figure(result.plot(), html)
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
-        for label, value in zip(result.labels["layer"], result["kl"].mean((1, 2)).tolist()):
-            typer.echo(f"{label:14s} KL {value:8.4f}")
-        typer.echo(f"result -> {out}")
+        for label, value in zip(result.labels["layer"], result.mean_kl().tolist()):
+            typer.echo(f"{label:14s} KL {value:8.4f}  (mean over real tokens)")
+        typer.echo(f"result -> {path}")
