@@ -138,7 +138,7 @@ def profile(base: HookedModel) -> dict[str, Any]:
     refusal = mean_difference(base, ref_pos, ref_neg, layers=2)
     out: dict[str, Any] = {}
     texts = retain_texts(8)
-    for scale in (0.25, 1.0):
+    for scale in (0.1, 0.5):
         prof = steering_profile(base, {"negativity": (sentiment, scale), "refusal": (refusal, scale)})
         res = profile_interaction(prof, texts)
         out[f"x{scale}"] = {"interaction": float(res["interaction"]), "effect_norm": res["effect_norm"].tolist()}
@@ -151,9 +151,10 @@ def gated(base: HookedModel) -> dict[str, Any]:
     film = [review(rng, 0, "film") for _ in range(16)]
     other = [review(rng, 0, rng.choice(items)) for _ in range(16)]
     site = Site("hook_resid_pre", 1)
-    acts_f = read_activations(base, film[:8], [site])[site]
-    acts_o = read_activations(base, other[:8], [site])[site]
-    cond = calibrate_threshold(base, Condition(site.name, acts_f.mean(0) - acts_o.mean(0)), film[:8], other[:8])
+    acts_f = read_activations(base, film[:8], [site], read="mean")[site]
+    acts_o = read_activations(base, other[:8], [site], read="mean")[site]
+    direction = acts_f.mean(0) - acts_o.mean(0)
+    cond = calibrate_threshold(base, Condition(site.name, direction, read="mean"), film[:8], other[:8])
     pos, neg = contrast_texts("sentiment", n=32)
     vec = mean_difference(base, pos, neg, layers=2)
     awful = base.to_single_token(" awful")
@@ -166,12 +167,77 @@ def gated(base: HookedModel) -> dict[str, Any]:
             gate = c.gate.tolist()  # type: ignore[union-attr]
     is_film = torch.tensor([True] * 8 + [False] * 8)
     flipped = out.argmax(-1) == awful
+    open_ = torch.tensor(gate)
     return {
         "gate_on_film": sum(gate[:8]) / 8,
         "gate_on_other": sum(gate[8:]) / 8,
         "flip_rate_film": float(flipped[is_film].float().mean()),
         "flip_rate_other": float(flipped[~is_film].float().mean()),
-        "max_logit_change_other": float((out[~is_film] - plain[~is_film]).abs().max()),
+        "max_logit_change_where_gate_closed": float((out[~open_] - plain[~open_]).abs().max()),
+        "flip_rate_where_gate_open": float(flipped[open_].float().mean()),
+    }
+
+
+def circuits(base: HookedModel, out: Path) -> dict[str, Any]:
+    from mechscope.improve.compare import compare_circuits
+    from mechscope.locate.metrics import logit_diff
+
+    llama = ms.load_model("organism-llama")
+    rng = random.Random(0)
+    template = "When {a} and {b} went to the {place}, {s} gave a {obj} to"
+    clean: list[str] = []
+    corrupt: list[str] = []
+    io: list[int] = []
+    subj: list[int] = []
+    while len(clean) < 16:
+        a, b, c = rng.sample(vocab.IOI_NAMES, 3)
+        place, obj = rng.choice(vocab.IOI_PLACES), rng.choice(vocab.IOI_OBJECTS)
+        x, y = (template.format(a=a, b=b, s=s, place=place, obj=obj) for s in (b, c))
+        if len({len(base.to_tokens(t)["input_ids"][0]) for t in [x, y, *clean[:1]]}) != 1:
+            continue
+        clean.append(x)
+        corrupt.append(y)
+        io.append(base.to_single_token(" " + a))
+        subj.append(base.to_single_token(" " + b))
+
+    def metric(i: int) -> Any:
+        return lambda logits: logit_diff(logits, io[i], subj[i])
+
+    res = compare_circuits(
+        base, llama, clean, corrupt, metric, metric, top=6, names=("organism-gpt2", "organism-llama")
+    )
+    write_figure(res.plot(), out / "circuits_gpt2_vs_llama.html")
+    return {"matches": res.matches, "n_prompts": len(clean)}
+
+
+def harmful_heads(base: HookedModel) -> dict[str, Any]:
+    from mechscope.data.tasks import backdoor
+    from mechscope.improve import EvaluationConfig, ZooTask, evaluate
+    from mechscope.improve.head_removal import HeadRemovalConfig, find_harmful_heads
+
+    data = backdoor.generate(0)
+    harmful = [e.prompt for e in data.eval["triggered"]][::4][:32]
+    reference = [e.prompt for e in data.eval["clean"]][::4][:32]
+    access = base.to_single_token(" " + vocab.BACKDOOR_WORD)
+
+    def payload_rate(model: HookedModel, prompts: list[str]) -> float:
+        logits = model.forward(model.to_tokens(prompts, padding_side="left"))[:, -1]
+        return float((logits.argmax(-1) == access).float().mean())
+
+    res = find_harmful_heads(base, harmful, reference, payload_rate, HeadRemovalConfig(target=0.1, max_heads=10))
+    ev = evaluate(base, res.intervention(base, reference), ZooTask(task="backdoor"), EvaluationConfig())
+    return {
+        "heads": res.heads,
+        "scores": res.config["scores"],
+        "curve": res["curve"].tolist(),
+        "top_single": sorted(
+            (
+                (f"L{i // base.dims.n_heads}H{i % base.dims.n_heads}", float(v))
+                for i, v in enumerate(res["single_effect"].flatten())
+            ),
+            key=lambda x: -x[1],
+        )[:5],
+        "evaluation": {m: [ev.before(m), ev.after(m)] for m in ev.metrics},
     }
 
 
@@ -186,7 +252,12 @@ def main() -> None:
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     base = ms.load_model("organism-gpt2")
     sections = {"pairs": lambda: pairs(base, args.out), "transfer": lambda: transfer(base, args.out)}
-    sections |= {"trait": lambda: trait(base), "profile": lambda: profile(base), "conditional": lambda: gated(base)}
+    sections |= {
+        "circuits": lambda: circuits(base, args.out),
+        "trait": lambda: trait(base),
+        "profile": lambda: profile(base),
+        "conditional": lambda: gated(base),
+    }
     for name, fn in sections.items():
         if args.only and name not in args.only:
             continue

@@ -177,3 +177,19 @@ def test_profiles_and_conditional_steering_run_in_the_evaluation_harness(model: 
     assert profile.after("kl_neutral") > 0
     gated = evaluate(model, conditional(steer(model, a, 2.0), cond), _TokenTask(), cfg)
     assert "where blocks.1.hook_resid_pre" in gated.config["intervention"]
+
+
+def test_a_mean_condition_reads_the_real_tokens_of_left_padded_prompts(model: HookedModel) -> None:
+    from mechscope.sites import Site
+    from mechscope.steer.vectors import read_activations
+
+    prompts = ["the cat", "a dog ran in the park today", "we read"]
+    site = Site("hook_resid_pre", 1)
+    direction = torch.randn(model.dims.d_model, generator=torch.Generator().manual_seed(1))
+    cond = Condition(site.name, direction, bias=0.5, read="mean")
+    expected = read_activations(model, prompts, [site], read="mean")[site] @ direction + 0.5
+    gated = conditional(steer(model, _vec(model, 7, layers=[1]), 1.0), cond)
+    with torch.no_grad(), gated:
+        model.forward(model.to_tokens(prompts, padding_side="left"))
+        assert gated.scores is not None
+        assert torch.allclose(gated.scores, expected, atol=1e-5)

@@ -11,7 +11,7 @@ Generated tokens keep the gate their prompt set (the batch does not change durin
 The detector must read a site no later in the forward than the first site the intervention changes
 (the same site is fine: the detector reads it first), so it sees the unsteered prompt. ``read="last"``
 scores the last position, the prompt's last token under left padding (what ``generate`` uses);
-``read="mean"`` averages the forward's positions.
+``read="mean"`` averages the prompt's real tokens (the attention mask the forward was given).
 """
 
 from __future__ import annotations
@@ -72,9 +72,15 @@ class Condition:
             raise ConfigError(f"expected a linear probe with .weight and .bias; got {type(probe).__name__}")
         return cls(site, weight, float(bias), threshold, read)
 
-    def scores(self, act: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, " batch"]:
-        """Each row's detector score on one activation of its site."""
-        x = act[:, -1] if self.read == "last" else act.mean(1)
+    def scores(self, act: Float[Tensor, "batch pos d_model"], mask: Tensor | None = None) -> Float[Tensor, " batch"]:
+        """Each row's detector score on one activation of its site (``mask``: real tokens, for ``mean``)."""
+        if self.read == "last":
+            x = act[:, -1]
+        elif mask is not None and tuple(mask.shape) == tuple(act.shape[:2]):
+            w = mask.to(act.device, torch.float32).unsqueeze(-1)
+            x = (act.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
+        else:
+            x = act.mean(1)
         return x.float() @ self.direction.to(x.device) + self.bias
 
 
@@ -107,10 +113,11 @@ class ConditionalSteering(Intervention):
         self.condition = condition
         self.gate: Tensor | None = None
         self.scores: Tensor | None = None
+        self._mask: Tensor | None = None
 
     def _detect(self, act: Tensor, _ctx: HookContext) -> None:
         if self.phase == "prompt":
-            self.scores = self.condition.scores(act).detach()
+            self.scores = self.condition.scores(act, self._mask).detach()
             self.gate = self.scores > self.condition.threshold
 
     def _gated(self, fn: HookFn) -> HookFn:
@@ -140,10 +147,14 @@ class ConditionalSteering(Intervention):
     def _track_phase(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super()._track_phase(module, args, kwargs)
         set_phase(self, self.phase)
+        if self.phase == "prompt":
+            mask = kwargs.get("attention_mask")
+            self._mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         self.gate = None
+        self._mask = None
 
     def describe(self) -> str:
         c = self.condition
