@@ -71,10 +71,11 @@ def reconstruction_metrics(
 
 
 def feature_hooks(
-    model: HookedModel, sae: SparseAutoencoder, edit: Callable[[Tensor, Tensor], Tensor]
+    model: HookedModel, sae: SparseAutoencoder, edit: Callable[[Tensor, Tensor, Tensor], Tensor]
 ) -> dict[Site, HookFn]:
-    """Hooks that rewrite the reconstructed site from the SAE's features: ``edit(features, activation)``
-    returns the new activation of the reconstructed site, given the features of the read site.
+    """Hooks that rewrite the reconstructed site from the SAE's features: ``edit(features, activation, x)``
+    returns the new activation of the reconstructed site, given the features of the read site and its
+    activation `x` (which a skip-transcoder's reconstruction needs).
 
     An SAE reads and writes one site; a transcoder reads ``config.site`` and writes ``config.out_site``
     in the same forward pass (its input is captured first)."""
@@ -83,7 +84,7 @@ def feature_hooks(
         raise ShapeError("the SAE names no site; build it with SAEConfig(site=...)")
     read = model.site(config.site)
     if not config.transcoder:
-        return {read: lambda activation, _ctx: edit(sae.encode(activation), activation)}
+        return {read: lambda activation, _ctx: edit(sae.encode(activation), activation, activation)}
     write = model.site(config.out_site)
     captured: dict[str, Tensor] = {}
 
@@ -93,7 +94,8 @@ def feature_hooks(
     def rewrite(activation: Tensor, _ctx: HookContext) -> Tensor:
         if "x" not in captured:
             raise ShapeError(f"{read.name} did not run before {write.name}; a transcoder reads it first")
-        return edit(sae.encode(captured.pop("x")), activation)
+        x = captured.pop("x")
+        return edit(sae.encode(x), activation, x)
 
     return {read: capture, write: rewrite}  # type: ignore[dict-item]
 
@@ -102,8 +104,8 @@ def splice_hooks(model: HookedModel, sae: SparseAutoencoder, *, keep_error: bool
     """Hooks replacing the reconstructed site by the SAE's reconstruction (plus the reconstruction error
     when `keep_error`, which makes the splice an exact identity that features can then be edited inside)."""
 
-    def edit(features: Tensor, activation: Tensor) -> Tensor:
-        recon = sae.decode(features).to(activation.dtype)
+    def edit(features: Tensor, activation: Tensor, x: Tensor) -> Tensor:
+        recon = sae.decode(features, x).to(activation.dtype)
         return recon + (activation - recon) if keep_error else recon
 
     return feature_hooks(model, sae, edit)

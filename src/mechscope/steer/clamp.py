@@ -89,7 +89,7 @@ class FeatureClamp(Intervention):
     def hook_plan(self) -> dict[Site, list[HookFn]]:
         sae, idx, values, positions = self.sae, self.features, self.values, self.positions
 
-        def edit(f: Tensor, activation: Tensor) -> Tensor:  # f: [batch, pos, d_sae]
+        def edit(f: Tensor, activation: Tensor, x: Tensor) -> Tensor:  # f: [batch, pos, d_sae]
             new = f.clone()
             new[..., idx] = values.to(new)
             if positions is not None:
@@ -100,7 +100,7 @@ class FeatureClamp(Intervention):
                 chosen = torch.zeros(n_pos, dtype=torch.bool, device=f.device)
                 chosen[positions] = True
                 new = torch.where(chosen[None, :, None], new, f)
-            return activation + (sae.decode(new) - sae.decode(f)).to(activation.dtype)
+            return activation + (sae.decode(new, x) - sae.decode(f, x)).to(activation.dtype)
 
         return {site: [fn] for site, fn in feature_hooks(self.model, sae, edit).items()}
 

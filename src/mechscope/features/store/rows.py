@@ -1,4 +1,5 @@
-"""Activations of one model site over a text corpus, as the training set of an SAE.
+"""Token rows and the activations of one site over them (in memory): the small-scale path, and the
+forward loop the sharded store reuses.
 
 Texts are tokenised, joined with end-of-text into one stream and cut into rows of ``seq_len`` tokens (no
 padding, so every activation is a real token's), the way SAE training pipelines pack text. The first

@@ -1,0 +1,48 @@
+"""BatchTopK (Bussmann et al. 2024): while training, keep the ``k x batch`` largest pre-activations of
+the whole batch (so a token may use more or fewer than ``k`` features); at inference a single threshold
+replaces the batch selection -- a JumpReLU whose threshold is the running mean of the smallest value the
+batch selection kept. Saved to SAELens's format as a JumpReLU with that threshold."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mechscope.features.architectures.base import Architecture, SparseCode, register_architecture
+
+if TYPE_CHECKING:
+    from mechscope.features.sae import SAEConfig, SparseAutoencoder
+
+#: Weight of the newest batch in the threshold's running mean.
+MOMENTUM = 0.01
+
+
+@register_architecture
+class BatchTopK(Architecture):
+    name = "batchtopk"
+    saelens = "jumprelu"
+    uses_k = True
+    extra: ClassVar[dict[str, bool]] = {"threshold": False}
+
+    def init_extra(self, config: SAEConfig) -> dict[str, Tensor]:
+        return {"threshold": torch.zeros(config.d_sae)}
+
+    def encode(self, sae: SparseAutoencoder, pre: Tensor) -> Tensor:
+        return pre * (pre > sae.threshold)
+
+    def train_encode(self, sae: SparseAutoencoder, pre: Tensor, train: Any) -> Tensor | SparseCode:
+        assert sae.config.k is not None
+        flat = torch.relu(pre).flatten()
+        top = flat.topk(min(flat.numel(), sae.config.k * pre.shape[0]), sorted=False)
+        return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
+
+    @torch.no_grad()
+    def after_step(self, sae: SparseAutoencoder, pre: Tensor, f: Tensor | SparseCode, train: Any) -> None:
+        assert isinstance(f, Tensor)
+        kept = f[f > 0]
+        if kept.numel():
+            low = kept.min()
+            fresh = bool((sae.threshold == 0).all())
+            sae.threshold.copy_(low.expand_as(sae.threshold) if fresh else sae.threshold.lerp(low, MOMENTUM))
