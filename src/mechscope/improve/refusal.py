@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -138,6 +138,8 @@ class PrefixScore:
 
     prefixes: tuple[str, ...]
     batch_size: int = 16
+    #: a score of (model, left-padded batch), not of last-position logits alone (see select_direction).
+    needs_model: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if isinstance(self.prefixes, str) or not self.prefixes:
