@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from mechscope.cli.cells import echo_effects
-from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
 
 Model = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
 Clean = Annotated[list[str], typer.Option("--clean", "-c", help="Clean prompt (repeatable).")]
@@ -42,9 +42,9 @@ def logit_diff_metric(hm: Any, answer: list[str], wrong: list[str], n_prompts: i
     return lambda logits: logit_diff(logits, good_ids, bad_ids)
 
 
-def _runs(result: Any) -> dict[str, float]:
+def _runs(result: Any) -> tuple[float, float]:
     """The clean and corrupt metric of a patching result (for :func:`echo_effects`)."""
-    return {"clean": float(result["clean"].float().mean()), "corrupt": float(result["corrupt"].float().mean())}
+    return float(result["clean"].float().mean()), float(result["corrupt"].float().mean())
 
 
 def _heads(text: str) -> list[tuple[int, int]]:
@@ -78,6 +78,7 @@ def register(app: typer.Typer) -> None:
         chunk_size: Annotated[int, typer.Option(help="Patched variants per forward.")] = 32,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Html = None,
+        quiet: Quiet = False,
     ) -> None:
         """Activation patching sweep; prints the cells with the largest effect (raw and normalised)."""
         offline_by_default()
@@ -99,7 +100,7 @@ def register(app: typer.Typer) -> None:
                 per_position=per_position,
                 method=method,
                 chunk_size=chunk_size,
-                progress=True,
+                progress=not quiet,
             )
             path = result.save(output_path(out, "patch.safetensors"))
             if html is not None:
@@ -109,7 +110,9 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from exc
         start = result["corrupt"] if direction == "denoising" else result["clean"]
         axes = result.axes["metric"]
-        echo_effects(typer.echo, result["metric"] - start, axes, result.labels, **_runs(result), tokens=tokens)
+        clean_m, corrupt_m = _runs(result)
+        raw = result["metric"] - start
+        echo_effects(typer.echo, raw, axes, result.labels, clean=clean_m, corrupt=corrupt_m, tokens=tokens)
         typer.echo(f"result -> {path}")
 
     @app.command("path-patch")
@@ -130,6 +133,7 @@ def register(app: typer.Typer) -> None:
         freeze_mlps: Annotated[bool, typer.Option(help="Freeze MLPs too (direct head paths only).")] = True,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Html = None,
+        quiet: Quiet = False,
     ) -> None:
         """Path patching from every head (sender) to the logits or to receiver heads' inputs."""
         offline_by_default()
@@ -158,6 +162,7 @@ def register(app: typer.Typer) -> None:
                 senders=senders,
                 direction=direction,
                 freeze_mlps=freeze_mlps,
+                progress=not quiet,
             )
             path = result.save(output_path(out, "path_patch.safetensors"))
             if html is not None:
@@ -165,7 +170,8 @@ def register(app: typer.Typer) -> None:
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
         axes = result.axes["metric"]
-        echo_effects(typer.echo, result.effect(), axes, result.labels, **_runs(result), what="sender")
+        clean_m, corrupt_m = _runs(result)
+        echo_effects(typer.echo, result.effect(), axes, result.labels, clean=clean_m, corrupt=corrupt_m, what="sender")
         typer.echo(f"result -> {path}")
 
     @app.command("atp")
@@ -180,6 +186,7 @@ def register(app: typer.Typer) -> None:
         grad_drop: Annotated[bool, typer.Option(help="AtP*: GradDrop magnitudes (one backward per layer).")] = False,
         compare: Annotated[bool, typer.Option(help="Also run exact head patching and report agreement.")] = False,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
+        quiet: Quiet = False,
     ) -> None:
         """Attribution patching of every head, neuron and residual position (AtP, AtP*)."""
         offline_by_default()
@@ -191,15 +198,18 @@ def register(app: typer.Typer) -> None:
             hm = load_model(model)
             metric = logit_diff_metric(hm, answer, wrong, len(clean))
             cfg = AtPConfig(direction=direction, qk_fix=qk_fix, grad_drop=grad_drop)
-            result = attribution_patch(hm, clean, corrupt, metric, cfg)
+            result = attribution_patch(hm, clean, corrupt, metric, cfg, progress=not quiet)
             path = result.save(output_path(out, "atp.safetensors"))
-            comparison = atp_vs_exact(hm, clean, corrupt, metric, direction=direction) if compare else None
+            comparison = (
+                atp_vs_exact(hm, clean, corrupt, metric, direction=direction, progress=not quiet) if compare else None
+            )
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
         base, source = float(result["base"]), float(result["source"])
-        runs = {"clean": source, "corrupt": base} if direction == "denoising" else {"clean": base, "corrupt": source}
+        clean_m, corrupt_m = (source, base) if direction == "denoising" else (base, source)
         typer.echo("AtP estimates (first-order), per head:")
-        echo_effects(typer.echo, result["heads"], result.axes["heads"], result.labels, **runs, what="head")
+        axes = result.axes["heads"]
+        echo_effects(typer.echo, result["heads"], axes, result.labels, clean=clean_m, corrupt=corrupt_m, what="head")
         if comparison is not None:
             c = comparison.config
             typer.echo(f"AtP vs exact (heads): spearman {c['spearman']:.3f}  pearson {c['pearson']:.3f}")
