@@ -84,9 +84,9 @@ def test_stop_ends_alerted_rows_with_the_stop_token(model, detector):
     n_prompt = batch["input_ids"].shape[1]
     for r, row in enumerate(mon.trace.rows):
         assert row.alert is not None
-        # alert at the first generated token read; the token it chose is the stop token
+        # alert at the first generated token read; the token it chose is the stop token, then padding
         assert out[r, n_prompt + 1].item() == EOS
-        assert (out[r, n_prompt + 1 :] == EOS).all()
+        assert (out[r, n_prompt + 2 :] == model.tokenizer.pad_token_id).all()
 
 
 def _first_alert_threshold(model, detector):
@@ -181,3 +181,23 @@ def test_calibrated_detector_monitors_without_threshold(model, detector):
     with monitor(model, calibrated) as mon:
         _generate(model, PROMPTS[:1])
     assert mon.trace.threshold == calibrated.threshold
+
+
+def test_prompt_scope_with_last_pooling_screens_the_prompts_final_token(model, last_detector):
+    with monitor(model, last_detector, threshold=1e9, scope="prompt") as mon:
+        batch, _ = _generate(model, PROMPTS)
+    last_scores = last_detector.score(model, PROMPTS)
+    for r, row in enumerate(mon.trace.rows):
+        eligible = [i for i, v in enumerate(row.running) if v == v]  # not NaN
+        assert len(eligible) == 1 and not row.generated[eligible[0]]
+        assert row.columns[eligible[0]] == batch["input_ids"].shape[1] - 1
+        assert row.running[eligible[0]] == pytest.approx(float(last_scores[r]), abs=1e-4)
+    threshold = float(last_scores.median())
+    with monitor(model, last_detector, threshold=threshold, scope="prompt", policy="stop", stop_token=EOS) as mon:
+        _, out = _generate(model, PROMPTS, eos_token_id=EOS)
+    n_prompt = batch["input_ids"].shape[1]
+    for r, row in enumerate(mon.trace.rows):
+        flagged = float(last_scores[r]) > threshold
+        assert (row.alert is not None) == flagged
+        if flagged:  # a flagged prompt gets no reply: its first token ends the row (HF pads after it)
+            assert out[r, n_prompt].item() == EOS

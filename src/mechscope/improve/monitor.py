@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
 POLICIES = ("log", "stop", "intervene")
-SCOPES = ("generated", "all")
+SCOPES = ("generated", "prompt", "all")
 
 
 @dataclass
@@ -241,8 +241,12 @@ class Monitor:
             real = real & ~st["finished"][:, None]
             st["finished"] = st["finished"] | torch.isin(ids[:, -1], self._eos_ids(ids.device))
         eligible = real & ~torch.isin(ids, self.special.to(ids.device))
-        if self.scope == "generated" and not generated:
+        if (self.scope == "generated" and not generated) or (self.scope == "prompt" and generated):
             eligible = torch.zeros_like(eligible)
+        elif self.scope == "prompt" and self.detector.pooling == "last":  # the prompt's last scored token only
+            index = torch.arange(n_new, device=eligible.device).expand_as(eligible)
+            last = torch.where(eligible, index, torch.full_like(index, -1)).max(1, keepdim=True).values
+            eligible = eligible & (index == last)
         e = eligible.float()
         cum_sum = st["sum"][:, None] + (scores * e).cumsum(1)
         cum_count = st["count"][:, None] + e.cumsum(1)
@@ -381,13 +385,14 @@ def monitor(
     policy: Literal["log", "stop", "intervene"] = "log",
     intervention: Intervention | None = None,
     threshold: float | None = None,
-    scope: Literal["generated", "all"] = "generated",
+    scope: Literal["generated", "prompt", "all"] = "generated",
     stop_token: int | None = None,
 ) -> Monitor:
     """``with monitor(model, detector, policy=...) as mon: model.generate(...)``; then ``mon.trace``.
 
-    `threshold` defaults to the detector's calibrated one; `scope` ``"generated"`` pools and alerts on
-    generated tokens only, ``"all"`` also on the prompt's (e.g. a backdoor trigger in the request).
+    `threshold` defaults to the detector's calibrated one. `scope` says which tokens are pooled and may
+    alert: ``"generated"`` (the reply), ``"prompt"`` (the request -- with ``last`` pooling its final token
+    only: a screen for e.g. a backdoor trigger, applied before the first reply token is chosen) or ``"all"``.
     """
     return Monitor(
         model,
