@@ -134,6 +134,8 @@ _GROUPS = (
     ("mechscope.cli.edit", "edit_app", "edit", "Knowledge editing (ROME, MEMIT) with exact revert."),
     ("mechscope.cli.evaluate", "eval_app", "eval", "Evaluate an intervention on its target and its side effects."),
     ("mechscope.cli.runs", "runs_app", "runs", "Run records: list, show, compare, export, gc, delete."),
+    ("mechscope.cli.detect", "detect_app", "detect", "Detectors: train, calibrate, evaluate (probes, anomaly)."),
+    ("mechscope.cli.detect", "monitor_app", "monitor", "Run a calibrated detector during generation."),
 )
 
 
