@@ -165,3 +165,34 @@ def test_eval_run_takes_a_user_task_and_writes_no_file_into_the_current_folder(m
     page = (tmp_path / "figs" / "e.html").read_text()
     assert 'src="plotly.min.js"' in page and len(page) < 100_000
     assert (tmp_path / "figs" / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_steer_direction_refusal_on_a_model_where_sorry_is_several_tokens(model, tmp_path) -> None:
+    """`steer direction --contrast refusal` used to stop with "expected ' Sorry' to be a single token"; now the
+    bundled harmful/harmless instructions are scored by the log-odds of whole refusal prefixes."""
+    from mechscope.steer.selection import DirectionSelection, select_direction
+
+    folder = tmp_path / "model"
+    model.hf_model.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    assert len(model.tokenizer(" Sorry", add_special_tokens=False)["input_ids"]) > 1
+    direction, selection = tmp_path / "d.safetensors", tmp_path / "s.safetensors"
+    args = ["steer", "direction", str(folder), "--contrast", "refusal", "--n-prompts", "6", "--layers", "0,1"]
+    args += ["--positions", "-1", "--max-kl", "100", "--induction", "ignore", "--chat", "on"]
+    out = runner_invoke([*args, "-o", str(direction), "--selection-out", str(selection)])
+    assert "chosen layer" in out and '"I\'m sorry"' in out
+    sel = DirectionSelection.load(selection)
+    # The CLI's scores are select_direction's with the refusal PrefixScore on the same chat-formatted prompts.
+    from mechscope.data.contrasts import contrast_for_model
+    from mechscope.steer.selection import DirectionSelectionConfig
+
+    pos, neg = contrast_for_model(model, "refusal", chat="on", n=6)
+    cfg = DirectionSelectionConfig(layers=(0, 1), positions=(-1,), max_kl=100, require_induction=False)
+    again = select_direction(model, pos, neg, PrefixScore(prefixes=refusal_prefixes(model)), cfg)
+    torch.testing.assert_close(sel["ablation_score"], again["ablation_score"], rtol=1e-4, atol=1e-4)
+
+
+def runner_invoke(args: list[str]) -> str:
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    return out.output

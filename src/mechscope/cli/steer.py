@@ -7,39 +7,33 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, output_path, renamed
 
 steer_app = typer.Typer(help="Steer: ablation, steering vectors, directional ablation.", no_args_is_help=True)
 
 CONTRASTS = ("sentiment", "refusal")  # bundled contrast sets: mechscope.data.contrasts
+CONTRAST_HELP = (
+    f"Bundled contrast ({', '.join(CONTRASTS)}) or a .jsonl file of {{'positive': ..., 'negative': ...}} lines."
+)
+CHAT_HELP = (
+    "Render prompts in the model's chat template: auto (for an instruct model's refusal contrast and your own "
+    "files), on, off."
+)
 
 
 def _lines(path: Path | None) -> list[str]:
-    from mechscope.errors import ConfigError
+    from mechscope.data.files import read_prompts
 
-    if path is None:
-        return []
-    if not path.is_file():
-        raise ConfigError(f"no text file at {str(path)!r} (expected one prompt per line)")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ConfigError(f"{str(path)!r} has no non-empty lines")
-    return lines
+    return [] if path is None else read_prompts(path)
 
 
-def _pair(contrast: str, positive: Path | None, negative: Path | None) -> tuple[list[str], list[str]]:
-    from mechscope.errors import ConfigError
+def _pair(
+    hm: Any, contrast: str, positive: Path | None, negative: Path | None, *, chat: str = "auto", n: int = 48
+) -> tuple[list[str], list[str]]:
+    """(positive, negative) prompts, in the chat template where `chat` says so (see CHAT_HELP)."""
+    from mechscope.data.contrasts import contrast_for_model
 
-    if contrast:
-        if positive or negative:
-            raise ConfigError("give either --contrast or --positive/--negative files, not both")
-        from mechscope.data.contrasts import contrast_texts
-
-        return contrast_texts(contrast)
-    pos, neg = _lines(positive), _lines(negative)
-    if not pos or not neg:
-        raise ConfigError("need --contrast NAME or both --positive FILE and --negative FILE")
-    return pos, neg
+    return contrast_for_model(hm, contrast or None, positive, negative, chat=chat, n=n)
 
 
 def _ints(text: str) -> list[int] | None:
@@ -69,10 +63,12 @@ def _induction(text: str) -> Any:
 @steer_app.command("vector")
 def vector_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
-    contrast: Annotated[str, typer.Option(help=f"Bundled contrast: {', '.join(CONTRASTS)}.")] = "",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .safetensors file.")] = None,
+    contrast: Annotated[str, typer.Option(help=CONTRAST_HELP)] = "",
     positive: Annotated[Path | None, typer.Option(help="File of positive prompts, one per line.")] = None,
     negative: Annotated[Path | None, typer.Option(help="File of negative prompts, one per line.")] = None,
+    chat: Annotated[str, typer.Option(help=CHAT_HELP)] = "auto",
+    n_prompts: Annotated[int, typer.Option(help="Prompts per side of a bundled contrast.")] = 48,
     layers: Annotated[str, typer.Option(help="Comma-separated layers (default: all).")] = "",
     site: Annotated[str, typer.Option(help="Residual-width site kind.")] = "hook_resid_pre",
     method: Annotated[str, typer.Option(help="mean (CAA difference of means) or pca (RepE).")] = "mean",
@@ -86,7 +82,7 @@ def vector_cmd(
 
     try:
         hm = load_model(model)
-        pos, neg = _pair(contrast, positive, negative)
+        pos, neg = _pair(hm, contrast, positive, negative, chat=chat, n=n_prompts)
         if method == "mean":
             vec = mean_difference(hm, pos, neg, layers=_ints(layers), site=site, read=read)  # type: ignore[arg-type]
         elif method == "pca":
@@ -94,7 +90,7 @@ def vector_cmd(
             vec = pca_direction(hm, pos[:n], neg[:n], layers=_ints(layers), site=site, read=read)  # type: ignore[arg-type]
         else:
             raise ConfigError(f"method must be 'mean' or 'pca'; got {method!r}")
-        path = vec.save(out)
+        path = vec.save(output_path(out, "steering_vector.safetensors"))
     except MechscopeError as exc:
         raise fail(exc) from exc
     norms = ", ".join(f"L{k}: {v:.3g}" for k, v in vec.norms().items())
@@ -134,11 +130,21 @@ def generate_cmd(
 @steer_app.command("direction")
 def direction_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output direction .safetensors file.")],
-    token: Annotated[str, typer.Option(help="Behaviour token scored by log-odds (e.g. ' Sorry').")] = " Sorry",
-    contrast: Annotated[str, typer.Option(help=f"Bundled contrast: {', '.join(CONTRASTS)}.")] = "",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output direction .safetensors file.")] = None,
+    prefix: Annotated[
+        list[str],
+        typer.Option(
+            help="How the behaviour begins (repeatable), scored as the log-odds of the whole prefix after the "
+            "prompt, any tokenisation (default: the model's refusal openings: ' Sorry' on the organisms; "
+            '"I\'m sorry", "I cannot", ... on chat models).'
+        ),
+    ] = [],  # noqa: B006
+    token: Annotated[str | None, typer.Option(help="Deprecated: use --prefix.", hidden=True)] = None,
+    contrast: Annotated[str, typer.Option(help=CONTRAST_HELP)] = "",
     positive: Annotated[Path | None, typer.Option(help="Prompts showing the behaviour, one per line.")] = None,
     negative: Annotated[Path | None, typer.Option(help="Prompts without it, one per line.")] = None,
+    chat: Annotated[str, typer.Option(help=CHAT_HELP)] = "auto",
+    n_prompts: Annotated[int, typer.Option(help="Prompts per side of a bundled contrast.")] = 48,
     retain: Annotated[Path | None, typer.Option(help="Ordinary prompts to spare, one per line.")] = None,
     organism_retain: Annotated[
         bool, typer.Option("--organism-retain", help="Spare the organisms' sentiment/truth/IOI prompts.")
@@ -164,12 +170,15 @@ def direction_cmd(
     """Choose a behaviour direction among (layer, position) candidates and save it."""
     offline_by_default()
     from mechscope.errors import MechscopeError
+    from mechscope.improve.refusal import refusal_score
     from mechscope.model.loading import load_model
-    from mechscope.steer import DirectionSelectionConfig, select_direction, token_logodds
+    from mechscope.steer import DirectionSelectionConfig, select_direction
 
     try:
+        if token is not None:
+            prefix = [*prefix, renamed(None, token, new="--prefix", old="--token")]
         hm = load_model(model)
-        pos, neg = _pair(contrast, positive, negative)
+        pos, neg = _pair(hm, contrast, positive, negative, chat=chat, n=n_prompts)
         from mechscope.data.contrasts import retain_texts
 
         keep = retain_texts() if organism_retain else (_lines(retain) or None)
@@ -182,15 +191,17 @@ def direction_cmd(
             max_ablation_score=max_ablation_score,
             max_rank=max_rank,
         )
-        sel = select_direction(hm, pos, neg, token_logodds(hm.to_single_token(token)), cfg, retain=keep)
-        path = sel.direction(hm).save(out)
+        score = refusal_score(hm, prefix or None)
+        sel = select_direction(hm, pos, neg, score, cfg, retain=keep)
+        path = sel.direction(hm).save(output_path(out, "direction.safetensors"))
         if selection_out is not None:
             sel.save(selection_out)
     except MechscopeError as exc:
         raise fail(exc) from exc
     members = sel.describe_members()
     what = "chosen" if len(sel.members) == 1 else f"chosen subspace of rank {len(sel.members)}:"
-    typer.echo(f"{what} {members} (baseline score {sel.config['baseline_positive_score']:.3g})")
+    scored = ", ".join(repr(p) for p in score.prefixes)
+    typer.echo(f"{what} {members} (baseline log-odds of {scored}: {sel.config['baseline_positive_score']:.3g})")
     typer.echo(f"direction -> {path}")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, cast
 
 import torch
 from jaxtyping import Float
@@ -33,6 +33,22 @@ if TYPE_CHECKING:
 
 #: A behaviour score from last-position logits, one value per row (higher = more of the behaviour).
 ScoreFn = Callable[[Float[Tensor, "batch d_vocab"]], Float[Tensor, " batch"]]
+
+
+class BatchScore(Protocol):
+    """A behaviour score that needs the model and the (left-padded) prompt batch, not only the last logits
+    -- e.g. :class:`mechscope.improve.refusal.PrefixScore`, the log-odds of a multi-token refusal prefix."""
+
+    needs_model: ClassVar[bool]
+
+    def __call__(self, model: HookedModel, batch: dict[str, Tensor]) -> Float[Tensor, " batch"]: ...
+
+
+def _behaviour(score: ScoreFn | BatchScore, model: HookedModel, batch: dict[str, Tensor]) -> Tensor:
+    """Per-row behaviour of `batch` on `model` as it runs now, for either kind of score."""
+    if getattr(score, "needs_model", False):
+        return cast("BatchScore", score)(model, batch)
+    return cast("ScoreFn", score)(_last_logits(model, batch))
 
 
 def token_logodds(token_ids: int | Sequence[int]) -> ScoreFn:
@@ -251,13 +267,15 @@ def select_direction(
     model: HookedModel,
     positive: Sequence[str],
     negative: Sequence[str],
-    score: ScoreFn,
+    score: ScoreFn | BatchScore,
     config: DirectionSelectionConfig | None = None,
     *,
     retain: Sequence[str] | None = None,
 ) -> DirectionSelection:
     """Arditi et al.'s selection: difference-of-means candidates, scored by ablation, induction and KL.
 
+    `score` is a :data:`ScoreFn` of the last-position logits, or a :class:`BatchScore` that runs the model
+    itself (a multi-token refusal prefix scored whatever the tokenisation: ``improve.refusal.PrefixScore``).
     With `retain` texts (ordinary text the model must keep handling), each candidate is first made
     orthogonal to the top ``config.retain_components`` principal directions of the retain
     activations at its layer (so ablating it spares what that text uses), and the KL filter is the
@@ -316,7 +334,7 @@ def _orthogonalise_against_retained(
 def _score(
     model: HookedModel,
     cand: _Candidates,
-    score: ScoreFn,
+    score: ScoreFn | BatchScore,
     side_effect: Callable[[], float],
     cfg: DirectionSelectionConfig,
 ) -> _Scores:
@@ -331,10 +349,10 @@ def _score(
                 ablation[li, pi], induction[li, pi], kl[li, pi] = float("inf"), float("-inf"), float("inf")
                 continue
             with DirectionalAblation(model, vec):
-                ablation[li, pi] = score(_last_logits(model, cand.pos_batch)).mean()
+                ablation[li, pi] = _behaviour(score, model, cand.pos_batch).mean()
                 kl[li, pi] = side_effect()
             with Steering(model, from_direction(model, vec, layers=layer, site=cfg.site), coefficient=1.0):
-                induction[li, pi] = score(_last_logits(model, cand.neg_batch)).mean()
+                induction[li, pi] = _behaviour(score, model, cand.neg_batch).mean()
     return _Scores(ablation, induction, kl)
 
 
@@ -342,7 +360,7 @@ def _choose(
     model: HookedModel,
     cand: _Candidates,
     scores: _Scores,
-    score: ScoreFn,
+    score: ScoreFn | BatchScore,
     side_effect: Callable[[], float],
     cfg: DirectionSelectionConfig,
 ) -> tuple[Tensor, list[int], list[tuple[float, float]]]:
@@ -387,7 +405,7 @@ def _choose(
                         cfg.max_rank,
                         cfg.max_ablation_score,
                         cfg.max_kl,
-                        lambda: score(_last_logits(model, cand.pos_batch)).mean(),
+                        lambda: _behaviour(score, model, cand.pos_batch).mean(),
                         side_effect,
                     )
                     break
@@ -414,7 +432,7 @@ def _assemble(
     eligible: Tensor,
     subspace: list[int],
     tried: list[tuple[float, float]],
-    score: ScoreFn,
+    score: ScoreFn | BatchScore,
     cfg: DirectionSelectionConfig,
     positive: Sequence[str],
     negative: Sequence[str],
@@ -449,8 +467,8 @@ def _assemble(
             "max_kl": cfg.max_kl,
             "require_induction": cfg.require_induction,
             "max_ablation_score": cfg.max_ablation_score,
-            "baseline_positive_score": float(score(_last_logits(model, cand.pos_batch)).mean()),
-            "baseline_negative_score": float(score(_last_logits(model, cand.neg_batch)).mean()),
+            "baseline_positive_score": float(_behaviour(score, model, cand.pos_batch).mean()),
+            "baseline_negative_score": float(_behaviour(score, model, cand.neg_batch).mean()),
             "n_positive": len(positive),
             "n_negative": len(negative),
             "n_retain": 0 if retain is None else len(retain),
@@ -461,6 +479,7 @@ def _assemble(
 
 
 __all__ = [
+    "BatchScore",
     "DirectionSelection",
     "DirectionSelectionConfig",
     "ScoreFn",
