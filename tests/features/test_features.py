@@ -254,7 +254,7 @@ def test_a_transcoder_learns_a_sparse_map_between_two_sites():
     cosine = ((mapped / mapped.norm(dim=-1, keepdim=True)) @ tc.W_dec.detach().T).max(-1).values
     # measured: mean 0.960, 23 of 24 above 0.92, the last at 0.747
     assert float(cosine.mean()) > 0.95 and int((cosine > 0.9).sum()) >= 22, cosine
-    with pytest.raises(ConfigError, match="a transcoder trains on \(inputs, targets\)"):
+    with pytest.raises(ConfigError, match=r"a transcoder trains on \(inputs, targets\)"):
         train_sae(x, config)
     with pytest.raises(ShapeError, match=r"targets of shape \[20000, 16\], got \(10, 16\)"):
         train_sae(x, config, SAETrainConfig(steps=1), y[:10])
