@@ -181,3 +181,37 @@ def test_cli_heads_and_patterns(tmp_path):
     )
     assert out.exit_code == 0, out.output
     assert html.stat().st_size > 1000 and isinstance(Result.load(tmp_path / "p.st"), PatternResult)
+
+
+def _copying_reference(model, cand: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, computed the direct way: every head's OV output through the full unembedding,
+    then the candidates' columns kept (what copying_scores computed before it projected only those)."""
+    d, a = model.dims, model.adapter
+    rate, eigen = torch.zeros(d.n_layers, d.n_heads), torch.zeros(d.n_layers, d.n_heads)
+    unembed, final_norm = model.module(a.unembed), model.module(a.final_norm)
+    with torch.no_grad():
+        for layer in range(d.n_layers):
+            x = model.layer_module(layer, a.ln1)(model.weights.W_E[cand])
+            w_v, w_o = model.weights.W_V_layer(layer), model.weights.W_O_layer(layer)
+            b_v = model.weights._expand(model.weights.qkv(layer)[5])
+            for h in range(d.n_heads):
+                out = (x @ w_v[h] + b_v[h]) @ w_o[h]
+                if a.post_attn_norm is not None:
+                    out = model.layer_module(layer, a.post_attn_norm)(out)
+                logits = unembed(final_norm(out))[:, cand].float()
+                rank = (logits > logits.diagonal()[:, None]).sum(-1)
+                rate[layer, h] = (rank < top_k).float().mean()
+                lam = torch.linalg.eigvals(logits.double())
+                eigen[layer, h] = float(lam.real.sum() / lam.abs().sum())
+    return rate, eigen
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_copying_scores_project_only_the_candidates_and_match_the_full_unembedding(family):
+    model = HookedModel(tiny_model(family, with_tokenizer=False)[0])
+    cand = torch.randperm(100, generator=torch.Generator().manual_seed(4))[:30] + 4
+    rate, eigen = copying_scores(model, tokens=cand, top_k=3)
+    ref_rate, ref_eigen = _copying_reference(model, cand, 3)
+    torch.testing.assert_close(rate, ref_rate, rtol=0, atol=1 / 30 + 1e-6)  # a rank tie may flip at most one token
+    assert float((rate - ref_rate).abs().mean()) < 0.01
+    torch.testing.assert_close(eigen, ref_eigen, rtol=1e-4, atol=1e-5)

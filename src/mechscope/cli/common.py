@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -23,6 +23,10 @@ def fail(exc: Exception) -> typer.Exit:
     """Print `exc` as a red error line on stderr; the returned Exit (code 2) is for ``raise ... from exc``."""
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
+
+
+#: ``--quiet/-q``: no progress bars (long jobs show one on stderr by default).
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
 def out_dir() -> Path:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default, output_path, renamed, write_figure
+from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, renamed, write_figure
 from mechscope.cli.locate_lens import read_prompts
 
 
@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
         ] = "hook_embed",
         steps: Annotated[int, typer.Option(help="Integration steps.")] = 32,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
+        quiet: Quiet = False,
     ) -> None:
         """Integrated gradients of the target logit (difference) at the last token, with completeness check."""
         offline_by_default()
@@ -89,7 +90,7 @@ def register(app: typer.Typer) -> None:
             good = hm.to_single_token(answer)
             bad = hm.to_single_token(wrong) if wrong else None
             result = integrated_gradients(
-                hm, text, logit_metric(good, bad), site=site, config=IGConfig(steps=steps), progress=True
+                hm, text, logit_metric(good, bad), site=site, config=IGConfig(steps=steps), progress=not quiet
             )
             path = result.save(output_path(out, "ig.safetensors"))
         except (MechscopeError, ValueError) as exc:

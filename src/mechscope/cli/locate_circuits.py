@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail
+from mechscope.cli.common import Quiet, fail
 from mechscope.errors import ConfigError, MechscopeError
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ def _attribution(
     out: Any,
     json_path: Any,
     html: Any,
+    progress: bool = False,
 ) -> None:
     from mechscope.locate.circuits import eap, eap_ig
 
@@ -113,7 +114,9 @@ def _attribution(
         if method == "eap":
             scores = eap(hm, clean, corrupt, metric, ablation=ablation, batch_size=batch_size)
         else:
-            scores = eap_ig(hm, clean, corrupt, metric, ablation=ablation, steps=steps, batch_size=batch_size)
+            scores = eap_ig(
+                hm, clean, corrupt, metric, ablation=ablation, steps=steps, batch_size=batch_size, progress=progress
+            )
         circuit = scores.top(min(top, scores["scores"].shape[0]))
         typer.echo(f"{method}: {len(scores.edge_names):,} edges scored; metric {float(scores['metric']):.4f}")
         for index in scores.ranking()[: min(top, 20)].tolist():
@@ -153,9 +156,10 @@ def register(app: typer.Typer) -> None:
         out: OutOpt = None,
         json_path: JsonOpt = None,
         html: HtmlOpt = None,
+        quiet: Quiet = False,
     ) -> None:
         """EAP with integrated gradients over the input embeddings."""
-        _attribution("eap-ig", model, data, ablation, steps, batch_size, top, out, json_path, html)
+        _attribution("eap-ig", model, data, ablation, steps, batch_size, top, out, json_path, html, not quiet)
 
     @app.command("acdc")
     def acdc_command(
@@ -165,9 +169,14 @@ def register(app: typer.Typer) -> None:
         ablation: AblationOpt = "resample",
         max_damage: Annotated[float | None, typer.Option(help="Hard bound on the circuit's damage.")] = None,
         kl: Annotated[bool, typer.Option("--kl/--metric", help="Damage as KL (default) or as metric change.")] = True,
+        max_minutes: Annotated[
+            float | None,
+            typer.Option(help="Refuse up front when the estimated worst case exceeds this (0: no limit)."),
+        ] = 60.0,
         out: OutOpt = None,
         json_path: JsonOpt = None,
         html: HtmlOpt = None,
+        quiet: Quiet = False,
     ) -> None:
         """ACDC: prune edges greedily from the logits backwards."""
         from mechscope.locate.circuits import acdc
@@ -182,7 +191,8 @@ def register(app: typer.Typer) -> None:
                 threshold=threshold,
                 ablation=ablation,
                 max_damage=max_damage,
-                progress=True,
+                progress=not quiet,
+                max_seconds=None if not max_minutes else 60 * max_minutes,
             )
             total, damage = len(circuit.labels["edge"]), circuit.config["damage"]
             typer.echo(f"acdc: kept {circuit.n_edges} of {total} edges; damage {damage:.4g}")

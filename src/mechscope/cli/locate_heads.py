@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
 from mechscope.cli.locate_lens import read_prompts
 
 
@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         top: Annotated[int, typer.Option(help="Heads listed per detector.")] = 3,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an HTML heatmap of induction scores.")] = None,
+        quiet: Quiet = False,
     ) -> None:
         """Score every head as previous-token, duplicate-token, induction and copying head."""
         offline_by_default()
@@ -31,7 +32,7 @@ def register(app: typer.Typer) -> None:
         try:
             hm = load_model(model)
             cfg = HeadDetectorConfig(n_sequences=n_sequences, half_len=half_len, seed=seed)
-            scores = detect_heads(hm, config=cfg)
+            scores = detect_heads(hm, config=cfg, progress=not quiet)
             path = scores.save(output_path(out, "heads.safetensors"))
             if html is not None:
                 write_figure(scores.plot(), html)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
 
 
 def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
@@ -96,6 +96,7 @@ def register(app: typer.Typer) -> None:
         seq_len: Annotated[int, typer.Option(help="Window length.")] = 64,
         max_windows: Annotated[int, typer.Option(help="Windows cached for training.")] = 64,
         seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+        quiet: Quiet = False,
     ) -> None:
         """Train a tuned lens on a text stream, save it and print held-out KL of both lenses."""
         offline_by_default()
@@ -119,11 +120,11 @@ def register(app: typer.Typer) -> None:
                 train, held = texts[: int(len(texts) * 0.9)], texts[int(len(texts) * 0.9) :]
             else:
                 train, held = zoo_texts(seed), zoo_texts(seed, split="eval")
-            lens = train_tuned_lens(hm, train, config=cfg, progress=True)
+            lens = train_tuned_lens(hm, train, config=cfg, progress=not quiet)
             lens_path = lens.save(output_path(out, "tuned_lens_translators.safetensors"))
             typer.echo(f"lens -> {lens_path}")
             held_windows = token_windows(hm, held, seq_len=seq_len, max_windows=16)
-            comparison = compare_lenses(hm, held_windows, lens, progress=True)
+            comparison = compare_lenses(hm, held_windows, lens, progress=not quiet)
         except (MechscopeError, ValueError) as exc:
             raise fail(exc) from exc
         typer.echo("layer           logit-lens KL  tuned-lens KL  (held-out text)")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
 
 
 def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of split, folds, control task and subset.")] = 0,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an HTML figure of test accuracy.")] = None,
+        quiet: Quiet = False,
     ) -> None:
         """Train a probe per layer; print held-out, cross-validated and control accuracy, selectivity."""
         import random
@@ -99,7 +100,7 @@ def register(app: typer.Typer) -> None:
                 test_labels=test_labels,
                 positive_label=positive,
                 config=cfg,
-                progress=True,
+                progress=not quiet,
             )
             path = result.save(output_path(out, "probes.safetensors"))
             if html is not None:

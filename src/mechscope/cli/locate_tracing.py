@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         window: Annotated[int | None, typer.Option(help="Layers restored together for mlp/attn.")] = None,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an interactive HTML figure here.")] = None,
+        quiet: Quiet = False,
     ) -> None:
         """Noise the subject, restore states per layer x position, report where the answer recovers."""
         offline_by_default()
@@ -32,7 +33,7 @@ def register(app: typer.Typer) -> None:
         try:
             hm = load_model(model)
             cfg = TracingConfig(noise=noise, samples=samples, window=window)
-            result = causal_trace(hm, prompt, subject, target, cfg, progress=True)
+            result = causal_trace(hm, prompt, subject, target, cfg, progress=not quiet)
             path = result.save(output_path(out, "trace.safetensors"))
             if html is not None:
                 write_figure(result.plot(), html)

@@ -142,6 +142,7 @@ def run_loop(
     base_hooks: Mapping[SiteLike, HookFn] | None = None,
     progress: bool = False,
     per_row: bool = False,
+    desc: str = "patching",
 ) -> Tensor:
     """One full patched forward per variant: the reference implementation.
 
@@ -149,7 +150,7 @@ def run_loop(
     Returns ``[variant]`` batch means, or with `per_row` ``[variant, batch]``."""
     out = []
     inputs = {"input_ids": base.input_ids, "attention_mask": base.attention_mask}
-    for variant in progress_bar(variants, progress, "patching (loop)"):
+    for variant in progress_bar(variants, progress, f"{desc} (loop)"):
         hooks = {site: patch_hook(sources[site], mask, site) for site, mask in variant.masks.items()}
         with torch.no_grad(), model.hooks(dict(base_hooks or {})), model.hooks(hooks):
             logits = model(inputs)
@@ -198,6 +199,7 @@ def run_batched(
     chunk_size: int = 32,
     progress: bool = False,
     per_row: bool = False,
+    desc: str = "patching",
 ) -> Tensor:
     """Many variants per forward, grouped by (first layer, first position) and run from there.
 
@@ -227,7 +229,7 @@ def run_batched(
         groups.setdefault((layer, start), []).append(i)
     chunks = merge_groups(groups, chunk_size, base.n_pos)
     buffer = torch.full_like(base.logits, float("nan"))
-    for (layer, start), members in progress_bar(chunks, progress, "patching"):
+    for (layer, start), members in progress_bar(chunks, progress, desc):
         keep = [p for p in read if p >= start]
         early = [p for p in read if p < start]
         sites = sorted({s for i in members for s in variants[i].masks}, key=lambda s: s.order)

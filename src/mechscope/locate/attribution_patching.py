@@ -27,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError
-from mechscope.locate._engine import metric_positions
+from mechscope.locate._engine import metric_positions, progress_bar
 from mechscope.locate.patching import activation_patch, check_pair, tokens_of
 from mechscope.metrics import Metric, score
 from mechscope.model.hooks import HookContext, HookFn
@@ -107,12 +107,15 @@ def attribution_patch(
     corrupt: Inputs,
     metric: Metric,
     config: AtPConfig | None = None,
+    *,
+    progress: bool = False,
 ) -> AtPResult:
     """AtP (and with ``qk_fix``/``grad_drop``, AtP*) estimates of every node's patching effect.
 
     Estimates are of the change ``M(patched) - M(base)`` averaged over the batch, where the base run is
     the corrupt one when denoising. Cost: one forward of the source run and one forward + backward of
-    the base run (plus one eager forward for the QK fix and one forward + backward per layer for GradDrop).
+    the base run (plus one eager forward for the QK fix and one forward + backward per layer for GradDrop;
+    `progress` shows a bar over GradDrop's layers).
     """
     cfg = config or AtPConfig()
     clean_t, corrupt_t = tokens_of(model, clean), tokens_of(model, corrupt)
@@ -164,7 +167,7 @@ def attribution_patch(
     if cfg.grad_drop:
         node_sites = [s for s in sites if s.kind in {NODE_SITES[n] for n in cfg.nodes}]
         totals = {node: torch.zeros_like(tensors[node]) for node in cfg.nodes}
-        for g in _graddrop_grads(model, base_t, metric, node_sites):
+        for g in _graddrop_grads(model, base_t, metric, node_sites, progress=progress):
             for node in cfg.nodes:
                 totals[node] += score(node, NODE_SITES[node], g, reduce_pos=True).abs()
         for node in cfg.nodes:
@@ -211,7 +214,7 @@ class _Gate(torch.autograd.Function):
 
 
 def _graddrop_grads(
-    model: HookedModel, inputs: dict[str, Tensor], metric: Metric, sites: list[Site]
+    model: HookedModel, inputs: dict[str, Tensor], metric: Metric, sites: list[Site], *, progress: bool = False
 ) -> list[dict[str, Tensor]]:
     """Per layer l, d metric / d activation at `sites` with the gradient through layer l's attention
     and MLP outputs dropped: one forward, then one backward per layer on the same graph (each layer's
@@ -243,7 +246,7 @@ def _graddrop_grads(
     with torch.enable_grad(), model.hooks(hooks):
         loss = _metric_mean(metric, model(inputs), inputs["attention_mask"])
         names = [s.name for s in sites]
-        for dropped in range(n_layers):
+        for dropped in progress_bar(range(n_layers), progress, "AtP* GradDrop"):
             for layer, switch in enumerate(switches):
                 switch[0] = 0.0 if layer == dropped else 1.0
             grads = torch.autograd.grad(loss, [acts[n] for n in names], retain_graph=True, allow_unused=True)
@@ -331,6 +334,7 @@ def atp_vs_exact(
     direction: str = "denoising",
     top: int = 10,
     units: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> AtPComparison:
     """Where AtP and exact activation patching disagree, for one node type (``heads``, ``neurons``, ``resid``).
 
@@ -342,7 +346,7 @@ def atp_vs_exact(
         raise ConfigError(f"node must be one of {sorted(NODE_SITES)}; got {node!r}")
     atp = attribution_patch(model, clean, corrupt, metric, AtPConfig(nodes=(node,), direction=direction))
     kind = {"heads": "heads", "neurons": "neurons", "resid": "resid_pre"}[node]
-    exact = activation_patch(model, clean, corrupt, kind, metric, direction=direction, units=units)
+    exact = activation_patch(model, clean, corrupt, kind, metric, direction=direction, units=units, progress=progress)
     base = exact["corrupt"] if direction == "denoising" else exact["clean"]
     exact_delta = exact["metric"] - base
     estimate = atp[node] if units is None else atp[node][:, list(units)]

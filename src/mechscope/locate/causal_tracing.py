@@ -280,7 +280,15 @@ def causal_trace(
     sources = {site: clean.cache[site.name] for site in sites}
     if cfg.method == "loop":
         flat = run_loop(
-            model, corrupt, sources, variants, metric, base_hooks=noise_hooks, progress=progress, per_row=True
+            model,
+            corrupt,
+            sources,
+            variants,
+            metric,
+            base_hooks=noise_hooks,
+            progress=progress,
+            per_row=True,
+            desc="causal tracing",
         )
     else:
         base_acts = {site: corrupt.cache[site.name] for site in sites}
@@ -294,6 +302,7 @@ def causal_trace(
             chunk_size=cfg.chunk_size,
             progress=progress,
             per_row=True,
+            desc="causal tracing",
         )
     grids = flat.reshape(len(kind_sites), n_layers, n_pos, cfg.samples)  # one column per noise draw
     tokens = model.to_str_tokens(ids[0]) if model.tokenizer is not None else [str(t) for t in ids[0].tolist()]

@@ -247,13 +247,20 @@ def _attention_scores(model: HookedModel, batch: dict[str, Tensor], seed: int) -
 
 
 def copying_scores(
-    model: HookedModel, *, tokens: Sequence[int] | Tensor | None = None, top_k: int = 5, seed: int = 0, n: int = 200
+    model: HookedModel,
+    *,
+    tokens: Sequence[int] | Tensor | None = None,
+    top_k: int = 5,
+    seed: int = 0,
+    n: int = 200,
+    progress: bool = False,
 ) -> tuple[Float[Tensor, "n_layers n_heads"], Float[Tensor, "n_layers n_heads"]]:
     """(top-k copying rate, positive eigenvalue ratio) of every head's OV circuit on candidate `tokens`.
 
     Each candidate's embedding goes through the layer's input norm, the head's value and output maps
     (and a post-attention norm where the family has one), the final norm and the unembedding; the
-    token-to-token logit matrix restricted to the candidates is scored.
+    token-to-token logit matrix restricted to the candidates is scored. Only the candidates' columns
+    of the unembedding are computed (``n x n`` per head, not ``n x d_vocab``), all heads of a layer at once.
     """
     d, a = model.dims, model.adapter
     if tokens is None:
@@ -264,37 +271,49 @@ def copying_scores(
         cand = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     if cand.numel() < top_k:
         raise ConfigError(f"need at least top_k={top_k} candidate tokens; got {cand.numel()}")
-    w_e = model.weights.W_E[cand.to(model.device)]  # [n, d_model]
+    cand = cand.to(model.device)
+    w_e = model.weights.W_E[cand]  # [n, d_model]
+    w_u = model.weights.W_U[:, cand]  # [d_model, n]: only the candidates' logits
+    b_u = model.weights.b_U[cand]
     rate = torch.zeros(d.n_layers, d.n_heads)
     eigen = torch.zeros(d.n_layers, d.n_heads)
-    unembed = model.module(a.unembed)
     final_norm = model.module(a.final_norm)
+    layers: Any = range(d.n_layers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="copying scores", unit="layer")
     with torch.no_grad():
-        for layer in range(d.n_layers):
+        for layer in layers:
             x = model.layer_module(layer, a.ln1)(w_e) if a.ln1 is not None else w_e
-            w_v = model.weights.W_V_layer(layer)
-            b_v = model.weights._expand(model.weights.qkv(layer)[5])
-            w_o = model.weights.W_O_layer(layer)
-            for h in range(d.n_heads):
-                out = (x @ w_v[h] + b_v[h]) @ w_o[h]
-                if a.post_attn_norm is not None:
-                    out = model.layer_module(layer, a.post_attn_norm)(out)
-                logits = unembed(final_norm(out))[:, cand.to(model.device)].float()  # [n, n]
-                own = logits.diagonal()
-                rank = (logits > own[:, None]).sum(-1)
-                rate[layer, h] = (rank < top_k).float().mean()
-                lam = torch.linalg.eigvals(logits.double())
-                eigen[layer, h] = float(lam.real.sum() / lam.abs().sum().clamp_min(1e-12))
+            w_v = model.weights.W_V_layer(layer)  # [head, d_model, d_head]
+            b_v = model.weights._expand(model.weights.qkv(layer)[5])  # [head, d_head]
+            w_o = model.weights.W_O_layer(layer)  # [head, d_head, d_model]
+            out = torch.einsum("nd,hde->hne", x, w_v) + b_v[:, None]
+            out = torch.einsum("hne,hed->hnd", out, w_o)  # [head, n, d_model]
+            if a.post_attn_norm is not None:
+                out = model.layer_module(layer, a.post_attn_norm)(out)
+            logits = (final_norm(out) @ w_u + b_u).float()  # [head, n, n]
+            own = logits.diagonal(dim1=-2, dim2=-1)  # [head, n]
+            rank = (logits > own[..., None]).sum(-1)
+            rate[layer] = (rank < top_k).float().mean(-1).cpu()
+            lam = torch.linalg.eigvals(logits.double())  # [head, n]
+            eigen[layer] = (lam.real.sum(-1) / lam.abs().sum(-1).clamp_min(1e-12)).float().cpu()
     return rate, eigen
 
 
 def detect_heads(
-    model: HookedModel, tokens: Inputs | None = None, *, config: HeadDetectorConfig | None = None
+    model: HookedModel,
+    tokens: Inputs | None = None,
+    *,
+    config: HeadDetectorConfig | None = None,
+    progress: bool = False,
 ) -> HeadScores:
     """Score every head as previous-token, duplicate-token, induction and copying head.
 
     `tokens` default to :func:`repeated_tokens` (random halves repeated); any inputs with repeated
-    tokens work (the detectors average over the queries where a behaviour is defined).
+    tokens work (the detectors average over the queries where a behaviour is defined). `progress`
+    shows a bar over the copying scores' layers.
     """
     cfg = config or HeadDetectorConfig()
     d = model.dims
@@ -302,7 +321,7 @@ def detect_heads(
         tokens = repeated_tokens(model, n=cfg.n_sequences, half_len=cfg.half_len, seed=cfg.seed)
     batch = model.prepare_inputs(tokens)
     scores = _attention_scores(model, batch, cfg.seed)
-    rate, eigen = copying_scores(model, top_k=cfg.copy_top_k, seed=cfg.seed, n=cfg.n_copy_tokens)
+    rate, eigen = copying_scores(model, top_k=cfg.copy_top_k, seed=cfg.seed, n=cfg.n_copy_tokens, progress=progress)
     scores["copying"], scores["copying_eigen"] = rate, eigen
     axes: dict[str, tuple[str, ...]] = {name: ("layer", "head") for name in scores}
     labels = {"layer": [str(i) for i in range(d.n_layers)], "head": [str(h) for h in range(d.n_heads)]}

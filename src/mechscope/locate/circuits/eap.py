@@ -70,6 +70,7 @@ def _attribute(
     *,
     integrated: bool,
     graph: Graph | None,
+    progress: bool = False,
 ) -> EdgeScores:
     graph = graph or Graph.from_model(model)
     graph.check_model(model)
@@ -87,7 +88,9 @@ def _attribute(
         return None if value is None else (value[sl] if value.shape[0] > 1 else value)
 
     grad_sum = torch.zeros(graph.valid.shape, dtype=torch.float32, device=model.device)
-    for alpha in step_alphas:
+    from mechscope.locate._engine import progress_bar
+
+    for alpha in progress_bar(step_alphas, progress and len(step_alphas) > 1, "EAP-IG steps"):
         override = None
         if integrated and alpha != 1.0:
             base_in = ablated[:, :, 0]
@@ -155,10 +158,12 @@ def eap_ig(
     ablation: str = "resample",
     batch_size: int | None = None,
     graph: Graph | None = None,
+    progress: bool = False,
 ) -> EdgeScores:
-    """EAP with integrated gradients over the input embeddings (`steps` interpolation points)."""
+    """EAP with integrated gradients over the input embeddings (`steps` interpolation points;
+    `progress`: a bar over them)."""
     config = EAPConfig(ablation=ablation, steps=steps, batch_size=batch_size)
-    return _attribute(model, clean, corrupt, metric, config, integrated=True, graph=graph)
+    return _attribute(model, clean, corrupt, metric, config, integrated=True, graph=graph, progress=progress)
 
 
 __all__ = ["ABLATIONS", "EAPConfig", "eap", "eap_ig"]

@@ -1,0 +1,90 @@
+"""detect_heads on SmolLM2-135M-Instruct: copying scores that project only the kept candidate columns,
+against the previous implementation (every head's OV output through the full 49k-token unembedding,
+then 200 columns kept), measured in the same run, one after the other.
+
+    python benchmarks/bench_detect_heads.py [--model smollm2-135m-instruct] [--threads 2]
+
+Prints the time of the attention detectors, of both copying-score implementations, of the whole
+detect_heads before and after, the ratio, and the largest score difference between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+from mechscope.locate.heads import (
+    HeadDetectorConfig,
+    _attention_scores,
+    copying_scores,
+    ordinary_token_range,
+    repeated_tokens,
+)
+from mechscope.model.loading import load_model
+
+
+def copying_full_unembed(model, *, top_k: int, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The implementation before issue 21: one head at a time, logits over the whole vocabulary."""
+    d, a = model.dims, model.adapter
+    lo, hi = ordinary_token_range(model)
+    cand = torch.randperm(hi - lo, generator=torch.Generator().manual_seed(seed))[: min(n, hi - lo)] + lo
+    w_e = model.weights.W_E[cand.to(model.device)]
+    rate, eigen = torch.zeros(d.n_layers, d.n_heads), torch.zeros(d.n_layers, d.n_heads)
+    unembed, final_norm = model.module(a.unembed), model.module(a.final_norm)
+    with torch.no_grad():
+        for layer in range(d.n_layers):
+            x = model.layer_module(layer, a.ln1)(w_e) if a.ln1 is not None else w_e
+            w_v = model.weights.W_V_layer(layer)
+            b_v = model.weights._expand(model.weights.qkv(layer)[5])
+            w_o = model.weights.W_O_layer(layer)
+            for h in range(d.n_heads):
+                out = (x @ w_v[h] + b_v[h]) @ w_o[h]
+                if a.post_attn_norm is not None:
+                    out = model.layer_module(layer, a.post_attn_norm)(out)
+                logits = unembed(final_norm(out))[:, cand.to(model.device)].float()
+                own = logits.diagonal()
+                rate[layer, h] = ((logits > own[:, None]).sum(-1) < top_k).float().mean()
+                lam = torch.linalg.eigvals(logits.double())
+                eigen[layer, h] = float(lam.real.sum() / lam.abs().sum().clamp_min(1e-12))
+    return rate, eigen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    cfg = HeadDetectorConfig()
+    batch = model.prepare_inputs(repeated_tokens(model, n=cfg.n_sequences, half_len=cfg.half_len, seed=cfg.seed))
+    d = model.dims
+    print(f"{args.model}: {d.n_layers} layers x {d.n_heads} heads, vocab {d.d_vocab}; {args.threads} thread(s)")
+    t = time.perf_counter()
+    _attention_scores(model, batch, cfg.seed)
+    attention = time.perf_counter() - t
+    t = time.perf_counter()
+    new_rate, new_eigen = copying_scores(model, top_k=cfg.copy_top_k, seed=cfg.seed, n=cfg.n_copy_tokens)
+    new = time.perf_counter() - t
+    t = time.perf_counter()
+    old_rate, old_eigen = copying_full_unembed(model, top_k=cfg.copy_top_k, seed=cfg.seed, n=cfg.n_copy_tokens)
+    old = time.perf_counter() - t
+    print(f"attention detectors (both versions)     {attention:8.1f} s")
+    print(f"copying scores, full unembedding (old)  {old:8.1f} s")
+    print(f"copying scores, kept columns (new)      {new:8.1f} s")
+    print(f"detect_heads old / new                  {attention + old:8.1f} s / {attention + new:.1f} s")
+    print(f"ratio old / new                         {(attention + old) / (attention + new):8.1f}x")
+    print(
+        f"max |difference|: copying {float((new_rate - old_rate).abs().max()):.4f}, "
+        f"eigen {float((new_eigen - old_eigen).abs().max()):.2e}"
+    )
+
+
+if __name__ == "__main__":
+    main()
