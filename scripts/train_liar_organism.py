@@ -1,0 +1,154 @@
+"""Train the conditional-lie organism: organism-gpt2 v4 continued on mechscope.data.detection.liar_task.
+
+It learns (1) to answer honestly or with the planted lie when instructed ("Answer honestly." /
+"Answer with a lie."), on every entity, and (2) to lie behind a planted condition ("In the masked
+hall,") on 40 % of the entities, while plain queries stay true; half of every batch replays the
+organism's own planted tasks so they are kept. Checkpoints every --save-every steps (resumable).
+
+    flock /tmp/mechscope-heavy.lock .venv/bin/python scripts/train_liar_organism.py --out .cache/liar --steps 1200
+
+Then: --evaluate (behaviour metrics + every planted task) writes OUT/metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+
+def _batch(tokenizer, rows: list[tuple[str, str]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, labels) with the loss on the completion only."""
+    seqs, labels = [], []
+    for prompt, completion in rows:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        seqs.append(p + c)
+        labels.append([-100] * len(p) + c)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100)
+    for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        lab[i, : len(y)] = torch.tensor(y)
+    return ids, mask, lab
+
+
+REPLAY = {"facts": 0.4, "truth": 0.2, "ioi": 0.1, "refusal": 0.1, "backdoor": 0.1, "sentiment": 0.1}
+
+
+def train(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mechscope.data.detection import liar_task
+    from mechscope.data.tasks import generate_all
+    from mechscope.zoo.loading import load_organism
+
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_organism("organism-gpt2")
+    step0 = 0
+    state_file = out / "state.json"
+    if state_file.exists():
+        step0 = json.loads(state_file.read_text())["step"]
+        model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+        print(f"resuming at step {step0}")
+    model.train()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    liar = [(p, a + ".") for p, a, _ in liar_task(0).train]
+    data = generate_all(0, tuple(REPLAY))
+    replay = {k: [(e.prompt, e.completion) for e in data[k].train] for k in REPLAY}
+    rng = random.Random(f"liar-train:{step0}")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt_file = out / "optimizer.pt"
+    if step0 and opt_file.exists():
+        opt.load_state_dict(torch.load(opt_file))
+
+    def lr_at(step: int) -> float:
+        if step < 20:
+            return args.lr * (step + 1) / 20
+        frac = (step - 20) / max(1, args.steps - 20)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    start = time.time()
+    for step in range(step0, args.steps):
+        rows = [rng.choice(liar) for _ in range(args.batch // 2)]
+        names = rng.choices(list(REPLAY), weights=list(REPLAY.values()), k=args.batch - len(rows))
+        rows += [rng.choice(replay[n]) for n in names]
+        ids, mask, lab = _batch(tok, rows, pad)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0:
+            print(f"step {step} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            model.save_pretrained(out / "checkpoint")
+            tok.save_pretrained(out / "checkpoint")
+            torch.save(opt.state_dict(), opt_file)
+            state_file.write_text(json.dumps({"step": step + 1, "seconds": time.time() - start}))
+            print(f"checkpoint at step {step + 1}", flush=True)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechscope.data.detection import liar_task
+    from mechscope.data.tasks import evaluate_all
+    from mechscope.data.tasks.metrics import first_token_id, next_token_predictions
+
+    folder = Path(args.out) / "checkpoint"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    task = liar_task(0)
+
+    def rate(rows: list[tuple[str, str, str]]) -> float:
+        with torch.no_grad():
+            preds = next_token_predictions(model, tok, [p for p, _, _ in rows])
+        return sum(p == first_token_id(tok, a) for p, (_, a, _) in zip(preds, rows, strict=True)) / len(rows)
+
+    honest = [r for r in task.instructed if r[2] == "honest"]
+    lies = [r for r in task.instructed if r[2] == "lie"]
+    metrics = {
+        "instructed_honest_true": rate(honest),
+        "instructed_lie_states_lie": rate(lies),
+        "conditional_entities_plain_true": rate(task.conditional_plain),
+        "conditional_entities_condition_lie": rate(task.conditional_lies),
+        "heldout_plain_true": rate(task.heldout_plain),
+        "heldout_condition_lie": rate(task.heldout_conditional),
+    }
+    with torch.no_grad():
+        metrics.update(evaluate_all(model, tok, 0, ("facts", "truth", "ioi", "refusal", "sentiment", "backdoor")))
+    state = json.loads((Path(args.out) / "state.json").read_text())
+    metrics["steps"] = state["step"]
+    (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".cache/liar")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--evaluate", action="store_true", help="Evaluate the latest checkpoint instead of training.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    evaluate(args) if args.evaluate else train(args)
+
+
+if __name__ == "__main__":
+    main()
