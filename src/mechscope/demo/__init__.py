@@ -21,13 +21,13 @@ import torch
 from mechscope.demo.common import Section
 from mechscope.errors import ConfigError
 
-ORGANISM_SECTIONS = ("refusal", "facts", "sentiment", "features")
+ORGANISM_SECTIONS = ("refusal", "facts", "sentiment", "features", "monitor")
 GENERIC_SECTIONS = ("induction",)
 ALL_SECTIONS = (*ORGANISM_SECTIONS, *GENERIC_SECTIONS)
 
 
 def _section_fn(name: str) -> Callable[..., Section]:
-    from mechscope.demo import facts, features, induction, refusal, sentiment
+    from mechscope.demo import facts, features, induction, monitor, refusal, sentiment
 
     return {
         "features": features.run,
@@ -35,6 +35,7 @@ def _section_fn(name: str) -> Callable[..., Section]:
         "facts": facts.run,
         "sentiment": sentiment.run,
         "induction": induction.run,
+        "monitor": monitor.run,
     }[name]
 
 
