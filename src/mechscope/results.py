@@ -58,7 +58,11 @@ def _register(registry: dict[str, Any], name: str, cls: type, what: str) -> None
     """Add `cls` under `name`, refusing a second class for a taken name (a re-import of the same
     class, as reloading a module does, is allowed)."""
     existing = registry.get(name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+    same_class = existing is not None and (existing.__module__, existing.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    )
+    if existing is not None and not same_class:
         raise ConfigError(
             f"{what} {name!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
             f"{cls.__module__}.{cls.__qualname__} must choose another name"
@@ -68,12 +72,6 @@ def _register(registry: dict[str, Any], name: str, cls: type, what: str) -> None
 
 class ModelMismatchError(ConfigError):
     """An artifact (steering vector, direction, ablation) applied to a model other than its own."""
-
-
-R = TypeVar("R", bound="Result")
-
-#: method name -> result class, filled by subclasses so that ``Result.load`` returns the right type.
-_REGISTRY: dict[str, type[Result]] = {}
 
 
 @dataclass

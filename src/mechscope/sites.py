@@ -9,8 +9,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mechscope.errors import SiteError, did_you_mean
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 #: Sites outside the blocks, in forward order.
 GLOBAL_KINDS_BEFORE: tuple[str, ...] = ("hook_embed", "hook_pos_embed")
@@ -146,6 +151,91 @@ class Site:
 
 
 SiteLike = str | Site
+
+
+#: Axis names that index attention heads (query heads, or the shared key/value heads of GQA).
+HEAD_AXES: tuple[str, ...] = ("n_heads", "n_kv_heads")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which entries of a site's activation an operation touches: heads, positions and neurons.
+
+    ``None`` selects every entry of that axis. Heads index the site's head axis, neurons its last axis;
+    positions index its (query) position axis, negative from the end, and positions outside the current
+    forward are skipped (so ``(-1,)`` means the newest token during generation). One value shared by hook
+    helpers, interventions and patching, so every caller selects the same way.
+    """
+
+    heads: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        heads: Iterable[int] | int | None = None,
+        positions: Iterable[int] | int | None = None,
+        neurons: Iterable[int] | int | None = None,
+    ) -> Selection:
+        def norm(value: Iterable[int] | int | None) -> tuple[int, ...] | None:
+            if value is None:
+                return None
+            return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+        return cls(norm(heads), norm(positions), norm(neurons))
+
+    @property
+    def everything(self) -> bool:
+        return self.heads is None and self.positions is None and self.neurons is None
+
+    def head_axis(self, site: Site) -> int:
+        """The site's head axis; :class:`SiteError` when it has none."""
+        found = [i for i, a in enumerate(site.axes) if a in HEAD_AXES]
+        if not found:
+            raise SiteError(f"site {site.name} has no head axis (axes {site.axes}); heads= does not apply")
+        return found[0]
+
+    def check(self, site: Site, sizes: dict[str, int]) -> None:
+        """Raise :class:`SiteError` for heads/neurons out of range of `site` (`sizes`: axis name -> size)."""
+        for what, values, axis in (
+            ("heads", self.heads, site.axes[self.head_axis(site)] if self.heads is not None else ""),
+            ("neurons", self.neurons, site.axes[-1]),
+        ):
+            size = sizes.get(axis)
+            if values is None or size is None:
+                continue
+            bad = [v for v in values if not -size <= v < size]
+            if bad:
+                raise SiteError(f"{what} {bad} are out of range for {site.name}, whose axis has {size} entries")
+
+    def mask(self, site: Site, shape: Sequence[int], device: torch.device | None = None) -> Tensor | None:
+        """A boolean mask broadcastable to `shape`, or None when everything is selected."""
+        import torch
+
+        if self.everything:
+            return None
+        ndim = len(shape)
+        mask = torch.ones((1,) * ndim, dtype=torch.bool, device=device)
+
+        def along(axis: int, index: Sequence[int], skip_outside: bool) -> torch.Tensor:
+            n = int(shape[axis])
+            keep = torch.zeros(n, dtype=torch.bool, device=device)
+            idx = [i % n for i in index if -n <= i < n] if skip_outside else [i % n for i in index]
+            if idx:
+                keep[torch.tensor(idx, device=device)] = True
+            view = [1] * ndim
+            view[axis] = n
+            return keep.view(view)
+
+        if self.heads is not None:
+            mask = mask & along(self.head_axis(site), self.heads, skip_outside=False)
+        if self.positions is not None:
+            mask = mask & along(site.pos_axis, self.positions, skip_outside=True)
+        if self.neurons is not None:
+            mask = mask & along(ndim - 1, self.neurons, skip_outside=False)
+        return mask
 
 
 def parse_sites(sites: SiteLike | Iterable[SiteLike]) -> list[Site]:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mechscope.demo.common import Section
+from mechscope.metrics import kl_div
 from mechscope.model import hook_fns
 from mechscope.model.decompose import direct_logit_attribution
 from mechscope.sites import Site
@@ -73,15 +74,7 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     for name, heads in (("none", []), ("top induction heads", top), ("control heads", control)):
         out_logits = logits if not heads else ablated(heads)
         first, rep = _losses(out_logits, tokens, half)
-        kl = float(
-            torch.nn.functional.kl_div(
-                out_logits[:, 1:half].log_softmax(-1),
-                logits[:, 1:half].log_softmax(-1),
-                log_target=True,
-                reduction="batchmean",
-            )
-            / (half - 1)
-        )
+        kl = float(kl_div(out_logits[:, 1:half], logits[:, 1:half], reduction="mean"))  # per token
         rows.append([name, ", ".join(f"L{h[0]}H{h[1]}" for h in heads) or "-", rep, first, kl])
         metrics[name] = {"repeated_loss": rep, "first_half_loss": first, "first_half_kl_per_token": kl}
     echo(

@@ -33,7 +33,7 @@ from mechscope.locate._engine import MetricError, Variant, metric_positions, met
 from mechscope.metrics import Metric, normalised
 from mechscope.model.partial import base_run
 from mechscope.results import Result
-from mechscope.sites import Site
+from mechscope.sites import HEAD_AXES, Selection, Site
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
@@ -155,13 +155,13 @@ def _cell_mask(
 ) -> Bool[Tensor, "1 ..."]:
     """Where `cell` patches an activation of `shape` (batch axis of size 1)."""
     site = Site(kind, cell.layer)
-    mask = torch.zeros(1, *shape[1:], dtype=torch.bool, device=device)
-    index: list[Any] = [slice(None)] * len(shape)
-    index[site.pos_axis] = torch.tensor(positions if cell.pos is None else [cell.pos])
+    units: dict[str, tuple[int, ...] | None] = {"heads": None, "neurons": None}
     if cell.unit is not None:
-        index[site.axes.index(UNIT_AXES[kind])] = cell.unit
-    mask[tuple(index)] = True
-    return mask
+        units["heads" if UNIT_AXES[kind] in HEAD_AXES else "neurons"] = (cell.unit,)
+    chosen = Selection(positions=tuple(positions if cell.pos is None else [cell.pos]), **units)
+    mask = chosen.mask(site, (1, *shape[1:]), device)
+    assert mask is not None  # positions are always chosen
+    return mask.expand(1, *shape[1:]).clone()
 
 
 def activation_patch(

@@ -12,11 +12,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mechscope.errors import AdapterError
+from mechscope.model.layouts import (
+    MLPLayout,
+    Orientation,
+    QKVLayout,
+    mlp_layout,
+    mlp_layout_names,
+    qkv_layout,
+    qkv_layout_names,
+)
 
-#: Layouts of the query/key/value projection(s); each names a small splitter in ``weights.py``.
-QKV_LAYOUTS = ("separate", "gpt2_fused", "neox_interleaved", "concat_fused")
-#: Layouts of the MLP input projection(s).
-MLP_LAYOUTS = ("plain", "gated", "gated_fused")
+#: Layouts of the query/key/value projection(s); each names a :class:`~mechscope.model.layouts.QKVLayout`.
+QKV_LAYOUTS = qkv_layout_names()
+#: Layouts of the MLP input projection(s); each names a :class:`~mechscope.model.layouts.MLPLayout`.
+MLP_LAYOUTS = mlp_layout_names()
 
 
 @dataclass(frozen=True)
@@ -60,10 +69,21 @@ class Adapter:
     parallel_attr: str | None = None  # config attribute that switches attention and MLP to parallel
 
     def __post_init__(self) -> None:
-        if self.qkv_layout not in QKV_LAYOUTS:
-            raise AdapterError(f"qkv_layout must be one of {QKV_LAYOUTS}; got {self.qkv_layout!r}")
-        if self.mlp_layout not in MLP_LAYOUTS:
-            raise AdapterError(f"mlp_layout must be one of {MLP_LAYOUTS}; got {self.mlp_layout!r}")
+        qkv_layout(self.qkv_layout)  # raise early, naming the valid layouts
+        mlp_layout(self.mlp_layout)
+
+    # Layout objects (behaviour; the fields above stay plain data) ------------------------------------
+    @property
+    def qkv(self) -> QKVLayout:
+        return qkv_layout(self.qkv_layout)
+
+    @property
+    def mlp_kind(self) -> MLPLayout:
+        return mlp_layout(self.mlp_layout)
+
+    @property
+    def orientation(self) -> Orientation:
+        return Orientation(self.conv1d)
 
     # Derived facts --------------------------------------------------------------------------------
     @property
@@ -77,7 +97,7 @@ class Adapter:
 
     @property
     def gated(self) -> bool:
-        return self.mlp_layout != "plain"
+        return self.mlp_kind.gated
 
     def is_parallel(self, config: Any) -> bool:
         """Whether attention and MLP both read the block input (no resid_mid)."""
@@ -168,17 +188,55 @@ ADAPTERS: tuple[Adapter, ...] = (
     ),
 )
 
+#: Adapters added at run time by :func:`register_adapter` (families outside the package).
+_REGISTERED: list[Adapter] = []
+
+
+def all_adapters() -> tuple[Adapter, ...]:
+    """The built-in adapters, then those registered at run time."""
+    return (*ADAPTERS, *_REGISTERED)
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(t for a in all_adapters() for t in a.model_types)
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Teach mechscope a family outside the package: ``register_adapter(Adapter(family=..., model_types=...))``.
+
+    Refused when the family name or any of its model types is already taken (a second adapter for a
+    model type would silently change which modules existing code hooks). The conformance suite
+    (tests/test_conformance.py) is how to prove a new adapter right: see docs/adapters.md.
+    """
+    if not isinstance(adapter, Adapter):
+        raise AdapterError(f"register_adapter takes an Adapter; got {type(adapter).__name__}")
+    for existing in all_adapters():
+        taken = set(existing.model_types) & set(adapter.model_types)
+        if existing.family == adapter.family or taken:
+            what = f"model types {sorted(taken)}" if taken else f"family {adapter.family!r}"
+            raise AdapterError(f"{what} already have an adapter ({existing.family}); choose other names")
+    _REGISTERED.append(adapter)
+    return adapter
+
+
+def unregister_adapter(family: str) -> None:
+    """Remove a run-time adapter (built-in ones cannot be removed)."""
+    if any(a.family == family for a in ADAPTERS):
+        raise AdapterError(f"{family!r} is a built-in adapter and cannot be removed")
+    _REGISTERED[:] = [a for a in _REGISTERED if a.family != family]
+
+
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
 def adapter_for(config: Any) -> Adapter:
     """The adapter for an HF config; :class:`AdapterError` listing supported types otherwise."""
     model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
+    for adapter in all_adapters():
         if model_type in adapter.model_types:
             return adapter
     raise AdapterError(
         f"mechscope has no adapter for model_type {model_type!r} "
         f"(architectures: {getattr(config, 'architectures', None)}). Supported model types: "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)}. Adding one is a data-only table: see docs/adapters.md."
+        f"{', '.join(supported_model_types())}. Adding one is a data-only table: see docs/adapters.md."
     )

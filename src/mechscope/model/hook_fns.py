@@ -12,16 +12,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mechscope.errors import ConfigError, ShapeError
+from mechscope.errors import ConfigError, ShapeError, SiteError
 from mechscope.model.hooks import HookContext, HookFn
-from mechscope.sites import Site
+from mechscope.sites import Selection, Site
 
 Index = int | Sequence[int] | Tensor | None
 
 
 def index_for(site: Site, ndim: int, *, heads: Index = None, positions: Index = None, batch: Index = None) -> tuple:
     """An indexing tuple selecting `heads`, `positions` and `batch` rows of a site's activation."""
-    axes = site.axes
     idx: list[object] = [slice(None)] * ndim
 
     def as_index(value: Index) -> object:
@@ -35,10 +34,11 @@ def index_for(site: Site, ndim: int, *, heads: Index = None, positions: Index = 
     if len(chosen) > 1:
         raise ConfigError("index at most one of heads/positions/batch with a list; use ints for the others")
     if heads is not None:
-        head_axes = [i for i, a in enumerate(axes) if a in ("n_heads", "n_kv_heads")]
-        if not head_axes:
-            raise ConfigError(f"site {site.name} has no head axis (axes {axes}); heads= does not apply")
-        idx[head_axes[0]] = as_index(heads)
+        try:
+            head_axis = Selection().head_axis(site)
+        except SiteError as exc:
+            raise ConfigError(str(exc)) from None
+        idx[head_axis] = as_index(heads)
     if positions is not None:
         idx[site.pos_axis] = as_index(positions)
     if batch is not None:

@@ -17,13 +17,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mechscope.errors import AdapterError, AttentionSiteError, ConfigError, ShapeError, SiteError, did_you_mean
+from mechscope.errors import AdapterError, AttentionSiteError, ConfigError, SiteError, did_you_mean
 from mechscope.model import attention as attention_fn
 from mechscope.model import tokens as tok
 from mechscope.model.adapters import Adapter, adapter_for
 from mechscope.model.cache import ActivationCache
 from mechscope.model.dims import ModelDims, dims_from_config
 from mechscope.model.hooks import HookContext, HookFn, HookSession
+from mechscope.model.layout import ModelLayout
 from mechscope.model.weights import WeightViews
 from mechscope.sites import (
     BLOCK_KINDS,
@@ -89,9 +90,11 @@ class HookedModel(nn.Module):
         self.config: Any = hf_model.config
         self.adapter: Adapter = adapter_for(self.config)
         self.dims: ModelDims = dims_from_config(self.config, self.adapter)
-        self.weights = WeightViews(self)
+        #: module lookups, weight views and head arithmetic; what hooks and weight views work from
+        self.layout = ModelLayout(hf_model, self.adapter, self.dims)
+        self.weights: WeightViews = self.layout.weights
+        #: the hook sessions active now, outermost first (pushed and popped by :meth:`hooks` only)
         self._sessions: list[HookSession] = []
-        self._module_cache: dict[str, nn.Module] = {}
         a = self.adapter
         for path in (a.embed, a.layers, a.final_norm, a.unembed, a.pos_embed):
             if path is not None and not _has_submodule(hf_model, path):
@@ -118,20 +121,18 @@ class HookedModel(nn.Module):
 
     def module(self, path: str) -> Any:
         """The HF submodule at a dotted path (cached). Typed Any: HF modules carry dynamic attributes."""
-        found = self._module_cache.get(path)
-        if found is None:
-            found = self.hf_model.get_submodule(path)
-            self._module_cache[path] = found
-        return found
+        return self.layout.module(path)
 
     def layer(self, index: int) -> Any:
-        layers = self.module(self.adapter.layers)
-        if not 0 <= index < self.dims.n_layers:
-            raise SiteError(f"layer {index} does not exist; this model has layers 0..{self.dims.n_layers - 1}")
-        return layers[index]  # type: ignore[index,no-any-return]
+        return self.layout.layer(index)
 
     def layer_module(self, index: int, path: str) -> Any:
-        return self.module(f"{self.adapter.layers}.{index}.{path}")
+        return self.layout.layer_module(index, path)
+
+    @property
+    def hooks_active(self) -> bool:
+        """Whether any hook or intervention block is active on this model."""
+        return bool(self._sessions)
 
     def _build_inventory(self) -> list[Site]:
         a, d = self.adapter, self.dims
@@ -220,15 +221,7 @@ class HookedModel(nn.Module):
         layer: int,
     ) -> Float[Tensor, "batch pos n_heads d_model"]:
         """Per-head attention outputs in d_model: ``z[h] @ W_O[h]`` (bias not included)."""
-        d = self.dims
-        if z.ndim == 3:  # flattened heads; decided by rank, since n_heads * d_head == d_head with one head
-            z = z.reshape(*z.shape[:-1], d.n_heads, d.d_head)
-        if z.ndim != 4 or tuple(z.shape[-2:]) != (d.n_heads, d.d_head):
-            raise ShapeError(
-                f"z must be [batch, pos, {d.n_heads}, {d.d_head}] or [batch, pos, {d.n_heads * d.d_head}]; "
-                f"got {tuple(z.shape)}"
-            )
-        return torch.einsum("bphk,hkd->bphd", z, self.weights.W_O_layer(layer).to(z.dtype))
+        return self.layout.head_results(z, layer)
 
     # Inputs ---------------------------------------------------------------------------------------------
     def to_tokens(
@@ -316,8 +309,12 @@ class HookedModel(nn.Module):
                         f"hook for {site.name} must be callable(activation, ctx); got {type(fn).__name__}"
                     )
             plan.setdefault(site, []).extend(fn_list)  # type: ignore[arg-type]
-        with HookSession(self, plan) as session:
-            yield session
+        with HookSession(self.layout, plan, self) as session:
+            self._sessions.append(session)
+            try:
+                yield session
+            finally:
+                self._sessions.remove(session)
 
     def run_with_cache(
         self,
@@ -387,8 +384,11 @@ class HookedModel(nn.Module):
         return logits, ActivationCache(tensors, lazy=lazy_fns, positions=pos_index, meta=meta)
 
     def _lazy_result(self, store: dict[str, Tensor], z_name: str, layer: int) -> Any:
+        """Per-head results computed on first access from the cached z and the W_O of *this* run (copied
+        now: a weight edit between caching and reading must not change what the cache says)."""
         z = store[z_name]
-        return lambda: self.head_results(z, layer).detach()
+        w_o = self.weights.W_O_layer(layer).clone()
+        return lambda: self.layout.head_results(z, layer, W_O=w_o).detach()
 
     def _result_is_hooked(self, site: Site) -> bool:
         return any(site in session.hooks for session in self._sessions)

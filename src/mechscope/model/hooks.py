@@ -23,6 +23,7 @@ from mechscope.sites import BLOCK_KINDS, Site
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
+    from mechscope.model.layout import ModelLayout
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,15 @@ def _replace_first(value: Any, new: Tensor) -> Any:
 
 
 class HookSession:
-    """The torch hooks of one ``model.hooks({...})`` block. Use it as a context manager."""
+    """The torch hooks of one ``model.hooks({...})`` block. Use it as a context manager.
 
-    def __init__(self, model: HookedModel, hooks: dict[Site, list[HookFn]]) -> None:
-        self.model = model
+    It reads module paths and weights from the model's :class:`~mechscope.model.layout.ModelLayout`;
+    `owner` (the HookedModel) is only handed to hook functions in their :class:`HookContext`. The
+    owner keeps its own list of active sessions (this class never edits it)."""
+
+    def __init__(self, layout: ModelLayout, hooks: dict[Site, list[HookFn]], owner: HookedModel) -> None:
+        self.layout = layout
+        self.owner = owner
         self.hooks = hooks
         self._handles: list[RemovableHandle] = []
         self._attention_modules: list[tuple[nn.Module, dict[str, Any]]] = []
@@ -97,7 +103,6 @@ class HookSession:
         except BaseException:
             self._remove()
             raise
-        self.model._sessions.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -114,14 +119,11 @@ class HookSession:
             _refresh_attention_handlers(module)
         self._attention_modules.clear()
         self._stash.clear()
-        if self in self.model._sessions:
-            self.model._sessions.remove(self)
 
     def _ctx(self, site: Site) -> HookContext:
-        return HookContext(site, self.model)
+        return HookContext(site, self.owner)
 
     def _install(self) -> None:
-        m = self.model
         by_layer: dict[int | None, list[Site]] = defaultdict(list)
         for site in sorted(self.hooks, key=lambda s: s.order):
             by_layer[site.layer].append(site)
@@ -130,10 +132,9 @@ class HookSession:
                 self._install_global(sites)
             else:
                 self._install_layer(layer, sites)
-        del m
 
     def _install_global(self, sites: list[Site]) -> None:
-        m = self.model
+        m = self.layout
         module_of = {
             "hook_embed": m.adapter.embed,
             "hook_pos_embed": m.adapter.pos_embed,
@@ -148,7 +149,7 @@ class HookSession:
                 self._output_hook(m.module(path), [site])
 
     def _install_layer(self, layer: int, sites: list[Site]) -> None:
-        m, a = self.model, self.model.adapter
+        m, a = self.layout, self.layout.adapter
         kinds = {s.kind: s for s in sites}
         mod = lambda path: m.layer_module(layer, path)  # noqa: E731
 
@@ -226,7 +227,7 @@ class HookSession:
                 return (after, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": after}
 
-        self._handles.append(self.model.layer(layer).register_forward_pre_hook(hook, with_kwargs=True))
+        self._handles.append(self.layout.layer(layer).register_forward_pre_hook(hook, with_kwargs=True))
 
     def _attn_out_hook(self, layer: int, module: nn.Module, out_site: Site | None, mid_site: Site | None) -> None:
         out_plan = (self._ctx(out_site), self._fns(out_site)) if out_site is not None else None
@@ -254,36 +255,32 @@ class HookSession:
 
         def hook(_module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
             z_flat = args[0]
-            result = self.model.head_results(z_flat, layer)
+            result = self.layout.head_results(z_flat, layer)
             new = _chain(fns, result, ctx)
             if new is result and not new.requires_grad:  # under autograd, `result` must feed the graph
                 return None
-            return new.sum(dim=-2) + self.model.weights.b_O_layer(layer)
+            return new.sum(dim=-2) + self.layout.weights.b_O_layer(layer)
 
         self._handles.append(o_proj.register_forward_hook(hook))
 
     def _mlp_input_hooks(self, layer: int, kinds: dict[str, Site]) -> None:
-        m, a = self.model, self.model.adapter
+        m, a = self.layout, self.layout.adapter
         pre, lin = kinds.get("mlp.hook_pre"), kinds.get("mlp.hook_pre_linear")
         if pre is None and lin is None:
             return
-        if a.mlp_layout == "gated_fused":
-            d_mlp = m.dims.d_mlp
-            half_sites = [s for s in (pre, lin) if s is not None]
+        d_mlp = m.dims.d_mlp
+        slices = a.mlp_kind.fused_slices(d_mlp)
+        if slices is not None:  # one projection computes both; each site is a slice of its output
+            for site in (s for s in (pre, lin) if s is not None):
+                part = slices[site.kind]
 
-            def getter_for(site: Site) -> Callable[[Any], Tensor]:
-                sl = slice(0, d_mlp) if site.kind == "mlp.hook_pre" else slice(d_mlp, 2 * d_mlp)
-                return lambda out: out[..., sl]
+                def getter(out: Any, part: slice = part) -> Tensor:
+                    return out[..., part]
 
-            for site in half_sites:
-                first = site.kind == "mlp.hook_pre"
+                def setter(out: Tensor, new: Tensor, part: slice = part) -> Tensor:
+                    return torch.cat([out[..., : part.start], new, out[..., part.stop :]], dim=-1)
 
-                def setter(out: Tensor, new: Tensor, first: bool = first) -> Tensor:
-                    return torch.cat([new, out[..., d_mlp:]] if first else [out[..., :d_mlp], new], dim=-1)
-
-                self._output_hook(
-                    m.layer_module(layer, a.mlp_in), [site], getter=getter_for(site), setter=setter, derived=True
-                )
+                self._output_hook(m.layer_module(layer, a.mlp_in), [site], getter=getter, setter=setter, derived=True)
             return
         if pre is not None:
             self._output_hook(m.layer_module(layer, a.mlp_in), [pre])

@@ -14,14 +14,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.model.layouts import in_out
+
 if TYPE_CHECKING:
-    from mechscope.model.hooked import HookedModel
-
-
-def in_out(module: Any, conv1d: bool) -> Tensor:
-    """A linear layer's weight as [d_in, d_out] (HF Linear stores [out, in]; GPT-2's Conv1D [in, out])."""
-    weight = module.weight
-    return weight if conv1d else weight.T
+    from mechscope.model.layout import ModelLayout
 
 
 def _bias(module: Any, size: int, like: Tensor) -> Tensor:
@@ -30,10 +26,10 @@ def _bias(module: Any, size: int, like: Tensor) -> Tensor:
 
 
 class WeightViews:
-    """Per-layer and stacked weight views of a :class:`HookedModel` (detached, read-only)."""
+    """Per-layer and stacked weight views of one model's layout (detached, read-only)."""
 
-    def __init__(self, model: HookedModel) -> None:
-        self._m = model
+    def __init__(self, layout: ModelLayout) -> None:
+        self._m = layout
 
     # Attention --------------------------------------------------------------------------------------
     def qkv(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -41,27 +37,19 @@ class WeightViews:
 
         W_Q: [n_heads, d_model, d_head], W_K/W_V: [n_kv_heads, d_model, d_head], biases [heads, d_head].
         """
-        m, a, d = self._m, self._m.adapter, self._m.dims
-        nq, nkv, dh = d.n_heads, d.n_kv_heads, d.d_head
+        m, a, sizes = self._m, self._m.adapter, self._m.heads
+        orient, layout = a.orientation, a.qkv
         mod = m.layer_module(layer, a.q_proj)
-        if a.qkv_layout == "separate":
+        if not layout.fused:
             assert a.k_proj is not None and a.v_proj is not None
             mods = [mod, m.layer_module(layer, a.k_proj), m.layer_module(layer, a.v_proj)]
-            ws = [in_out(x, a.conv1d) for x in mods]
+            ws = [orient.in_out(x.weight) for x in mods]
             bs = [_bias(x, w.shape[1], w) for x, w in zip(mods, ws)]
         else:
-            w = in_out(mod, a.conv1d)
-            b = _bias(mod, w.shape[1], w)
-            if a.qkv_layout == "neox_interleaved":
-                w3 = w.reshape(w.shape[0], nq, 3, dh)
-                b3 = b.reshape(nq, 3, dh)
-                ws = [w3[:, :, i].reshape(w.shape[0], nq * dh) for i in range(3)]
-                bs = [b3[:, i].reshape(nq * dh) for i in range(3)]
-            else:  # gpt2_fused and concat_fused: [q | k | v] along the output axis
-                sizes = [nq * dh, nkv * dh, nkv * dh]
-                ws = list(w.split(sizes, dim=1))
-                bs = list(b.split(sizes, dim=0))
-        heads = [nq, nkv, nkv]
+            w = orient.in_out(mod.weight)
+            ws, bs = layout.split(w, _bias(mod, w.shape[1], w), sizes)
+        heads = [sizes.n_heads, sizes.n_kv_heads, sizes.n_kv_heads]
+        dh = sizes.d_head
         w_out = [x.reshape(x.shape[0], h, dh).permute(1, 0, 2).detach() for x, h in zip(ws, heads)]
         b_out = [x.reshape(h, dh).detach() for x, h in zip(bs, heads)]
         return w_out[0], w_out[1], w_out[2], b_out[0], b_out[1], b_out[2]
@@ -81,7 +69,7 @@ class WeightViews:
 
     def W_O_layer(self, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
         m, d = self._m, self._m.dims
-        w = in_out(m.layer_module(layer, m.adapter.o_proj), m.adapter.conv1d)
+        w = m.adapter.orientation.in_out(m.layer_module(layer, m.adapter.o_proj).weight)
         return w.reshape(d.n_heads, d.d_head, d.d_model).detach()
 
     def b_O_layer(self, layer: int) -> Float[Tensor, " d_model"]:
@@ -93,21 +81,21 @@ class WeightViews:
     def mlp(self, layer: int) -> dict[str, Tensor | None]:
         """W_in, W_gate (None if not gated), W_out, b_in, b_gate, b_out of one layer."""
         m, a, d = self._m, self._m.adapter, self._m.dims
+        orient, kind = a.orientation, a.mlp_kind
         first = m.layer_module(layer, a.mlp_in)
         down = m.layer_module(layer, a.mlp_down)
-        w_first = in_out(first, a.conv1d)
+        w_first = orient.in_out(first.weight)
         b_first = _bias(first, w_first.shape[1], w_first)
-        w_out = in_out(down, a.conv1d)
+        w_out = orient.in_out(down.weight)
         b_out = _bias(down, d.d_model, w_out)
-        if a.mlp_layout == "plain":
+        if not kind.gated:
             w_in, b_in, w_gate, b_gate = w_first, b_first, None, None
-        elif a.mlp_layout == "gated_fused":
-            w_gate, w_in = w_first.split(d.d_mlp, dim=1)
-            b_gate, b_in = b_first.split(d.d_mlp, dim=0)
+        elif kind.fused:
+            w_gate, w_in, b_gate, b_in = kind.split_fused(w_first, b_first, d.d_mlp)
         else:
             assert a.mlp_up is not None
             up = m.layer_module(layer, a.mlp_up)
-            w_in = in_out(up, a.conv1d)
+            w_in = orient.in_out(up.weight)
             b_in = _bias(up, d.d_mlp, w_in)
             w_gate, b_gate = w_first, b_first
         out = {"W_in": w_in, "W_gate": w_gate, "W_out": w_out, "b_in": b_in, "b_gate": b_gate, "b_out": b_out}
@@ -198,3 +186,6 @@ class WeightViews:
     def b_U(self) -> Float[Tensor, " d_vocab"]:
         head = self._m.module(self._m.adapter.unembed)
         return _bias(head, self._m.dims.d_vocab, head.weight).detach()
+
+
+__all__ = ["WeightViews", "in_out"]

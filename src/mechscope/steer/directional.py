@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from mechscope.direction import Direction, orthonormal_basis, unit_direction
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.layouts import Orientation
 from mechscope.sites import Site
 from mechscope.steer.intervention import Intervention, require_hooked
 
@@ -79,30 +80,20 @@ def directional_ablation(model: HookedModel, direction: Direction | Tensor) -> D
 
 # Weight orthogonalisation ---------------------------------------------------------------------------------
 def _project_rows(weight: Tensor, basis: Tensor) -> Tensor:
-    """``W - (W B^T) B`` for a weight whose last axis is d_model (embeddings, Conv1D [in, out])."""
+    """``W - (W B^T) B`` for a weight whose last axis is d_model (embeddings, biases)."""
     w = weight.float()
     return (w - (w @ basis.T) @ basis).to(weight.dtype)
 
 
-def _project_cols(weight: Tensor, basis: Tensor) -> Tensor:
-    """``W - B^T (B W)`` for a Linear weight [d_model, in]."""
-    w = weight.float()
-    return (w - basis.T @ (basis @ w)).to(weight.dtype)
-
-
-def _orthogonalize_writer(module: nn.Module, r: Tensor, conv1d: bool, where: str) -> None:
+def _orthogonalize_writer(module: nn.Module, r: Tensor, orientation: Orientation, where: str) -> None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
         raise ConfigError(f"cannot orthogonalise {where}: it has no weight matrix ({type(module).__name__})")
     d = r.shape[-1]
-    if conv1d:
-        if weight.shape[-1] != d:
-            raise ShapeError(f"{where}: expected a Conv1D weight [in, {d}]; got {tuple(weight.shape)}")
-        weight.copy_(_project_rows(weight, r))
-    else:
-        if weight.shape[0] != d:
-            raise ShapeError(f"{where}: expected a Linear weight [{d}, in]; got {tuple(weight.shape)}")
-        weight.copy_(_project_cols(weight, r))
+    if orientation.out_in(weight).shape[0] != d:
+        stored = "[in, out]" if orientation.conv1d else "[out, in]"
+        raise ShapeError(f"{where}: expected a weight writing d_model={d} (stored {stored}); got {tuple(weight.shape)}")
+    weight.copy_(orientation.project_out_of_outputs(weight, r))
     bias = getattr(module, "bias", None)
     if isinstance(bias, Tensor):
         bias.copy_(_project_rows(bias, r))
@@ -124,7 +115,7 @@ def orthogonalize(model: HookedModel, direction: Direction | Tensor, *, inplace:
             f"{a.family} applies a norm to the attention/MLP output before the residual add, so no weight change "
             "reproduces directional ablation exactly; use directional_ablation(...) (hooks) instead"
         )
-    if model._sessions:
+    if model.hooks_active:
         raise ConfigError("leave every active hook/intervention block before orthogonalising (hooks would be copied)")
     hf = model.hf_model if inplace else copy.deepcopy(model.hf_model)
     r = r.to(model.device)
@@ -143,9 +134,9 @@ def orthogonalize(model: HookedModel, direction: Direction | Tensor, *, inplace:
         layers = hf.get_submodule(a.layers)
         for i in range(model.dims.n_layers):
             for path in (a.o_proj, a.mlp_down):
-                _orthogonalize_writer(layers[i].get_submodule(path), r, a.conv1d, f"layer {i} {path}")
+                _orthogonalize_writer(layers[i].get_submodule(path), r, a.orientation, f"layer {i} {path}")
     if inplace:
-        model._module_cache.clear()
+        model.layout.forget_modules()
         return model
     return HookedModel(hf, model.tokenizer, attention_sites=model.attention_base is not None)
 

@@ -66,21 +66,13 @@ def _head_slices(model: Any, layer: int, head: int) -> dict[str, tuple[str, list
     own_kv = nkv == nq
     out: dict[str, tuple[str, list[range]]] = {}
     q = range(head * dh, (head + 1) * dh)
-    if a.qkv_layout == "separate":
+    layout = a.qkv
+    # the query projection (the fused one when fused) and, without GQA sharing, the head's own key and value
+    out[prefix + a.q_proj] = ("out", layout.head_outputs(head, model.layout.heads, with_kv=own_kv))
+    if not layout.fused and own_kv:
         assert a.k_proj is not None and a.v_proj is not None
-        out[prefix + a.q_proj] = ("out", [q])
-        if own_kv:
-            out[prefix + a.k_proj] = ("out", [q])
-            out[prefix + a.v_proj] = ("out", [q])
-    elif a.qkv_layout == "neox_interleaved":
-        base = head * 3 * dh
-        out[prefix + a.q_proj] = ("out", [range(base + i * dh, base + (i + 1) * dh) for i in (0, 1, 2)])
-    else:  # gpt2_fused, concat_fused: [q | k | v]
-        ranges = [q]
-        if own_kv:
-            ranges += [range(nq * dh + head * dh, nq * dh + (head + 1) * dh)]
-            ranges += [range((nq + nkv) * dh + head * dh, (nq + nkv) * dh + (head + 1) * dh)]
-        out[prefix + a.q_proj] = ("out", ranges)
+        out[prefix + a.k_proj] = ("out", [q])
+        out[prefix + a.v_proj] = ("out", [q])
     out[prefix + a.o_proj] = ("in", [q])
     return out
 
@@ -123,9 +115,7 @@ def trainable_masks(model: Any, components: Sequence[str]) -> dict[str, Tensor]:
                         if axis == "out":
                             mask[idx] = True
                     else:
-                        # [in, out] view: Conv1D stores it as is, nn.Linear transposed.
-                        dim = (0 if axis == "in" else 1) if a.conv1d else (1 if axis == "in" else 0)
-                        mask.index_fill_(dim, idx, True)
+                        mask.index_fill_(a.orientation.axis(axis), idx, True)
                     if bool(mask.any()):
                         masks[name] = mask
     return masks

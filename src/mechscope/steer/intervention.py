@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from mechscope.errors import ConfigError
+from mechscope.errors import ConfigError, SiteError
 from mechscope.model.hooks import HookFn
 from mechscope.model.kv_cache import cache_argument
 from mechscope.results import ARTIFACT_FORMAT, Artifact, ModelMismatchError
-from mechscope.sites import Site, SiteLike, parse_sites
+from mechscope.sites import Selection, Site, SiteLike, parse_sites
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -62,8 +62,12 @@ def resolve_sites(model: HookedModel, sites: SiteLike | Iterable[SiteLike]) -> l
 
 def axis_size(model: HookedModel, axis: str) -> int | None:
     """The size of a named model axis (``d_model``, ``n_heads``...), None for batch/positions."""
+    return _axis_sizes(model).get(axis)
+
+
+def _axis_sizes(model: HookedModel) -> dict[str, int]:
     d = model.dims
-    sizes = {
+    return {
         "d_model": d.d_model,
         "n_heads": d.n_heads,
         "n_kv_heads": d.n_kv_heads,
@@ -71,15 +75,6 @@ def axis_size(model: HookedModel, axis: str) -> int | None:
         "d_mlp": d.d_mlp,
         "d_vocab": d.d_vocab,
     }
-    return sizes.get(axis)
-
-
-def _check_indices(what: str, values: Sequence[int] | None, size: int | None, site: Site) -> None:
-    if values is None or size is None:
-        return
-    bad = [v for v in values if not -size <= v < size]
-    if bad:
-        raise ConfigError(f"{what} {bad} are out of range for {site.name}, whose axis has {size} entries")
 
 
 def validate_selection(
@@ -90,13 +85,10 @@ def validate_selection(
     neurons: Sequence[int] | None = None,
 ) -> None:
     """Check that `heads` / `neurons` make sense for `site` on `model` (before any hook exists)."""
-    if heads is not None:
-        head_axes = [a for a in site.axes if a in ("n_heads", "n_kv_heads")]
-        if not head_axes:
-            raise ConfigError(f"site {site.name} has no head axis (axes {site.axes}); heads= does not apply")
-        _check_indices("heads", heads, axis_size(model, head_axes[0]), site)
-    if neurons is not None:
-        _check_indices("neurons", neurons, axis_size(model, site.axes[-1]), site)
+    try:
+        Selection.of(heads=heads, neurons=neurons).check(site, _axis_sizes(model))
+    except SiteError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def selection_mask(
@@ -108,34 +100,9 @@ def selection_mask(
     positions: Sequence[int] | None = None,
     neurons: Sequence[int] | None = None,
 ) -> Tensor | None:
-    """A boolean mask (broadcastable to `shape`) of the selected entries; None selects everything.
-
-    `positions` index the position axis of this forward (negative from the end; out-of-range ones
-    are skipped, so ``[-1]`` means the newest token during generation); `neurons` index the last axis.
-    """
-    if heads is None and positions is None and neurons is None:
-        return None
-    ndim = len(shape)
-    mask = torch.ones((1,) * ndim, dtype=torch.bool, device=device)
-
-    def along(axis: int, index: Sequence[int], wrap: bool) -> Tensor:
-        n = shape[axis]
-        keep = torch.zeros(n, dtype=torch.bool, device=device)
-        idx = [i % n for i in index if -n <= i < n] if wrap else [i % n for i in index]
-        if idx:
-            keep[torch.tensor(idx, device=device)] = True
-        view = [1] * ndim
-        view[axis] = n
-        return keep.view(view)
-
-    if heads is not None:
-        head_axis = next(i for i, a in enumerate(site.axes) if a in ("n_heads", "n_kv_heads"))
-        mask = mask & along(head_axis, heads, wrap=False)
-    if positions is not None:
-        mask = mask & along(site.pos_axis, positions, wrap=True)
-    if neurons is not None:
-        mask = mask & along(ndim - 1, neurons, wrap=False)
-    return mask
+    """A boolean mask (broadcastable to `shape`) of the selected entries; None selects everything
+    (see :class:`~mechscope.sites.Selection`)."""
+    return Selection.of(heads=heads, positions=positions, neurons=neurons).mask(site, shape, device)
 
 
 class Intervention:

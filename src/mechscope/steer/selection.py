@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mechscope.direction import Direction
 from mechscope.errors import ConfigError, MechscopeError
+from mechscope.metrics import kl_div
 from mechscope.results import Result
 from mechscope.sites import Site
 from mechscope.steer.directional import DirectionalAblation
@@ -182,15 +183,16 @@ def _last_logits(model: HookedModel, batch: dict[str, Tensor]) -> Tensor:
         return model.forward(batch)[:, -1].float()
 
 
-def _token_logprobs(model: HookedModel, batch: dict[str, Tensor]) -> Tensor:
-    """Log-probabilities at every real token of a batch, [n_tokens, d_vocab]."""
+def _real_token_logits(model: HookedModel, batch: dict[str, Tensor]) -> Tensor:
+    """Logits at every real token of a batch, [n_tokens, d_vocab]."""
     with torch.no_grad():
         logits = model.forward(batch)
-    return logits[batch["attention_mask"].to(logits.device).bool()].float().log_softmax(-1)
+    return logits[batch["attention_mask"].to(logits.device).bool()].float()
 
 
 def _mean_kl(reference: Tensor, new: Tensor) -> float:
-    return float((reference.exp() * (reference - new)).sum(-1).mean())
+    """Mean ``KL(reference || new)`` over rows of logits (the shared :func:`mechscope.metrics.kl_div`)."""
+    return float(kl_div(new, reference, reduction="mean"))
 
 
 def retain_subspace(model: HookedModel, texts: Sequence[str], site: Site, k: int) -> Float[Tensor, "k d_model"]:
@@ -320,15 +322,15 @@ def _orthogonalise_against_retained(
     (in place). Returns the side-effect measure every later phase uses: mean KL on the retain tokens, or
     on the last token of the negative prompts when there are none."""
     if retain is None:
-        base_neg = _last_logits(model, cand.neg_batch).log_softmax(-1)
-        return lambda: _mean_kl(base_neg, _last_logits(model, cand.neg_batch).log_softmax(-1))
+        base_neg = _last_logits(model, cand.neg_batch)
+        return lambda: _mean_kl(base_neg, _last_logits(model, cand.neg_batch))
     retain_batch = model.to_tokens(list(retain))
     if cfg.retain_components > 0:
         for li, site in enumerate(cand.sites):
             basis = retain_subspace(model, retain, site, cfg.retain_components).to(cand.directions.device)
             cand.directions[li] -= (cand.directions[li] @ basis.T) @ basis
-    base_retain = _token_logprobs(model, retain_batch)
-    return lambda: _mean_kl(base_retain, _token_logprobs(model, retain_batch))
+    base_retain = _real_token_logits(model, retain_batch)
+    return lambda: _mean_kl(base_retain, _real_token_logits(model, retain_batch))
 
 
 def _score(

@@ -121,12 +121,9 @@ def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None
                 return None
             x = _reconstruct(state, state.resid_pre[layer], group)
             q, k, v = _qkv(norm, x, weights[layer], d.n_heads, d.n_kv_heads)
-            if a.qkv_layout == "separate":
+            if not a.qkv.fused:  # k and v come out of their own projections' hooks
                 state.kv[layer] = (k, v)
-                return flat(q)
-            if a.qkv_layout == "neox_interleaved":
-                return flat(torch.stack([q, k, v], dim=3))
-            return torch.cat([flat(q), flat(k), flat(v)], dim=-1)
+            return a.qkv.fuse(q, k, v)
 
         return hook
 
@@ -165,7 +162,7 @@ def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None
     try:
         for layer in range(d.n_layers):
             handles.append(model.layer(layer).register_forward_pre_hook(layer_pre(layer), with_kwargs=True))
-            parts = [("q", a.q_proj)] + ([("k", a.k_proj), ("v", a.v_proj)] if a.qkv_layout == "separate" else [])
+            parts = [("q", a.q_proj)] + ([] if a.qkv.fused else [("k", a.k_proj), ("v", a.v_proj)])
             for part, path in parts:
                 assert path is not None
                 handles.append(model.layer_module(layer, path).register_forward_hook(qkv_hook(layer, part)))

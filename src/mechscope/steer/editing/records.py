@@ -50,14 +50,14 @@ def mlp_out_weight(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
     ``[out, in]`` convention for both.
     """
     weight = model.hf_model.get_parameter(mlp_out_name(model, layer))
-    return weight.T if model.adapter.conv1d else weight
+    return model.adapter.orientation.out_in(weight)
 
 
 def add_to_mlp_out(model: Any, layer: int, delta: Float[Tensor, "d_model d_mlp"]) -> None:
     """``W += delta`` in place on layer `layer`'s MLP output projection (``delta`` in ``[out, in]``)."""
     weight = model.hf_model.get_parameter(mlp_out_name(model, layer))
     with torch.no_grad():
-        update = delta.T if model.adapter.conv1d else delta
+        update = model.adapter.orientation.stored_from_out_in(delta)
         if update.shape != weight.shape:
             raise EditError(f"update of shape {tuple(update.shape)} does not fit weight {tuple(weight.shape)}")
         weight.add_(update.to(weight.dtype))

@@ -1,0 +1,91 @@
+"""The one file envelope: every family shares the header, the schema check, migrations and registries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mechscope.errors import ConfigError
+from mechscope.io import (
+    Envelope,
+    FileSchema,
+    ModelInfo,
+    read_envelope,
+    read_json_envelope,
+    register_schema,
+    registered_schemas,
+    write_envelope,
+    write_json_envelope,
+)
+from mechscope.results import Artifact, Result
+
+SCHEMA = FileSchema("test_widget", 3, "test widget", {1: lambda h: {**h, "kind": "v2"}, 2: lambda h: h})
+
+
+def test_an_envelope_round_trips_tensors_body_kind_and_model(tmp_path):
+    info = ModelInfo("abc123", "llama", d_model=8, n_layers=2, dtype="float32")
+    env = Envelope("widget", {"a": [1, 2], "b": {"c": "<x>"}}, {"t": torch.arange(6.0).reshape(2, 3)}, info)
+    path = write_envelope(tmp_path / "w.safetensors", env, SCHEMA)
+    back = read_envelope(path, SCHEMA)
+    assert (back.kind, back.body, back.model, back.schema_version) == ("widget", env.body, info, 3)
+    torch.testing.assert_close(back.tensors["t"], env.tensors["t"])
+    assert not list(tmp_path.glob("*.tmp"))
+    json_path = write_json_envelope(tmp_path / "w.json", Envelope("widget", {"x": 1}, model=info), SCHEMA)
+    again = read_json_envelope(json_path, SCHEMA)
+    assert (again.kind, again.body, again.model) == ("widget", {"x": 1}, info)
+
+
+def test_the_schema_check_migrates_older_files_and_names_both_versions_for_newer_ones(tmp_path):
+    old = tmp_path / "old.safetensors"
+    save_file({"t": torch.zeros(1)}, str(old), metadata={"format": "mechscope.test_widget", "schema_version": "1"})
+    assert read_envelope(old, SCHEMA).kind == "v2"  # both registered steps ran
+    newer = tmp_path / "newer.safetensors"
+    save_file({"t": torch.zeros(1)}, str(newer), metadata={"format": "mechscope.test_widget", "schema_version": "9"})
+    with pytest.raises(ConfigError, match=r"schema_version 9 is newer .*9 > 3"):
+        read_envelope(newer, SCHEMA)
+    with pytest.raises(ConfigError, match=r"reads versions 2\.\.3"):
+        read_envelope(old, FileSchema("test_widget", 3, "test widget", {2: lambda h: h}))
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"t": torch.zeros(1)}, str(wrong), metadata={"format": "mechscope.other"})
+    with pytest.raises(ConfigError, match=r"expected format .mechscope\.test_widget."):
+        read_envelope(wrong, SCHEMA)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"format": "mechscope.test_widget",\n "schema_version": 3,,}')
+    with pytest.raises(ConfigError, match="line 2: malformed JSON"):
+        read_json_envelope(bad_json, SCHEMA)
+
+
+def test_a_result_file_of_schema_1_still_loads(tmp_path):
+    path = tmp_path / "v1.safetensors"
+    meta = {
+        "format": "mechscope.result",
+        "schema_version": "1",
+        "method": "result",
+        "config": json.dumps({"k": 1}),
+        "description": json.dumps({"axes": {"x": ["layer"]}, "labels": {"layer": ["0", "1"]}}),
+    }
+    save_file({"x": torch.tensor([1.0, 2.0])}, str(path), metadata=meta)
+    loaded = Result.load(path)
+    assert loaded.config == {"k": 1} and loaded.labels == {"layer": ["0", "1"]}
+    torch.testing.assert_close(loaded["x"], torch.tensor([1.0, 2.0]))
+
+
+def test_registries_refuse_a_second_owner_of_a_name():
+    with pytest.raises(ConfigError, match="already registered"):
+        register_schema(FileSchema("result", 2, "another result"))
+    assert "result" in registered_schemas() and "artifact" in registered_schemas()
+    import mechscope.direction
+    import mechscope.locate.probes  # noqa: F401  (registers the 'probes' result method)
+
+    with pytest.raises(ConfigError, match="'probes' is already registered"):
+
+        class Impostor(Result):
+            method = "probes"
+
+    with pytest.raises(ConfigError, match="'direction' is already registered"):
+
+        class OtherDirection(Artifact):
+            kind = "direction"
