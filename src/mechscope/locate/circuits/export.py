@@ -11,20 +11,21 @@ Only kept edges are written; loading validates the format, the graph signature a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mechscope.errors import ConfigError
+from mechscope.io import FileSchema, check_header, read_json, register_schema, write_text_atomic
 from mechscope.locate.circuits.circuit import Circuit
 from mechscope.locate.circuits.figure import circuit_figure, write_circuit_html
 from mechscope.locate.circuits.graph import Graph, GraphError
 
-FORMAT = "mechscope.circuit"
-SCHEMA_VERSION = 1
+#: Circuits keep their flat JSON layout (read by other tools); the header check is the shared one.
+SCHEMA = register_schema(FileSchema("circuit", 1, "circuit JSON"))
+FORMAT = SCHEMA.format
+SCHEMA_VERSION = SCHEMA.version
 _GRAPH_KEYS = ("n_layers", "n_heads", "n_kv_heads", "parallel")
 
 
@@ -49,26 +50,14 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
 
 def save_circuit_json(circuit: Circuit, path: str | Path) -> Path:
     """Write the circuit's kept edges (with scores) as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(circuit_to_dict(circuit), fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(circuit_to_dict(circuit), indent=1))
 
 
 def circuit_from_dict(data: Any, where: str = "circuit") -> Circuit:
     """Rebuild a :class:`Circuit` from :func:`circuit_to_dict` output, validating everything."""
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ConfigError(f"{where}: expected a JSON object with format {FORMAT!r}; got {got!r}")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ConfigError(f"{where}: expected schema_version {SCHEMA_VERSION}; got {data.get('schema_version')!r}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object with format {FORMAT!r}; got {type(data).__name__}")
+    check_header({"format": str(data.get("format")), "schema_version": str(data.get("schema_version"))}, SCHEMA, where)
     sig = data.get("graph")
     if not isinstance(sig, dict) or any(k not in sig for k in _GRAPH_KEYS):
         raise ConfigError(f"{where}: 'graph' must be an object with keys {list(_GRAPH_KEYS)}; got {sig!r}")
@@ -98,12 +87,7 @@ def circuit_from_dict(data: Any, where: str = "circuit") -> Circuit:
 
 
 def load_circuit_json(path: str | Path) -> Circuit:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read circuit JSON {path}: {exc}") from exc
-    return circuit_from_dict(data, str(path))
+    return circuit_from_dict(read_json(path, "circuit JSON"), str(path))
 
 
 __all__ = [
