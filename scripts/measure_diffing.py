@@ -257,6 +257,7 @@ def main() -> None:
         "trait": lambda: trait(base),
         "profile": lambda: profile(base),
         "conditional": lambda: gated(base),
+        "harmful_heads": lambda: harmful_heads(base),
     }
     for name, fn in sections.items():
         if args.only and name not in args.only:
