@@ -196,3 +196,19 @@ def runner_invoke(args: list[str]) -> str:
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
     return out.output
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_next_token_predictions_equal_each_prompt_alone(family) -> None:
+    """The organisms' scoring rule, batched by length without a KV cache and projecting only each row's last
+    position, still gives every prompt's own greedy next token."""
+    from mechscope.data.tasks.metrics import next_token_predictions
+
+    hf, tok = tiny_model(family)
+    prompts = ["the cat sat on the mat", "a dog", "we read a good book today", "the", "a dog ran in the park"]
+    got = next_token_predictions(hf, tok, prompts, batch_size=2)
+    with torch.no_grad():
+        alone = [
+            int(hf(**tok(p, return_tensors="pt", add_special_tokens=False)).logits[0, -1].argmax()) for p in prompts
+        ]
+    assert got == alone

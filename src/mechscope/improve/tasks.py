@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from mechscope.data.tasks import TEXT_TASKS, backdoor, facts, generate_all, ioi, refusal, sentiment, truth, vocab
+from mechscope.data.tasks.base import TaskData
 from mechscope.data.tasks.metrics import next_token_predictions
 from mechscope.errors import ConfigError
 
@@ -22,6 +24,17 @@ if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
 _MODULES = {m.NAME: m for m in (facts, truth, ioi, refusal, sentiment, backdoor)}
+
+
+@lru_cache(maxsize=2)
+def _planted(seed: int) -> dict[str, TaskData]:
+    """The planted tasks' data for `seed`, generated once per process (4 s; an evaluation reads it ~6 times)."""
+    return generate_all(seed)
+
+
+@lru_cache(maxsize=4)
+def _sentiment_heldout(seed: int, n_eval: int) -> tuple[sentiment.Example, ...]:
+    return tuple(sentiment.generate(seed, n_eval=n_eval).eval["heldout"])
 
 
 class Task:
@@ -112,7 +125,7 @@ class SentimentTask(Task):
         _check_n(self.max_new_tokens, "max_new_tokens")
 
     def _split(self) -> list[sentiment.Example]:
-        return sentiment.generate(self.seed, n_eval=self.n_eval).eval["heldout"]
+        return list(_sentiment_heldout(self.seed, self.n_eval))
 
     def metrics(self, model: HookedModel) -> dict[str, float]:
         split = self._split()
@@ -169,11 +182,11 @@ class ZooTask(Task):
         return (self.task,)
 
     def metrics(self, model: HookedModel) -> dict[str, float]:
-        data = generate_all(self.seed)[self.task]
+        data = _planted(self.seed)[self.task]
         return _MODULES[self.task].evaluate(model.hf_model, model.tokenizer, data)
 
     def sample_prompts(self) -> list[str]:
-        data = generate_all(self.seed)[self.task]
+        data = _planted(self.seed)[self.task]
         split = next(iter(data.eval.values()))
         return [e.prompt for e in split][: self.n_samples]
 
@@ -185,7 +198,7 @@ def zoo_metrics(model: HookedModel, tasks: Sequence[str], seed: int = 0) -> dict
         raise ConfigError(f"unknown zoo tasks {unknown}; known: {list(TEXT_TASKS)}")
     if not tasks:
         return {}
-    data = generate_all(seed)
+    data = _planted(seed)
     out: dict[str, float] = {}
     with torch.no_grad():
         for name in tasks:

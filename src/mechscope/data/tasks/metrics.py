@@ -25,21 +25,37 @@ def first_token_id(tokenizer, text: str) -> int:
 
 @torch.no_grad()
 def next_token_predictions(model, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> list[int]:
-    """Greedy next-token id after each prompt."""
+    """Greedy next-token id after each prompt.
+
+    Prompts are batched by token length (less padding), without a KV cache, and where the model supports
+    ``logits_to_keep`` only each row's last real position is projected onto the vocabulary; every row is
+    still read at its own last token, so the predictions are those of running each prompt alone.
+    """
+    import inspect
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    out: list[int] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
+    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+    encoded_all = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(encoded_all)), key=lambda i: len(encoded_all[i]))
+    out: list[int] = [0] * len(encoded_all)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        encoded = [encoded_all[i] for i in rows]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for i, ids in enumerate(encoded):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        last = mask.sum(dim=1) - 1
-        out += logits[torch.arange(len(encoded)), last.to(device)].argmax(-1).tolist()
+        last = (mask.sum(dim=1) - 1).to(device)
+        kwargs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+        if keep_last:
+            logits = model(**kwargs, logits_to_keep=last[:, None]).logits[:, 0]
+        else:
+            logits = model(**kwargs).logits[torch.arange(len(encoded), device=device), last]
+        for row, token in zip(rows, logits.argmax(-1).tolist(), strict=True):
+            out[row] = int(token)
     return out
 
 
