@@ -294,15 +294,44 @@ def read_json_envelope(path: str | Path, schema: FileSchema) -> Envelope:
     return _envelope_from_header(check_header(header, schema, where), {}, where)
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Parsed JSON of `path`, or a :class:`ConfigError` naming the file (and line) when it is unreadable."""
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of `path`, or a :class:`ConfigError` saying what is wrong with which file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a folder; expected a {what} file")
     if not path.is_file():
         raise ConfigError(f"no {what} file at {str(path)!r}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{str(path)!r} is not a readable UTF-8 text file (expected a {what}): {exc}") from exc
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a {what} file"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {str(path)!r} (expected a {what} file): {exc.strerror or exc}") from exc
+
+
+def read_jsonl(path: str | Path, what: str, *, allow_empty: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSON-lines file; errors name the file and line."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(read_text(path, what).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{str(path)!r}, line {number}: malformed JSON ({exc.msg}); expected a {what}") from exc
+        if not isinstance(row, dict):
+            raise ConfigError(f"{str(path)!r}, line {number}: expected a JSON object; got {type(row).__name__}")
+        rows.append((number, row))
+    if not rows and not allow_empty:
+        raise ConfigError(f"{str(path)!r} holds no lines; expected a {what} (one JSON object per line)")
+    return rows
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parsed JSON of `path`, or a :class:`ConfigError` naming the file (and line) when it is unreadable."""
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -318,7 +347,9 @@ __all__ = [
     "read_envelope",
     "read_json",
     "read_json_envelope",
+    "read_jsonl",
     "read_safetensors",
+    "read_text",
     "register_schema",
     "registered_schemas",
     "write_envelope",

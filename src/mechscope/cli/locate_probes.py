@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
+from mechscope.io import read_jsonl
 
 
 def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -33,12 +33,9 @@ def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], li
 
 def _jsonl(path: Path) -> tuple[list[str], list[Any]]:
     texts, labels = [], []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for number, row in read_jsonl(path, "probe data file ({'text': ..., 'label': ...} per line)"):
         if "text" not in row or "label" not in row:
-            raise typer.BadParameter(f"{path}:{i + 1}: each line needs 'text' and 'label'; got keys {sorted(row)}")
+            raise typer.BadParameter(f"{path}:{number}: each line needs 'text' and 'label'; got keys {sorted(row)}")
         texts.append(row["text"])
         labels.append(row["label"])
     return texts, labels

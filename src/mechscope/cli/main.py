@@ -9,13 +9,13 @@ from typing import Annotated
 import typer
 
 from mechscope.cli.common import fail, offline_by_default
-from mechscope.cli.runs import RecordingGroup
+from mechscope.cli.errors import ErrorHandlingGroup
 
 app = typer.Typer(
     help="mechscope: locate, steer and improve behaviours of Hugging Face causal LMs.",
     no_args_is_help=True,
     add_completion=False,
-    cls=RecordingGroup,
+    cls=ErrorHandlingGroup,
 )
 
 

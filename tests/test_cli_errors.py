@@ -1,0 +1,66 @@
+"""One error path for every command: foreseeable errors are one paragraph and exit code 2; bugs say so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mechscope.cli.errors import BUG, USER_ERROR
+from mechscope.cli.main import app
+from tiny_models import tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    hf, tok = tiny_model("gpt2")
+    path = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _clean_failure(result, *needles: str) -> None:
+    assert result.exit_code == USER_ERROR, result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") <= 3, result.output  # one paragraph, not a stack
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def test_the_zoo_group_reports_its_own_errors_without_a_traceback(tmp_path):
+    _clean_failure(runner.invoke(app, ["zoo", "eval", str(tmp_path / "absent")]), "error:", "absent")
+
+
+def test_bad_input_files_name_the_file_and_line(folder, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a", "label": 0}) + "\n{not json}\n")
+    _clean_failure(runner.invoke(app, ["locate", "probe", str(folder), "--data", str(bad)]), "bad.jsonl", "line 2")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9", "label": 1}\n')
+    _clean_failure(runner.invoke(app, ["locate", "probe", str(folder), "--data", str(latin)]), "not UTF-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    _clean_failure(runner.invoke(app, ["locate", "probe", str(folder), "--data", str(empty)]), "holds no lines")
+    _clean_failure(runner.invoke(app, ["locate", "probe", str(folder), "--data", str(tmp_path)]), "is a folder")
+
+
+def test_an_unexpected_error_shows_its_traceback_and_says_it_is_a_bug(folder, monkeypatch):
+    import mechscope.model.loading as loading
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("internal failure")
+
+    monkeypatch.setattr(loading, "load_model", broken)
+    result = runner.invoke(app, ["info", str(folder)])
+    assert result.exit_code == BUG
+    assert "Traceback" in result.output and "This is a bug in mechscope" in result.output
+
+
+def test_help_and_usage_errors_are_click_s_own():
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+    result = runner.invoke(app, ["info"])  # missing argument
+    assert result.exit_code == 2 and "Missing argument" in result.output
