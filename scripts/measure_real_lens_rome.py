@@ -141,7 +141,7 @@ def rome_specificity(model, out: dict, folder: Path, layers: tuple[int, ...]) ->
     for layer in layers:
         snap = snapshot(model)
         t0 = time.perf_counter()
-        record = rome(model, request, ROMEConfig(layer=layer, stats=StatsConfig(n_tokens=10_000)))
+        record = rome(model, request, ROMEConfig(layer=layer, stats=StatsConfig(n_tokens=10_000, stream="zoo")))
         edit_s = time.perf_counter() - t0
         changed = equal_to_snapshot(model, snap)
         metrics = edit_metrics(model, record=record)  # reverts, measures before, re-applies, measures after

@@ -228,7 +228,8 @@ def ioi(model, out: dict, folder: Path) -> None:
 
 
 def refusal(model, out: dict, folder: Path, max_new_tokens: int) -> None:
-    from mechscope.model.chat import load_prompt_set, refusal_rate
+    from mechscope.data.prompt_sets import load_prompt_set
+    from mechscope.improve.refusal import refusal_rate
 
     out["refusal"] = {"max_new_tokens": max_new_tokens}
     for name in ("harmful", "harmless"):
@@ -360,7 +361,9 @@ SAFETY_SYSTEM = (
 
 def refusal_direction(model, out: dict, folder: Path, max_new_tokens: int) -> None:
     """Arditi et al.: difference-of-means direction on chat prompts, ablation and orthogonalisation."""
-    from mechscope.model.chat import format_instructions, load_prompt_set, refusal_rate
+    from mechscope.data.prompt_sets import load_prompt_set
+    from mechscope.improve.refusal import refusal_rate
+    from mechscope.model.chat import format_instructions
     from mechscope.steer.directional import (
         DirectionSelectionConfig,
         directional_ablation,
@@ -454,7 +457,7 @@ def rome_edit(model, out: dict, folder: Path) -> None:
     start = time.perf_counter()
     per_layer = {}
     for layer in (2, 6, 10, 14, 18, 22):
-        cfg = ROMEConfig(layer=layer, stats=StatsConfig(n_tokens=10_000))
+        cfg = ROMEConfig(layer=layer, stats=StatsConfig(n_tokens=10_000, stream="zoo"))
         record = rome(model, request, cfg)
         metrics = edit_metrics(model, record=record)  # reverts, measures before, re-applies, measures after
         record.revert(model)
