@@ -35,11 +35,45 @@ _TIED_OK = {"lm_head.weight"}  # absent from files of tied-embedding models
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point or dtype.itemsize < 2:
+            raise ConfigError(
+                f"a model's weights take a floating dtype of 16 bits or more (float32, bfloat16, float16, "
+                f"float64); got {dtype}"
+            )
         return dtype
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def _attention_for(config: Any, requested: str | None) -> str:
+    """The base attention to load `config`'s family with: the requested one when the family's class
+    supports it, else eager (mechscope wraps either, so attention sites stay exposed).
+
+    ``None`` / ``"auto"`` means sdpa where available; other names (``"flash_attention_2"``) pass through to
+    transformers, and attention-internal sites are then unavailable (only sdpa and eager are wrapped).
+    Some families have no SDPA path in transformers (Gemma 2: SDPA cannot softcap attention logits);
+    asking for sdpa there falls back to eager, which the loaded model reports as ``attention_base``.
+    """
+    if requested is not None and not isinstance(requested, str):
+        raise ConfigError(f"attn_implementation must be a name such as 'auto', 'sdpa' or 'eager'; got {requested!r}")
+    wanted = "sdpa" if requested in (None, "auto") else str(requested)
+    if wanted == "sdpa" and not _family_supports_sdpa(config):
+        return "eager"
+    return wanted
+
+
+def _family_supports_sdpa(config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote-code or unknown classes: let transformers decide
+        return True
+    return bool(getattr(model_cls, "_supports_sdpa", True))
 
 
 def _resolve_folder(source: str | os.PathLike[str]) -> Path:
@@ -79,6 +113,84 @@ def _gguf_source(
     return gguf.gguf_to_folder(path, dtype=dtype or torch.float32, cache_dir=cache_dir).folder
 
 
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def _check_folder(folder: Path) -> None:
+    """A folder written by save_pretrained holds config.json and weights; say which is missing."""
+    has_config = (folder / "config.json").is_file()
+    has_weights = any((folder / name).is_file() for name in _WEIGHT_FILES) or any(folder.glob("*.safetensors"))
+    tokenizer_files = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+    if has_config and has_weights:
+        return
+    found = sorted(p.name for p in folder.iterdir())[:8]
+    if not has_config and not has_weights:
+        what = "tokenizer files only" if tokenizer_files else f"neither config.json nor weights (found {found})"
+        raise ModelNotFoundError(
+            f"{str(folder)!r} holds {what}; a model folder needs config.json and weights "
+            f"({' or '.join(_WEIGHT_FILES[:2])}), as written by model.save_pretrained(folder)"
+        )
+    if not has_config:
+        raise ModelNotFoundError(
+            f"{str(folder)!r} has weights but no config.json; save the model's config there "
+            "(model.config.save_pretrained(folder)) so its architecture is known"
+        )
+    raise ModelNotFoundError(
+        f"{str(folder)!r} has config.json but no weights (expected {' or '.join(_WEIGHT_FILES)}); "
+        "a config alone describes the architecture but not the trained parameters"
+    )
+
+
+def _check_device_map(config: Any, device_map: str | dict[str, Any]) -> None:
+    """Refuse a ``device_map`` dict that leaves a parameter nowhere (transformers would quietly place it)."""
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential") and not _is_device(device_map):
+            raise ConfigError(
+                f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential', a device or a dict "
+                f"{{module: device}}; got {device_map!r}"
+            )
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise ConfigError(f"device_map must be a string or a non-empty dict {{module: device}}; got {device_map!r}")
+    bad = {k: v for k, v in device_map.items() if not (isinstance(v, int) or _is_device(v))}
+    if bad:
+        raise ConfigError(f"device_map values must be devices (0, 'cpu', 'cuda:1', 'disk'); got {bad}")
+    if "" in device_map:
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = [n for n, _ in skeleton.named_parameters()] + [n for n, _ in skeleton.named_buffers()]
+    unknown = [k for k in device_map if not any(n == k or n.startswith(k + ".") for n in names)]
+    if unknown:
+        raise ConfigError(f"device_map names modules this model does not have: {unknown[:5]}")
+    nowhere = [n for n in names if not any(n == k or n.startswith(k + ".") for k in device_map)]
+    if nowhere:
+        modules = sorted({n.rsplit(".", 1)[0] for n in nowhere})
+        raise ConfigError(
+            f"device_map leaves {len(nowhere)} tensors nowhere, in modules {modules[:6]}; every parameter needs "
+            "a device (add those modules, or a parent such as 'model.layers.1')"
+        )
+
+
+def _is_device(value: Any) -> bool:
+    if isinstance(value, torch.device) or value == "disk":
+        return True
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def load_model(
     source: str | os.PathLike[str] | nn.Module,
     *,
@@ -86,7 +198,9 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     device_map: str | dict[str, Any] | None = None,
-    attn_implementation: str = "sdpa",
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    attn_implementation: str | None = "auto",
     attention_sites: bool = True,
     allow_download: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -99,8 +213,14 @@ def load_model(
             a Hub id.
         tokenizer: the tokenizer for an in-memory model (loaded from the folder otherwise).
         dtype: ``torch.float32`` (default for files), ``"bfloat16"``, ...; in-memory models are cast.
-        device / device_map: where weights go; ``device_map`` shards with HF accelerate.
-        attn_implementation: base attention (``"sdpa"`` or ``"eager"``); mechscope wraps it.
+        device / device_map: where weights go; ``device_map`` (``"auto"`` or ``{module: device}`` with
+            devices such as ``0``, ``"cpu"``, ``"disk"``) spreads layers with HF accelerate. Hooks, caching,
+            interventions and gradients work across devices; see docs/scale.md.
+        max_memory: per-device budget for ``device_map="auto"`` (``{0: "20GiB", "cpu": "60GiB"}``).
+        offload_folder: where ``"disk"``-mapped weights go (a temporary folder when not given).
+        attn_implementation: base attention, ``"auto"`` (sdpa where the family has it, else eager),
+            ``"sdpa"`` or ``"eager"``; mechscope wraps it. A family without an SDPA path in transformers
+            (Gemma 2) loads with eager even when sdpa is asked for; ``model.attention_base`` says which ran.
         attention_sites: expose q/k/v/scores/pattern/z sites (wraps the attention function).
         cache_dir: where GGUF conversions are cached (default ``$MECHSCOPE_CACHE/gguf`` or
             ``~/.cache/mechscope/gguf``; see :func:`mechscope.model.gguf.cache_root`).
@@ -108,6 +228,8 @@ def load_model(
     torch_dtype = _dtype(dtype)
     if device is not None and device_map is not None:
         raise ConfigError("pass either device or device_map, not both")
+    if (max_memory is not None or offload_folder is not None) and device_map is None:
+        raise ConfigError("max_memory and offload_folder apply with device_map; pass device_map='auto' or a dict")
     if isinstance(source, nn.Module):
         model = source
         if torch_dtype is not None:
@@ -128,16 +250,23 @@ def load_model(
         folder = str(source)
     else:
         folder = _resolve_folder(source)
+    if isinstance(folder, Path):
+        _check_folder(folder)
     local_only = not allow_download
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"cannot read an HF config from {str(folder)!r}: {exc}") from exc
     adapter_for(config)
-    kwargs: dict[str, Any] = {"local_files_only": local_only, "attn_implementation": attn_implementation}
+    attention = _attention_for(config, attn_implementation)
+    kwargs: dict[str, Any] = {"local_files_only": local_only, "attn_implementation": attention}
     kwargs["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
     if device_map is not None:
+        _check_device_map(config, device_map)
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        kwargs["offload_folder"] = str(offload_folder) if offload_folder is not None else _offload_dir()
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
         model, info = loaded
@@ -157,6 +286,13 @@ def load_model(
         except (OSError, ValueError):
             tokenizer = None  # token-id inputs still work; text inputs raise a clear error
     return HookedModel(model.eval(), tokenizer, attention_sites=attention_sites)
+
+
+def _offload_dir() -> str:
+    """A fresh folder for disk-offloaded weights (accelerate writes them there once, at load)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="mechscope-offload-")
 
 
 __all__ = ["AdapterError", "load_model"]
