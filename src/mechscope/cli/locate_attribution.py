@@ -70,14 +70,22 @@ def register(app: typer.Typer) -> None:
         site: Annotated[
             str, typer.Option(help="Site to attribute to (hook_embed: input IG; else layer IG).")
         ] = "hook_embed",
-        steps: Annotated[int, typer.Option(help="Integration steps.")] = 32,
+        steps: Annotated[int, typer.Option(help="Integration steps (gradient evaluations per prompt).")] = 64,
+        baseline: Annotated[
+            str,
+            typer.Option(
+                help="Path start: mean (each prompt's mean over its tokens), pad (the site on pad tokens) or zero "
+                "(refused where it zeroes the whole residual stream: hook_embed of rotary models, resid sites)."
+            ),
+        ] = "mean",
+        rule: Annotated[str, typer.Option(help="adaptive, gauss_legendre, midpoint or trapezoid.")] = "adaptive",
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         quiet: Quiet = False,
     ) -> None:
         """Integrated gradients of the target logit (difference) at the last token, with completeness check."""
         offline_by_default()
         from mechscope.errors import MechscopeError
-        from mechscope.locate.attribution import IGConfig, integrated_gradients, logit_metric
+        from mechscope.locate.attribution import IG_BASELINES, IGConfig, integrated_gradients, logit_metric
         from mechscope.model.loading import load_model
 
         try:
@@ -89,8 +97,16 @@ def register(app: typer.Typer) -> None:
             text = read_prompts(prompt, prompt_file)[0]
             good = hm.to_single_token(answer)
             bad = hm.to_single_token(wrong) if wrong else None
+            if baseline not in IG_BASELINES:
+                raise typer.BadParameter(f"--baseline must be one of {', '.join(IG_BASELINES)}; got {baseline!r}")
             result = integrated_gradients(
-                hm, text, logit_metric(good, bad), site=site, config=IGConfig(steps=steps), progress=not quiet
+                hm,
+                text,
+                logit_metric(good, bad),
+                site=site,
+                baseline=baseline,  # type: ignore[arg-type]
+                config=IGConfig(steps=steps, rule=rule),  # type: ignore[arg-type]
+                progress=not quiet,
             )
             path = result.save(output_path(out, "ig.safetensors"))
         except (MechscopeError, ValueError) as exc:
@@ -101,7 +117,7 @@ def register(app: typer.Typer) -> None:
             for tok, value in zip(tokens, attribution.tolist()):
                 typer.echo(f"{tok!r:16s} {value:+9.4f}")
         typer.echo(
-            f"f(x) - f(baseline) = {float(result['delta'][0]):.4f}; sum of attributions - that = "
-            f"{float(result['error'][0]):.2e}"
+            f"f(x) - f(baseline) = {float(result['delta'][0]):.4f} ({baseline} baseline); sum of attributions - "
+            f"that = {float(result['error'][0]):.2e} ({rule}, {steps} steps)"
         )
         typer.echo(f"result -> {path}")
