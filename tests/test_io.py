@@ -89,3 +89,60 @@ def test_registries_refuse_a_second_owner_of_a_name():
 
         class OtherDirection(Artifact):
             kind = "direction"
+
+
+def _write_in_a_fresh_process(path):
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from mechscope.io import Envelope, FileSchema, write_envelope;"
+        "s = FileSchema('test_repro', 1, 'repro');"
+        f"write_envelope({str(path)!r}, Envelope('k', {{'z': 1, 'a': [1, 2]}}, "
+        "{'w': torch.arange(4.0), 'b': torch.ones(2, dtype=torch.bfloat16)}), s)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_same_content_gives_the_same_bytes_in_every_process(tmp_path):
+    """safetensors' own writer orders header metadata differently in every process; ours sorts it."""
+    _write_in_a_fresh_process(tmp_path / "a.safetensors")
+    _write_in_a_fresh_process(tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_every_dtype_round_trips_through_safetensors_own_reader(tmp_path):
+    from safetensors.torch import load_file
+
+    from mechscope.io import write_safetensors
+
+    tensors = {
+        "f32": torch.randn(2, 3),
+        "bf16": torch.randn(4, dtype=torch.bfloat16),
+        "f16": torch.randn(1, 2, dtype=torch.float16),
+        "i64": torch.arange(3),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 5),
+    }
+    path = write_safetensors(tmp_path / "all.safetensors", tensors, {"k": "v"})
+    back = load_file(str(path))
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "w.safetensors"
+    write_envelope(path, Envelope("k", {"v": 1}, {"t": torch.zeros(2)}), SCHEMA)
+    before = path.read_bytes()
+
+    def crash(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_envelope(path, Envelope("k", {"v": 2}, {"t": torch.ones(2)}), SCHEMA)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mechscope.errors import ConfigError
@@ -173,13 +174,59 @@ def write_json_envelope(path: str | Path, envelope: Envelope, schema: FileSchema
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    """Write `text` (UTF-8) to `path` atomically (see :func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+#: torch dtype -> safetensors dtype tag.
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding of `tensors` and `metadata` with every key in sorted order, so the same content
+    always gives the same bytes (safetensors' own writer orders metadata differently in every process)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        if tensor.dtype not in _ST_DTYPES:
+            raise ConfigError(f"tensor {name!r} has dtype {tensor.dtype}, which mechscope files cannot store")
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {
+            "dtype": _ST_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder (fsync'd), then a rename: an
+    interrupted write leaves the old file or the new one, never a mix. One temporary name per writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -188,19 +235,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
-    """Write `tensors` (moved to CPU, made contiguous) with `metadata` to `path`, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(cpu, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `tensors` (moved to CPU, made contiguous) with `metadata` to `path`, atomically and reproducibly."""
+    return write_bytes_atomic(path, safetensors_bytes(tensors, metadata))
 
 
 # Reading -------------------------------------------------------------------------------------------------
@@ -352,6 +388,8 @@ __all__ = [
     "read_text",
     "register_schema",
     "registered_schemas",
+    "safetensors_bytes",
+    "write_bytes_atomic",
     "write_envelope",
     "write_json_envelope",
     "write_safetensors",
