@@ -167,3 +167,19 @@ def test_peak_estimate_reports_its_uncertainty_over_noise_draws_and_prompts(mode
     layer, cls, value = summary.peak("mlp", SUBJECT_CLASSES)
     assert (est.layer, est.position) == (layer, cls) and est.effect == pytest.approx(value, abs=1e-6)
     assert est.n == int(summary["count"][list(summary.labels["position_class"]).index(cls)])
+
+
+def test_cli_trace_reports_the_peak_with_its_uncertainty_and_the_editing_check(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    hf, tok = tiny_model("llama")
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    args = ["locate", "trace", str(folder), "-p", PROMPT, "-s", "Italy", "--samples", "4", "-q"]
+    out = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "t.safetensors")])
+    assert out.exit_code == 0, out.output
+    assert out.output.count("over 4 noise draws; peak in") == 3 and "within 2 s.e." in out.output
+    assert "mechscope edit rome" in out.output and "neighbourhood cost" in out.output

@@ -41,10 +41,23 @@ def register(app: typer.Typer) -> None:
             raise fail(exc) from exc
         typer.echo(f"p(target) clean {float(result['clean']):.4f}  corrupted {float(result['corrupt']):.4f}")
         typer.echo(f"subject positions {result.config['subject_positions']}")
+        typer.echo(f"window: {result.config['window']} layers (cut at the model's ends)")
         subject_last = max(result.config["subject_positions"])
         for kind in result.config["kinds"]:
             layer, pos, value = result.peak(kind)
             typer.echo(f"{kind:6s} peak: layer {layer}, position {result.labels['pos'][pos]}, effect {value:+.4f}")
             layer, _, value = result.peak(kind, [subject_last])
             typer.echo(f"{'':6s} at the subject's last token: layer {layer}, effect {value:+.4f}")
+            est = result.peak_estimate(kind, [subject_last])
+            span = est.layers[0] if len(est.layers) == 1 else f"{est.layers[0]}-{est.layers[-1]}"
+            typer.echo(
+                f"{'':6s}   +- {est.stderr:.4f} over {est.n} noise draws; peak in {100 * est.frequency:.0f}% of "
+                f"resamples; layers {span} within 2 s.e."
+            )
+        mlp_layer = result.peak_estimate("mlp", [subject_last]).layer if "mlp" in result.config["kinds"] else None
+        if mlp_layer is not None:
+            typer.echo(
+                f"before editing there: `mechscope edit rome {model} --layer {mlp_layer} ...` reports the "
+                "neighbourhood cost (other subjects' answers) with the edit; compare a few layers in the range above"
+            )
         typer.echo(f"result -> {path}")
