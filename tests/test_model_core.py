@@ -132,3 +132,37 @@ def test_register_adapter_teaches_a_new_family_and_refuses_taken_names():
         unregister_adapter("mechscope_test_custom")
     with pytest.raises(AdapterError, match="built-in"):
         unregister_adapter("llama")
+
+
+def test_hook_sessions_are_thread_local():
+    """A forward in a thread without a session sees no hooks, while another thread's session is active."""
+    import threading
+
+    hf, tok = tiny_model("llama")
+    model = HookedModel(hf, tok)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        clean = model.forward(ids)
+    opened, done = threading.Event(), threading.Event()
+    inside: list[torch.Tensor] = []
+
+    def hooked_thread() -> None:
+        zero = {f"blocks.{i}.hook_resid_post": (lambda a, c: torch.zeros_like(a)) for i in range(2)}
+        with model.hooks(zero), model.hooks({"blocks.0.attn.hook_pattern": lambda a, c: a * 0.5}):
+            opened.set()
+            done.wait(timeout=60)
+            with torch.no_grad():
+                inside.append(model.forward(ids))
+
+    worker = threading.Thread(target=hooked_thread)
+    worker.start()
+    try:
+        assert opened.wait(timeout=60)
+        with torch.no_grad():
+            for _ in range(5):
+                torch.testing.assert_close(model.forward(ids), clean, atol=0, rtol=0)
+    finally:
+        done.set()
+        worker.join(timeout=60)
+    assert inside and not torch.allclose(inside[0], clean)  # the session still acts in its own thread
+    assert not model.hooks_active

@@ -11,6 +11,7 @@ that layer to an eager computation identical to HF's eager attention.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -153,7 +154,7 @@ def _hooked_attention(base: str) -> Callable[..., tuple[torch.Tensor, torch.Tens
             base_fn = _family_eager(module)
         output: torch.Tensor
         weights: torch.Tensor | None
-        if not handlers:
+        if not handlers or threading.get_ident() not in handlers["threads"]:  # sessions are thread-local
             return base_fn(module, query, key, value, attention_mask, **kwargs)
         handle: AttentionHandler = handlers["handle"]
         kinds: frozenset[str] = handlers["kinds"]

@@ -3,11 +3,14 @@
 A hook function is ``fn(activation, ctx) -> Tensor | None``. Returning None keeps the activation
 (reading, or editing in place); returning a tensor of the same shape replaces it. Each session groups
 its sites by HF module so that one torch hook per module runs all of them, and removes every hook in
-``finally`` -- also when the block raises.
+``finally`` -- also when the block raises. Sessions are thread-local: torch hooks live on modules that
+every thread shares, so each hook checks the running thread and stays inert for forwards of other threads
+(a forward in a thread without a session sees no hooks).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +95,8 @@ class HookSession:
         self.layout = layout
         self.owner = owner
         self.hooks = hooks
+        #: sessions are thread-local: their hooks act only on forwards run by the thread that opened them
+        self._thread = threading.get_ident()
         self._handles: list[RemovableHandle] = []
         self._attention_modules: list[tuple[nn.Module, dict[str, Any]]] = []
         self._stash: dict[int, Tensor] = {}
@@ -119,6 +124,10 @@ class HookSession:
             _refresh_attention_handlers(module)
         self._attention_modules.clear()
         self._stash.clear()
+
+    def _foreign(self) -> bool:
+        """Whether the running forward belongs to another thread than this session's."""
+        return threading.get_ident() != self._thread
 
     def _ctx(self, site: Site) -> HookContext:
         return HookContext(site, self.owner)
@@ -194,6 +203,8 @@ class HookSession:
         plans = [(self._ctx(s), self._fns(s)) for s in sites]
 
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            if self._foreign():
+                return None
             for ctx, fns in plans:
                 before = getter(output)
                 after = _chain(fns, before, ctx)
@@ -207,6 +218,8 @@ class HookSession:
         ctx, fns = self._ctx(site), self._fns(site)
 
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> Any:
+            if self._foreign():
+                return None
             before = args[0]
             after = _chain(fns, before, ctx)
             return None if after is before else (after, *args[1:])
@@ -217,6 +230,8 @@ class HookSession:
         plan = (self._ctx(site), self._fns(site)) if site is not None else None
 
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if self._foreign():
+                return None
             before = args[0] if args else kwargs["hidden_states"]
             after = _chain(plan[1], before, plan[0]) if plan is not None else before
             if stash:
@@ -234,6 +249,8 @@ class HookSession:
         mid_plan = (self._ctx(mid_site), self._fns(mid_site)) if mid_site is not None else None
 
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            if self._foreign():
+                return None
             attn_out = _first_tensor(output)
             new_out = _chain(out_plan[1], attn_out, out_plan[0]) if out_plan is not None else attn_out
             if mid_plan is not None:
@@ -254,6 +271,8 @@ class HookSession:
         assert layer is not None
 
         def hook(_module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
+            if self._foreign():
+                return None
             z_flat = args[0]
             result = self.layout.head_results(z_flat, layer)
             new = _chain(fns, result, ctx)
@@ -290,7 +309,7 @@ class HookSession:
 
     def _attention_hooks(self, module: nn.Module, sites: list[Site]) -> None:
         plans = {s.kind: (self._ctx(s), self._fns(s)) for s in sites}
-        entry = {"plans": plans}
+        entry = {"plans": plans, "thread": self._thread}
         chain: list[dict[str, Any]] = module.__dict__.setdefault("_mechscope_attention_chain", [])
         chain.append(entry)
         self._attention_modules.append((module, entry))
@@ -307,13 +326,17 @@ def _refresh_attention_handlers(module: nn.Module) -> None:
     entries = list(chain)
 
     def handle(kind: str, activation: Tensor) -> Tensor:
+        thread = threading.get_ident()
         for entry in entries:
+            if entry["thread"] != thread:
+                continue  # another thread's session: a forward sees only its own thread's hooks
             plan = entry["plans"].get(kind)
             if plan is not None:
                 activation = _chain(plan[1], activation, plan[0])
         return activation
 
-    module.__dict__[HANDLERS_ATTR] = {"handle": handle, "kinds": kinds}
+    threads = frozenset(entry["thread"] for entry in chain)
+    module.__dict__[HANDLERS_ATTR] = {"handle": handle, "kinds": kinds, "threads": threads}
 
 
 def _get_logits(output: Any) -> Tensor:
