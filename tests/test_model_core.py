@@ -166,3 +166,20 @@ def test_hook_sessions_are_thread_local():
         worker.join(timeout=60)
     assert inside and not torch.allclose(inside[0], clean)  # the session still acts in its own thread
     assert not model.hooks_active
+
+
+def test_inputs_are_checked_where_they_enter():
+    from mechscope.errors import ConfigError
+    from mechscope.model.hooked import ContextLengthWarning
+
+    gpt2 = HookedModel(*tiny_model("gpt2"))  # learned positions, n_positions=64
+    with pytest.raises(ConfigError, match="at least one token"):
+        gpt2.forward(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"prompts \[1\] have no tokens"):
+        gpt2.forward({"input_ids": torch.tensor([[5, 6], [0, 0]]), "attention_mask": torch.tensor([[1, 1], [0, 0]])})
+    with pytest.raises(ConfigError, match="70 tokens is longer than this model's context of 64"):
+        gpt2.forward(torch.full((1, 70), 5))
+    llama = HookedModel(*tiny_model("llama"))  # rotary positions, max_position_embeddings=64
+    with pytest.warns(ContextLengthWarning, match="runs past the 64 positions"):
+        logits = llama.forward(torch.full((1, 70), 5))
+    assert logits.shape == (1, 70, llama.dims.d_vocab)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,10 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+class ContextLengthWarning(UserWarning):
+    """A prompt longer than the positions a rotary-position model was trained on."""
 
 
 class _StopForward(Exception):
@@ -274,6 +279,7 @@ class HookedModel(nn.Module):
                 f"attention_mask shape {tuple(batch['attention_mask'].shape)} != input_ids shape "
                 f"{tuple(batch['input_ids'].shape)}"
             )
+        self._check_lengths(batch["input_ids"], batch["attention_mask"])
         lo, hi = int(batch["input_ids"].min()), int(batch["input_ids"].max())
         if hi >= self.dims.d_vocab or lo < 0:
             raise ConfigError(f"token ids must lie in [0, {self.dims.d_vocab}); got values from {lo} to {hi}")
@@ -286,6 +292,29 @@ class HookedModel(nn.Module):
         if position_ids is not None:
             out["position_ids"] = position_ids
         return out
+
+    def _check_lengths(self, ids: Tensor, mask: Tensor) -> None:
+        """Refuse empty prompts and prompts past a learned position table; warn past a rotary model's
+        trained length (it runs, but outside what the model was trained on)."""
+        if ids.numel() == 0 or ids.shape[-1] == 0:
+            raise ConfigError(f"expected at least one token per prompt; got an empty batch of shape {tuple(ids.shape)}")
+        empty = (mask.reshape(mask.shape[0], -1).sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ConfigError(f"prompts {empty} have no tokens (empty text?); every prompt needs at least one token")
+        n_pos, n_ctx = int(ids.shape[-1]), self.dims.n_ctx
+        if n_ctx <= 0 or n_pos <= n_ctx:
+            return
+        if self.adapter.pos_embed is not None:
+            raise ConfigError(
+                f"a prompt of {n_pos} tokens is longer than this model's context of {n_ctx} positions "
+                "(its learned position embeddings stop there); shorten or split the prompt"
+            )
+        warnings.warn(
+            f"a prompt of {n_pos} tokens runs past the {n_ctx} positions this {self.dims.family} model was trained "
+            "on; its rotary positions extrapolate and results may not mean what they do inside the context",
+            ContextLengthWarning,
+            stacklevel=3,
+        )
 
     # Running ------------------------------------------------------------------------------------------
     def forward(self, inputs: Inputs, *, return_output: bool = False, **hf_kwargs: Any) -> Any:
