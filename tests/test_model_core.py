@@ -183,3 +183,22 @@ def test_inputs_are_checked_where_they_enter():
     with pytest.warns(ContextLengthWarning, match="runs past the 64 positions"):
         logits = llama.forward(torch.full((1, 70), 5))
     assert logits.shape == (1, 70, llama.dims.d_vocab)
+
+
+def test_hook_helpers_name_the_valid_range_and_refuse_non_finite_values():
+    from mechscope.errors import ConfigError, ShapeError
+    from mechscope.model import hook_fns
+
+    model = HookedModel(*tiny_model("gpt2"))  # 4 heads
+    for fn, needle in (
+        (hook_fns.zero(heads=[7]), r"heads \[7\] are out of range .* n_heads axis has 4 entries"),
+        (hook_fns.zero(positions=[9]), r"positions \[9\] are out of range"),
+        (hook_fns.scale(2.0, batch=[3]), r"batch rows \[3\] are out of range"),
+    ):
+        with pytest.raises(ShapeError, match=needle), model.hooks({"blocks.0.attn.hook_z": fn}):
+            model.forward("the cat")
+    assert not model.hooks_active
+    with pytest.raises(ConfigError, match="finite"):
+        hook_fns.scale(float("nan"))
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        hook_fns.add(torch.tensor([float("inf")] * model.dims.d_model))
