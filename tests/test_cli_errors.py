@@ -64,3 +64,19 @@ def test_help_and_usage_errors_are_click_s_own():
     assert runner.invoke(app, ["--help"]).exit_code == 0
     result = runner.invoke(app, ["info"])  # missing argument
     assert result.exit_code == 2 and "Missing argument" in result.output
+
+
+def test_zoo_train_never_writes_into_the_package_by_default_and_checks_its_numbers(tmp_path):
+    from mechscope.errors import ConfigError
+    from mechscope.zoo.train import TrainOptions
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for steps in ("0", "-1"):
+        result = runner.invoke(app, ["zoo", "train", "organism-induction", "--steps", steps, "--out", str(tmp_path)])
+        assert result.exit_code == USER_ERROR and "Traceback" not in result.output
+        assert "steps must be a positive integer" in result.output
+    with pytest.raises(ConfigError, match="steps must be a positive integer"):
+        TrainOptions(corpus=corpus, run_dir=tmp_path, tokenizer_dir=tmp_path, steps=0)
+    with pytest.raises(ConfigError, match="threads must be a positive integer"):
+        TrainOptions(corpus=corpus, run_dir=tmp_path, tokenizer_dir=tmp_path, threads=-2)

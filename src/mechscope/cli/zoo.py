@@ -56,7 +56,11 @@ def train_cmd(
     name: Annotated[str, typer.Argument(help="Organism recipe name (see `mechscope zoo list --recipes`).")],
     corpus: Annotated[Path, typer.Option(help="Corpus folder (from `zoo corpus`).")] = DEFAULT_CACHE / "corpus",
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints and log (default .cache/zoo/runs/NAME).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where to save the model (default: inside the package).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder to save the trained model into.")] = None,
+    into_package: Annotated[
+        bool,
+        typer.Option("--into-package", help="Save into the installed package's organism folder (replaces it)."),
+    ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: min(2, cores)).")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the recipe's step count (smoke tests).")] = None,
@@ -74,7 +78,6 @@ def train_cmd(
 
     offline_by_default()
     recipe = get_recipe(name)
-    verify_corpus(corpus)
     opts = TrainOptions(
         corpus=corpus,
         run_dir=run_dir or DEFAULT_CACHE / "runs" / name,
@@ -84,6 +87,14 @@ def train_cmd(
         steps=steps,
         init_dir=init_from,
     )
+    verify_corpus(corpus)
+    if out is not None and into_package:
+        raise typer.BadParameter("give either --out FOLDER or --into-package, not both")
+    if out is None and not into_package:
+        raise typer.BadParameter(
+            "say where the model goes: --out FOLDER, or --into-package to replace the shipped organism "
+            "(never done by default)"
+        )
     record = build_organism(recipe, opts, out)
     typer.echo(json.dumps(record, indent=1))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mechscope.errors import ConfigError
 from mechscope.zoo.checkpoint import load_checkpoint, save_checkpoint
 from mechscope.zoo.organisms import Recipe, build_config
 from mechscope.zoo.stream import IGNORE, Batch
@@ -41,6 +42,12 @@ class TrainOptions:
     stop_at: int | None = None
     progress: bool = True
     init_dir: Path | None = None  # folder of the recipe's warm-start weights (required when it has one)
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "steps", "stop_at"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer (or unset for the default); got {value!r}")
 
 
 def build_model(recipe: Recipe, vocab_size: int):
