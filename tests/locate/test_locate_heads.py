@@ -215,3 +215,17 @@ def test_copying_scores_project_only_the_candidates_and_match_the_full_unembeddi
     torch.testing.assert_close(rate, ref_rate, rtol=0, atol=1 / 30 + 1e-6)  # a rank tie may flip at most one token
     assert float((rate - ref_rate).abs().mean()) < 0.01
     torch.testing.assert_close(eigen, ref_eigen, rtol=1e-4, atol=1e-5)
+
+
+def test_low_rank_eigenvalues_equal_the_full_matrix_and_fall_back_when_rank_is_higher():
+    from mechscope.locate.heads import _low_rank_eigvals
+
+    gen = torch.Generator().manual_seed(5)
+    w_u, b_u = torch.randn(12, 20, generator=gen), torch.randn(20, generator=gen)
+    low = torch.randn(3, 20, 4, generator=gen) @ torch.randn(3, 4, 12, generator=gen)  # rank 4 (+1 bias)
+    full = torch.randn(3, 20, 12, generator=gen)  # rank 12 + 1 > 8
+    for normed in (low, full):
+        lam = _low_rank_eigvals(normed, w_u, b_u, rank=8)
+        ref = torch.linalg.eigvals((normed @ w_u + b_u).double())
+        torch.testing.assert_close(lam.abs().sum(-1), ref.abs().sum(-1), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lam.real.sum(-1), ref.real.sum(-1), rtol=1e-6, atol=1e-6)

@@ -293,13 +293,42 @@ def copying_scores(
             out = torch.einsum("hne,hed->hnd", out, w_o)  # [head, n, d_model]
             if a.post_attn_norm is not None:
                 out = model.layer_module(layer, a.post_attn_norm)(out)
-            logits = (final_norm(out) @ w_u + b_u).float()  # [head, n, n]
+            normed = final_norm(out)  # [head, n, d_model]
+            logits = (normed @ w_u + b_u).float()  # [head, n, n]
             own = logits.diagonal(dim1=-2, dim2=-1)  # [head, n]
             rank = (logits > own[..., None]).sum(-1)
             rate[layer] = (rank < top_k).float().mean(-1).cpu()
-            lam = torch.linalg.eigvals(logits.double())  # [head, n]
+            lam = _low_rank_eigvals(normed, w_u, b_u, rank=d.d_head + 8)  # [head, n]
             eigen[layer] = (lam.real.sum(-1) / lam.abs().sum(-1).clamp_min(1e-12)).float().cpu()
     return rate, eigen
+
+
+def _low_rank_eigvals(
+    normed: Float[Tensor, "head n d_model"], w_u: Float[Tensor, "d_model n"], b_u: Float[Tensor, " n"], *, rank: int
+) -> Tensor:
+    """Eigenvalues of ``normed @ w_u + b_u`` (``[head, n, n]``), in float64, through a rank-`rank` basis.
+
+    A head's OV output has rank <= d_head; norms scale rows and columns and add a mean and a bias term,
+    and the unembedding bias adds one more, so the n x n logit matrix has rank <= d_head + 3. Its
+    non-zero eigenvalues are those of a small ``rank x rank`` matrix: with ``F = Q B`` (Q orthonormal,
+    from F times a fixed random matrix) the eigenvalues of ``F W`` are those of ``B W Q`` and zeros.
+    A head whose factorisation is not exact (relative residual > 1e-9) falls back to the full matrix.
+    """
+    f = torch.cat([normed.double(), torch.ones_like(normed[..., :1], dtype=torch.float64)], -1)  # [head, n, d+1]
+    w = torch.cat([w_u.double(), b_u.double()[None]], 0)  # [d+1, n]
+    n = f.shape[1]
+    if rank >= n:
+        return torch.linalg.eigvals(f @ w)
+    omega = torch.randn(f.shape[-1], rank, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    basis, _ = torch.linalg.qr(f @ omega.to(f.device))  # [head, n, rank]
+    coeffs = basis.transpose(-1, -2) @ f  # [head, rank, d+1]
+    residual = (f - basis @ coeffs).flatten(1).norm(dim=-1) / f.flatten(1).norm(dim=-1).clamp_min(1e-300)
+    small = torch.linalg.eigvals(coeffs @ w @ basis)  # [head, rank]
+    lam = torch.cat([small, torch.zeros(f.shape[0], n - rank, dtype=small.dtype, device=small.device)], -1)
+    inexact = (residual > 1e-9).nonzero().flatten()
+    if len(inexact):
+        lam[inexact] = torch.linalg.eigvals(f[inexact] @ w)
+    return lam
 
 
 def detect_heads(
