@@ -1,0 +1,142 @@
+"""SAE training throughput: mechscope's train_sae against a dense reference loop in the same run, and the
+activation store's read throughput against what training consumes.
+
+The reference is the training step SAELens and most SAE trainers run (dense encode, dense top-k mask,
+dense decode ``f @ W_dec``, summed squared error, Adam, decoder renormalisation), written here in plain
+PyTorch on the same activations, batch size and steps; sae-lens itself is not installed in this
+environment (it pins an older transformer-lens stack), so that dense loop stands in for it. mechscope's
+TopK step decodes sparsely (``embedding_bag`` over the k active rows). Prints tokens/s of both and the ratio.
+
+    python benchmarks/bench_sae.py                       # d_in 768, 6144 features, k 32, batch 4096
+    python benchmarks/bench_sae.py --d-in 64 --d-sae 512 --batch 1024 --steps 200   # the small case
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def reference_steps(x: torch.Tensor, d_sae: int, k: int | None, l1: float, steps: int, batch: int) -> float:
+    """Seconds for `steps` dense training steps (see the module docstring)."""
+    d = x.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    w_dec = torch.randn(d_sae, d, generator=gen)
+    w_dec = (w_dec / w_dec.norm(dim=-1, keepdim=True)).requires_grad_(True)
+    w_enc = w_dec.detach().T.clone().requires_grad_(True)
+    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_dec = torch.zeros(d, requires_grad=True)
+    opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=1e-3)
+    start = time.perf_counter()
+    for _ in range(steps):
+        rows = torch.randint(0, x.shape[0], (batch,), generator=gen)
+        xb = x[rows]
+        pre = (xb - b_dec) @ w_enc + b_enc
+        if k is None:
+            f = torch.relu(pre)
+        else:
+            top = pre.topk(k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        recon = f @ w_dec + b_dec
+        loss = (recon - xb).pow(2).sum(-1).mean()
+        if k is None:
+            loss = loss + l1 * (f * w_dec.norm(dim=-1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            w_dec.div_(w_dec.norm(dim=-1, keepdim=True))
+    return time.perf_counter() - start
+
+
+def mechscope_steps(x: torch.Tensor, d_sae: int, k: int | None, l1: float, steps: int, batch: int) -> float:
+    from mechscope.features import SAEConfig, SAETrainConfig, train_sae
+
+    activation = "relu" if k is None else "topk"
+    config = SAEConfig(d_in=x.shape[1], d_sae=d_sae, activation=activation, k=k)
+    train = SAETrainConfig(steps=steps, batch_size=batch, lr=1e-3, l1_coefficient=l1, log_every=steps, scale_batches=1)
+    start = time.perf_counter()
+    train_sae(x, config, train)
+    return time.perf_counter() - start
+
+
+def store_read(x: torch.Tensor, batch: int) -> tuple[float, int]:
+    """(seconds, rows) to stream one shuffled epoch of a bf16 store holding `x` (written with the store's
+    own shard writer; the store is built from a token-free stand-in, so this measures reading only)."""
+    from safetensors.torch import save
+
+    from mechscope.features.store import ActivationStore
+    from mechscope.features.store.manifest import Manifest, StoreSettings, shard_name
+    from mechscope.features.store.writer import _write_bytes
+    from mechscope.io import ModelInfo
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    settings = StoreSettings(sites=("blocks.0.hook_resid_post",), dtype="bf16", seq_len=129, rows_per_shard=64)
+    manifest = Manifest(settings, ModelInfo(fingerprint="bench"), {"blocks.0.hook_resid_post": x.shape[1]})
+    import hashlib
+
+    per_shard = 64 * 128
+    for i, part in enumerate(x.split(per_shard)):
+        rows = part.shape[0] // 128
+        if rows == 0:
+            break
+        tensors = {
+            "acts.blocks.0.hook_resid_post": part[: rows * 128].reshape(rows, 128, -1).bfloat16(),
+            "tokens": torch.zeros(rows, 129, dtype=torch.int32),
+        }
+        data = save(tensors)
+        _write_bytes(folder / shard_name(i), data)
+        manifest.shards.append(
+            {
+                "file": shard_name(i),
+                "rows": rows,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "tokens_sha256": "",
+                "bytes": len(data),
+            }
+        )
+    manifest.complete = True
+    manifest.save(folder)
+    store = ActivationStore(folder)
+    start = time.perf_counter()
+    n = sum(b.shape[0] for b in store.batches(batch, buffer_tokens=8 * per_shard))
+    return time.perf_counter() - start, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=768)
+    parser.add_argument("--d-sae", type=int, default=6144)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=200_000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.tokens, args.d_in, generator=torch.Generator().manual_seed(0))
+    tokens = args.steps * args.batch
+    print(f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, {args.steps} steps, {args.threads} threads")
+    for name, k, l1 in (("topk", args.k, 0.0), ("relu", None, 5.0 / args.d_in**0.5)):
+        reference_steps(x, args.d_sae, k, l1, 2, args.batch)  # warm-up
+        mechscope_steps(x, args.d_sae, k, l1, 2, args.batch)
+        ref = reference_steps(x, args.d_sae, k, l1, args.steps, args.batch)
+        ours = mechscope_steps(x, args.d_sae, k, l1, args.steps, args.batch)
+        print(
+            f"{name:5s} dense reference {tokens / ref:10.0f} tok/s   mechscope {tokens / ours:10.0f} tok/s   "
+            f"ratio {ref / ours:.2f}x"
+        )
+    seconds, rows = store_read(x, args.batch)
+    print(f"store read (bf16, shuffled): {rows / seconds:10.0f} tok/s = {rows / seconds / (tokens / ours):.1f}x "
+          "what the relu training above consumes")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
