@@ -60,6 +60,8 @@ class TooSlowError(ConfigError):
 
 
 def _human(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
