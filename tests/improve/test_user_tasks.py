@@ -127,6 +127,8 @@ def test_user_files_and_task_specs(model, tmp_path) -> None:
         load_task(f"{module}:Nope")
     with pytest.raises(ConfigError, match="unknown task"):
         load_task("poetry")
+    with pytest.raises(ConfigError, match="organisms' vocabulary"):
+        load_task("sentiment", model=model)
     contrast = tmp_path / "c.jsonl"
     contrast.write_text('{"positive": "p1", "negative": "n1"}\n{"positive": "p2"}\n')
     assert read_contrast(contrast) == (["p1", "p2"], ["n1"])

@@ -68,6 +68,12 @@ def load_task(spec: str, *, model: HookedModel | None = None, seed: int = 0, cha
         from mechscope.improve.refusal import ChatRefusalTask
 
         return ChatRefusalTask()
+    if spec in BUILTIN and model is not None and not organism:
+        raise ConfigError(
+            f"the planted task {spec!r} is scored on the organisms' vocabulary, which this model does not have; "
+            "give a .jsonl/.tsv file of prompts with expected completions, 'chat-refusal' (a chat model), or "
+            "PATH.py:NAME"
+        )
     if spec == "refusal":
         return RefusalTask(seed=seed)
     if spec == "sentiment":
