@@ -69,3 +69,5 @@ def test_diff_command_bad_input(folders, tmp_path) -> None:
     assert mismatch.exit_code == 2 and "model_type: 'gpt2' vs 'llama'" in mismatch.output
     short = runner.invoke(app, ["diff", str(folders / "base"), str(folders / "tuned"), "-t", "a"])
     assert short.exit_code == 2 and "too short" in short.output
+    lens = runner.invoke(app, ["diff", str(folders / "base"), str(folders / "tuned"), "--lens-read", "first"])
+    assert lens.exit_code == 2 and "lens_read must be 'all' or 'last'" in lens.output

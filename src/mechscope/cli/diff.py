@@ -20,6 +20,9 @@ def diff_command(
     texts_file: Annotated[Path | None, typer.Option(help="A file of texts, one per line.")] = None,
     k: Annotated[int, typer.Option(help="Tokens per layer in the lens of the difference.")] = 10,
     causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Run cross-model patching.")] = True,
+    lens_read: Annotated[
+        str, typer.Option(help="Lens of the difference over every real token ('all') or each text's last ('last').")
+    ] = "all",
     top: Annotated[int, typer.Option(help="Components to print per view.")] = 8,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Result .safetensors file (default: ./mechscope-out).")
@@ -49,7 +52,7 @@ def diff_command(
             other: object = EditRecord.load(edit)
         else:
             other = load_model(tuned)
-        config = DiffConfig(k=k, causal=causal, progress=True)
+        config = DiffConfig(k=k, causal=causal, lens_read=lens_read, progress=True)
         result = diff_models(base_model, other, texts or NEUTRAL_TEXTS, config=config)
         path = result.save(output_path(out, "diff.safetensors"))
         if figure is not None:
