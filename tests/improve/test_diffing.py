@@ -194,6 +194,17 @@ def test_a_saved_edit_diffs_like_the_edited_model(finetuned, tmp_path) -> None:
     assert torch.allclose(from_record["kl"], from_model["kl"], atol=1e-6)
 
 
+def test_an_edit_made_on_another_model_is_refused(finetuned) -> None:
+    _, _, record, prompts, _ = finetuned
+    from mechscope.steer.editing import EditError
+
+    other = HookedModel(*tiny_model("llama", seed=4))
+    fingerprint = other.fingerprint()
+    with pytest.raises(EditError, match="not those the edit was made on"):
+        diff_models(other, record, prompts)
+    assert other.fingerprint() == fingerprint
+
+
 def test_diff_result_saves_loads_and_plots(tmp_path) -> None:
     base, tuned = _pair("gpt2")
     _plant_head(tuned, layer=0, head=3)
