@@ -232,6 +232,49 @@ def kl_to_reference(
     return kl_div(logits_at(logits, pos), logits_at(reference, pos))
 
 
+def next_token_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    input_ids: Int[Tensor, "batch pos"],
+    *,
+    attention_mask: Tensor | None = None,
+    reduction: Literal["none", "row", "mean"] = "mean",
+) -> Tensor:
+    """Cross-entropy of each next token (float32): position t's logits predict token t + 1.
+
+    Targets that are pads (attention mask 0) -- and predictions made from a pad -- are left out.
+    `reduction`: ``none`` (``[batch, pos - 1]``, 0 where left out), ``row`` (mean per prompt) or ``mean``
+    (mean over every scored token)."""
+    _check_logits(logits)
+    if tuple(input_ids.shape) != tuple(logits.shape[:2]):
+        raise ShapeError(f"input_ids must be [batch, pos]={tuple(logits.shape[:2])}; got {tuple(input_ids.shape)}")
+    if reduction not in ("none", "row", "mean"):
+        raise ConfigError(f"reduction must be 'none', 'row' or 'mean'; got {reduction!r}")
+    logp = logits[:, :-1].float().log_softmax(-1)
+    targets = input_ids[:, 1:].to(logp.device)
+    loss = -logp.gather(-1, targets[..., None]).squeeze(-1)
+    if attention_mask is None:
+        weight = torch.ones_like(loss)
+    else:
+        mask = attention_mask.to(loss.device).bool()
+        weight = (mask[:, 1:] & mask[:, :-1]).float()
+    loss = loss * weight
+    if reduction == "none":
+        return loss
+    if reduction == "row":
+        return loss.sum(-1) / weight.sum(-1).clamp_min(1.0)
+    return loss.sum() / weight.sum().clamp_min(1.0)
+
+
+def perplexity(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    input_ids: Int[Tensor, "batch pos"],
+    *,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """``exp`` of the mean next-token loss over every real token (0-d, float32)."""
+    return next_token_loss(logits, input_ids, attention_mask=attention_mask).exp()
+
+
 def normalised(value: Tensor | float, clean: Tensor | float, corrupt: Tensor | float) -> Tensor:
     """Map `value` linearly so that `corrupt` -> 0 and `clean` -> 1."""
     value_t, clean_t, corrupt_t = (torch.as_tensor(x, dtype=torch.float32) for x in (value, clean, corrupt))
@@ -294,7 +337,9 @@ __all__ = [
     "logit_diff_metric",
     "logit_metric",
     "logits_at",
+    "next_token_loss",
     "normalised",
+    "perplexity",
     "resolve_positions",
     "score",
     "score_rows",

@@ -238,3 +238,21 @@ def test_cli_patch_path_patch_and_atp_score_each_prompt_at_its_end(tmp_path):
         got = (saved["clean"], saved["corrupt"]) if command != "atp" else (saved["source"], saved["base"])
         assert float(got[0]) == pytest.approx(want_clean, abs=1e-3), command
         assert float(got[1]) == pytest.approx(want_corrupt, abs=1e-3), command
+
+
+def test_next_token_loss_and_perplexity_leave_pads_out():
+    from mechscope.metrics import next_token_loss, perplexity
+
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 9, generator=gen)
+    ids = torch.randint(0, 9, (2, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    _close(next_token_loss(logits, ids, reduction="none"), expected)
+    kept = torch.cat([expected[0, :2], expected[1]])  # row 0: targets 1, 2 (3 and 4 are pads)
+    _close(next_token_loss(logits, ids, attention_mask=mask), kept.mean())
+    _close(
+        next_token_loss(logits, ids, attention_mask=mask, reduction="row"),
+        torch.stack([kept[:2].mean(), kept[2:].mean()]),
+    )
+    _close(perplexity(logits, ids, attention_mask=mask), kept.mean().exp())
