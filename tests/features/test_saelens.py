@@ -1,11 +1,13 @@
 """SAELens's on-disk format: folders built here by hand (nothing is downloaded) load with the encodings
 SAELens's own definitions give, mechscope's SAEs export and load back exactly, and malformed folders
-are clear errors. The real sae-lens package is not installed in this environment (it pins an older
-transformer-lens stack), so SAELens's encode is re-stated in the test from its documented definitions."""
+are clear errors. Against the real sae-lens package (in its own environment, run as a subprocess; skipped
+with the reason where it is not there): SAEs it saves load here with equal encodings, and the reverse."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,54 @@ def test_malformed_folders_are_clear_errors(tmp_path):
     )
     with pytest.raises(ShapeError, match=r"W_enc has shape \(4, 9\), expected \(4, 8\)"):
         load_saelens(bad)
+
+
+SAELENS_PYTHON = os.environ.get("MECHSCOPE_SAELENS_PYTHON") or (
+    "/work/saelens-venv/bin/python" if Path("/work/saelens-venv/bin/python").is_file() else ""
+)
+needs_saelens = pytest.mark.skipif(
+    not SAELENS_PYTHON,
+    reason="the real sae-lens package lives in its own environment: set MECHSCOPE_SAELENS_PYTHON to a Python "
+    "with sae-lens installed (see docs/features.md)",
+)
+
+
+def _saelens(*args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    side = Path(__file__).with_name("_saelens_side.py")
+    done = subprocess.run([SAELENS_PYTHON, str(side), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@needs_saelens
+def test_saes_saved_by_the_real_saelens_load_with_equal_encodings(tmp_path):
+    _saelens("save", str(tmp_path))
+    theirs = load_file(str(tmp_path / "saelens_side.safetensors"))
+    for name in ("standard", "topk", "jumprelu"):
+        sae = load_sae(tmp_path / name)
+        assert sae.config.site == SITE
+        with torch.no_grad():
+            torch.testing.assert_close(sae.encode(theirs["x"]), theirs[f"{name}.f"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(sae(theirs["x"])[0], theirs[f"{name}.recon"], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_saelens
+def test_saes_exported_by_mechscope_load_in_the_real_saelens_with_equal_encodings(tmp_path):
+    x = torch.randn(64, 16)
+    save_file({"x": x}, str(tmp_path / "inputs.safetensors"))
+    ours = {}
+    for activation, k in (("relu", None), ("topk", 3), ("batchtopk", 3), ("jumprelu", None)):
+        sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=24, activation=activation, k=k, site=SITE), seed=5)
+        if hasattr(sae, "threshold"):
+            sae.threshold.data.uniform_(0.05, 0.3)
+        save_saelens(sae, tmp_path / activation, model_name="tiny")
+        ours[activation] = sae
+    _saelens("encode", str(tmp_path))
+    theirs = load_file(str(tmp_path / "saelens_side.safetensors"))
+    for activation, sae in ours.items():
+        with torch.no_grad():
+            torch.testing.assert_close(theirs[f"{activation}.f"], sae.encode(x), rtol=0, atol=1e-6)
+            torch.testing.assert_close(theirs[f"{activation}.recon"], sae(x)[0], rtol=1e-6, atol=1e-5)
+        assert "".join(chr(c) for c in theirs[f"{activation}.hook"].tolist()) == SITE
