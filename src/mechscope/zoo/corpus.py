@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechscope.errors import ConfigError, ModelNotFoundError
+from mechscope.model.sources.checksums import sha256_file
 
 SCHEMA_VERSION = 2  # 2: planted records may carry an "unscored" character span
 MANIFEST = "manifest.json"
@@ -77,15 +78,6 @@ def clean_documents(docs: Iterable[str], min_chars: int, seen: set[str]) -> list
             seen.add(key)
             out.append(text)
     return out
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:

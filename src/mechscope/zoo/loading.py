@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.errors import CorruptWeightsError, ModelNotFoundError
+from mechscope.io import write_text_atomic
+from mechscope.model.sources.checksums import CHECKSUMS, verify_checksums, write_checksums
 
-CHECKSUMS = "checksums.json"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
 __all__ = [
@@ -27,20 +28,6 @@ __all__ = [
     "verify_folder",
     "write_checksums",
 ]
-
-
-def _sha256(path: Path) -> str:
-    from mechscope.zoo.corpus import sha256_file
-
-    return sha256_file(path)
-
-
-def write_checksums(folder: Path) -> dict[str, str]:
-    """Record the sha256 of every file in `folder` (except the checksum file itself)."""
-    folder = Path(folder)
-    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
-    (folder / CHECKSUMS).write_text(json.dumps({"schema_version": 1, "sha256": sums}, indent=1) + "\n")
-    return sums
 
 
 def verify_folder(folder: Path) -> None:
@@ -62,19 +49,7 @@ def verify_folder(folder: Path) -> None:
             f"expected a valid safetensors file at {weights} ({weights.stat().st_size} bytes), "
             f"got an unreadable one: {exc}"
         ) from exc
-    sums_path = folder / CHECKSUMS
-    if sums_path.is_file():
-        expected = json.loads(sums_path.read_text())["sha256"]
-        for name, digest in expected.items():
-            path = folder / name
-            if not path.is_file():
-                raise ModelNotFoundError(f"expected {name} in {folder} (listed in {CHECKSUMS}); it is missing")
-            actual = _sha256(path)
-            if actual != digest:
-                raise CorruptWeightsError(
-                    f"{path}: expected sha256 {digest} (from {CHECKSUMS}), got {actual}; the file is "
-                    "truncated or altered - reinstall mechscope or retrain with `mechscope zoo train`"
-                )
+    verify_checksums(folder)
 
 
 def resolve_folder(name_or_path: str | Path) -> Path:
@@ -112,14 +87,47 @@ def load_organism(name_or_path: str | Path, device: str = "cpu"):
 
 
 def save_organism(model, tokenizer, folder: Path, extra: dict[str, object] | None = None) -> None:
-    """``save_pretrained`` model and tokenizer into `folder`, plus JSON `extra` files, then checksums."""
+    """``save_pretrained`` model and tokenizer into `folder`, plus JSON `extra` files, then checksums.
+
+    Everything is written into a temporary sibling folder first and swapped in with renames, so a kill at
+    any point leaves the old folder or the new one, never new weights beside old checksums. Files of the old
+    folder that the save does not produce (hand-written NOTES.md, the card) are carried over."""
+    import shutil
+    import tempfile
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tokenizer.save_pretrained(str(folder))
-    for name, payload in (extra or {}).items():
-        (folder / name).write_text(json.dumps(payload, indent=1) + "\n")
-    for path in folder.iterdir():  # save_pretrained can leave 0600 temp-file modes; package data must be readable
-        if path.is_file():
-            path.chmod(0o644)
-    write_checksums(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        for name, payload in (extra or {}).items():
+            write_text_atomic(staging / name, json.dumps(payload, indent=1) + "\n")
+        if folder.is_dir():
+            for old in folder.iterdir():
+                if old.is_file() and not old.name.startswith(".") and not (staging / old.name).exists():
+                    shutil.copy2(old, staging / old.name)
+        for path in staging.iterdir():  # save_pretrained can leave 0600 modes; package data must be readable
+            if path.is_file():
+                path.chmod(0o644)
+        staging.chmod(0o755)
+        write_checksums(staging)
+        _swap_in(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Replace `folder` by `staging` with two renames (the old folder is removed only once the new one is in)."""
+    import shutil
+    import tempfile
+
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    retired = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+    retired.rmdir()
+    folder.rename(retired)
+    staging.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
