@@ -80,3 +80,19 @@ def test_checksum_lists_name_only_files_inside_their_folder(tmp_path):
     (folder / CHECKSUMS).write_text("{not json")
     with pytest.raises(CorruptWeightsError, match="malformed checksum list"):
         verify_checksums(folder)
+
+
+def test_load_model_verifies_a_folder_that_lists_checksums(tmp_path):
+    """A bit-flipped organism loaded silently (with an unchanged fingerprint) before load_model verified."""
+    import mechscope as ms
+
+    model, tok = _tiny(0)
+    folder = tmp_path / "org"
+    save_organism(model, tok, folder)
+    ms.load_model(folder)  # intact: loads
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit inside the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptWeightsError, match="model.safetensors: expected sha256"):
+        ms.load_model(folder)

@@ -20,6 +20,7 @@ from torch import nn
 from mechscope.errors import AdapterError, ConfigError, MechscopeError, ModelNotFoundError
 from mechscope.model.adapters import adapter_for
 from mechscope.model.hooked import HookedModel
+from mechscope.model.sources.checksums import verify_checksums
 
 _DTYPES = {
     "float32": torch.float32,
@@ -123,11 +124,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _check_folder(folder: Path) -> None:
-    """A folder written by save_pretrained holds config.json and weights; say which is missing."""
+    """A folder written by save_pretrained holds config.json and weights; say which is missing. When it has a
+    ``checksums.json`` (bundled organisms do), every listed file must match it."""
     has_config = (folder / "config.json").is_file()
     has_weights = any((folder / name).is_file() for name in _WEIGHT_FILES) or any(folder.glob("*.safetensors"))
     tokenizer_files = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
     if has_config and has_weights:
+        verify_checksums(folder)  # a folder that lists its files' digests is verified before any weight loads
         return
     found = sorted(p.name for p in folder.iterdir())[:8]
     if not has_config and not has_weights:
