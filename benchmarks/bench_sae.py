@@ -3,9 +3,11 @@ activation store's read throughput against what training consumes.
 
 The reference is the training step SAELens and most SAE trainers run (dense encode, dense top-k mask,
 dense decode ``f @ W_dec``, summed squared error, Adam, decoder renormalisation), written here in plain
-PyTorch on the same activations, batch size and steps; sae-lens itself is not installed in this
-environment (it pins an older transformer-lens stack), so that dense loop stands in for it. mechscope's
-TopK step decodes sparsely (``embedding_bag`` over the k active rows). Prints tokens/s of both and the ratio.
+PyTorch on the same activations, batch size and steps; and, where a Python with the real sae-lens package
+is given (``--saelens-python``, default ``$MECHSCOPE_SAELENS_PYTHON``), SAELens's own training step
+(``training_forward_pass`` + backward + Adam, without its data pipeline) on the same activations, for
+TopK both with its dense decode and with ``use_sparse_activations``. mechscope's TopK step decodes
+sparsely (``embedding_bag`` over the k active rows). Prints tokens/s and the ratios.
 
     python benchmarks/bench_sae.py                       # d_in 768, 6144 features, k 32, batch 4096
     python benchmarks/bench_sae.py --d-in 64 --d-sae 512 --batch 1024 --steps 200   # the small case
@@ -14,6 +16,8 @@ TopK step decodes sparsely (``embedding_bag`` over the k active rows). Prints to
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,6 +114,20 @@ def store_read(x: torch.Tensor, batch: int) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
+def saelens_steps(python: str, x_path: Path, arch: str, args: argparse.Namespace, sparse: bool) -> float | None:
+    """Seconds for SAELens's own steps, or None when it fails (printed)."""
+    script = Path(__file__).with_name("_saelens_steps.py")
+    command = [python, str(script), str(x_path), arch, str(args.d_sae), str(args.k), str(args.steps)]
+    command += [str(args.batch), str(args.threads), "1" if sparse else "0"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    if done.returncode != 0:
+        print(f"SAELens run failed: {done.stderr[-500:]}")
+        return None
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=768)
@@ -119,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--saelens-python", default=os.environ.get("MECHSCOPE_SAELENS_PYTHON", ""))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(args.tokens, args.d_in, generator=torch.Generator().manual_seed(0))
@@ -133,6 +152,16 @@ def main() -> None:
             f"{name:5s} dense reference {tokens / ref:10.0f} tok/s   mechscope {tokens / ours:10.0f} tok/s   "
             f"ratio {ref / ours:.2f}x"
         )
+        if args.saelens_python:
+            from safetensors.torch import save_file
+
+            x_path = Path(tempfile.mkdtemp(prefix="bench-sae-")) / "x.safetensors"
+            save_file({"x": x}, str(x_path))
+            for sparse in (False, True) if k is not None else (False,):
+                theirs = saelens_steps(args.saelens_python, x_path, name, args, sparse)
+                if theirs is not None:
+                    label = "SAELens" + (" (use_sparse_activations)" if sparse else "")
+                    print(f"      {label:34s} {tokens / theirs:10.0f} tok/s   mechscope / SAELens {theirs / ours:.2f}x")
     seconds, rows = store_read(x, args.batch)
     print(f"store read (bf16, shuffled): {rows / seconds:10.0f} tok/s = {rows / seconds / (tokens / ours):.1f}x "
           "what the relu training above consumes")  # fmt: skip
