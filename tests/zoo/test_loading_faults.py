@@ -96,3 +96,21 @@ def test_load_model_verifies_a_folder_that_lists_checksums(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptWeightsError, match="model.safetensors: expected sha256"):
         ms.load_model(folder)
+
+
+def test_pickle_weights_load_only_when_asked(tmp_path):
+    import mechscope as ms
+    from mechscope.errors import ConfigError
+
+    model, tok = _tiny(0)
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    model.config.save_pretrained(str(folder))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # what older tools wrote
+    tok.save_pretrained(str(folder))
+    assert not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin"))
+    with pytest.raises(ConfigError, match="pickle-based weights"):
+        ms.load_model(folder)
+    loaded = ms.load_model(folder, allow_pickle=True)
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(loaded.forward(ids), model.eval()(ids).logits)

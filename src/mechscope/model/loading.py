@@ -207,6 +207,7 @@ def load_model(
     attention_sites: bool = True,
     allow_download: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
+    allow_pickle: bool = False,
 ) -> HookedModel:
     """Load a causal LM as a :class:`HookedModel`.
 
@@ -227,6 +228,8 @@ def load_model(
         attention_sites: expose q/k/v/scores/pattern/z sites (wraps the attention function).
         cache_dir: where GGUF conversions are cached (default ``$MECHSCOPE_CACHE/gguf`` or
             ``~/.cache/mechscope/gguf``; see :func:`mechscope.model.gguf.cache_root`).
+        allow_pickle: also load pickle-based ``.bin`` weights (unpickling can run code from the file), for
+            folders that have no ``.safetensors``; off by default.
     """
     torch_dtype = _dtype(dtype)
     if device is not None and device_map is not None:
@@ -255,6 +258,13 @@ def load_model(
         folder = _resolve_folder(source)
     if isinstance(folder, Path):
         _check_folder(folder)
+        if not allow_pickle and not any(folder.glob("*.safetensors")):
+            pickled = ", ".join(sorted(p.name for p in folder.glob("*.bin")))
+            raise ConfigError(
+                f"{str(folder)!r} holds only pickle-based weights ({pickled}); "
+                "unpickling can run code from the file, so mechscope loads safetensors only. Convert them "
+                "(model.save_pretrained(folder, safe_serialization=True)) or pass allow_pickle=True if you trust them"
+            )
     local_only = not allow_download
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=local_only)
@@ -263,6 +273,8 @@ def load_model(
     adapter_for(config)
     attention = _attention_for(config, attn_implementation)
     kwargs: dict[str, Any] = {"local_files_only": local_only, "attn_implementation": attention}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
     kwargs["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
     if device_map is not None:
         _check_device_map(config, device_map)
