@@ -80,3 +80,9 @@ def test_zoo_train_never_writes_into_the_package_by_default_and_checks_its_numbe
         TrainOptions(corpus=corpus, run_dir=tmp_path, tokenizer_dir=tmp_path, steps=0)
     with pytest.raises(ConfigError, match="threads must be a positive integer"):
         TrainOptions(corpus=corpus, run_dir=tmp_path, tokenizer_dir=tmp_path, threads=-2)
+
+
+def test_zoo_corpus_downloads_only_when_asked(tmp_path):
+    result = runner.invoke(app, ["zoo", "corpus", "--out", str(tmp_path / "c")])
+    assert result.exit_code == USER_ERROR and "--fetch-debian" in result.output
+    assert not (tmp_path / "c").exists()

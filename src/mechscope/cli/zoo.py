@@ -20,6 +20,13 @@ DEFAULT_CORPUS = DEFAULT_CACHE / "corpus"
 def corpus_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the corpus into.")] = DEFAULT_CORPUS,
     text_dir: Annotated[Path | None, typer.Option(help="Use *.txt files here instead of Debian packages.")] = None,
+    fetch_debian: Annotated[
+        bool,
+        typer.Option(
+            "--fetch-debian",
+            help="Without --text-dir: run apt-get update and download Debian text packages (network, root).",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the shuffles, the split and the planted tasks.")] = 0,
     max_chars_per_source: Annotated[int, typer.Option(help="Cap on natural text per source.")] = 2_000_000,
 ) -> None:
@@ -27,6 +34,13 @@ def corpus_cmd(
     from mechscope.zoo.corpus import CorpusOptions, build_corpus
 
     offline_by_default()
+    if text_dir is None and not fetch_debian:
+        raise typer.BadParameter(
+            "give the natural text: --text-dir FOLDER of *.txt files, or --fetch-debian to let this command run "
+            "apt-get update and download Debian's text packages (never done without asking)"
+        )
+    if text_dir is not None and fetch_debian:
+        raise typer.BadParameter("give either --text-dir or --fetch-debian, not both")
     manifest = build_corpus(
         CorpusOptions(out=out, seed=seed, max_chars_per_source=max_chars_per_source, text_dir=text_dir)
     )
