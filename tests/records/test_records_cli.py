@@ -70,6 +70,10 @@ def test_record_wraps_any_command_and_runs_commands_read_the_store(tmp_path, fol
     dry = runner.invoke(app, ["runs", "gc", "--runs", str(store), "--dry-run"])
     assert "would delete 1 file" in dry.output and file.exists()
     assert "deleted 1 file" in runner.invoke(app, ["runs", "gc", "--runs", str(store)]).output and not file.exists()
+    before = records.open_store(store).ids()
+    listed = runner.invoke(app, ["--record", "--runs", str(store), "runs", "list", "--runs", str(store)])
+    assert listed.exit_code == 0 and "is not recorded itself" in listed.output
+    assert records.open_store(store).ids() == before
     missing = runner.invoke(app, ["runs", "show", "nope", "--runs", str(store)])
     assert missing.exit_code == 2 and "no run 'nope'" in missing.output
 

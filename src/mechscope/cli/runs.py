@@ -231,6 +231,10 @@ def _invoked(ctx: Any) -> tuple[str, dict[str, Any]]:
     return " ".join(path), json.loads(json.dumps(params, default=str))
 
 
+#: Commands that read the store rather than produce results: --record leaves them alone.
+_UNRECORDED = ("runs", "serve")
+
+
 class RecordingGroup(TyperGroup):
     """The root command group: with ``--record`` it runs the chosen command inside a recorded run.
 
@@ -242,6 +246,9 @@ class RecordingGroup(TyperGroup):
         if not ctx.params.get("record"):
             return super().invoke(ctx)
         name, params = _invoked(ctx)
+        if name.split(" ")[0] in _UNRECORDED:
+            typer.secho(f"note: `{name}` reads run records; it is not recorded itself", err=True)
+            return super().invoke(ctx)
         argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "mechscope" else []
         with _CommandRun(
             name=name or "mechscope",
