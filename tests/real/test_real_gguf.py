@@ -229,3 +229,33 @@ def test_clear_cache(tiny_file, tmp_path):
     _fresh(tiny_file, tmp_path)
     assert mg.clear_cache(tmp_path) == 1
     assert [p for p in tmp_path.iterdir()] == []
+
+
+def test_concurrent_first_loads_all_succeed_and_convert_once(tiny_file, tmp_path):
+    """Processes loading the same GGUF file at once wait for one conversion instead of deleting each other's
+    folder (which happened when a second finisher replaced the first's folder while others read it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from mechscope.model import gguf as mg;"
+        "c = mg.gguf_to_folder(sys.argv[1], cache_dir=sys.argv[2]);"
+        "print(json.dumps({'cached': c.reused, 'folder': str(c.folder)}))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tiny_file[0]), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    outcomes = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        outcomes.append(json.loads(out.strip().splitlines()[-1]))
+    assert len({o["folder"] for o in outcomes}) == 1
+    assert sorted(o["cached"] for o in outcomes) == [False] + [True] * 5  # one conversion, five reuses
+    mg.verify_cached(Path(outcomes[0]["folder"]), "full")

@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -321,6 +322,37 @@ def gguf_to_folder(
     root.mkdir(parents=True, exist_ok=True)
     digest = file_digest(source, root)
     folder = root / f"{digest[:20]}-{dtype_name}"
+    with _conversion_lock(root, folder.name):  # one converter per entry; the others wait, then reuse its folder
+        return _convert_or_reuse(source, folder, root, digest, dtype_name, verify, rebuild, start)
+
+
+@contextlib.contextmanager
+def _conversion_lock(root: Path, name: str) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) per cache entry, across processes. Without it, a second process
+    finishing the same conversion could delete the folder the first had just made (and others were reading)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): conversions still write-then-rename, unlocked
+        yield
+        return
+    with open(root / f"{name}.lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _convert_or_reuse(
+    source: Path,
+    folder: Path,
+    root: Path,
+    digest: str,
+    dtype_name: str,
+    verify: Verify,
+    rebuild: bool,
+    start: float,
+) -> GGUFConversion:
     corrupt = False
     if folder.exists() and not rebuild:
         try:
@@ -372,6 +404,8 @@ def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
             _discard(child)
             count += 1
     (root / INDEX).unlink(missing_ok=True)
+    for lock in root.glob("*.lock"):
+        lock.unlink(missing_ok=True)
     return count
 
 
