@@ -198,3 +198,21 @@ def test_a_long_list_shows_the_newest_runs_and_says_how_many_match(server, store
     assert "4 of 4 runs (the newest 2 of 4 that match are shown)" in page
     with records.open_store(store.root, read_only=True) as s:
         assert s.count() == 4 and s.count(tag="heads") == 2 and len(s.runs(tag="tiny", limit=1)) == 1
+
+
+def test_requests_for_another_host_name_are_refused_on_loopback(server):
+    """DNS rebinding: a page from evil.example rebound to 127.0.0.1 still sends Host: evil.example."""
+    import http.client
+
+    port = int(server.rsplit(":", 1)[1])
+    for host, expected in ((f"evil.example:{port}", 403), (f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("GET", "/", skip_host=True)
+        conn.putheader("Host", host)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read().decode()
+        conn.close()
+        assert response.status == expected, (host, body[:300])
+        if expected == 403:
+            assert "unexpected Host header" in body and "run-link" not in body

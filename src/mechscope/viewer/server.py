@@ -54,6 +54,7 @@ class Viewer:
         self.label = str(self.store.root)
         self.views = FileViews(self.store)
         self._plotly = plotly_js_path().read_bytes()
+        self.allowed_hosts: set[str] | None = None  # None: any Host (a non-loopback address was asked for)
         self.app = bottle.Bottle()
         self.app.config["autojson"] = False
         self._routes()
@@ -69,9 +70,23 @@ class Viewer:
         app.route("/runs/<run_id>/files/<name>", ["GET", "HEAD"], self.run_file)
         app.route("/compare", ["GET", "HEAD"], self.compare_runs)
         app.route("/static/<name>", ["GET", "HEAD"], self.static)
+        app.add_hook("before_request", self._check_host)
         app.add_hook("after_request", _secure)
         for status in (400, 403, 404, 405, 500):
             app.error(status)(self._error)
+
+    def _check_host(self) -> None:
+        """On loopback, answer only requests addressed to loopback names: a web page whose domain was
+        rebound to 127.0.0.1 (DNS rebinding) sends its own Host header and is refused."""
+        if self.allowed_hosts is None:
+            return
+        host = bottle.request.get_header("Host", "").lower()
+        if host not in self.allowed_hosts:
+            raise bottle.HTTPError(403, f"unexpected Host header {host!r}; open the viewer at http://127.0.0.1")
+
+    def allow_loopback_hosts(self, port: int) -> None:
+        """Accept only ``127.0.0.1:port``, ``localhost:port`` and ``[::1]:port`` as Host."""
+        self.allowed_hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
 
     def _error(self, err: bottle.HTTPError) -> str:
         _secure()
@@ -272,6 +287,8 @@ def make_viewer_server(
         if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL,):
             raise ConfigError(f"cannot listen on {host!r}: {exc}") from exc
         raise
+    if is_loopback(host):
+        viewer.allow_loopback_hosts(server.server_port)
     return server, viewer
 
 
