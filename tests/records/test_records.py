@@ -335,3 +335,13 @@ def test_artifact_paths_are_resolved_inside_the_store_only(tmp_path):
     link.symlink_to(secret)
     with pytest.raises(PathRefused, match="outside the store"):
         folder.path(sha, "txt")
+
+
+def test_a_failure_to_write_the_record_does_not_hide_the_users_exception(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise StoreError("disk full")
+
+    with pytest.raises(KeyError, match="users own") as caught, records.run("x", store=tmp_path) as run:
+        monkeypatch.setattr(run.store, "finish_run", broken)
+        raise KeyError("users own")
+    assert any("could not be written: disk full" in n for n in getattr(caught.value, "__notes__", []))

@@ -330,7 +330,11 @@ def run(
             yield active
         except BaseException as exc:
             current_run.reset(token)
-            active._close(started, exc)
+            try:
+                active._close(started, exc)
+            except Exception as close_exc:  # keep the user's exception; say the record was not written
+                if hasattr(exc, "add_note"):  # Python >= 3.11
+                    exc.add_note(f"mechscope.records: run {active.id} could not be written: {close_exc}")
             raise
         current_run.reset(token)
         active._close(started, None)
