@@ -102,3 +102,12 @@ def test_a_das_subspace_becomes_a_direction_of_its_rank(model):
     assert direction.info["test_iia"] == pytest.approx(0.8)
     projector = direction.basis.T @ direction.basis
     torch.testing.assert_close(projector, basis @ basis.T, atol=1e-5, rtol=0)
+
+
+def test_probe_data_is_checked_where_it_enters(model):
+    with pytest.raises(ConfigError, match="empty list of inputs"):
+        train_probes(model, [], [])
+    with pytest.raises(ConfigError, match="at least 2 examples of each class"):
+        train_probes(model, TEXTS[:3], [0, 1, 1])
+    with pytest.raises(ConfigError, match="exactly 2 values"):
+        train_probes(model, TEXTS[:4], [1, 1, 1, 1])

@@ -323,8 +323,16 @@ def train_probes(
     cfg = config or ProbeConfig()
     d = model.dims
     chosen = list(range(d.n_layers)) if layers is None else list(layers)
+    if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+        raise ConfigError("probes need examples; got an empty list of inputs")
     feats = collect_features(model, inputs, site_kind=site_kind, layers=chosen, position=position)
     y, pos_label = _labels_tensor(labels, feats.shape[1], positive_label)
+    counts = torch.bincount(y.long(), minlength=2).tolist()
+    if test_inputs is None and min(counts) < 2:
+        raise ConfigError(
+            f"probes need at least 2 examples of each class to hold one out; got {counts[0]} of class 0 and "
+            f"{counts[1]} of class 1"
+        )
     if (test_inputs is None) != (test_labels is None):
         raise ConfigError("pass test_inputs and test_labels together (or neither for a random split)")
     ctrl_all = control_labels(y, control_types, cfg.seed) if cfg.control else None
