@@ -86,3 +86,29 @@ def test_zoo_corpus_downloads_only_when_asked(tmp_path):
     result = runner.invoke(app, ["zoo", "corpus", "--out", str(tmp_path / "c")])
     assert result.exit_code == USER_ERROR and "--fetch-debian" in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_cache_runs_in_batches_and_reads_each_prompt_s_own_last_token(folder, tmp_path):
+    import torch
+
+    from mechscope.model.cache import ActivationCache
+    from mechscope.model.hooked import HookedModel
+
+    prompts = tmp_path / "prompts.txt"
+    texts = ["The cat sat on the mat today", "A dog", "We read a long book slowly"]
+    prompts.write_text("\n".join(texts) + "\n\n")
+    site = "blocks.1.hook_resid_post"
+    outs = []
+    for batch in ("1", "32"):
+        out = tmp_path / f"b{batch}.safetensors"
+        args = ["cache", str(folder), "--prompts-file", str(prompts), "-s", site, "--positions", "-1"]
+        result = runner.invoke(app, [*args, "--batch-size", batch, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        outs.append(ActivationCache.load(out)[site])
+    torch.testing.assert_close(outs[0], outs[1])
+    model = HookedModel(*tiny_model("gpt2"))
+    for row, text in enumerate(texts):
+        _, alone = model.run_with_cache(text, site)
+        torch.testing.assert_close(outs[0][row, 0], alone[site][0, -1], atol=1e-5, rtol=1e-5)
+    result = runner.invoke(app, ["cache", str(folder), "--batch-size", "0", "-p", "x"])
+    assert result.exit_code == USER_ERROR and "--batch-size" in result.output

@@ -67,25 +67,62 @@ def info(
 @app.command()
 def cache(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeat for a batch).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeat for a batch).")] = [],  # noqa: B006
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts-file", help="UTF-8 text file, one prompt per line (blank lines skipped).")
+    ] = None,
     site: Annotated[list[str], typer.Option("--site", "-s", help="Site to cache (repeatable; default: all).")] = [],  # noqa: B006
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")] = Path("cache.safetensors"),
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output .safetensors file (default: in the output folder).")
+    ] = None,
     positions: Annotated[str, typer.Option(help="Comma-separated positions to keep (e.g. '-1' or '0,3').")] = "",
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (lower it when memory runs out).")] = 32,
 ) -> None:
-    """Run prompts and save the activations of chosen sites to a safetensors file."""
+    """Run prompts and save the activations of chosen sites to a safetensors file, in batches."""
     offline_by_default()
-    from mechscope.errors import MechscopeError
+    import torch
+
+    from mechscope.cli.common import output_path
+    from mechscope.errors import ConfigError
+    from mechscope.io import read_text
+    from mechscope.model.cache import ActivationCache
     from mechscope.model.loading import load_model
 
-    try:
-        hm = load_model(model)
-        pos = [int(p) for p in positions.split(",") if p.strip()] or None
-        _, acts = hm.run_with_cache(list(prompt), site or None, positions=pos)
-        acts.meta.update({"model": model, "prompts": list(prompt), "fingerprint": hm.fingerprint()})
-        path = acts.save(out)
-    except (MechscopeError, ValueError) as exc:
-        raise fail(exc) from exc
-    typer.echo(f"cached {len(acts)} sites for {len(prompt)} prompt(s) -> {path}")
+    texts = list(prompt)
+    if prompts_file is not None:
+        texts += [line for line in read_text(prompts_file, "prompt list").splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("give prompts: --prompt TEXT (repeatable) or --prompts-file FILE")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1; got {batch_size}")
+    hm = load_model(model)
+    pos = [int(p) for p in positions.split(",") if p.strip()] or None
+    # One padding for every batch, so the batches concatenate; positions counted from the end count from each
+    # prompt's own end (left padding), so '-1' is every prompt's last real token, never a pad.
+    padding = "left" if pos is not None and any(p < 0 for p in pos) else "right"
+    tokens = hm.to_tokens(texts, padding_side=padding)
+    parts: list[ActivationCache] = []
+    for start in range(0, len(texts), batch_size):
+        rows = {k: v[start : start + batch_size] for k, v in tokens.items()}
+        try:
+            _, acts = hm.run_with_cache(rows, site or None, positions=pos, device="cpu")
+        except torch.OutOfMemoryError as exc:
+            raise ConfigError(f"out of memory with --batch-size {batch_size}; lower it") from exc
+        parts.append(acts)
+    merged = ActivationCache(
+        {name: torch.cat([part[name] for part in parts]) for name in parts[0]},
+        positions=parts[0].positions,
+        meta={
+            **parts[0].meta,
+            "model": model,
+            "prompts": texts,
+            "fingerprint": hm.fingerprint(),
+            "padding_side": padding,
+            "attention_mask": tokens["attention_mask"].tolist(),
+        },
+    )
+    path = merged.save(output_path(out, "cache.safetensors"))
+    typer.echo(f"cached {len(merged)} sites for {len(texts)} prompt(s) in batches of {batch_size} -> {path}")
 
 
 @app.command()
