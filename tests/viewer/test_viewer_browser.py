@@ -108,8 +108,9 @@ def test_a_run_page_draws_its_figures_and_escapes_its_strings(server, store, dom
     assert 'data-figures-drawn="' in page
     page = dom(server + f"/runs/{store.missing}")
     assert "missing file artifacts/" in page
-    page = dom(server + f"/runs/{store.heads}")
-    assert re.search(r'id="fig-0"[^>]*data-drawn="1"', page)  # the head scores heatmap
+    page = dom(server + f"/runs/{store.heads}?tensor=head_detectors:previous_token")
+    assert re.search(r'id="fig-0"[^>]*data-drawn="1"', page)  # the head scores heatmap, of the chosen tensor
+    assert "<strong>previous_token</strong>" in page and "head_detectors: previous_token" in page
     _screenshot(server + f"/runs/{store.heads}", artifacts / "viewer-run.png", tmp_path / "p2", height=1900)
 
 

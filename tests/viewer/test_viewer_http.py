@@ -216,3 +216,14 @@ def test_requests_for_another_host_name_are_refused_on_loopback(server):
         assert response.status == expected, (host, body[:300])
         if expected == 403:
             assert "unexpected Host header" in body and "run-link" not in body
+
+
+def test_a_result_with_several_tensors_can_draw_each(server, store, get):
+    page = get(server + f"/runs/{store.heads}")[1]
+    links = re.findall(r"<a class='tensor-link' href='[^']*\?tensor=([^']+)'>([^<]+)</a>", page)
+    assert {name for _, name in links} >= {"previous_token", "duplicate_token", "copying"}
+    assert "<strong>induction</strong>" in page  # the default tensor, drawn now
+    page = get(server + f"/runs/{store.heads}?tensor=head_detectors:previous_token")[1]
+    assert "<strong>previous_token</strong>" in page and "head_detectors: previous_token" in page
+    page = get(server + f"/runs/{store.heads}?tensor=head_detectors:nope")[1]
+    assert "this result has no tensor &#x27;nope&#x27;" in page

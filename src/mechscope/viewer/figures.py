@@ -28,6 +28,7 @@ RESULT_MODULES = (
     "mechscope.improve.refusal",
 )
 _MAX_HEADER = 64 * 1024 * 1024
+Tables = tuple[tuple[str, list[str], list[list[str]]], ...]  # (title, header, rows) per table
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ShownFile:
     tensors: tuple[tuple[str, str, str], ...] = ()  # (name, dtype, shape)
     text: str = ""
     problem: str = ""
+    tensor: str = ""  # the tensor the figure draws ("" for the result's default)
+    plottable: tuple[str, ...] = ()  # the result's tensors that can be drawn instead
 
 
 _imported = threading.Lock()
@@ -86,16 +89,17 @@ class FileViews:
     def __init__(self, store: RunStore, *, capacity: int = 256) -> None:
         self.store = store
         self.capacity = capacity
-        self._cache: OrderedDict[tuple[str, str, str], ShownFile] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str, str], ShownFile] = OrderedDict()
         self._lock = threading.Lock()
 
-    def show(self, art: ArtifactRecord) -> ShownFile:
-        key = (art.sha256, art.ext, art.name)
+    def show(self, art: ArtifactRecord, tensor: str = "") -> ShownFile:
+        """The file as shown; for a result, `tensor` picks the tensor its figure draws (default: its own)."""
+        key = (art.sha256, art.ext, art.name, tensor)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        shown = self._build(art)
+        shown = self._build(art, tensor)
         if not shown.missing:
             with self._lock:
                 self._cache[key] = shown
@@ -103,7 +107,7 @@ class FileViews:
                     self._cache.popitem(last=False)
         return shown
 
-    def _build(self, art: ArtifactRecord) -> ShownFile:
+    def _build(self, art: ArtifactRecord, tensor: str) -> ShownFile:
         try:
             path = self.store.artifact_path(art)
             relative = self.store.artifacts.relative(art.sha256, art.ext)
@@ -117,14 +121,14 @@ class FileViews:
                 missing=f"missing file {relative}: the run references it but it is not in {self.store.root}",
             )
         if art.ext == "safetensors":
-            return self._safetensors(art, path, relative)
+            return self._safetensors(art, path, relative, tensor)
         if art.ext == "json" and (figure := _plotly_json(path)):
             return ShownFile(art.name, art.role, relative, figure=figure)
         if art.ext in ("json", "txt", "csv"):
             return ShownFile(art.name, art.role, relative, text=_text(path, art.ext))
         return ShownFile(art.name, art.role, relative)
 
-    def _safetensors(self, art: ArtifactRecord, path: Path, relative: str) -> ShownFile:
+    def _safetensors(self, art: ArtifactRecord, path: Path, relative: str, tensor: str) -> ShownFile:
         try:
             meta, tensors = safetensors_header(path)
         except (OSError, ValueError) as exc:
@@ -132,7 +136,7 @@ class FileViews:
         header = {k: _maybe_json(v) for k, v in meta.items()}
         if art.role != "result":
             return ShownFile(art.name, art.role, relative, header=header, tensors=tuple(tensors))
-        figure, tables, problem = self._result_views(path)
+        figure, tables, problem, shown, plottable = self._result_views(path, tensor)
         return ShownFile(
             art.name,
             art.role,
@@ -142,16 +146,20 @@ class FileViews:
             header=header,
             tensors=tuple(tensors),
             problem=problem,
+            tensor=shown,
+            plottable=plottable,
         )
 
-    def _result_views(self, path: Path) -> tuple[str, tuple[tuple[str, list[str], list[list[str]]], ...], str]:
+    def _result_views(self, path: Path, tensor: str) -> tuple[str, Tables, str, str, tuple[str, ...]]:
+        """(figure JSON, tables, problem, tensor drawn, tensors that can be drawn) of a result file."""
         _import_result_classes()
         from mechscope.results import Result
 
         try:
             result = Result.load(path)
         except Exception as exc:  # shown on the page: one bad file must not break the run page
-            return "", (), f"cannot load this result: {type(exc).__name__}: {exc}"
+            return "", (), f"cannot load this result: {type(exc).__name__}: {exc}", "", ()
+        plottable = tuple(n for n, axes in result.axes.items() if len([a for a in axes if a != "batch"]) in (1, 2))
         tables = []
         for method in ("table", "samples_table"):
             fn = getattr(result, method, None)
@@ -161,11 +169,14 @@ class FileViews:
                     tables.append((method.replace("_", " "), header, rows))
                 except Exception:
                     continue
+        if tensor and tensor not in result.tensors:
+            problem = f"this result has no tensor {tensor!r}; it has {sorted(result.tensors)}"
+            return "", tuple(tables), problem, "", plottable
         try:
-            figure = result.plot().to_json()
+            figure = (result.plot(tensor) if tensor else result.plot()).to_json()
         except Exception as exc:
-            return "", tuple(tables), f"no figure: {type(exc).__name__}: {exc}"
-        return figure, tuple(tables), ""
+            return "", tuple(tables), f"no figure: {type(exc).__name__}: {exc}", tensor, plottable
+        return figure, tuple(tables), "", tensor or result.default_tensor(), plottable
 
 
 def markdown_table(text: str) -> tuple[list[str], list[list[str]]]:

@@ -156,6 +156,15 @@ def _file_block(run_id: str, index: int, shown: ShownFile) -> str:
     parts.append(f"<p class='file-path'><code>{e(shown.relative_path)}</code> <a href='{e(href)}'>download</a></p>")
     if shown.problem:
         parts.append(f"<p class='problem'>{e(shown.problem)}</p>")
+    if len(shown.plottable) > 1:
+        links = []
+        for t in shown.plottable:
+            if t == shown.tensor:
+                links.append(f"<strong>{e(t)}</strong>")
+            else:
+                query = urlencode({"tensor": f"{shown.name}:{t}"})
+                links.append(f"<a class='tensor-link' href='{e(run_href(run_id))}?{e(query)}'>{e(t)}</a>")
+        parts.append("<p class='tensors'>tensor: " + " · ".join(links) + "</p>")
     if shown.figure:
         parts.append(_figure_div(f"fig-{index}", shown.figure, title=shown.name))
     for title, header, rows in shown.tables:

@@ -122,7 +122,8 @@ class Viewer:
 
     def show_run(self, run_id: str) -> str:
         record = self._get(run_id)
-        files = [self.views.show(a) for a in record.artifacts]
+        chosen = dict(v.split(":", 1) for v in bottle.request.query.decode().getall("tensor") if ":" in v)
+        files = [self.views.show(a, chosen.get(a.name, "")[:200]) for a in record.artifacts]
         return self._html(pages.run_page(record, files, store=self.label, series_figure=_series_figure(record)))
 
     def run_file(self, run_id: str, name: str) -> Any:
