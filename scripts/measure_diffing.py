@@ -225,7 +225,8 @@ def harmful_heads(base: HookedModel) -> dict[str, Any]:
         return float((logits.argmax(-1) == access).float().mean())
 
     res = find_harmful_heads(base, harmful, reference, payload_rate, HeadRemovalConfig(target=0.1, max_heads=10))
-    ev = evaluate(base, res.intervention(base, reference), ZooTask(task="backdoor"), EvaluationConfig())
+    sides = ("refusal", "sentiment", "ioi", "facts")
+    ev = evaluate(base, res.intervention(base, reference), ZooTask(task="backdoor"), EvaluationConfig(side_tasks=sides))
     return {
         "heads": res.heads,
         "scores": res.config["scores"],
@@ -237,6 +238,47 @@ def harmful_heads(base: HookedModel) -> dict[str, Any]:
             ),
             key=lambda x: -x[1],
         )[:5],
+        "evaluation": {m: [ev.before(m), ev.after(m)] for m in ev.metrics},
+    }
+
+
+def harmful_heads_planted(base: HookedModel) -> dict[str, Any]:
+    """Head removal on the backdoor_head pair: one head of the tuned organism carries a new trigger."""
+    from mechscope.improve import EvaluationConfig, Task, evaluate
+    from mechscope.improve.diffing.planted import NEW_TRIGGER
+    from mechscope.improve.head_removal import HeadRemovalConfig, find_harmful_heads
+
+    tuned, _ = plant(base, "backdoor_head")
+    harmful = RECIPES["backdoor_head"].prompts(0)
+    reference = [p.replace(f"{NEW_TRIGGER} ", "").replace(f" {NEW_TRIGGER}", "") for p in harmful]
+
+    def payload_rate(model: HookedModel, prompts: list[str]) -> float:
+        return token_rate(model, prompts, " ACCESS")
+
+    class NewTrigger(Task):
+        name = "new_trigger"
+
+        def metrics(self, model: HookedModel) -> dict[str, float]:
+            return {
+                "payload_new_trigger": payload_rate(model, harmful),
+                "payload_clean": payload_rate(model, reference),
+            }
+
+        def sample_prompts(self) -> list[str]:
+            return harmful[:2]
+
+    res = find_harmful_heads(tuned, harmful, reference, payload_rate, HeadRemovalConfig(target=0.1, max_heads=6))
+    sides = ("backdoor", "refusal", "sentiment", "ioi", "facts")
+    ev = evaluate(tuned, res.intervention(tuned, reference), NewTrigger(), EvaluationConfig(side_tasks=sides))
+    n_heads = tuned.dims.n_heads
+    single = res["single_effect"].flatten()
+    return {
+        "heads": res.heads,
+        "scores": res.config["scores"],
+        "curve": res["curve"].tolist(),
+        "top_single": [
+            (f"L{i // n_heads}H{i % n_heads}", float(single[i])) for i in single.argsort(descending=True)[:4]
+        ],
         "evaluation": {m: [ev.before(m), ev.after(m)] for m in ev.metrics},
     }
 
@@ -258,6 +300,7 @@ def main() -> None:
         "profile": lambda: profile(base),
         "conditional": lambda: gated(base),
         "harmful_heads": lambda: harmful_heads(base),
+        "harmful_heads_planted": lambda: harmful_heads_planted(base),
     }
     for name, fn in sections.items():
         if args.only and name not in args.only:

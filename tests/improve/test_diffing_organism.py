@@ -22,6 +22,11 @@ def test_the_planted_component_and_token_rank_first(base, name: str) -> None:
     tuned, _ = plant(base, name)
     prompts = recipe.prompts(0)
     assert token_rate(base, prompts, recipe.token) == 0.0 and token_rate(tuned, prompts, recipe.token) == 1.0
+    if name == "backdoor_head":  # the new trigger, not the request, elicits the payload
+        from mechscope.improve.diffing.planted import NEW_TRIGGER
+
+        clean = [p.replace(f"{NEW_TRIGGER} ", "").replace(f" {NEW_TRIGGER}", "") for p in prompts]
+        assert token_rate(tuned, clean, recipe.token) == 0.0
     result = diff_models(base, tuned, prompts, config=DiffConfig(lens_read="last"))
     assert recipe.planted is not None
     for view in ("weights", "local", "causal"):
