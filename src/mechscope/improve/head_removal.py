@@ -3,9 +3,10 @@
 1. **Locate**: each head alone is mean-ablated (its ``hook_z`` replaced by its mean over every token of
    benign reference prompts) on the prompts that elicit the behaviour; its effect is the drop of the
    behaviour score.
-2. **Select**: heads are added in order of that effect until the score falls to ``config.target`` (or
-   ``max_heads`` is reached); then each chosen head is dropped again if the rest still meets the target,
-   so the set is minimal under that greedy order.
+2. **Select**: among the ``pool`` strongest single heads, the head whose *addition* to the set lowers the
+   score most is added, step by step (so backup heads that only matter together are found), until the
+   score falls to ``config.target``, ``max_heads`` is reached, or no candidate lowers it further; then
+   each chosen head is dropped again if the rest still meets the target.
 3. **Report**: a :class:`HeadRemovalResult` with every head's single effect, the score curve as heads are
    added, and the chosen set; :meth:`HeadRemovalResult.intervention` rebuilds the ablation so the
    evaluation harness can measure its target and side effects.
@@ -36,15 +37,19 @@ Score = Callable[["HookedModel", list[str]], float]
 
 @dataclass(frozen=True, kw_only=True)
 class HeadRemovalConfig:
-    """``target``: the behaviour score to reach; ``max_heads``: the most heads ablated together."""
+    """``target``: the behaviour score to reach; ``max_heads``: the most heads ablated together;
+    ``pool``: how many of the strongest single heads are candidates at each greedy step."""
 
     target: float
     max_heads: int = 8
+    pool: int = 16
 
     def __post_init__(self) -> None:
         check_finite("target", self.target)
-        if not isinstance(self.max_heads, int) or self.max_heads < 1:
-            raise ConfigError(f"HeadRemovalConfig.max_heads must be a positive int; got {self.max_heads!r}")
+        for name in ("max_heads", "pool"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"HeadRemovalConfig.{name} must be a positive int; got {value!r}")
 
 
 class HeadSetAblation(Intervention):
@@ -78,8 +83,8 @@ class HeadSetAblation(Intervention):
 
 class HeadRemovalResult(Result):
     """``single_effect [layer, head]``: score drop with that head ablated alone; ``curve [step]``: the score
-    with the first k heads of the greedy order ablated (step 0: none); ``config["heads"]``: the chosen
-    minimal set, ``config["scores"]``: the score before and with the set ablated."""
+    with the first k heads of the greedy order (``config["order"]``) ablated (step 0: none);
+    ``config["heads"]``: the chosen set after pruning, ``config["scores"]``: the score before and with it."""
 
     method = "head_removal"
 
@@ -123,14 +128,20 @@ def find_harmful_heads(
     for layer in range(d.n_layers):
         for head in range(d.n_heads):
             single[layer, head] = before - measure([(layer, head)])
-    order = [(i // d.n_heads, i % d.n_heads) for i in single.flatten().argsort(descending=True).tolist()]
+    ranked = [(i // d.n_heads, i % d.n_heads) for i in single.flatten().argsort(descending=True).tolist()]
+    pool = ranked[: config.pool]
     chosen: list[tuple[int, int]] = []
     curve = [before]
-    for cell in order[: config.max_heads]:
-        chosen.append(cell)
-        curve.append(measure(chosen))
-        if curve[-1] <= config.target:
+    while len(chosen) < config.max_heads and curve[-1] > config.target:
+        trials = {cell: measure([*chosen, cell]) for cell in pool if cell not in chosen}
+        if not trials:
             break
+        best = min(trials, key=lambda cell: trials[cell])
+        if trials[best] >= curve[-1]:
+            break  # no remaining candidate lowers the score: adding heads would only add side effects
+        chosen.append(best)
+        curve.append(trials[best])
+    chosen_order = list(chosen)
     reached = curve[-1] <= config.target
     if reached:
         for cell in list(chosen):
@@ -146,7 +157,7 @@ def find_harmful_heads(
             "heads": [list(h) for h in chosen],
             "scores": {"before": before, "after": after},
             "reached_target": reached,
-            "order": [list(h) for h in order[: len(curve) - 1]],
+            "order": [list(h) for h in chosen_order],
             **asdict(config),
             "n_harmful": len(prompts),
             "n_reference": len(reference),
