@@ -53,7 +53,8 @@ _imported = threading.Lock()
 _done = False
 
 
-def _import_result_classes() -> None:
+def import_result_classes() -> None:
+    """Import the modules that register Result subclasses (once; thread-safe)."""
     global _done
     with _imported:
         if _done:
@@ -152,7 +153,7 @@ class FileViews:
 
     def _result_views(self, path: Path, tensor: str) -> tuple[str, Tables, str, str, tuple[str, ...]]:
         """(figure JSON, tables, problem, tensor drawn, tensors that can be drawn) of a result file."""
-        _import_result_classes()
+        import_result_classes()
         from mechscope.results import Result
 
         try:
@@ -222,4 +223,4 @@ def _maybe_json(value: str) -> Any:
         return value
 
 
-__all__ = ["FileViews", "ShownFile", "markdown_table", "safetensors_header"]
+__all__ = ["FileViews", "ShownFile", "import_result_classes", "markdown_table", "safetensors_header"]

@@ -24,7 +24,7 @@ from mechscope.errors import ConfigError, MechscopeError
 from mechscope.records import PathRefused, RunRecord, RunStore, StoreError, compare
 from mechscope.viewer import pages
 from mechscope.viewer.assets import CSS, JS, plotly_js_path
-from mechscope.viewer.figures import FileViews, ShownFile
+from mechscope.viewer.figures import FileViews, ShownFile, import_result_classes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -290,6 +290,8 @@ def make_viewer_server(
         raise
     if is_loopback(host):
         viewer.allow_loopback_hosts(server.server_port)
+    # importing the result classes takes seconds (torch, transformers): do it now, not on the first run page
+    threading.Thread(target=import_result_classes, name="mechscope-viewer-imports", daemon=True).start()
     return server, viewer
 
 
