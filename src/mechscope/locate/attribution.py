@@ -317,7 +317,12 @@ def gradient_x_input(
     attribution = (x * grad).sum(-1) if summed else x * grad
     tensors = {"attribution": attribution.detach().cpu(), "metric": value.detach().float().cpu()}
     result_axes = {"attribution": axes, "metric": ("batch",)}
-    config = {"method": "gradient_x_input", "site": chosen.name, "model_type": model.dims.model_type}
+    config = {
+        "method": "gradient_x_input",
+        "site": chosen.name,
+        "model_type": model.dims.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
     return GradientAttribution(tensors=tensors, axes=result_axes, config=config)
 
 
@@ -528,6 +533,7 @@ def integrated_gradients(
         "rule": cfg.rule,
         "baseline": baseline if isinstance(baseline, str) else "tensor",
         "model_type": model.dims.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     return GradientAttribution(tensors=tensors, axes=result_axes, config=config_out)
 

@@ -134,7 +134,8 @@ def attribution_patch(
     assert kept is not None
     source_logits = torch.full_like(base_logits, float("nan"))
     source_logits[:, read] = kept
-    delta = {s.name: source_cache[s.name] - acts[s.name] for s in sites}
+    # Differences and products in fp32: in bf16/fp16 a product summed over batch and positions loses digits.
+    delta = {s.name: source_cache[s.name].float() - acts[s.name].float() for s in sites}
     tensors: dict[str, Tensor] = {}
     axes: dict[str, tuple[str, ...]] = {}
 
@@ -142,7 +143,7 @@ def attribution_patch(
         rows = []
         for layer in range(n_layers):
             site = Site(kind, layer).name
-            prod = (delta[site] * g[site]).sum(0)  # the gradient of the batch mean carries 1/batch
+            prod = (delta[site] * g[site].float()).sum(0)  # the gradient of the batch mean carries 1/batch
             if kind in ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v"):
                 prod = prod.sum(-1)  # [pos, head]
                 rows.append(prod.sum(0) if reduce_pos else prod.T)
@@ -196,6 +197,7 @@ def attribution_patch(
             "qk_fix": cfg.qk_fix,
             "grad_drop": cfg.grad_drop,
             "model_type": model.dims.model_type,
+            "dtype": str(model.dtype).removeprefix("torch."),
         },
     )
 
@@ -371,6 +373,7 @@ def atp_vs_exact(
             "pearson": pearson,
             "top_disagreements": disagreements,
             "model_type": model.dims.model_type,
+            "dtype": str(model.dtype).removeprefix("torch."),
         },
     )
 

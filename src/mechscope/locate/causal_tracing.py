@@ -324,6 +324,7 @@ def causal_trace(
         "subject_positions": subject_pos,
         "target": target_id,
         "model_type": model.dims.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     return TracingResult(
         tensors=tensors,
@@ -467,6 +468,7 @@ def trace_facts(
             "samples": cfg.samples,
             "window": cfg.window or default_window(n_layers),
             "model_type": model.dims.model_type,
+            "dtype": str(model.dtype).removeprefix("torch."),
         },
     )
 

@@ -151,6 +151,7 @@ def lens_readout(
         "positions": "last" if last is not None else pos,
         "k": k,
         "model_type": model.dims.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
         **(extra_config or {}),
     }
     return result_type(tensors=tensors, axes=axes, labels=labels, config=config)

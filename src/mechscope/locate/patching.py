@@ -272,6 +272,7 @@ def activation_patch(
         "units": None if units is None else unit_list,
         "method": method,
         "model_type": model.dims.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     return PatchResult(
         tensors={"metric": flat.reshape(grid), "clean": clean_value, "corrupt": corrupt_value},

@@ -365,6 +365,7 @@ def compare_lenses(
     config = {
         "n_tokens": n_tokens,
         "model_type": model.dims.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "lens_training": lens.training_log,
         "rows_per_chunk": rows_per_chunk,
     }
