@@ -345,3 +345,20 @@ def test_a_failure_to_write_the_record_does_not_hide_the_users_exception(tmp_pat
         monkeypatch.setattr(run.store, "finish_run", broken)
         raise KeyError("users own")
     assert any("could not be written: disk full" in n for n in getattr(caught.value, "__notes__", []))
+
+
+def test_capture_can_be_off_and_objects_saving_json_are_kept_as_json(tmp_path):
+    class Cards:
+        def save(self, path):
+            path.write_text(json.dumps({"feature": 3, "contexts": ["a <b>"]}))
+            return path
+
+    with records.run("explicit only", store=tmp_path, capture=False) as run:
+        _result(1.0)  # not recorded
+        kept = _result(2.0)
+        run.log_result(kept, name="kept")
+        run.log_result(Cards(), name="cards")
+    r = records.open_store(tmp_path).get(run.id)
+    assert [(a.name, a.ext) for a in r.artifacts] == [("kept", "safetensors"), ("cards", "json")]
+    cards = records.open_store(tmp_path).artifact_path(r.artifacts[1])
+    assert json.loads(cards.read_text())["feature"] == 3 and r.error == ""

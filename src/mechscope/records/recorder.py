@@ -14,6 +14,7 @@ import json
 import math
 import random
 import shutil
+import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,6 +53,7 @@ class Run:
         self.models: list[ModelInfo] = []
         self.error = ""
         self.model_source: str | None = None
+        self.capture = True
         self._objects: list[tuple[str | None, object]] = []
         self._files: list[tuple[str, Path]] = []
         self._models_seen: list[object] = []
@@ -134,6 +136,8 @@ class Run:
                 self._models_seen.append(obj)
                 self.log_model(obj, self.model_source if not self.models else None)
             return
+        if not self.capture:
+            return
         if callable(getattr(obj, "save", None)) and not any(o is obj for _, o in self._objects):
             self._objects.append((None, obj))
 
@@ -179,7 +183,11 @@ class Run:
                 written = Path(written) if written is not None else path
                 if written != path:
                     written.replace(path)
-                canonicalize_safetensors(path)
+                ext = _sniff(path)
+                if ext == "safetensors":
+                    canonicalize_safetensors(path)
+                else:  # e.g. feature cards save JSON
+                    path = path.replace(path.with_suffix(f".{ext}"))
             except Exception as exc:  # a result that cannot be saved must not lose the run's record
                 problems.append(f"could not save {name} ({type(obj).__name__}): {type(exc).__name__}: {exc}")
                 path.unlink(missing_ok=True)
@@ -197,7 +205,7 @@ class Run:
                         method=kind,
                         config=config if isinstance(config, dict) else {},
                         sha256="",
-                        ext="safetensors",
+                        ext=ext,
                         size=0,
                     ),
                     path,
@@ -208,6 +216,23 @@ class Run:
             ext = path.name.rsplit(".", 1)[-1]
             staged.append((ArtifactRecord(name=name, role="file", sha256="", ext=ext, size=0), path))
         return staged, problems
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors' for a file with a safetensors header (what results and artifacts save), 'json' for a
+    JSON document (what feature cards save), else 'safetensors' again (canonicalising it then fails clearly)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) == 8:
+            (length,) = struct.unpack("<Q", raw)
+            if 8 + length <= size and handle.read(1) == b"{":
+                return "safetensors"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "safetensors"
+    return "json"
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -280,12 +305,16 @@ def run(
     seed: int | None = None,
     description: str = "",
     command: str | None = None,
+    capture: bool = True,
 ) -> Iterator[Run]:
     """Record one run into `store` (a folder; default ``$MECHSCOPE_RUNS`` or ``./mechscope-runs``).
 
     `model` (a HookedModel) is fingerprinted at the start, so edits made inside the block do not change
-    what was recorded as the input. `seed`, when given, seeds Python, NumPy and torch and is recorded.
+    what was recorded as the input; `model_source` names it (a folder or bundled name). `seed`, when
+    given, seeds Python, NumPy and torch and is recorded.
     An exception leaving the block marks the run failed (and propagates); the record is written either way.
+    With `capture=False` only what is logged explicitly is recorded (e.g. a loop that builds thousands of
+    intermediate results, of which only some matter).
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"a run needs a non-empty name; got {name!r}")
@@ -317,6 +346,7 @@ def run(
         active = Run(record, the_store)
         active.log_config(config or {})
         active.model_source = model_source
+        active.capture = capture
         if model is not None:
             active.log_model(model, model_source)
         if seed is not None:
