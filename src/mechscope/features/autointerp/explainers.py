@@ -91,7 +91,8 @@ def _parse(reply: str) -> Explanation:
     if match:
         predicted = [w.strip(" '\"`.") for w in re.split(r"[,;]", match.group(1)) if w.strip(" '\"`.")][:5]
         text = text[: match.start()].strip()
-    text = text.splitlines()[0].strip() if text else ""
+    lines = [re.sub(r"^\s*(\d+[.)]|[-*]|feature\s*:)\s*", "", ln, flags=re.I).strip() for ln in text.splitlines()]
+    text = next((ln for ln in lines if ln), "")
     keywords = [w.lower() for w in re.findall(r"['\"]([^'\"]+)['\"]", text)]
     return Explanation(text or "(no description)", keywords, predicted)
 
