@@ -205,3 +205,19 @@ def test_the_dashboard_in_headless_chromium(model, tmp_path):
     shot = tmp_path / "dashboard.png"
     done = chromium("--window-size=1200,900", f"--screenshot={shot}", f"file://{path}#f=1")
     assert done.returncode == 0 and shot.stat().st_size > 10_000 and console(done.stderr) == []
+
+
+def test_neuronpedia_export_carries_the_cards_fields(model, tmp_path):
+    from mechscope.features.neuronpedia import export_neuronpedia
+
+    cards = _cards(model)
+    paths = export_neuronpedia(cards, tmp_path / "np", model_id="tiny-llama", sae_id="1-res", batch_size=4)
+    assert [p.name for p in paths] == ["batch-0.json", "batch-1.json"]
+    records = [r for p in paths for r in json.loads(p.read_text())]
+    assert [r["feature_index"] for r in records] == [c.feature for c in cards]
+    first, card = records[0], cards[0]
+    assert first["frac_nonzero"] == card.frequency and first["pos_str"] == [t for t, _ in card.promoted]
+    top = first["activations"][0]
+    assert top["values"][top["maxValueTokenIndex"]] == pytest.approx(top["maxValue"])
+    assert sum(first["freq_hist_data_bar_heights"]) > 0
+    assert records[1]["explanations"][0]["description"].startswith("</script>")
