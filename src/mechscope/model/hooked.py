@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mechscope.errors import AdapterError, AttentionSiteError, ConfigError, SiteError, did_you_mean
 from mechscope.model import attention as attention_fn
+from mechscope.model import offload
 from mechscope.model import tokens as tok
 from mechscope.model.adapters import Adapter, adapter_for
 from mechscope.model.cache import ActivationCache
@@ -197,7 +198,8 @@ class HookedModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go (the embedding's execution device when accelerate offloaded it)."""
+        return offload.input_device(self.hf_model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -211,7 +213,7 @@ class HookedModel(nn.Module):
         """
         config = {k: v for k, v in self.config.to_dict().items() if k not in _UNFINGERPRINTED_CONFIG_KEYS}
         h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-        for name, param in self.hf_model.state_dict().items():
+        for name, param in offload.state_items(self.hf_model):  # offloaded weights read from their store
             flat = param.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
             h.update(name.encode())

@@ -171,7 +171,8 @@ def _check_device_map(config: Any, device_map: str | dict[str, Any]) -> None:
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    names = [n for n, _ in skeleton.named_parameters()] + [n for n, _ in skeleton.named_buffers()]
+    names = [n for n, _ in skeleton.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in skeleton.named_buffers(remove_duplicate=False)]
     unknown = [k for k in device_map if not any(n == k or n.startswith(k + ".") for n in names)]
     if unknown:
         raise ConfigError(f"device_map names modules this model does not have: {unknown[:5]}")
@@ -181,6 +182,27 @@ def _check_device_map(config: Any, device_map: str | dict[str, Any]) -> None:
         raise ConfigError(
             f"device_map leaves {len(nowhere)} tensors nowhere, in modules {modules[:6]}; every parameter needs "
             "a device (add those modules, or a parent such as 'model.layers.1')"
+        )
+    _check_tied(config, skeleton, device_map)
+
+
+def _check_tied(config: Any, skeleton: Any, device_map: dict[str, Any]) -> None:
+    """Tied input and output embeddings are one tensor: accelerate cannot offload one and keep the other."""
+    embed, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    if embed is None or head is None or not (tied or embed.weight is head.weight):
+        return
+    names = {id(m): n for n, m in skeleton.named_modules()}
+
+    def placed(module_name: str) -> Any:
+        keys = [k for k in device_map if k == "" or module_name == k or module_name.startswith(k + ".")]
+        return device_map[max(keys, key=len)]
+
+    places = {names[id(embed)]: placed(names[id(embed)]), names[id(head)]: placed(names[id(head)])}
+    if len({str(v) for v in places.values()}) > 1:
+        raise ConfigError(
+            f"this model ties its input and output embeddings (one tensor), but device_map places them apart: "
+            f"{places}; put both on the same device"
         )
 
 

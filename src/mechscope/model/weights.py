@@ -15,13 +15,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.model.layouts import in_out
+from mechscope.model.offload import parameter
 
 if TYPE_CHECKING:
     from mechscope.model.layout import ModelLayout
 
 
 def _bias(module: Any, size: int, like: Tensor) -> Tensor:
-    bias = getattr(module, "bias", None)
+    bias = parameter(module, "bias")
     return bias if bias is not None else torch.zeros(size, dtype=like.dtype, device=like.device)
 
 
@@ -43,10 +44,10 @@ class WeightViews:
         if not layout.fused:
             assert a.k_proj is not None and a.v_proj is not None
             mods = [mod, m.layer_module(layer, a.k_proj), m.layer_module(layer, a.v_proj)]
-            ws = [orient.in_out(x.weight) for x in mods]
+            ws = [orient.in_out(parameter(x)) for x in mods]
             bs = [_bias(x, w.shape[1], w) for x, w in zip(mods, ws)]
         else:
-            w = orient.in_out(mod.weight)
+            w = orient.in_out(parameter(mod))
             ws, bs = layout.split(w, _bias(mod, w.shape[1], w), sizes)
         heads = [sizes.n_heads, sizes.n_kv_heads, sizes.n_kv_heads]
         dh = sizes.d_head
@@ -69,13 +70,13 @@ class WeightViews:
 
     def W_O_layer(self, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
         m, d = self._m, self._m.dims
-        w = m.adapter.orientation.in_out(m.layer_module(layer, m.adapter.o_proj).weight)
+        w = m.adapter.orientation.in_out(parameter(m.layer_module(layer, m.adapter.o_proj)))
         return w.reshape(d.n_heads, d.d_head, d.d_model).detach()
 
     def b_O_layer(self, layer: int) -> Float[Tensor, " d_model"]:
         m = self._m
         mod = m.layer_module(layer, m.adapter.o_proj)
-        return _bias(mod, m.dims.d_model, mod.weight).detach()
+        return _bias(mod, m.dims.d_model, parameter(mod)).detach()
 
     # MLP --------------------------------------------------------------------------------------------
     def mlp(self, layer: int) -> dict[str, Tensor | None]:
@@ -84,9 +85,9 @@ class WeightViews:
         orient, kind = a.orientation, a.mlp_kind
         first = m.layer_module(layer, a.mlp_in)
         down = m.layer_module(layer, a.mlp_down)
-        w_first = orient.in_out(first.weight)
+        w_first = orient.in_out(parameter(first))
         b_first = _bias(first, w_first.shape[1], w_first)
-        w_out = orient.in_out(down.weight)
+        w_out = orient.in_out(parameter(down))
         b_out = _bias(down, d.d_model, w_out)
         if not kind.gated:
             w_in, b_in, w_gate, b_gate = w_first, b_first, None, None
@@ -95,7 +96,7 @@ class WeightViews:
         else:
             assert a.mlp_up is not None
             up = m.layer_module(layer, a.mlp_up)
-            w_in = orient.in_out(up.weight)
+            w_in = orient.in_out(parameter(up))
             b_in = _bias(up, d.d_mlp, w_in)
             w_gate, b_gate = w_first, b_first
         out = {"W_in": w_in, "W_gate": w_gate, "W_out": w_out, "b_in": b_in, "b_gate": b_gate, "b_out": b_out}
@@ -169,23 +170,23 @@ class WeightViews:
         """Token embedding rows as they enter the residual stream (Gemma's sqrt(d_model) scale included)."""
         emb = self._m.module(self._m.adapter.embed)
         scale = getattr(emb, "embed_scale", None)
-        w = emb.weight.detach()
+        w = parameter(emb).detach()
         return w * scale.to(w.dtype) if isinstance(scale, Tensor) else (w * scale if scale else w)
 
     @property
     def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
         if self._m.adapter.pos_embed is None:
             raise AttributeError(f"W_pos does not exist: {self._m.dims.family} has no learned position embedding")
-        return self._m.module(self._m.adapter.pos_embed).weight.detach()
+        return parameter(self._m.module(self._m.adapter.pos_embed)).detach()
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self._m.module(self._m.adapter.unembed).weight.detach().T
+        return parameter(self._m.module(self._m.adapter.unembed)).detach().T
 
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"]:
         head = self._m.module(self._m.adapter.unembed)
-        return _bias(head, self._m.dims.d_vocab, head.weight).detach()
+        return _bias(head, self._m.dims.d_vocab, parameter(head)).detach()
 
 
 __all__ = ["WeightViews", "in_out"]

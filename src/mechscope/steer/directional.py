@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from mechscope.direction import Direction, orthonormal_basis, unit_direction
 from mechscope.errors import ConfigError, ShapeError
+from mechscope.model import offload
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.model.layouts import Orientation
 from mechscope.sites import Site
@@ -108,6 +109,7 @@ def orthogonalize(model: HookedModel, direction: Direction | Tensor, *, inplace:
     from mechscope.model.hooked import HookedModel
 
     model = require_hooked(model)
+    offload.require_resident(model.hf_model, "orthogonalise the weights")
     r = _as_basis(model, direction)
     a = model.adapter
     if a.post_attn_norm is not None or a.post_mlp_norm is not None:

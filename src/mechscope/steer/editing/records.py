@@ -106,6 +106,12 @@ class EditRecord:
         unknown = [n for n in names if n not in params]
         if unknown:
             raise EditError(f"the model has no parameters {unknown}")
+        offloaded = [n for n in names if params[n].device.type == "meta"]
+        if offloaded:  # accelerate keeps these on disk/CPU store: an edit could not be written there
+            raise EditError(
+                f"cannot edit {offloaded[:3]}: accelerate offloaded them (device_map with CPU/disk offload); "
+                "load the model so the edited layers sit on a device"
+            )
         snap = {n: params[n].detach().to("cpu", copy=True) for n in names}
         return cls(before=snap, after={n: t.clone() for n, t in snap.items()}, method=method, **kwargs)
 

@@ -1,0 +1,171 @@
+"""Models spread by HF's device_map through accelerate (CPU and disk offload on this machine): hooks, caches,
+interventions, weight views, partial runs, batched patching, AtP and gradients equal the plain model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import ConfigError
+from mechscope.locate import activation_patch, attribution_patch
+from mechscope.locate.metrics import logit_diff
+from mechscope.model import offload
+from mechscope.model.loading import load_model
+from mechscope.steer import mean_difference, orthogonalize, steer, zero_ablation
+from mechscope.steer.editing import EditError, EditRequest, ROMEConfig, rome
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+GEN = torch.Generator().manual_seed(0)
+CLEAN = torch.randint(4, 100, (3, 7), generator=GEN)
+CORRUPT = CLEAN.clone()
+CORRUPT[:, 2] = torch.randint(4, 100, (3,), generator=GEN)
+POS = ["the cat sat on the mat", "a cat ran to the mat"]
+NEG = ["we read a book today", "they walk in the park"]
+
+
+def metric(logits):
+    return logit_diff(logits, [5, 6, 7], [9, 10, 11])
+
+
+def _maps(family):
+    """name -> device_map: one layer on disk; the embedding (the first module) on disk too; and 'auto'
+    with a CPU budget too small for the model, so accelerate decides what goes to disk."""
+    if family == "gpt2":
+        rest = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+        layers = "transformer.h"
+    else:
+        rest = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu", "model.rotary_emb": "cpu"}
+        layers = "model.layers"
+    layer_on_disk = {**rest, f"{layers}.0": "cpu", f"{layers}.1": "disk"}
+    embed = "transformer.wte" if family == "gpt2" else "model.embed_tokens"
+    embed_on_disk = {**layer_on_disk, embed: "disk", f"{layers}.0": "disk"}
+    if family == "gpt2":  # tied embeddings are one tensor: the head goes where the embedding goes
+        embed_on_disk["lm_head"] = "disk"
+    return {"layer_on_disk": layer_on_disk, "embed_on_disk": embed_on_disk, "auto": "auto"}
+
+
+CASES = [(family, name) for family in ("llama", "gpt2") for name in ("layer_on_disk", "embed_on_disk", "auto")]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for family in ("llama", "gpt2"):
+        hf, tok = tiny_model(family)
+        folder = tmp_path_factory.mktemp(family)
+        hf.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[family] = folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(folders, tmp_path_factory):
+    made = {}
+
+    def get(family, name):
+        if (family, name) not in made:
+            plain = load_model(folders[family])
+            device_map = _maps(family)[name]
+            extra = {"max_memory": {"cpu": "40KB"}} if device_map == "auto" else {}
+            spread = load_model(
+                folders[family], device_map=device_map, offload_folder=tmp_path_factory.mktemp("offload"), **extra
+            )
+            assert offload.offloaded_names(spread.hf_model), "the case really offloads weights"
+            made[family, name] = plain, spread
+        return made[family, name]
+
+    return get
+
+
+def _same(a, b, what):
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
+def test_forward_cache_and_fingerprint(pair, family, name):
+    plain, spread = pair(family, name)
+    assert spread.fingerprint() == plain.fingerprint(), "offloaded weights are read for the fingerprint"
+    _same(spread(CLEAN), plain(CLEAN), "logits")
+    logits_a, a = spread.run_with_cache(CLEAN, device="cpu")
+    logits_b, b = plain.run_with_cache(CLEAN)
+    _same(logits_a, logits_b, "cached logits")
+    for site in plain.site_names:
+        if site == "logits":
+            continue
+        assert a[site].device.type == "cpu", "caches go to the chosen device"
+        _same(a[site], b[site], site)
+    _, part_a = spread.run_with_cache(CLEAN, ["blocks.0.hook_resid_post"], stop_at_layer=1)
+    _, part_b = plain.run_with_cache(CLEAN, ["blocks.0.hook_resid_post"], stop_at_layer=1)
+    _same(part_a["blocks.0.hook_resid_post"], part_b["blocks.0.hook_resid_post"], "partial run")
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
+def test_weight_views_read_offloaded_weights(pair, family, name):
+    plain, spread = pair(family, name)
+    for view in ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "W_E", "W_U", "b_U"):
+        got, want = getattr(spread.weights, view), getattr(plain.weights, view)
+        assert got.device.type != "meta", view
+        _same(got, want, view)
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
+def test_patching_attribution_gradients_and_interventions(pair, family, name):
+    plain, spread = pair(family, name)
+    got, want = (activation_patch(m, CLEAN, CORRUPT, "heads", metric) for m in (spread, plain))
+    for key in want.tensors:
+        _same(got[key], want[key], f"head patching {key}")
+    got, want = (attribution_patch(m, CLEAN, CORRUPT, metric) for m in (spread, plain))
+    for key in want.tensors:
+        _same(got[key], want[key], f"AtP {key}")
+    sites = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    got_g, want_g = (m.run_with_grads(CLEAN, lambda x: x[:, -1, 5].sum(), sites) for m in (spread, plain))
+    for site in sites:
+        _same(got_g.gradients[site], want_g.gradients[site], f"gradient at {site}")
+    vector_a = mean_difference(spread, POS, NEG, layers=[1])
+    vector_b = mean_difference(plain, POS, NEG, layers=[1])
+    _same(vector_a.directions, vector_b.directions, "steering vector")
+    with steer(spread, vector_a, 3.0), zero_ablation(spread, "blocks.0.attn.hook_z", heads=[1]):
+        steered_a = spread(CLEAN)
+    with steer(plain, vector_b, 3.0), zero_ablation(plain, "blocks.0.attn.hook_z", heads=[1]):
+        steered_b = plain(CLEAN)
+    _same(steered_a, steered_b, "steered and ablated logits")
+
+
+def test_weight_edits_on_offloaded_weights_are_refused(pair):
+    """Edits cannot be written into accelerate's offload store: a clear error, and the model unchanged."""
+    _, spread = pair("llama", "embed_on_disk")  # layer 0 on disk
+    before = spread(CLEAN)
+    direction = torch.randn(spread.dims.d_model, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ConfigError, match="offloaded"):
+        orthogonalize(spread, direction, inplace=True)
+    request = EditRequest(prompt="The capital of {}", subject="France", target=" Rome")
+    with pytest.raises(EditError, match="offloaded"):
+        rome(spread, request, ROMEConfig(layer=0), mom2=torch.eye(spread.dims.d_mlp))
+    torch.testing.assert_close(spread(CLEAN), before)
+
+
+def test_a_device_map_that_leaves_a_layer_nowhere_is_refused(folders):
+    device_map = _maps("llama")["layer_on_disk"]
+    del device_map["model.layers.1"]
+    with pytest.raises(ConfigError, match=r"nowhere.*model\.layers\.1"):
+        load_model(folders["llama"], device_map=device_map)
+
+
+def test_tied_embeddings_placed_apart_are_refused(folders):
+    device_map = {**_maps("gpt2")["layer_on_disk"], "transformer.wte": "disk"}
+    with pytest.raises(ConfigError, match="ties its input and output embeddings"):
+        load_model(folders["gpt2"], device_map=device_map)
+
+
+def test_device_map_bad_entries_are_refused(folders):
+    with pytest.raises(ConfigError, match="does not have"):
+        load_model(folders["llama"], device_map={**_maps("llama")["layer_on_disk"], "model.layers.7": "cpu"})
+    with pytest.raises(ConfigError, match="must be devices"):
+        load_model(folders["llama"], device_map={"": "gpu-please"})
+    with pytest.raises(ConfigError, match="device_map must be"):
+        load_model(folders["llama"], device_map="everywhere")
+    with pytest.raises(ConfigError, match="apply with device_map"):
+        load_model(folders["llama"], max_memory={"cpu": "1GiB"})
