@@ -54,8 +54,11 @@ class RowActivations(Result):
 def main(model_folder: str, out: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
-    with dist.process_group():
-        model = load_model(model_folder, device=dist.local_device())
+    device = torch.device(os.environ.get("MECHSCOPE_TEST_DEVICE", "cpu"))
+    # nccl wants one GPU per rank; CPU runs (and several ranks sharing one GPU in tests) use gloo
+    backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= dist.world_size_from_env() else "gloo"
+    with dist.process_group(backend):
+        model = load_model(model_folder, device=dist.local_device() if device.type == "cuda" else device)
         clean, corrupt, answers = prompts()
         patch = dist.map_prompts(
             lambda c, k, a: activation_patch(model, c, k, "heads", metric(a)), clean, corrupt, answers

@@ -81,9 +81,11 @@ def two_rank_run(tmp_path_factory):
     tok.save_pretrained(folder)
     out = tmp_path_factory.mktemp("out")
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(JOB.parent)}
+    command = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    path = os.pathsep.join(p for p in (str(JOB.parent), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "MECHSCOPE_TEST_DEVICE": "cpu"}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(JOB), str(folder), str(out)],
+        [*command, "--standalone", "--nproc_per_node", "2", str(JOB), str(folder), str(out)],
         capture_output=True,
         text=True,
         timeout=180,

@@ -11,6 +11,7 @@ dominate. Run with ``-s`` to print the measured error of each check in units of 
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import pytest
@@ -49,6 +50,8 @@ K = {
 }
 
 FAMILIES = ["llama", "gpt2", "gemma2"]
+#: where the models run (scripts/gpu_check.sh sets ``cuda``); fp32 references run on the same device
+DEVICE = os.environ.get("MECHSCOPE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def models(folders):
 
     def get(family, dtype):
         if (family, dtype) not in cache:
-            cache[family, dtype] = load_model(folders[family], dtype=dtype)
+            cache[family, dtype] = load_model(folders[family], dtype=dtype, device=DEVICE)
         return cache[family, dtype]
 
     return get

@@ -55,10 +55,16 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def world_size_from_env() -> int:
+    """The world size torchrun announces (1 outside torchrun), readable before the group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def local_device() -> torch.device:
-    """This rank's device: ``cuda:<LOCAL_RANK>`` with CUDA, else the CPU."""
+    """This rank's device: ``cuda:<LOCAL_RANK>`` with CUDA (ranks share GPUs round-robin when there are
+    fewer GPUs than ranks on the node), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -229,4 +235,5 @@ __all__ = [
     "shard_stream",
     "weighted_mean",
     "world_size",
+    "world_size_from_env",
 ]
