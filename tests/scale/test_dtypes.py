@@ -102,7 +102,9 @@ def check(what: str, dtype: str, half, full, kind: str, scale: float | None = No
         if not (torch.is_tensor(tensor) and tensor.is_floating_point()):
             continue
         err = _rel(tensor, fulls[name], scale)
-        print(f"{what}{'.' + name if name else ''} [{dtype}]: {err / UNIT[dtype]:.2f} u (tolerance {K[kind]} u)")
+        print(
+            f"{what}{'.' + name if name else ''} [{dtype}]: {err / UNIT[dtype]:.2f} u (tolerance {K[kind]} u, {kind})"
+        )
         assert torch.isfinite(tensor).all(), f"{what}.{name} in {dtype} has non-finite values"
         assert err <= K[kind] * UNIT[dtype], (
             f"{what}.{name} in {dtype}: relative error {err:.2e} = {err / UNIT[dtype]:.1f} u > {K[kind]} u"

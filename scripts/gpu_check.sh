@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# GPU readiness check: run from the repository root on a CUDA machine, as is, e.g. through the device tool:
+#     bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
+# It (1) reports the machine and the packages, (2) runs the scale tests on CUDA -- half-precision
+# conformance (bf16/fp16 vs fp32, stated tolerances), device_map with GPU + CPU + disk offload, the 2-rank
+# gloo job -- plus the model-core tests, (3) runs one nccl rank of the data-parallel job on the GPU, and
+# (4) prints figures: forward, caching, head patching, AtP and SAE steps on CPU vs CUDA in fp32 and bf16,
+# with ratios against the CPU fp32 baseline of the same run. Budget: a few minutes on one H100.
+#
+# No network is needed: it uses the machine's python3 (torch, transformers, accelerate, safetensors,
+# jaxtyping, typer, tqdm, numpy are in the device image) with src/ on PYTHONPATH. Packages missing there
+# can travel as wheels in .whl/ (see /work/.library/device/README.md); they are installed first if present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# GPU_CHECK_DEVICE=cpu PYTHON=.venv/bin/python bash scripts/gpu_check.sh: a dry run of the same steps on CPU
+export MECHSCOPE_TEST_DEVICE=${GPU_CHECK_DEVICE:-cuda}
+status=0
+work=$(mktemp -d)
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
+"$PY" - <<'PYEOF' || exit 1
+import importlib, os, sys
+import torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
+missing = []
+for name in ("transformers", "accelerate", "safetensors", "jaxtyping", "typer", "tqdm", "numpy", "tokenizers", "pytest"):
+    try:
+        print(f"  {name} {importlib.import_module(name).__version__}")
+    except ImportError:
+        missing.append(name)
+for name in ("bottle", "plotly"):  # viewer / plots only: not needed by this check
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        print(f"  ({name} missing: viewer/plot tests are not run here)")
+need_cuda = os.environ["MECHSCOPE_TEST_DEVICE"].startswith("cuda")
+if missing or (need_cuda and not torch.cuda.is_available()):
+    sys.exit(f"cannot run the GPU check: missing {missing or 'nothing'}, CUDA available: {torch.cuda.is_available()}")
+PYEOF
+
+echo "== scale tests on $MECHSCOPE_TEST_DEVICE (dtype conformance, device_map/offload, 2-rank gloo job)"
+"$PY" -m pytest tests/scale -q -p no:cacheprovider -s -o addopts="" >"$work/scale.log" 2>&1 || status=1
+tail -1 "$work/scale.log"
+grep -E "^(FAILED|ERROR)" "$work/scale.log"
+"$PY" - "$work/scale.log" <<'PYEOF'
+import re, sys
+worst = {}
+for line in open(sys.argv[1], errors="replace"):
+    m = re.search(r"\[(bf16|fp16)\]: ([\d.]+) u \(tolerance (\d+) u, (\w+)\)", line)
+    if m:
+        key = (m.group(4), m.group(1), int(m.group(3)))
+        worst[key] = max(worst.get(key, 0.0), float(m.group(2)))
+print("largest error per check, in units of the dtype's roundoff u (tolerance):")
+for (check, dtype, tol), err in sorted(worst.items()):
+    print(f"  {check:15} {dtype}: {err:5.2f} u  (<= {tol} u)")
+PYEOF
+
+echo "== model-core tests (CPU models; checks this image's transformers against the adapters)"
+"$PY" -m pytest tests/test_conformance.py tests/test_hooks.py tests/test_model_core.py -q -p no:cacheprovider \
+    -o addopts="" 2>&1 | tail -3
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== one rank of the data-parallel job on $MECHSCOPE_TEST_DEVICE (nccl on a GPU)"
+"$PY" - "$work/model" <<'PYEOF'
+import sys
+from tiny_models import tiny_model
+hf, tok = tiny_model("llama")
+hf.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
+PYEOF
+mkdir -p "$work/out"
+PYTHONPATH=$PWD/tests/scale:$PYTHONPATH timeout 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
+    tests/scale/dist_job.py "$work/model" "$work/out" >"$work/log" 2>&1 \
+    && echo "job: ok ($(ls "$work/out" | wc -l) outputs)" || { echo "job failed:"; tail -20 "$work/log"; status=1; }
+
+echo "== figures (bench_devices: CPU vs CUDA, fp32 and bf16)"
+"$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" || status=1
+[ -n "${GPU_CHECK_QUICK:-}" ] || "$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" --layers 12 --d-model 768 --heads 12 --vocab 50257 --batch 8 --pos 128 \
+    --repeats 2 || status=1
+
+echo "== gpu_check done: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
+exit $status
