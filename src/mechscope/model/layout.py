@@ -71,7 +71,7 @@ class ModelLayout:
                 f"got {tuple(z.shape)}"
             )
         weight = self.weights.W_O_layer(layer) if W_O is None else W_O
-        return torch.einsum("bphk,hkd->bphd", z, weight.to(z.dtype))
+        return torch.einsum("bphk,hkd->bphd", z, weight.to(z.device, z.dtype))  # caches may sit elsewhere
 
 
 __all__ = ["ModelLayout"]
