@@ -277,6 +277,15 @@ def test_sae_training_and_evaluation(models, dtype):
             x, SAEConfig(d_in=32, d_sae=64, site=site), SAETrainConfig(steps=50, batch_size=64, warmup=5)
         )
         metrics = reconstruction_metrics(sae, x)
+        if model.dtype != torch.float32:  # the half activations themselves (as a bf16/fp16 store holds them)
+            same = x.to(model.dtype)
+            assert torch.equal(same.float(), x), "collected activations are exactly the model's half values"
+            from_half, _ = train_sae(
+                same, SAEConfig(d_in=32, d_sae=64, site=site), SAETrainConfig(steps=50, batch_size=64, warmup=5)
+            )
+            assert from_half.W_dec.dtype == torch.float32, "SAE parameters stay fp32 on half inputs"
+            torch.testing.assert_close(from_half.W_dec, sae.W_dec, rtol=0, atol=0)
+            assert reconstruction_metrics(sae, same) == metrics
         return x, sae, {k: torch.tensor(float(v)) for k, v in metrics.items() if k != "dead_fraction"}
 
     half_x, half_sae, half = run(models("llama", dtype))
