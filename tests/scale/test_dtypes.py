@@ -32,6 +32,8 @@ from tiny_models import SENTENCES, tiny_model
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the dtype as results record it (config["dtype"])
+NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 #: unit roundoff (half the distance from 1 to the next number) of each dtype
 UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 
@@ -151,7 +153,7 @@ def test_caching_keeps_the_model_dtype_and_matches_fp32(models, family, dtype):
 def test_head_patching(models, family, dtype):
     half = activation_patch(models(family, dtype), CLEAN, CORRUPT, "heads", metric)
     full = activation_patch(models(family, "fp32"), CLEAN, CORRUPT, "heads", metric)
-    assert half.config["dtype"] == ("bfloat16" if dtype == "bf16" else "float16") and full.config["dtype"] == "float32"
+    assert half.config["dtype"] == NAMES[dtype] and full.config["dtype"] == "float32"
     scale = logit_scale(models(family, "fp32"))
     check(f"{family} patching", dtype, half.tensors, full.tensors, "patching", scale)
 
@@ -170,6 +172,7 @@ def test_attribution_patching_accumulates_in_fp32(models, family, dtype):
 def test_eap_edge_scores(models, dtype):
     half = eap(models("llama", dtype), CLEAN, CORRUPT, metric)
     full = eap(models("llama", "fp32"), CLEAN, CORRUPT, metric)
+    assert half.config["dtype"] == NAMES[dtype]
     check("EAP", dtype, half.tensors, full.tensors, "gradients", logit_scale(models("llama", "fp32")))
 
 
@@ -177,6 +180,7 @@ def test_eap_edge_scores(models, dtype):
 def test_logit_lens_and_causal_trace(models, dtype):
     half = logit_lens(models("llama", dtype), CLEAN, keep_logits=True)
     full = logit_lens(models("llama", "fp32"), CLEAN, keep_logits=True)
+    assert half.config["dtype"] == NAMES[dtype]
     check("logit lens", dtype, half.tensors, full.tensors, "lens")
     half_t = causal_trace(models("llama", dtype), "The capital of France is", " France")
     full_t = causal_trace(models("llama", "fp32"), "The capital of France is", " France")
@@ -190,6 +194,7 @@ def test_probes_fit_in_fp32(models, dtype):
     full = train_probes(models("llama", "fp32"), POS + NEG, [1] * 4 + [0] * 4)
     assert half["weights"].dtype == torch.float32, "probes are fitted in fp32 on half activations"
     torch.testing.assert_close(half["train_accuracy"], full["train_accuracy"])
+    assert half.config["dtype"] == NAMES[dtype]
     check("probes", dtype, half.tensors, full.tensors, "fp32_reduction")
 
 
@@ -223,6 +228,7 @@ def test_direction_selection(models, dtype):
         return select_direction(model, POS, NEG, token_logodds(int(target)), cfg)
 
     half, full = run(models("llama", dtype)), run(models("llama", "fp32"))
+    assert half.config["dtype"] == NAMES[dtype]
     check("direction selection", dtype, half.tensors, full.tensors, "selection")
 
 
@@ -260,6 +266,7 @@ def test_das(models, dtype):
     reference = das(full_m, pairs(full_m), cfg)
     q = learned.basis
     assert q.dtype == torch.float32, "the rotation is trained in fp32"
+    assert learned.config["dtype"] == NAMES[dtype]
     torch.testing.assert_close(q.T @ q, torch.eye(3), atol=1e-5, rtol=0)
     # Adam's first steps are sign-like, so the bases take different paths; the losses agree.
     check("DAS losses", dtype, learned["losses"], reference["losses"], "readout")

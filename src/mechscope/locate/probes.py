@@ -409,6 +409,7 @@ def train_probes(
         "split": "explicit" if test_inputs is not None else f"random {cfg.test_fraction}",
         "model_type": d.model_type,
         "model_fingerprint": model.fingerprint(),
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     labels_out = {"layer": [Site(site_kind, i).name for i in chosen]}
     return ProbeResult(tensors=tensors, axes=axes, labels=labels_out, config=config_out)

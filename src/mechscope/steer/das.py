@@ -224,7 +224,12 @@ def das(model: Any, pairs: Pairs, config: DASConfig) -> DASResult:
         tensors={"basis": learned.contiguous(), "losses": torch.tensor(losses), "iia": iia},
         axes={"basis": ("d_model", "rank"), "losses": ("step",), "iia": ("split", "subspace")},
         labels={"split": ["train", "test"], "subspace": ["learned", "random"]},
-        config={**asdict(config), "n_train": len(train.base), "n_test": len(test.base)},
+        config={
+            **asdict(config),
+            "n_train": len(train.base),
+            "n_test": len(test.base),
+            "dtype": str(model.dtype).removeprefix("torch."),
+        },
     )
 
 

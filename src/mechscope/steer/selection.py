@@ -473,6 +473,7 @@ def _assemble(
             "baseline_negative_score": float(_behaviour(score, model, cand.neg_batch).mean()),
             "n_positive": len(positive),
             "n_negative": len(negative),
+            "dtype": str(model.dtype).removeprefix("torch."),
             "n_retain": 0 if retain is None else len(retain),
             "retain_components": cfg.retain_components if retain is not None else 0,
             "kl_on": "retain tokens" if retain is not None else "last token of negative prompts",

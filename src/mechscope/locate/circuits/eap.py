@@ -116,6 +116,7 @@ def _attribute(
     scores = -graph.flat(grad_sum / len(step_alphas)).cpu()
     method = "eap-ig" if integrated else "eap"
     cfg = {**asdict(config), "method": method, "graph": graph.signature(), "n_prompts": batch}
+    cfg["dtype"] = str(model.dtype).removeprefix("torch.")
     if not integrated:
         cfg.pop("steps")
     return EdgeScores(
