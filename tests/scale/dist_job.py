@@ -51,6 +51,27 @@ class RowActivations(Result):
     method = "test_row_activations"
 
 
+def _die_after_shards() -> None:
+    """Test hook: ``MECHSCOPE_TEST_DIE="rank:shards"`` makes that rank die (SIGKILL) once it has written that
+    many shards, as a rank lost mid-collection would."""
+    spec = os.environ.get("MECHSCOPE_TEST_DIE")
+    if not spec or int(spec.split(":")[0]) != dist.rank():
+        return
+    import signal
+
+    from mechscope.features.store import writer
+
+    limit, written, original = int(spec.split(":")[1]), [0], writer._write_shard
+
+    def write_then_maybe_die(*args: object, **kwargs: object) -> None:
+        original(*args, **kwargs)  # type: ignore[arg-type]
+        written[0] += 1
+        if written[0] >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    writer._write_shard = write_then_maybe_die  # type: ignore[assignment]
+
+
 def main(model_folder: str, out: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
@@ -75,6 +96,7 @@ def main(model_folder: str, out: str) -> None:
         # Activation collection: the corpus cut into token rows once, each rank collecting its share of the
         # rows into its own store (its own shards and manifest).
         corpus_rows = token_rows(model, TEXTS, seq_len=SEQ_LEN)
+        _die_after_shards()
         store = collect_store(
             model,
             SITE,

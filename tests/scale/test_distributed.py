@@ -73,26 +73,35 @@ def test_process_group_needs_torchrun_environment(monkeypatch):
 
 
 # Two ranks with torchrun (gloo) -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    hf, tok = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("model")
-    hf.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    out = tmp_path_factory.mktemp("out")
+def _torchrun(folder, out, **env_extra):
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     path = os.pathsep.join(p for p in (str(JOB.parent), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "MECHSCOPE_TEST_DEVICE": "cpu"}
-    proc = subprocess.run(
+    return subprocess.run(
         [*command, "--standalone", "--nproc_per_node", "2", str(JOB), str(folder), str(out)],
         capture_output=True,
         text=True,
         timeout=180,
-        env=env,
+        env={**env, **env_extra},
     )
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    hf, tok = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("model")
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(model_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    proc = _torchrun(model_folder, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return load_model(folder), out
+    return load_model(model_folder), out
 
 
 def test_two_rank_sweeps_equal_the_single_process_sweeps(two_rank_run):
@@ -134,3 +143,23 @@ def test_two_rank_collection_equals_one_rank_collection_as_a_set_of_rows(two_ran
     assert tokens.shape[0] == corpus.shape[0]
     assert torch.equal(tokens, ref_tokens), "the ranks together hold exactly the corpus rows, each once"
     torch.testing.assert_close(acts, ref_acts, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_rank_lost_mid_collection_leaves_readable_stores_and_a_rerun_fills_only_the_gap(model_folder, tmp_path):
+    lost = _torchrun(model_folder, tmp_path, MECHSCOPE_TEST_DIE="1:2")
+    assert lost.returncode != 0, "rank 1 was killed, so the job fails"
+    broken = ActivationStore(tmp_path / "store-rank00001")
+    assert not broken.complete and broken.n_shards == 2, "the manifest lists exactly the complete shards"
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store-rank00001").glob("shard-*.safetensors")}
+    assert all(broken.shard(i) is not None for i in range(broken.n_shards)), "complete shards verify"
+    again = _torchrun(model_folder, tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    ranks = [ActivationStore(tmp_path / f"store-rank{r:05d}") for r in range(2)]
+    assert all(store.complete for store in ranks)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store-rank00001").glob("shard-*.safetensors")}
+    assert all(after[name] == mtime for name, mtime in kept.items()), "the rerun kept the complete shards"
+    assert len(after) > len(kept), "and wrote only the missing ones"
+    model = load_model(model_folder)
+    corpus = token_rows(model, dist_job.TEXTS, seq_len=dist_job.SEQ_LEN)
+    assert sum(int(t.shape[0]) for store in ranks for t in store.tokens()) == corpus.shape[0]
