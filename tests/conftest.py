@@ -34,3 +34,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_folder(tmp_path_factory):
+    """A tiny random GPT-2 and its tokenizer saved as a model folder (what CLI commands load)."""
+    from tiny_models import tiny_model
+
+    hf, tok = tiny_model("gpt2")
+    path = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -7,18 +7,13 @@ from typer.testing import CliRunner
 
 from mechscope.cli.main import app
 from mechscope.model.cache import ActivationCache
-from tiny_models import tiny_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    hf, tok = tiny_model("gpt2")
-    path = tmp_path_factory.mktemp("gpt2")
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def folder(tiny_gpt2_folder):
+    return tiny_gpt2_folder
 
 
 def test_info_lists_sizes_and_sites(folder):

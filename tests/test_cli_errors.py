@@ -15,12 +15,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    hf, tok = tiny_model("gpt2")
-    path = tmp_path_factory.mktemp("gpt2")
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def folder(tiny_gpt2_folder):
+    return tiny_gpt2_folder
 
 
 def _clean_failure(result, *needles: str) -> None:
