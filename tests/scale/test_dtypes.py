@@ -20,10 +20,29 @@ import torch
 from mechscope.features import collect_activations, reconstruction_metrics, train_sae
 from mechscope.features.sae import SAEConfig
 from mechscope.features.train import SAETrainConfig
-from mechscope.locate import activation_patch, attribution_patch, causal_trace, eap, logit_lens, train_probes
+from mechscope.locate import (
+    activation_patch,
+    attribution_patch,
+    causal_trace,
+    eap,
+    integrated_gradients,
+    logit_lens,
+    path_patch,
+    train_probes,
+    train_tuned_lens,
+    tuned_lens,
+)
 from mechscope.locate.metrics import logit_diff
+from mechscope.locate.tuned_lens import TunedLensConfig
 from mechscope.model.loading import load_model
-from mechscope.steer import directional_ablation, mean_difference, select_direction, steer, token_logodds
+from mechscope.steer import (
+    directional_ablation,
+    mean_ablation,
+    mean_difference,
+    select_direction,
+    steer,
+    token_logodds,
+)
 from mechscope.steer.das import DASConfig, Pairs, das, interchange_logits
 from mechscope.steer.editing.stats import StatsConfig, second_moments
 from mechscope.steer.selection import DirectionSelectionConfig
@@ -42,9 +61,9 @@ UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 K = {
     "activations": 4,  # measured <= 2.8 u: a forward pass, a few roundings per layer
     "pattern": 4,  # <= 0.7 u: the softmax runs in fp32, its inputs are one product deep
-    "patching": 6,  # <= 3.4 u of the logit scale: differences of two nearly equal runs
-    "gradients": 8,  # <= 3.4 u of the logit scale: AtP/EAP, a half backward pass times differences
-    "lens": 4,  # <= 1.3 u
+    "patching": 6,  # <= 3.4 u of the logit scale: differences of two nearly equal runs (also path patching)
+    "gradients": 10,  # <= 5.8 u of the logit scale: AtP/EAP/IG, half backward passes times differences
+    "lens": 4,  # <= 1.3 u (logit lens, tuned lens trained in half precision)
     "readout": 4,  # <= 2.5 u: steered / directionally ablated / interchanged forwards
     "fp32_reduction": 4,  # <= 2.6 u: means, covariances, probes over half activations, summed in fp32
     "selection": 6,  # <= 2.7 u: direction selection's directions, scores and KLs
@@ -177,6 +196,31 @@ def test_eap_edge_scores(models, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_path_patching_and_integrated_gradients(models, dtype):
+    scale = logit_scale(models("llama", "fp32"))
+    half = path_patch(models("llama", dtype), CLEAN, CORRUPT, metric)
+    full = path_patch(models("llama", "fp32"), CLEAN, CORRUPT, metric)
+    check("path patching", dtype, half.tensors, full.tensors, "patching", scale)
+
+    def one_pair(logits):  # IG runs its interpolation steps as extra rows: a per-prompt-free metric
+        return logit_diff(logits, 5, 9)
+
+    half_ig = integrated_gradients(models("llama", dtype), CLEAN, one_pair)
+    full_ig = integrated_gradients(models("llama", "fp32"), CLEAN, one_pair)
+    assert half_ig.config["dtype"] == NAMES[dtype]
+    check("integrated gradients", dtype, half_ig.tensors, full_ig.tensors, "gradients", scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tuned_lens_training(models, dtype):
+    cfg = TunedLensConfig(steps=20, batch_tokens=64, seq_len=16)
+    half_m, full_m = models("llama", dtype), models("llama", "fp32")
+    half = tuned_lens(half_m, CLEAN, train_tuned_lens(half_m, SENTENCES * 8, config=cfg))
+    full = tuned_lens(full_m, CLEAN, train_tuned_lens(full_m, SENTENCES * 8, config=cfg))
+    check("tuned lens", dtype, half.tensors, full.tensors, "lens")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_logit_lens_and_causal_trace(models, dtype):
     half = logit_lens(models("llama", dtype), CLEAN, keep_logits=True)
     full = logit_lens(models("llama", "fp32"), CLEAN, keep_logits=True)
@@ -217,6 +261,11 @@ def test_steering_vectors_and_directional_ablation(models, dtype):
     with directional_ablation(full_m, direction):
         full = full_m(CLEAN)
     check("directionally ablated logits", dtype, half, full, "readout")
+    with mean_ablation(half_m, "blocks.0.attn.hook_z", CLEAN, heads=[1]):
+        half = half_m(CORRUPT)
+    with mean_ablation(full_m, "blocks.0.attn.hook_z", CLEAN, heads=[1]):
+        full = full_m(CORRUPT)
+    check("mean-ablated logits", dtype, half, full, "readout")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
