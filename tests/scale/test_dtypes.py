@@ -261,8 +261,9 @@ def test_steering_vectors_and_directional_ablation(models, dtype):
     with directional_ablation(full_m, direction):
         full = full_m(CLEAN)
     check("directionally ablated logits", dtype, half, full, "readout")
-    with mean_ablation(half_m, "blocks.0.attn.hook_z", CLEAN, heads=[1]):
+    with mean_ablation(half_m, "blocks.0.attn.hook_z", CLEAN, heads=[1]) as ablation:
         half = half_m(CORRUPT)
+    assert all(v.dtype == torch.float32 for v in ablation.values.values()), "reference means are fp32"
     with mean_ablation(full_m, "blocks.0.attn.hook_z", CLEAN, heads=[1]):
         full = full_m(CORRUPT)
     check("mean-ablated logits", dtype, half, full, "readout")

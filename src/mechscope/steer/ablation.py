@@ -142,6 +142,7 @@ class Ablation(Intervention):
                     )
                 self.values[site] = act
                 continue
+            act = act.float()  # means accumulate in fp32 (bf16/fp16 models); cast back when replacing
             weights = _pos_mask(site, act, mask)
             if cfg.over == "batch":
                 count = weights.sum(0)
