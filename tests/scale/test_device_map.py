@@ -45,7 +45,8 @@ def _maps(family):
         embed_on_disk["lm_head"] = "disk"
     maps = {"layer_on_disk": layer_on_disk, "embed_on_disk": embed_on_disk, "auto": "auto"}
     if torch.cuda.is_available():  # the embedding and first layer on the GPU, then CPU, then disk
-        maps["gpu_cpu_disk"] = {k: 0 if k in (embed, f"{layers}.0") else v for k, v in layer_on_disk.items()}
+        on_gpu = (embed, f"{layers}.0", *(("lm_head",) if family == "gpt2" else ()))  # gpt2's head is tied
+        maps["gpu_cpu_disk"] = {k: 0 if k in on_gpu else v for k, v in layer_on_disk.items()}
     return maps
 
 
