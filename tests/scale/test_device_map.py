@@ -178,3 +178,19 @@ def test_device_map_bad_entries_are_refused(folders):
         load_model(folders["llama"], device_map="everywhere")
     with pytest.raises(ConfigError, match="apply with device_map"):
         load_model(folders["llama"], max_memory={"cpu": "1GiB"})
+
+
+def test_offload_in_bf16_equals_the_plain_bf16_model(folders, tmp_path):
+    plain = load_model(folders["llama"], dtype="bf16")
+    spread = load_model(
+        folders["llama"], dtype="bf16", device_map=_maps("llama")["layer_on_disk"], offload_folder=tmp_path
+    )
+    assert spread.dtype == torch.bfloat16 and offload.offloaded_names(spread.hf_model)
+    assert spread.fingerprint() == plain.fingerprint()
+    _, a = spread.run_with_cache(CLEAN, ["blocks.1.attn.hook_result", "blocks.1.hook_resid_post"])
+    _, b = plain.run_with_cache(CLEAN, ["blocks.1.attn.hook_result", "blocks.1.hook_resid_post"])
+    for site in ("blocks.1.attn.hook_result", "blocks.1.hook_resid_post"):
+        assert a[site].dtype == torch.bfloat16
+        _same(a[site].float(), b[site].float(), site)
+    got, want = (activation_patch(m, CLEAN, CORRUPT, "heads", metric) for m in (spread, plain))
+    _same(got["metric"], want["metric"], "bf16 head patching")
