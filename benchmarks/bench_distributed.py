@@ -7,7 +7,8 @@ between the gathered and the one-process result.
 Two times are printed for the ranks: the sweep alone (slowest rank, from its own clock, gather included) and
 the whole torchrun launch (process start-up, imports and model loading included), so the fixed cost of going
 multi-process is visible next to the gain. On a CPU the ranks share its cores: each rank runs --threads
-threads, the one-process baseline runs ranks x threads.
+threads, the one-process baseline runs ranks x threads (or --baseline-threads; on a CPU shared with other
+jobs, threads that wait on each other can make the multi-threaded baseline unfairly slow).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def worker(args: argparse.Namespace) -> None:
     with dist.process_group():
         model = load_model(args.folder, device=dist.local_device())
         clean, corrupt, answers = _inputs(args)
+        _sweep(model, clean[:2], corrupt[:2], answers[:2], args.chunk)  # warm-up, as the baseline's
         dist.barrier()
         start = time.perf_counter()
         result = dist.map_prompts(lambda c, k, a: _sweep(model, c, k, a, args.chunk), clean, corrupt, answers)
@@ -92,6 +94,9 @@ def main() -> None:
     parser.add_argument("--pos", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
+    parser.add_argument(
+        "--baseline-threads", type=int, default=0, help="threads of the one process (0: ranks x threads)"
+    )
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--folder", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -110,7 +115,8 @@ def main() -> None:
     _model_folder(args, folder)
     print(f"random GPT-2: {args.layers} layers, d_model {args.d_model}; {args.prompts} prompts x {args.pos} tokens")
 
-    torch.set_num_threads(args.threads * args.ranks)
+    baseline_threads = args.baseline_threads or args.threads * args.ranks
+    torch.set_num_threads(baseline_threads)
     model = load_model(folder)
     clean, corrupt, answers = _inputs(args)
     _sweep(model, clean[:2], corrupt[:2], answers[:2], args.chunk)  # warm-up
@@ -131,7 +137,7 @@ def main() -> None:
     sweep = json.loads((out / "time.json").read_text())["sweep_s"]
     gathered = Result.load(out / "result.safetensors")
     diff = float((gathered["metric"] - single["metric"]).abs().max())
-    print(f"one process ({args.threads * args.ranks} threads):     {one:8.2f} s  (baseline)")
+    print(f"one process ({baseline_threads} thread(s)):     {one:8.2f} s  (baseline)")
     print(f"{args.ranks} ranks x {args.threads} thread(s), sweep only:  {sweep:8.2f} s  {one / sweep:5.2f}x")
     print(f"{args.ranks} ranks, whole torchrun launch:   {launch:8.2f} s  {one / launch:5.2f}x")
     print(f"max |gathered - one process| = {diff:.1e} over {single['metric'].numel()} cells")
