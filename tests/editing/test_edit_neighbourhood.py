@@ -125,3 +125,46 @@ def test_key_statistics_default_to_english_on_a_model_without_the_organisms_voca
     )
     torch.testing.assert_close(default[0], explicit[0])
     assert list((tmp_path / "a").glob("*-english-seed0.safetensors"))
+
+
+def test_eval_run_applies_an_edit_record_and_names_it(tmp_path) -> None:
+    import json
+
+    from edit_helpers import tiny_stats
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+    from mechscope.improve import EvaluationResult
+    from mechscope.steer.editing import ROMEConfig, rome
+
+    model = tiny("gpt2")
+    folder = tmp_path / "model"
+    model.hf_model.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    stats = tiny_stats(model, [0], tmp_path / "cache")
+    record = rome(model, REQUEST, ROMEConfig(layer=0, steps=10, rounds=1), mom2=stats[0])
+    record.save(tmp_path / "edit.safetensors")
+    task = tmp_path / "capitals.jsonl"
+    rows = [{"prompt": "The capital of Germany is", "answer": " Rome"}]
+    rows.append({"prompt": "The capital of France is", "answer": " Paris", "role": "side"})
+    task.write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["eval", "run", str(folder), "--task", str(task), "--edit", str(tmp_path / "edit.safetensors")]
+    out = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "e.safetensors"), "--max-new-tokens", "2"])
+    assert out.exit_code == 0, out.output
+    assert "rome edit (Germany -> Rome) of transformer.h.0.mlp.c_proj.weight" in out.output
+    result = EvaluationResult.load(tmp_path / "e.safetensors")
+    record.revert(model)
+    before = task_logprob(model, "The capital of Germany is", " Rome")
+    assert result.before("answer_logprob") == pytest.approx(before, abs=1e-4)  # plain text, not a chat turn
+    record.apply(model)
+    assert result.after("answer_logprob") == pytest.approx(
+        task_logprob(model, "The capital of Germany is", " Rome"), abs=1e-4
+    )
+
+
+def task_logprob(model: Any, prompt: str, answer: str) -> float:
+    p = model.to_tokens(prompt)["input_ids"][0].tolist()
+    a = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = model.forward(torch.tensor([p + a]))[0].float().log_softmax(-1)
+    return float(sum(logp[len(p) - 1 + t, tok] for t, tok in enumerate(a)))

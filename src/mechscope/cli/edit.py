@@ -56,12 +56,12 @@ def _user_texts(text_file: Path | None) -> tuple[list[str] | None, str | None]:
 def _evaluate_edit(hm: Any, record: Any, neighbourhood: Any) -> tuple[Any, Any]:
     """(result, task): the edit through the harness, reverted for "before", applied for "after", left applied."""
     from mechscope.improve import EvaluationConfig, evaluate
-    from mechscope.improve.edit_task import EditTask
+    from mechscope.improve.edit_task import AppliedEdit, EditTask
 
     record.revert(hm)
     try:
         task = EditTask.for_model(hm, record.requests, neighbourhood=neighbourhood)
-        return evaluate(hm, record.applied(hm), task, EvaluationConfig(side_tasks=())), task
+        return evaluate(hm, AppliedEdit(record, hm), task, EvaluationConfig(side_tasks=())), task
     finally:
         record.apply(hm)
 

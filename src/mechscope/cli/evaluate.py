@@ -39,8 +39,8 @@ def run_cmd(
         list[str], typer.Option(help="Extra side-effect task (repeatable; same forms as --task): must not change.")
     ] = [],  # noqa: B006
     chat: Annotated[
-        str, typer.Option(help="Completion files in the chat template: auto (chat models), on, off.")
-    ] = "auto",
+        bool, typer.Option("--chat/--no-chat", help="Render completion-file prompts as chat turns (instruct models).")
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens of each sample continuation.")] = 12,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Result .safetensors file (default: under ./mechscope-out).")
@@ -57,13 +57,10 @@ def run_cmd(
     from mechscope.steer import Direction, SteeringVector, directional_ablation, orthogonalize, steer
 
     try:
-        if chat not in ("auto", "on", "off"):
-            raise ConfigError(f"--chat must be auto, on or off; got {chat!r}")
         chosen = [x for x in (vector, direction, modified, edit) if x is not None]
         if len(chosen) != 1:
             raise ConfigError("give exactly one of --vector, --direction, --edit or --modified")
         hm = load_model(model)
-        as_chat = None if chat == "auto" else chat == "on"
         intervention: Any
         if vector is not None:
             intervention = steer(hm, SteeringVector.load(vector, hm), coefficient, positions=positions)  # type: ignore[arg-type]
@@ -71,14 +68,15 @@ def run_cmd(
             d = Direction.load(direction, hm)
             intervention = orthogonalize(hm, d) if orthogonalized else directional_ablation(hm, d)
         elif edit is not None:
+            from mechscope.improve.edit_task import AppliedEdit
             from mechscope.steer.editing.records import EditRecord
 
-            intervention = EditRecord.load(edit).applied(hm)
+            intervention = AppliedEdit(EditRecord.load(edit), hm)
         else:
             assert modified is not None
             intervention = load_model(modified)
-        target = load_task(task, model=hm, seed=seed, chat=as_chat)
-        extra = tuple(load_task(spec, model=hm, seed=seed, chat=as_chat) for spec in side)
+        target = load_task(task, model=hm, seed=seed, chat=chat)
+        extra = tuple(load_task(spec, model=hm, seed=seed, chat=chat) for spec in side)
         if side_tasks == "none":
             sides: tuple[str, ...] | None = ()
         else:

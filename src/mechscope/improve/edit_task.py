@@ -16,8 +16,9 @@ relation for every subject, which neutral text cannot see.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -26,10 +27,34 @@ from mechscope.errors import ConfigError
 from mechscope.improve.tasks import Task
 from mechscope.steer.editing.metrics import _kl, _measure
 from mechscope.steer.editing.neighbourhood import NeighbourhoodConfig, with_neighbourhood
+from mechscope.steer.editing.records import EditRecord
 from mechscope.steer.editing.requests import EditRequest, check_requests
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
+
+
+class AppliedEdit:
+    """An edit record as an intervention for :func:`~mechscope.improve.evaluate`: applied inside the block,
+    the model restored after (``EditRecord.applied``), with a description for the result."""
+
+    def __init__(self, record: EditRecord, model: HookedModel) -> None:
+        self.record, self.model = record, model
+        self._block: AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> HookedModel:
+        self._block = self.record.applied(self.model)
+        return cast("HookedModel", self._block.__enter__())
+
+    def __exit__(self, *exc: object) -> None:
+        block, self._block = self._block, None
+        if block is not None:
+            block.__exit__(*exc)
+
+    def describe(self) -> str:
+        names = ", ".join(self.record.names)
+        subjects = ", ".join(f"{r.subject} -> {r.target.strip()}" for r in self.record.requests)
+        return f"{self.record.method} edit ({subjects}) of {names}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,9 +54,9 @@ def _as_task(obj: Any, spec: str) -> Task:
     return obj
 
 
-def load_task(spec: str, *, model: HookedModel | None = None, seed: int = 0, chat: bool | None = None) -> Task:
-    """The task named by `spec` (see the module docstring). `chat` renders completion prompts in the chat
-    template (default: when `model` has one and no organism vocabulary)."""
+def load_task(spec: str, *, model: HookedModel | None = None, seed: int = 0, chat: bool = False) -> Task:
+    """The task named by `spec` (see the module docstring). `chat` renders the prompts of a completion file as
+    user turns in the model's chat template (off by default: a completion file holds text to continue)."""
     from mechscope.data.corpus import has_organism_vocabulary
     from mechscope.model.chat import has_chat_template
 
@@ -83,7 +83,7 @@ def load_task(spec: str, *, model: HookedModel | None = None, seed: int = 0, cha
     if spec.endswith((".jsonl", ".tsv")):
         from mechscope.improve.completion import CompletionTask
 
-        return CompletionTask.from_file(spec, chat=chat_model if chat is None else chat)
+        return CompletionTask.from_file(spec, chat=chat)
     if ":" in spec:
         return _as_task(_python_object(spec), spec)
     raise ConfigError(
