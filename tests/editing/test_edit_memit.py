@@ -55,3 +55,16 @@ def test_memit_bad_input_leaves_model_unmodified(tmp_path):
     with pytest.raises(ConfigError, match="increasing"):
         MEMITConfig(layers=(1, 0))
     assert equal_to_snapshot(model, before) == []
+
+
+def test_memit_refuses_conflicting_requests_and_degenerate_statistics(tmp_path):
+    model = tiny("gpt2", n_layers=3)
+    stats = tiny_stats(model, [0, 1], tmp_path)
+    before = snapshot(model)
+    conflicting = [*REQUESTS, EditRequest(prompt="The capital of {}", subject="France", target=" Paris")]
+    with pytest.raises(EditError, match="requests 0 and 2 ask the same prompt"):
+        memit(model, conflicting, MEMITConfig(layers=(0, 1)), mom2=stats)
+    zero = {0: stats[0], 1: torch.zeros_like(stats[1])}
+    with pytest.raises(EditError, match="are all zero"):
+        memit(model, REQUESTS, MEMITConfig(layers=(0, 1), steps=2, n_prefixes=0), mom2=zero)
+    assert equal_to_snapshot(model, before) == []

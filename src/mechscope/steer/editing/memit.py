@@ -87,6 +87,19 @@ class MEMITConfig:
         return asdict(self)
 
 
+def _refuse_conflicts(requests: Sequence[EditRequest]) -> None:
+    """Two requests for the same subject and prompt with different targets cannot both hold after one edit."""
+    first: dict[tuple[str, str], int] = {}
+    for i, request in enumerate(requests):
+        key = (request.prompt, request.subject)
+        j = first.setdefault(key, i)
+        if j != i and requests[j].target != request.target:
+            raise EditError(
+                f"requests {j} and {i} ask the same prompt {request.prompt!r} about {request.subject!r} for different "
+                f"targets ({requests[j].target!r} and {request.target!r}); one edit cannot make both true -- keep one"
+            )
+
+
 def memit(
     model: Any,
     requests: Sequence[EditRequest],
@@ -103,6 +116,7 @@ def memit(
     config = config or MEMITConfig()
     requests = list(requests)
     check_requests(model.tokenizer, requests)
+    _refuse_conflicts(requests)
     layers = config.resolved_layers(model)
     stats = dict(mom2) if mom2 is not None else {}
     missing = [layer for layer in layers if layer not in stats]

@@ -143,6 +143,11 @@ def check_stats(stats: Tensor, layer: int, d_mlp: int) -> None:
             f"second-moment statistics of layer {layer} contain {bad} NaN/inf entries; recompute them "
             "(delete the cached file) from text on which the model's activations are finite"
         )
+    if not float(stats.diagonal().abs().max()) > 0:
+        raise EditError(
+            f"second-moment statistics of layer {layer} are all zero (no MLP key ever fired on the text they were "
+            "computed from), so no least-squares edit is defined; recompute them from more or other text"
+        )
 
 
 def _windows(tokenizer: Any, texts: Iterable[str], seq_len: int) -> Iterator[list[int]]:
