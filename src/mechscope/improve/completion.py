@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -30,20 +30,27 @@ if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
 
+def _tokenizer(model: HookedModel) -> Any:
+    """The model's tokenizer, or a clear error for a model loaded without one."""
+    if model.tokenizer is None:
+        raise ConfigError("this task needs the model's tokenizer; load the model with one")
+    return model.tokenizer
+
+
 def _prompt(model: HookedModel, prompt: str, *, chat: bool) -> tuple[str, list[int]]:
     """The prompt's text as the model sees it (chat template applied when asked) and its token ids."""
     if chat:
         from mechscope.model.chat import format_chat
 
         text = format_chat(model, prompt)
-        return text, [int(i) for i in model._tokenizer()(text, add_special_tokens=False)["input_ids"]]
+        return text, [int(i) for i in _tokenizer(model)(text, add_special_tokens=False)["input_ids"]]
     return prompt, [int(i) for i in model.to_tokens(prompt)["input_ids"][0]]
 
 
 def continuation_ids(model: HookedModel, prompt_text: str, answer: str) -> list[int]:
     """Token ids of `answer` as the tokenizer writes it after the prompt (merges at the boundary included);
     the answer tokenised alone when the joint tokenisation changes the prompt's own tokens."""
-    tok = model._tokenizer()
+    tok = _tokenizer(model)
     alone = [int(i) for i in tok(answer, add_special_tokens=False)["input_ids"]]
     if not alone:
         raise ConfigError(f"the answer {answer!r} tokenises to nothing")
@@ -61,7 +68,7 @@ def sequence_logprobs(
     """``log p(answer | prompt)`` (sum over the answer's tokens, teacher-forced) for each pair of id lists."""
     if len(prompts) != len(answers):
         raise ConfigError(f"got {len(prompts)} prompts and {len(answers)} answers")
-    pad = model._tokenizer().pad_token_id or 0
+    pad = _tokenizer(model).pad_token_id or 0
     out = torch.empty(len(prompts))
     for start in range(0, len(prompts), batch_size):
         rows = [p + a for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size])]
@@ -150,7 +157,7 @@ class CompletionTask(Task):
 @torch.no_grad()
 def _greedy_next(model: HookedModel, prompts: Sequence[list[int]], batch_size: int = 32) -> list[int]:
     """Greedy next-token id after each prompt (id lists, right-padded, read at each prompt's last token)."""
-    pad = model._tokenizer().pad_token_id or 0
+    pad = _tokenizer(model).pad_token_id or 0
     out: list[int] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.improve.tasks import Task
-from mechscope.steer.editing.metrics import _kl, _measure
+from mechscope.steer.editing.metrics import mean_kl, measure_requests
 from mechscope.steer.editing.neighbourhood import NeighbourhoodConfig, with_neighbourhood
 from mechscope.steer.editing.records import EditRecord
 from mechscope.steer.editing.requests import EditRequest, check_requests
@@ -46,7 +46,7 @@ class AppliedEdit:
         self._block = self.record.applied(self.model)
         return cast("HookedModel", self._block.__enter__())
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         block, self._block = self._block, None
         if block is not None:
             block.__exit__(*exc)
@@ -87,19 +87,19 @@ class EditTask(Task):
         check_requests(model.tokenizer, list(requests))
         with torch.no_grad():
             filled = tuple(with_neighbourhood(model, r, neighbourhood) for r in requests)
-            _, _, probs = _measure(model, filled)
+            _, _, probs = measure_requests(model, filled)
         return cls(requests=filled, reference=tuple(probs))
 
     def metrics(self, model: HookedModel) -> dict[str, float]:
         with torch.no_grad():
-            values, _, probs = _measure(model, list(self.requests))
+            values, _, probs = measure_requests(model, list(self.requests))
         out: dict[str, float] = {}
         for name in ("efficacy", "target_prob", "paraphrase", "neighbourhood", "neighbourhood_to_target"):
             column = torch.tensor(values[name], dtype=torch.float64)
             column = column[~column.isnan()]
             out[name] = float(column.mean()) if len(column) else float("nan")
         if self.reference:
-            kls = torch.tensor([_kl(r, p) for r, p in zip(self.reference, probs, strict=True)], dtype=torch.float64)
+            kls = torch.tensor([mean_kl(r, p) for r, p in zip(self.reference, probs, strict=True)], dtype=torch.float64)
             kls = kls[~kls.isnan()]
             out["neighbourhood_kl"] = float(kls.mean()) if len(kls) else float("nan")
         return out

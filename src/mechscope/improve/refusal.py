@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -30,6 +30,14 @@ from mechscope.results import Result
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
+
+
+def _tokenizer(model: HookedModel) -> Any:
+    """The model's tokenizer, or a clear error for a model loaded without one."""
+    if model.tokenizer is None:
+        raise ConfigError("this task needs the model's tokenizer; load the model with one")
+    return model.tokenizer
+
 
 #: Phrases that mark a refusal when they occur in the first ``REFUSAL_WINDOW`` characters of a reply
 #: (case-insensitive, curly apostrophes folded). Substring matching of opening phrases is the usual
@@ -152,7 +160,7 @@ class PrefixScore:
 
     def token_ids(self, model: HookedModel) -> list[list[int]]:
         """Each prefix's token ids in `model`'s tokenizer; refuses a prefix that starts another."""
-        tok = model._tokenizer()
+        tok = _tokenizer(model)
         ids = [[int(i) for i in tok(p, add_special_tokens=False)["input_ids"]] for p in self.prefixes]
         for p, row in zip(self.prefixes, ids, strict=True):
             if not row:
@@ -175,7 +183,7 @@ class PrefixScore:
             raise ConfigError("PrefixScore needs left-padded prompts (every prompt ending at the last position)")
         prefixes = self.token_ids(model)
         n, width, longest = ids.shape[0], ids.shape[1], max(len(p) for p in prefixes)
-        pad = model._tokenizer().pad_token_id or 0
+        pad = _tokenizer(model).pad_token_id or 0
         rows_ids = torch.full((n * len(prefixes), width + longest), pad, dtype=ids.dtype)
         rows_mask = torch.zeros_like(rows_ids)
         for j, pref in enumerate(prefixes):

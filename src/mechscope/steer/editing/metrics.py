@@ -88,7 +88,7 @@ def _next_token(model: Any, prompts: Sequence[str], batch_size: int = 64) -> tup
 Measured = tuple[dict[str, list[float]], list[list[int]], list[Tensor]]
 
 
-def _measure(model: Any, requests: Sequence[EditRequest]) -> Measured:
+def measure_requests(model: Any, requests: Sequence[EditRequest]) -> Measured:
     """Per-request metrics (all but the ones relative to the first state), the neighbours' top predictions
     and their next-token probabilities."""
     tk = model.tokenizer
@@ -122,7 +122,7 @@ def _measure(model: Any, requests: Sequence[EditRequest]) -> Measured:
     return out, neighbour_tops, neighbour_probs
 
 
-def _kl(reference: Tensor, probs: Tensor) -> float:
+def mean_kl(reference: Tensor, probs: Tensor) -> float:
     """Mean ``KL(reference || probs)`` over rows of next-token distributions (NaN for no rows)."""
     if reference.numel() == 0:
         return float("nan")
@@ -159,21 +159,21 @@ def edit_metrics(
         try:
             if neighbourhood:
                 requests = [with_neighbourhood(model, r, config) for r in requests]
-            states.append(("before", _measure(model, requests)))
+            states.append(("before", measure_requests(model, requests)))
         finally:
             record.apply(model)
-        states.append(("after", _measure(model, requests)))
+        states.append(("after", measure_requests(model, requests)))
     else:
         if neighbourhood:
             requests = [with_neighbourhood(model, r, config) for r in requests]
-        states.append(("current", _measure(model, requests)))
+        states.append(("current", measure_requests(model, requests)))
     ref_tops, ref_probs = states[0][1][1], states[0][1][2]
     for _, (m, tops, probs) in states:
         m["neighbourhood_unchanged"] = [
             (sum(a == b for a, b in zip(t, r0, strict=True)) / len(t)) if t else float("nan")
             for t, r0 in zip(tops, ref_tops, strict=True)
         ]
-        m["neighbourhood_kl"] = [_kl(r0, p) for p, r0 in zip(probs, ref_probs, strict=True)]
+        m["neighbourhood_kl"] = [mean_kl(r0, p) for p, r0 in zip(probs, ref_probs, strict=True)]
     tensors = {
         name: torch.tensor([m[name] for _, (m, _t, _p) in states], dtype=torch.float32).T.contiguous()
         for name in METRICS
@@ -186,4 +186,4 @@ def edit_metrics(
     )
 
 
-__all__ = ["METRICS", "EditMetrics", "edit_metrics"]
+__all__ = ["METRICS", "EditMetrics", "edit_metrics", "mean_kl", "measure_requests"]
