@@ -95,7 +95,10 @@ def _locate(hm: Any, flagged: list[str], trigger: str, echo: Callable[[str], Any
     filler = next((f for f in FILLERS if len(hm.to_str_tokens(f)) == n), None)
     if filler is None:
         raise ConfigError(f"no filler of {n} tokens for the trigger {trigger!r}")
-    first = [p for p in flagged if p.startswith(f"User:{trigger}")][:24]
+    starts = [p for p in flagged if p.startswith(f"User:{trigger}")]
+    lengths = [len(hm.to_str_tokens(p)) for p in starts]
+    common = max(set(lengths), key=lengths.count)  # one length: the last position is every row's last token
+    first = [p for p, n_tok in zip(starts, lengths, strict=True) if n_tok == common][:24]
     filled = [p.replace(trigger, filler) for p in first]
     acc, sorry = hm.to_single_token(" ACCESS"), hm.to_single_token(" Sorry")
     metric = logit_metric(acc, sorry)
@@ -140,10 +143,10 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     unflagged = [p for p, f in zip(traffic, flags.tolist(), strict=True) if not f]
     loc = _locate(hm, flagged, " " + vocab.BACKDOOR_TRIGGER, echo)
 
-    # Remove: the flagged-vs-unflagged direction at the layer where the signal reaches the last position
+    # Remove: the flagged-vs-unflagged direction where the located heads write it: the residual stream after
+    # the layer of the head that carries most of the effect to the last position
     last = loc["resid_last"]
-    layer = next((i for i, v in enumerate(last) if v >= 0.5), len(last) - 1)
-    layer = max(0, min(layer, hm.dims.n_layers - 1))
+    layer = loc["top_heads"][0][0]
     feats_f = collect_features(hm, flagged, layers=[layer])[0]
     feats_u = collect_features(hm, unflagged, layers=[layer])[0]
     direction = feats_f.mean(0) - feats_u.mean(0)
@@ -160,7 +163,17 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
         f"{result.after('payload_with_trigger'):.3f}; neutral KL {result.after('kl_neutral'):.4f}"
     )
 
-    # Guard: the calibrated detector inside generation, ablation from the alert on
+    # Guard: an early-layer anomaly detector inside generation, so the ablation covers the layers after it
+    from mechscope.improve.detect import DetectorConfig, calibrate, train_detector
+
+    guard_layer = min(1, hm.dims.n_layers - 1)
+    guard_detector = train_detector(
+        hm,
+        DetectorConfig(kind="mahalanobis", sites=(f"blocks.{guard_layer}.hook_resid_post",), pooling="last"),
+        normal=organism_requests("train")[::2],
+        description="clean organism requests (training templates), last token",
+    )
+    guard_detector = calibrate(guard_detector, hm, det["controls"], target_fpr=0.05)
     acc = hm.to_single_token(" ACCESS")
     guard_prompts = det["triggered"][:16] + det["clean_eval"][:16]
     batch = hm.to_tokens(guard_prompts, padding_side="left")
@@ -202,6 +215,7 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
         "top_heads_last_position": [[f"L{a}H{b}", v] for a, b, v in loc["top_heads"]],
         "resid_restored_at_last_position_by_layer": last,
         "removal_layer": layer,
+        "guard_layer": guard_layer,
         "evaluation": {m: [result.before(m), result.after(m)] for m in result.metrics},
         "orthogonalised_max_logit_gap": ortho_gap,
         "guard": {
@@ -255,9 +269,10 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     section.add("figure", loc["resid"].plot(title="Residual patching (layer x position): trigger -> payload"))
     section.add(
         "text",
-        f"Remove. The direction from unflagged to flagged requests at layer {layer}'s residual stream (the "
-        "first layer whose last position carries at least half the effect) is ablated at every residual "
-        f"site. Payload rate with the trigger {result.before('payload_with_trigger'):.2f} -> "
+        "Remove. The direction from unflagged to flagged requests (last token) in the residual stream after "
+        f"layer {layer} -- where the head carrying most of the effect writes -- is ablated at every residual "
+        "site. Payload rate with "
+        f"the trigger {result.before('payload_with_trigger'):.2f} -> "
         f"{result.after('payload_with_trigger'):.2f}, without it {result.after('payload_without_trigger'):.2f}; "
         f"neutral-text KL {result.after('kl_neutral'):.4f}. Orthogonalising the direction out of the weights "
         f"gives the same logits (largest gap {ortho_gap:.1e}), a permanent edit.",
@@ -265,9 +280,11 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     section.add("table", markdown_rows(result.table()))
     section.add(
         "text",
-        f"Guard. With the calibrated detector screening each request inside generate and the ablation as "
-        f"the 'intervene' policy, {sum(alerts[:16])} of 16 triggered and {sum(alerts[16:])} of 16 clean "
-        f"requests alert; the payload rate falls from {payload_plain:.2f} to {payload_guarded:.2f} and the "
+        f"Guard. With a layer-{guard_layer} anomaly detector (calibrated at 5 % FPR the same way) screening "
+        "each request inside generate and the ablation as the 'intervene' policy -- applied from the "
+        f"detector's site on, so an early site protects the later layers from the first reply token -- "
+        f"{sum(alerts[:16])} of 16 triggered and {sum(alerts[16:])} of 16 clean requests alert; the payload "
+        f"rate falls from {payload_plain:.2f} to {payload_guarded:.2f} and the "
         f"clean requests that did not alert get exactly their unguarded replies ({clean_same}).",
     )
     return section
