@@ -193,3 +193,25 @@ def test_a_mean_condition_reads_the_real_tokens_of_left_padded_prompts(model: Ho
         model.forward(model.to_tokens(prompts, padding_side="left"))
         assert gated.scores is not None
         assert torch.allclose(gated.scores, expected, atol=1e-5)
+
+
+def test_a_probe_is_a_condition(model: HookedModel) -> None:
+    from mechscope.locate.probes import ProbeConfig, fit_probe
+    from mechscope.sites import Site
+    from mechscope.steer.vectors import read_activations
+
+    yes, no, _ = _condition_setup(model)
+    site = Site("hook_resid_pre", 1)
+    x = torch.cat([read_activations(model, yes, [site])[site], read_activations(model, no, [site])[site]])
+    y = torch.tensor([1] * len(yes) + [0] * len(no))
+    probe = fit_probe(x, y, ProbeConfig(kind="mass_mean", folds=0, control=False))
+    cond = Condition.from_probe(probe, site.name)
+    vec = _vec(model, 7, layers=[1])
+    prompts = [*yes, *no]
+    gated = conditional(steer(model, vec, 3.0), cond)
+    with torch.no_grad(), gated:
+        model.forward(model.to_tokens(prompts, padding_side="left"))
+    assert gated.gate is None  # cleared on exit; the scores stay for inspection
+    assert torch.equal((gated.scores > 0).long(), probe.predict(x))
+    with pytest.raises(ConfigError, match="linear probe"):
+        Condition.from_probe(object(), site.name)
