@@ -1,7 +1,9 @@
 """Padding-aware metrics: every verb gives, on a mixed-length padded batch, what it gives on each prompt alone.
 
 Before metrics read each row's last real token, the shorter prompt of a right-padded batch was scored
-at a pad token; every test here fails that way (the pad token's logits are not the prompt's).
+at a pad token; every right-padded test here fails that way (the pad token's logits are not the
+prompt's). Causal tracing takes one prompt per call (``trace_facts`` loops over prompts), so it has no
+padded batch; its metric runs through the same engine and scoring block as activation patching.
 """
 
 from __future__ import annotations
