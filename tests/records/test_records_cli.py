@@ -46,7 +46,9 @@ def test_record_wraps_any_command_and_runs_commands_read_the_store(tmp_path, fol
         {"cli", "first"},
     )
     assert ok.config["model"] == str(folder) and ok.config["prompt"] == ["The cat sat"]
-    assert [a.method for a in ok.artifacts] == ["logit_lens"] and ok.models == ()  # no artifact names a model
+    assert [a.method for a in ok.artifacts] == ["logit_lens"]
+    (recorded,) = ok.models  # the loaded model notifies the open run
+    assert recorded.source == str(folder) and recorded.model_type == "gpt2" and recorded.weights_sha256
     assert failed.status == "failed" and "ModelNotFoundError" in failed.error and "exit code 2" in failed.error
 
     listed = runner.invoke(app, ["runs", "list", "--runs", str(store)])

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechscope import observe
 from mechscope.errors import AdapterError, AttentionSiteError, ConfigError, SiteError, did_you_mean
 from mechscope.model import attention as attention_fn
 from mechscope.model import offload
@@ -110,6 +111,7 @@ class HookedModel(nn.Module):
                 )
         self.attention_base: str | None = self._install_attention() if attention_sites else None
         self._inventory = self._build_inventory()
+        observe.notify(self)  # a run record (mechscope.records), when one is open, notes the model
 
     # Structure ----------------------------------------------------------------------------------------
     def _install_attention(self) -> str | None:
