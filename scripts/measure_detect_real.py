@@ -125,7 +125,7 @@ def monitor_chat(hm, layer, lie_set):
                 "reply": hm.to_string(out[i, n:]),
                 "alert": row.alert is not None,
                 "max_token_score": max(gen) if gen else None,
-                "final_running_score": [r for r, g in zip(row.running, row.generated, strict=True) if g][-1],
+                "final_running_score": [r for r, g in zip(row.running, row.generated, strict=True) if g and r == r][-1],
             }
         )
     return {
