@@ -15,7 +15,7 @@ recipe on the same texts) -- the *effect ratio*, 1 when the transfer is perfect.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError
+from mechscope.metrics import Metric
 from mechscope.results import Artifact, ModelMismatchError, Result
 from mechscope.sites import Site
 from mechscope.steer.intervention import check_finite, require_hooked
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
 Read = Literal["tokens", "last", "mean"]
-#: Metric of logits ``[batch, pos, d_vocab]`` -> ``[batch]`` or a scalar.
-Metric = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,7 +13,7 @@ as their logits). ``interaction`` is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from mechscope.errors import ConfigError
+from mechscope.metrics import Metric
 from mechscope.model.hooks import HookFn
 from mechscope.results import Result
 from mechscope.sites import Site
@@ -31,9 +32,6 @@ from mechscope.steer.vectors import PositionMode, Steering, SteeringVector
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
-
-#: Metric of logits ``[batch, pos, d_vocab]`` -> ``[batch]`` or a scalar.
-Metric = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ fraction of the two models' divergence that patching the component closes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,13 +23,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.locate._engine import Variant, metric_value, run_batched
+from mechscope.metrics import Metric
 from mechscope.model.partial import base_run
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
-
-Metric = Callable[[Tensor], Tensor]
 
 
 @dataclass

@@ -8,6 +8,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.metrics import kl_div
+
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
@@ -15,10 +17,9 @@ if TYPE_CHECKING:
 def kl_by_position(base: HookedModel, tuned: HookedModel, tokens: dict[str, Tensor]) -> Float[Tensor, "batch pos"]:
     """``KL(base || tuned)`` of the next-token distributions at every position (0 at padding)."""
     with torch.no_grad():
-        lp_b = base.forward(tokens).float().log_softmax(-1)
-        lp_t = tuned.forward({k: v.to(tuned.device) for k, v in tokens.items()}).float().log_softmax(-1)
-    kl = (lp_b.exp() * (lp_b - lp_t.to(lp_b.device))).sum(-1).clamp_min(0.0)
-    return kl * tokens["attention_mask"].to(kl.device)
+        base_logits = base.forward(tokens)
+        tuned_logits = tuned.forward({k: v.to(tuned.device) for k, v in tokens.items()}).to(base_logits.device)
+    return kl_div(tuned_logits, base_logits, attention_mask=tokens["attention_mask"].to(base_logits.device))
 
 
 __all__ = ["kl_by_position"]
