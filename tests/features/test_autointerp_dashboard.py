@@ -170,7 +170,11 @@ def _cards(model):
     d = model.dims.d_model
     sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=6, activation="relu", site=SITE), seed=2)
     cards = feature_cards(model, sae, TEXTS, seq_len=16, top_k=4)
-    evil = replace(cards[1], description="</script><img src=x onerror=alert(1)> cats & dogs")
+    evil = replace(
+        cards[1],
+        description="</script><img src=x onerror=alert(1)> cats & dogs",
+        scores={"detection": float("nan"), "causal": 0.5},  # NaN must not break the page's JSON
+    )
     return type(cards)([cards[0], evil, *cards.cards[2:]], cards.site, cards.model)
 
 

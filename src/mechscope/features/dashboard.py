@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from mechscope.errors import ConfigError
 from mechscope.features.cards import FeatureCards
@@ -54,7 +56,7 @@ function show(c){
   main.appendChild(el('h2','Feature '+c.feature));
   if(c.description) main.appendChild(el('p',c.description,'description'));
   const meta=el('p','fires on '+(100*c.frequency).toFixed(3)+'% of tokens; mean when active '+c.mean_when_active.toFixed(3)+'; max '+c.max_activation.toFixed(3),'muted'); main.appendChild(meta);
-  const scores=Object.entries(c.scores||{}); if(scores.length){const t=el('table'); t.className='scores'; scores.forEach(([k,v])=>{const tr=el('tr'); tr.appendChild(el('td',k)); tr.appendChild(el('td',typeof v==='number'?v.toFixed(3):String(v))); t.appendChild(tr);}); main.appendChild(el('h3','Scores')); main.appendChild(t);}
+  const scores=Object.entries(c.scores||{}); if(scores.length){const t=el('table'); t.className='scores'; scores.forEach(([k,v])=>{const tr=el('tr'); tr.appendChild(el('td',k)); tr.appendChild(el('td',typeof v==='number'?v.toFixed(3):'n/a')); t.appendChild(tr);}); main.appendChild(el('h3','Scores')); main.appendChild(t);}
   main.appendChild(el('h3','Activation histogram (non-zero)')); main.appendChild(histogram(c.histogram));
   main.appendChild(el('h3','Top contexts'));
   const peak=Math.max(1e-9,c.max_activation);
@@ -75,8 +77,8 @@ def dashboard_html(cards: FeatureCards, *, title: str = "") -> str:
     """The page's HTML text (see the module docstring)."""
     if not len(cards):
         raise ConfigError("expected at least one feature card for the dashboard, got none")
-    payload = {"site": cards.site, "cards": [asdict(c) for c in cards]}
-    data = json.dumps(payload).replace("</", "<\\/").replace("<!--", "<\\!--")
+    payload = _finite({"site": cards.site, "cards": [asdict(c) for c in cards]})
+    data = json.dumps(payload, allow_nan=False).replace("</", "<\\/").replace("<!--", "<\\!--")
     heading = title or f"SAE features at {cards.site or 'an unnamed site'}"
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
@@ -87,6 +89,17 @@ def dashboard_html(cards: FeatureCards, *, title: str = "") -> str:
         f"<script type='application/json' id='data'>{data}</script>"
         f"<script>{_SCRIPT}</script></body></html>"
     )
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None (JSON has no NaN; the page shows "n/a")."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_dashboard(cards: FeatureCards, path: str | Path, *, title: str = "") -> Path:

@@ -94,7 +94,7 @@ def annotate_cards(cards: FeatureCards, records: Sequence[dict[str, Any]]) -> Fe
         if r is None:
             annotated.append(card)
             continue
-        scores = {k: float(r[k]) for k in ("detection", "causal", "causal_control")}
+        scores = {k: float(r[k]) for k in ("detection", "causal", "causal_control") if r[k] == r[k]}  # no NaN
         annotated.append(replace(card, description=r["description"], scores=scores))
     return FeatureCards(annotated, cards.site, cards.model)
 
