@@ -123,7 +123,7 @@ def test_the_auxiliary_loss_trains_only_dead_features_towards_the_error():
     with torch.no_grad():  # when the dead features' top-k reconstruction is the error, the loss is 0
         f = torch.relu(pre.detach()[:, [3, 7]])
         exact = f[:, 0:1] * sae.W_dec[3] + f[:, 1:2] * sae.W_dec[7]
-    assert float(_aux_loss(sae, pre.detach(), dead, exact)) < 1e-10
+    assert float(_aux_loss(sae, pre.detach(), dead, exact).detach()) < 1e-10
 
 
 def test_a_stream_of_batches_trains_and_bad_streams_are_clear_errors():
