@@ -104,7 +104,7 @@ def saelens_config(cfg: dict[str, Any], where: str = CFG) -> tuple[SAEConfig, fl
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    return config, None if norm == "none" else float(scaling)
+    return config, None if norm == "none" or scaling is None else float(scaling)
 
 
 def load_saelens(folder: str | Path) -> SparseAutoencoder:

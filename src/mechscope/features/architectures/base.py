@@ -79,7 +79,15 @@ class Architecture:
     def rescale(self, sae: SparseAutoencoder, factor: Tensor) -> None:
         """Feature activations were multiplied by `factor` (per feature or scalar): scale thresholds alike."""
         for name in self.extra:
-            getattr(sae, name).mul_(factor)
+            extra_tensor(sae, name).data.mul_(factor)
+
+
+def extra_tensor(sae: SparseAutoencoder, name: str) -> Tensor:
+    """The architecture's extra tensor `name` of `sae` (a parameter or buffer)."""
+    value = getattr(sae, name)
+    if not isinstance(value, Tensor):
+        raise ConfigError(f"the SAE has no tensor {name!r}")
+    return value
 
 
 #: name -> architecture; :func:`register_architecture` refuses a second one with a taken name.
@@ -110,4 +118,4 @@ def architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-__all__ = ["Architecture", "SparseCode", "architectures", "get_architecture", "register_architecture"]
+__all__ = ["Architecture", "SparseCode", "architectures", "extra_tensor", "get_architecture", "register_architecture"]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from mechscope.features.architectures.base import Architecture, SparseCode, register_architecture
+from mechscope.features.architectures.base import Architecture, SparseCode, extra_tensor, register_architecture
 
 if TYPE_CHECKING:
     from mechscope.features.sae import SAEConfig, SparseAutoencoder
@@ -30,7 +30,7 @@ class BatchTopK(Architecture):
         return {"threshold": torch.zeros(config.d_sae)}
 
     def encode(self, sae: SparseAutoencoder, pre: Tensor) -> Tensor:
-        return pre * (pre > sae.threshold)
+        return pre * (pre > extra_tensor(sae, "threshold"))
 
     def train_encode(self, sae: SparseAutoencoder, pre: Tensor, train: Any) -> Tensor | SparseCode:
         assert sae.config.k is not None
@@ -44,5 +44,6 @@ class BatchTopK(Architecture):
         kept = f[f > 0]
         if kept.numel():
             low = kept.min()
-            fresh = bool((sae.threshold == 0).all())
-            sae.threshold.copy_(low.expand_as(sae.threshold) if fresh else sae.threshold.lerp(low, MOMENTUM))
+            threshold = extra_tensor(sae, "threshold")
+            fresh = bool(torch.all(threshold == 0))
+            threshold.copy_(low.expand_as(threshold) if fresh else threshold.lerp(low, MOMENTUM))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from mechscope.features.architectures.base import Architecture, SparseCode, register_architecture
+from mechscope.features.architectures.base import Architecture, SparseCode, extra_tensor, register_architecture
 
 if TYPE_CHECKING:
     from mechscope.features.sae import SAEConfig, SparseAutoencoder
@@ -75,14 +75,14 @@ class JumpReLU(Architecture):
         return {"threshold": torch.full((config.d_sae,), INITIAL_THRESHOLD)}
 
     def encode(self, sae: SparseAutoencoder, pre: Tensor) -> Tensor:
-        return pre * (pre > sae.threshold)
+        return pre * (pre > extra_tensor(sae, "threshold"))
 
     def train_encode(self, sae: SparseAutoencoder, pre: Tensor, train: Any) -> Tensor | SparseCode:
-        return jumprelu(pre, sae.threshold, train.bandwidth)
+        return jumprelu(pre, extra_tensor(sae, "threshold"), train.bandwidth)
 
     def penalty(self, sae: SparseAutoencoder, pre: Tensor, f: Tensor | SparseCode, train: Any) -> Tensor | None:
-        return train.l0_coefficient * step(pre, sae.threshold, train.bandwidth).sum(-1).mean()
+        return train.l0_coefficient * step(pre, extra_tensor(sae, "threshold"), train.bandwidth).sum(-1).mean()
 
     @torch.no_grad()
     def after_step(self, sae: SparseAutoencoder, pre: Tensor, f: Tensor | SparseCode, train: Any) -> None:
-        sae.threshold.clamp_(min=1e-6)
+        extra_tensor(sae, "threshold").data.clamp_(min=1e-6)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -111,7 +111,7 @@ def causal_score(
         delta = (value - f[..., feature])[..., None] * sae.W_dec[feature]
         return activation + delta.to(activation.dtype)
 
-    hooks = feature_hooks(model, sae, edit)
+    hooks: dict[Any, Any] = dict(feature_hooks(model, sae, edit))
     device = next(model.hf_model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, rows.shape[0], batch_size):
