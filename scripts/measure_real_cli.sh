@@ -25,5 +25,7 @@ for L in 4 14; do
   run rome_L$L $MS edit rome $M --prompt "The capital of {} is" --subject Germany --target " Rome" \
     --layer $L --stats-tokens 10000 --record "$OUT/rome_L$L.safetensors"
 done
-run capitals_eval $MS eval run $M --task docs/examples/capitals.jsonl --edit "$OUT/rome_L14.safetensors" \
-  -o "$OUT/capitals_eval.safetensors"
+for L in 14 4; do
+  run capitals_eval_L$L $MS eval run $M --task docs/examples/capitals.jsonl --edit "$OUT/rome_L$L.safetensors" \
+    -o "$OUT/capitals_eval_L$L.safetensors"
+done
