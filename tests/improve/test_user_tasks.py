@@ -214,3 +214,24 @@ def test_next_token_predictions_equal_each_prompt_alone(family) -> None:
             int(hf(**tok(p, return_tensors="pt", add_special_tokens=False)).logits[0, -1].argmax()) for p in prompts
         ]
     assert got == alone
+
+
+def test_contrasts_for_a_chat_model_are_rendered_in_its_template(model, tmp_path) -> None:
+    from mechscope.data.contrasts import contrast_for_model
+    from mechscope.data.prompt_sets import load_prompt_set
+
+    pos, neg = contrast_for_model(model, "refusal", n=3)
+    assert all(p.startswith("<|im_start|>user\n") and p.endswith("<|im_start|>assistant\n") for p in pos + neg)
+    assert {p.split("\n")[1].removesuffix("<|im_end|>") for p in pos} <= set(load_prompt_set("harmful"))
+    raw, _ = contrast_for_model(model, "refusal", n=3, chat="off")
+    assert set(raw) <= set(load_prompt_set("harmful"))
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"positive": "Say no.", "negative": "Say yes."}\n')
+    assert contrast_for_model(model, str(path))[0][0].startswith("<|im_start|>user\nSay no.")
+    assert contrast_for_model(model, str(path), chat="off") == (["Say no."], ["Say yes."])
+    reviews, _ = contrast_for_model(model, "sentiment", n=2)  # the organisms' frames are never re-rendered
+    assert reviews[0].startswith("Review of")
+    with pytest.raises(ConfigError, match="neither a bundled one"):
+        contrast_for_model(model, "poetry")
+    with pytest.raises(ConfigError, match="not both"):
+        contrast_for_model(model, "refusal", positive=path, negative=path)
