@@ -14,7 +14,12 @@ features_app = typer.Typer(
     help="Sparse autoencoders and transcoders: collect, train, evaluate, describe, dashboard.", no_args_is_help=True
 )
 
-TextFile = Annotated[Path | None, typer.Option(help="Text file, one document per line (default: zoo text).")]
+TextFile = Annotated[
+    Path | None,
+    typer.Option(
+        help="Text file, one document per line (default: the organisms' text on an organism, English otherwise)."
+    ),
+]
 ModelArg = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
 SaeArg = Annotated[Path, typer.Argument(help="A saved SAE (.safetensors), or a SAELens-format folder.")]
 SeqLen = Annotated[int, typer.Option(help="Row length when packing text.")]
@@ -32,11 +37,14 @@ def _load(model: str, sae_path: Path) -> tuple[Any, Any]:
     return load_model(model), sae
 
 
-def _texts(text_file: Path | None) -> list[str]:
+def _texts(text_file: Path | None, hm: Any) -> list[str]:
+    """The text file's lines, else the model's default text: the organisms' text on an organism, English
+    (standard-library docstrings) on any other model (mechscope.data.corpus)."""
     if text_file is None:
+        from mechscope.data.corpus import default_stream, english_texts
         from mechscope.steer.editing.stats import zoo_texts
 
-        return list(zoo_texts(0))
+        return list(zoo_texts(0)) if default_stream(hm) == "zoo" else english_texts("train", 0)
     texts = [line for line in text_file.read_text().splitlines() if line.strip()]
     if len(texts) < 2:
         from mechscope.errors import ConfigError
@@ -87,7 +95,7 @@ def train_cmd(
 
     try:
         hm = load_model(model)
-        texts = _texts(text_file)
+        texts = _texts(text_file, hm)
         train_texts = texts[: len(texts) - max(1, len(texts) // 10)]
         acts = collect_activations(hm, site, train_texts, seq_len=seq_len, max_tokens=max_tokens)
         targets = None
@@ -127,7 +135,7 @@ def eval_cmd(
 
     try:
         hm, sae = _load(model, sae_path)
-        report = _report(hm, sae, _texts(text_file), max_tokens, seq_len)
+        report = _report(hm, sae, _texts(text_file, hm), max_tokens, seq_len)
     except (MechscopeError, OSError) as exc:
         raise fail(exc) from exc
     where = sae.config.site + (f" -> {sae.config.out_site}" if sae.config.out_site else "")
@@ -152,7 +160,7 @@ def cards_cmd(
 
     try:
         hm, sae = _load(model, sae_path)
-        texts = _texts(text_file)
+        texts = _texts(text_file, hm)
         cards = feature_cards(hm, sae, texts, feature or None, top_k=top_k, context=context, seq_len=seq_len)
         path = save_cards(cards, out)
     except (MechscopeError, OSError) as exc:
@@ -276,7 +284,7 @@ def dashboard_cmd(
 
     try:
         hm, sae = _load(model, sae_path)
-        texts = _texts(text_file)
+        texts = _texts(text_file, hm)
         chosen = feature or list(range(min(64, sae.config.d_sae)))
         cards = feature_cards(hm, sae, texts, chosen, seq_len=seq_len)
         if describe:

@@ -88,7 +88,10 @@ def register(app: typer.Typer) -> None:
             typer.Option("--out", "-o", help="Lens file (default: ./mechscope-out, never replacing a file)."),
         ] = None,
         text_file: Annotated[
-            Path | None, typer.Option(help="Training text, one document per line (default: zoo task text).")
+            Path | None,
+            typer.Option(
+                help="Training text, one document per line (default: organisms' text on an organism, else English)."
+            ),
         ] = None,
         steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 300,
         lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -100,6 +103,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a tuned lens on a text stream, save it and print held-out KL of both lenses."""
         offline_by_default()
+        from mechscope.data.corpus import default_stream, english_texts
         from mechscope.errors import MechscopeError
         from mechscope.locate.tuned_lens import (
             TunedLensConfig,
@@ -118,8 +122,10 @@ def register(app: typer.Typer) -> None:
             if text_file is not None:
                 texts = [line for line in text_file.read_text().splitlines() if line.strip()]
                 train, held = texts[: int(len(texts) * 0.9)], texts[int(len(texts) * 0.9) :]
-            else:
+            elif default_stream(hm) == "zoo":
                 train, held = zoo_texts(seed), zoo_texts(seed, split="eval")
+            else:  # a real model: English text (stdlib docstrings, held out by module), not the organisms' text
+                train, held = english_texts("train", seed), english_texts("eval", seed)
             lens = train_tuned_lens(hm, train, config=cfg, progress=not quiet)
             lens_path = lens.save(output_path(out, "tuned_lens_translators.safetensors"))
             typer.echo(f"lens -> {lens_path}")
