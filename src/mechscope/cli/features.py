@@ -198,7 +198,7 @@ def collect_cmd(
 
     try:
         hm = load_model(model)
-        corpus: Any = text if text is not None else _texts(None)
+        corpus: Any = text if text is not None else _texts(None, hm)
         start = time.perf_counter()
         store = collect_store(
             hm, site, corpus, out, dtype=dtype, seq_len=seq_len, rows_per_shard=rows_per_shard,
