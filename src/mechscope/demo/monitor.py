@@ -179,9 +179,8 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     batch = hm.to_tokens(guard_prompts, padding_side="left")
     with torch.no_grad():
         plain = hm.generate(batch, max_new_tokens=6, do_sample=False)
-        guard = monitor(
-            hm, detector, policy="intervene", intervention=directional_ablation(hm, direction), scope="prompt"
-        )
+        after_alert = directional_ablation(hm, direction)
+        guard = monitor(hm, guard_detector, policy="intervene", intervention=after_alert, scope="prompt")
         with guard:
             guarded = hm.generate(batch, max_new_tokens=6, do_sample=False)
     n_prompt = batch["input_ids"].shape[1]
