@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default, output_path, renamed
+from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, renamed
 
 steer_app = typer.Typer(help="Steer: ablation, steering vectors, directional ablation.", no_args_is_help=True)
 
@@ -166,6 +166,7 @@ def direction_cmd(
         ),
     ] = 1,
     selection_out: Annotated[Path | None, typer.Option(help="Also save the candidate scores here.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Choose a behaviour direction among (layer, position) candidates and save it."""
     offline_by_default()
@@ -192,7 +193,7 @@ def direction_cmd(
             max_rank=max_rank,
         )
         score = refusal_score(hm, prefix or None)
-        sel = select_direction(hm, pos, neg, score, cfg, retain=keep)
+        sel = select_direction(hm, pos, neg, score, cfg, retain=keep, progress=not quiet)
         path = sel.direction(hm).save(output_path(out, "direction.safetensors"))
         if selection_out is not None:
             sel.save(selection_out)

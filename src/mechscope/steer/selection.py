@@ -273,8 +273,11 @@ def select_direction(
     config: DirectionSelectionConfig | None = None,
     *,
     retain: Sequence[str] | None = None,
+    progress: bool = False,
 ) -> DirectionSelection:
     """Arditi et al.'s selection: difference-of-means candidates, scored by ablation, induction and KL.
+
+    `progress` shows a bar over the candidates being scored (the long phase: three runs per candidate).
 
     `score` is a :data:`ScoreFn` of the last-position logits, or a :class:`BatchScore` that runs the model
     itself (a multi-token refusal prefix scored whatever the tokenisation: ``improve.refusal.PrefixScore``).
@@ -289,7 +292,7 @@ def select_direction(
         raise ConfigError(f"retain must be a non-empty list of texts; got {retain!r}")
     cand = _candidates(model, positive, negative, cfg)
     side_effect = _orthogonalise_against_retained(model, cand, cfg, retain)
-    scores = _score(model, cand, score, side_effect, cfg)
+    scores = _score(model, cand, score, side_effect, cfg, progress=progress)
     eligible, subspace, tried = _choose(model, cand, scores, score, side_effect, cfg)
     return _assemble(model, cand, scores, eligible, subspace, tried, score, cfg, positive, negative, retain)
 
@@ -339,22 +342,26 @@ def _score(
     score: ScoreFn | BatchScore,
     side_effect: Callable[[], float],
     cfg: DirectionSelectionConfig,
+    *,
+    progress: bool = False,
 ) -> _Scores:
     """Phase 3: each candidate's behaviour under ablation, behaviour induced when added, and side effect."""
+    from tqdm.auto import tqdm
+
     ablation = torch.zeros(len(cand.layers), len(cand.positions))
     induction = torch.zeros_like(ablation)
     kl = torch.zeros_like(ablation)
-    for li, layer in enumerate(cand.layers):
-        for pi in range(len(cand.positions)):
-            vec = cand.directions[li, pi]
-            if float(vec.norm()) == 0.0:
-                ablation[li, pi], induction[li, pi], kl[li, pi] = float("inf"), float("-inf"), float("inf")
-                continue
-            with DirectionalAblation(model, vec):
-                ablation[li, pi] = _behaviour(score, model, cand.pos_batch).mean()
-                kl[li, pi] = side_effect()
-            with Steering(model, from_direction(model, vec, layers=layer, site=cfg.site), coefficient=1.0):
-                induction[li, pi] = _behaviour(score, model, cand.neg_batch).mean()
+    cells = [(li, layer, pi) for li, layer in enumerate(cand.layers) for pi in range(len(cand.positions))]
+    for li, layer, pi in tqdm(cells, desc="scoring candidate directions", unit="cand", disable=not progress):
+        vec = cand.directions[li, pi]
+        if float(vec.norm()) == 0.0:
+            ablation[li, pi], induction[li, pi], kl[li, pi] = float("inf"), float("-inf"), float("inf")
+            continue
+        with DirectionalAblation(model, vec):
+            ablation[li, pi] = _behaviour(score, model, cand.pos_batch).mean()
+            kl[li, pi] = side_effect()
+        with Steering(model, from_direction(model, vec, layers=layer, site=cfg.site), coefficient=1.0):
+            induction[li, pi] = _behaviour(score, model, cand.neg_batch).mean()
     return _Scores(ablation, induction, kl)
 
 
