@@ -94,7 +94,7 @@ def test_load_model_verifies_a_folder_that_lists_checksums(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01  # one bit inside the last tensor
     weights.write_bytes(bytes(data))
-    with pytest.raises(CorruptWeightsError, match="model.safetensors: expected sha256"):
+    with pytest.raises(CorruptWeightsError, match=r"model\.safetensors: expected sha256"):
         ms.load_model(folder)
 
 

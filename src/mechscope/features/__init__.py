@@ -6,7 +6,8 @@ interventions that read or write features (splicing, clamping) live in :mod:`mec
 from mechscope.features.architectures import architectures, get_architecture, register_architecture
 from mechscope.features.cards import FeatureCard, FeatureCards, feature_cards, load_cards, save_cards
 from mechscope.features.evals import downstream_loss, reconstruction_metrics
-from mechscope.features.sae import SAEConfig, SparseAutoencoder, load_sae
+from mechscope.features.loading import load_sae
+from mechscope.features.sae import SAEConfig, SparseAutoencoder
 from mechscope.features.saelens import load_saelens, save_saelens
 from mechscope.features.store import ActivationStore, collect_activations, collect_store
 from mechscope.features.train import SAETrainConfig, train_sae

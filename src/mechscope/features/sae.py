@@ -246,17 +246,6 @@ class SparseAutoencoder(nn.Module):
         self.load_state_dict({k: v.float() for k, v in tensors.items()})
 
 
-def load_sae(path: str | Path) -> SparseAutoencoder:
-    """An SAE from a mechscope file, or from a SAELens-format folder (``cfg.json`` +
-    ``sae_weights.safetensors``, see :mod:`mechscope.features.saelens`)."""
-    path = Path(path)
-    if path.is_dir():
-        from mechscope.features.saelens import load_saelens
-
-        return load_saelens(path)
-    return SparseAutoencoder.load(path)
-
-
 ACTIVATIONS = tuple(architectures())
 
-__all__ = ["ACTIVATIONS", "SAE_SCHEMA", "SAEConfig", "SparseAutoencoder", "load_sae"]
+__all__ = ["ACTIVATIONS", "SAE_SCHEMA", "SAEConfig", "SparseAutoencoder"]
