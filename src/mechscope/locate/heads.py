@@ -312,7 +312,8 @@ def _low_rank_eigvals(
     and the unembedding bias adds one more, so the n x n logit matrix has rank <= d_head + 3. Its
     non-zero eigenvalues are those of a small ``rank x rank`` matrix: with ``F = Q B`` (Q orthonormal,
     from F times a fixed random matrix) the eigenvalues of ``F W`` are those of ``B W Q`` and zeros.
-    A head whose factorisation is not exact (relative residual > 1e-9) falls back to the full matrix.
+    A head whose factorisation is not exact (relative residual above 100 x the input dtype's epsilon)
+    falls back to the full matrix.
     """
     f = torch.cat([normed.double(), torch.ones_like(normed[..., :1], dtype=torch.float64)], -1)  # [head, n, d+1]
     w = torch.cat([w_u.double(), b_u.double()[None]], 0)  # [d+1, n]
@@ -325,7 +326,8 @@ def _low_rank_eigvals(
     residual = (f - basis @ coeffs).flatten(1).norm(dim=-1) / f.flatten(1).norm(dim=-1).clamp_min(1e-300)
     small = torch.linalg.eigvals(coeffs @ w @ basis)  # [head, rank]
     lam = torch.cat([small, torch.zeros(f.shape[0], n - rank, dtype=small.dtype, device=small.device)], -1)
-    inexact = (residual > 1e-9).nonzero().flatten()
+    # The inputs carry their dtype's rounding (float32: ~1e-7 relative), so "exact" means within it.
+    inexact = (residual > 100 * torch.finfo(normed.dtype).eps).nonzero().flatten()
     if len(inexact):
         lam[inexact] = torch.linalg.eigvals(f[inexact] @ w)
     return lam
