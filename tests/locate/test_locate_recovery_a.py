@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import mechscope
+from mechscope.data.tasks import induction, make_world, sentiment, truth
 from mechscope.locate.heads import ablate_heads, detect_heads, in_context_gain, ordinary_token_range
 from mechscope.locate.probes import ProbeConfig, train_probes
 from mechscope.locate.tuned_lens import TunedLensConfig, compare_lenses, token_windows, train_tuned_lens, zoo_texts
-from mechscope.data.tasks import induction, make_world, sentiment, truth
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 

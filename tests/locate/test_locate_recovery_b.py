@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import mechscope
+from mechscope.data.tasks.facts import generate
+from mechscope.data.tasks.world import make_world
 from mechscope.locate.attribution_patching import atp_vs_exact
 from mechscope.locate.causal_tracing import TracingConfig, trace_facts
 from mechscope.locate.metrics import logit_diff
-from mechscope.data.tasks.facts import generate
-from mechscope.data.tasks.world import make_world
 
 LOCAL_LAYERS = 3  # organism-facts' layers 0-2 attend to the current and previous token only
 

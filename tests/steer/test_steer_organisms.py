@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from mechscope.data.contrasts import contrast_texts, retain_texts
+from mechscope.data.tasks import generate_all, refusal
+from mechscope.data.tasks.metrics import accuracy
 from mechscope.improve import EvaluationConfig, SentimentTask, evaluate, zoo_metrics
 from mechscope.locate.probes import ProbeConfig, fit_probe
 from mechscope.model.hooked import HookedModel
@@ -27,8 +29,6 @@ from mechscope.steer import (
     steer,
     token_logodds,
 )
-from mechscope.data.tasks import generate_all, refusal
-from mechscope.data.tasks.metrics import accuracy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 

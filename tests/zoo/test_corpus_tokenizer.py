@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from mechscope.data.tasks import required_words
 from mechscope.errors import ConfigError, ModelNotFoundError
 from mechscope.zoo.corpus import clean, read_jsonl_texts, verify_corpus
-from mechscope.data.tasks import required_words
 from mechscope.zoo.tokenizer import check_required_words, load_tokenizer
 
 

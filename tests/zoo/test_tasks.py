@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 
-from mechscope.errors import ConfigError
 from mechscope.data.tasks import (
     DEDICATED_TEXT_TASKS,
     RELATIONS,
@@ -23,6 +22,7 @@ from mechscope.data.tasks import (
     vocab,
 )
 from mechscope.data.tasks.world import FAMILY_NAMES, GIVEN_NAMES, World, make_family_world
+from mechscope.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

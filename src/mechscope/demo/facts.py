@@ -108,11 +108,11 @@ def _mean_after(summaries: list[dict]) -> dict[str, float]:
 
 def _organism_facts(section: Section, *, seed: int, echo: Callable[[str], Any]) -> None:
     """Trace and edit organism-facts: its early site is at the subject's last token, so ROME edits there."""
+    from mechscope.data.tasks.extraction import split_people
+    from mechscope.data.tasks.profiles import people
     from mechscope.locate.causal_tracing import SUBJECT_CLASSES, TracingConfig, trace_facts
     from mechscope.model.loading import load_model
     from mechscope.steer.editing import world_requests
-    from mechscope.data.tasks.extraction import split_people
-    from mechscope.data.tasks.profiles import people
 
     hm = load_model("organism-facts")
     world = people(seed)

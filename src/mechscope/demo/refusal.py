@@ -10,6 +10,7 @@ from mechscope.demo.common import Section, markdown_rows, rates_figure
 
 def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     from mechscope.data.contrasts import contrast_texts, retain_texts
+    from mechscope.data.tasks import vocab
     from mechscope.improve import EvaluationConfig, RefusalTask, evaluate
     from mechscope.steer import (
         DirectionSelectionConfig,
@@ -19,7 +20,6 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
         select_direction,
         token_logodds,
     )
-    from mechscope.data.tasks import vocab
 
     section = Section()
     forbidden, benign = contrast_texts("refusal", n=48, seed=seed)

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mechscope.data.tasks import induction
 from mechscope.errors import ConfigError
 from mechscope.zoo.corpus import read_jsonl_records, read_jsonl_texts
 from mechscope.zoo.organisms import Recipe
-from mechscope.data.tasks import induction
 
 IGNORE = -100
 

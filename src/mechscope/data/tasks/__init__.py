@@ -6,10 +6,10 @@ Text tasks (``TEXT_TASKS``) produce :class:`TaskData`; induction works in token 
 
 from __future__ import annotations
 
-from mechscope.errors import ConfigError
 from mechscope.data.tasks import backdoor, extraction, facts, induction, ioi, profiles, refusal, sentiment, truth, vocab
 from mechscope.data.tasks.base import Example, TaskData
 from mechscope.data.tasks.world import RELATIONS, World, make_world
+from mechscope.errors import ConfigError
 
 # the text tasks of the full organisms (and the side tasks an intervention's evaluation checks on them)
 TEXT_TASKS = ("facts", "truth", "ioi", "refusal", "sentiment", "backdoor")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mechscope.errors import ConfigError
 from mechscope.data.tasks.base import task_rng
+from mechscope.errors import ConfigError
 
 NAME = "induction"
 

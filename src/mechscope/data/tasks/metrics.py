@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mechscope.errors import ConfigError
 from mechscope.data.tasks.base import Example
+from mechscope.errors import ConfigError
 
 
 def first_token_id(tokenizer, text: str) -> int:
