@@ -283,7 +283,9 @@ class MahalanobisDetector(Detector):
         self.covariances = covariances.float()  # [site, d, d], shrunk
         self.shrinkages = shrinkages.float()  # [site]
         self.norms = norms.float()  # [site, 2]: training distances' mean and std
-        self.precisions = torch.linalg.inv(self.covariances.double()).float()
+        # One site at a time: a batched inverse runs LAPACK inside torch's OpenMP loop over the batch, which
+        # deadlocked in a long-lived process here (OpenBLAS threads nested in OpenMP); single inverses do not nest.
+        self.precisions = torch.stack([torch.linalg.inv(c.double()).float() for c in self.covariances])
 
     def site_distances(self, acts: dict[str, Tensor]) -> Float[Tensor, "site ..."]:
         """The Mahalanobis distance at each site."""
