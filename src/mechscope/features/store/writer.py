@@ -11,8 +11,6 @@ at any moment leaves at worst a temporary file (removed on resume) and never a l
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +23,7 @@ from mechscope.errors import ConfigError
 from mechscope.features.store.manifest import DTYPES, MANIFEST, Manifest, StoreSettings, shard_name
 from mechscope.features.store.reader import ActivationStore
 from mechscope.features.store.rows import per_token_site
-from mechscope.io import ModelInfo
+from mechscope.io import ModelInfo, write_bytes_atomic
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -239,17 +237,8 @@ def _write_shard(
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """`data` to `path` through a temporary file and a rename: a kill leaves no half-written shard."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`data` to `path` atomically (io's writer): a kill leaves no half-written shard. A seam for fault tests."""
+    write_bytes_atomic(path, data)
 
 
 __all__ = ["Corpus", "collect_store"]
