@@ -90,8 +90,11 @@ def english_texts(split: Split = "train", seed: int = 0) -> list[str]:
     return texts
 
 
-def zoo_texts(split: Split = "train", seed: int = 0) -> list[str]:
-    """The organisms' planted-task text: training documents, or the held-out prompts with completions."""
+def zoo_texts(split: Split = "train", seed: int = 0, *, shuffle_key: str | None = None) -> list[str]:
+    """The organisms' planted-task text: training documents, or the held-out prompts with completions.
+
+    Shuffled by ``random.Random(shuffle_key)`` (default ``"mechscope-zoo:{seed}:{split}"``); callers whose
+    measured figures depend on an order of their own pass its key."""
     from mechscope.data.tasks import generate_all
 
     _check_split(split)
@@ -100,7 +103,7 @@ def zoo_texts(split: Split = "train", seed: int = 0) -> list[str]:
         texts = [t for data in tasks.values() for t in data.train_texts()]
     else:
         texts = [ex.text for data in tasks.values() for examples in data.eval.values() for ex in examples]
-    random.Random(f"mechscope-zoo:{seed}:{split}").shuffle(texts)
+    random.Random(shuffle_key or f"mechscope-zoo:{seed}:{split}").shuffle(texts)
     return texts
 
 

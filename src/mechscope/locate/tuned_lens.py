@@ -208,21 +208,12 @@ def zoo_texts(seed: int = 0, *, split: str = "train") -> list[str]:
     """Natural-ish text from the zoo's task generators (facts, truth, IOI, sentiment...), shuffled.
 
     ``split="train"`` gives training documents, ``"eval"`` the held-out splits' prompts + completions,
-    so a lens trained on one can be evaluated on the other.
+    so a lens trained on one can be evaluated on the other (the shared :func:`mechscope.data.corpus.zoo_texts`,
+    in the tuned lens's own order).
     """
-    import random
+    from mechscope.data.corpus import zoo_texts as organism_texts
 
-    from mechscope.data.tasks import generate_all
-
-    tasks = generate_all(seed)
-    if split == "train":
-        texts = [t for data in tasks.values() for t in data.train_texts()]
-    elif split == "eval":
-        texts = [ex.text for data in tasks.values() for examples in data.eval.values() for ex in examples]
-    else:
-        raise ConfigError(f"split must be 'train' or 'eval'; got {split!r}")
-    random.Random(f"mechscope-tuned-lens:{seed}:{split}").shuffle(texts)
-    return texts
+    return organism_texts(split, seed, shuffle_key=f"mechscope-tuned-lens:{seed}:{split}")  # type: ignore[arg-type]
 
 
 def _as_windows(model: HookedModel, data: Iterable[str] | Tensor, cfg: TunedLensConfig) -> Tensor:

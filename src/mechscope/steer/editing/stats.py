@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -88,11 +87,9 @@ def zoo_texts(seed: int = 0) -> Iterator[str]:
 
 @lru_cache(maxsize=4)
 def _zoo_text_list(seed: int) -> tuple[str, ...]:
-    from mechscope.data.tasks import generate_all
+    from mechscope.data.corpus import zoo_texts as organism_texts
 
-    texts = [t for data in generate_all(seed).values() for t in data.train_texts()]
-    random.Random(f"mechscope-stats:{seed}").shuffle(texts)
-    return tuple(texts)
+    return tuple(organism_texts("train", seed, shuffle_key=f"mechscope-stats:{seed}"))
 
 
 def default_stream_texts(model: Any, stream: str, seed: int) -> Iterator[str]:
