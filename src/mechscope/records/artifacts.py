@@ -7,7 +7,6 @@ hex digest with a known extension, ``..``, absolute paths and symlinks pointing 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import struct
 import time
 from pathlib import Path, PurePosixPath
 
+from mechscope.model.sources.checksums import sha256_file
 from mechscope.records.schema import StoreError
 
 #: Extensions the store keeps (result and artifact files are safetensors; logged files may be JSON or text).
@@ -25,14 +25,6 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 
 class PathRefused(StoreError):
     """An artifact path that would leave the store (traversal, absolute path, symlink out)."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ArtifactFolder:
