@@ -39,7 +39,7 @@ from mechscope.improve.detect.detectors import Detector
 from mechscope.model.hooks import HookContext, HookFn, sort_sites
 from mechscope.model.kv_cache import cache_argument
 from mechscope.sites import Site
-from mechscope.steer.intervention import Intervention, require_hooked
+from mechscope.steer.intervention import Intervention, open_hooks, require_hooked
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -324,18 +324,8 @@ class Monitor:
     def __enter__(self) -> Monitor:
         if self._stack is not None:
             raise ConfigError("this monitor is already active")
-        stack = ExitStack()
-        try:
-            handle = self.model.hf_model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            stack.callback(handle.remove)
-            if self.intervention is not None:
-                phase = self.model.hf_model.register_forward_pre_hook(self.intervention._track_phase, with_kwargs=True)
-                stack.callback(phase.remove)
-            stack.enter_context(self.model.hooks(self._plan()))  # type: ignore[arg-type]
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
+        pre_hooks = [self._pre_hook] + ([self.intervention._track_phase] if self.intervention is not None else [])
+        self._stack = open_hooks(self.model, pre_hooks, self._plan())
         return self
 
     def __exit__(self, *exc: object) -> None:

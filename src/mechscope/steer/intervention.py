@@ -105,6 +105,21 @@ def selection_mask(
     return Selection.of(heads=heads, positions=positions, neurons=neurons).mask(site, shape, device)
 
 
+def open_hooks(model: HookedModel, pre_hooks: Sequence[Any], plan: dict[Site, list[HookFn]]) -> ExitStack:
+    """Attach `pre_hooks` (forward pre-hooks with kwargs on the HF model) and the hook `plan`; returns the
+    stack that removes them all. Nothing stays attached when attaching fails part-way."""
+    stack = ExitStack()
+    try:
+        for pre_hook in pre_hooks:
+            handle = model.hf_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            stack.callback(handle.remove)
+        stack.enter_context(model.hooks(plan))  # type: ignore[arg-type]
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
 class Intervention:
     """A change to a model's forward pass, active inside ``with intervention:`` only.
 
@@ -130,15 +145,7 @@ class Intervention:
     def __enter__(self) -> Intervention:
         if self._stack is not None:
             raise ConfigError(f"{type(self).__name__} is already active; build a second one to apply it twice")
-        stack = ExitStack()
-        try:
-            handle = self.model.hf_model.register_forward_pre_hook(self._track_phase, with_kwargs=True)
-            stack.callback(handle.remove)
-            stack.enter_context(self.model.hooks(self.hook_plan()))  # type: ignore[arg-type]
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
+        self._stack = open_hooks(self.model, [self._track_phase], self.hook_plan())
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -178,6 +185,7 @@ __all__ = [
     "Phase",
     "applied",
     "check_finite",
+    "open_hooks",
     "resolve_sites",
     "selection_mask",
     "validate_selection",
