@@ -231,31 +231,59 @@ def test_clear_cache(tiny_file, tmp_path):
     assert [p for p in tmp_path.iterdir()] == []
 
 
-def test_concurrent_first_loads_all_succeed_and_convert_once(tiny_file, tmp_path):
-    """Processes loading the same GGUF file at once wait for one conversion instead of deleting each other's
-    folder (which happened when a second finisher replaced the first's folder while others read it)."""
-    import subprocess
-    import sys
+#: How many processes load the same GGUF file for the first time at once (issue 15: 18 must all succeed).
+N_CONCURRENT = 18
+_BARRIER = None
 
-    code = (
-        "import json, sys; from mechscope.model import gguf as mg;"
-        "c = mg.gguf_to_folder(sys.argv[1], cache_dir=sys.argv[2]);"
-        "print(json.dumps({'cached': c.reused, 'folder': str(c.folder)}))"
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, str(tiny_file[0]), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(6)
-    ]
-    outcomes = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-        outcomes.append(json.loads(out.strip().splitlines()[-1]))
-    assert len({o["folder"] for o in outcomes}) == 1
-    assert sorted(o["cached"] for o in outcomes) == [False] + [True] * 5  # one conversion, five reuses
-    mg.verify_cached(Path(outcomes[0]["folder"]), "full")
+
+def _start_together(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _first_load(args: tuple[str, str, str]) -> tuple[bool, str, float]:
+    """One process's first load (pool worker, forked): wait for every other worker, then load the GGUF
+    file through ``load_model``. Returns (whether this process converted, the model's folder, max logit error)."""
+    path, root, marks = args
+    torch.set_num_threads(1)
+    convert = mg._convert
+    converted = False
+
+    def counted(*a, **k):
+        nonlocal converted
+        converted = True
+        (Path(marks) / str(os.getpid())).touch()
+        return convert(*a, **k)
+
+    mg._convert = counted
+    assert _BARRIER is not None
+    _BARRIER.wait(timeout=120)
+    model = load_model(path, cache_dir=root)
+    with torch.no_grad():
+        logits = model(IDS)
+    return converted, str(mg.gguf_to_folder(path, cache_dir=root).folder), float((logits - EXPECTED[path]).abs().max())
+
+
+#: path -> reference logits, set before the pool forks (the workers inherit it).
+EXPECTED: dict[str, torch.Tensor] = {}
+
+
+def test_concurrent_first_loads_all_succeed_and_convert_once(tiny_file, tmp_path):
+    """18 processes loading the same GGUF file at once wait for one conversion instead of deleting each other's
+    folder (which happened when a second finisher replaced the first's folder while others read it). Workers
+    are forked from this process (no re-import) and released together by a barrier."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    path, root, marks = str(tiny_file[0]), tmp_path / "cache", tmp_path / "marks"
+    marks.mkdir()
+    EXPECTED[path] = tiny_file[1]
+    barrier = context.Barrier(N_CONCURRENT)
+    with context.Pool(N_CONCURRENT, initializer=_start_together, initargs=(barrier,)) as pool:
+        outcomes = pool.map(_first_load, [(path, str(root), str(marks))] * N_CONCURRENT, chunksize=1)
+    assert len(outcomes) == N_CONCURRENT
+    assert len({folder for _, folder, _ in outcomes}) == 1
+    assert sum(converted for converted, _, _ in outcomes) == 1 and len(list(marks.iterdir())) == 1  # one conversion
+    assert max(error for _, _, error in outcomes) < 1e-5  # every process got the source model's logits
+    mg.verify_cached(Path(outcomes[0][1]), "full")
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
