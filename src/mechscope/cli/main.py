@@ -189,3 +189,4 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 app.command("serve")(import_module("mechscope.cli.serve").serve)
 app.command("diff")(import_module("mechscope.cli.diff").diff_command)
+app.command("clean")(import_module("mechscope.cli.clean").clean)

@@ -204,7 +204,7 @@ def _assemble(model: RealModel, cache_dir: str | os.PathLike[str] | None) -> Pat
             raise ModelFileError(f"chunk {filename} of {model.name} is missing from {module}; " + install_hint(model))
         chunks.append(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{model.gguf_name}.", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{model.gguf_name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:

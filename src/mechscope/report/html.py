@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mechscope.errors import ConfigError
+from mechscope.io import write_text_atomic
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2rem auto;padding:0 1rem;
@@ -56,10 +57,7 @@ class Report:
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>{''.join(self.blocks)}"
             "</body></html>"
         )
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, page)  # a hidden temporary per writer, then a rename
 
 
 PLOTLY_JS = "plotly.min.js"
