@@ -182,4 +182,31 @@ def test_cli_trace_reports_the_peak_with_its_uncertainty_and_the_editing_check(t
     out = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "t.safetensors")])
     assert out.exit_code == 0, out.output
     assert out.output.count("over 4 noise draws; peak in") == 3 and "within 2 s.e." in out.output
-    assert "mechscope edit rome" in out.output and "neighbourhood cost" in out.output
+    assert "--edit-target" in out.output and "neighbourhood cost" in out.output
+
+
+def test_cli_trace_measures_the_editing_cost_at_each_candidate_layer(tmp_path, monkeypatch):
+    """21.5: the trace's MLP range becomes ROME edits measured on neighbours, then reverted (model unchanged)."""
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+    from mechscope.improve.edit_layers import EditCostResult
+
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    hf, tok = tiny_model("llama")
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    args = ["locate", "trace", str(folder), "-p", PROMPT, "-s", "Italy", "--samples", "2", "-q"]
+    args += ["--edit-target", " Rome", "--stats-tokens", "2000", "-o", str(tmp_path / "t.safetensors")]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "cost of a ROME edit to ' Rome' by layer" in out.output and "nbr->tgt" in out.output
+    cost = EditCostResult.load(tmp_path / "t-edit-cost.safetensors")
+    assert cost.config["request"]["prompt"] == PROMPT.replace("Italy", "{}")
+    assert cost.config["n_neighbours"] > 0  # other countries under the same relation
+    best = cost.best()
+    assert (f"edit at layer {best}" if best is not None else "did not succeed") in out.output
+    bad_args = ["locate", "trace", str(folder), "-p", PROMPT, "-s", "capital", "--edit-target", " X"]
+    bad = CliRunner().invoke(app, bad_args)
+    assert bad.exit_code == 2 and "needs the subject 'capital' once in the prompt" in bad.output
