@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet, fail
+from mechscope.cli.verb import config_options, run_verb
+from mechscope.locate.causal_tracing import TracingConfig
 
 
 def register(app: typer.Typer) -> None:
     @app.command("trace")
+    @config_options(TracingConfig)
     def trace_cmd(
         model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
         prompt: Annotated[str, typer.Option("--prompt", "-p", help="The factual prompt.")],
         subject: Annotated[str, typer.Option("--subject", "-s", help="Subject substring of the prompt to noise.")],
         target: Annotated[str | None, typer.Option(help="Answer token (default: the model's top token).")] = None,
-        noise: Annotated[float, typer.Option(help="Noise std as a multiple of the embedding std.")] = 3.0,
-        samples: Annotated[int, typer.Option(help="Noise draws.")] = 10,
-        window: Annotated[int | None, typer.Option(help="Layers restored together for mlp/attn.")] = None,
+        *,
+        config: TracingConfig,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an interactive HTML figure here.")] = None,
         edit_target: Annotated[
@@ -39,36 +42,22 @@ def register(app: typer.Typer) -> None:
         With ``--edit-target``, the MLP peak's range is turned into an editing recommendation: ROME at each
         candidate layer, measured on the same relation asked about other subjects, then reverted.
         """
-        offline_by_default()
         from mechscope.errors import MechscopeError
-        from mechscope.locate.causal_tracing import TracingConfig, causal_trace
-        from mechscope.model.loading import load_model
+        from mechscope.locate.causal_tracing import causal_trace
 
         try:
             request = _edit_request(prompt, subject, edit_target) if edit_target is not None else None
-            hm = load_model(model)
-            cfg = TracingConfig(noise=noise, samples=samples, window=window)
-            result = causal_trace(hm, prompt, subject, target, cfg, progress=not quiet)
-            path = result.save(output_path(out, "trace.safetensors"))
-            if html is not None:
-                write_figure(result.plot(), html)
-        except (MechscopeError, ValueError) as exc:
+        except MechscopeError as exc:
             raise fail(exc) from exc
-        typer.echo(f"p(target) clean {float(result['clean']):.4f}  corrupted {float(result['corrupt']):.4f}")
-        typer.echo(f"subject positions {result.config['subject_positions']}")
-        typer.echo(f"window: {result.config['window']} layers (cut at the model's ends)")
+        hm, result, path = run_verb(
+            model,
+            lambda hm: causal_trace(hm, prompt, subject, target, config, progress=not quiet),
+            out=out,
+            default_name="trace.safetensors",
+            html=html,
+            summary=_summary,
+        )
         subject_last = max(result.config["subject_positions"])
-        for kind in result.config["kinds"]:
-            layer, pos, value = result.peak(kind)
-            typer.echo(f"{kind:6s} peak: layer {layer}, position {result.labels['pos'][pos]}, effect {value:+.4f}")
-            layer, _, value = result.peak(kind, [subject_last])
-            typer.echo(f"{'':6s} at the subject's last token: layer {layer}, effect {value:+.4f}")
-            est = result.peak_estimate(kind, [subject_last])
-            span = est.layers[0] if len(est.layers) == 1 else f"{est.layers[0]}-{est.layers[-1]}"
-            typer.echo(
-                f"{'':6s}   +- {est.stderr:.4f} over {est.n} noise draws; peak in {100 * est.frequency:.0f}% of "
-                f"resamples; layers {span} within 2 s.e."
-            )
         if request is not None:
             try:
                 cost = _edit_cost(hm, result, request, edit_margin, stats_tokens, quiet)
@@ -88,7 +77,25 @@ def register(app: typer.Typer) -> None:
                 f"before editing at layer {mlp_layer}: add `--edit-target ' NEW'` to measure the neighbourhood cost "
                 "of a ROME edit at each layer of the range above"
             )
-        typer.echo(f"result -> {path}")
+
+
+def _summary(result: Any) -> Iterator[str]:
+    """Probabilities, the window, and per kind the peak, the peak at the subject's last token and its spread."""
+    yield f"p(target) clean {float(result['clean']):.4f}  corrupted {float(result['corrupt']):.4f}"
+    yield f"subject positions {result.config['subject_positions']}"
+    yield f"window: {result.config['window']} layers (cut at the model's ends)"
+    subject_last = max(result.config["subject_positions"])
+    for kind in result.config["kinds"]:
+        layer, pos, value = result.peak(kind)
+        yield f"{kind:6s} peak: layer {layer}, position {result.labels['pos'][pos]}, effect {value:+.4f}"
+        layer, _, value = result.peak(kind, [subject_last])
+        yield f"{'':6s} at the subject's last token: layer {layer}, effect {value:+.4f}"
+        est = result.peak_estimate(kind, [subject_last])
+        span = est.layers[0] if len(est.layers) == 1 else f"{est.layers[0]}-{est.layers[-1]}"
+        yield (
+            f"{'':6s}   +- {est.stderr:.4f} over {est.n} noise draws; peak in {100 * est.frequency:.0f}% of "
+            f"resamples; layers {span} within 2 s.e."
+        )
 
 
 def _edit_request(prompt: str, subject: str, target: str) -> Any:
