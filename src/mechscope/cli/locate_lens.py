@@ -61,17 +61,21 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Html = None,
         top: Annotated[int, typer.Option(help="Top tokens shown per layer (at each prompt's last token).")] = 3,
+        batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (lower it when memory runs out).")] = 32,
     ) -> None:
         """Logit lens: per-layer KL to the final distribution and top tokens."""
         offline_by_default()
+        from mechscope.cli.memory import check_batch_size, memory_knob
         from mechscope.errors import MechscopeError
         from mechscope.locate.lens import logit_lens
         from mechscope.model.loading import load_model
 
         try:
+            check_batch_size(batch_size)
             hm = load_model(model)
             prompts = read_prompts(prompt, prompt_file)
-            result = logit_lens(hm, prompts)
+            with memory_knob("--batch-size", batch_size):
+                result = logit_lens(hm, prompts, batch_size=batch_size)
             path = result.save(output_path(out, "logit_lens.safetensors"))
             if html is not None:
                 write_figure(result.plot(), html)

@@ -76,32 +76,52 @@ def register(app: typer.Typer) -> None:
         per_head: Annotated[bool, typer.Option(help="Heads: sweep per head (else per position).")] = True,
         method: Annotated[str, typer.Option(help="batched or loop (reference).")] = "batched",
         chunk_size: Annotated[int, typer.Option(help="Patched variants per forward.")] = 32,
+        batch_size: Annotated[
+            int,
+            typer.Option(
+                help="Prompt pairs per sweep; effects are averaged over batches (lower it if memory runs out)."
+            ),
+        ] = 32,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Html = None,
         quiet: Quiet = False,
     ) -> None:
         """Activation patching sweep; prints the cells with the largest effect (raw and normalised)."""
         offline_by_default()
+        from mechscope.cli.memory import check_batch_size, mean_over_batches, memory_knob, take_rows
         from mechscope.errors import MechscopeError
-        from mechscope.locate.patching import activation_patch
+        from mechscope.locate.patching import activation_patch, check_pair
         from mechscope.model.loading import load_model
 
         try:
+            check_batch_size(batch_size)
             hm = load_model(model)
-            metric = logit_diff_metric(hm, answer, wrong, len(clean))
-            result = activation_patch(
-                hm,
-                clean,
-                corrupt,
-                kind,
-                metric,
-                direction=direction,
-                per_head=per_head,
-                per_position=per_position,
-                method=method,
-                chunk_size=chunk_size,
-                progress=not quiet,
-            )
+            logit_diff_metric(hm, answer, wrong, len(clean))  # checks the token counts once
+            # One tokenization (one padding) for every batch, so the batches' sweeps share positions.
+            clean_t, corrupt_t = hm.prepare_inputs(clean), hm.prepare_inputs(corrupt)
+            check_pair(clean_t, corrupt_t)
+
+            def sweep(rows: slice) -> Any:
+                def part(tokens: list[str]) -> list[str]:
+                    return tokens if len(tokens) == 1 else tokens[rows]
+
+                n = rows.stop - rows.start
+                return activation_patch(
+                    hm,
+                    take_rows(clean_t, rows),
+                    take_rows(corrupt_t, rows),
+                    kind,
+                    logit_diff_metric(hm, part(answer), part(wrong), n),
+                    direction=direction,
+                    per_head=per_head,
+                    per_position=per_position,
+                    method=method,
+                    chunk_size=chunk_size,
+                    progress=not quiet,
+                )
+
+            with memory_knob("--batch-size", batch_size):
+                result = mean_over_batches(sweep, len(clean), batch_size)
             path = result.save(output_path(out, "patch.safetensors"))
             if html is not None:
                 write_figure(result.plot(), html)

@@ -59,18 +59,21 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of split, folds, control task and subset.")] = 0,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an HTML figure of test accuracy.")] = None,
+        batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (lower it when memory runs out).")] = 32,
         quiet: Quiet = False,
     ) -> None:
         """Train a probe per layer; print held-out, cross-validated and control accuracy, selectivity."""
         import random
 
         offline_by_default()
+        from mechscope.cli.memory import check_batch_size, memory_knob
         from mechscope.errors import MechscopeError
         from mechscope.locate.probes import ProbeConfig, train_probes
         from mechscope.model.loading import load_model
 
         if (data is None) == (task is None):
             raise typer.BadParameter("give exactly one of --data or --task")
+        check_batch_size(batch_size)
         test_texts: list[str] | None = None
         test_labels: list[Any] | None = None
         if task is not None:
@@ -87,18 +90,20 @@ def register(app: typer.Typer) -> None:
         try:
             hm = load_model(model)
             cfg = ProbeConfig(kind=kind, folds=folds, seed=seed)  # type: ignore[arg-type]
-            result = train_probes(
-                hm,
-                texts,
-                labels,
-                site_kind=site_kind,
-                position=position,
-                test_inputs=test_texts,
-                test_labels=test_labels,
-                positive_label=positive,
-                config=cfg,
-                progress=not quiet,
-            )
+            with memory_knob("--batch-size", batch_size):
+                result = train_probes(
+                    hm,
+                    texts,
+                    labels,
+                    site_kind=site_kind,
+                    position=position,
+                    test_inputs=test_texts,
+                    test_labels=test_labels,
+                    positive_label=positive,
+                    config=cfg,
+                    progress=not quiet,
+                    batch_size=batch_size,
+                )
             path = result.save(output_path(out, "probes.safetensors"))
             if html is not None:
                 write_figure(result.plot(), html)

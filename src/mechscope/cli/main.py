@@ -83,6 +83,7 @@ def cache(
     import torch
 
     from mechscope.cli.common import output_path
+    from mechscope.cli.memory import memory_knob
     from mechscope.errors import ConfigError
     from mechscope.io import read_text
     from mechscope.model.cache import ActivationCache
@@ -104,10 +105,8 @@ def cache(
     parts: list[ActivationCache] = []
     for start in range(0, len(texts), batch_size):
         rows = {k: v[start : start + batch_size] for k, v in tokens.items()}
-        try:
+        with memory_knob("--batch-size", batch_size):  # an allocator failure names the knob
             _, acts = hm.run_with_cache(rows, site or None, positions=pos, device="cpu")
-        except torch.OutOfMemoryError as exc:
-            raise ConfigError(f"out of memory with --batch-size {batch_size}; lower it") from exc
         parts.append(acts)
     merged = ActivationCache(
         {name: torch.cat([part[name] for part in parts]) for name in parts[0]},

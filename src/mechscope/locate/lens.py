@@ -72,10 +72,43 @@ def logit_lens(
     positions: Sequence[int] | Literal["last"] | None = None,
     k: int = 5,
     keep_logits: bool = False,
+    batch_size: int | None = None,
 ) -> LensResult:
     """Logit lens over every layer at `positions` (default: all; ``"last"``: each prompt's last real
-    token, one column). KL is ``KL(final || layer)``."""
-    return lens_readout(model, inputs, positions=positions, k=k, keep_logits=keep_logits)
+    token, one column). KL is ``KL(final || layer)``. `batch_size` runs that many prompts per forward
+    (default: all at once); the result does not depend on it."""
+    return lens_readout(model, inputs, positions=positions, k=k, keep_logits=keep_logits, batch_size=batch_size)
+
+
+def _lens_part(
+    model: HookedModel,
+    batch: dict[str, Tensor],
+    rows: slice,
+    sites: list[Site],
+    pos: list[int] | None,
+    last: Tensor | None,
+    transform: Transform | None,
+    k: int,
+    keep_logits: bool,
+) -> tuple[Tensor, ...]:
+    """``kl``, ``top_probs``, ``top_tokens`` (and ``logits`` when kept) of the prompts in `rows`."""
+    part = {name: value[rows] for name, value in batch.items() if name != "position_ids"}
+    _, cache = model.run_with_cache(part, sites, positions=pos)
+    with torch.no_grad():
+        layers = []
+        for layer, site in enumerate(sites):
+            resid = cache[site]
+            if last is not None:  # each row's last real token: [rows, 1, d_model]
+                at = last[rows].to(resid.device)
+                resid = resid[torch.arange(len(at), device=resid.device), at][:, None]
+            if transform is not None:
+                resid = transform(resid, layer)
+            layers.append(resid_to_logits(model, resid))
+        logits = torch.stack(layers).float()
+    logprobs = logits.log_softmax(-1)
+    kl = kl_div(logits, logits[-1:].expand_as(logits))  # KL(final || layer) per token, pads included
+    top_probs, top_tokens = logprobs.exp().topk(k, dim=-1)
+    return (kl, top_probs, top_tokens, logits) if keep_logits else (kl, top_probs, top_tokens)
 
 
 #: A map applied to the residual before layer ``layer`` (``n_layers``: the final residual) before unembedding.
@@ -92,13 +125,18 @@ def lens_readout(
     keep_logits: bool = False,
     result_type: type[LensResult] = LensResult,
     extra_config: dict[str, Any] | None = None,
+    batch_size: int | None = None,
 ) -> LensResult:
     """Read every residual in :func:`lens_sites` as logits, optionally through ``transform(resid, layer)``.
 
-    The logit lens is the identity transform; the tuned lens applies a learnt affine map per layer.
+    The logit lens is the identity transform; the tuned lens applies a learnt affine map per layer. Prompts
+    are tokenized together (one padding) and run `batch_size` at a time (default: all), so the vocabulary-sized
+    logits of only one batch are held at once.
     """
     if k < 1 or k > model.dims.d_vocab:
         raise ConfigError(f"k must be in 1..{model.dims.d_vocab}; got {k}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive number of prompts or None (all at once); got {batch_size!r}")
     batch = model.prepare_inputs(inputs)
     sites = lens_sites(model)
     mask = batch["attention_mask"]
@@ -113,21 +151,13 @@ def lens_readout(
         pos = None if positions is None else list(positions)
         if pos is not None:
             mask = mask[:, pos]
-    _, cache = model.run_with_cache(batch, sites, positions=pos)
-    rows_idx = torch.arange(mask.shape[0])
-    with torch.no_grad():
-        rows = []
-        for layer, site in enumerate(sites):
-            resid = cache[site]
-            if last is not None:  # each row's last real token: [batch, 1, d_model]
-                resid = resid[rows_idx.to(resid.device), last.to(resid.device)][:, None]
-            if transform is not None:
-                resid = transform(resid, layer)
-            rows.append(resid_to_logits(model, resid))
-        logits = torch.stack(rows).float()
-    logprobs = logits.log_softmax(-1)
-    kl = kl_div(logits, logits[-1:].expand_as(logits))  # KL(final || layer) per token, pads included
-    top_probs, top_tokens = logprobs.exp().topk(k, dim=-1)
+    n = int(batch["input_ids"].shape[0])
+    step = n if batch_size is None else batch_size
+    parts = [
+        _lens_part(model, batch, slice(s, s + step), sites, pos, last, transform, k, keep_logits)
+        for s in range(0, n, step)
+    ]
+    kl, top_probs, top_tokens = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
     tensors: dict[str, Tensor] = {
         "kl": kl,
         "top_tokens": top_tokens,
@@ -141,7 +171,7 @@ def lens_readout(
         "top_probs": ("layer", "batch", "pos", "k"),
     }
     if keep_logits:
-        tensors["logits"] = logits
+        tensors["logits"] = torch.cat([p[3] for p in parts], dim=1)
         axes["logits"] = ("layer", "batch", "pos", "d_vocab")
     labels = {
         "layer": [f"resid_pre {i}" for i in range(model.dims.n_layers)] + ["final"],

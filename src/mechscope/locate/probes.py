@@ -240,6 +240,8 @@ def collect_features(
     `position` is None (each row's last real token), an int (negative counts from each row's end), or
     one index per example.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive number of prompts; got {batch_size!r}")
     d = model.dims
     chosen = list(range(d.n_layers)) if layers is None else list(layers)
     sites = [model.site(Site(site_kind, i)) for i in chosen]
@@ -315,17 +317,21 @@ def train_probes(
     positive_label: Any = None,
     config: ProbeConfig | None = None,
     progress: bool = False,
+    batch_size: int = 32,
 ) -> ProbeResult:
     """Fit a probe per layer on binary `labels` and evaluate it (held-out, k-fold, control task).
 
-    Without `test_inputs`, ``config.test_fraction`` of the examples is held out at random.
+    Without `test_inputs`, ``config.test_fraction`` of the examples is held out at random. Activations are
+    collected `batch_size` prompts per forward (lower it when memory runs out; results do not depend on it).
     """
     cfg = config or ProbeConfig()
     d = model.dims
     chosen = list(range(d.n_layers)) if layers is None else list(layers)
     if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
         raise ConfigError("probes need examples; got an empty list of inputs")
-    feats = collect_features(model, inputs, site_kind=site_kind, layers=chosen, position=position)
+    feats = collect_features(
+        model, inputs, site_kind=site_kind, layers=chosen, position=position, batch_size=batch_size
+    )
     y, pos_label = _labels_tensor(labels, feats.shape[1], positive_label)
     counts = torch.bincount(y.long(), minlength=2).tolist()
     if test_inputs is None and min(counts) < 2:
@@ -338,7 +344,9 @@ def train_probes(
     ctrl_all = control_labels(y, control_types, cfg.seed) if cfg.control else None
     if test_inputs is not None:
         assert test_labels is not None
-        test_feats = collect_features(model, test_inputs, site_kind=site_kind, layers=chosen, position=position)
+        test_feats = collect_features(
+            model, test_inputs, site_kind=site_kind, layers=chosen, position=position, batch_size=batch_size
+        )
         y_test, _ = _labels_tensor(test_labels, test_feats.shape[1], pos_label)
         train_feats, y_train = feats, y
         ctrl_train = ctrl_all
