@@ -121,7 +121,12 @@ def test_run_verb_saves_without_overwriting_and_prints_the_summary(tmp_path, mon
 
     for _ in range(2):
         hm, got, path = run_verb(
-            "m", call, out=None, default_name="r.safetensors", load=lambda name: name + "!", summary=lambda r: ["sum 2"]
+            "m",
+            call,
+            out=None,
+            default_name="r.safetensors",
+            load=lambda name: name + "!",
+            summary=lambda r, m: ["sum 2"],
         )
         assert hm == "m!" and got is result and path.exists()
     assert calls == ["m!", "m!"]

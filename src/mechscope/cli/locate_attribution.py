@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, renamed, write_figure
+from mechscope.cli.common import Quiet, renamed
 from mechscope.cli.locate_lens import read_prompts
+from mechscope.cli.verb import config_options, run_verb
+from mechscope.locate.attribution import IGConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -27,38 +30,29 @@ def register(app: typer.Typer) -> None:
         html: Annotated[Path | None, typer.Option(help="Also write an HTML figure.")] = None,
     ) -> None:
         """Direct logit attribution of the answer (minus wrong) logit at each prompt's last token."""
-        offline_by_default()
-        from mechscope.errors import MechscopeError
         from mechscope.locate.attribution import logit_attribution
         from mechscope.locate.metrics import last_positions
-        from mechscope.model.loading import load_model
 
-        try:
-            answer = renamed(answer, target, new="--answer", old="--target")
-            wrong = renamed(wrong, baseline, new="--wrong", old="--baseline")
-            if answer is None:
-                raise typer.BadParameter("give --answer TOKEN (e.g. ' Paris')")
-            hm = load_model(model)
+        answer = renamed(answer, target, new="--answer", old="--target")
+        wrong = renamed(wrong, baseline, new="--wrong", old="--baseline")
+        if answer is None:
+            raise typer.BadParameter("give --answer TOKEN (e.g. ' Paris')")
+        chosen: str = answer
+
+        def call(hm: Any) -> Any:
             batch = hm.prepare_inputs(read_prompts(prompt, prompt_file))
-            result = logit_attribution(
-                hm,
-                batch,
-                answer,
-                baseline=wrong,
-                position=last_positions(batch["attention_mask"]),
-                by=by,  # type: ignore[arg-type]
-            )
-            path = result.save(output_path(out, "dla.safetensors"))
-            if html is not None:
-                write_figure(result.plot(), html)
-        except (MechscopeError, ValueError) as exc:
-            raise fail(exc) from exc
-        typer.echo(f"logit{' difference' if wrong else ''}: {result['logit'].mean():.4f} (mean over prompts)")
-        for name, value in result.top(top):
-            typer.echo(f"{name:20s} {value:+9.4f}")
-        typer.echo(f"result -> {path}")
+            position = last_positions(batch["attention_mask"])
+            return logit_attribution(hm, batch, chosen, baseline=wrong, position=position, by=by)  # type: ignore[arg-type]
+
+        def summary(result: Any, hm: Any) -> Iterator[str]:
+            yield f"logit{' difference' if wrong else ''}: {result['logit'].mean():.4f} (mean over prompts)"
+            for name, value in result.top(top):
+                yield f"{name:20s} {value:+9.4f}"
+
+        run_verb(model, call, out=out, default_name="dla.safetensors", html=html, summary=summary)
 
     @app.command("ig")
+    @config_options(IGConfig)
     def ig_cmd(
         model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
         answer: Annotated[str | None, typer.Option(help="Answer token (single-token string).")] = None,
@@ -70,7 +64,8 @@ def register(app: typer.Typer) -> None:
         site: Annotated[
             str, typer.Option(help="Site to attribute to (hook_embed: input IG; else layer IG).")
         ] = "hook_embed",
-        steps: Annotated[int, typer.Option(help="Integration steps (gradient evaluations per prompt).")] = 64,
+        *,
+        config: IGConfig,
         baseline: Annotated[
             str,
             typer.Option(
@@ -78,46 +73,42 @@ def register(app: typer.Typer) -> None:
                 "(refused where it zeroes the whole residual stream: hook_embed of rotary models, resid sites)."
             ),
         ] = "mean",
-        rule: Annotated[str, typer.Option(help="adaptive, gauss_legendre, midpoint or trapezoid.")] = "adaptive",
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         quiet: Quiet = False,
     ) -> None:
         """Integrated gradients of the target logit (difference) at the last token, with completeness check."""
-        offline_by_default()
-        from mechscope.errors import MechscopeError
-        from mechscope.locate.attribution import IG_BASELINES, IGConfig, integrated_gradients, logit_metric
-        from mechscope.model.loading import load_model
+        from mechscope.locate.attribution import IG_BASELINES, integrated_gradients, logit_metric
 
-        try:
-            answer = renamed(answer, target, new="--answer", old="--target")
-            wrong = renamed(wrong, baseline_token, new="--wrong", old="--baseline-token")
-            if answer is None:
-                raise typer.BadParameter("give --answer TOKEN (e.g. ' Paris')")
-            hm = load_model(model)
-            text = read_prompts(prompt, prompt_file)[0]
-            good = hm.to_single_token(answer)
-            bad = hm.to_single_token(wrong) if wrong else None
-            if baseline not in IG_BASELINES:
-                raise typer.BadParameter(f"--baseline must be one of {', '.join(IG_BASELINES)}; got {baseline!r}")
-            result = integrated_gradients(
+        answer = renamed(answer, target, new="--answer", old="--target")
+        wrong = renamed(wrong, baseline_token, new="--wrong", old="--baseline-token")
+        if answer is None:
+            raise typer.BadParameter("give --answer TOKEN (e.g. ' Paris')")
+        if baseline not in IG_BASELINES:
+            raise typer.BadParameter(f"--baseline must be one of {', '.join(IG_BASELINES)}; got {baseline!r}")
+        chosen: str = answer
+        text: list[str] = []
+
+        def call(hm: Any) -> Any:
+            text.append(read_prompts(prompt, prompt_file)[0])
+            metric = logit_metric(hm.to_single_token(chosen), hm.to_single_token(wrong) if wrong else None)
+            return integrated_gradients(
                 hm,
-                text,
-                logit_metric(good, bad),
+                text[0],
+                metric,
                 site=site,
                 baseline=baseline,  # type: ignore[arg-type]
-                config=IGConfig(steps=steps, rule=rule),  # type: ignore[arg-type]
+                config=config,
                 progress=not quiet,
             )
-            path = result.save(output_path(out, "ig.safetensors"))
-        except (MechscopeError, ValueError) as exc:
-            raise fail(exc) from exc
-        tokens = hm.to_str_tokens(text)
-        attribution = result["attribution"][0]
-        if attribution.ndim == 1:
-            for tok, value in zip(tokens, attribution.tolist()):
-                typer.echo(f"{tok!r:16s} {value:+9.4f}")
-        typer.echo(
-            f"f(x) - f(baseline) = {float(result['delta'][0]):.4f} ({baseline} baseline); sum of attributions - "
-            f"that = {float(result['error'][0]):.2e} ({rule}, {steps} steps)"
-        )
-        typer.echo(f"result -> {path}")
+
+        def summary(result: Any, hm: Any) -> Iterator[str]:
+            attribution = result["attribution"][0]
+            if attribution.ndim == 1:
+                for tok, value in zip(hm.to_str_tokens(text[0]), attribution.tolist(), strict=True):
+                    yield f"{tok!r:16s} {value:+9.4f}"
+            yield (
+                f"f(x) - f(baseline) = {float(result['delta'][0]):.4f} ({baseline} baseline); sum of attributions - "
+                f"that = {float(result['error'][0]):.2e} ({config.rule}, {config.steps} steps)"
+            )
+
+        run_verb(model, call, out=out, default_name="ig.safetensors", summary=summary)

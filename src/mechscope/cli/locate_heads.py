@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         """Score every head as previous-token, duplicate-token, induction and copying head."""
         from mechscope.locate.heads import DETECTORS, detect_heads
 
-        def summary(scores: Any) -> Iterator[str]:
+        def summary(scores: Any, hm: Any) -> Iterator[str]:
             for name in DETECTORS:
                 best = ", ".join(f"L{layer}H{head} {score:.3f}" for layer, head, score in scores.top(name, top))
                 yield f"{name:16s} {best}"
@@ -59,5 +59,5 @@ def register(app: typer.Typer) -> None:
             out=out,
             default_name="patterns.safetensors",
             html=html,
-            summary=lambda result: [f"patterns {tuple(result['pattern'].shape)}"],
+            summary=lambda result, hm: [f"patterns {tuple(result['pattern'].shape)}"],
         )

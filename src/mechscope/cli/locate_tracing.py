@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
             )
 
 
-def _summary(result: Any) -> Iterator[str]:
+def _summary(result: Any, hm: Any) -> Iterator[str]:
     """Probabilities, the window, and per kind the peak, the peak at the subject's last token and its spread."""
     yield f"p(target) clean {float(result['clean']):.4f}  corrupted {float(result['corrupt']):.4f}"
     yield f"subject positions {result.config['subject_positions']}"

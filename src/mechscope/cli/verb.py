@@ -179,7 +179,7 @@ def run_verb(
     default_name: str,
     html: Path | None = None,
     figure: Callable[[Any], Any] | None = None,
-    summary: Callable[[Any], Iterable[str]] | None = None,
+    summary: Callable[[Any, Any], Iterable[str]] | None = None,
     load: Callable[[str], Any] | None = None,
 ) -> tuple[Any, Any, Path]:
     """Load `model`, run ``call(model)``, save its result, write the figure, print the summary; the shared
@@ -187,7 +187,7 @@ def run_verb(
 
     The result goes to `out` or to `default_name` in the output folder (never over an existing file the
     user did not name). With `html`, ``figure(result)`` (default ``result.plot()``) is written there.
-    `summary(result)` yields the lines printed before ``result -> PATH``. Returns (model, result, path) for
+    `summary(result, model)` yields the lines printed before ``result -> PATH``. Returns (model, result, path) for
     commands that go on. Foreseeable errors (:class:`~mechscope.errors.MechscopeError`, ``ValueError``,
     ``OSError``) print one line and exit with code 2; nothing is saved for a failed call.
     """
@@ -206,7 +206,7 @@ def run_verb(
             write_figure(figure(result) if figure is not None else result.plot(), html)
     except (MechscopeError, ValueError, OSError) as exc:
         raise fail(exc) from exc
-    for line in summary(result) if summary is not None else ():
+    for line in summary(result, hm) if summary is not None else ():
         typer.echo(line)
     typer.echo(f"result -> {path}" + (f", figure -> {html}" if html is not None else ""))
     return hm, result, Path(path)
