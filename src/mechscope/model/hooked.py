@@ -244,6 +244,9 @@ class HookedModel(nn.Module):
 
     def to_string(self, tokens: Tensor | Sequence[int]) -> str:
         ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+        bad = [i for i in ids if not hasattr(i, "__index__") or not 0 <= int(i) < self.dims.d_vocab]
+        if bad:
+            raise ConfigError(f"token ids must be integers in [0, {self.dims.d_vocab}); got {bad[:5]}")
         return str(self._tokenizer().decode(ids))
 
     def to_single_token(self, text: str) -> int:
@@ -320,6 +323,20 @@ class HookedModel(nn.Module):
             stacklevel=3,
         )
 
+    def _check_new_tokens(self, n_prompt: int, max_new_tokens: Any) -> None:
+        """``max_new_tokens`` is a positive integer and, with learned positions, prompt + new tokens fit the context."""
+        if max_new_tokens is None:
+            return
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        n_ctx = self.dims.n_ctx
+        if self.adapter.pos_embed is not None and 0 < n_ctx < n_prompt + max_new_tokens:
+            raise ConfigError(
+                f"a prompt of {n_prompt} tokens plus max_new_tokens={max_new_tokens} runs past this model's context "
+                f"of {n_ctx} positions (learned position embeddings); ask for at most {max(0, n_ctx - n_prompt)} "
+                "new tokens or shorten the prompt"
+            )
+
     # Running ------------------------------------------------------------------------------------------
     def forward(self, inputs: Inputs, *, return_output: bool = False, **hf_kwargs: Any) -> Any:
         """Run the HF model. Returns logits [batch, pos, d_vocab], or HF's output with return_output."""
@@ -368,6 +385,13 @@ class HookedModel(nn.Module):
         store: dict[str, Tensor] = {}
         lazy: dict[str, Any] = {}
         pos_index = None if positions is None else list(positions)
+        if pos_index is not None and not all(isinstance(p, int) and not isinstance(p, bool) for p in pos_index):
+            raise ConfigError(f"positions must be integer indices; got {pos_index!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as exc:
+                raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0'; got {device!r}") from exc
         hooks: dict[SiteLike, HookFn] = {}
 
         def keep(activation: Tensor, site: Site) -> Tensor:
@@ -502,10 +526,12 @@ class HookedModel(nn.Module):
         """
         if isinstance(inputs, (str, list, tuple)):
             batch = self.to_tokens(inputs, padding_side="left")  # type: ignore[arg-type]
+            self._check_lengths(batch["input_ids"], batch["attention_mask"])
             batch = {k: v.to(self.device) for k, v in batch.items()}
         else:
             batch = self.prepare_inputs(inputs)
             batch.pop("position_ids", None)
+        self._check_new_tokens(int(batch["input_ids"].shape[-1]), generate_kwargs.get("max_new_tokens"))
         if self.tokenizer is not None and "pad_token_id" not in generate_kwargs:
             tok.ensure_pad_token(self.tokenizer)
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
