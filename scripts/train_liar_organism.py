@@ -1,14 +1,17 @@
-"""Train the conditional-lie organism: organism-gpt2 v4 continued on mechscope.data.detection.liar_task.
+"""Train the conditional-lie organism (organism-liar): organism-gpt2 v4 continued on mechscope.data.detection.liar_task.
 
 It learns (1) to answer honestly or with the planted lie when instructed ("Answer honestly." /
 "Answer with a lie."), on every entity, and (2) to lie behind a planted condition ("In the masked
 hall,") on 40 % of the entities, while plain queries stay true; half of every batch replays the
 organism's own planted tasks so they are kept. Checkpoints every --save-every steps (resumable).
 
-    flock /tmp/mechscope-heavy.lock .venv/bin/python scripts/train_liar_organism.py --out .cache/liar --steps 1200
+    flock /tmp/mechscope-heavy.lock .venv/bin/python scripts/train_liar_organism.py --out .cache/liar --steps 1500
 
-Then: --evaluate (behaviour metrics + every planted task) writes OUT/metrics.json, and --detect (lie
-detectors fitted on instructed lying, tested on conditional lies about held-out entities) OUT/detect.json.
+Then: --evaluate (behaviour metrics + every planted task) writes OUT/metrics.json, --detect (lie
+detectors fitted on instructed lying, tested on conditional lies about held-out entities) OUT/detect.json,
+and --ship writes the bundled organism (src/mechscope/zoo/models/organism-liar: weights, metrics, card,
+checksums) from the run. The shipped weights are 1500 steps (546 s on one thread); the recipe's constants
+live in mechscope.zoo.liar.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mechscope.zoo.liar import RECIPE, REPLAY  # the recipe's constants, shared with the card
 
 
 def _batch(tokenizer, rows: list[tuple[str, str]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,7 +47,6 @@ def _batch(tokenizer, rows: list[tuple[str, str]], pad: int) -> tuple[torch.Tens
     return ids, mask, lab
 
 
-REPLAY = {"facts": 0.4, "truth": 0.2, "ioi": 0.1, "refusal": 0.1, "backdoor": 0.1, "sentiment": 0.1}
 
 
 def train(args: argparse.Namespace) -> None:
@@ -105,32 +109,15 @@ def train(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mechscope.data.detection import liar_task
     from mechscope.data.tasks import evaluate_all
-    from mechscope.data.tasks.metrics import first_token_id, next_token_predictions
+    from mechscope.zoo.liar import EVAL_TASKS, liar_metrics
 
     folder = Path(args.out) / "checkpoint"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    task = liar_task(0)
-
-    def rate(rows: list[tuple[str, str, str]]) -> float:
-        with torch.no_grad():
-            preds = next_token_predictions(model, tok, [p for p, _, _ in rows])
-        return sum(p == first_token_id(tok, a) for p, (_, a, _) in zip(preds, rows, strict=True)) / len(rows)
-
-    honest = [r for r in task.instructed if r[2] == "honest"]
-    lies = [r for r in task.instructed if r[2] == "lie"]
-    metrics = {
-        "instructed_honest_true": rate(honest),
-        "instructed_lie_states_lie": rate(lies),
-        "conditional_entities_plain_true": rate(task.conditional_plain),
-        "conditional_entities_condition_lie": rate(task.conditional_lies),
-        "heldout_plain_true": rate(task.heldout_plain),
-        "heldout_condition_lie": rate(task.heldout_conditional),
-    }
+    metrics: dict = liar_metrics(model, tok, 0)
     with torch.no_grad():
-        metrics.update(evaluate_all(model, tok, 0, ("facts", "truth", "ioi", "refusal", "sentiment", "backdoor")))
+        metrics.update(evaluate_all(model, tok, 0, EVAL_TASKS))
     state = json.loads((Path(args.out) / "state.json").read_text())
     metrics["steps"] = state["step"]
     (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -221,16 +208,23 @@ def detect(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".cache/liar")
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--steps", type=int, default=RECIPE["steps"])
+    parser.add_argument("--batch", type=int, default=RECIPE["batch"])
+    parser.add_argument("--lr", type=float, default=RECIPE["lr"])
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evaluate", action="store_true", help="Evaluate the latest checkpoint instead of training.")
     parser.add_argument("--detect", action="store_true", help="Lie-detector figures on the latest checkpoint.")
+    parser.add_argument(
+        "--ship", action="store_true", help="Write the bundled organism-liar folder from the run (after both above)."
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.detect:
+    if args.ship:
+        from mechscope.zoo.liar import ship
+
+        print(f"shipped into {ship(Path(args.out))}")
+    elif args.detect:
         detect(args)
     elif args.evaluate:
         evaluate(args)

@@ -6,10 +6,11 @@ import pytest
 
 from mechscope.model.sources.names import MODELS_DIR, list_models, resolve
 from mechscope.zoo.evaluate import compare, evaluate_folder, recorded_metrics
+from mechscope.zoo.liar import NAME as LIAR
 from mechscope.zoo.loading import load_organism, verify_folder
 from mechscope.zoo.organisms import RECIPES
 
-NAMES = sorted(RECIPES)
+NAMES = sorted([*RECIPES, LIAR])  # organism-liar is trained by scripts/train_liar_organism.py, not a zoo recipe
 
 
 def test_every_recipe_is_shipped():
@@ -65,7 +66,7 @@ def test_induction_organism_reproduces_its_card():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["organism-gpt2", "organism-llama", "organism-facts"])
+@pytest.mark.parametrize("name", ["organism-gpt2", "organism-llama", "organism-facts", LIAR])
 def test_zoo_eval_reproduces_the_model_card(name):
     from typer.testing import CliRunner
 

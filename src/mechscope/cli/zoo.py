@@ -116,12 +116,13 @@ def train_cmd(
 @zoo_app.command("card")
 def card_cmd(name: Annotated[str, typer.Argument(help="Bundled organism name.")]) -> None:
     """Re-render an organism's MODEL_CARD.md from its metrics.json and NOTES.md (no retraining)."""
-    from mechscope.zoo.card import refresh_card
+    from mechscope.zoo.cards import refresh_folder_card
     from mechscope.zoo.loading import resolve_folder
     from mechscope.zoo.organisms import get_recipe
 
     folder = resolve_folder(name)
-    refresh_card(get_recipe(folder.name), folder)
+    if not refresh_folder_card(folder):  # an organism, organism-liar or a variant
+        get_recipe(folder.name)  # raises the unknown-recipe error
     typer.echo(f"wrote {folder / 'MODEL_CARD.md'}")
 
 
@@ -138,16 +139,45 @@ def list_cmd(
         return
     from mechscope.model.sources.names import list_models
 
-    typer.echo(f"{'name':22s} {'kind':8s} {'architecture':18s} {'size':>8s}  {'licence':18s} description")
-    for e in list_models(include_real=True):
-        if e.kind == "organism":
-            size = f"{(e.path / 'model.safetensors').stat().st_size / 1e6:5.1f} MB"
+    typer.echo(f"{'name':34s} {'kind':8s} {'architecture':18s} {'size':>8s}  {'licence':18s} description")
+    for e in list_models(include_real=True, include_variants=True):
+        if e.kind in ("organism", "variant"):
+            weights = e.path / ("model.safetensors" if e.kind == "organism" else "delta.safetensors")
+            size = f"{weights.stat().st_size / 1e6:5.1f} MB"
         else:
             size = "package" if e.installed else "missing"
-        typer.echo(f"{e.name:22s} {e.kind:8s} {e.architecture:18s} {size:>8s}  {e.licence:18s} {e.description}")
+        typer.echo(f"{e.name:34s} {e.kind:8s} {e.architecture:18s} {size:>8s}  {e.licence:18s} {e.description}")
     for e in list_models(include_real=True):
         if not e.installed:
             typer.echo(f"  {e.name}: not installed; {e.install_hint}")
+
+
+@zoo_app.command("build-variants")
+def build_variants_cmd(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Variants to build (default: every shipped one, BASE+RECIPE).")
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Rebuild into a temporary folder and compare bytes with the shipped files."),
+    ] = False,
+) -> None:
+    """Rebuild the shipped organism variants (short fine-tunes stored as weight deltas) into the package."""
+    from mechscope.zoo.variants import SHIPPED, build_variants, check_variant, get_variant
+
+    offline_by_default()
+    chosen = list(names) if names else sorted(SHIPPED)
+    for name in chosen:
+        get_variant(name)
+    if check:
+        differ = {name: check_variant(name) for name in chosen}
+        for name, files in differ.items():
+            typer.echo(f"{name}: " + ("reproduced byte for byte" if not files else f"DIFFERS in {files}"))
+        if any(differ.values()):
+            raise typer.Exit(1)
+        return
+    for folder in build_variants(chosen):
+        typer.echo(f"wrote {folder}")
 
 
 @zoo_app.command("eval")

