@@ -97,8 +97,8 @@ class TunedLensConfig:
         for name in ("steps", "batch_tokens", "seq_len", "max_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0; got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"lr must be a finite number > 0; got {self.lr}")
 
 
 class TunedLens(nn.Module):

@@ -55,8 +55,8 @@ class DASConfig:
         for name in ("rank", "steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"DASConfig.{name} must be a positive integer; got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"DASConfig.lr must be > 0; got {self.lr!r}")
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"DASConfig.lr must be a finite number > 0; got {self.lr!r}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"DASConfig.test_fraction must be in (0, 1); got {self.test_fraction!r}")
 

@@ -52,8 +52,10 @@ class FinetuneConfig:
         for name in ("steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"FinetuneConfig.{name} must be a positive integer; got {getattr(self, name)!r}")
-        if not self.lr > 0 or not self.weight_decay >= 0:
-            raise ConfigError(f"FinetuneConfig needs lr > 0 and weight_decay >= 0; got {self.lr}, {self.weight_decay}")
+        if not 0 < self.lr < float("inf") or not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(
+                f"FinetuneConfig needs a finite lr > 0 and weight_decay >= 0; got {self.lr}, {self.weight_decay}"
+            )
 
 
 def _head_slices(model: Any, layer: int, head: int) -> dict[str, tuple[str, list[range]]]:

@@ -63,11 +63,11 @@ class MEMITConfig:
         if not isinstance(self.n_prefixes, int) or self.n_prefixes < 0:
             raise ConfigError(f"MEMITConfig.n_prefixes must be >= 0; got {self.n_prefixes!r}")
         for name in ("lr", "clamp_norm_factor", "mom2_weight"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"MEMITConfig.{name} must be > 0; got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"MEMITConfig.{name} must be a finite number > 0; got {getattr(self, name)!r}")
         for name in ("kl_factor", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"MEMITConfig.{name} must be >= 0; got {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"MEMITConfig.{name} must be a finite number >= 0; got {getattr(self, name)!r}")
         if not 0 < self.stop_prob <= 1:
             raise ConfigError(f"MEMITConfig.stop_prob must be in (0, 1]; got {self.stop_prob!r}")
 

@@ -72,11 +72,11 @@ class ROMEConfig:
         if not isinstance(self.n_prefixes, int) or self.n_prefixes < 0:
             raise ConfigError(f"ROMEConfig.n_prefixes must be >= 0; got {self.n_prefixes!r}")
         for name in ("lr", "clamp_norm_factor"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"ROMEConfig.{name} must be > 0; got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"ROMEConfig.{name} must be a finite number > 0; got {getattr(self, name)!r}")
         for name in ("kl_factor", "weight_decay", "ridge"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"ROMEConfig.{name} must be >= 0; got {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"ROMEConfig.{name} must be a finite number >= 0; got {getattr(self, name)!r}")
         if not 0 < self.stop_prob <= 1:
             raise ConfigError(f"ROMEConfig.stop_prob must be in (0, 1]; got {self.stop_prob!r}")
         for p in self.kl_prompts:
