@@ -53,7 +53,7 @@ def test_a_probe_hands_its_direction_to_steering_where_it_was_found(model):
     plain = model.forward(TEXTS[0])
     with steer(model, direction, 3.0):
         steered = model.forward(TEXTS[0])
-    with Steering(model, from_direction(model, direction.vector, layers=1, site="hook_resid_post"), coefficient=3.0):
+    with Steering(model, from_direction(model, direction.vector, layers=1, kind="hook_resid_post"), coefficient=3.0):
         by_hand = model.forward(TEXTS[0])
     torch.testing.assert_close(steered, by_hand)
     assert not torch.allclose(steered, plain)

@@ -7,7 +7,12 @@ so that a user can fix the call without reading mechscope's source.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import functools
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class MechscopeError(Exception):
@@ -54,3 +59,26 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
     """A ' Did you mean ...?' suffix, or '' when nothing is close."""
     near = closest(name, options)
     return f" Did you mean {', '.join(repr(o) for o in near)}?" if near else ""
+
+
+def renamed_keywords(**old_to_new: str) -> Callable[[F], F]:
+    """Let a function still take keywords it renamed (``@renamed_keywords(site="kind")``): an old keyword
+    is passed on under its new name with a ``DeprecationWarning``; both at once is a :class:`ConfigError`.
+    One name per concept across mechscope -- a site kind is ``kind`` everywhere."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise ConfigError(f"{fn.__name__}: give {new}= (or the deprecated {old}=), not both")
+                    warnings.warn(
+                        f"{fn.__name__}: {old}= is deprecated; call it {new}=", DeprecationWarning, stacklevel=2
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+    return decorate

@@ -77,7 +77,7 @@ def test_result_round_trips(model, tmp_path):
     result = activation_patch(model, clean, corrupt, "heads", metric)
     back = PatchResult.load(result.save(tmp_path / "patch.safetensors"))
     torch.testing.assert_close(back["metric"], result["metric"])
-    assert back.config["sites_kind"] == "attn.hook_z" and back.labels["head"][0] == "H0"
+    assert back.config["kind"] == "attn.hook_z" and back.labels["head"][0] == "H0"
 
 
 def test_bad_input_fails_clearly(model):

@@ -125,7 +125,7 @@ def test_bad_input_is_rejected(model):
     with pytest.raises(ConfigError, match="exactly 2 values"):
         train_probes(model, x, torch.arange(40) % 3)
     with pytest.raises(SiteError):
-        train_probes(model, x, y, site_kind="hook_resid_middle")
+        train_probes(model, x, y, kind="hook_resid_middle")
     with pytest.raises(ConfigError, match="together"):
         train_probes(model, x, y, test_inputs=x)
     with pytest.raises(ShapeError, match="outside"):

@@ -29,7 +29,7 @@ def model() -> HookedModel:
 
 def _vec(model: HookedModel, seed: int, layers: int | list[int] = 1, site: str = "hook_resid_pre"):
     g = torch.Generator().manual_seed(seed)
-    return from_direction(model, torch.randn(model.dims.d_model, generator=g), layers=layers, site=site)
+    return from_direction(model, torch.randn(model.dims.d_model, generator=g), layers=layers, kind=site)
 
 
 def _logits(model: HookedModel, context=None) -> torch.Tensor:

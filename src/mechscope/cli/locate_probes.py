@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
                     hm,
                     texts,
                     labels,
-                    site_kind=site_kind,
+                    kind=site_kind,
                     position=position,
                     test_inputs=test_texts,
                     test_labels=test_labels,

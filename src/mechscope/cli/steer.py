@@ -84,10 +84,10 @@ def vector_cmd(
         hm = load_model(model)
         pos, neg = _pair(hm, contrast, positive, negative, chat=chat, n=n_prompts)
         if method == "mean":
-            vec = mean_difference(hm, pos, neg, layers=_ints(layers), site=site, read=read)  # type: ignore[arg-type]
+            vec = mean_difference(hm, pos, neg, layers=_ints(layers), kind=site, read=read)  # type: ignore[arg-type]
         elif method == "pca":
             n = min(len(pos), len(neg))
-            vec = pca_direction(hm, pos[:n], neg[:n], layers=_ints(layers), site=site, read=read)  # type: ignore[arg-type]
+            vec = pca_direction(hm, pos[:n], neg[:n], layers=_ints(layers), kind=site, read=read)  # type: ignore[arg-type]
         else:
             raise ConfigError(f"method must be 'mean' or 'pca'; got {method!r}")
         path = vec.save(output_path(out, "steering_vector.safetensors"))

@@ -230,7 +230,7 @@ def transfer_vector(vector: SteeringVector, rmap: ResidualMap, target: HookedMod
         raise ConfigError(f"the map reads {s_site.name}; the vector lives at {vector.site} layers {vector.layers}")
     assert s_site.layer is not None
     mapped = vector.at(s_site.layer) @ rmap.weight
-    return from_direction(target, mapped, layers=t_site.layer, site=t_site.kind, method=f"transfer({vector.method})")
+    return from_direction(target, mapped, layers=t_site.layer, kind=t_site.kind, method=f"transfer({vector.method})")
 
 
 def transfer_direction(direction: Direction, rmap: ResidualMap, target: HookedModel) -> Direction:
@@ -289,8 +289,8 @@ def transfer_effect(
         raise ConfigError(f"metric must be a function of logits; got {type(metric).__name__}")
     prompts = _texts(prompts, "prompts")
     s_site, t_site = Site.parse(rmap.source_site), Site.parse(rmap.target_site)
-    src_vec = mean_difference(source, positive, negative, layers=s_site.layer, site=s_site.kind)
-    native = mean_difference(target, positive, negative, layers=t_site.layer, site=t_site.kind)
+    src_vec = mean_difference(source, positive, negative, layers=s_site.layer, kind=s_site.kind)
+    native = mean_difference(target, positive, negative, layers=t_site.layer, kind=t_site.kind)
     moved = transfer_vector(src_vec, rmap, target)
     assert t_site.layer is not None
     e_native = _effect(target, native, coefficient, prompts, metric)

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from mechscope.errors import ConfigError, ShapeError, SiteError, did_you_mean
+from mechscope.errors import ConfigError, ShapeError, SiteError, did_you_mean, renamed_keywords
 from mechscope.locate._engine import MetricError, Variant, metric_positions, metric_value, run_batched, run_loop
 from mechscope.metrics import Metric, normalised
 from mechscope.model.partial import base_run
@@ -164,11 +164,12 @@ def _cell_mask(
     return mask.expand(1, *shape[1:]).clone()
 
 
+@renamed_keywords(sites_kind="kind")
 def activation_patch(
     model: HookedModel,
     clean: Inputs,
     corrupt: Inputs,
-    sites_kind: str,
+    kind: str,
     metric: Metric,
     *,
     direction: str = "denoising",
@@ -180,10 +181,11 @@ def activation_patch(
     chunk_size: int = 32,
     progress: bool = False,
 ) -> PatchResult:
-    """Patch every cell of `sites_kind` and record `metric` (logits -> scalar or ``[batch]``).
+    """Patch every cell of `kind` and record `metric` (logits -> scalar or ``[batch]``).
 
     Args:
-        sites_kind: ``resid_pre|resid_mid|resid_post|attn_out|mlp_out`` (layer x position),
+        kind: the site kind swept (``sites_kind=`` is its deprecated spelling):
+            ``resid_pre|resid_mid|resid_post|attn_out|mlp_out`` (layer x position),
             ``heads|q|k|v|pattern`` (per head) or ``neurons`` (per MLP neuron), or canonical kinds.
         direction: ``denoising`` (run corrupt, restore clean) or ``noising`` (run clean, insert corrupt).
         per_head: for unit kinds, sweep (layer, unit) over the swept positions; False sweeps (layer,
@@ -201,7 +203,7 @@ def activation_patch(
         raise ConfigError(f"method must be one of {METHODS}; got {method!r}")
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1; got {chunk_size}")
-    kind = resolve_kind(model, sites_kind)
+    kind = resolve_kind(model, kind)
     clean_t, corrupt_t = tokens_of(model, clean), tokens_of(model, corrupt)
     check_pair(clean_t, corrupt_t)
     batch, n_pos = clean_t["input_ids"].shape
@@ -264,7 +266,7 @@ def activation_patch(
         grid, axes = (n_layers, len(pos)), ("layer", "pos")
         labels = {"layer": layer_labels, "pos": [str(p) for p in pos]}
     config: dict[str, Any] = {
-        "sites_kind": kind,
+        "kind": kind,
         "direction": direction,
         "per_head": per_head,
         "per_position": per_position,

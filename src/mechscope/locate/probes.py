@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.direction import Direction
-from mechscope.errors import ConfigError, ShapeError
+from mechscope.errors import ConfigError, ShapeError, renamed_keywords
 from mechscope.locate.metrics import last_positions
 from mechscope.results import ModelMismatchError, Result
 from mechscope.sites import Site
@@ -226,16 +226,18 @@ class ProbeResult(Result):
         }
 
 
+@renamed_keywords(site_kind="kind")
 def collect_features(
     model: HookedModel,
     inputs: Inputs,
     *,
-    site_kind: str = "hook_resid_post",
+    kind: str = "hook_resid_post",
     layers: Sequence[int] | None = None,
     position: int | Sequence[int] | Tensor | None = None,
     batch_size: int = 32,
 ) -> Float[Tensor, "layer n d"]:
-    """Activations of `site_kind` at each layer, at one position per example: ``[layer, n, d]``.
+    """Activations of site kind `kind` at each layer, at one position per example: ``[layer, n, d]``
+    (``site_kind=`` is the deprecated spelling of `kind`).
 
     `position` is None (each row's last real token), an int (negative counts from each row's end), or
     one index per example.
@@ -244,9 +246,9 @@ def collect_features(
         raise ConfigError(f"batch_size must be a positive number of prompts; got {batch_size!r}")
     d = model.dims
     chosen = list(range(d.n_layers)) if layers is None else list(layers)
-    sites = [model.site(Site(site_kind, i)) for i in chosen]
+    sites = [model.site(Site(kind, i)) for i in chosen]
     if any(len(s.axes) != 3 for s in sites):
-        raise ConfigError(f"probes read [batch, pos, features] sites; {site_kind} has axes {sites[0].axes}")
+        raise ConfigError(f"probes read [batch, pos, features] sites; {kind} has axes {sites[0].axes}")
     texts_or_ids: Any = inputs
     chunks: list[Any]
     if isinstance(inputs, str):
@@ -302,12 +304,13 @@ def _labels_tensor(labels: Sequence[Any] | Tensor, n: int, positive: Any) -> tup
     return torch.tensor([int(v == pos_label) for v in values]), pos_label
 
 
+@renamed_keywords(site_kind="kind")
 def train_probes(
     model: HookedModel,
     inputs: Inputs,
     labels: Sequence[Any] | Tensor,
     *,
-    site_kind: str = "hook_resid_post",
+    kind: str = "hook_resid_post",
     layers: Sequence[int] | None = None,
     position: int | None = None,
     test_inputs: Inputs | None = None,
@@ -321,17 +324,17 @@ def train_probes(
 ) -> ProbeResult:
     """Fit a probe per layer on binary `labels` and evaluate it (held-out, k-fold, control task).
 
-    Without `test_inputs`, ``config.test_fraction`` of the examples is held out at random. Activations are
-    collected `batch_size` prompts per forward (lower it when memory runs out; results do not depend on it).
+    `kind` is the site kind read at every layer (``site_kind=`` is its deprecated spelling; the probe's own
+    kind is ``config.kind``). Without `test_inputs`, ``config.test_fraction`` of the examples is held out at
+    random. Activations are collected `batch_size` prompts per forward (lower it when memory runs out;
+    results do not depend on it).
     """
     cfg = config or ProbeConfig()
     d = model.dims
     chosen = list(range(d.n_layers)) if layers is None else list(layers)
     if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
         raise ConfigError("probes need examples; got an empty list of inputs")
-    feats = collect_features(
-        model, inputs, site_kind=site_kind, layers=chosen, position=position, batch_size=batch_size
-    )
+    feats = collect_features(model, inputs, kind=kind, layers=chosen, position=position, batch_size=batch_size)
     y, pos_label = _labels_tensor(labels, feats.shape[1], positive_label)
     counts = torch.bincount(y.long(), minlength=2).tolist()
     if test_inputs is None and min(counts) < 2:
@@ -345,7 +348,7 @@ def train_probes(
     if test_inputs is not None:
         assert test_labels is not None
         test_feats = collect_features(
-            model, test_inputs, site_kind=site_kind, layers=chosen, position=position, batch_size=batch_size
+            model, test_inputs, kind=kind, layers=chosen, position=position, batch_size=batch_size
         )
         y_test, _ = _labels_tensor(test_labels, test_feats.shape[1], pos_label)
         train_feats, y_train = feats, y
@@ -408,7 +411,7 @@ def train_probes(
         "l2": cfg.l2,
         "folds": cfg.folds,
         "seed": cfg.seed,
-        "site_kind": site_kind,
+        "site_kind": kind,
         "layers": chosen,
         "position": "last" if position is None else position,
         "positive_label": str(pos_label),
@@ -419,7 +422,7 @@ def train_probes(
         "model_fingerprint": model.fingerprint(),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
-    labels_out = {"layer": [Site(site_kind, i).name for i in chosen]}
+    labels_out = {"layer": [Site(kind, i).name for i in chosen]}
     return ProbeResult(tensors=tensors, axes=axes, labels=labels_out, config=config_out)
 
 

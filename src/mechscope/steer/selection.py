@@ -360,7 +360,7 @@ def _score(
         with DirectionalAblation(model, vec):
             ablation[li, pi] = _behaviour(score, model, cand.pos_batch).mean()
             kl[li, pi] = side_effect()
-        with Steering(model, from_direction(model, vec, layers=layer, site=cfg.site), coefficient=1.0):
+        with Steering(model, from_direction(model, vec, layers=layer, kind=cfg.site), coefficient=1.0):
             induction[li, pi] = _behaviour(score, model, cand.neg_batch).mean()
     return _Scores(ablation, induction, kl)
 

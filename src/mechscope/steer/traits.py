@@ -43,7 +43,7 @@ def trait_vector(
     read: str = "last",
 ) -> SteeringVector:
     """Mean activation on `positive` (trait expressed) minus on `negative`, at `site` of `layer`."""
-    vec = mean_difference(model, positive, negative, layers=layer, site=site, read=read)  # type: ignore[arg-type]
+    vec = mean_difference(model, positive, negative, layers=layer, kind=site, read=read)  # type: ignore[arg-type]
     vec.method = "trait"
     return vec
 

@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.direction import Direction
-from mechscope.errors import ConfigError, ShapeError
+from mechscope.errors import ConfigError, ShapeError, renamed_keywords
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.results import Artifact
 from mechscope.sites import BLOCK_KINDS, Site
@@ -181,42 +181,47 @@ def _contrast(
     return chosen, sites, pos, neg
 
 
+@renamed_keywords(site="kind")
 def mean_difference(
     model: HookedModel,
     positive: Sequence[str],
     negative: Sequence[str],
     *,
     layers: int | Sequence[int] | None = None,
-    site: str = "hook_resid_pre",
+    kind: str = "hook_resid_pre",
     read: Read = "last",
 ) -> SteeringVector:
-    """CAA: mean activation on `positive` minus mean on `negative`, per layer (unpaired sets are fine)."""
-    chosen, sites, pos, neg = _contrast(model, positive, negative, layers, site, read)
+    """CAA: mean activation on `positive` minus mean on `negative`, per layer (unpaired sets are fine).
+
+    `kind` is the site kind read at each layer (``site=`` is its deprecated spelling)."""
+    chosen, sites, pos, neg = _contrast(model, positive, negative, layers, kind, read)
     directions = torch.stack([pos[s].mean(0) - neg[s].mean(0) for s in sites])
     return SteeringVector(
         directions,
         chosen,
-        site=site,
+        site=kind,
         method="mean_difference",
         info={"n_positive": len(positive), "n_negative": len(negative), "read": read},
         **Artifact.model_info(model),
     )
 
 
+@renamed_keywords(site="kind")
 def pca_direction(
     model: HookedModel,
     positive: Sequence[str],
     negative: Sequence[str],
     *,
     layers: int | Sequence[int] | None = None,
-    site: str = "hook_resid_pre",
+    kind: str = "hook_resid_pre",
     read: Read = "last",
     center: bool = False,
 ) -> SteeringVector:
     """RepE reading vector: first principal direction of paired differences ``pos_i - neg_i``.
 
     Uncentred by default (the top singular direction of the differences, which keeps the shared
-    contrast); ``center=True`` removes the mean difference first (classic PCA).
+    contrast); ``center=True`` removes the mean difference first (classic PCA). `kind` is the site kind
+    read at each layer (``site=`` is its deprecated spelling).
     """
     if len(positive) != len(negative):
         raise ConfigError(
@@ -224,7 +229,7 @@ def pca_direction(
         )
     if len(positive) < 2:
         raise ConfigError("pca_direction needs at least 2 pairs")
-    chosen, sites, pos, neg = _contrast(model, positive, negative, layers, site, read)
+    chosen, sites, pos, neg = _contrast(model, positive, negative, layers, kind, read)
     rows = []
     explained = []
     for s in sites:
@@ -240,39 +245,41 @@ def pca_direction(
     return SteeringVector(
         torch.stack(rows),
         chosen,
-        site=site,
+        site=kind,
         method="pca",
         info={"n_pairs": len(positive), "read": read, "center": center, "explained_variance": explained},
         **Artifact.model_info(model),
     )
 
 
+@renamed_keywords(site="kind")
 def from_direction(
     model: HookedModel,
     direction: Float[Tensor, " d_model"] | Float[Tensor, "n_layers d_model"] | Direction,
     *,
     layers: int | Sequence[int] | None = None,
-    site: str | None = None,
+    kind: str | None = None,
     normalize: bool = False,
     method: str = "from_direction",
 ) -> SteeringVector:
     """A steering vector from any direction: one ``[d_model]`` for every layer, or one per layer.
 
     A rank-1 :class:`~mechscope.direction.Direction` (from a probe, DAS, DLA or direction selection) is
-    checked against `model` and, unless `layers` / `site` are given, steers where it was found (its
+    checked against `model` and, unless `layers` / `kind` are given, steers where it was found (its
     recorded layer and residual site kind; every layer at ``hook_resid_pre`` when it records none).
+    ``site=`` is the deprecated spelling of `kind`.
     """
     model = require_hooked(model)
     if isinstance(direction, Direction):
         direction.check_model(model)
         found = Site.parse(direction.site) if direction.site is not None else None
         if found is not None and found.kind in STEERABLE_KINDS:
-            site = site or found.kind
+            kind = kind or found.kind
             layers = found.layer if layers is None else layers
         direction = direction.vector
-    site = site or "hook_resid_pre"
+    kind = kind or "hook_resid_pre"
     chosen = _layers(model, layers)
-    _site_kind(model, site)
+    _site_kind(model, kind)
     d_model = model.dims.d_model
     if not isinstance(direction, Tensor):
         raise ConfigError(f"direction must be a tensor; got {type(direction).__name__}")
@@ -289,7 +296,7 @@ def from_direction(
         if bool((norms == 0).any()):
             raise ConfigError("cannot normalise a zero direction")
         vec = vec / norms
-    return SteeringVector(vec.clone(), chosen, site=site, method=method, **Artifact.model_info(model))
+    return SteeringVector(vec.clone(), chosen, site=kind, method=method, **Artifact.model_info(model))
 
 
 class Steering(Intervention):
