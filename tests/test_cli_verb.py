@@ -148,15 +148,26 @@ def test_run_verb_turns_foreseeable_errors_into_one_line_and_saves_nothing(tmp_p
     assert not Path(tmp_path / "out" / "r.safetensors").exists()
 
 
-def test_the_converted_commands_take_their_config_fields(tmp_path):
-    """heads and trace are built from HeadDetectorConfig / TracingConfig: every field is an option."""
+CONVERTED = (
+    (("locate", "heads"), "mechscope.locate.heads:HeadDetectorConfig", ()),
+    (("locate", "trace"), "mechscope.locate.causal_tracing:TracingConfig", ()),
+    (("locate", "ig"), "mechscope.locate.attribution:IGConfig", ()),
+    (("edit", "rome"), "mechscope.steer.editing.rome:ROMEConfig", ("stats",)),
+    (("edit", "memit"), "mechscope.steer.editing.memit:MEMITConfig", ("stats", "layers")),
+)
+
+
+@pytest.mark.parametrize(("command", "config", "own"), CONVERTED)
+def test_the_converted_commands_take_every_field_of_their_config(command, config, own):
+    """A field added to a converted verb's config is on its command line with no CLI edit."""
+    import importlib
     from dataclasses import fields
 
     from mechscope.cli.main import app
-    from mechscope.locate.causal_tracing import TracingConfig
-    from mechscope.locate.heads import HeadDetectorConfig
 
-    for command, config in (("heads", HeadDetectorConfig), ("trace", TracingConfig)):
-        helped = CliRunner().invoke(app, ["locate", command, "--help"], env={"COLUMNS": "240"}).output
-        for f in fields(config):
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    helped = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "240"}).output
+    for f in fields(cls):
+        if f.name not in own:  # fields the command builds from its own options
             assert "--" + f.name.replace("_", "-") in helped, (command, f.name)

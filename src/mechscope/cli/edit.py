@@ -14,12 +14,16 @@ come from ``--text-file`` when given, else from the model's default text (Englis
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.verb import config_options
+from mechscope.steer.editing.memit import MEMITConfig
+from mechscope.steer.editing.rome import ROMEConfig
 
 edit_app = typer.Typer(help="Knowledge editing (ROME, MEMIT) with exact revert.", no_args_is_help=True)
 
@@ -125,6 +129,7 @@ def stats_cmd(
 
 
 @edit_app.command("rome")
+@config_options(ROMEConfig, exclude=("stats",))
 def rome_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
     prompt: Annotated[str | None, typer.Option(help="Prompt with '{}' for the subject, e.g. '{} lives in'.")] = None,
@@ -134,7 +139,8 @@ def rome_cmd(
     world: Annotated[
         int, typer.Option(help="Instead, N counterfactual facts of the organisms' world, one by one.")
     ] = 0,
-    layer: Annotated[int | None, typer.Option(help="MLP layer to edit (default n_layers // 3).")] = None,
+    *,
+    config: ROMEConfig,
     record: Annotated[Path | None, typer.Option(help="Write the edit record (.safetensors) here.")] = None,
     save_model: Annotated[Path | None, typer.Option(help="Write the edited model folder here.")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Write the metrics result (.safetensors) here.")] = None,
@@ -155,12 +161,12 @@ def rome_cmd(
     from mechscope.model.loading import load_model
     from mechscope.steer.editing.metrics import edit_metrics
     from mechscope.steer.editing.requests import EditRequest, world_requests
-    from mechscope.steer.editing.rome import ROMEConfig, rome
+    from mechscope.steer.editing.rome import rome
     from mechscope.steer.editing.stats import StatsConfig, second_moments
 
     try:
         texts, stream = _user_texts(text_file)
-        config = ROMEConfig(layer=layer, stats=StatsConfig(n_tokens=stats_tokens, stream=stream))
+        config = replace(config, stats=StatsConfig(n_tokens=stats_tokens, stream=stream))
         folder = str(cache_dir) if cache_dir else None
         near = _neighbourhood(neighbour, n_neighbours, neighbour_kind)
         if world:
@@ -200,6 +206,7 @@ def rome_cmd(
 
 
 @edit_app.command("memit")
+@config_options(MEMITConfig, exclude=("stats", "layers"))
 def memit_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
     requests: Annotated[
@@ -207,7 +214,8 @@ def memit_cmd(
     ] = None,
     world: Annotated[int, typer.Option(help="Instead, N counterfactual facts of the organisms' world.")] = 0,
     layer: Annotated[list[int], typer.Option("--layer", "-l", help="Layers to edit (repeatable).")] = [],  # noqa: B006
-    mom2_weight: Annotated[float, typer.Option(help="lambda: protection of ordinary keys.")] = 1e3,
+    *,
+    config: MEMITConfig,
     record: Annotated[Path | None, typer.Option(help="Write the edit record (.safetensors) here.")] = None,
     save_model: Annotated[Path | None, typer.Option(help="Write the edited model folder here.")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Write the metrics result (.safetensors) here.")] = None,
@@ -221,7 +229,7 @@ def memit_cmd(
     offline_by_default()
     from mechscope.errors import ConfigError, MechscopeError
     from mechscope.model.loading import load_model
-    from mechscope.steer.editing.memit import MEMITConfig, memit
+    from mechscope.steer.editing.memit import memit
     from mechscope.steer.editing.requests import EditRequest, world_requests
     from mechscope.steer.editing.stats import StatsConfig, second_moments
 
@@ -240,11 +248,7 @@ def memit_cmd(
             reqs = world_requests(world)
         hm = load_model(model)
         texts, stream = _user_texts(text_file)
-        config = MEMITConfig(
-            layers=tuple(layer) or None,
-            mom2_weight=mom2_weight,
-            stats=StatsConfig(n_tokens=stats_tokens, stream=stream),
-        )
+        config = replace(config, layers=tuple(layer) or None, stats=StatsConfig(n_tokens=stats_tokens, stream=stream))
         mom2 = None
         if texts is not None:
             at = config.resolved_layers(hm)
