@@ -66,7 +66,7 @@ class TracingConfig:
     chunk_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.noise <= 0:
+        if not 0 < self.noise < float("inf"):
             raise ConfigError(f"noise must be > 0 (a multiple of the embedding std); got {self.noise}")
         if self.samples < 1:
             raise ConfigError(f"samples must be >= 1; got {self.samples}")
@@ -249,6 +249,8 @@ def causal_trace(
         target_id = model.to_single_token(target)
     else:
         target_id = int(target)
+        if not 0 <= target_id < model.dims.d_vocab:
+            raise ConfigError(f"target must be a token id in [0, {model.dims.d_vocab}); got {target_id}")
 
     def metric(logits: Tensor) -> Tensor:
         return token_prob(logits, target_id)

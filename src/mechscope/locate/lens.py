@@ -150,6 +150,9 @@ def lens_readout(
     else:
         pos = None if positions is None else list(positions)
         if pos is not None:
+            n_pos = int(mask.shape[1])
+            if not pos or any(not isinstance(p, int) or not -n_pos <= p < n_pos for p in pos):
+                raise ConfigError(f"positions must be a non-empty list of indices in [{-n_pos}, {n_pos}); got {pos}")
             mask = mask[:, pos]
     n = int(batch["input_ids"].shape[0])
     step = n if batch_size is None else batch_size

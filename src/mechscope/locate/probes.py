@@ -61,7 +61,7 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         if self.kind not in PROBE_KINDS:
             raise ConfigError(f"kind must be one of {PROBE_KINDS}; got {self.kind!r}")
-        if self.l2 < 0:
+        if not 0 <= self.l2 < float("inf"):
             raise ConfigError(f"l2 must be >= 0; got {self.l2}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1); got {self.test_fraction}")

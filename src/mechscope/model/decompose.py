@@ -217,6 +217,9 @@ def _token_ids(model: HookedModel, tokens: int | str | Sequence[int | str] | Ten
         ids = ids * batch
     if len(ids) != batch:
         raise ConfigError(f"expected one token or {batch} tokens (one per batch row); got {len(ids)}")
+    bad = sorted({i for i in ids if not 0 <= i < model.dims.d_vocab})
+    if bad:
+        raise ConfigError(f"token ids must lie in [0, {model.dims.d_vocab}); got {bad[:5]}")
     return torch.tensor(ids)
 
 

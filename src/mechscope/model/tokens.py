@@ -109,6 +109,8 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor | None:
 
 def as_batch(tokens: Tensor) -> Tensor:
     """[pos] -> [1, pos]; [batch, pos] unchanged; anything else is an error."""
+    if not isinstance(tokens, Tensor):
+        raise ConfigError(f"expected token ids as a tensor of shape [pos] or [batch, pos]; got {type(tokens).__name__}")
     if tokens.ndim not in (1, 2):
         raise ConfigError(f"expected token ids of shape [pos] or [batch, pos]; got {tuple(tokens.shape)}")
     if tokens.dtype not in (torch.int64, torch.int32):
