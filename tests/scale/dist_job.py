@@ -1,6 +1,6 @@
 """A data-parallel job for ``torchrun`` (run by tests/scale/test_distributed.py and scripts/gpu_check.sh):
 a head-patching sweep and an AtP sweep split across ranks and gathered, per-row activations gathered, and
-an activation store collected with each rank writing its own shards.
+one activation store collected by every rank (each writes its own shards; one manifest).
 
     torchrun --standalone --nproc_per_node 2 tests/scale/dist_job.py MODEL_FOLDER OUT_FOLDER
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.features.store import collect_store, token_rows
+from mechscope.features.store.distributed import collect_store_distributed
 from mechscope.locate import activation_patch, attribution_patch
 from mechscope.locate.metrics import logit_diff
 from mechscope.model import distributed as dist
@@ -51,27 +51,6 @@ class RowActivations(Result):
     method = "test_row_activations"
 
 
-def _die_after_shards() -> None:
-    """Test hook: ``MECHSCOPE_TEST_DIE="rank:shards"`` makes that rank die (SIGKILL) once it has written that
-    many shards, as a rank lost mid-collection would."""
-    spec = os.environ.get("MECHSCOPE_TEST_DIE")
-    if not spec or int(spec.split(":")[0]) != dist.rank():
-        return
-    import signal
-
-    from mechscope.features.store import writer
-
-    limit, written, original = int(spec.split(":")[1]), [0], writer._write_shard
-
-    def write_then_maybe_die(*args: object, **kwargs: object) -> None:
-        original(*args, **kwargs)  # type: ignore[arg-type]
-        written[0] += 1
-        if written[0] >= limit:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    writer._write_shard = write_then_maybe_die  # type: ignore[assignment]
-
-
 def main(model_folder: str, out: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
@@ -93,18 +72,9 @@ def main(model_folder: str, out: str) -> None:
             )
 
         gathered = dist.map_prompts(rows, clean, combine="rows")
-        # Activation collection: the corpus cut into token rows once, each rank collecting its share of the
-        # rows into its own store (its own shards and manifest).
-        corpus_rows = token_rows(model, TEXTS, seq_len=SEQ_LEN)
-        _die_after_shards()
-        store = collect_store(
-            model,
-            SITE,
-            dist.shard(corpus_rows),
-            out_dir / f"store-rank{dist.rank():05d}",
-            dtype="fp32",
-            seq_len=SEQ_LEN,
-            rows_per_shard=4,
+        # Activation collection: blocks of token rows dealt to the ranks, one store, one manifest.
+        store = collect_store_distributed(
+            model, SITE, TEXTS, out_dir / "store", dtype="fp32", seq_len=SEQ_LEN, rows_per_shard=4
         )
         dist.barrier()
         if dist.is_main():

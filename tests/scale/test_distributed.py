@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.features.store import ActivationStore, collect_store, token_rows
+from mechscope.features.store import ActivationStore, collect_store
 from mechscope.locate import PatchResult, activation_patch, attribution_patch
 from mechscope.model import distributed as dist
 from mechscope.model.loading import load_model
@@ -123,43 +123,21 @@ def test_two_rank_sweeps_equal_the_single_process_sweeps(two_rank_run):
 
 
 def test_two_rank_collection_equals_one_rank_collection_as_a_set_of_rows(two_rank_run, tmp_path):
+    """(A rank lost mid-collection, and the rerun: tests/scale/test_distributed_features.py.)"""
     model, out = two_rank_run
-    corpus = token_rows(model, dist_job.TEXTS, seq_len=dist_job.SEQ_LEN)
     single = collect_store(
-        model, dist_job.SITE, corpus, tmp_path / "one", dtype="fp32", seq_len=dist_job.SEQ_LEN, rows_per_shard=4
+        model, dist_job.SITE, dist_job.TEXTS, tmp_path / "one", dtype="fp32", seq_len=dist_job.SEQ_LEN, rows_per_shard=4
     )
-    ranks = [ActivationStore(out / f"store-rank{r:05d}") for r in range(2)]
-    assert all(store.complete for store in ranks)
-    assert sum(store.n_tokens for store in ranks) == single.n_tokens
+    store = ActivationStore(out / "store")
+    assert store.complete and store.n_tokens == single.n_tokens
 
-    def sorted_rows(stores):
-        tokens = torch.cat([t for store in stores for t in store.tokens()])
-        acts = torch.cat([store.activations(dist_job.SITE) for store in stores]).reshape(tokens.shape[0], -1)
+    def sorted_rows(one):
+        tokens = torch.cat(list(one.tokens()))
+        acts = one.activations(dist_job.SITE).reshape(tokens.shape[0], -1)
         order = sorted(range(tokens.shape[0]), key=lambda i: tokens[i].tolist())
         return tokens[order], acts[order]
 
-    tokens, acts = sorted_rows(ranks)
-    ref_tokens, ref_acts = sorted_rows([single])
-    assert tokens.shape[0] == corpus.shape[0]
+    tokens, acts = sorted_rows(store)
+    ref_tokens, ref_acts = sorted_rows(single)
     assert torch.equal(tokens, ref_tokens), "the ranks together hold exactly the corpus rows, each once"
     torch.testing.assert_close(acts, ref_acts, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_a_rank_lost_mid_collection_leaves_readable_stores_and_a_rerun_fills_only_the_gap(model_folder, tmp_path):
-    lost = _torchrun(model_folder, tmp_path, MECHSCOPE_TEST_DIE="1:2")
-    assert lost.returncode != 0, "rank 1 was killed, so the job fails"
-    broken = ActivationStore(tmp_path / "store-rank00001")
-    assert not broken.complete and broken.n_shards == 2, "the manifest lists exactly the complete shards"
-    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store-rank00001").glob("shard-*.safetensors")}
-    assert all(broken.shard(i) is not None for i in range(broken.n_shards)), "complete shards verify"
-    again = _torchrun(model_folder, tmp_path)
-    assert again.returncode == 0, again.stderr[-4000:]
-    ranks = [ActivationStore(tmp_path / f"store-rank{r:05d}") for r in range(2)]
-    assert all(store.complete for store in ranks)
-    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store-rank00001").glob("shard-*.safetensors")}
-    assert all(after[name] == mtime for name, mtime in kept.items()), "the rerun kept the complete shards"
-    assert len(after) > len(kept), "and wrote only the missing ones"
-    model = load_model(model_folder)
-    corpus = token_rows(model, dist_job.TEXTS, seq_len=dist_job.SEQ_LEN)
-    assert sum(int(t.shape[0]) for store in ranks for t in store.tokens()) == corpus.shape[0]

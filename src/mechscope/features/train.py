@@ -112,10 +112,13 @@ def _as_batch(x: Tensor, y: Tensor | None) -> Batch:
     return x if y is None else (x, y)
 
 
-def _tensor_batches(x: Tensor, y: Tensor | None, batch_size: int, gen: torch.Generator) -> Iterator[Batch]:
-    """Random rows with replacement, forever (the generator's state is checkpointed)."""
+def _tensor_batches(
+    x: Tensor, y: Tensor | None, batch_size: int, gen: torch.Generator, part: slice = slice(None)
+) -> Iterator[Batch]:
+    """Random rows with replacement, forever (the generator's state is checkpointed); `part`: the rows of
+    each batch this rank trains on."""
     while True:
-        rows = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+        rows = torch.randint(0, x.shape[0], (batch_size,), generator=gen)[part]
         yield x[rows] if y is None else (x[rows], y[rows])
 
 
@@ -197,6 +200,7 @@ def train_sae(
     *,
     checkpoint: str | Path | None = None,
     progress: bool = False,
+    distributed: bool | None = None,
 ) -> tuple[SparseAutoencoder, list[dict[str, Any]]]:
     """Train an SAE of `config` on `data`; returns it and a log (loss, mse, l0, dead fraction, lr).
 
@@ -205,11 +209,16 @@ def train_sae(
     site(s)), or any iterable of batches (tensors, or (inputs, targets) pairs for a transcoder; it must
     yield the same batches again for a resumed run). With `checkpoint`, the run saves its full state there
     every ``checkpoint_every`` steps and, when the file exists, resumes from it.
+
+    `distributed`: train data-parallel over the ranks of the process group (DistributedDataParallel; each
+    rank reads its share, see :mod:`mechscope.features.distributed_train`); None (default): when a group of
+    several ranks is initialised. Every rank returns the same SAE; rank 0 writes the checkpoint.
     """
     cfg = train or SAETrainConfig()
     if config.transcoder and config.centre_input:
         raise ConfigError("training a transcoder that subtracts b_dec from its input is not supported")
-    batches, gen = _batch_stream(data, config, cfg, targets)
+    sync = _sync(distributed, cfg)
+    batches, gen = _batch_stream(data, config, cfg, targets, sync)
     sae = SparseAutoencoder(config, seed=cfg.seed)
     optimiser = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     fingerprint = {"config": asdict(config), "train": asdict(cfg)}
@@ -219,42 +228,43 @@ def train_sae(
         if gen is None:  # an iterable: skip what the interrupted run consumed
             batches = itertools.islice(batches, state.step, None)
     else:
-        state, batches = _initialise(sae, batches, config, cfg)
+        state, batches = _initialise(sae, batches, config, cfg, sync)
     with torch.enable_grad():  # callers may be inside torch.no_grad() (the demo, evaluation loops)
-        _run(sae, optimiser, batches, state, cfg, path, gen, fingerprint, progress)
+        _run(sae, optimiser, batches, state, cfg, path, gen, fingerprint, progress, sync)
     _fold_scales(sae, state.scale_in, state.scale_out)
     return sae, state.log
 
 
 def _batch_stream(
-    data: Any, config: SAEConfig, cfg: SAETrainConfig, targets: Tensor | None
+    data: Any, config: SAEConfig, cfg: SAETrainConfig, targets: Tensor | None, sync: _Local
 ) -> tuple[Iterator[Batch], torch.Generator | None]:
-    """Validated batches (raw scale) and, for tensor data, the generator whose state is checkpointed."""
+    """Validated batches (raw scale; this rank's part of each global batch) and, for tensor data, the
+    generator whose state is checkpointed."""
     if isinstance(data, Tensor):
         x, y = _check_batch(data if targets is None else (data, targets), config, "activations")
         gen = torch.Generator().manual_seed(cfg.seed)
-        return _tensor_batches(x, y, cfg.batch_size, gen), gen
+        return _tensor_batches(x, y, cfg.batch_size, gen, sync.part(cfg.batch_size)), gen
     if targets is not None:
         raise ConfigError("targets go with a tensor of activations; a store or stream carries its own")
     from mechscope.features.store import ActivationStore
 
     if isinstance(data, ActivationStore):
         sites = (config.site, config.out_site) if config.transcoder else (config.site,)
-        data = data.batches(cfg.batch_size, sites=sites, seed=cfg.seed, epochs=None)
+        data = sync.share(data).batches(cfg.batch_size // sync.world, sites=sites, seed=cfg.seed, epochs=None)
     if not isinstance(data, Iterable):
         raise ConfigError(f"expected a tensor, an ActivationStore or an iterable of batches, got {type(data).__name__}")
     return (_as_batch(*_check_batch(b, config, "batches")) for b in data), None
 
 
 def _initialise(
-    sae: SparseAutoencoder, batches: Iterator[Batch], config: SAEConfig, cfg: SAETrainConfig
+    sae: SparseAutoencoder, batches: Iterator[Batch], config: SAEConfig, cfg: SAETrainConfig, sync: _Local
 ) -> tuple[_State, Iterator[Batch]]:
-    """Input scales and ``b_dec`` from the first batches (put back in front of the stream)."""
+    """Input scales and ``b_dec`` from the first batches (every rank's; put back in front of the stream)."""
     head = list(itertools.islice(batches, cfg.scale_batches))
     if not head:
         raise ConfigError("expected at least one batch of activations, got an empty stream")
-    xs = torch.cat([b[0] if isinstance(b, tuple) else b for b in head])
-    ys = torch.cat([b[1] for b in head]) if isinstance(head[0], tuple) else xs  # type: ignore[misc]
+    xs = sync.rows(torch.cat([b[0] if isinstance(b, tuple) else b for b in head]))
+    ys = sync.rows(torch.cat([b[1] for b in head])) if isinstance(head[0], tuple) else xs  # type: ignore[misc]
     scale_in = _mean_square_scale(float(xs.pow(2).sum()), xs.shape[0], config.d_in)
     scale_out = (
         _mean_square_scale(float(ys.pow(2).sum()), ys.shape[0], config.width_out) if config.transcoder else scale_in
@@ -282,11 +292,14 @@ def _run(
     gen: torch.Generator | None,
     fingerprint: dict[str, Any],
     progress: bool,
+    sync: _Local,
 ) -> None:
     from tqdm.auto import tqdm
 
-    arch, config = sae.architecture, sae.config
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="train SAE")
+    arch = sae.architecture
+    loss_of = _StepLoss(sae, cfg, sync)
+    step = sync.wrap(loss_of)  # DistributedDataParallel across ranks: its forward arms the gradient all-reduce
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or not sync.writes, desc="train SAE")
     while state.step < cfg.steps:
         batch = next(batches, None)
         if batch is None:
@@ -296,24 +309,15 @@ def _run(
         y = x if y is batch else y * state.scale_out
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(state.step)
-        pre = sae.pre_activations(x)
-        code = arch.train_encode(sae, pre, cfg)
-        recon = sae.decode_sparse(code, x) if isinstance(code, SparseCode) else sae.decode(code, x)
-        mse = (recon - y).pow(2).sum(-1).mean()
-        loss = mse
-        penalty = arch.penalty(sae, pre, code, cfg)
-        if penalty is not None:
-            loss = loss + penalty
-        fired = _fired(code, config.d_sae)
-        state.last_fired[fired] = state.step
-        dead = (state.step - state.last_fired >= cfg.dead_steps) & (state.step >= cfg.dead_steps)
-        if cfg.aux_coefficient > 0 and bool(dead.any()):
-            loss = loss + cfg.aux_coefficient * _aux_loss(sae, pre, dead, (y - recon).detach())
+        loss = step(x, y, state)
+        assert loss_of.parts is not None
+        mse, code, pre, dead = loss_of.parts
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sae.normalise_decoder()
         arch.after_step(sae, pre.detach(), code.values.detach() if isinstance(code, SparseCode) else code.detach(), cfg)
+        sync.after_step(sae)
         state.step += 1
         bar.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
@@ -322,20 +326,96 @@ def _run(
                 if isinstance(code, SparseCode)
                 else (code > 0).sum(-1).float().mean()
             )
+            loss_value, mse_value, l0 = sync.mean([loss.item(), mse.item(), l0])
             state.log.append(
                 {
                     "step": state.step,
-                    "loss": loss.item(),
-                    "mse": mse.item(),
+                    "loss": loss_value,
+                    "mse": mse_value,
                     "l0": l0,
                     "dead_fraction": float(dead.float().mean()),
                     "lr": cfg.lr_at(state.step - 1),
                 }
             )
-            bar.set_postfix(mse=f"{mse.item():.3g}", l0=f"{l0:.1f}")
-        if path is not None and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
+            bar.set_postfix(mse=f"{mse_value:.3g}", l0=f"{l0:.1f}")
+        if path is not None and sync.writes and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
             _save_checkpoint(path, sae, opt, gen, state, fingerprint)
     bar.close()
+
+
+class _StepLoss(torch.nn.Module):
+    """One step's loss as a module, so that DistributedDataParallel can wrap it; the other outputs the
+    step needs (mse, code, pre-activations, dead mask) are left in :attr:`parts`."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: SAETrainConfig, sync: _Local) -> None:
+        super().__init__()
+        self.sae = sae
+        self.cfg = cfg
+        self.sync = sync
+        self.parts: tuple[Tensor, Tensor | SparseCode, Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor, y: Tensor, state: _State) -> Tensor:
+        sae, cfg = self.sae, self.cfg
+        arch = sae.architecture
+        pre = sae.pre_activations(x)
+        code = arch.train_encode(sae, pre, cfg)
+        recon = sae.decode_sparse(code, x) if isinstance(code, SparseCode) else sae.decode(code, x)
+        mse = (recon - y).pow(2).sum(-1).mean()
+        loss = mse
+        penalty = arch.penalty(sae, pre, code, cfg)
+        if penalty is not None:
+            loss = loss + penalty
+        fired = self.sync.fired(_fired(code, sae.config.d_sae))  # any rank's token fired it
+        state.last_fired[fired] = state.step
+        dead = (state.step - state.last_fired >= cfg.dead_steps) & (state.step >= cfg.dead_steps)
+        if cfg.aux_coefficient > 0 and bool(dead.any()):
+            loss = loss + cfg.aux_coefficient * _aux_loss(sae, pre, dead, (y - recon).detach())
+        self.parts = (mse, code, pre, dead)
+        return loss
+
+
+class _Local:
+    """What a training process shares with the others: here none (one process). The data-parallel
+    counterpart is :class:`mechscope.features.distributed_train.DataParallel`."""
+
+    world = 1
+    writes = True  # writes the checkpoint and shows progress
+
+    def part(self, batch_size: int) -> slice:
+        """The rows of each global batch of a tensor this process trains on."""
+        return slice(None)
+
+    def share(self, store: Any) -> Any:
+        """The part of an activation store this process reads."""
+        return store
+
+    def rows(self, x: Tensor) -> Tensor:
+        """Every process's rows (to estimate input scales and the data mean)."""
+        return x
+
+    def fired(self, fired: Tensor) -> Tensor:
+        return fired
+
+    def mean(self, values: list[float]) -> list[float]:
+        return values
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def after_step(self, sae: SparseAutoencoder) -> None:
+        """Keep non-gradient state (thresholds estimated from batches) equal across processes."""
+
+
+def _sync(distributed: bool | None, cfg: SAETrainConfig) -> _Local:
+    if distributed is False:
+        return _Local()
+    from mechscope.model import distributed as dist
+
+    if distributed is None and dist.world_size() <= 1:
+        return _Local()
+    from mechscope.features.distributed_train import DataParallel
+
+    return DataParallel(cfg)
 
 
 def _fired(code: Tensor | SparseCode, d_sae: int) -> Tensor:

@@ -30,6 +30,9 @@ MANIFEST = "manifest.json"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+_BODY_KEYS = {"settings", "settings_hash", "widths", "shards", "complete", "rows", "tokens", "bytes"}
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -84,6 +87,8 @@ class Manifest:
     widths: dict[str, int]
     shards: list[dict[str, Any]] = field(default_factory=list)  # file, rows, sha256, tokens_sha256, bytes
     complete: bool = False
+    #: Further body fields kept as they are (a store written by several ranks: its parts, what is missing).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -108,6 +113,7 @@ class Manifest:
             "rows": self.rows,
             "tokens": self.tokens,
             "bytes": self.bytes,
+            **self.extra,
         }
         write_json_envelope(folder / MANIFEST, Envelope("activation_store", body, model=self.model), STORE_SCHEMA)
 
@@ -127,6 +133,7 @@ class Manifest:
             manifest = cls(settings, envelope.model, {k: int(v) for k, v in body["widths"].items()})
             manifest.shards = [dict(s) for s in body["shards"]]
             manifest.complete = bool(body["complete"])
+            manifest.extra = {k: v for k, v in body.items() if k not in _BODY_KEYS}
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: malformed activation store manifest ({exc!r})") from exc
         if body.get("settings_hash") != settings.digest(envelope.model):

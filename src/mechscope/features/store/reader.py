@@ -19,7 +19,7 @@ from safetensors.torch import load
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.features.store.manifest import Manifest
+from mechscope.features.store.parts import MISSING_KEY, read_manifest
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -36,7 +36,7 @@ class ActivationStore:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.manifest = Manifest.load(self.folder)
+        self.manifest = read_manifest(self.folder)  # merged from the ranks' parts when several wrote it
         #: Indices of shards found corrupt while reading with ``on_corrupt="skip"``.
         self.skipped: list[int] = []
 
@@ -61,6 +61,12 @@ class ActivationStore:
     @property
     def complete(self) -> bool:
         return self.manifest.complete
+
+    @property
+    def missing(self) -> list[dict[str, Any]]:
+        """What a store written by several ranks lacks: per rank whose share stopped early, the shards and
+        rows it completed and the first global block it lacks (empty when complete or written by one process)."""
+        return list(self.manifest.extra.get(MISSING_KEY, []))
 
     def width(self, site: str) -> int:
         self._check_sites([site])
