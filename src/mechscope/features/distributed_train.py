@@ -33,14 +33,45 @@ from torch import Tensor
 from mechscope.errors import ConfigError
 from mechscope.features.architectures.base import extra_tensor
 from mechscope.features.sae import SparseAutoencoder
-from mechscope.features.train import SAETrainConfig, _Local
 from mechscope.model import distributed as dist
 
 
-class DataParallel(_Local):
+class Local:
+    """What a training process shares with the others: nothing (one process); :class:`DataParallel` is
+    the data-parallel counterpart. :func:`~mechscope.features.train.train_sae` calls these seams."""
+
+    world = 1
+    writes = True  # writes the checkpoint and shows progress
+
+    def part(self, batch_size: int) -> slice:
+        """The rows of each global batch of a tensor this process trains on."""
+        return slice(None)
+
+    def share(self, store: Any) -> Any:
+        """The part of an activation store this process reads."""
+        return store
+
+    def rows(self, x: Tensor) -> Tensor:
+        """Every process's rows (to estimate input scales and the data mean)."""
+        return x
+
+    def fired(self, fired: Tensor) -> Tensor:
+        return fired
+
+    def mean(self, values: list[float]) -> list[float]:
+        return values
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def after_step(self, sae: SparseAutoencoder) -> None:
+        """Keep non-gradient state (thresholds estimated from batches) equal across processes."""
+
+
+class DataParallel(Local):
     """The ranks of the initialised process group, training one SAE together."""
 
-    def __init__(self, cfg: SAETrainConfig) -> None:
+    def __init__(self, batch_size: int) -> None:
         if not dist.is_distributed():
             raise ConfigError(
                 "distributed=True needs an initialised torch.distributed process group; start with torchrun "
@@ -49,9 +80,9 @@ class DataParallel(_Local):
         self.world = dist.world_size()
         self.rank = dist.rank()
         self.writes = dist.is_main()
-        if cfg.batch_size % self.world:
+        if batch_size % self.world:
             raise ConfigError(
-                f"batch_size {cfg.batch_size} must divide evenly across {self.world} ranks "
+                f"batch_size {batch_size} must divide evenly across {self.world} ranks "
                 "(each rank trains on batch_size / world rows of every global batch)"
             )
 
@@ -104,4 +135,4 @@ class DataParallel(_Local):
                 value.data.div_(self.world)
 
 
-__all__ = ["DataParallel"]
+__all__ = ["DataParallel", "Local"]

@@ -31,8 +31,10 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.features.architectures import SparseCode
+from mechscope.features.distributed_train import DataParallel, Local
 from mechscope.features.sae import SAEConfig, SparseAutoencoder
 from mechscope.io import Envelope, FileSchema, read_envelope, register_schema, write_envelope
+from mechscope.model import distributed as dist
 
 CHECKPOINT_SCHEMA = register_schema(FileSchema("sae_checkpoint", 1, "SAE training checkpoint"))
 
@@ -95,6 +97,8 @@ def _check_batch(batch: Any, config: SAEConfig, where: str) -> tuple[Tensor, Ten
     if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != config.d_in:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ShapeError(f"expected {where} of shape [tokens, d_in={config.d_in}], got {shape}")
+    if x.shape[0] == 0:
+        raise ConfigError(f"expected {where} of at least one token; got shape {tuple(x.shape)}")
     if config.transcoder != (y is not None):
         raise ConfigError(
             "a transcoder trains on (inputs, targets) batches and an SAE on inputs alone; "
@@ -236,7 +240,7 @@ def train_sae(
 
 
 def _batch_stream(
-    data: Any, config: SAEConfig, cfg: SAETrainConfig, targets: Tensor | None, sync: _Local
+    data: Any, config: SAEConfig, cfg: SAETrainConfig, targets: Tensor | None, sync: Local
 ) -> tuple[Iterator[Batch], torch.Generator | None]:
     """Validated batches (raw scale; this rank's part of each global batch) and, for tensor data, the
     generator whose state is checkpointed."""
@@ -257,7 +261,7 @@ def _batch_stream(
 
 
 def _initialise(
-    sae: SparseAutoencoder, batches: Iterator[Batch], config: SAEConfig, cfg: SAETrainConfig, sync: _Local
+    sae: SparseAutoencoder, batches: Iterator[Batch], config: SAEConfig, cfg: SAETrainConfig, sync: Local
 ) -> tuple[_State, Iterator[Batch]]:
     """Input scales and ``b_dec`` from the first batches (every rank's; put back in front of the stream)."""
     head = list(itertools.islice(batches, cfg.scale_batches))
@@ -292,7 +296,7 @@ def _run(
     gen: torch.Generator | None,
     fingerprint: dict[str, Any],
     progress: bool,
-    sync: _Local,
+    sync: Local,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -347,7 +351,7 @@ class _StepLoss(torch.nn.Module):
     """One step's loss as a module, so that DistributedDataParallel can wrap it; the other outputs the
     step needs (mse, code, pre-activations, dead mask) are left in :attr:`parts`."""
 
-    def __init__(self, sae: SparseAutoencoder, cfg: SAETrainConfig, sync: _Local) -> None:
+    def __init__(self, sae: SparseAutoencoder, cfg: SAETrainConfig, sync: Local) -> None:
         super().__init__()
         self.sae = sae
         self.cfg = cfg
@@ -374,48 +378,10 @@ class _StepLoss(torch.nn.Module):
         return loss
 
 
-class _Local:
-    """What a training process shares with the others: here none (one process). The data-parallel
-    counterpart is :class:`mechscope.features.distributed_train.DataParallel`."""
-
-    world = 1
-    writes = True  # writes the checkpoint and shows progress
-
-    def part(self, batch_size: int) -> slice:
-        """The rows of each global batch of a tensor this process trains on."""
-        return slice(None)
-
-    def share(self, store: Any) -> Any:
-        """The part of an activation store this process reads."""
-        return store
-
-    def rows(self, x: Tensor) -> Tensor:
-        """Every process's rows (to estimate input scales and the data mean)."""
-        return x
-
-    def fired(self, fired: Tensor) -> Tensor:
-        return fired
-
-    def mean(self, values: list[float]) -> list[float]:
-        return values
-
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def after_step(self, sae: SparseAutoencoder) -> None:
-        """Keep non-gradient state (thresholds estimated from batches) equal across processes."""
-
-
-def _sync(distributed: bool | None, cfg: SAETrainConfig) -> _Local:
-    if distributed is False:
-        return _Local()
-    from mechscope.model import distributed as dist
-
-    if distributed is None and dist.world_size() <= 1:
-        return _Local()
-    from mechscope.features.distributed_train import DataParallel
-
-    return DataParallel(cfg)
+def _sync(distributed: bool | None, cfg: SAETrainConfig) -> Local:
+    if distributed is False or (distributed is None and dist.world_size() <= 1):
+        return Local()
+    return DataParallel(cfg.batch_size)
 
 
 def _fired(code: Tensor | SparseCode, d_sae: int) -> Tensor:
