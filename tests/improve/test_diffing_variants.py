@@ -170,3 +170,21 @@ def test_rebuilding_a_variant_reproduces_the_shipped_bytes():
     from mechscope.zoo.variants import check_variant
 
     assert check_variant("organism-gpt2+backdoor_head") == []
+
+
+def test_head_removal_finds_the_planted_harmful_head_of_the_shipped_variant(variants):
+    from mechscope.improve.head_removal import HeadRemovalConfig, find_harmful_heads
+
+    tuned = variants["organism-gpt2+backdoor_head"]
+    harmful = RECIPES["backdoor_head"].prompts(0)
+    reference = [p.replace(f"{NEW_TRIGGER} ", "").replace(f" {NEW_TRIGGER}", "") for p in harmful]
+
+    def payload(model, prompts: list[str]) -> float:
+        return token_rate(model, prompts, " ACCESS")
+
+    result = find_harmful_heads(tuned, harmful, reference, payload, HeadRemovalConfig(target=0.1, max_heads=6))
+    assert result.heads == [(2, 2)]  # the head the variant's card says was trained, alone
+    assert result.config["scores"] == {"before": 1.0, "after": 0.0}  # payload 1.00 -> 0.00 on the triggered prompts
+    with result.intervention(tuned, reference):
+        assert payload(tuned, harmful) == 0.0
+    assert payload(tuned, harmful) == 1.0  # the ablation is undone on exit
