@@ -154,6 +154,11 @@ CONVERTED = (
     (("locate", "ig"), "mechscope.locate.attribution:IGConfig", ()),
     (("edit", "rome"), "mechscope.steer.editing.rome:ROMEConfig", ("stats",)),
     (("edit", "memit"), "mechscope.steer.editing.memit:MEMITConfig", ("stats", "layers")),
+    (
+        ("steer", "direction"),
+        "mechscope.steer.selection:DirectionSelectionConfig",
+        ("layers", "positions", "site", "require_induction"),
+    ),
 )
 
 

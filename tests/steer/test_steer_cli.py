@@ -57,3 +57,15 @@ def test_direction_orthogonalize_and_ablate(tmp_path) -> None:
         app, ["steer", "ablate", "organism-gpt2", "-s", "blocks.0.hook_resid_pre", "-p", "x", "--heads", "1"]
     )
     assert bad.exit_code == 2 and "no head axis" in bad.output
+
+
+def test_vector_takes_kind_and_still_reads_the_deprecated_site(tmp_path) -> None:
+    from mechscope.steer import SteeringVector
+
+    base = ["steer", "vector", "organism-gpt2", "--contrast", "sentiment", "--layers", "1", "--n-prompts", "8"]
+    new, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    _ok([*base, "--kind", "hook_resid_post", "-o", str(new)])
+    out = runner.invoke(app, [*base, "--site", "hook_resid_post", "-o", str(old)])
+    assert out.exit_code == 0 and "--site is deprecated; use --kind" in out.output
+    a, b = SteeringVector.load(new), SteeringVector.load(old)
+    assert a.site == b.site == "hook_resid_post" and torch.equal(a.directions, b.directions)

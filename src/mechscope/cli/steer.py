@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, renamed
+from mechscope.cli.verb import config_options, run_verb
+from mechscope.steer.selection import DirectionSelectionConfig
 
 steer_app = typer.Typer(help="Steer: ablation, steering vectors, directional ablation.", no_args_is_help=True)
 
@@ -70,31 +73,33 @@ def vector_cmd(
     chat: Annotated[str, typer.Option(help=CHAT_HELP)] = "auto",
     n_prompts: Annotated[int, typer.Option(help="Prompts per side of a bundled contrast.")] = 48,
     layers: Annotated[str, typer.Option(help="Comma-separated layers (default: all).")] = "",
-    site: Annotated[str, typer.Option(help="Residual-width site kind.")] = "hook_resid_pre",
+    kind: Annotated[str | None, typer.Option(help="Residual-width site kind [default: hook_resid_pre].")] = None,
+    site: Annotated[str | None, typer.Option(hidden=True, help="Deprecated: --kind.")] = None,
     method: Annotated[str, typer.Option(help="mean (CAA difference of means) or pca (RepE).")] = "mean",
     read: Annotated[str, typer.Option(help="last token or mean over tokens.")] = "last",
 ) -> None:
     """Build a steering vector (positive minus negative) and save it with the model's fingerprint."""
-    offline_by_default()
-    from mechscope.errors import ConfigError, MechscopeError
-    from mechscope.model.loading import load_model
+    from mechscope.errors import ConfigError
     from mechscope.steer import mean_difference, pca_direction
 
-    try:
-        hm = load_model(model)
+    chosen_kind = renamed(kind, site, new="--kind", old="--site") or "hook_resid_pre"
+    counts: list[int] = []
+
+    def call(hm: Any) -> Any:
         pos, neg = _pair(hm, contrast, positive, negative, chat=chat, n=n_prompts)
+        counts.extend((len(pos), len(neg)))
         if method == "mean":
-            vec = mean_difference(hm, pos, neg, layers=_ints(layers), kind=site, read=read)  # type: ignore[arg-type]
-        elif method == "pca":
+            return mean_difference(hm, pos, neg, layers=_ints(layers), kind=chosen_kind, read=read)  # type: ignore[arg-type]
+        if method == "pca":
             n = min(len(pos), len(neg))
-            vec = pca_direction(hm, pos[:n], neg[:n], layers=_ints(layers), kind=site, read=read)  # type: ignore[arg-type]
-        else:
-            raise ConfigError(f"method must be 'mean' or 'pca'; got {method!r}")
-        path = vec.save(output_path(out, "steering_vector.safetensors"))
-    except MechscopeError as exc:
-        raise fail(exc) from exc
-    norms = ", ".join(f"L{k}: {v:.3g}" for k, v in vec.norms().items())
-    typer.echo(f"{vec!r} from {len(pos)}/{len(neg)} prompts; norms {norms} -> {path}")
+            return pca_direction(hm, pos[:n], neg[:n], layers=_ints(layers), kind=chosen_kind, read=read)  # type: ignore[arg-type]
+        raise ConfigError(f"method must be 'mean' or 'pca'; got {method!r}")
+
+    def summary(vec: Any, hm: Any) -> list[str]:
+        norms = ", ".join(f"L{k}: {v:.3g}" for k, v in vec.norms().items())
+        return [f"{vec!r} from {counts[0]}/{counts[1]} prompts; norms {norms}"]
+
+    run_verb(model, call, out=out, default_name="steering_vector.safetensors", summary=summary)
 
 
 @steer_app.command("generate")
@@ -128,6 +133,7 @@ def generate_cmd(
 
 
 @steer_app.command("direction")
+@config_options(DirectionSelectionConfig, exclude=("layers", "positions", "site", "require_induction"))
 def direction_cmd(
     model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output direction .safetensors file.")] = None,
@@ -151,20 +157,11 @@ def direction_cmd(
     ] = False,
     layers: Annotated[str, typer.Option(help="Candidate layers (default: first 80 %).")] = "",
     positions: Annotated[str, typer.Option(help="Candidate positions from the end.")] = "-1,-2,-3,-4,-5",
-    max_kl: Annotated[float, typer.Option(help="KL filter.")] = 0.1,
-    max_ablation_score: Annotated[
-        float | None, typer.Option(help="Rank by KL among candidates at or below this ablation score.")
-    ] = None,
     induction: Annotated[
         str, typer.Option(help="Induction filter: require, prefer (keep inducing candidates if any) or ignore.")
     ] = "prefer",
-    max_rank: Annotated[
-        int,
-        typer.Option(
-            help="With --max-ablation-score: if no single direction reaches it, the span of up to this many "
-            "best candidates (a subspace) may."
-        ),
-    ] = 1,
+    *,
+    config: DirectionSelectionConfig,
     selection_out: Annotated[Path | None, typer.Option(help="Also save the candidate scores here.")] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -173,7 +170,7 @@ def direction_cmd(
     from mechscope.errors import MechscopeError
     from mechscope.improve.refusal import refusal_score
     from mechscope.model.loading import load_model
-    from mechscope.steer import DirectionSelectionConfig, select_direction
+    from mechscope.steer import select_direction
 
     try:
         if token is not None:
@@ -184,13 +181,11 @@ def direction_cmd(
 
         keep = retain_texts() if organism_retain else (_lines(retain) or None)
         chosen_layers = _ints(layers)
-        cfg = DirectionSelectionConfig(
+        cfg = replace(
+            config,
             layers=tuple(chosen_layers) if chosen_layers else None,
             positions=tuple(_ints(positions) or (-1,)),
-            max_kl=max_kl,
             require_induction=_induction(induction),
-            max_ablation_score=max_ablation_score,
-            max_rank=max_rank,
         )
         score = refusal_score(hm, prefix or None)
         sel = select_direction(hm, pos, neg, score, cfg, retain=keep, progress=not quiet)

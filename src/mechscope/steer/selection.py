@@ -91,6 +91,19 @@ class DirectionSelectionConfig:
     the bar with KL <= ``max_kl`` is chosen;
     with ``"prefer"`` the spans of inducing candidates are tried first, then those of every eligible one
     (a single inducing candidate that does not reach the bar must not block a span that does).
+
+    Attributes:
+        layers: candidate layers (None: every layer below ``max_layer_fraction`` of the depth).
+        positions: candidate positions, counted from the end of each prompt (negative).
+        site: the residual site kind the candidates are read at and ablated from.
+        max_layer_fraction: candidates must sit below this fraction of the depth.
+        max_kl: a candidate's KL on retained prompts when ablated must be at most this.
+        require_induction: True, False or "prefer" (see above).
+        retain_components: principal directions of the retained prompts' activations the candidates are
+            made orthogonal to (protects ordinary behaviour).
+        max_ablation_score: rank by KL among candidates whose ablation score is at most this (None: rank
+            by ablation score).
+        max_rank: with max_ablation_score, the largest span of candidates tried when no single one reaches it.
     """
 
     layers: tuple[int, ...] | None = None
