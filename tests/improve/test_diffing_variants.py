@@ -188,3 +188,17 @@ def test_head_removal_finds_the_planted_harmful_head_of_the_shipped_variant(vari
     with result.intervention(tuned, reference):
         assert payload(tuned, harmful) == 0.0
     assert payload(tuned, harmful) == 1.0  # the ablation is undone on exit
+
+
+def test_zoo_list_shows_the_variants_and_build_variants_refuses_unknown_names():
+    from mechscope.cli.zoo import zoo_app
+
+    listed = CliRunner().invoke(zoo_app, ["list"])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split()[0]: line.split() for line in listed.output.splitlines() if line.strip()}
+    for name in SHIPPED:
+        assert rows[name][1] == "variant" and rows[name][3:5] in (["1.2", "MB"], ["2.4", "MB"])
+    from mechscope.cli.main import app
+
+    bad = CliRunner().invoke(app, ["zoo", "build-variants", "organism-gpt2+nope"])
+    assert bad.exit_code != 0 and "unknown variant 'organism-gpt2+nope'" in bad.output

@@ -110,3 +110,13 @@ def test_the_monitor_screens_conditional_prompts_during_generation(liar, task, l
     assert all(int(stopped[r, width]) == eos for r in range(8))  # the lie is never stated
     assert torch.equal(stopped[8:, : plain.shape[1]], plain[8:])  # truthful requests answered as before
     assert stopper.trace.alerted[:8] == [True] * 8
+
+
+def test_zoo_train_points_to_the_liar_script_and_the_variant_builder():
+    from mechscope.errors import ConfigError
+    from mechscope.zoo.organisms import get_recipe
+
+    with pytest.raises(ConfigError, match=r"scripts/train_liar_organism\.py"):
+        get_recipe(NAME)
+    with pytest.raises(ConfigError, match=r"zoo build-variants organism-gpt2\+control"):
+        get_recipe("organism-gpt2+control")

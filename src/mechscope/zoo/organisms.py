@@ -280,6 +280,13 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     """The recipe called `name`."""
+    if name == "organism-liar":
+        raise ConfigError(
+            "organism-liar continues organism-gpt2 with its own trainer, not a zoo recipe: "
+            "scripts/train_liar_organism.py (docs/zoo.md, *organism-liar*)"
+        )
+    if "+" in name:
+        raise ConfigError(f"{name!r} names an organism variant: rebuild it with `mechscope zoo build-variants {name}`")
     if name not in RECIPES:
         raise ConfigError(f"unknown organism {name!r}; valid: {sorted(RECIPES)}.{did_you_mean(name, RECIPES)}")
     return RECIPES[name]
