@@ -15,6 +15,12 @@ index per row. Custom metrics get the same behaviour from :func:`logits_at`.
 
 :func:`kl_div` is the one KL divergence between two sets of logits (log-softmax in float32, pads
 excluded) that every method uses.
+
+A metric may *declare* which logits it reads (:class:`Reads`: a position per row, and the vocabulary
+tokens, or all): the metric constructors here do, and :func:`reads` declares a custom one. Sweeps then
+compute only those logits -- final norm and unembedding of one row per prompt, of the declared tokens'
+columns only -- and check the declaration once (the value must not change when every other logit is NaN).
+An undeclared metric is still a plain function; sweeps then find what it reads from its gradient.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -129,6 +136,73 @@ def _token_ids(tokens: TokenIds, batch: int, device: torch.device, what: str) ->
     if ids.shape != (batch,):
         raise ShapeError(f"{what} token ids must be an int or [batch]=({batch},); got shape {tuple(ids.shape)}")
     return ids
+
+
+# What a metric reads -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reads:
+    """The logits a metric reads: per row the position `position` (a :data:`Position`: None is each
+    row's last real token) and the vocabulary columns `tokens` (None: every token, e.g. a softmax)."""
+
+    position: Position = None
+    tokens: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and (
+            not isinstance(self.tokens, tuple)
+            or not self.tokens
+            or any(not isinstance(t, int) or t < 0 for t in self.tokens)
+        ):
+            raise ConfigError(f"Reads.tokens must be None or a non-empty tuple of token ids >= 0; got {self.tokens!r}")
+
+
+class DeclaredMetric:
+    """A metric (``logits -> scalar | [batch]``) carrying the :class:`Reads` it declares; calls `fn`."""
+
+    def __init__(self, fn: Metric, reads: Reads) -> None:
+        if not callable(fn):
+            raise ConfigError(f"a metric must be callable; got {type(fn).__name__}")
+        if not isinstance(reads, Reads):
+            raise ConfigError(f"reads must be a mechscope.metrics.Reads; got {type(reads).__name__}")
+        self.fn = fn
+        self.reads = reads
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.fn(logits)
+
+    def __repr__(self) -> str:
+        return f"DeclaredMetric({getattr(self.fn, '__name__', self.fn)!r}, {self.reads})"
+
+
+def _token_tuple(*ids: TokenIds | None) -> tuple[int, ...] | None:
+    out: set[int] = set()
+    for t in ids:
+        if t is None:
+            continue
+        flat = torch.as_tensor(t).flatten().tolist()
+        if any(not isinstance(v, int) for v in flat):
+            return None  # not token ids: declare nothing about the columns
+        out.update(int(v) for v in flat)
+    return tuple(sorted(out)) or None
+
+
+def reads(*, position: Position = None, tokens: TokenIds | None = None) -> Callable[[Metric], DeclaredMetric]:
+    """Declare what a custom metric reads: ``@reads(tokens=[a, b])`` on ``def m(logits): ...``.
+
+    `position` as for the metrics here (None: each row's last real token); `tokens`: the vocabulary
+    ids it reads (None: all). Sweeps then compute only those logits and verify the declaration once."""
+    declared = Reads(position=position, tokens=None if tokens is None else _token_tuple(tokens))
+
+    def wrap(fn: Metric) -> DeclaredMetric:
+        return DeclaredMetric(fn, declared)
+
+    return wrap
+
+
+def metric_reads(metric: Any) -> Reads | None:
+    """The :class:`Reads` `metric` declares (None: undeclared, a plain function)."""
+    declared = getattr(metric, "reads", None)
+    return declared if isinstance(declared, Reads) else None
 
 
 # Metrics ------------------------------------------------------------------------------------------------------
@@ -286,20 +360,35 @@ def normalised(value: Tensor | float, clean: Tensor | float, corrupt: Tensor | f
 
 # Metric constructors -------------------------------------------------------------------------------------
 def logit_diff_metric(correct: TokenIds, incorrect: TokenIds, *, position: Position = None) -> Metric:
-    """The metric ``logits -> logit[correct] - logit[incorrect]`` per row (default: last real token)."""
-    return lambda logits: logit_diff(logits, correct, incorrect, position=position)
+    """The metric ``logits -> logit[correct] - logit[incorrect]`` per row (default: last real token);
+    it declares what it reads (:class:`Reads`: that position, those two tokens' columns)."""
+
+    def logit_diff_of(logits: Tensor) -> Tensor:
+        return logit_diff(logits, correct, incorrect, position=position)
+
+    return DeclaredMetric(logit_diff_of, Reads(position=position, tokens=_token_tuple(correct, incorrect)))
 
 
 def logit_metric(target: TokenIds, baseline: TokenIds | None = None, *, position: Position = None) -> Metric:
-    """The metric ``logits -> logit[target]`` (minus ``logit[baseline]``) per row (default: last real token)."""
-    if baseline is None:
-        return lambda logits: token_logit(logits, target, position=position)
-    return logit_diff_metric(target, baseline, position=position)
+    """The metric ``logits -> logit[target]`` (minus ``logit[baseline]``) per row (default: last real
+    token); it declares what it reads."""
+    if baseline is not None:
+        return logit_diff_metric(target, baseline, position=position)
+
+    def logit_of(logits: Tensor) -> Tensor:
+        return token_logit(logits, target, position=position)
+
+    return DeclaredMetric(logit_of, Reads(position=position, tokens=_token_tuple(target)))
 
 
 def token_prob_metric(token: TokenIds, *, position: Position = None) -> Metric:
-    """The metric ``logits -> p(token)`` per row (default: last real token)."""
-    return lambda logits: token_prob(logits, token, position=position)
+    """The metric ``logits -> p(token)`` per row (default: last real token); it declares that position
+    (every column: the softmax reads them all)."""
+
+    def prob_of(logits: Tensor) -> Tensor:
+        return token_prob(logits, token, position=position)
+
+    return DeclaredMetric(prob_of, Reads(position=position))
 
 
 # Evaluating a metric -----------------------------------------------------------------------------------
@@ -327,9 +416,11 @@ def score(metric: Metric, logits: Tensor, attention_mask: Tensor | None = None) 
 
 
 __all__ = [
+    "DeclaredMetric",
     "Metric",
     "MetricError",
     "Position",
+    "Reads",
     "kl_div",
     "kl_to_reference",
     "last_positions",
@@ -337,9 +428,11 @@ __all__ = [
     "logit_diff_metric",
     "logit_metric",
     "logits_at",
+    "metric_reads",
     "next_token_loss",
     "normalised",
     "perplexity",
+    "reads",
     "resolve_positions",
     "score",
     "score_rows",

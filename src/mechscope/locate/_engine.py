@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.locate._reads import Scorer, read_plan
 from mechscope.metrics import Metric, MetricError, score, score_rows
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.model.partial import BaseRun, run_from
@@ -53,35 +54,11 @@ def metric_rows_value(metric: Metric, logits: Tensor, batch: int, attention_mask
 def metric_positions(
     metric: Metric, logits: Float[Tensor, "batch pos d_vocab"], attention_mask: Tensor | None = None
 ) -> list[int]:
-    """The positions whose logits `metric` reads, found from its gradient and then verified.
+    """The positions whose logits `metric` reads, from its declaration or its gradient, then verified.
 
-    The metric is differentiated once; positions with a non-zero gradient are kept. They are accepted
-    only if the metric gives the same value with every other position set to NaN; otherwise (a
-    non-differentiable metric, say) every position is returned.
-    """
-    batch, n_pos = logits.shape[:2]
-    everything = list(range(n_pos))
-    probe = logits.detach().clone().requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            out = score(metric, probe, attention_mask)
-            if not out.requires_grad:
-                return everything
-            out.float().sum().backward()
-    except RuntimeError:
-        return everything
-    if probe.grad is None:
-        return everything
-    used = [int(p) for p in (probe.grad != 0).flatten(2).any(-1).any(0).nonzero().flatten()]
-    if not used:
-        return everything
-    masked = torch.full_like(logits, float("nan"))
-    masked[:, used] = logits[:, used]
-    with torch.no_grad():
-        same = torch.equal(
-            metric_value(metric, masked, batch, attention_mask), metric_value(metric, logits, batch, attention_mask)
-        )
-    return used if same else everything
+    Positions are kept only if the metric gives the same value with every other logit set to NaN;
+    otherwise (a non-differentiable metric, say) every position is returned (:func:`read_plan`)."""
+    return read_plan(metric, logits, attention_mask).positions
 
 
 @dataclass(frozen=True)
@@ -207,10 +184,10 @@ def run_batched(
     values already there be skipped. Returns ``[variant]`` batch means, or with `per_row` ``[variant, batch]``.
     """
     batch = base.batch
-    mask = base.attention_mask
-    base_rows = metric_rows_value(metric, base.logits, batch, mask)
+    scorer = Scorer(model, metric, base)
+    base_rows = metric_rows_value(metric, base.logits, batch, base.attention_mask)
     out = base_rows.expand(len(variants), batch).clone()
-    read = metric_positions(metric, base.logits, mask)
+    read = scorer.plan.positions
     last = model.dims.n_layers - 1
     groups: dict[tuple[int, int], list[int]] = {}
     for i, variant in enumerate(variants):
@@ -228,10 +205,7 @@ def run_batched(
             continue  # the patch writes the values already there
         groups.setdefault((layer, start), []).append(i)
     chunks = merge_groups(groups, chunk_size, base.n_pos)
-    buffer = torch.full_like(base.logits, float("nan"))
     for (layer, start), members in progress_bar(chunks, progress, desc):
-        keep = [p for p in read if p >= start]
-        early = [p for p in read if p < start]
         sites = sorted({s for i in members for s in variants[i].masks}, key=lambda s: s.order)
         # A patch inside one layer that feeds none of its keys/values: run that layer on the patched
         # positions only, then the rest of the model from the next layer.
@@ -245,20 +219,26 @@ def run_batched(
             masks = torch.cat([variants[i].masks.get(site, empty) for i in members])
             hooks[site] = patch_hook(sources[site], masks, site, end)
         n = len(members)
-        if local:
-            resid = base.resid_pre[layer][:, start:end].repeat(n, 1, 1)
-            hidden = run_from(model, base, resid, layer=layer, start_pos=start, hooks=hooks, stop_layer=layer + 1)
-            resid = base.resid_pre[layer + 1][:, start:].repeat(n, 1, 1)
-            resid[:, : end - start] = hidden
-            logits = run_from(model, base, resid, layer=layer + 1, start_pos=start, logit_positions=keep)
-        else:
+
+        def forward(
+            keep: list[int],
+            layer: int = layer,
+            start: int = start,
+            end: int = end,
+            local: bool = local,
+            hooks: dict[SiteLike, HookFn] = hooks,
+            n: int = n,
+        ) -> Tensor:
+            if local:
+                resid = base.resid_pre[layer][:, start:end].repeat(n, 1, 1)
+                hidden = run_from(model, base, resid, layer=layer, start_pos=start, hooks=hooks, stop_layer=layer + 1)
+                resid = base.resid_pre[layer + 1][:, start:].repeat(n, 1, 1)
+                resid[:, : end - start] = hidden
+                return run_from(model, base, resid, layer=layer + 1, start_pos=start, logit_positions=keep)
             resid = base.resid_pre[layer][:, start:].repeat(n, 1, 1)
-            logits = run_from(model, base, resid, layer=layer, start_pos=start, logit_positions=keep, hooks=hooks)
-        if early:
-            buffer[:, early] = base.logits[:, early]
-        for j, i in enumerate(members):
-            buffer[:, keep] = logits[j * batch : (j + 1) * batch]
-            out[i] = metric_rows_value(metric, buffer, batch, mask)
+            return run_from(model, base, resid, layer=layer, start_pos=start, logit_positions=keep, hooks=hooks)
+
+        out[members] = scorer.chunk(forward, n, start).to(out.device)
     return out if per_row else out.mean(-1)
 
 
@@ -266,6 +246,7 @@ __all__ = [
     "LAYER_LOCAL",
     "POSITIONWISE",
     "MetricError",
+    "Scorer",
     "Variant",
     "merge_groups",
     "metric_positions",
@@ -274,6 +255,7 @@ __all__ = [
     "patch_hook",
     "patched_positions",
     "progress_bar",
+    "read_plan",
     "run_batched",
     "run_loop",
 ]

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
 from mechscope.errors import ConfigError
-from mechscope.locate._engine import metric_positions, metric_value, progress_bar
+from mechscope.locate._engine import metric_value, progress_bar
+from mechscope.locate._reads import Scorer
 from mechscope.locate.patching import check_pair, tokens_of
 from mechscope.metrics import Metric, normalised
 from mechscope.model.hooks import HookContext, HookFn
@@ -198,7 +198,7 @@ def path_patch(
         "base": metric_value(metric, base.logits, batch, mask),
         "source": metric_value(metric, source.logits, batch, mask),
     }
-    read = metric_positions(metric, base.logits, mask)
+    scorer = Scorer(model, metric, base)
     sets = _parse_senders(senders, d.n_layers, d.n_heads)
     flat = values["base"].expand(len(sets)).clone()
     last_receiver = d.n_layers if parsed is None else max(r.layer for r in parsed)
@@ -209,7 +209,6 @@ def path_patch(
     chunks = [
         (layer, idx[j : j + chunk_size]) for layer, idx in by_start.items() for j in range(0, len(idx), chunk_size)
     ]
-    buffer = torch.full_like(base.logits, float("nan"))
     for layer, members in progress_bar(chunks, progress, "path patching"):
         frozen: dict[SiteLike, HookFn] = {}
         for later in range(layer, d.n_layers):
@@ -219,13 +218,15 @@ def path_patch(
             if freeze_mlps:
                 frozen[mlp_sites[later]] = _replace(base.cache[mlp_sites[later].name])
         resid = base.resid_pre[layer].repeat(len(members), 1, 1)
-        if parsed is None:
-            logits = run_from(model, base, resid, layer=layer, logit_positions=read, hooks=frozen)
-        else:
-            logits = _receiver_pass(model, base, resid, layer, frozen, parsed, read)
-        for j, i in enumerate(members):
-            buffer[:, read] = logits[j * batch : (j + 1) * batch]
-            flat[i] = metric_value(metric, buffer, batch, mask)
+
+        def forward(
+            keep: list[int], layer: int = layer, resid: Tensor = resid, frozen: dict[SiteLike, HookFn] = frozen
+        ) -> Tensor:
+            if parsed is None:
+                return run_from(model, base, resid, layer=layer, logit_positions=keep, hooks=frozen)
+            return _receiver_pass(model, base, resid, layer, frozen, parsed, keep)
+
+        flat[members] = scorer.chunk(forward, len(members)).mean(-1).to(flat.device)
     if senders is None:
         axes: tuple[str, ...] = ("layer", "head")
         out = flat.reshape(d.n_layers, d.n_heads)
