@@ -36,7 +36,8 @@ def write_checksums(folder: Path) -> dict[str, str]:
     """Record the sha256 of every plain file in `folder` (atomically); returns name -> digest."""
     folder = Path(folder)
     sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if _listed(p)}
-    write_text_atomic(folder / CHECKSUMS, json.dumps({"schema_version": 1, "sha256": sums}, indent=1) + "\n")
+    path = write_text_atomic(folder / CHECKSUMS, json.dumps({"schema_version": 1, "sha256": sums}, indent=1) + "\n")
+    path.chmod(0o644)  # package data must be readable by every user (the atomic writer's temporary file is 0600)
     return sums
 
 
