@@ -66,7 +66,9 @@ def test_induction_organism_reproduces_its_card():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["organism-gpt2", "organism-llama", "organism-facts", LIAR])
+@pytest.mark.parametrize(
+    "name", ["organism-gpt2", "organism-llama", "organism-facts", LIAR, "organism-gpt2+backdoor_head"]
+)
 def test_zoo_eval_reproduces_the_model_card(name):
     from typer.testing import CliRunner
 
