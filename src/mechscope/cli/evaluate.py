@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import fail
+from mechscope.cli.verb import run_verb
 
 eval_app = typer.Typer(help="Evaluate an intervention on its target and its side effects.", no_args_is_help=True)
 
@@ -49,50 +50,39 @@ def run_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the task splits.")] = 0,
 ) -> None:
     """Evaluate one intervention (steering vector, directional ablation, edit, or a modified model)."""
-    offline_by_default()
-    from mechscope.errors import ConfigError, MechscopeError
+    from mechscope.errors import ConfigError
     from mechscope.improve import EvaluationConfig, evaluate
     from mechscope.improve.task_specs import load_task
     from mechscope.model.loading import load_model
     from mechscope.steer import Direction, SteeringVector, directional_ablation, orthogonalize, steer
 
-    try:
-        chosen = [x for x in (vector, direction, modified, edit) if x is not None]
-        if len(chosen) != 1:
-            raise ConfigError("give exactly one of --vector, --direction, --edit or --modified")
-        hm = load_model(model)
-        intervention: Any
+    def intervention_for(hm: Any) -> Any:
         if vector is not None:
-            intervention = steer(hm, SteeringVector.load(vector, hm), coefficient, positions=positions)  # type: ignore[arg-type]
-        elif direction is not None:
+            return steer(hm, SteeringVector.load(vector, hm), coefficient, positions=positions)  # type: ignore[arg-type]
+        if direction is not None:
             d = Direction.load(direction, hm)
-            intervention = orthogonalize(hm, d) if orthogonalized else directional_ablation(hm, d)
-        elif edit is not None:
+            return orthogonalize(hm, d) if orthogonalized else directional_ablation(hm, d)
+        if edit is not None:
             from mechscope.improve.edit_task import AppliedEdit
             from mechscope.steer.editing.records import EditRecord
 
-            intervention = AppliedEdit(EditRecord.load(edit), hm)
-        else:
-            assert modified is not None
-            intervention = load_model(modified)
+            return AppliedEdit(EditRecord.load(edit), hm)
+        assert modified is not None
+        return load_model(modified)
+
+    def call(hm: Any) -> Any:
         target = load_task(task, model=hm, seed=seed, chat=chat)
         extra = tuple(load_task(spec, model=hm, seed=seed, chat=chat) for spec in side)
-        if side_tasks == "none":
-            sides: tuple[str, ...] | None = ()
-        else:
-            sides = tuple(t for t in side_tasks.split(",") if t.strip()) or None
+        sides = () if side_tasks == "none" else (tuple(t for t in side_tasks.split(",") if t.strip()) or None)
         config = EvaluationConfig(side_tasks=sides, side_effect_tasks=extra, seed=seed, max_new_tokens=max_new_tokens)
-        result = evaluate(hm, intervention, target, config)
-        path = result.save(output_path(out, "evaluation.safetensors"))
-        if figure is not None:
-            write_figure(result.plot(), figure)
-    except MechscopeError as exc:
-        raise fail(exc) from exc
-    typer.echo(f"{result.config['task']}: {result.config['intervention']}")
-    typer.echo(result.table())
-    typer.echo("")
-    typer.echo(result.samples_table())
-    typer.echo(f"result -> {path}" + (f", figure -> {figure}" if figure is not None else ""))
+        return evaluate(hm, intervention_for(hm), target, config)
+
+    def summary(result: Any, hm: Any) -> list[str]:
+        return [f"{result.config['task']}: {result.config['intervention']}", result.table(), "", result.samples_table()]
+
+    if len([x for x in (vector, direction, modified, edit) if x is not None]) != 1:
+        raise fail(ConfigError("give exactly one of --vector, --direction, --edit or --modified"))
+    run_verb(model, call, out=out, default_name="evaluation.safetensors", html=figure, summary=summary)
 
 
 @eval_app.command("show")
