@@ -110,6 +110,8 @@ def test_one_process_collects_the_same_layout(tmp_path):
         collect_store_distributed(model, job.SITE, job.TEXTS, tmp_path / "d", **{**args, "rows_per_shard": 3})
     with pytest.raises(ConfigError, match="one process"):
         collect_store_distributed(model, job.SITE, job.TEXTS, tmp_path / "s", **args)
+    with pytest.raises(ConfigError, match="several ranks"):
+        collect_store(model, job.SITE, job.TEXTS, tmp_path / "d", **args)
     top = Manifest.load(tmp_path / "d")
     top.extra[PARTS_KEY]["world_size"] = 2
     top.complete = False

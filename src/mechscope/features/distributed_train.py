@@ -79,6 +79,9 @@ class DataParallel(Local):
             )
         self.world = dist.world_size()
         self.rank = dist.rank()
+        # SAEs train on the CPU: in an nccl job (GPU sweeps, collection), their collectives use a gloo group
+        nccl = torch.distributed.get_backend() == "nccl"
+        self.group = torch.distributed.new_group(backend="gloo") if nccl else None
         self.writes = dist.is_main()
         if batch_size % self.world:
             raise ConfigError(
@@ -111,12 +114,12 @@ class DataParallel(Local):
 
     def fired(self, fired: Tensor) -> Tensor:
         flags = fired.to(torch.int32)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return flags > 0
 
     def mean(self, values: list[float]) -> list[float]:
         total = torch.tensor(values, dtype=torch.float64)
-        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(total, group=self.group)
         return (total / self.world).tolist()
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -124,14 +127,14 @@ class DataParallel(Local):
         ddp = torch.nn.parallel.DistributedDataParallel
         newer = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters  # torch >= 2.12
         sync_buffers: dict[str, Any] = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
-        return ddp(module, **sync_buffers)
+        return ddp(module, process_group=self.group, **sync_buffers)
 
     @torch.no_grad()
     def after_step(self, sae: SparseAutoencoder) -> None:
         for name, trainable in sae.architecture.extra.items():
             if not trainable:
                 value = extra_tensor(sae, name)
-                torch.distributed.all_reduce(value.data)
+                torch.distributed.all_reduce(value.data, group=self.group)
                 value.data.div_(self.world)
 
 

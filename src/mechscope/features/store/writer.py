@@ -73,6 +73,10 @@ def _open(folder: Path, settings: StoreSettings, info: ModelInfo) -> Manifest:
     """A fresh manifest, or the existing one when it matches (temporary files of a killed run removed)."""
     if (folder / MANIFEST).is_file():
         manifest = Manifest.load(folder)
+        if "parts" in manifest.extra:  # its shards live in the ranks' parts (features.store.parts)
+            raise ConfigError(
+                f"{folder}: this store is collected by several ranks; resume it with collect_store_distributed"
+            )
         if manifest.model.fingerprint != info.fingerprint:
             raise ConfigError(
                 f"{folder}: this store was collected on another model (fingerprint {manifest.model.fingerprint}, "
