@@ -108,3 +108,22 @@ def test_cache_runs_in_batches_and_reads_each_prompt_s_own_last_token(folder, tm
         torch.testing.assert_close(outs[0][row, 0], alone[site][0, -1], atol=1e-5, rtol=1e-5)
     result = runner.invoke(app, ["cache", str(folder), "--batch-size", "0", "-p", "x"])
     assert result.exit_code == USER_ERROR and "--batch-size" in result.output
+
+
+def test_a_closed_pipe_is_not_reported_as_a_bug():
+    """``mechscope ... | head`` may close stdout while a command writes: exit 141 quietly, no 'bug' line."""
+    import typer
+
+    from mechscope.cli.errors import ErrorHandlingGroup
+
+    piped = typer.Typer(cls=ErrorHandlingGroup)
+
+    @piped.command()
+    def talk() -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    @piped.command()
+    def other() -> None: ...
+
+    result = runner.invoke(piped, ["talk"])
+    assert result.exit_code == 141 and "Traceback" not in result.output and "bug" not in result.output

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
+from mechscope.cli.verb import config_options
+from mechscope.improve.detect.detectors import DetectorConfig
 
 detect_app = typer.Typer(help="Detectors: train, calibrate, evaluate.", no_args_is_help=True)
 monitor_app = typer.Typer(help="Run a detector while the model generates.", no_args_is_help=True)
@@ -63,11 +65,15 @@ def _contrast(data: str | None, positive: Path | None, negative: Path | None, ho
 
 
 @detect_app.command("train")
+@config_options(
+    DetectorConfig,
+    exclude=("shrinkage",),
+    names={"sites": ("--site", "-s")},
+    helps={"sites": "Per-token site (repeatable; several are concatenated, or combined by mahalanobis)."},
+)
 def train(
     model: ModelArg,
-    site: Annotated[list[str], typer.Option("--site", "-s", help="Per-token site (repeatable).")],
-    kind: Annotated[str, typer.Option(help="probe, mean_difference or mahalanobis.")] = "probe",
-    pooling: Annotated[str, typer.Option(help="mean, max or last.")] = "mean",
+    config: DetectorConfig,
     data: DataOpt = None,
     positive: FileOpt = None,
     negative: FileOpt = None,
@@ -82,13 +88,13 @@ def train(
     """Fit a detector (probe / mean difference on contrast data, or an anomaly detector on normal data)."""
     offline_by_default()
     from mechscope.errors import MechscopeError
-    from mechscope.improve.detect import DetectorConfig, evaluate_detector, train_detector
+    from mechscope.improve.detect import evaluate_detector, train_detector
     from mechscope.model.loading import load_model
 
     try:
         hm = load_model(model)
-        cfg = DetectorConfig(kind=kind, sites=tuple(site), pooling=pooling)  # type: ignore[arg-type]
-        if kind == "mahalanobis":
+        cfg = config
+        if cfg.kind == "mahalanobis":
             from mechscope.data.detection import organism_requests
 
             normal_ex = organism_requests("train") if normal_requests else read_examples(normal) if normal else None

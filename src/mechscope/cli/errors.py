@@ -68,6 +68,16 @@ class ErrorHandlingGroup(RecordingGroup):
         except KeyboardInterrupt:
             typer.secho("interrupted", err=True, fg="yellow")
             raise typer.Exit(code=130) from None
+        except BrokenPipeError:
+            # The reader went away (``mechscope ... | head``): nothing is wrong, and nothing more can be said.
+            # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+            import os
+
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):  # stdout is not a file (e.g. captured in tests)
+                pass
+            raise typer.Exit(code=141) from None
         except Exception as exc:  # the one place that decides how an error reaches a CLI user
             if _is_framework_exit(exc):
                 raise

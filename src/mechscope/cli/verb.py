@@ -66,6 +66,7 @@ def field_help(config_cls: type) -> dict[str, str]:
 def _plain(text: str) -> str:
     """Docstring markup -> terminal text (``x`` and :func:`x` -> x)."""
     text = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    text = re.sub(r"``([\"'][^`]*[\"'])``", r"\1", text)  # ``"probe"`` -> "probe"
     return text.replace("``", "'")
 
 
@@ -96,13 +97,16 @@ def config_options(
     exclude: Iterable[str] = (),
     defaults: Mapping[str, Any] | None = None,
     helps: Mapping[str, str] | None = None,
+    names: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Callable[[F], F]:
     """Decorate a command whose parameter `param` is a `config_cls`: the command instead takes one option
     per field (``--field-name``), and receives ``config_cls(**values)``.
 
     `exclude` leaves fields at the config's defaults (e.g. nested configs, or fields the command sets from
     its own options); `defaults` overrides a field's command-line default; `helps` overrides or adds help
-    text (otherwise read from the config's docstring). Fields whose type has no command-line form must be
+    text (otherwise read from the config's docstring); `names` gives a field its own option names (e.g.
+    ``{"sites": ("--site", "-s")}`` where the command line has always used the singular). Fields whose type
+    has no command-line form must be
     excluded: the decorator refuses them when the command is defined, not when a user runs it.
     """
     if not (dataclasses.is_dataclass(config_cls) and isinstance(config_cls, type)):
@@ -139,7 +143,9 @@ def config_options(
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
-                annotation=Annotated[kind, typer.Option(help=texts.get(name, ""), show_default=True)],
+                annotation=Annotated[
+                    kind, typer.Option(*(names or {}).get(name, ()), help=texts.get(name, ""), show_default=True)
+                ],
                 default=default,
             )
             for name, kind, default, _ in specs
