@@ -154,6 +154,7 @@ CONVERTED = (
     (("locate", "ig"), "mechscope.locate.attribution:IGConfig", ()),
     (("edit", "rome"), "mechscope.steer.editing.rome:ROMEConfig", ("stats",)),
     (("edit", "memit"), "mechscope.steer.editing.memit:MEMITConfig", ("stats", "layers")),
+    (("detect", "train"), "mechscope.improve.detect.detectors:DetectorConfig", ("shrinkage", "sites")),
     (
         ("steer", "direction"),
         "mechscope.steer.selection:DirectionSelectionConfig",

@@ -71,12 +71,11 @@ class ErrorHandlingGroup(RecordingGroup):
         except BrokenPipeError:
             # The reader went away (``mechscope ... | head``): nothing is wrong, and nothing more can be said.
             # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+            import contextlib
             import os
 
-            try:
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # stdout may not be a file (tests)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError, AttributeError):  # stdout is not a file (e.g. captured in tests)
-                pass
             raise typer.Exit(code=141) from None
         except Exception as exc:  # the one place that decides how an error reaches a CLI user
             if _is_framework_exit(exc):
