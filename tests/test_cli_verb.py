@@ -152,6 +152,8 @@ CONVERTED = (
     (("locate", "heads"), "mechscope.locate.heads:HeadDetectorConfig", ()),
     (("locate", "trace"), "mechscope.locate.causal_tracing:TracingConfig", ()),
     (("locate", "ig"), "mechscope.locate.attribution:IGConfig", ()),
+    (("locate", "eap"), "mechscope.locate.circuits.eap:EAPConfig", ("steps",)),
+    (("locate", "eap-ig"), "mechscope.locate.circuits.eap:EAPConfig", ()),
     (("edit", "rome"), "mechscope.steer.editing.rome:ROMEConfig", ("stats",)),
     (("edit", "memit"), "mechscope.steer.editing.memit:MEMITConfig", ("stats", "layers")),
     (("detect", "train"), "mechscope.improve.detect.detectors:DetectorConfig", ("shrinkage", "sites")),

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mechscope.cli.common import Quiet, fail
+from mechscope.cli.verb import config_options
 from mechscope.errors import ConfigError, MechscopeError
+from mechscope.locate.circuits.eap import EAPConfig
 
 if TYPE_CHECKING:
     from mechscope.locate.circuits import Circuit
@@ -30,7 +32,6 @@ DataOpt = Annotated[Path, typer.Option("--data", "-d", help="JSONL file of {clea
 AblationOpt = Annotated[str, typer.Option(help="What removed edges carry: resample, mean or zero.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the result (.safetensors).")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the circuit as JSON.")]
-BatchOpt = Annotated[int | None, typer.Option(help="Rows per backward pass (bounds memory).")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the circuit as a self-contained HTML graph.")]
 
 
@@ -132,26 +133,25 @@ def register(app: typer.Typer) -> None:
     """Add the circuit commands to the ``locate`` group."""
 
     @app.command("eap")
+    @config_options(EAPConfig, exclude=("steps",))
     def eap_command(
         model: ModelArg,
         data: DataOpt,
-        ablation: AblationOpt = "resample",
-        batch_size: BatchOpt = None,
+        config: EAPConfig,
         top: Annotated[int, typer.Option(help="Edges kept in the exported circuit (by |score|).")] = 50,
         out: OutOpt = None,
         json_path: JsonOpt = None,
         html: HtmlOpt = None,
     ) -> None:
         """Edge attribution patching: score every edge of the model's graph."""
-        _attribution("eap", model, data, ablation, 1, batch_size, top, out, json_path, html)
+        _attribution("eap", model, data, config.ablation, 1, config.batch_size, top, out, json_path, html)
 
     @app.command("eap-ig")
+    @config_options(EAPConfig)
     def eap_ig_command(
         model: ModelArg,
         data: DataOpt,
-        ablation: AblationOpt = "resample",
-        steps: Annotated[int, typer.Option(help="Integration steps.")] = 5,
-        batch_size: BatchOpt = None,
+        config: EAPConfig,
         top: Annotated[int, typer.Option(help="Edges kept in the exported circuit (by |score|).")] = 50,
         out: OutOpt = None,
         json_path: JsonOpt = None,
@@ -159,7 +159,8 @@ def register(app: typer.Typer) -> None:
         quiet: Quiet = False,
     ) -> None:
         """EAP with integrated gradients over the input embeddings."""
-        _attribution("eap-ig", model, data, ablation, steps, batch_size, top, out, json_path, html, not quiet)
+        args = (config.ablation, config.steps, config.batch_size, top, out, json_path, html, not quiet)
+        _attribution("eap-ig", model, data, *args)
 
     @app.command("acdc")
     def acdc_command(
