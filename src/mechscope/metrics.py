@@ -126,6 +126,8 @@ def logits_at(
     pos = resolve_positions(logits, position, attention_mask)
     if isinstance(pos, int):
         return logits[:, pos]
+    if pos.numel() and bool((pos == pos[0]).all()):
+        return logits[:, int(pos[0])]  # every row at one position: a view, not a copy of every row's vocabulary
     return logits[torch.arange(logits.shape[0], device=logits.device), pos.to(logits.device)]
 
 

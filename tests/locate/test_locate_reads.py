@@ -161,3 +161,21 @@ def test_path_patching_with_a_declared_metric_equals_the_undeclared_one(model):
     soft = path_patch(model, clean, corrupt, lambda x: logit_diff(x, 5, 7).mean())
     torch.testing.assert_close(declared["metric"], plain["metric"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(soft["metric"], plain["metric"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_atp_with_a_declared_metric_equals_the_undeclared_one(model, side):
+    from mechscope.locate.attribution_patching import AtPConfig, attribution_patch
+
+    clean, corrupt = _pair()
+    mask = torch.ones_like(clean)
+    if side == "right":
+        mask[0, 5:] = 0
+    else:
+        mask[0, :2] = 0
+    clean_in, corrupt_in = {"input_ids": clean, "attention_mask": mask}, {"input_ids": corrupt, "attention_mask": mask}
+    config = AtPConfig(nodes=("heads", "neurons", "resid"), qk_fix=True)
+    declared = attribution_patch(model, clean_in, corrupt_in, logit_diff_metric(5, 7), config)
+    plain = attribution_patch(model, clean_in, corrupt_in, lambda x: logit_diff(x, 5, 7), config)
+    for name in plain.tensors:
+        torch.testing.assert_close(declared[name], plain[name], rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ base metric without a forward. Both return the metric of every variant, averaged
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -165,6 +166,67 @@ def merge_groups(
     return chunks
 
 
+class _KeysValues(Exception):
+    """Ends a run once the last layer's attention has its keys and values."""
+
+
+def run_reading(
+    model: HookedModel,
+    base: BaseRun,
+    resid: Float[Tensor, "rows new_pos d_model"],
+    *,
+    layer: int,
+    start: int,
+    keep: Sequence[int],
+    hooks: Mapping[SiteLike, HookFn] | None = None,
+) -> Tensor:
+    """:func:`run_from` for the logits at `keep`, running the last layer in full only where they are read.
+
+    The last layer's output is needed only at the positions read, but its keys and values at every
+    position from `start` on: layers ``layer..last-1`` run as usual, then the last layer's attention
+    inputs of every position are taken (its keys and values, then the run stops), and the last layer runs
+    again on positions ``min(keep)..`` only, reading those keys and values from a cache. It is HF's own
+    forward each time. Used when `hooks` touch no site of the last layer and ``min(keep) > start``
+    (`resid` enters `layer`)."""
+    last = model.dims.n_layers - 1
+    first = min(keep)
+    hooked_last = any(model.site(site).layer == last for site in (hooks or {}))
+    kv_sites = set(model.site_names)
+    has_kv = f"blocks.{last}.attn.hook_k" in kv_sites and f"blocks.{last}.attn.hook_v" in kv_sites
+    if first <= start or hooked_last or not has_kv:
+        return run_from(model, base, resid, layer=layer, start_pos=start, logit_positions=keep, hooks=hooks)
+    hidden = resid
+    if layer < last:
+        hidden = run_from(model, base, resid, layer=layer, start_pos=start, hooks=hooks, stop_layer=last)
+    got: dict[str, Tensor] = {}
+
+    def keep_k(activation: Tensor, _ctx: HookContext) -> None:
+        got["k"] = activation
+
+    def keep_v(activation: Tensor, _ctx: HookContext) -> None:
+        got["v"] = activation
+        raise _KeysValues
+
+    kv_hooks: dict[SiteLike, HookFn] = {Site("attn.hook_k", last): keep_k, Site("attn.hook_v", last): keep_v}
+    with contextlib.suppress(_KeysValues):
+        run_from(model, base, hidden, layer=last, start_pos=start, logit_positions=keep, hooks=kv_hooks)
+    # Sites are [rows, pos, kv_heads, d_head]; the cache holds [rows, kv_heads, pos, d_head].
+    keys, values = got["k"].transpose(1, 2), got["v"].transpose(1, 2)
+    rows = resid.shape[0]
+    repeats = rows // base.batch
+    variants = BaseRun(
+        input_ids=base.input_ids.repeat(repeats, 1),
+        attention_mask=base.attention_mask.repeat(repeats, 1),
+        position_ids=base.position_ids.repeat(repeats, 1),
+        resid_pre=[],
+        keys=[keys] * model.dims.n_layers,  # only the last layer's are read; the others give a shape
+        values=[values] * model.dims.n_layers,
+        logits=base.logits,
+        cache={},
+    )
+    return run_from(model, variants, hidden[:, first - start :], layer=last, start_pos=first, logit_positions=keep)
+
+
 def run_batched(
     model: HookedModel,
     base: BaseRun,
@@ -234,9 +296,9 @@ def run_batched(
                 hidden = run_from(model, base, resid, layer=layer, start_pos=start, hooks=hooks, stop_layer=layer + 1)
                 resid = base.resid_pre[layer + 1][:, start:].repeat(n, 1, 1)
                 resid[:, : end - start] = hidden
-                return run_from(model, base, resid, layer=layer + 1, start_pos=start, logit_positions=keep)
+                return run_reading(model, base, resid, layer=layer + 1, start=start, keep=keep)
             resid = base.resid_pre[layer][:, start:].repeat(n, 1, 1)
-            return run_from(model, base, resid, layer=layer, start_pos=start, logit_positions=keep, hooks=hooks)
+            return run_reading(model, base, resid, layer=layer, start=start, keep=keep, hooks=hooks)
 
         out[members] = scorer.chunk(forward, n, start).to(out.device)
     return out if per_row else out.mean(-1)
@@ -258,4 +320,5 @@ __all__ = [
     "read_plan",
     "run_batched",
     "run_loop",
+    "run_reading",
 ]

@@ -29,7 +29,7 @@ from torch import Tensor
 from mechscope.errors import ConfigError
 from mechscope.locate._engine import metric_positions, progress_bar
 from mechscope.locate.patching import activation_patch, check_pair, tokens_of
-from mechscope.metrics import Metric, score
+from mechscope.metrics import Metric, metric_reads, resolve_positions, score
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.results import Result
 from mechscope.sites import Site, SiteLike
@@ -85,6 +85,17 @@ def _metric_mean(metric: Metric, logits: Tensor, mask: Tensor) -> Tensor:
     return score(metric, logits, mask)
 
 
+def _declared_positions(metric: Metric, inputs: dict[str, Tensor]) -> list[int] | None:
+    """The positions a metric that declares its reads (:class:`mechscope.metrics.Reads`) reads here."""
+    declared = metric_reads(metric)
+    if declared is None:
+        return None
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    shape_only = torch.empty(()).expand(ids.shape[0], ids.shape[1], 1)  # resolve_positions reads its shape
+    pos = resolve_positions(shape_only, declared.position, mask)
+    return [pos % ids.shape[1]] if isinstance(pos, int) else sorted({int(p) for p in pos.tolist()})
+
+
 def _grads(
     model: HookedModel,
     inputs: dict[str, Tensor],
@@ -92,13 +103,41 @@ def _grads(
     sites: list[Site],
     extra: dict[SiteLike, HookFn] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], Tensor]:
-    """Metric, activations, d metric / d activation at `sites` and logits (one forward + backward)."""
+    """Metric, activations, d metric / d activation at `sites` and logits (one forward + backward).
+
+    A metric that declares the positions it reads gets only those logits (the unembedding and its
+    backward are the costly part of a small model's pass); the others are NaN in the returned logits."""
     mask = inputs["attention_mask"]
-    with model.hooks(extra or {}):
-        result = model.run_with_grads(inputs, lambda logits: _metric_mean(metric, logits, mask), sites)
-    acts = {s.name: result.activations[s.name] for s in sites}
-    grads = {s.name: result.gradients[s.name] for s in sites}
-    return result.loss, acts, grads, result.logits
+    keep = _declared_positions(metric, inputs)
+    hooks: dict[SiteLike, HookFn] = dict(extra or {})
+    if keep is None:
+        with model.hooks(hooks):
+            result = model.run_with_grads(inputs, lambda logits: _metric_mean(metric, logits, mask), sites)
+        return result.loss, *_split(result, sites), result.logits
+    head = model.module(model.adapter.unembed)
+    n_pos = int(inputs["input_ids"].shape[1])
+
+    def only_read(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][:, keep], *args[1:])
+
+    def loss(kept: Tensor) -> Tensor:
+        full = kept.new_full((kept.shape[0], n_pos, kept.shape[-1]), float("nan"))
+        full[:, keep] = kept
+        return _metric_mean(metric, full, mask)
+
+    handle = head.register_forward_pre_hook(only_read)
+    try:
+        with model.hooks(hooks):
+            result = model.run_with_grads(inputs, loss, sites)
+    finally:
+        handle.remove()
+    full = result.logits.new_full((result.logits.shape[0], n_pos, result.logits.shape[-1]), float("nan"))
+    full[:, keep] = result.logits
+    return result.loss, *_split(result, sites), full
+
+
+def _split(result: Any, sites: list[Site]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    return {s.name: result.activations[s.name] for s in sites}, {s.name: result.gradients[s.name] for s in sites}
 
 
 def attribution_patch(

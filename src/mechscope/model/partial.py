@@ -147,20 +147,23 @@ def _layers_from(model: HookedModel, start: int, stop: int | None = None) -> Ite
             config.layer_types = layer_types
 
 
-def _prefix_cache(run: BaseRun, start_pos: int, repeats: int, first_layer: int) -> Any:
+def _prefix_cache(run: BaseRun, start_pos: int, repeats: int, first_layer: int, stop_layer: int | None = None) -> Any:
     """The base run's keys/values of positions ``< start_pos``, repeated per variant. Layers before
-    `first_layer` never run, so they hold zero-stride placeholders of the right length."""
+    `first_layer` (and from `stop_layer` on) never run, so they hold zero-stride placeholders of the
+    right length."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(zip(run.keys, run.values)):
         k, v = k[:, :, :start_pos], v[:, :, :start_pos]
-        if i < first_layer:
+        if i < first_layer or (stop_layer is not None and i >= stop_layer):
             shape = (k.shape[0] * repeats, *k.shape[1:])
             k, v = k.new_zeros(()).expand(shape), v.new_zeros(()).expand(shape)
-        else:
+        elif repeats > 1:  # (one copy: the cache concatenates the new positions onto it anyway)
             k, v = k.repeat(repeats, 1, 1, 1), v.repeat(repeats, 1, 1, 1)
-        cache.update(k, v, i)
+        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates the layer, empty
+        layer: Any = cache.layers[i]
+        layer.keys, layer.values = k, v  # as they are: updating would copy them (placeholders included)
     return cache
 
 
@@ -214,7 +217,7 @@ def run_from(
         "logits_to_keep": relative if stop_layer is None else 1,
     }
     if start_pos > 0:
-        kwargs[cache_keyword(model.hf_model)] = _prefix_cache(run, start_pos, repeats, layer)
+        kwargs[cache_keyword(model.hf_model)] = _prefix_cache(run, start_pos, repeats, layer, stop_layer)
     captured: list[Tensor] = []
 
     def replace_input(_module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
