@@ -30,6 +30,7 @@ from mechscope.data.tasks import TEXT_TASKS
 from mechscope.errors import ConfigError
 from mechscope.improve.neutral import NEUTRAL_TEXTS
 from mechscope.improve.tasks import Task, has_organism_vocabulary, zoo_metrics
+from mechscope.metrics import kl_div
 from mechscope.results import Result
 from mechscope.steer.intervention import Intervention, require_hooked
 
@@ -225,7 +226,7 @@ def evaluate(
             new_lp, _ = _neutral_logprobs(after_model, cfg.neutral_texts)
             samples_after = task.continuations(after_model, cfg.max_new_tokens)
 
-    kl = float((ref_lp.exp() * (ref_lp - new_lp)).sum(-1)[mask].mean())
+    kl = float(kl_div(new_lp, ref_lp, attention_mask=mask, reduction="mean"))
     ids = model.to_tokens(list(cfg.neutral_texts), padding_side="right")["input_ids"].to(ref_lp.device)
     own_side = set(task.side_effect_metrics)
     target = [k for k in task_before if k not in own_side and "/" not in k]

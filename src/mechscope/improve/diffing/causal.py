@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.locate._engine import Variant, metric_value, run_batched
-from mechscope.metrics import Metric
+from mechscope.metrics import Metric, kl_div
 from mechscope.model.partial import base_run
 from mechscope.sites import Site
 
@@ -50,14 +50,11 @@ class CausalDiff:
 
 
 def kl_to_donor(donor_logits: Tensor, mask: Tensor) -> Metric:
-    """``KL(donor || logits)`` per row, averaged over that row's real positions."""
-    ref = donor_logits.float().log_softmax(-1)
-    weights = mask.float().to(ref.device)
+    """``KL(donor || logits)`` per row, averaged over that row's real positions (:func:`mechscope.metrics.kl_div`)."""
+    ref = donor_logits.float().log_softmax(-1)  # once, not per patched variant
 
     def metric(logits: Tensor) -> Tensor:
-        new = logits.float().log_softmax(-1)
-        kl = (ref.exp() * (ref - new)).sum(-1)
-        return (kl * weights).sum(-1) / weights.sum(-1)
+        return kl_div(logits, ref, attention_mask=mask, reduction="row")
 
     return metric
 

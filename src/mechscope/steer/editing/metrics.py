@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mechscope.metrics import kl_div
 from mechscope.results import Result
 from mechscope.steer.editing.neighbourhood import NeighbourhoodConfig, with_neighbourhood
 from mechscope.steer.editing.records import EditRecord
@@ -126,9 +127,8 @@ def mean_kl(reference: Tensor, probs: Tensor) -> float:
     """Mean ``KL(reference || probs)`` over rows of next-token distributions (NaN for no rows)."""
     if reference.numel() == 0:
         return float("nan")
-    ref = reference.double().clamp_min(1e-30)
-    new = probs.double().clamp_min(1e-30)
-    return float((ref * (ref.log() - new.log())).sum(-1).mean())
+    # Log-probabilities are logits whose log-softmax is themselves: the shared KL applies unchanged.
+    return float(kl_div(probs.clamp_min(1e-30).log(), reference.clamp_min(1e-30).log(), reduction="mean"))
 
 
 def edit_metrics(
