@@ -151,8 +151,8 @@ def edit_cost_by_layer(
         config: a :class:`~mechscope.steer.editing.rome.ROMEConfig` (its ``layer`` is replaced per layer).
         neighbourhood: a :class:`~mechscope.steer.editing.neighbourhood.NeighbourhoodConfig` (default: 14
             subjects of the edited subject's kind).
-        mom2: key statistics per layer; missing layers are computed from `texts` (or the model's
-            default text) and cached under `cache_dir`.
+        mom2: key statistics per layer; missing layers are computed together, in one pass over `texts`
+            (or the model's default text), and cached under `cache_dir`.
     """
     from mechscope.steer.editing.neighbourhood import NeighbourhoodConfig, with_neighbourhood
     from mechscope.steer.editing.requests import EditRequest
@@ -202,13 +202,20 @@ def _measure_layers(
     from mechscope.steer.editing.rome import rome
     from mechscope.steer.editing.stats import second_moments
 
+    missing = [layer for layer in layers if layer not in mom2]
+    if missing:  # every candidate's key statistics in one pass over the text (cached for later runs)
+        got = second_moments(
+            model,
+            missing,
+            config=base.stats,
+            texts=None if texts is None else list(texts),
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        mom2 = {**mom2, **got}
     rows: list[list[float]] = []
     for layer in tqdm(layers, desc="edit cost", unit="layer", disable=not progress):
-        config = replace(base, layer=layer)
-        stats = mom2.get(layer)
-        if stats is None and texts is not None:
-            stats = second_moments(model, [layer], config=config.stats, texts=list(texts), cache_dir=cache_dir)[layer]
-        record = rome(model, request, config, mom2=stats, cache_dir=cache_dir)
+        record = rome(model, request, replace(base, layer=layer), mom2=mom2[layer], cache_dir=cache_dir)
         try:
             after = {name: values["after"] for name, values in edit_metrics(model, record=record).summary().items()}
         finally:
