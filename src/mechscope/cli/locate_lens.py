@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet, fail, offline_by_default, output_path
+from mechscope.cli.verb import config_options, run_verb
+from mechscope.locate.tuned_lens import TunedLensConfig
 
 
 def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
@@ -64,27 +67,28 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (lower it when memory runs out).")] = 32,
     ) -> None:
         """Logit lens: per-layer KL to the final distribution and top tokens."""
-        offline_by_default()
         from mechscope.cli.memory import check_batch_size, memory_knob
         from mechscope.errors import MechscopeError
         from mechscope.locate.lens import logit_lens
-        from mechscope.model.loading import load_model
 
         try:
             check_batch_size(batch_size)
-            hm = load_model(model)
             prompts = read_prompts(prompt, prompt_file)
-            with memory_knob("--batch-size", batch_size):
-                result = logit_lens(hm, prompts, batch_size=batch_size)
-            path = result.save(output_path(out, "logit_lens.safetensors"))
-            if html is not None:
-                write_figure(result.plot(), html)
-        except (MechscopeError, ValueError) as exc:
+        except MechscopeError as exc:
             raise fail(exc) from exc
-        _echo_lens(hm, result, prompts, top)
-        typer.echo(f"result -> {path}")
+
+        def call(hm: Any) -> Any:
+            with memory_knob("--batch-size", batch_size):
+                return logit_lens(hm, prompts, batch_size=batch_size)
+
+        def summary(result: Any, hm: Any) -> list[str]:
+            _echo_lens(hm, result, prompts, top)
+            return []
+
+        run_verb(model, call, out=out, default_name="logit_lens.safetensors", html=html, summary=summary)
 
     @app.command("tuned-lens-train")
+    @config_options(TunedLensConfig)
     def tuned_lens_train_cmd(
         model: Model,
         out: Annotated[
@@ -97,32 +101,20 @@ def register(app: typer.Typer) -> None:
                 help="Training text, one document per line (default: organisms' text on an organism, else English)."
             ),
         ] = None,
-        steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 300,
-        lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-        batch_tokens: Annotated[int, typer.Option(help="Token positions per step.")] = 512,
-        seq_len: Annotated[int, typer.Option(help="Window length.")] = 64,
-        max_windows: Annotated[int, typer.Option(help="Windows cached for training.")] = 64,
-        seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+        *,
+        config: TunedLensConfig,
         quiet: Quiet = False,
     ) -> None:
         """Train a tuned lens on a text stream, save it and print held-out KL of both lenses."""
         offline_by_default()
         from mechscope.data.corpus import default_stream, english_texts
         from mechscope.errors import MechscopeError
-        from mechscope.locate.tuned_lens import (
-            TunedLensConfig,
-            compare_lenses,
-            token_windows,
-            train_tuned_lens,
-            zoo_texts,
-        )
+        from mechscope.locate.tuned_lens import compare_lenses, token_windows, train_tuned_lens, zoo_texts
         from mechscope.model.loading import load_model
 
         try:
             hm = load_model(model)
-            cfg = TunedLensConfig(
-                steps=steps, lr=lr, batch_tokens=batch_tokens, seq_len=seq_len, max_windows=max_windows, seed=seed
-            )
+            cfg, seed, seq_len = config, config.seed, config.seq_len
             if text_file is not None:
                 texts = [line for line in text_file.read_text().splitlines() if line.strip()]
                 train, held = texts[: int(len(texts) * 0.9)], texts[int(len(texts) * 0.9) :]
@@ -157,19 +149,17 @@ def register(app: typer.Typer) -> None:
         html: Html = None,
     ) -> None:
         """Read prompts through a trained tuned lens (per-layer KL and top tokens)."""
-        offline_by_default()
-        from mechscope.errors import MechscopeError
         from mechscope.locate.tuned_lens import TunedLens, tuned_lens
-        from mechscope.model.loading import load_model
 
-        try:
-            hm = load_model(model)
-            result = tuned_lens(hm, read_prompts(prompt, prompt_file), TunedLens.load(lens))
-            path = result.save(output_path(out, "tuned_lens_readout.safetensors"))
-            if html is not None:
-                write_figure(result.plot(), html)
-        except (MechscopeError, ValueError) as exc:
-            raise fail(exc) from exc
-        for label, value in zip(result.labels["layer"], result.mean_kl().tolist()):
-            typer.echo(f"{label:14s} KL {value:8.4f}  (mean over real tokens)")
-        typer.echo(f"result -> {path}")
+        def summary(result: Any, hm: Any) -> Iterator[str]:
+            for label, value in zip(result.labels["layer"], result.mean_kl().tolist(), strict=True):
+                yield f"{label:14s} KL {value:8.4f}  (mean over real tokens)"
+
+        run_verb(
+            model,
+            lambda hm: tuned_lens(hm, read_prompts(prompt, prompt_file), TunedLens.load(lens)),
+            out=out,
+            default_name="tuned_lens_readout.safetensors",
+            html=html,
+            summary=summary,
+        )
