@@ -91,6 +91,7 @@ def train_cmd(
     offline_by_default()
     from mechscope.errors import MechscopeError
     from mechscope.features import SAEConfig, SAETrainConfig, collect_activations, train_sae
+    from mechscope.io import ModelInfo
     from mechscope.model.loading import load_model
 
     try:
@@ -112,6 +113,7 @@ def train_cmd(
         )
         train = SAETrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1_coefficient=l1)
         sae, log = train_sae(acts, config, train, targets)
+        sae.model_info = ModelInfo.of(hm)  # the saved SAE knows its model (refused on another one)
         path = sae.save(out)
         report = _report(hm, sae, texts, max(1000, max_tokens // 10), seq_len)
     except (MechscopeError, OSError) as exc:

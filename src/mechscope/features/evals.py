@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechscope.errors import ShapeError
+from mechscope.errors import ConfigError, ShapeError
 from mechscope.features.sae import SparseAutoencoder
 from mechscope.features.store import token_rows
 from mechscope.model.hooks import HookContext, HookFn
@@ -46,6 +46,8 @@ def reconstruction_metrics(
         raise ShapeError("a transcoder is scored against targets (its out-site's activations), an SAE without")
     x_all = activations.float()
     y_all = x_all if targets is None else targets.float()
+    if not bool(torch.isfinite(x_all).all()) or not bool(torch.isfinite(y_all).all()):
+        raise ConfigError(f"activations to score must be finite; got NaN or inf among {tuple(x_all.shape)}")
     if y_all.shape != (x_all.shape[0], sae.config.width_out):
         expected = (x_all.shape[0], sae.config.width_out)
         raise ShapeError(f"expected targets of shape {list(expected)}, got {tuple(y_all.shape)}")
@@ -82,6 +84,7 @@ def feature_hooks(
     config = sae.config
     if not config.site:
         raise ShapeError("the SAE names no site; build it with SAEConfig(site=...)")
+    sae.check_model(model)
     read = model.site(config.site)
     if not config.transcoder:
         return {read: lambda activation, _ctx: edit(sae.encode(activation), activation, activation)}

@@ -34,6 +34,7 @@ from mechscope.io import (
     register_schema,
     write_envelope,
 )
+from mechscope.results import ModelMismatchError
 
 
 def _sae_v1_to_v2(header: dict[str, str]) -> dict[str, str]:
@@ -203,6 +204,16 @@ class SparseAutoencoder(nn.Module):
         self.W_enc.mul_(norms[None, :])
         self.b_enc.mul_(norms)
         self.architecture.rescale(self, norms)
+
+    def check_model(self, model: Any) -> None:
+        """:class:`ModelMismatchError` when the SAE records another model than `model` (the error steering
+        vectors give); an SAE that records no model is not checked."""
+        info = self.model_info
+        if info is not None and info.fingerprint != model.fingerprint():
+            raise ModelMismatchError(
+                f"this SAE was made on model {info.fingerprint} ({info.model_type}); the given model is "
+                f"{model.fingerprint()} ({model.dims.model_type}). Train or load an SAE made on this model."
+            )
 
     # Files ------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

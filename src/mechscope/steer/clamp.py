@@ -35,6 +35,7 @@ def check_sites(model: HookedModel, sae: SparseAutoencoder) -> None:
     config = sae.config
     if not config.site:
         raise ConfigError("the SAE names no site; build it with SAEConfig(site=...)")
+    sae.check_model(model)
     pairs = [(config.site, config.d_in)] + ([(config.out_site, config.width_out)] if config.transcoder else [])
     for name, width in pairs:
         site = per_token_site(model, name)

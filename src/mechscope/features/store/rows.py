@@ -66,6 +66,9 @@ def collect_activations(
     The site must have one vector per token (residual stream, MLP or attention output, MLP hidden units);
     per-head sites would first need their heads flattened, which is not done here.
     """
+    per_token_site(model, site)  # the site first: a wrong site is the clearer error
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1 (a token budget) or None; got {max_tokens}")
     rows = token_rows(model, texts, seq_len)
     per_row = seq_len - int(skip_first)
     if max_tokens is not None:

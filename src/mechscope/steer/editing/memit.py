@@ -119,6 +119,9 @@ def memit(
     _refuse_conflicts(requests)
     layers = config.resolved_layers(model)
     stats = dict(mom2) if mom2 is not None else {}
+    unused = sorted(set(stats) - set(layers))
+    if unused:
+        raise EditError(f"mom2 has statistics for layers {unused}, which this edit does not touch; it edits {layers}")
     missing = [layer for layer in layers if layer not in stats]
     if missing:
         stats.update(second_moments(model, missing, config=config.stats, cache_dir=cache_dir, progress=progress))

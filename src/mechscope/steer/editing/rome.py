@@ -118,9 +118,17 @@ def kl_texts(config_prompts: tuple[str, ...]) -> Callable[[EditRequest], list[st
 def solve_inverse(
     mom2: Float[Tensor, "d_mlp d_mlp"], keys: Float[Tensor, "n d_mlp"], ridge: float
 ) -> Float[Tensor, "n d_mlp"]:
-    """``(C + ridge * mean(diag C) I)^-1 k`` for each key, in float64."""
+    """``(C + ridge * mean(diag C) I)^-1 k`` for each key, in float64. A regularised C that is singular or
+    not positive definite (its Cholesky factorisation fails) is an :class:`EditError`: no least-squares edit."""
     c = mom2.to(torch.float64)
     c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    failed = int(torch.linalg.cholesky_ex(c).info)
+    if failed:
+        raise EditError(
+            f"the key statistics C + ridge * mean(diag C) * I (ridge={ridge}) are singular or not positive definite "
+            f"(the Cholesky factorisation fails at column {failed} of {c.shape[0]}); expected a positive definite "
+            "matrix: raise ROMEConfig.ridge (default 1e-3) or recompute the statistics from more text"
+        )
     return torch.linalg.solve(c, keys.to(c).T).T
 
 
