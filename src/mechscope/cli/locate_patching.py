@@ -14,7 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from mechscope.cli.cells import echo_effects
-from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet, fail
+from mechscope.cli.verb import config_options, run_verb
+from mechscope.locate.attribution_patching import AtPConfig
 
 Model = Annotated[str, typer.Argument(help="Model folder or bundled model name.")]
 Clean = Annotated[list[str], typer.Option("--clean", "-c", help="Clean prompt (repeatable).")]
@@ -87,15 +89,16 @@ def register(app: typer.Typer) -> None:
         quiet: Quiet = False,
     ) -> None:
         """Activation patching sweep; prints the cells with the largest effect (raw and normalised)."""
-        offline_by_default()
         from mechscope.cli.memory import check_batch_size, mean_over_batches, memory_knob, take_rows
         from mechscope.errors import MechscopeError
         from mechscope.locate.patching import activation_patch, check_pair
-        from mechscope.model.loading import load_model
 
         try:
             check_batch_size(batch_size)
-            hm = load_model(model)
+        except MechscopeError as exc:
+            raise fail(exc) from exc
+
+        def call(hm: Any) -> Any:
             logit_diff_metric(hm, answer, wrong, len(clean))  # checks the token counts once
             # One tokenization (one padding) for every batch, so the batches' sweeps share positions.
             clean_t, corrupt_t = hm.prepare_inputs(clean), hm.prepare_inputs(corrupt)
@@ -121,19 +124,17 @@ def register(app: typer.Typer) -> None:
                 )
 
             with memory_knob("--batch-size", batch_size):
-                result = mean_over_batches(sweep, len(clean), batch_size)
-            path = result.save(output_path(out, "patch.safetensors"))
-            if html is not None:
-                write_figure(result.plot(), html)
-            tokens = hm.to_str_tokens(clean[0])
-        except (MechscopeError, ValueError) as exc:
-            raise fail(exc) from exc
-        start = result["corrupt"] if direction == "denoising" else result["clean"]
-        axes = result.axes["metric"]
-        clean_m, corrupt_m = _runs(result)
-        raw = result["metric"] - start
-        echo_effects(typer.echo, raw, axes, result.labels, clean=clean_m, corrupt=corrupt_m, tokens=tokens)
-        typer.echo(f"result -> {path}")
+                return mean_over_batches(sweep, len(clean), batch_size)
+
+        def summary(result: Any, hm: Any) -> list[str]:
+            start = result["corrupt"] if direction == "denoising" else result["clean"]
+            clean_m, corrupt_m = _runs(result)
+            lines: list[str] = []
+            raw, axes, tokens = result["metric"] - start, result.axes["metric"], hm.to_str_tokens(clean[0])
+            echo_effects(lines.append, raw, axes, result.labels, clean=clean_m, corrupt=corrupt_m, tokens=tokens)
+            return lines
+
+        run_verb(model, call, out=out, default_name="patch.safetensors", html=html, summary=summary)
 
     @app.command("path-patch")
     def path_patch_cmd(
@@ -156,10 +157,8 @@ def register(app: typer.Typer) -> None:
         quiet: Quiet = False,
     ) -> None:
         """Path patching from every head (sender) to the logits or to receiver heads' inputs."""
-        offline_by_default()
         from mechscope.errors import ConfigError, MechscopeError
         from mechscope.locate.path_patching import Receiver, path_patch
-        from mechscope.model.loading import load_model
 
         try:
             receivers: Any = "logits"
@@ -171,9 +170,12 @@ def register(app: typer.Typer) -> None:
                         raise ConfigError(f"a receiver is 'layer.head.q|k|v' (e.g. 3.1.q); got {text!r}")
                     receivers.append(Receiver(int(parts[0]), int(parts[1]), parts[2]))
             senders = [_heads(text) for text in sender] or None
-            hm = load_model(model)
+        except MechscopeError as exc:
+            raise fail(exc) from exc
+
+        def call(hm: Any) -> Any:
             metric = logit_diff_metric(hm, answer, wrong, len(clean))
-            result = path_patch(
+            return path_patch(
                 hm,
                 clean,
                 corrupt,
@@ -184,55 +186,58 @@ def register(app: typer.Typer) -> None:
                 freeze_mlps=freeze_mlps,
                 progress=not quiet,
             )
-            path = result.save(output_path(out, "path_patch.safetensors"))
-            if html is not None:
-                write_figure(result.plot(), html)
-        except (MechscopeError, ValueError) as exc:
-            raise fail(exc) from exc
-        axes = result.axes["metric"]
-        clean_m, corrupt_m = _runs(result)
-        echo_effects(typer.echo, result.effect(), axes, result.labels, clean=clean_m, corrupt=corrupt_m, what="sender")
-        typer.echo(f"result -> {path}")
+
+        def summary(result: Any, hm: Any) -> list[str]:
+            clean_m, corrupt_m = _runs(result)
+            lines: list[str] = []
+            axes = result.axes["metric"]
+            echo_effects(
+                lines.append, result.effect(), axes, result.labels, clean=clean_m, corrupt=corrupt_m, what="sender"
+            )
+            return lines
+
+        run_verb(model, call, out=out, default_name="path_patch.safetensors", html=html, summary=summary)
 
     @app.command("atp")
+    @config_options(AtPConfig)
     def atp_cmd(
         model: Model,
         clean: Clean,
         corrupt: Corrupt,
         answer: Answer,
         wrong: Wrong,
-        direction: Direction = "denoising",
-        qk_fix: Annotated[bool, typer.Option(help="AtP*: exact attention pattern for query/key patches.")] = False,
-        grad_drop: Annotated[bool, typer.Option(help="AtP*: GradDrop magnitudes (one backward per layer).")] = False,
+        *,
+        config: AtPConfig,
         compare: Annotated[bool, typer.Option(help="Also run exact head patching and report agreement.")] = False,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         quiet: Quiet = False,
     ) -> None:
         """Attribution patching of every head, neuron and residual position (AtP, AtP*)."""
-        offline_by_default()
-        from mechscope.errors import MechscopeError
-        from mechscope.locate.attribution_patching import AtPConfig, atp_vs_exact, attribution_patch
-        from mechscope.model.loading import load_model
+        from mechscope.locate.attribution_patching import atp_vs_exact, attribution_patch
 
-        try:
-            hm = load_model(model)
+        direction = config.direction
+        comparisons: list[Any] = []
+
+        def call(hm: Any) -> Any:
             metric = logit_diff_metric(hm, answer, wrong, len(clean))
-            cfg = AtPConfig(direction=direction, qk_fix=qk_fix, grad_drop=grad_drop)
-            result = attribution_patch(hm, clean, corrupt, metric, cfg, progress=not quiet)
-            path = result.save(output_path(out, "atp.safetensors"))
-            comparison = (
-                atp_vs_exact(hm, clean, corrupt, metric, direction=direction, progress=not quiet) if compare else None
+            result = attribution_patch(hm, clean, corrupt, metric, config, progress=not quiet)
+            if compare:
+                comparisons.append(atp_vs_exact(hm, clean, corrupt, metric, direction=direction, progress=not quiet))
+            return result
+
+        def summary(result: Any, hm: Any) -> list[str]:
+            base, source = float(result["base"]), float(result["source"])
+            clean_m, corrupt_m = (source, base) if direction == "denoising" else (base, source)
+            lines = ["AtP estimates (first-order), per head:"]
+            axes = result.axes["heads"]
+            echo_effects(
+                lines.append, result["heads"], axes, result.labels, clean=clean_m, corrupt=corrupt_m, what="head"
             )
-        except (MechscopeError, ValueError) as exc:
-            raise fail(exc) from exc
-        base, source = float(result["base"]), float(result["source"])
-        clean_m, corrupt_m = (source, base) if direction == "denoising" else (base, source)
-        typer.echo("AtP estimates (first-order), per head:")
-        axes = result.axes["heads"]
-        echo_effects(typer.echo, result["heads"], axes, result.labels, clean=clean_m, corrupt=corrupt_m, what="head")
-        if comparison is not None:
-            c = comparison.config
-            typer.echo(f"AtP vs exact (heads): spearman {c['spearman']:.3f}  pearson {c['pearson']:.3f}")
-            for d in c["top_disagreements"][:5]:
-                typer.echo(f"  L{d['layer']} {d['head']}: atp {d['atp']:+.4f}  exact {d['exact']:+.4f}")
-        typer.echo(f"result -> {path}")
+            for comparison in comparisons:
+                c = comparison.config
+                lines.append(f"AtP vs exact (heads): spearman {c['spearman']:.3f}  pearson {c['pearson']:.3f}")
+                for d in c["top_disagreements"][:5]:
+                    lines.append(f"  L{d['layer']} {d['head']}: atp {d['atp']:+.4f}  exact {d['exact']:+.4f}")
+            return lines
+
+        run_verb(model, call, out=out, default_name="atp.safetensors", summary=summary)
