@@ -26,14 +26,15 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SparseCode:
     """Feature activations as the ``k`` (value, index) pairs per token that top-k selections produce:
-    decoding touches only those decoder rows (``values [tokens, k]``, ``indices [tokens, k]``)."""
+    decoding touches only those decoder rows (``values [tokens, k]``, ``indices [tokens, k]``). Pairs
+    add up (a row padded with zero values is fine)."""
 
     values: Float[Tensor, "tokens k"]
     indices: Tensor  # [tokens, k] int64
 
     def dense(self, d_sae: int) -> Float[Tensor, "tokens d_sae"]:
         out = torch.zeros(*self.values.shape[:-1], d_sae, dtype=self.values.dtype, device=self.values.device)
-        return out.scatter(-1, self.indices, self.values)
+        return out.scatter_add(-1, self.indices, self.values)
 
 
 class Architecture:

@@ -33,15 +33,28 @@ class BatchTopK(Architecture):
         return pre * (pre > extra_tensor(sae, "threshold"))
 
     def train_encode(self, sae: SparseAutoencoder, pre: Tensor, train: Any) -> Tensor | SparseCode:
+        """The batch's ``k x tokens`` largest activations as a :class:`SparseCode` whose rows are padded
+        to the busiest token's count with zero values (index 0): the decode reads only kept rows."""
         assert sae.config.k is not None
+        tokens, d_sae = pre.shape
         flat = torch.relu(pre).flatten()
-        top = flat.topk(min(flat.numel(), sae.config.k * pre.shape[0]), sorted=False)
-        return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
+        top = flat.topk(min(flat.numel(), sae.config.k * tokens), sorted=False)
+        with torch.no_grad():
+            token = torch.div(top.indices, d_sae, rounding_mode="floor")
+            counts = torch.bincount(token, minlength=tokens)
+            order = torch.argsort(token, stable=True)
+            starts = counts.cumsum(0) - counts
+            slot = torch.arange(order.numel()) - starts[token[order]]  # position of each kept value in its row
+            width = max(1, int(counts.max()))
+            where = token[order] * width + slot
+        values = top.values.new_zeros(tokens * width).index_put((where,), top.values[order])
+        indices = torch.zeros(tokens * width, dtype=torch.long).index_put_((where,), top.indices[order] % d_sae)
+        return SparseCode(values.view(tokens, width), indices.view(tokens, width))
 
     @torch.no_grad()
     def after_step(self, sae: SparseAutoencoder, pre: Tensor, f: Tensor | SparseCode, train: Any) -> None:
-        assert isinstance(f, Tensor)
-        kept = f[f > 0]
+        kept = f.values if isinstance(f, SparseCode) else f  # the trainer passes a sparse code's values
+        kept = kept[kept > 0]
         if kept.numel():
             low = kept.min()
             threshold = extra_tensor(sae, "threshold")

@@ -1,0 +1,98 @@
+"""The fast training path equals the plain dense computation: the encoder's sparse-gradient backward
+(:class:`mechscope.features.sae._Encode`) and the sparse decode give the same loss and the same gradients
+as ``pre = (x - b_dec) W_enc + b_enc``, a dense code, ``f W_dec + b_dec`` under plain autograd, for every
+architecture, SAEs and (skip-)transcoders, through the sparse and the dense branch of the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.features import SAEConfig, SAETrainConfig, SparseAutoencoder
+from mechscope.features import sae as sae_module
+from mechscope.features.architectures import SparseCode
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TRAIN = SAETrainConfig(steps=1, l1_coefficient=1.0, l0_coefficient=0.3)
+
+
+def _configs() -> list[SAEConfig]:
+    out = []
+    for activation, k in (("topk", 3), ("batchtopk", 3), ("relu", None), ("jumprelu", None)):
+        out.append(SAEConfig(d_in=12, d_sae=40, activation=activation, k=k))
+        out.append(SAEConfig(d_in=12, d_sae=40, activation=activation, k=k, d_out=9, out_site="b", skip=True))
+    return out
+
+
+def _sae(config: SAEConfig) -> SparseAutoencoder:
+    sae = SparseAutoencoder(config, seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # move every parameter off its initial value (zero biases, tied weights)
+        for name, p in sae.named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g) + (0.05 if name == "threshold" else 0.0))
+    return sae
+
+
+def _loss_fast(sae: SparseAutoencoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training step's loss as train_sae computes it."""
+    arch = sae.architecture
+    pre = sae.pre_activations(x)
+    code = arch.train_encode(sae, pre, TRAIN)
+    recon = sae.decode_sparse(code, x) if isinstance(code, SparseCode) else sae.decode(code, x)
+    loss = (recon - y).pow(2).sum(-1).mean()
+    penalty = arch.penalty(sae, pre, code, TRAIN)
+    return loss if penalty is None else loss + penalty
+
+
+def _loss_reference(sae: SparseAutoencoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The same loss, written densely with plain autograd (no custom backward, no sparse decode)."""
+    arch, cfg = sae.architecture, sae.config
+    pre = (x - sae.b_dec if cfg.centre_input else x) @ sae.W_enc + sae.b_enc
+    code = arch.train_encode(sae, pre, TRAIN)
+    f = code.dense(cfg.d_sae) if isinstance(code, SparseCode) else code
+    recon = f @ sae.W_dec + sae.b_dec + (x @ sae.W_skip if cfg.skip else 0.0)
+    loss = (recon - y).pow(2).sum(-1).mean()
+    penalty = arch.penalty(sae, pre, code, TRAIN)
+    return loss if penalty is None else loss + penalty
+
+
+@pytest.mark.parametrize("config", _configs(), ids=lambda c: f"{c.activation}{'-skip' if c.skip else ''}")
+@pytest.mark.parametrize("density", [0.0, 1.0], ids=["dense-backward", "sparse-backward"])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_the_fast_path_equals_the_dense_reference(config, density, input_grad, monkeypatch):
+    monkeypatch.setattr(sae_module, "SPARSE_GRAD_DENSITY", density)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, config.d_in, generator=g)
+    y = x if not config.transcoder else torch.randn(64, config.width_out, generator=g)
+    results = []
+    for loss_of in (_loss_fast, _loss_reference):
+        sae = _sae(config)
+        xi = x.clone().requires_grad_(input_grad)
+        loss = loss_of(sae, xi, y if config.transcoder else xi.detach())
+        loss.backward()
+        grads = {n: p.grad for n, p in sae.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, xi.grad))
+    (fast, fast_grads, fast_x), (ref, ref_grads, ref_x) = results
+    assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-6), (fast, ref)
+    assert set(fast_grads) == set(ref_grads) and {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(ref_grads)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-5), name
+    if input_grad:
+        assert fast_x is not None and torch.allclose(fast_x, ref_x, rtol=1e-4, atol=1e-5)
+
+
+def test_a_top_k_gradient_takes_the_sparse_branch(monkeypatch):
+    """At the default density threshold a TopK batch's encoder gradient is sparse (k of d_sae per token)."""
+    calls = []
+    real = torch.Tensor.to_sparse_csr
+
+    def spy(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to_sparse_csr", spy)
+    sae = _sae(SAEConfig(d_in=12, d_sae=400, activation="topk", k=4))
+    x = torch.randn(32, 12)
+    _loss_fast(sae, x, x).backward()
+    assert calls == [(400, 32)]  # dpre^T [d_sae, tokens]
