@@ -5,8 +5,8 @@ architecture) and on the store (with a checkpoint). Every rank saves the weights
     torchrun --standalone --nproc_per_node 2 tests/scale/dist_features_job.py MODEL_FOLDER OUT_FOLDER
 
 Test hooks (environment): ``MECHSCOPE_TEST_DIE=rank:shards`` SIGKILLs that rank once it has written that
-many shards; ``MECHSCOPE_TEST_STOP_AT=step`` ends the job (rank 0 exits) right after the checkpoint of
-that training step is written, as a job lost mid-training would.
+many shards; ``MECHSCOPE_TEST_STOP_AT=step`` interrupts training on every rank right after the checkpoint
+of that step is written, and the job trains again with the same checkpoint path (resuming).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from mechscope.features import train as train_module
 from mechscope.features.sae import SAEConfig
 from mechscope.features.store import writer
 from mechscope.features.store.distributed import collect_store_distributed
-from mechscope.features.train import SAETrainConfig, train_sae
+from mechscope.features.train import SAETrainConfig, checkpoint_info, train_sae
 from mechscope.model import distributed as dist
 from mechscope.model.loading import load_model
 
@@ -85,18 +85,26 @@ def _die_after_shards() -> None:
     writer._write_shard = write_then_maybe_die  # type: ignore[assignment]
 
 
-def _stop_after_checkpoint() -> None:
+class Interrupted(Exception):
+    """Raised on every rank by the MECHSCOPE_TEST_STOP_AT hook."""
+
+
+def _interrupt_after_checkpoint() -> None:
+    """Every rank stops training at the start of step `MECHSCOPE_TEST_STOP_AT` (after rank 0 wrote that step's
+    checkpoint: the barrier waits for it), as a job interrupted there would."""
     spec = os.environ.get("MECHSCOPE_TEST_STOP_AT")
     if not spec:
         return
-    original = train_module._save_checkpoint
+    original = train_module._StepLoss.forward
 
-    def save_then_maybe_stop(*args: Any, **kwargs: Any) -> None:
-        original(*args, **kwargs)
-        if args[4].step == int(spec):  # the _State
-            os._exit(3)
+    def forward_or_stop(self: Any, x: torch.Tensor, y: torch.Tensor, state: Any) -> torch.Tensor:
+        if state.step == int(spec):
+            train_module._StepLoss.forward = original  # type: ignore[method-assign]
+            dist.barrier()
+            raise Interrupted
+        return original(self, x, y, state)
 
-    train_module._save_checkpoint = save_then_maybe_stop  # type: ignore[assignment]
+    train_module._StepLoss.forward = forward_or_stop  # type: ignore[method-assign]
 
 
 def _save(sae: torch.nn.Module, path: Path) -> None:
@@ -120,10 +128,14 @@ def main(model_folder: str, out: str) -> None:
                 _save(sae, out_dir / f"tensor-{name}-{rank}.safetensors")
                 if dist.is_main():
                     (out_dir / f"tensor-{name}-log.json").write_text(json.dumps(log))
-        _stop_after_checkpoint()
-        sae, log = train_sae(
-            store, store_sae_config(model.dims.d_model), STORE_TRAIN, checkpoint=out_dir / "ckpt.safetensors"
-        )
+        _interrupt_after_checkpoint()
+        config, checkpoint = store_sae_config(model.dims.d_model), out_dir / "ckpt.safetensors"
+        try:
+            sae, _ = train_sae(store, config, STORE_TRAIN, checkpoint=checkpoint)
+        except Interrupted:
+            if dist.is_main():
+                (out_dir / "interrupted.json").write_text(json.dumps(checkpoint_info(checkpoint)["step"]))
+            sae, _ = train_sae(store, config, STORE_TRAIN, checkpoint=checkpoint)  # resumes on every rank
         _save(sae, out_dir / f"store-{rank}.safetensors")
         dist.barrier()
 
