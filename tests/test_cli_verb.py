@@ -153,6 +153,7 @@ CONVERTED = (
     (("locate", "trace"), "mechscope.locate.causal_tracing:TracingConfig", ()),
     (("locate", "ig"), "mechscope.locate.attribution:IGConfig", ()),
     (("locate", "atp"), "mechscope.locate.attribution_patching:AtPConfig", ()),
+    (("locate", "probe"), "mechscope.locate.probes:ProbeConfig", ()),
     (("locate", "tuned-lens-train"), "mechscope.locate.tuned_lens:TunedLensConfig", ()),
     (("locate", "eap"), "mechscope.locate.circuits.eap:EAPConfig", ("steps",)),
     (("locate", "eap-ig"), "mechscope.locate.circuits.eap:EAPConfig", ()),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import Quiet, fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import Quiet
+from mechscope.cli.verb import config_options, run_verb
 from mechscope.io import read_jsonl
+from mechscope.locate.probes import ProbeConfig
 
 
 def _zoo_task(task: str, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -43,6 +46,7 @@ def _jsonl(path: Path) -> tuple[list[str], list[Any]]:
 
 def register(app: typer.Typer) -> None:
     @app.command("probe")
+    @config_options(ProbeConfig)
     def probe_cmd(
         model: Annotated[str, typer.Argument(help="Model folder or bundled model name.")],
         data: Annotated[
@@ -52,11 +56,10 @@ def register(app: typer.Typer) -> None:
         test_data: Annotated[Path | None, typer.Option(help="JSONL test set (default: a random split).")] = None,
         site_kind: Annotated[str, typer.Option(help="Site kind read at every layer.")] = "hook_resid_post",
         position: Annotated[int | None, typer.Option(help="Token position (default: each row's last token).")] = None,
-        kind: Annotated[str, typer.Option(help="logistic, linear or mass_mean.")] = "logistic",
-        folds: Annotated[int, typer.Option(help="Cross-validation folds (0: none).")] = 5,
+        *,
+        config: ProbeConfig,
         max_examples: Annotated[int, typer.Option(help="Cap on training examples (random subset).")] = 2000,
         positive: Annotated[str | None, typer.Option(help="Label of class 1 (default: the larger label).")] = None,
-        seed: Annotated[int, typer.Option(help="Seed of split, folds, control task and subset.")] = 0,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Result file (default: ./mechscope-out).")] = None,
         html: Annotated[Path | None, typer.Option(help="Also write an HTML figure of test accuracy.")] = None,
         batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (lower it when memory runs out).")] = 32,
@@ -65,15 +68,13 @@ def register(app: typer.Typer) -> None:
         """Train a probe per layer; print held-out, cross-validated and control accuracy, selectivity."""
         import random
 
-        offline_by_default()
         from mechscope.cli.memory import check_batch_size, memory_knob
-        from mechscope.errors import MechscopeError
-        from mechscope.locate.probes import ProbeConfig, train_probes
-        from mechscope.model.loading import load_model
+        from mechscope.locate.probes import train_probes
 
         if (data is None) == (task is None):
             raise typer.BadParameter("give exactly one of --data or --task")
         check_batch_size(batch_size)
+        seed = config.seed
         test_texts: list[str] | None = None
         test_labels: list[Any] | None = None
         if task is not None:
@@ -87,11 +88,10 @@ def register(app: typer.Typer) -> None:
         random.Random(seed).shuffle(order)
         order = order[:max_examples]
         texts, labels = [texts[i] for i in order], [labels[i] for i in order]
-        try:
-            hm = load_model(model)
-            cfg = ProbeConfig(kind=kind, folds=folds, seed=seed)  # type: ignore[arg-type]
+
+        def call(hm: Any) -> Any:
             with memory_knob("--batch-size", batch_size):
-                result = train_probes(
+                return train_probes(
                     hm,
                     texts,
                     labels,
@@ -100,21 +100,20 @@ def register(app: typer.Typer) -> None:
                     test_inputs=test_texts,
                     test_labels=test_labels,
                     positive_label=positive,
-                    config=cfg,
+                    config=config,
                     progress=not quiet,
                     batch_size=batch_size,
                 )
-            path = result.save(output_path(out, "probes.safetensors"))
-            if html is not None:
-                write_figure(result.plot(), html)
-        except (MechscopeError, ValueError) as exc:
-            raise fail(exc) from exc
-        cols = [
-            c
-            for c in ("train_accuracy", "test_accuracy", "cv_accuracy", "control_accuracy", "selectivity")
-            if c in result.tensors
-        ]
-        typer.echo(f"{'site':28s} " + " ".join(f"{c.replace('_accuracy', ''):>9s}" for c in cols))
-        for i, label in enumerate(result.labels["layer"]):
-            typer.echo(f"{label:28s} " + " ".join(f"{float(result[c][i]):9.3f}" for c in cols))
-        typer.echo(f"best layer {result.config['layers'][result.best_layer()]}; result -> {path}")
+
+        def summary(result: Any, hm: Any) -> Iterator[str]:
+            cols = [
+                c
+                for c in ("train_accuracy", "test_accuracy", "cv_accuracy", "control_accuracy", "selectivity")
+                if c in result.tensors
+            ]
+            yield f"{'site':28s} " + " ".join(f"{c.replace('_accuracy', ''):>9s}" for c in cols)
+            for i, label in enumerate(result.labels["layer"]):
+                yield f"{label:28s} " + " ".join(f"{float(result[c][i]):9.3f}" for c in cols)
+            yield f"best layer {result.config['layers'][result.best_layer()]}"
+
+        run_verb(model, call, out=out, default_name="probes.safetensors", html=html, summary=summary)
