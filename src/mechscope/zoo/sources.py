@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechscope.errors import ConfigError, ModelNotFoundError
+from mechscope.io import read_text
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,13 @@ SOURCES: dict[str, Source] = {
 
 def local_documents(folder: Path) -> Iterator[str]:
     """Paragraphs (blank-line separated) of every ``*.txt`` file under `folder`, in sorted order."""
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"expected a folder of *.txt files; got {str(folder)!r}, which is not a folder")
     files = sorted(folder.rglob("*.txt"))
     if not files:
         raise ModelNotFoundError(f"expected *.txt files under {folder}, found none")
     for path in files:
-        yield from path.read_text(encoding="utf-8", errors="replace").split("\n\n")
+        yield from read_text(path, "UTF-8 text").split("\n\n")  # a non-UTF-8 file is an error, not mojibake
 
 
 def fetch_debian(packages: list[str], dest: Path) -> dict[str, str]:
