@@ -104,6 +104,9 @@ def test_one_process_collects_the_same_layout(tmp_path):
     store = collect_store_distributed(model, job.SITE, job.TEXTS, tmp_path / "d", **args)
     single = collect_store(model, job.SITE, job.TEXTS, tmp_path / "s", **args)
     assert store.complete and torch.equal(_rows(store)[1], _rows(single)[1])
+    limited = collect_store_distributed(model, job.SITE, job.TEXTS, tmp_path / "dm", **args, max_tokens=40)
+    ref = collect_store(model, job.SITE, job.TEXTS, tmp_path / "sm", **args, max_tokens=40)
+    assert torch.equal(_rows(limited)[0], _rows(ref)[0]) and limited.n_tokens == ref.n_tokens == 42  # 6 rows of 7
     again = collect_store_distributed(model, job.SITE, job.TEXTS, tmp_path / "d", **args)  # complete: nothing to do
     assert again.manifest.shards == store.manifest.shards
     with pytest.raises(ConfigError, match="other settings"):
@@ -209,3 +212,38 @@ def test_a_lost_rank_leaves_a_readable_store_and_reruns_fill_only_the_gap(model_
     uninterrupted = load_file(full / "store-rank0.safetensors")
     for key, value in uninterrupted.items():
         torch.testing.assert_close(final[key], value, atol=1e-7, rtol=0)
+
+
+def test_blocks_are_dealt_round_robin_and_an_empty_share_is_a_complete_part(tmp_path, monkeypatch):
+    """Rank 1 of 2, simulated in one process: its rows are blocks 1, 3, 5, ... of the corpus (up to the token
+    limit), and with a corpus of one block its part is complete and empty."""
+    from mechscope.features.store import distributed as store_dist
+    from mechscope.features.store import token_rows
+    from mechscope.features.store.manifest import StoreSettings
+    from mechscope.features.store.parts import merge, part_folder
+    from mechscope.io import ModelInfo
+    from mechscope.model.hooked import HookedModel
+
+    hf, tok = tiny_model("llama")
+    model = HookedModel(hf, tok)
+    monkeypatch.setattr(store_dist.dist, "rank", lambda: 1)
+    monkeypatch.setattr(store_dist.dist, "world_size", lambda: 2)
+    monkeypatch.setattr(store_dist.dist, "is_main", lambda: False)
+    all_rows = token_rows(model, job.TEXTS, seq_len=job.SEQ_LEN)  # 51 rows of 8
+    settings = StoreSettings(sites=(job.SITE,), dtype="fp32", seq_len=job.SEQ_LEN, rows_per_shard=4, max_tokens=7 * 30)
+    mine = torch.stack(list(store_dist._my_rows(model, job.TEXTS, settings)))
+    expected = [i for i in range(30) if (i // 4) % 2 == 1]  # the limit: 30 rows of 7 tokens
+    assert torch.equal(mine, all_rows[expected])
+
+    one_block = [job.TEXTS[0]]  # 2 rows: one block (of up to 4), dealt to rank 0
+    small = StoreSettings(sites=(job.SITE,), dtype="fp32", seq_len=job.SEQ_LEN, rows_per_shard=4)
+    info = ModelInfo.of(model)
+    top = Manifest(small, info, {})
+    top.extra = {PARTS_KEY: {"world_size": 2}}
+    (tmp_path / "s").mkdir()
+    top.save(tmp_path / "s")
+    store_dist._collect_part(model, [model.site(job.SITE)], one_block, tmp_path / "s", small, info, 8, False)
+    part = Manifest.load(part_folder(tmp_path / "s", 1))
+    assert part.complete and part.shards == []
+    merged = merge(tmp_path / "s", top)
+    assert merged.extra["missing"] == [{"rank": 0, "shards_done": 0, "rows_done": 0, "next_block": 0}]
