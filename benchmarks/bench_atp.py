@@ -5,6 +5,11 @@ Default: a random GPT-2-small-sized model (12 layers, d_model 768, 12 heads, MLP
 batch 4 x 32 tokens, CPU, fp32, one thread. Also times AtP* (QK fix; GradDrop adds one
 forward + backward per layer and is reported separately).
 
+The metric is ``logit_diff_metric(1, 2)``, which declares what it reads (each prompt's last real token,
+two vocabulary columns), so AtP's forward + backward unembeds only that position; ``--metric plain``
+uses the undeclared ``lambda logits: logit_diff(logits, 1, 2)`` (every position unembedded). The
+baseline is always a plain forward + backward with every position's logits.
+
     python benchmarks/bench_atp.py [--layers 12] [--d-model 768] [--batch 4] [--pos 32] [--repeats 3]
 """
 
@@ -22,6 +27,7 @@ import torch
 from common import add_model_options, best_of, random_gpt2
 from mechscope.locate.attribution_patching import AtPConfig, attribution_patch
 from mechscope.locate.metrics import logit_diff
+from mechscope.metrics import logit_diff_metric
 
 
 def main() -> None:
@@ -29,14 +35,17 @@ def main() -> None:
     add_model_options(parser, batch=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--graddrop", action="store_true", help="also time GradDrop")
+    parser.add_argument("--metric", choices=("declared", "plain"), default="declared")
     args = parser.parse_args()
     model = random_gpt2(args)
     clean = torch.randint(0, args.vocab, (args.batch, args.pos))
     corrupt = clean.clone()
     corrupt[:, 1] = torch.randint(0, args.vocab, (args.batch,))
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
+    def plain(logits: torch.Tensor) -> torch.Tensor:
         return logit_diff(logits, 1, 2)
+
+    metric = logit_diff_metric(1, 2) if args.metric == "declared" else plain
 
     def forward_backward() -> None:
         model.run_with_grads(clean, lambda logits: metric(logits).mean(), ["blocks.0.hook_resid_pre"])
@@ -54,7 +63,8 @@ def main() -> None:
     n_nodes = args.layers * (args.heads + 4 * args.d_model + args.pos)
     print(
         f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}; "
-        f"batch {args.batch} x {args.pos}; {torch.get_num_threads()} thread(s); {args.repeats} rounds"
+        f"batch {args.batch} x {args.pos}; {torch.get_num_threads()} thread(s); {args.repeats} rounds; "
+        f"{args.metric} metric"
     )
     # The machine is shared: every round times the baseline right before each method, and the
     # reported ratio is the median over rounds of (method / baseline of the same round).

@@ -16,7 +16,8 @@ metric is row-wise (checked on the first chunk), else one variant at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +129,34 @@ def read_plan(
         if _reads_only(metric, logits, attention_mask, plan):
             return plan
     return everything
+
+
+@contextmanager
+def unembedding_only(model: HookedModel, keep: Sequence[int]) -> Iterator[None]:
+    """Within the block, the model's unembedding projects only positions `keep` of its input: a full
+    forward (with gradients) returns logits ``[batch, len(keep), d_vocab]`` (see :func:`spread`)."""
+    index = list(keep)
+
+    def trim(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][:, index], *args[1:])
+
+    handle = model.module(model.adapter.unembed).register_forward_pre_hook(trim)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def spread(
+    kept: Float[Tensor, "batch k d_vocab"], keep: Sequence[int], n_pos: int
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits at positions `keep` placed in a ``[batch, n_pos, d_vocab]`` tensor, NaN elsewhere (keeps
+    gradients): what a metric that reads only `keep` needs."""
+    if list(keep) == list(range(n_pos)):
+        return kept
+    full = kept.new_full((kept.shape[0], n_pos, kept.shape[-1]), float("nan"))
+    full[:, list(keep)] = kept
+    return full
 
 
 class _Captured(Exception):
@@ -308,4 +337,4 @@ class Scorer:
         return torch.stack(out)
 
 
-__all__ = ["Forward", "ReadPlan", "Scorer", "read_plan"]
+__all__ = ["Forward", "ReadPlan", "Scorer", "read_plan", "spread", "unembedding_only"]

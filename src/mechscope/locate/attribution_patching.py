@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.locate._engine import metric_positions, progress_bar
+from mechscope.locate._reads import spread, unembedding_only
 from mechscope.locate.patching import activation_patch, check_pair, tokens_of
 from mechscope.metrics import Metric, metric_reads, resolve_positions, score
 from mechscope.model.hooks import HookContext, HookFn
@@ -114,26 +115,10 @@ def _grads(
         with model.hooks(hooks):
             result = model.run_with_grads(inputs, lambda logits: _metric_mean(metric, logits, mask), sites)
         return result.loss, *_split(result, sites), result.logits
-    head = model.module(model.adapter.unembed)
     n_pos = int(inputs["input_ids"].shape[1])
-
-    def only_read(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0][:, keep], *args[1:])
-
-    def loss(kept: Tensor) -> Tensor:
-        full = kept.new_full((kept.shape[0], n_pos, kept.shape[-1]), float("nan"))
-        full[:, keep] = kept
-        return _metric_mean(metric, full, mask)
-
-    handle = head.register_forward_pre_hook(only_read)
-    try:
-        with model.hooks(hooks):
-            result = model.run_with_grads(inputs, loss, sites)
-    finally:
-        handle.remove()
-    full = result.logits.new_full((result.logits.shape[0], n_pos, result.logits.shape[-1]), float("nan"))
-    full[:, keep] = result.logits
-    return result.loss, *_split(result, sites), full
+    with unembedding_only(model, keep), model.hooks(hooks):
+        result = model.run_with_grads(inputs, lambda kept: _metric_mean(metric, spread(kept, keep, n_pos), mask), sites)
+    return result.loss, *_split(result, sites), spread(result.logits, keep, n_pos)
 
 
 def _split(result: Any, sites: list[Site]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import ConfigError
+from mechscope.locate._reads import read_plan, spread, unembedding_only
 from mechscope.locate.circuits.ablation import (
     ABLATIONS,
     Metric,
@@ -79,6 +80,7 @@ def _attribute(
     batch = logits.shape[0]
     with torch.no_grad():
         full_metric = metric_rows(metric, logits, clean_t["attention_mask"]).float().mean()
+    read, n_pos = read_plan(metric, logits, clean_t["attention_mask"]).positions, int(logits.shape[1])
     step_alphas = [(k + 1) / config.steps for k in range(config.steps)] if integrated else [1.0]
     delta = (outs - ablated).detach()
     size = min(config.batch_size or batch, batch)
@@ -98,7 +100,11 @@ def _attribute(
 
         def run(sl: slice, mask: Tensor, override: Tensor | None = override) -> Tensor:
             tokens = {k: v[sl] for k, v in clean_t.items()}
-            return graph_forward(model, graph, tokens, mask, fixed_delta=delta[sl], input_override=rows(override, sl))
+            with unembedding_only(model, read):  # only the logits the metric reads
+                kept = graph_forward(
+                    model, graph, tokens, mask, fixed_delta=delta[sl], input_override=rows(override, sl)
+                )
+            return spread(kept, read, n_pos)
 
         mask = torch.ones(graph.valid.shape, device=model.device, dtype=model.dtype, requires_grad=True)
         if len(chunks) == 1:
