@@ -47,8 +47,6 @@ def _batch(tokenizer, rows: list[tuple[str, str]], pad: int) -> tuple[torch.Tens
     return ids, mask, lab
 
 
-
-
 def train(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
