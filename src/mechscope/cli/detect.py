@@ -34,11 +34,12 @@ HoldOpt = Annotated[
 def read_examples(path: Path) -> list[Any]:
     """Examples from a text file: one per line, ``prompt<TAB>response`` for pairs; blank lines skipped."""
     from mechscope.errors import ConfigError
+    from mechscope.io import read_text
 
     if not path.is_file():
         raise ConfigError(f"no example file at {path}")
     out: list[Any] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path, "example").splitlines():
         if not line.strip():
             continue
         out.append(tuple(line.split("\t", 1)) if "\t" in line else line.replace("\\n", "\n"))

@@ -15,9 +15,11 @@ from mechscope.locate.tuned_lens import TunedLensConfig
 
 def read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
     """Prompts from repeated --prompt options and/or a file with one prompt per line."""
+    from mechscope.io import read_text
+
     out = list(prompts)
     if prompt_file is not None:
-        out += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+        out += [line for line in read_text(prompt_file, "prompt list").splitlines() if line.strip()]
     if not out:
         raise typer.BadParameter("give at least one --prompt or a --prompt-file")
     return out
@@ -68,11 +70,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Logit lens: per-layer KL to the final distribution and top tokens."""
         from mechscope.cli.memory import check_batch_size, memory_knob
-        from mechscope.errors import MechscopeError
+        from mechscope.errors import ConfigError, MechscopeError
         from mechscope.locate.lens import logit_lens
 
         try:
             check_batch_size(batch_size)
+            if top < 1:
+                raise ConfigError(f"--top must be a positive number of tokens; got {top}")
             prompts = read_prompts(prompt, prompt_file)
         except MechscopeError as exc:
             raise fail(exc) from exc

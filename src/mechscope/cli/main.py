@@ -97,7 +97,10 @@ def cache(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {batch_size}")
     hm = load_model(model)
-    pos = [int(p) for p in positions.split(",") if p.strip()] or None
+    try:
+        pos = [int(p) for p in positions.split(",") if p.strip()] or None
+    except ValueError:
+        raise ConfigError(f"--positions must be comma-separated integers (e.g. '-1,0'); got {positions!r}") from None
     # One padding for every batch, so the batches concatenate; positions counted from the end count from each
     # prompt's own end (left padding), so '-1' is every prompt's last real token, never a pad.
     padding = "left" if pos is not None and any(p < 0 for p in pos) else "right"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mechscope.errors import ConfigError
+from mechscope.io import read_text
 
 Role = Literal["target", "side"]
 _RENAMED = {"correct": "answer", "incorrect": "wrong"}
@@ -55,7 +56,7 @@ def _existing(path: str | Path) -> Path:
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "JSON-lines").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -73,7 +74,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _text_lines(path: Path) -> list[str]:
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [ln for ln in read_text(path, "prompt list").splitlines() if ln.strip() and not ln.startswith("#")]
     if not lines:
         raise ConfigError(f"{str(path)!r} has no non-empty lines (expected one prompt per line)")
     return lines
