@@ -1,7 +1,7 @@
 """The fast training path equals the plain dense computation: the encoder's sparse-gradient backward
-(:class:`mechscope.features.sae._Encode`) and the sparse decode give the same loss and the same gradients
-as ``pre = (x - b_dec) W_enc + b_enc``, a dense code, ``f W_dec + b_dec`` under plain autograd, for every
-architecture, SAEs and (skip-)transcoders, through the sparse and the dense branch of the backward."""
+(:mod:`mechscope.features.architectures.sparse_grad`) and the sparse decode give the same loss and the
+same gradients as ``pre = (x - b_dec) W_enc + b_enc``, a dense code, ``f W_dec + b_dec`` under plain
+autograd, for every architecture, SAEs and (skip-)transcoders, with and without an input gradient."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from mechscope.features import SAEConfig, SAETrainConfig, SparseAutoencoder
-from mechscope.features import sae as sae_module
-from mechscope.features.architectures import SparseCode
+from mechscope.features.architectures import SparseCode, sparse_grad
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,10 +57,8 @@ def _loss_reference(sae: SparseAutoencoder, x: torch.Tensor, y: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("config", _configs(), ids=lambda c: f"{c.activation}{'-skip' if c.skip else ''}")
-@pytest.mark.parametrize("density", [0.0, 1.0], ids=["dense-backward", "sparse-backward"])
 @pytest.mark.parametrize("input_grad", [False, True])
-def test_the_fast_path_equals_the_dense_reference(config, density, input_grad, monkeypatch):
-    monkeypatch.setattr(sae_module, "SPARSE_GRAD_DENSITY", density)
+def test_the_fast_path_equals_the_dense_reference(config, input_grad):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(64, config.d_in, generator=g)
     y = x if not config.transcoder else torch.randn(64, config.width_out, generator=g)
@@ -82,17 +79,41 @@ def test_the_fast_path_equals_the_dense_reference(config, density, input_grad, m
         assert fast_x is not None and torch.allclose(fast_x, ref_x, rtol=1e-4, atol=1e-5)
 
 
-def test_a_top_k_gradient_takes_the_sparse_branch(monkeypatch):
-    """At the default density threshold a TopK batch's encoder gradient is sparse (k of d_sae per token)."""
-    calls = []
-    real = torch.Tensor.to_sparse_csr
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_a_top_k_gradient_reaches_the_encoder_sparse(activation, monkeypatch):
+    """The top-k family's encoder backward gets the gradient of the selected pre-activations only, as a
+    sparse tensor (k per token on average), and multiplies it as compressed sparse rows."""
+    seen = []
+    real = sparse_grad._sparse_t_mm
 
-    def spy(self, *args, **kwargs):
-        calls.append(tuple(self.shape))
-        return real(self, *args, **kwargs)
+    def spy(rows, cols, values, xc, d_sae):
+        seen.append(values.numel())
+        return real(rows, cols, values, xc, d_sae)
 
-    monkeypatch.setattr(torch.Tensor, "to_sparse_csr", spy)
-    sae = _sae(SAEConfig(d_in=12, d_sae=400, activation="topk", k=4))
+    monkeypatch.setattr(sparse_grad, "_sparse_t_mm", spy)
+    sae = _sae(SAEConfig(d_in=12, d_sae=400, activation=activation, k=4))
     x = torch.randn(32, 12)
     _loss_fast(sae, x, x).backward()
-    assert calls == [(400, 32)]  # dpre^T [d_sae, tokens]
+    assert seen == [32 * 4]
+
+
+def test_the_auxiliary_loss_through_the_fast_path_equals_the_dense_reference():
+    from mechscope.features.train import _aux_loss
+
+    config = SAEConfig(d_in=12, d_sae=40, activation="topk", k=3)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::3] = True
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(6))
+    error = torch.randn(64, 12, generator=torch.Generator().manual_seed(7))
+    grads = []
+    for fast in (True, False):
+        sae = _sae(config)
+        pre = sae.pre_activations(x) if fast else (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        loss = _aux_loss(sae, pre, dead, error)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in sae.named_parameters()}))
+    (fast_loss, fast_grads), (ref_loss, ref_grads) = grads
+    assert torch.allclose(fast_loss, ref_loss)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-5), name
+    assert bool((fast_grads["W_enc"][:, ~dead] == 0).all())  # only dead features learn from AuxK

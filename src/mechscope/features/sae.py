@@ -14,7 +14,6 @@ trained on when known); files of the older layout (weights + a sidecar ``.json``
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.features.architectures import SparseCode, architectures, get_architecture
+from mechscope.features.architectures.sparse_grad import Encode
 from mechscope.io import (
     Envelope,
     FileSchema,
@@ -160,12 +160,13 @@ class SparseAutoencoder(nn.Module):
 
     def pre_activations(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         """``W_enc^T (x - b_dec) + b_enc`` (without ``- b_dec`` for a transcoder). Under autograd on a
-        ``[tokens, d_in]`` batch, through :class:`_Encode`, whose backward exploits a sparse gradient."""
+        ``[tokens, d_in]`` batch, through :class:`~mechscope.features.architectures.sparse_grad.Encode`,
+        whose backward takes the sparse gradient of a top-k selection."""
         self._check(x)
         x = x.to(self.W_enc.dtype)
         if torch.is_grad_enabled() and x.ndim == 2 and self.W_enc.requires_grad:
             b_dec = self.b_dec if self.config.centre_input else None
-            return _Encode.apply(x, self.W_enc, self.b_enc, b_dec)  # type: ignore[no-any-return]
+            return Encode.apply(x, self.W_enc, self.b_enc, b_dec)  # type: ignore[no-any-return]
         return (x - self.b_dec if self.config.centre_input else x) @ self.W_enc + self.b_enc
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
@@ -261,48 +262,6 @@ class SparseAutoencoder(nn.Module):
                     f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
                 )
         self.load_state_dict({k: v.float() for k, v in tensors.items()})
-
-
-#: Below this fraction of non-zero entries, the encoder's weight gradient is a sparse product.
-SPARSE_GRAD_DENSITY = 0.05
-
-
-class _Encode(torch.autograd.Function):
-    """``pre = (x - b_dec) @ W_enc + b_enc`` (``b_dec`` None: no centring) with a backward that reads the
-    gradient's sparsity. A top-k family SAE passes gradient to ``k`` of ``d_sae`` pre-activations per
-    token, so ``dW_enc = xc^T dpre`` is a sparse-dense product (the nonzeros of ``dpre`` times rows of
-    ``xc``) instead of a dense ``[d_in, tokens] x [tokens, d_sae]`` one; and ``b_dec``'s gradient through
-    the encoder, ``-sum_t dpre_t W_enc^T``, is ``-W_enc db_enc``, so the ``[tokens, d_in]`` input gradient
-    is formed only when the input itself needs one. Dense gradients (ReLU, JumpReLU) take the dense
-    products. Equal to plain autograd up to floating-point reassociation (tested)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None) -> Tensor:
-        xc = x - b_dec if b_dec is not None else x
-        ctx.save_for_backward(xc, w_enc)
-        return torch.addmm(b_enc, xc, w_enc)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xc, w_enc = ctx.saved_tensors
-        need_x, need_w, need_b_enc, need_b_dec = ctx.needs_input_grad
-        grad = grad.contiguous()
-        grad_b_enc = grad.sum(0)
-        grad_w = None
-        if need_w:
-            nonzero = int(torch.count_nonzero(grad))
-            if nonzero < SPARSE_GRAD_DENSITY * grad.numel():
-                # dW^T [d_sae, d_in] = dpre^T xc, with dpre^T as compressed sparse rows
-                with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
-                    grad_w = torch.mm(grad.t().to_sparse_csr(), xc).t()
-            else:
-                grad_w = xc.t() @ grad
-        grad_x = grad @ w_enc.t() if need_x else None
-        grad_b_dec = None
-        if need_b_dec:
-            grad_b_dec = -(grad_x.sum(0) if grad_x is not None else w_enc @ grad_b_enc)
-        return grad_x, grad_w, grad_b_enc if need_b_enc else None, grad_b_dec
 
 
 ACTIVATIONS = tuple(architectures())

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.features.architectures import SparseCode
+from mechscope.features.architectures.sparse_grad import select_rows
 from mechscope.features.distributed_train import DataParallel, Local
 from mechscope.features.sae import SAEConfig, SparseAutoencoder
 from mechscope.io import Envelope, FileSchema, read_envelope, register_schema, write_envelope
@@ -396,10 +397,9 @@ def _fired(code: Tensor | SparseCode, d_sae: int) -> Tensor:
 def _aux_loss(sae: SparseAutoencoder, pre: Tensor, dead: Tensor, error: Tensor) -> Tensor:
     """AuxK: squared error of the top ``k_aux`` dead features' reconstruction of the main error."""
     k_aux = min(int(dead.sum()), max(1, sae.config.width_out // 2))
-    masked = pre.masked_fill(~dead, float("-inf"))
-    top = masked.topk(k_aux, dim=-1, sorted=False)
-    values = torch.relu(top.values).nan_to_num(0.0, neginf=0.0)
-    approx = torch.nn.functional.embedding_bag(top.indices, sae.W_dec, per_sample_weights=values, mode="sum")
+    indices = pre.detach().masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+    values = torch.relu(select_rows(pre, indices))  # k_aux <= dead features: all selected are dead; sparse grad
+    approx = torch.nn.functional.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
     return (approx - error).pow(2).sum(-1).mean()
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from mechscope.features.architectures.base import Architecture, SparseCode, extra_tensor, register_architecture
+from mechscope.features.architectures.sparse_grad import select
 
 if TYPE_CHECKING:
     from mechscope.features.sae import SAEConfig, SparseAutoencoder
@@ -37,19 +38,17 @@ class BatchTopK(Architecture):
         to the busiest token's count with zero values (index 0): the decode reads only kept rows."""
         assert sae.config.k is not None
         tokens, d_sae = pre.shape
-        flat = torch.relu(pre).flatten()
-        top = flat.topk(min(flat.numel(), sae.config.k * tokens), sorted=False)
-        with torch.no_grad():
-            token = torch.div(top.indices, d_sae, rounding_mode="floor")
-            counts = torch.bincount(token, minlength=tokens)
-            order = torch.argsort(token, stable=True)
-            starts = counts.cumsum(0) - counts
-            slot = torch.arange(order.numel()) - starts[token[order]]  # position of each kept value in its row
-            width = max(1, int(counts.max()))
-            where = token[order] * width + slot
-        values = top.values.new_zeros(tokens * width).index_put((where,), top.values[order])
-        indices = torch.zeros(tokens * width, dtype=torch.long).index_put_((where,), top.indices[order] % d_sae)
-        return SparseCode(values.view(tokens, width), indices.view(tokens, width))
+        flat = torch.relu(pre.detach()).flatten()
+        kept = flat.topk(min(flat.numel(), sae.config.k * tokens), sorted=False).indices.sort().values
+        token, feature = torch.div(kept, d_sae, rounding_mode="floor"), kept % d_sae  # sorted by token
+        counts = torch.bincount(token, minlength=tokens)
+        slot = torch.arange(kept.numel()) - (counts.cumsum(0) - counts)[token]  # position in its token's row
+        width = max(1, int(counts.max()))
+        where = token * width + slot
+        values = torch.relu(select(pre, token, feature))  # gradient back to pre: sparse
+        padded = values.new_zeros(tokens * width).index_put((where,), values)
+        indices = torch.zeros(tokens * width, dtype=torch.long).index_put_((where,), feature)
+        return SparseCode(padded.view(tokens, width), indices.view(tokens, width))
 
     @torch.no_grad()
     def after_step(self, sae: SparseAutoencoder, pre: Tensor, f: Tensor | SparseCode, train: Any) -> None:

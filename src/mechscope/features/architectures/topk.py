@@ -1,6 +1,7 @@
 """TopK (Gao et al. 2024): keep the ``k`` largest pre-activations of each token (then ReLU): sparsity
 set exactly, no penalty to tune. Training decodes sparsely (only the ``k`` active decoder rows of each
-token are read, through ``embedding_bag``), which is most of its speed."""
+token are read, through ``embedding_bag``) and passes the encoder a sparse gradient
+(:mod:`~mechscope.features.architectures.sparse_grad`), which is most of its speed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from mechscope.features.architectures.base import Architecture, SparseCode, register_architecture
+from mechscope.features.architectures.sparse_grad import select_rows
 
 if TYPE_CHECKING:
     from mechscope.features.sae import SparseAutoencoder
@@ -28,5 +30,5 @@ class TopK(Architecture):
 
     def train_encode(self, sae: SparseAutoencoder, pre: Tensor, train: Any) -> Tensor | SparseCode:
         assert sae.config.k is not None
-        top = pre.topk(sae.config.k, dim=-1, sorted=False)
-        return SparseCode(torch.relu(top.values), top.indices)
+        indices = pre.detach().topk(sae.config.k, dim=-1, sorted=False).indices
+        return SparseCode(torch.relu(select_rows(pre, indices)), indices)  # gradient back to pre: sparse
