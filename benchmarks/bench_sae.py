@@ -118,7 +118,7 @@ def saelens_steps(python: str, x_path: Path, arch: str, args: argparse.Namespace
     """Seconds for SAELens's own steps, or None when it fails (printed)."""
     script = Path(__file__).with_name("_saelens_steps.py")
     command = [python, str(script), str(x_path), arch, str(args.d_sae), str(args.k), str(args.steps)]
-    command += [str(args.batch), str(args.threads), "1" if sparse else "0"]
+    command += [str(args.batch), str(args.threads), "1" if sparse else "0", str(args.repeats)]
     done = subprocess.run(
         command, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
