@@ -159,6 +159,7 @@ CONVERTED = (
     (("locate", "eap-ig"), "mechscope.locate.circuits.eap:EAPConfig", ()),
     (("edit", "rome"), "mechscope.steer.editing.rome:ROMEConfig", ("stats",)),
     (("edit", "memit"), "mechscope.steer.editing.memit:MEMITConfig", ("stats", "layers")),
+    (("diff",), "mechscope.improve.diffing.diff:DiffConfig", ("progress",)),
     (("detect", "train"), "mechscope.improve.detect.detectors:DetectorConfig", ("shrinkage", "sites")),
     (
         ("steer", "direction"),

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default, output_path, write_figure
+from mechscope.cli.common import fail
+from mechscope.cli.verb import config_options, run_verb
+from mechscope.improve.diffing.diff import DiffConfig
 
 
+@config_options(DiffConfig, exclude=("progress",))
 def diff_command(
     base: Annotated[str, typer.Argument(help="Base model: folder or bundled name.")],
     tuned: Annotated[str, typer.Argument(help="Tuned model: folder or bundled name ('-' with --edit).")] = "-",
@@ -18,11 +22,8 @@ def diff_command(
         list[str], typer.Option("--text", "-t", help="Text to compare on (repeatable; default: neutral text).")
     ] = [],  # noqa: B006
     texts_file: Annotated[Path | None, typer.Option(help="A file of texts, one per line.")] = None,
-    k: Annotated[int, typer.Option(help="Tokens per layer in the lens of the difference.")] = 10,
-    causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Run cross-model patching.")] = True,
-    lens_read: Annotated[
-        str, typer.Option(help="Lens of the difference over every real token ('all') or each text's last ('last').")
-    ] = "all",
+    *,
+    config: DiffConfig,
     top: Annotated[int, typer.Option(help="Components to print per view.")] = 8,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Result .safetensors file (default: ./mechscope-out).")
@@ -31,9 +32,8 @@ def diff_command(
 ) -> None:
     """Diff two models of one architecture: weights, activations, logit lens of the difference, cross-model
     patching and KL by position. Prints the top components of each view."""
-    offline_by_default()
     from mechscope.errors import ConfigError, MechscopeError
-    from mechscope.improve.diffing import DiffConfig, diff_models
+    from mechscope.improve.diffing import diff_models
     from mechscope.improve.neutral import NEUTRAL_TEXTS
     from mechscope.model.loading import load_model
 
@@ -45,25 +45,27 @@ def diff_command(
             if not texts_file.is_file():
                 raise ConfigError(f"--texts-file {texts_file} does not exist")
             texts += [line for line in texts_file.read_text().splitlines() if line.strip()]
-        base_model = load_model(base)
+    except MechscopeError as exc:
+        raise fail(exc) from exc
+
+    def call(base_model: Any) -> Any:
         if edit is not None:
             from mechscope.steer.editing import EditRecord
 
             other: object = EditRecord.load(edit)
         else:
             other = load_model(tuned)
-        config = DiffConfig(k=k, causal=causal, lens_read=lens_read, progress=True)
-        result = diff_models(base_model, other, texts or NEUTRAL_TEXTS, config=config)
-        path = result.save(output_path(out, "diff.safetensors"))
-        if figure is not None:
-            write_figure(result.plot(), figure)
-    except MechscopeError as exc:
-        raise fail(exc) from exc
-    typer.echo(f"base {base} vs {'edit ' + str(edit) if edit is not None else 'tuned ' + tuned}")
-    typer.echo(result.summary(top))
-    last = result.lens(-1)
-    typer.echo("lens of the difference, last layer: " + ", ".join(f"{t!r} {s:+.3g}" for t, s in last[:top]))
-    typer.echo(f"result -> {path}" + (f", figure -> {figure}" if figure is not None else ""))
+        return diff_models(base_model, other, texts or NEUTRAL_TEXTS, config=replace(config, progress=True))
+
+    def summary(result: Any, hm: Any) -> list[str]:
+        last = result.lens(-1)
+        return [
+            f"base {base} vs {'edit ' + str(edit) if edit is not None else 'tuned ' + tuned}",
+            result.summary(top),
+            "lens of the difference, last layer: " + ", ".join(f"{t!r} {s:+.3g}" for t, s in last[:top]),
+        ]
+
+    run_verb(base, call, out=out, default_name="diff.safetensors", html=figure, summary=summary)
 
 
 __all__ = ["diff_command"]

@@ -30,11 +30,14 @@ if TYPE_CHECKING:
 class DiffConfig:
     """Options of :func:`diff_models`.
 
-    ``k``: tokens per layer in the lens of the difference; ``causal``: run cross-model patching (one
-    batched sweep over the embeddings, every head and every MLP); ``chunk_size``: patched copies per
-    forward in that sweep; ``progress``: show a progress bar; ``lens_read``: the lens of the difference
-    averages every real token of the texts (``"all"``) or each text's last token (``"last"``: prompts
-    that end where the tuned behaviour shows, e.g. before a verdict word).
+    Attributes:
+        k: tokens per layer in the lens of the difference.
+        lens_read: the lens of the difference averages every real token of the texts (``"all"``) or each
+            text's last token (``"last"``: prompts that end where the tuned behaviour shows, e.g. before a
+            verdict word).
+        causal: run cross-model patching (one batched sweep over the embeddings, every head and every MLP).
+        chunk_size: patched copies per forward in that sweep.
+        progress: show a progress bar.
     """
 
     k: int = 10
