@@ -83,6 +83,13 @@ CASES = [
         "(1, 9, 128)",
     ),
     case(
+        "patch-metric-nan",
+        lambda: patch(C, X, "heads", lambda lg: lg[:, -1, 0] * math.nan),
+        MetricError,
+        "finite on the unpatched runs",
+        "nan",
+    ),
+    case(
         "patch-too-long",
         lambda: patch("the " * 80, "the " * 80, "heads", metric()),
         ConfigError,

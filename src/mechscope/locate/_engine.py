@@ -42,7 +42,10 @@ def metric_value(metric: Metric, logits: Tensor, batch: int, attention_mask: Ten
     The metric is scored with `attention_mask` (each row's last real token; see :mod:`mechscope.metrics`)."""
     if logits.shape[0] != batch:
         raise MetricError(f"expected logits of {batch} rows; got {logits.shape[0]}")
-    return score(metric, logits, attention_mask).detach()
+    value = score(metric, logits, attention_mask).detach()
+    if not bool(torch.isfinite(value).all()):
+        raise MetricError(f"the metric must be finite on the unpatched runs; got {value.tolist()}")
+    return value
 
 
 def metric_rows_value(metric: Metric, logits: Tensor, batch: int, attention_mask: Tensor | None = None) -> Tensor:
