@@ -19,9 +19,10 @@ from mechscope.locate.lens import logit_lens
 from mechscope.locate.patching import PromptMismatchError, activation_patch
 from mechscope.locate.path_patching import path_patch
 from mechscope.locate.probes import ProbeConfig, train_probes
-from mechscope.locate.tuned_lens import TunedLensConfig, train_tuned_lens
+from mechscope.locate.tuned_lens import TunedLens, TunedLensConfig, train_tuned_lens, tuned_lens
 from mechscope.metrics import MetricError, logit_diff_metric
 from mechscope.model.hooked import HookedModel
+from mechscope.results import ModelMismatchError
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,6 +31,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @functools.cache
 def gpt2() -> HookedModel:
     return HookedModel(*tiny_model("gpt2"))
+
+
+@functools.cache
+def llama() -> HookedModel:
+    return HookedModel(*tiny_model("llama"))
 
 
 C, X = "the dog sat on the", "the the sat on the"  # 9 tokens each
@@ -190,6 +196,20 @@ CASES = [
         ConfigError,
         "batch_tokens must be >= 1",
         "got 0",
+    ),
+    case(
+        "tuned-lens-of-another-architecture",
+        lambda: tuned_lens(llama(), "a b", TunedLens(32, 2, model_fingerprint="0" * 16, model_type="gpt2")),
+        ModelMismatchError,
+        "trained on a gpt2 model",
+        "is a llama",
+    ),
+    case(
+        "tuned-lens-of-another-size",
+        lambda: tuned_lens(gpt2(), "a b", TunedLens(16, 2, model_type="gpt2")),
+        ShapeError,
+        "d_model=16",
+        "d_model=32",
     ),
     case(
         "tuned-lens-no-text",

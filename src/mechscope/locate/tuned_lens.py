@@ -22,7 +22,7 @@ from mechscope.errors import ConfigError, ShapeError
 from mechscope.io import Envelope, FileSchema, ModelInfo, read_envelope, register_schema, write_envelope
 from mechscope.locate.lens import LensResult, lens_readout, lens_sites, resid_to_logits
 from mechscope.metrics import kl_div
-from mechscope.results import Result
+from mechscope.results import ModelMismatchError, Result
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
@@ -144,11 +144,17 @@ class TunedLens(nn.Module):
         return t(resid.to(t.weight.dtype)).to(resid.dtype)  # type: ignore[no-any-return]
 
     def check_model(self, model: HookedModel) -> None:
-        """Raise if `model`'s sizes differ from the lens's (a fingerprint mismatch is allowed: fine-tunes)."""
+        """Raise if `model`'s sizes or architecture differ from the lens's (a fingerprint mismatch is allowed:
+        fine-tunes of the same architecture)."""
         if (model.dims.d_model, model.dims.n_layers) != (self.d_model, self.n_layers):
             raise ShapeError(
                 f"this tuned lens is for d_model={self.d_model}, n_layers={self.n_layers}; the model has "
                 f"d_model={model.dims.d_model}, n_layers={model.dims.n_layers}"
+            )
+        if self.model_type and self.model_type != model.dims.model_type:
+            raise ModelMismatchError(
+                f"this tuned lens was trained on a {self.model_type} model ({self.model_fingerprint}); the given "
+                f"model is a {model.dims.model_type} ({model.fingerprint()}). Train a lens on this model"
             )
 
     def save(self, path: str | Path) -> Path:
