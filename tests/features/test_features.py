@@ -247,13 +247,18 @@ def test_a_transcoder_learns_a_sparse_map_between_two_sites():
     g = torch.Generator().manual_seed(1)
     mixing = torch.randn(16, 16, generator=g)
     y = x @ mixing  # each target is 2 of 24 directions (the planted ones, mapped): sparse in the same code
-    config = SAEConfig(d_in=16, d_sae=48, activation="topk", k=2, site="a", d_out=16, out_site="b")
-    tc, _ = train_sae(x, config, SAETrainConfig(steps=1500, batch_size=256, lr=3e-3), y)
-    assert reconstruction_metrics(tc, x, y)["explained_variance"] > 0.93  # measured 0.950
+    # The mapped directions are far more alike than the planted ones (cosines up to 0.86): with 48
+    # features and 1,500 steps a run often merges three of them into one feature beside dead ones, and the
+    # worst direction lands anywhere in 0.75-0.95 with the training seed: 1-2 of seeds 0-5 above 0.9,
+    # whether the input scale and mean come from the whole tensor (the trainer before the store rewrite,
+    # seed 0: 0.914) or from the first 8 batches (now, seed 0: 0.747). 96 features and 3,000 steps:
+    # seeds 0-5 gave 0.966, 0.961, 0.972, 0.982, 0.868, 0.978.
+    config = SAEConfig(d_in=16, d_sae=96, activation="topk", k=2, site="a", d_out=16, out_site="b")
+    tc, _ = train_sae(x, config, SAETrainConfig(steps=3000, batch_size=256, lr=3e-3), y)
+    assert reconstruction_metrics(tc, x, y)["explained_variance"] > 0.93
     mapped = true @ mixing
     cosine = ((mapped / mapped.norm(dim=-1, keepdim=True)) @ tc.W_dec.detach().T).max(-1).values
-    # measured: mean 0.960, 23 of 24 above 0.92, the last at 0.747
-    assert float(cosine.mean()) > 0.95 and int((cosine > 0.9).sum()) >= 22, cosine
+    assert float(cosine.min()) > 0.9, cosine  # measured 0.966
     with pytest.raises(ConfigError, match=r"a transcoder trains on \(inputs, targets\)"):
         train_sae(x, config)
     with pytest.raises(ShapeError, match=r"targets of shape \[20000, 16\], got \(10, 16\)"):
