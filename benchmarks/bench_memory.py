@@ -15,7 +15,7 @@ Ratios are to the same job's smallest case (small model, small batch) of the sam
 shows each job's knob: patching's ``chunk_size``, caching a subset of positions (with and without the
 per-head ``hook_result`` sites), and the SAE batch size.
 
-    python benchmarks/bench_memory.py            # ~2-3 min on 2 CPU cores
+    python benchmarks/bench_memory.py            # ~5 min on 2 CPU cores
     python benchmarks/bench_memory.py --quick    # one size, for a smoke test
 """
 
