@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--archs", default="topk,relu", help="comma-separated: topk, relu")
     parser.add_argument("--saelens-python", default=os.environ.get("MECHSCOPE_SAELENS_PYTHON", ""))
     parser.add_argument(
         "--saelens-sparse", action="store_true", help="also SAELens's use_sparse_activations (fails on CPU torch)"
@@ -147,7 +148,8 @@ def main() -> None:
     x = torch.randn(args.tokens, args.d_in, generator=torch.Generator().manual_seed(0))
     tokens = args.steps * args.batch
     print(f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, {args.steps} steps, {args.threads} threads")
-    for name, k, l1 in (("topk", args.k, 0.0), ("relu", None, 5.0 / args.d_in**0.5)):
+    runs = (("topk", args.k, 0.0), ("relu", None, 5.0 / args.d_in**0.5))
+    for name, k, l1 in (run for run in runs if run[0] in args.archs.split(",")):
         reference_steps(x, args.d_sae, k, l1, 2, args.batch)  # warm-up
         mechscope_steps(x, args.d_sae, k, l1, 2, args.batch)
         ref = ours = float("inf")
@@ -170,7 +172,7 @@ def main() -> None:
                     print(f"      {label:34s} {tokens / theirs:10.0f} tok/s   mechscope / SAELens {theirs / ours:.2f}x")
     seconds, rows = store_read(x, args.batch)
     print(f"store read (bf16, shuffled): {rows / seconds:10.0f} tok/s = {rows / seconds / (tokens / ours):.1f}x "
-          "what the relu training above consumes")  # fmt: skip
+          "what the last training above consumes")  # fmt: skip
 
 
 if __name__ == "__main__":
