@@ -93,8 +93,11 @@ def select(pre: Float[Tensor, "tokens d_sae"], rows: Tensor, cols: Tensor) -> Fl
     return pre[rows, cols]
 
 
-def select_rows(pre: Float[Tensor, "tokens d_sae"], indices: Tensor) -> Float[Tensor, "tokens k"]:
-    """``pre.gather(-1, indices)`` for ``indices [tokens, k]``, through :func:`select`."""
+def select_rows(pre: Float[Tensor, "... d_sae"], indices: Tensor) -> Float[Tensor, "... k"]:
+    """``pre.gather(-1, indices)``; through :func:`select` (sparse gradient) when `pre` is a
+    ``[tokens, d_sae]`` output of :class:`Encode`."""
+    if pre.ndim != 2 or not isinstance(pre.grad_fn, Encode._backward_cls):  # type: ignore[attr-defined]
+        return pre.gather(-1, indices)
     tokens, k = indices.shape
     rows = torch.arange(tokens).repeat_interleave(k)
     return select(pre, rows, indices.reshape(-1)).view(tokens, k)
