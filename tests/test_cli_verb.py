@@ -160,6 +160,8 @@ CONVERTED = (
     (("edit", "rome"), "mechscope.steer.editing.rome:ROMEConfig", ("stats",)),
     (("edit", "memit"), "mechscope.steer.editing.memit:MEMITConfig", ("stats", "layers")),
     (("diff",), "mechscope.improve.diffing.diff:DiffConfig", ("progress",)),
+    (("features", "train"), "mechscope.features.train:SAETrainConfig", ()),
+    (("features", "train-store"), "mechscope.features.train:SAETrainConfig", ()),
     (("detect", "train"), "mechscope.improve.detect.detectors:DetectorConfig", ("shrinkage", "sites")),
     (
         ("steer", "direction"),

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.verb import config_options
+from mechscope.features.train import SAETrainConfig
 
 features_app = typer.Typer(
     help="Sparse autoencoders and transcoders: collect, train, evaluate, describe, dashboard.", no_args_is_help=True
@@ -68,6 +70,7 @@ def _report(hm: Any, sae: Any, texts: list[str], held_out_tokens: int, seq_len: 
 
 
 @features_app.command("train")
+@config_options(SAETrainConfig, param="train", names={"l1_coefficient": ("--l1-coefficient", "--l1")})
 def train_cmd(
     model: ModelArg,
     site: Annotated[str, typer.Option("--site", "-s", help="Site with one vector per token.")],
@@ -78,10 +81,8 @@ def train_cmd(
     d_sae: Annotated[int, typer.Option(help="Number of features.")] = 1024,
     activation: Annotated[str, typer.Option(help="'topk' or 'relu' (L1 penalty).")] = "topk",
     k: Annotated[int, typer.Option(help="Active features per token (topk).")] = 32,
-    l1: Annotated[float, typer.Option(help="L1 coefficient (relu).")] = 5.0,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 512,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    *,
+    train: SAETrainConfig,
     max_tokens: Annotated[int, typer.Option(help="Training tokens to collect.")] = 100_000,
     seq_len: SeqLen = 64,
     text_file: TextFile = None,
@@ -90,7 +91,7 @@ def train_cmd(
     held-out reconstruction and loss."""
     offline_by_default()
     from mechscope.errors import MechscopeError
-    from mechscope.features import SAEConfig, SAETrainConfig, collect_activations, train_sae
+    from mechscope.features import SAEConfig, collect_activations, train_sae
     from mechscope.io import ModelInfo
     from mechscope.model.loading import load_model
 
@@ -111,7 +112,6 @@ def train_cmd(
             d_out=None if targets is None else targets.shape[1],
             out_site=out_site,
         )
-        train = SAETrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1_coefficient=l1)
         sae, log = train_sae(acts, config, train, targets)
         sae.model_info = ModelInfo.of(hm)  # the saved SAE knows its model (refused on another one)
         path = sae.save(out)
@@ -218,6 +218,7 @@ def collect_cmd(
 
 
 @features_app.command("train-store")
+@config_options(SAETrainConfig, param="train", defaults={"steps": 5000, "batch_size": 4096})
 def train_store_cmd(
     store_path: Annotated[Path, typer.Argument(help="An activation store folder.")],
     site: Annotated[str, typer.Option("--site", "-s", help="Site in the store to train on.")],
@@ -226,14 +227,13 @@ def train_store_cmd(
     activation: Annotated[str, typer.Option(help="relu, topk, batchtopk or jumprelu.")] = "topk",
     d_sae: Annotated[int, typer.Option(help="Number of features.")] = 4096,
     k: Annotated[int, typer.Option(help="Active features per token (topk, batchtopk).")] = 32,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 5000,
-    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    *,
+    train: SAETrainConfig,
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint file (resumes when it exists).")] = None,
 ) -> None:
     """Train an SAE (or transcoder) from an activation store, with checkpoints."""
     from mechscope.errors import MechscopeError
-    from mechscope.features import ActivationStore, SAEConfig, SAETrainConfig, train_sae
+    from mechscope.features import ActivationStore, SAEConfig, train_sae
     from mechscope.features.evals import reconstruction_metrics
 
     try:
@@ -247,7 +247,6 @@ def train_store_cmd(
             d_out=store.width(out_site) if out_site else None,
             out_site=out_site,
         )
-        train = SAETrainConfig(steps=steps, batch_size=batch_size, lr=lr)
         sae, log = train_sae(store, config, train, checkpoint=checkpoint, progress=True)
         sae.model_info = store.manifest.model
         path = sae.save(out)

@@ -48,10 +48,15 @@ class SAETrainConfig:
     """Optimisation settings of :func:`train_sae`.
 
     Attributes:
+        steps: optimiser steps.
+        batch_size: tokens per step.
+        lr: Adam learning rate (peak of the schedule).
         l1_coefficient: ``relu`` only (on inputs normalised to mean squared norm ``d_in``).
         l0_coefficient, bandwidth: ``jumprelu`` only: the L0 penalty and the straight-through kernel width.
-        aux_coefficient: weight of the AuxK dead-feature loss (0: off); ``dead_steps``: steps without
-            firing after which a feature counts as dead.
+        aux_coefficient: weight of the AuxK dead-feature loss (0: off).
+        dead_steps: steps without firing after which a feature counts as dead.
+        seed: seed of the initialisation and of the batch order.
+        log_every: steps between logged entries.
         warmup, decay_fraction: learning-rate schedule (linear warm-up; linear decay over the last fraction).
         scale_batches: batches a stream's input scale and mean are estimated on.
         checkpoint_every: steps between checkpoints (when :func:`train_sae` gets a checkpoint path).
