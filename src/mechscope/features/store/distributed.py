@@ -23,7 +23,6 @@ from mechscope.features.store import writer
 from mechscope.features.store.manifest import MANIFEST, Manifest, StoreSettings
 from mechscope.features.store.parts import PARTS_KEY, merge, part_folder, part_settings, world_of
 from mechscope.features.store.reader import ActivationStore
-from mechscope.features.store.rows import per_token_site
 from mechscope.io import ModelInfo
 from mechscope.model import distributed as dist
 
@@ -49,10 +48,9 @@ def collect_store_distributed(
     calls it with the same arguments; `folder` on a filesystem all ranks share). Outside a process group it
     collects alone, in the same layout. Resumes an interrupted collection started with the same settings,
     model and world size. Returns the store (on every rank)."""
-    names = (sites,) if isinstance(sites, str) else tuple(sites)
-    chosen = [per_token_site(model, s) for s in names]
-    settings = StoreSettings(
-        sites=tuple(c.name for c in chosen),
+    chosen, settings = writer.collection_settings(
+        model,
+        sites,
         dtype=dtype,
         seq_len=seq_len,
         skip_first=skip_first,

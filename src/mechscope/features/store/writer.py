@@ -51,10 +51,9 @@ def collect_store(
 ) -> ActivationStore:
     """Collect the activations of `sites` over `corpus` into `folder` (see the module docstring);
     resumes an incomplete store made with the same settings on the same model. Returns the store."""
-    names = (sites,) if isinstance(sites, str) else tuple(sites)
-    chosen = [per_token_site(model, s) for s in names]
-    settings = StoreSettings(
-        sites=tuple(c.name for c in chosen),
+    chosen, settings = collection_settings(
+        model,
+        sites,
         dtype=dtype,
         seq_len=seq_len,
         skip_first=skip_first,
@@ -67,6 +66,31 @@ def collect_store(
     if not manifest.complete:
         _collect(model, chosen, manifest, folder, _token_rows(model, corpus, seq_len), batch_size, progress)
     return ActivationStore(folder)
+
+
+def collection_settings(
+    model: HookedModel,
+    sites: str | Sequence[str],
+    *,
+    dtype: str,
+    seq_len: int,
+    skip_first: bool,
+    rows_per_shard: int,
+    max_tokens: int | None,
+) -> tuple[list[Any], StoreSettings]:
+    """The per-token sites a collection reads (checked on `model`) and the settings its manifest records;
+    shared by the one-process and the many-rank collections."""
+    names = (sites,) if isinstance(sites, str) else tuple(sites)
+    chosen = [per_token_site(model, s) for s in names]
+    settings = StoreSettings(
+        sites=tuple(c.name for c in chosen),
+        dtype=dtype,
+        seq_len=seq_len,
+        skip_first=skip_first,
+        rows_per_shard=rows_per_shard,
+        max_tokens=max_tokens,
+    )
+    return chosen, settings
 
 
 def _open(folder: Path, settings: StoreSettings, info: ModelInfo) -> Manifest:
