@@ -4,6 +4,7 @@ hash the same before and after a failing call."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,3 +83,21 @@ def check_cli(args: Sequence[str], needles: Sequence[str], *, folders: Sequence[
         assert needle in message, f"{needle!r} not in {message!r}"
     assert [folder_hash(f) for f in folders] == before, "a model folder changed"
     return message
+
+
+@functools.cache
+def gpt2() -> Any:
+    """A tiny random GPT-2 HookedModel, built once for every bad-input module (no case may change it)."""
+    from mechscope.model.hooked import HookedModel
+    from tiny_models import tiny_model
+
+    return HookedModel(*tiny_model("gpt2"))
+
+
+@functools.cache
+def llama() -> Any:
+    """A tiny random Llama HookedModel, built once for every bad-input module."""
+    from mechscope.model.hooked import HookedModel
+    from tiny_models import tiny_model
+
+    return HookedModel(*tiny_model("llama"))

@@ -3,12 +3,11 @@ reverting): clear errors naming what was expected and what came, raised before a
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-from bad_cases import case, check
+from bad_cases import case, check, gpt2
 
 from mechscope.errors import ConfigError
 from mechscope.model.hooked import HookedModel
@@ -19,11 +18,6 @@ from mechscope.steer.editing.stats import StatsConfig, second_moments
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@functools.cache
-def gpt2() -> HookedModel:
-    return HookedModel(*tiny_model("gpt2"))
 
 
 D_MLP = 128

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from bad_cases import case, check
+from bad_cases import case, check, gpt2, llama
 
 from mechscope.errors import ConfigError, ShapeError, SiteError
 from mechscope.features.evals import downstream_loss, reconstruction_metrics
@@ -22,25 +22,13 @@ from mechscope.features.store.rows import collect_activations
 from mechscope.features.store.writer import collect_store
 from mechscope.features.train import SAETrainConfig, train_sae
 from mechscope.io import Envelope, ModelInfo, write_envelope
-from mechscope.model.hooked import HookedModel
 from mechscope.results import ModelMismatchError
 from mechscope.steer.clamp import SAESplice, clamp_features
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SITE = "blocks.0.hook_resid_post"
 TEXT = ["the cat sat on the mat and the dog sat on the log " * 8]  # > 64 tokens
-
-
-@functools.cache
-def gpt2() -> HookedModel:
-    return HookedModel(*tiny_model("gpt2"))
-
-
-@functools.cache
-def llama() -> HookedModel:
-    return HookedModel(*tiny_model("llama"))
 
 
 @functools.cache

@@ -3,12 +3,11 @@ lens): clear errors naming what was expected and what came; the model's paramete
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-from bad_cases import case, check
+from bad_cases import case, check, gpt2, llama
 
 from mechscope.errors import ConfigError, ShapeError, SiteError
 from mechscope.locate.attribution import logit_attribution
@@ -21,21 +20,9 @@ from mechscope.locate.path_patching import path_patch
 from mechscope.locate.probes import ProbeConfig, train_probes
 from mechscope.locate.tuned_lens import TunedLens, TunedLensConfig, train_tuned_lens, tuned_lens
 from mechscope.metrics import MetricError, logit_diff_metric
-from mechscope.model.hooked import HookedModel
 from mechscope.results import ModelMismatchError
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@functools.cache
-def gpt2() -> HookedModel:
-    return HookedModel(*tiny_model("gpt2"))
-
-
-@functools.cache
-def llama() -> HookedModel:
-    return HookedModel(*tiny_model("llama"))
 
 
 C, X = "the dog sat on the", "the the sat on the"  # 9 tokens each

@@ -3,31 +3,20 @@ was expected and what came, and the model's parameters unchanged."""
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import warnings
 
 import pytest
 import torch
-from bad_cases import case, check
+from bad_cases import case, check, gpt2, llama
 
 from mechscope.errors import ConfigError, CorruptWeightsError, MechscopeError, ModelNotFoundError, SiteError
-from mechscope.model.hooked import ContextLengthWarning, HookedModel
+from mechscope.model.hooked import ContextLengthWarning
 from mechscope.model.loading import load_model
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@functools.cache
-def gpt2() -> HookedModel:
-    return HookedModel(*tiny_model("gpt2"))
-
-
-@functools.cache
-def llama() -> HookedModel:
-    return HookedModel(*tiny_model("llama"))
 
 
 LONG = "the " * 100  # > 64 positions (both tiny models' context)

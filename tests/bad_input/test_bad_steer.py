@@ -3,33 +3,20 @@ errors naming what was expected and what came; the model's parameters unchanged.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-from bad_cases import case, check
+from bad_cases import case, check, gpt2, llama
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.model.hooked import HookedModel
 from mechscope.results import Artifact, ModelMismatchError
 from mechscope.steer.das import DASConfig
 from mechscope.steer.directional import directional_ablation, orthogonalize
 from mechscope.steer.finetune import FinetuneConfig, finetune
 from mechscope.steer.vectors import SteeringVector, from_direction, mean_difference, pca_direction, steer
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@functools.cache
-def gpt2() -> HookedModel:
-    return HookedModel(*tiny_model("gpt2"))
-
-
-@functools.cache
-def llama() -> HookedModel:
-    return HookedModel(*tiny_model("llama"))
 
 
 def vector(directions=None, layers=(0, 1)) -> SteeringVector:
