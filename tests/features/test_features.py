@@ -227,6 +227,11 @@ def test_cli_trains_saves_and_evaluates_an_sae(tmp_path):
     from mechscope.features import load_cards
 
     assert [c.feature for c in load_cards(tmp_path / "cards.json")] == [3]
+    # Unnamed, the cards go to the output folder and never replace a file there (not ./cards.json).
+    for _ in range(2):
+        result = CliRunner(env={"MECHSCOPE_OUT": str(tmp_path / "unnamed")}).invoke(app, cards)
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "unnamed").iterdir()) == ["cards-1.json", "cards.json"]
     transcoder = ["-s", MLP_IN, "--out-site", MLP_OUT, "-o", str(tmp_path / "t.safetensors")]
     result = CliRunner().invoke(app, [*args[:3], *transcoder, *args[7:], "--d-sae", "32", "--k", "4", "--steps", "20"])
     assert result.exit_code == 0 and "loss_recovered" in result.output, result.output

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, output_path
 from mechscope.cli.verb import config_options
 from mechscope.features.train import SAETrainConfig
 
@@ -151,7 +151,12 @@ def cards_cmd(
     feature: Annotated[list[int], typer.Option("--feature", "-f", help="Feature (repeatable; default: all).")] = [],  # noqa: B006
     top_k: Annotated[int, typer.Option(help="Top-activating contexts per feature.")] = 5,
     context: Annotated[int, typer.Option(help="Tokens of context before the active one.")] = 8,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the cards (JSON).")] = Path("cards.json"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Where to write the cards (JSON; default: ./mechscope-out, never replacing a file)."
+        ),
+    ] = None,
     seq_len: SeqLen = 64,
     text_file: TextFile = None,
 ) -> None:
@@ -164,7 +169,7 @@ def cards_cmd(
         hm, sae = _load(model, sae_path)
         texts = _texts(text_file, hm)
         cards = feature_cards(hm, sae, texts, feature or None, top_k=top_k, context=context, seq_len=seq_len)
-        path = save_cards(cards, out)
+        path = save_cards(cards, output_path(out, "cards.json"))
     except (MechscopeError, OSError) as exc:
         raise fail(exc) from exc
     for card in list(cards)[:20]:
