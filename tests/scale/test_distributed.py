@@ -18,7 +18,6 @@ from mechscope.locate import PatchResult, activation_patch, attribution_patch
 from mechscope.model import distributed as dist
 from mechscope.model.loading import load_model
 from mechscope.results import Result
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -85,15 +84,6 @@ def _torchrun(folder, out, **env_extra):
         timeout=180,
         env={**env, **env_extra},
     )
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    hf, tok = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("model")
-    hf.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

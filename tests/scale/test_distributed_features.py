@@ -51,15 +51,6 @@ def _torchrun(folder: Path, out: Path, **env_extra: str) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    hf, tok = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("model")
-    hf.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def two_rank_run(model_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     proc = _torchrun(model_folder, out)
