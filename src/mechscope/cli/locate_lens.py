@@ -31,7 +31,7 @@ PromptFile = Annotated[Path | None, typer.Option(help="File with one prompt per 
 Html = Annotated[Path | None, typer.Option(help="Also write an interactive HTML figure here.")]
 
 
-def _echo_lens(hm: Any, result: Any, prompts: list[str], top: int) -> None:
+def _lens_lines(hm: Any, result: Any, prompts: list[str], top: int) -> Iterator[str]:
     """Mean KL over real tokens per layer, then each prompt's top tokens per layer at its last real token."""
     import json
 
@@ -39,14 +39,14 @@ def _echo_lens(hm: Any, result: Any, prompts: list[str], top: int) -> None:
 
     res: Any = result
     kl = res.mean_kl()
-    typer.echo(f"{'layer':14s} {'KL (nats, real tokens)':>22s}")
+    yield f"{'layer':14s} {'KL (nats, real tokens)':>22s}"
     for label, value in zip(res.labels["layer"], kl.tolist(), strict=True):
-        typer.echo(f"{label:14s} {value:22.4f}")
+        yield f"{label:14s} {value:22.4f}"
     mask = res["attention_mask"] if "attention_mask" in res.tensors else None
     k = min(top, res["top_tokens"].shape[-1])
     for b, text in enumerate(prompts):
         last = int(torch.nonzero(mask[b]).max()) if mask is not None else res["top_tokens"].shape[2] - 1
-        typer.echo(f"top {k} tokens at the last token of {text!r}:")
+        yield f"top {k} tokens at the last token of {text!r}:"
         for li, label in enumerate(res.labels["layer"]):
             ids = res["top_tokens"][li, b, last, :k].tolist()
             probs = res["top_probs"][li, b, last, :k].tolist()
@@ -54,7 +54,7 @@ def _echo_lens(hm: Any, result: Any, prompts: list[str], top: int) -> None:
                 f"{json.dumps(hm.to_string([int(i)]), ensure_ascii=False)} {p:.3f}"
                 for i, p in zip(ids, probs, strict=True)
             )
-            typer.echo(f"  {label:14s} {shown}")
+            yield f"  {label:14s} {shown}"
 
 
 def register(app: typer.Typer) -> None:
@@ -85,9 +85,8 @@ def register(app: typer.Typer) -> None:
             with memory_knob("--batch-size", batch_size):
                 return logit_lens(hm, prompts, batch_size=batch_size)
 
-        def summary(result: Any, hm: Any) -> list[str]:
-            _echo_lens(hm, result, prompts, top)
-            return []
+        def summary(result: Any, hm: Any) -> Iterator[str]:
+            return _lens_lines(hm, result, prompts, top)
 
         run_verb(model, call, out=out, default_name="logit_lens.safetensors", html=html, summary=summary)
 
