@@ -114,3 +114,53 @@ def test_effects_of_sender_sets_add_up_when_the_logits_are_linear_in_them():
     torch.testing.assert_close(effect[2], effect[0] + effect[1], rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="sender set"):
         path_patch(model, clean, corrupt, metric, senders=[[(5, 0)]])
+
+
+def _frozen_reference(model, clean, corrupt, metric_fn, group, freeze_mlps):
+    """The definition as one full forward: every head's output fixed at its clean value except the
+    senders' (from the corrupted run), and every MLP's output fixed too when `freeze_mlps`."""
+    layers = range(model.dims.n_layers)
+    z = [f"blocks.{layer}.attn.hook_z" for layer in layers]
+    mlps = [f"blocks.{layer}.hook_mlp_out" for layer in layers]
+    _, base = model.run_with_cache(clean, sites=z + mlps)
+    _, source = model.run_with_cache(corrupt, sites=z)
+    hooks = {}
+    for layer in layers:
+        heads = [h for sl, h in group if sl == layer]
+
+        def fixed(_a, _ctx, name=z[layer], heads=heads):
+            out = base[name].clone()
+            out[:, :, heads] = source[name][:, :, heads]
+            return out
+
+        hooks[z[layer]] = fixed
+        if freeze_mlps:
+            hooks[mlps[layer]] = lambda _a, _ctx, name=mlps[layer]: base[name]
+    with torch.no_grad(), model.hooks(hooks):
+        return metric_fn(model(clean)).mean()
+
+
+def _two_positions(logits):
+    """Reads two positions of each row: runs to the logits take the full-logits route."""
+    return logits[:, -2:, 5].sum(-1) - logits[:, -1, 7]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text", "gpt_neox"])
+@pytest.mark.parametrize("freeze_mlps", [True, False])
+def test_short_runs_to_the_logits_equal_the_frozen_forward_at_every_depth(family, freeze_mlps):
+    """Runs to the logits start at the first position read, and with frozen MLPs stop after the last
+    sender's layer: on a 4-layer model, senders in every layer (and a set spanning two) against the
+    definition run in full, for a metric reading one position per row and one reading two."""
+    overrides = {"n_layer": 4} if family == "gpt2" else {"num_hidden_layers": 4}
+    if family == "gemma3_text":
+        overrides["layer_types"] = ["sliding_attention", "full_attention"] * 2
+    model = HookedModel(tiny_model(family, with_tokenizer=False, **overrides)[0])
+    clean, corrupt = prompts()
+    groups = [[(0, 1)], [(1, 0), (3, 2)], [(2, 3)], [(3, 1)]]
+    for metric_fn in (metric, _two_positions):
+        result = path_patch(model, clean, corrupt, metric_fn, senders=groups, freeze_mlps=freeze_mlps, chunk_size=2)
+        expected = torch.stack(
+            [_frozen_reference(model, clean, corrupt, metric_fn, group, freeze_mlps) for group in groups]
+        )
+        torch.testing.assert_close(result["metric"], expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(result["metric"], result["clean"].expand(len(groups)), atol=1e-4)

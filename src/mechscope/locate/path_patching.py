@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError
@@ -100,12 +101,18 @@ def _parse_senders(
     return out
 
 
+def _tail(values: Tensor, activation: Tensor) -> Tensor:
+    """`values` ``[batch, pos, ...]`` cut to the last positions `activation` covers (a partial run's)."""
+    return values[:, values.shape[1] - activation.shape[1] :]
+
+
 def _replace(values: Tensor) -> HookFn:
     """Replace a ``[k * batch, ...]`` activation by `values` ``[batch, ...]`` repeated (a frozen site)."""
 
     def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
         reps = activation.shape[0] // values.shape[0]
-        return values.to(activation.device, activation.dtype).repeat(reps, *([1] * (values.ndim - 1)))
+        tail = _tail(values, activation)
+        return tail.to(activation.device, activation.dtype).repeat(reps, *([1] * (values.ndim - 1)))
 
     return fn
 
@@ -114,11 +121,12 @@ def _frozen_with_senders(base: Tensor, source: Tensor, heads: list[list[int]]) -
     """hook_z frozen at `base` in every variant, except variant j's sender heads ``heads[j]`` from `source`."""
 
     def fn(activation: Tensor, _ctx: HookContext) -> Tensor:
-        out = base.to(activation.dtype).repeat(len(heads), *([1] * (base.ndim - 1)))
-        view = out.view(len(heads), -1, *base.shape[1:])
+        frozen, patched = _tail(base, activation), _tail(source, activation)
+        out = frozen.to(activation.dtype).repeat(len(heads), *([1] * (base.ndim - 1)))
+        view = out.view(len(heads), -1, *frozen.shape[1:])
         for j, chosen in enumerate(heads):
             if chosen:
-                view[j, :, :, chosen] = source[:, :, chosen].to(activation.dtype)
+                view[j, :, :, chosen] = patched[:, :, chosen].to(activation.dtype)
         return out
 
     return fn
@@ -190,7 +198,8 @@ def path_patch(
     base_t, source_t = (clean_t, corrupt_t) if direction == "noising" else (corrupt_t, clean_t)
     z_sites = [Site("attn.hook_z", layer) for layer in range(d.n_layers)]
     mlp_sites = [Site("hook_mlp_out", layer) for layer in range(d.n_layers)]
-    base = base_run(model, base_t, z_sites + mlp_sites)
+    final_site = Site("hook_resid_post", d.n_layers - 1)  # the final norm's input
+    base = base_run(model, base_t, [*z_sites, *mlp_sites, final_site])
     source = base_run(model, source_t, z_sites)
     batch = base.batch
     mask = base_t["attention_mask"]  # the same for both runs (check_pair): metrics read each row's last real token
@@ -199,6 +208,10 @@ def path_patch(
         "source": metric_value(metric, source.logits, batch, mask),
     }
     scorer = Scorer(model, metric, base)
+    # With every head's output fixed, no position reads another: runs to the logits start at the
+    # first position the metric reads. With the MLPs fixed too, only the senders' layers need to run.
+    first = min(scorer.plan.positions) if parsed is None else 0
+    direct = parsed is None and freeze_mlps and scorer.compact
     sets = _parse_senders(senders, d.n_layers, d.n_heads)
     flat = values["base"].expand(len(sets)).clone()
     last_receiver = d.n_layers if parsed is None else max(r.layer for r in parsed)
@@ -217,16 +230,23 @@ def path_patch(
             frozen[z_sites[later]] = _frozen_with_senders(base.cache[name], source.cache[name], heads)
             if freeze_mlps:
                 frozen[mlp_sites[later]] = _replace(base.cache[mlp_sites[later].name])
-        resid = base.resid_pre[layer].repeat(len(members), 1, 1)
+        resid = base.resid_pre[layer][:, first:].repeat(len(members), 1, 1)
+        last_sender = max(sl for i in members for sl, _ in sets[i])
 
         def forward(
-            keep: list[int], layer: int = layer, resid: Tensor = resid, frozen: dict[SiteLike, HookFn] = frozen
+            keep: list[int],
+            layer: int = layer,
+            resid: Tensor = resid,
+            frozen: dict[SiteLike, HookFn] = frozen,
+            last_sender: int = last_sender,
         ) -> Tensor:
+            if direct:
+                return _direct_pass(model, base, resid, layer, last_sender, frozen, first, keep)
             if parsed is None:
-                return run_from(model, base, resid, layer=layer, logit_positions=keep, hooks=frozen)
+                return run_from(model, base, resid, layer=layer, start_pos=first, logit_positions=keep, hooks=frozen)
             return _receiver_pass(model, base, resid, layer, frozen, parsed, keep)
 
-        flat[members] = scorer.chunk(forward, len(members)).mean(-1).to(flat.device)
+        flat[members] = scorer.chunk(forward, len(members), first).mean(-1).to(flat.device)
     if senders is None:
         axes: tuple[str, ...] = ("layer", "head")
         out = flat.reshape(d.n_layers, d.n_heads)
@@ -249,6 +269,46 @@ def path_patch(
             "model_type": d.model_type,
         },
     )
+
+
+def _direct_pass(
+    model: HookedModel,
+    base: BaseRun,
+    resid: Float[Tensor, "rows new_pos d_model"],
+    layer: int,
+    last_sender: int,
+    frozen: dict[SiteLike, HookFn],
+    start: int,
+    keep: list[int],
+) -> Tensor:
+    """The senders' paths to the logits when every other head and every MLP is frozen.
+
+    Layers after the last sender add exactly what they add in the base run, so only the senders'
+    layers run (positions ``start..``); their change to the residual stream is carried to the final
+    norm's input. Ends by calling the unembedding on the final-normed residual at `keep`, where the
+    scorer takes it (its input is what the scorer projects; see :class:`Scorer`)."""
+    got: list[Tensor] = []
+
+    def grab(activation: Tensor, _ctx: HookContext) -> None:
+        got.append(activation)
+        raise _Stop
+
+    hooks: dict[SiteLike, list[HookFn]] = {}
+    for site, fn in frozen.items():
+        if (model.site(site).layer or 0) <= last_sender:  # later layers never run
+            hooks[site] = [fn]
+    hooks.setdefault(Site("hook_resid_post", last_sender), []).append(grab)
+    with contextlib.suppress(_Stop):
+        run_from(model, base, resid, layer=layer, start_pos=start, logit_positions=keep, hooks=hooks)
+    cols = [p - start for p in keep]
+    repeats = resid.shape[0] // base.batch
+    final = got[0][:, cols]
+    last = model.dims.n_layers - 1
+    if last_sender < last:  # what the frozen later layers add in the base run
+        added = base.cache[Site("hook_resid_post", last).name] - base.resid_pre[last_sender + 1]
+        final = final + added[:, keep].repeat(repeats, 1, 1)
+    normed = model.module(model.adapter.final_norm)(final)
+    return model.module(model.adapter.unembed)(normed)  # type: ignore[no-any-return]
 
 
 def _receiver_pass(
