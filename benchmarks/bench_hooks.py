@@ -18,6 +18,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +29,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from mechscope.model.hooked import HookedModel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_device_option, synchronize
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -35,13 +39,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pos", type=int, default=128)
+    add_device_option(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=args.layers, n_embd=768, n_head=12, attn_implementation="sdpa")
-    plain = GPT2LMHeadModel(config).eval()
+    plain = GPT2LMHeadModel(config).eval().to(args.device)
     hooked = HookedModel(copy.deepcopy(plain).eval())
-    tokens = torch.randint(0, config.vocab_size, (args.batch, args.pos))
+    tokens = torch.randint(0, config.vocab_size, (args.batch, args.pos)).to(args.device)
     resid = [s.name for s in hooked.sites("hook_resid_post")]
     noop = {name: (lambda act, ctx: None) for name in hooked.site_names}
 
@@ -70,14 +75,17 @@ def main() -> None:
             fn()
         for _ in range(args.rounds):
             for name, fn in configs.items():
+                synchronize(args.device)
                 start = time.perf_counter()
                 fn()
+                synchronize(args.device)
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plain HF forward (baseline)"])
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults"
     print(
         f"GPT-2-small-sized random model, {args.layers} layers, batch {args.batch}x{args.pos}, "
-        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds (median); allocator: {malloc}"
+        f"{torch.get_num_threads()} threads, {args.device}, {args.rounds} interleaved rounds (median); "
+        f"allocator: {malloc}"
     )
     for name, values in times.items():
         med = statistics.median(values)

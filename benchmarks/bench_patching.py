@@ -30,7 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from common import add_model_options, random_gpt2
+from common import add_device_option, add_model_options, random_gpt2, synchronize
 from mechscope.locate.metrics import logit_diff
 from mechscope.locate.patching import PatchResult, activation_patch
 
@@ -38,6 +38,7 @@ from mechscope.locate.patching import PatchResult, activation_patch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_model_options(parser, batch=1)
+    add_device_option(parser)
     parser.add_argument("--diff-pos", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--loop-heads", type=int, default=2)
@@ -47,6 +48,7 @@ def main() -> None:
     clean = torch.randint(0, args.vocab, (args.batch, args.pos))
     corrupt = clean.clone()
     corrupt[:, args.diff_pos] = torch.randint(0, args.vocab, (args.batch,))
+    clean, corrupt = clean.to(args.device), corrupt.to(args.device)
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return logit_diff(logits, 1, 2)
@@ -54,17 +56,22 @@ def main() -> None:
     print(
         f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}; "
         f"batch {args.batch} x {args.pos} tokens; prompts differ at position {args.diff_pos}; "
-        f"{torch.get_num_threads()} thread(s)"
+        f"{torch.get_num_threads()} thread(s), {args.device}"
     )
+    model({"input_ids": clean})  # warm-up (first CUDA calls load kernels)
+    synchronize(args.device)
     start = time.perf_counter()
     model({"input_ids": clean})
+    synchronize(args.device)
     forward = time.perf_counter() - start
     heads = [int(h) for h in torch.linspace(0, args.heads - 1, args.loop_heads).round()]
     positions = [int(p) for p in torch.linspace(args.diff_pos + 1, args.pos - 1, args.loop_positions).round()]
 
     def timed(fn: Callable[[], PatchResult]) -> tuple[PatchResult, float, float]:
+        synchronize(args.device)
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn()
+        synchronize(args.device)
         return result, time.perf_counter() - wall, time.process_time() - cpu
 
     def run_loop() -> PatchResult:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from common import add_model_options, random_gpt2
+from common import add_device_option, add_model_options, random_gpt2, synchronize
 from mechscope.locate.metrics import logit_diff
 from mechscope.locate.path_patching import path_patch
 
@@ -61,12 +61,14 @@ def frozen_forward(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_model_options(parser, batch=4)
+    add_device_option(parser)
     parser.add_argument("--loop-senders", type=int, default=4)
     args = parser.parse_args()
     model = random_gpt2(args, bos_token_id=0, eos_token_id=0)
     clean = torch.randint(0, args.vocab, (args.batch, args.pos))
     corrupt = clean.clone()
     corrupt[:, 1] = torch.randint(0, args.vocab, (args.batch,))
+    clean, corrupt = clean.to(args.device), corrupt.to(args.device)
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return logit_diff(logits, 1, 2)
@@ -76,16 +78,19 @@ def main() -> None:
     senders = [(layer, (3 * i) % n_heads) for i, layer in enumerate(layers)]
     print(
         f"model: {n_layers} layers, d_model {args.d_model}, {n_heads} heads, vocab {args.vocab}; "
-        f"batch {args.batch} x {args.pos} tokens; {torch.get_num_threads()} thread(s); "
+        f"batch {args.batch} x {args.pos} tokens; {torch.get_num_threads()} thread(s), {args.device}; "
         f"{n_layers * n_heads} senders, receivers: logits"
     )
     for freeze_mlps in (True, False):
         base, source = caches(model, clean, corrupt)  # once, outside the timing: the loop's best case
+        synchronize(args.device)
         wall, cpu = time.perf_counter(), time.process_time()
-        looped = [frozen_forward(model, clean, base, source, s, freeze_mlps) for s in senders]
+        looped = [float(frozen_forward(model, clean, base, source, s, freeze_mlps)) for s in senders]
         loop_wall, loop_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        synchronize(args.device)
         wall, cpu = time.perf_counter(), time.process_time()
         result = path_patch(model, clean, corrupt, metric, freeze_mlps=freeze_mlps)
+        synchronize(args.device)
         batch_wall, batch_cpu = time.perf_counter() - wall, time.process_time() - cpu
         scale = n_layers * n_heads / len(senders)
         diff = max(abs(float(result["metric"][layer, head]) - float(v)) for (layer, head), v in zip(senders, looped))

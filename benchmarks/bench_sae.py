@@ -26,17 +26,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_device_option, synchronize
 
 
 def reference_steps(x: torch.Tensor, d_sae: int, k: int | None, l1: float, steps: int, batch: int) -> float:
     """Seconds for `steps` dense training steps (see the module docstring)."""
     d = x.shape[1]
     gen = torch.Generator().manual_seed(0)
-    w_dec = torch.randn(d_sae, d, generator=gen)
+    w_dec = torch.randn(d_sae, d, generator=gen).to(x.device)
     w_dec = (w_dec / w_dec.norm(dim=-1, keepdim=True)).requires_grad_(True)
     w_enc = w_dec.detach().T.clone().requires_grad_(True)
-    b_enc = torch.zeros(d_sae, requires_grad=True)
-    b_dec = torch.zeros(d, requires_grad=True)
+    b_enc = torch.zeros(d_sae, device=x.device, requires_grad=True)
+    b_dec = torch.zeros(d, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=1e-3)
     start = time.perf_counter()
     for _ in range(steps):
@@ -57,6 +58,7 @@ def reference_steps(x: torch.Tensor, d_sae: int, k: int | None, l1: float, steps
         opt.step()
         with torch.no_grad():
             w_dec.div_(w_dec.norm(dim=-1, keepdim=True))
+    synchronize(x.device)
     return time.perf_counter() - start
 
 
@@ -66,8 +68,10 @@ def mechscope_steps(x: torch.Tensor, d_sae: int, k: int | None, l1: float, steps
     activation = "relu" if k is None else "topk"
     config = SAEConfig(d_in=x.shape[1], d_sae=d_sae, activation=activation, k=k)
     train = SAETrainConfig(steps=steps, batch_size=batch, lr=1e-3, l1_coefficient=l1, log_every=steps, scale_batches=1)
+    synchronize(x.device)
     start = time.perf_counter()
-    train_sae(x, config, train)
+    train_sae(x, config, train)  # on x's device
+    synchronize(x.device)
     return time.perf_counter() - start
 
 
@@ -143,11 +147,16 @@ def main() -> None:
     parser.add_argument(
         "--saelens-sparse", action="store_true", help="also SAELens's use_sparse_activations (fails on CPU torch)"
     )
+    add_device_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    x = torch.randn(args.tokens, args.d_in, generator=torch.Generator().manual_seed(0))
+    x_cpu = torch.randn(args.tokens, args.d_in, generator=torch.Generator().manual_seed(0))
+    x = x_cpu.to(args.device)
     tokens = args.steps * args.batch
-    print(f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, {args.steps} steps, {args.threads} threads")
+    print(
+        f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, {args.steps} steps, {args.threads} threads, "
+        f"{args.device}"
+    )
     runs = (("topk", args.k, 0.0), ("relu", None, 5.0 / args.d_in**0.5))
     for name, k, l1 in (run for run in runs if run[0] in args.archs.split(",")):
         reference_steps(x, args.d_sae, k, l1, 2, args.batch)  # warm-up
@@ -164,13 +173,13 @@ def main() -> None:
             from safetensors.torch import save_file
 
             x_path = Path(tempfile.mkdtemp(prefix="bench-sae-")) / "x.safetensors"
-            save_file({"x": x}, str(x_path))
+            save_file({"x": x_cpu}, str(x_path))
             for sparse in (False, True) if k is not None and args.saelens_sparse else (False,):
                 theirs = saelens_steps(args.saelens_python, x_path, name, args, sparse)
                 if theirs is not None:
                     label = "SAELens" + (" (use_sparse_activations)" if sparse else "")
                     print(f"      {label:34s} {tokens / theirs:10.0f} tok/s   mechscope / SAELens {theirs / ours:.2f}x")
-    seconds, rows = store_read(x, args.batch)
+    seconds, rows = store_read(x_cpu, args.batch)
     print(f"store read (bf16, shuffled): {rows / seconds:10.0f} tok/s = {rows / seconds / (tokens / ours):.1f}x "
           "what the last training above consumes")  # fmt: skip
 

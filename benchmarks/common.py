@@ -19,6 +19,18 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
+def synchronize(device: Any) -> None:
+    """Wait for queued GPU work (timings of CUDA calls end when the work does, not when it is queued)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, batch: int) -> None:
     """Size of the random GPT-2 (GPT-2-small by default), of the token batch, and CPU threads."""
     parser.add_argument("--layers", type=int, default=12)
@@ -31,7 +43,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch: int) -> None:
 
 
 def random_gpt2(args: argparse.Namespace, **config: Any) -> Any:
-    """Set the threads and seed 0, then build a HookedModel over a random GPT-2 of `args`' size."""
+    """Set the threads and seed 0, then build a HookedModel over a random GPT-2 of `args`' size (on
+    ``args.device`` when the script has that option)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -47,4 +60,4 @@ def random_gpt2(args: argparse.Namespace, **config: Any) -> Any:
         vocab_size=args.vocab,
         **config,
     )
-    return HookedModel(GPT2LMHeadModel(gpt2).eval())
+    return HookedModel(GPT2LMHeadModel(gpt2).eval().to(getattr(args, "device", "cpu")))

@@ -3,9 +3,12 @@
 #     bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
 # It (1) reports the machine and the packages, (2) runs the scale tests on CUDA -- half-precision
 # conformance (bf16/fp16 vs fp32, stated tolerances), device_map with GPU + CPU + disk offload, the 2-rank
-# gloo job -- plus the model-core tests, (3) runs one nccl rank of the data-parallel job on the GPU, and
+# gloo job -- plus the model-core tests, (3) runs one nccl rank of the data-parallel sweep job and of the
+# features job (collection, SAE training on the GPU interrupted at step 10 and resumed), and
 # (4) prints figures: forward, caching, head patching, AtP and SAE steps on CPU vs CUDA in fp32 and bf16,
-# with ratios against the CPU fp32 baseline of the same run. Budget: a few minutes on one H100.
+# with ratios against the CPU fp32 baseline of the same run, then bench_hooks, bench_patching,
+# bench_path_patching and bench_sae on the GPU, each against its own baseline measured in the same run.
+# Budget: a few minutes on one H100.
 #
 # No network is needed: it uses the machine's python3 (torch, transformers, accelerate, safetensors,
 # jaxtyping, typer, tqdm, numpy are in the device image) with src/ on PYTHONPATH. Packages missing there
@@ -80,10 +83,24 @@ PYTHONPATH=$PWD/tests/scale:$PYTHONPATH timeout 300 "$PY" -m torch.distributed.r
     tests/scale/dist_job.py "$work/model" "$work/out" >"$work/log" 2>&1 \
     && echo "job: ok ($(ls "$work/out" | wc -l) outputs)" || { echo "job failed:"; tail -20 "$work/log"; status=1; }
 
+echo "== the data-parallel features job on one rank, on $MECHSCOPE_TEST_DEVICE (collection, SAE training on the GPU, resume)"
+mkdir -p "$work/fout"
+PYTHONPATH=$PWD/tests/scale:$PYTHONPATH MECHSCOPE_TEST_STOP_AT=10 timeout 300 "$PY" -m torch.distributed.run --standalone \
+    --nproc_per_node 1 tests/scale/dist_features_job.py "$work/model" "$work/fout" >"$work/flog" 2>&1 \
+    && echo "features job: ok ($(ls "$work/fout" | wc -l) outputs)" || { echo "features job failed:"; tail -20 "$work/flog"; status=1; }
+
 echo "== figures (bench_devices: CPU vs CUDA, fp32 and bf16)"
 "$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" || status=1
 [ -n "${GPU_CHECK_QUICK:-}" ] || "$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" --layers 12 --d-model 768 --heads 12 --vocab 50257 --batch 8 --pos 128 \
     --repeats 2 || status=1
+
+echo "== benchmarks on $MECHSCOPE_TEST_DEVICE, each against its baseline in the same run"
+dev=$MECHSCOPE_TEST_DEVICE
+"$PY" benchmarks/bench_hooks.py --device "$dev" || status=1
+"$PY" benchmarks/bench_patching.py --device "$dev" || status=1
+"$PY" benchmarks/bench_patching.py --device "$dev" --layers 4 --d-model 256 --heads 8 --batch 4 || status=1
+"$PY" benchmarks/bench_path_patching.py --device "$dev" || status=1
+"$PY" benchmarks/bench_sae.py --device "$dev" --steps 50 || status=1
 
 echo "== gpu_check done: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

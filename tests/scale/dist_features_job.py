@@ -4,6 +4,9 @@ architecture) and on the store (with a checkpoint). Every rank saves the weights
 
     torchrun --standalone --nproc_per_node 2 tests/scale/dist_features_job.py MODEL_FOLDER OUT_FOLDER
 
+``MECHSCOPE_TEST_DEVICE=cuda`` (scripts/gpu_check.sh) runs the model and the training on each rank's GPU
+(nccl for the job when every rank has one; the SAE's collectives use gloo, which takes CUDA tensors).
+
 Test hooks (environment): ``MECHSCOPE_TEST_DIE=rank:shards`` SIGKILLs that rank once it has written that
 many shards; ``MECHSCOPE_TEST_STOP_AT=step`` interrupts training on every rank right after the checkpoint
 of that step is written, and the job trains again with the same checkpoint path (resuming).
@@ -108,15 +111,18 @@ def _interrupt_after_checkpoint() -> None:
 
 
 def _save(sae: torch.nn.Module, path: Path) -> None:
-    save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(path))
 
 
 def main(model_folder: str, out: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
     rank = f"rank{int(os.environ.get('RANK', '0'))}"
-    with dist.process_group("gloo"):
-        model = load_model(model_folder)
+    device = torch.device(os.environ.get("MECHSCOPE_TEST_DEVICE", "cpu"))
+    gpus = device.type == "cuda" and torch.cuda.device_count() >= dist.world_size_from_env()
+    with dist.process_group("nccl" if gpus else "gloo"):
+        where = dist.local_device() if device.type == "cuda" else device
+        model = load_model(model_folder, device=where)
         _die_after_shards()
         store = collect_store_distributed(
             model, SITE, TEXTS, out_dir / "store", dtype="fp32", seq_len=SEQ_LEN, rows_per_shard=ROWS_PER_SHARD
@@ -124,18 +130,18 @@ def main(model_folder: str, out: str) -> None:
         if not os.environ.get("MECHSCOPE_TEST_SKIP_TENSOR"):
             x = tensor_data()
             for name, (config, cfg) in TENSOR_RUNS.items():
-                sae, log = train_sae(x, config, cfg)
+                sae, log = train_sae(x, config, cfg, device=where)
                 _save(sae, out_dir / f"tensor-{name}-{rank}.safetensors")
                 if dist.is_main():
                     (out_dir / f"tensor-{name}-log.json").write_text(json.dumps(log))
         _interrupt_after_checkpoint()
         config, checkpoint = store_sae_config(model.dims.d_model), out_dir / "ckpt.safetensors"
         try:
-            sae, _ = train_sae(store, config, STORE_TRAIN, checkpoint=checkpoint)
+            sae, _ = train_sae(store, config, STORE_TRAIN, checkpoint=checkpoint, device=where)
         except Interrupted:
             if dist.is_main():
                 (out_dir / "interrupted.json").write_text(json.dumps(checkpoint_info(checkpoint)["step"]))
-            sae, _ = train_sae(store, config, STORE_TRAIN, checkpoint=checkpoint)  # resumes on every rank
+            sae, _ = train_sae(store, config, STORE_TRAIN, checkpoint=checkpoint, device=where)  # resumes
         _save(sae, out_dir / f"store-{rank}.safetensors")
         dist.barrier()
 

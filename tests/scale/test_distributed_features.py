@@ -40,7 +40,8 @@ def _torchrun(folder: Path, out: Path, **env_extra: str) -> subprocess.Completed
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     path = os.pathsep.join(p for p in (str(JOB.parent), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env_extra}
+    # CPU ranks: the results are compared with CPU training here (gpu_check.sh runs the job on CUDA itself)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "MECHSCOPE_TEST_DEVICE": "cpu", **env_extra}
     return subprocess.run(
         [*command, "--standalone", "--nproc_per_node", "2", str(JOB), str(folder), str(out)],
         capture_output=True,

@@ -79,7 +79,7 @@ class DataParallel(Local):
             )
         self.world = dist.world_size()
         self.rank = dist.rank()
-        # SAEs train on the CPU: in an nccl job (GPU sweeps, collection), their collectives use a gloo group
+        # SAE collectives use a gloo group, in an nccl job too: gloo all-reduces CPU and CUDA tensors alike
         nccl = torch.distributed.get_backend() == "nccl"
         self.group = torch.distributed.new_group(backend="gloo") if nccl else None
         self.writes = dist.is_main()
@@ -110,7 +110,7 @@ class DataParallel(Local):
         return view
 
     def rows(self, x: Tensor) -> Tensor:
-        return dist.gather_rows(x)
+        return dist.gather_rows(x.cpu()).to(x.device)  # gloo gathers CPU tensors only
 
     def fired(self, fired: Tensor) -> Tensor:
         flags = fired.to(torch.int32)

@@ -154,12 +154,12 @@ def _save_checkpoint(
     state: _State,
     fingerprint: dict[str, Any],
 ) -> None:
-    tensors = {f"sae.{k}": v.detach() for k, v in sae.state_dict().items()}
+    tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
     opt_state = opt.state_dict()
     for index, slots in opt_state["state"].items():
         for name, value in slots.items():
-            tensors[f"adam.{index}.{name}"] = value if isinstance(value, Tensor) else torch.tensor(value)
-    tensors["last_fired"] = state.last_fired
+            tensors[f"adam.{index}.{name}"] = value.cpu() if isinstance(value, Tensor) else torch.tensor(value)
+    tensors["last_fired"] = state.last_fired.cpu()
     if gen is not None:
         tensors["generator"] = gen.get_state()
     body = {
@@ -179,6 +179,7 @@ def _load_checkpoint(
     opt: torch.optim.Optimizer,
     gen: torch.Generator | None,
     fingerprint: dict[str, Any],
+    device: torch.device,
 ) -> _State:
     envelope = read_envelope(path, CHECKPOINT_SCHEMA)
     body, tensors = envelope.body, envelope.tensors
@@ -197,7 +198,11 @@ def _load_checkpoint(
     if gen is not None:
         gen.set_state(tensors["generator"])
     return _State(
-        int(body["step"]), float(body["scale_in"]), float(body["scale_out"]), tensors["last_fired"], body["log"]
+        int(body["step"]),
+        float(body["scale_in"]),
+        float(body["scale_out"]),
+        tensors["last_fired"].to(device),
+        body["log"],
     )
 
 
@@ -211,6 +216,7 @@ def train_sae(
     checkpoint: str | Path | None = None,
     progress: bool = False,
     distributed: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[SparseAutoencoder, list[dict[str, Any]]]:
     """Train an SAE of `config` on `data`; returns it and a log (loss, mse, l0, dead fraction, lr).
 
@@ -223,18 +229,24 @@ def train_sae(
     `distributed`: train data-parallel over the ranks of the process group (DistributedDataParallel; each
     rank reads its share, see :mod:`mechscope.features.distributed_train`); None (default): when a group of
     several ranks is initialised. Every rank returns the same SAE; rank 0 writes the checkpoint.
+
+    `device`: where the SAE trains and is returned (batches are moved there as they are read); default:
+    the device of a tensor `data`, else the CPU. The initialisation is drawn on the CPU, so a seed gives
+    the same starting SAE on every device.
     """
     cfg = train or SAETrainConfig()
     if config.transcoder and config.centre_input:
         raise ConfigError("training a transcoder that subtracts b_dec from its input is not supported")
     sync = _sync(distributed, cfg)
+    target = _training_device(data, device)
     batches, gen = _batch_stream(data, config, cfg, targets, sync)
-    sae = SparseAutoencoder(config, seed=cfg.seed)
+    batches = (_moved(batch, target) for batch in batches)
+    sae = SparseAutoencoder(config, seed=cfg.seed).to(target)
     optimiser = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     fingerprint = {"config": asdict(config), "train": asdict(cfg)}
     path = None if checkpoint is None else Path(checkpoint)
     if path is not None and path.is_file():
-        state = _load_checkpoint(path, sae, optimiser, gen, fingerprint)
+        state = _load_checkpoint(path, sae, optimiser, gen, fingerprint, target)
         if gen is None:  # an iterable: skip what the interrupted run consumed
             batches = itertools.islice(batches, state.step, None)
     else:
@@ -243,6 +255,21 @@ def train_sae(
         _run(sae, optimiser, batches, state, cfg, path, gen, fingerprint, progress, sync)
     _fold_scales(sae, state.scale_in, state.scale_out)
     return sae, state.log
+
+
+def _training_device(data: Any, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device must name a torch device such as 'cpu' or 'cuda:0'; got {device!r}") from exc
+    return data.device if isinstance(data, Tensor) else torch.device("cpu")
+
+
+def _moved(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, tuple):
+        return batch[0].to(device), batch[1].to(device)
+    return batch.to(device)
 
 
 def _batch_stream(
@@ -288,7 +315,8 @@ def _initialise(
             linear = torch.linalg.lstsq(xc * scale_in, yc * scale_out).solution  # [d_in, d_out]
             w_enc = linear @ sae.W_dec.T
             sae.W_enc.copy_(w_enc / w_enc.norm(dim=0, keepdim=True).clamp(min=1e-8))
-    state = _State(0, scale_in, scale_out, torch.full((config.d_sae,), -1, dtype=torch.long), [])
+    never = torch.full((config.d_sae,), -1, dtype=torch.long, device=sae.b_enc.device)
+    state = _State(0, scale_in, scale_out, never, [])
     return state, itertools.chain(head, batches)
 
 
@@ -393,7 +421,7 @@ def _sync(distributed: bool | None, cfg: SAETrainConfig) -> Local:
 def _fired(code: Tensor | SparseCode, d_sae: int) -> Tensor:
     """``[d_sae]`` bool: features active on some token of the batch."""
     if isinstance(code, SparseCode):
-        out = torch.zeros(d_sae, dtype=torch.bool)
+        out = torch.zeros(d_sae, dtype=torch.bool, device=code.values.device)
         out[code.indices[code.values > 0]] = True
         return out
     return (code > 0).any(0)

@@ -42,12 +42,13 @@ class BatchTopK(Architecture):
         kept = flat.topk(min(flat.numel(), sae.config.k * tokens), sorted=False).indices.sort().values
         token, feature = torch.div(kept, d_sae, rounding_mode="floor"), kept % d_sae  # sorted by token
         counts = torch.bincount(token, minlength=tokens)
-        slot = torch.arange(kept.numel()) - (counts.cumsum(0) - counts)[token]  # position in its token's row
+        first_of_token = (counts.cumsum(0) - counts)[token]
+        slot = torch.arange(kept.numel(), device=kept.device) - first_of_token  # position in its token's row
         width = max(1, int(counts.max()))
         where = token * width + slot
         values = torch.relu(select(pre, token, feature))  # gradient back to pre: sparse
         padded = values.new_zeros(tokens * width).index_put((where,), values)
-        indices = torch.zeros(tokens * width, dtype=torch.long).index_put_((where,), feature)
+        indices = torch.zeros(tokens * width, dtype=torch.long, device=kept.device).index_put_((where,), feature)
         return SparseCode(padded.view(tokens, width), indices.view(tokens, width))
 
     @torch.no_grad()

@@ -43,7 +43,7 @@ class Encode(torch.autograd.Function):
             grad = grad.coalesce()
             rows, cols = grad.indices()
             values = grad.values()
-            grad_b_enc = torch.zeros(w_enc.shape[1], dtype=values.dtype).index_add_(0, cols, values)
+            grad_b_enc = values.new_zeros(w_enc.shape[1]).index_add_(0, cols, values)
             if need_w:
                 grad_w = _sparse_t_mm(rows, cols, values, xc, w_enc.shape[1]).t()
             if need_x:
@@ -62,7 +62,7 @@ def _sparse_t_mm(rows: Tensor, cols: Tensor, values: Tensor, xc: Tensor, d_sae: 
     """``G^T @ xc`` ``[d_sae, d_in]`` for the sparse ``G [tokens, d_sae]`` given as (rows, cols, values):
     ``G^T`` in compressed sparse rows (entries sorted by feature), multiplied by the dense ``xc``."""
     order = torch.argsort(cols, stable=True)
-    crow = torch.zeros(d_sae + 1, dtype=torch.int64)
+    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=cols.device)
     crow[1:] = torch.bincount(cols, minlength=d_sae).cumsum(0)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
@@ -99,7 +99,7 @@ def select_rows(pre: Float[Tensor, "... d_sae"], indices: Tensor) -> Float[Tenso
     if pre.ndim != 2 or not isinstance(pre.grad_fn, Encode._backward_cls):  # type: ignore[attr-defined]
         return pre.gather(-1, indices)
     tokens, k = indices.shape
-    rows = torch.arange(tokens).repeat_interleave(k)
+    rows = torch.arange(tokens, device=indices.device).repeat_interleave(k)
     return select(pre, rows, indices.reshape(-1)).view(tokens, k)
 
 
