@@ -117,3 +117,26 @@ def test_the_auxiliary_loss_through_the_fast_path_equals_the_dense_reference():
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.allclose(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-5), name
     assert bool((fast_grads["W_enc"][:, ~dead] == 0).all())  # only dead features learn from AuxK
+
+
+def test_the_batch_selection_equals_a_top_n_over_the_whole_batch():
+    """BatchTopK searches every token's top 4k entries first: exact unless a token fills all its candidates,
+    when the whole batch is searched. Both branches against a plain top-n of the flattened batch."""
+    from mechscope.features.architectures.batchtopk import batch_top
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, d_sae, k = 64, 256, 8
+    spread = torch.relu(torch.randn(tokens, d_sae, generator=gen))
+    dominated = spread.clone()
+    dominated[3] += 10.0  # token 3 alone holds the top 256 entries: more than its 32 candidates
+    sparse = torch.relu(torch.randn(tokens, d_sae, generator=gen) - 2.7)  # fewer positives than k * tokens
+    for name, acts in {"spread": spread, "dominated": dominated, "sparse": sparse}.items():
+        token, feature = batch_top(acts, k * tokens)
+        flat = token * d_sae + feature
+        assert torch.equal(flat, flat.sort().values), f"{name}: sorted by token, then feature"
+        want = acts.flatten().topk(k * tokens).values
+        got = acts[token, feature]
+        torch.testing.assert_close(got.sort().values, want.sort().values, rtol=0, atol=0, msg=name)
+        if name != "sparse":  # no ties: the very same entries
+            assert torch.equal(flat, acts.flatten().topk(k * tokens).indices.sort().values), name
+    assert int((batch_top(dominated, k * tokens)[0] == 3).sum()) == d_sae
