@@ -21,6 +21,10 @@ tokens, or all): the metric constructors here do, and :func:`reads` declares a c
 compute only those logits -- final norm and unembedding of one row per prompt, of the declared tokens'
 columns only -- and check the declaration once (the value must not change when every other logit is NaN).
 An undeclared metric is still a plain function; sweeps then find what it reads from its gradient.
+
+A :class:`SiteMetric` reads one site's activation instead of the logits (a probe's score at a layer, the
+norm of a residual direction): activation patching then stops every patched run at that site, so the
+layers after it never run.
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, MechscopeError, ShapeError
+
+if TYPE_CHECKING:
+    from mechscope.sites import SiteLike
 
 #: A metric: logits ``[batch, pos, d_vocab]`` -> a scalar or one value per row ``[batch]``.
 Metric = Callable[[Tensor], Tensor]
@@ -394,6 +401,47 @@ def token_prob_metric(token: TokenIds, *, position: Position = None) -> Metric:
 
 
 # Evaluating a metric -----------------------------------------------------------------------------------
+class SiteMetric:
+    """A metric of one site's activation rather than the logits: ``fn(activation) -> scalar | [batch]``,
+    where `activation` is the site's tensor (``[batch, pos, ...]``, as ``run_with_cache`` gives it).
+
+    :func:`~mechscope.locate.patching.activation_patch` takes it and runs no layer after `site`. Verbs
+    that score logits refuse it (calling it on logits raises :class:`MetricError`)."""
+
+    def __init__(self, site: SiteLike, fn: Callable[[Tensor], Tensor]) -> None:
+        from mechscope.sites import Site
+
+        parsed = Site.parse(site)
+        if parsed.layer is None:
+            raise ConfigError(f"a site metric reads a site inside the blocks ('blocks.<layer>.<kind>'); got {site!r}")
+        if not callable(fn):
+            raise ConfigError(f"a site metric's fn must be callable; got {type(fn).__name__}")
+        self.site = parsed
+        self.fn = fn
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        raise MetricError(
+            f"{self!r} reads the activation of {self.site.name}, not logits: this verb takes metrics of the "
+            "logits (activation_patch takes site metrics too)"
+        )
+
+    def rows(self, activation: Tensor) -> Float[Tensor, " batch"]:
+        """`fn` of `activation` as one float32 value per row (a scalar is broadcast), checked."""
+        batch = activation.shape[0]
+        out = self.fn(activation)
+        if not isinstance(out, Tensor):
+            got = type(out).__name__
+            raise MetricError(f"{self!r} must return a tensor (a scalar or [batch]=({batch},)); got {got}")
+        if out.ndim == 0:
+            out = out.expand(batch)
+        if out.shape != (batch,):
+            raise MetricError(f"{self!r} must return a scalar or [batch]=({batch},); got shape {tuple(out.shape)}")
+        return out.detach().float()
+
+    def __repr__(self) -> str:
+        return f"SiteMetric({self.site.name!r}, {getattr(self.fn, '__name__', self.fn)!r})"
+
+
 def score_rows(metric: Metric, logits: Tensor, attention_mask: Tensor | None = None) -> Float[Tensor, " batch"]:
     """`metric(logits)` as one value per row (a scalar is broadcast), scored inside :func:`scoring`
     with `attention_mask` (None: the enclosing block's), with a clear error for a malformed metric."""
@@ -423,6 +471,7 @@ __all__ = [
     "MetricError",
     "Position",
     "Reads",
+    "SiteMetric",
     "kl_div",
     "kl_to_reference",
     "last_positions",

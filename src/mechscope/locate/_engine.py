@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.locate._reads import Scorer, read_plan
-from mechscope.metrics import Metric, MetricError, score, score_rows
+from mechscope.metrics import Metric, MetricError, SiteMetric, score, score_rows
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.model.partial import BaseRun, run_from
 from mechscope.sites import Site, SiteLike
@@ -128,7 +128,10 @@ def run_loop(
     """One full patched forward per variant: the reference implementation.
 
     `base_hooks` recreate the base run when it is not just its tokens (causal tracing's noise).
-    Returns ``[variant]`` batch means, or with `per_row` ``[variant, batch]``."""
+    Returns ``[variant]`` batch means, or with `per_row` ``[variant, batch]``. A :class:`SiteMetric` is
+    scored on its site's activation (the forward ends there)."""
+    if isinstance(metric, SiteMetric):
+        return _site_loop(model, base, sources, variants, metric, base_hooks, progress, per_row, desc)
     out = []
     inputs = {"input_ids": base.input_ids, "attention_mask": base.attention_mask}
     for variant in progress_bar(variants, progress, f"{desc} (loop)"):
@@ -247,7 +250,11 @@ def run_batched(
 
     `base_acts` (the base run's activations at the patched sites) let variants whose patch writes the
     values already there be skipped. Returns ``[variant]`` batch means, or with `per_row` ``[variant, batch]``.
+    A :class:`SiteMetric` is scored on its site's activation, every forward ending there (the base run's
+    ``cache`` must hold that site).
     """
+    if isinstance(metric, SiteMetric):
+        return _site_batched(model, base, sources, variants, metric, base_acts, chunk_size, progress, per_row, desc)
     batch = base.batch
     scorer = Scorer(model, metric, base)
     base_rows = metric_rows_value(metric, base.logits, batch, base.attention_mask)
@@ -304,6 +311,107 @@ def run_batched(
             return run_reading(model, base, resid, layer=layer, start=start, keep=keep, hooks=hooks)
 
         out[members] = scorer.chunk(forward, n, start).to(out.device)
+    return out if per_row else out.mean(-1)
+
+
+# Site metrics ------------------------------------------------------------------------------------------------
+class _SiteReached(Exception):
+    """Ends a run once the metric's site is computed."""
+
+
+def _capture(got: list[Tensor]) -> HookFn:
+    def fn(activation: Tensor, _ctx: HookContext) -> None:
+        got.append(activation.detach())
+        raise _SiteReached
+
+    return fn
+
+
+def _hooks_then_capture(
+    patches: Mapping[Site, HookFn], metric: SiteMetric, got: list[Tensor]
+) -> dict[SiteLike, list[HookFn]]:
+    """The patch hooks, plus a capture of the metric's site that runs after a patch of that same site."""
+    hooks: dict[SiteLike, list[HookFn]] = {site: [fn] for site, fn in patches.items()}
+    hooks.setdefault(metric.site, []).append(_capture(got))
+    return hooks
+
+
+def _site_loop(
+    model: HookedModel,
+    base: BaseRun,
+    sources: Mapping[Site, Tensor],
+    variants: Sequence[Variant],
+    metric: SiteMetric,
+    base_hooks: Mapping[SiteLike, HookFn] | None,
+    progress: bool,
+    per_row: bool,
+    desc: str,
+) -> Tensor:
+    out = []
+    inputs = {"input_ids": base.input_ids, "attention_mask": base.attention_mask}
+    for variant in progress_bar(variants, progress, f"{desc} (loop)"):
+        got: list[Tensor] = []
+        patches = {site: patch_hook(sources[site], mask, site) for site, mask in variant.masks.items()}
+        with (
+            torch.no_grad(),
+            model.hooks(dict(base_hooks or {})),
+            model.hooks(_hooks_then_capture(patches, metric, got)),
+            contextlib.suppress(_SiteReached),
+        ):
+            model(inputs)
+        rows = metric.rows(got[0])
+        out.append(rows if per_row else rows.mean())
+    return torch.stack(out)
+
+
+def _site_batched(
+    model: HookedModel,
+    base: BaseRun,
+    sources: Mapping[Site, Tensor],
+    variants: Sequence[Variant],
+    metric: SiteMetric,
+    base_acts: Mapping[Site, Tensor] | None,
+    chunk_size: int,
+    progress: bool,
+    per_row: bool,
+    desc: str,
+) -> Tensor:
+    """:func:`run_batched` for a site metric: each chunk runs from its first layer and position up to the
+    metric's site; positions before the start are the base run's there. Variants patching only sites that
+    come after the metric's site get the base value without a forward."""
+    target = metric.site
+    if target.name not in base.cache:
+        raise MetricError(f"the base run must cache the metric's site {target.name}")
+    base_target = base.cache[target.name]
+    batch, pos_axis = base.batch, target.pos_axis
+    base_rows = metric.rows(base_target)
+    out = base_rows.expand(len(variants), batch).clone()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, variant in enumerate(variants):
+        if all(site.order > target.order for site in variant.masks):
+            continue  # patched after the site is computed
+        if base_acts is not None and all(
+            torch.equal(torch.where(m.to(base_acts[s].device), sources[s], base_acts[s]), base_acts[s])
+            for s, m in variant.masks.items()
+        ):
+            continue  # the patch writes the values already there
+        groups.setdefault(variant.start(), []).append(i)
+    for (layer, start), members in progress_bar(merge_groups(groups, chunk_size, base.n_pos), progress, desc):
+        sites = sorted({s for i in members for s in variants[i].masks}, key=lambda s: s.order)
+        patches: dict[Site, HookFn] = {}
+        for site in sites:
+            empty = torch.zeros_like(next(variants[i].masks[site] for i in members if site in variants[i].masks))
+            masks = torch.cat([variants[i].masks.get(site, empty) for i in members])
+            patches[site] = patch_hook(sources[site], masks, site)
+        n, got = len(members), list[Tensor]()
+        resid = base.resid_pre[layer][:, start:].repeat(n, 1, 1)
+        with contextlib.suppress(_SiteReached):
+            run_from(model, base, resid, layer=layer, start_pos=start, hooks=_hooks_then_capture(patches, metric, got))
+        full = base_target.repeat(n, *([1] * (base_target.ndim - 1)))
+        tail = got[0]  # positions start.. of the site, every variant
+        full.narrow(pos_axis, base.n_pos - tail.shape[pos_axis], tail.shape[pos_axis]).copy_(tail)
+        rows = torch.stack([metric.rows(full[j * batch : (j + 1) * batch]) for j in range(n)])
+        out[members] = rows.to(out.device)
     return out if per_row else out.mean(-1)
 
 

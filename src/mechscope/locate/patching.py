@@ -30,7 +30,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError, SiteError, did_you_mean, renamed_keywords
 from mechscope.locate._engine import MetricError, Variant, metric_positions, metric_value, run_batched, run_loop
-from mechscope.metrics import Metric, normalised
+from mechscope.metrics import Metric, SiteMetric, normalised
 from mechscope.model.partial import base_run
 from mechscope.results import Result
 from mechscope.sites import HEAD_AXES, Selection, Site
@@ -170,7 +170,7 @@ def activation_patch(
     clean: Inputs,
     corrupt: Inputs,
     kind: str,
-    metric: Metric,
+    metric: Metric | SiteMetric,
     *,
     direction: str = "denoising",
     per_head: bool = True,
@@ -182,6 +182,10 @@ def activation_patch(
     progress: bool = False,
 ) -> PatchResult:
     """Patch every cell of `kind` and record `metric` (logits -> scalar or ``[batch]``).
+
+    `metric` may instead be a :class:`~mechscope.metrics.SiteMetric` (a site's activation -> scalar or
+    ``[batch]``, e.g. a probe's score): every patched run then ends at that site, and cells after it
+    keep the base value.
 
     Args:
         kind: the site kind swept (``sites_kind=`` is its deprecated spelling):
@@ -211,16 +215,22 @@ def activation_patch(
     base_t, source_t = (corrupt_t, clean_t) if direction == "denoising" else (clean_t, corrupt_t)
     n_layers = model.dims.n_layers
     sites = [Site(kind, layer) for layer in range(n_layers)]
-    base = base_run(model, base_t, sites)
-    source = base_run(model, source_t, sites)
+    read = [model.site(metric.site)] if isinstance(metric, SiteMetric) else []
+    base = base_run(model, base_t, sites + read)
+    source = base_run(model, source_t, sites + read)
     unit_axis = UNIT_AXES.get(kind)
     n_units = 0 if unit_axis is None else int(base.cache[sites[0].name].shape[Site(kind, 0).axes.index(unit_axis)])
     unit_list = _checked_units(units, n_units, kind)
     mask = base_t["attention_mask"]  # the same for both runs (check_pair): metrics read each row's last real token
-    values = {
-        "base": metric_value(metric, base.logits, batch, mask),
-        "source": metric_value(metric, source.logits, batch, mask),
-    }
+    if isinstance(metric, SiteMetric):  # scored on the site's activation; patched runs stop there
+        values = {
+            name: metric.rows(run.cache[read[0].name]).mean() for name, run in (("base", base), ("source", source))
+        }
+    else:
+        values = {
+            "base": metric_value(metric, base.logits, batch, mask),
+            "source": metric_value(metric, source.logits, batch, mask),
+        }
     clean_value, corrupt_value = (
         (values["source"], values["base"]) if direction == "denoising" else (values["base"], values["source"])
     )
@@ -275,6 +285,7 @@ def activation_patch(
         "method": method,
         "model_type": model.dims.model_type,
         "dtype": str(model.dtype).removeprefix("torch."),
+        "metric_site": read[0].name if read else None,
     }
     return PatchResult(
         tensors={"metric": flat.reshape(grid), "clean": clean_value, "corrupt": corrupt_value},
