@@ -59,7 +59,11 @@ def test_batched_equals_loop_equals_a_hand_built_run(model, kind):
     loop = activation_patch(model, clean, corrupt, kind, metric, method="loop", **per)
     torch.testing.assert_close(batched["metric"], loop["metric"], rtol=1e-5, atol=1e-5)
     assert batched.config["metric_site"] == "blocks.2.hook_resid_post"
-    site = {"resid_pre": "blocks.1.hook_resid_pre", "mlp_out": "blocks.1.hook_mlp_out"}.get(kind, "blocks.1.attn.hook_z")
+    site = {
+        "resid_pre": "blocks.1.hook_resid_pre",
+        "mlp_out": "blocks.1.hook_mlp_out",
+        "heads": "blocks.1.attn.hook_z",
+    }[kind]
     head = 2 if kind == "heads" else None
     expected = _by_hand(model, corrupt, clean, site, 4, metric, head)
     got = batched["metric"][1, 2, 4] if kind == "heads" else batched["metric"][1, 4]
