@@ -119,13 +119,26 @@ def main() -> None:
         help="no collection: train (or resume training) on the store's complete shards as they are, even while "
         "another process is still collecting into it, then evaluate and describe",
     )
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="no collection or training: evaluate and describe the SAE saved in --out (sae.safetensors), keeping "
+        "the collection and training figures of its report.json",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     import itertools
 
     import mechscope as ms
-    from mechscope.features import SAEConfig, SAETrainConfig, collect_activations, collect_store, train_sae
+    from mechscope.features import (
+        SAEConfig,
+        SAETrainConfig,
+        collect_activations,
+        collect_store,
+        load_sae,
+        train_sae,
+    )
     from mechscope.features.autointerp import (
         ChatExplainer,
         ChatJudge,
@@ -142,7 +155,12 @@ def main() -> None:
     hm = ms.load_model("smollm2-135m-instruct")
     report: dict = {"site": SITE, "threads": args.threads}
     start = time.perf_counter()
-    if args.train_only:
+    if args.eval_only:
+        kept = json.loads((args.out / "report.json").read_text())
+        report |= {k: v for k, v in kept.items() if k not in ("held_out", "downstream", "descriptions")}
+        report = {k: v for k, v in report.items() if not k.endswith("records")}
+        store = ActivationStore(args.out / "store")
+    elif args.train_only:
         store = ActivationStore(args.out / "store")
         store.check(hm, SITE)
     else:
@@ -159,15 +177,18 @@ def main() -> None:
     if args.collect_only:
         return
 
-    config = SAEConfig(d_in=hm.dims.d_model, d_sae=args.d_sae, activation="batchtopk", k=args.k, site=SITE)
-    train = SAETrainConfig(steps=args.steps, batch_size=args.batch, lr=2e-3, checkpoint_every=50, log_every=25)
-    start = time.perf_counter()
-    sae, log = train_sae(store, config, train, checkpoint=args.out / "train.ckpt", progress=True)
-    report["train_seconds_this_run"] = time.perf_counter() - start
-    report["train_tokens"] = args.steps * args.batch
-    report["train_log_last"] = log[-1]
-    sae.model_info = store.manifest.model
-    sae.save(args.out / "sae.safetensors")
+    if args.eval_only:
+        sae = load_sae(args.out / "sae.safetensors")
+    else:
+        config = SAEConfig(d_in=hm.dims.d_model, d_sae=args.d_sae, activation="batchtopk", k=args.k, site=SITE)
+        train = SAETrainConfig(steps=args.steps, batch_size=args.batch, lr=2e-3, checkpoint_every=50, log_every=25)
+        start = time.perf_counter()
+        sae, log = train_sae(store, config, train, checkpoint=args.out / "train.ckpt", progress=True)
+        report["train_seconds_this_run"] = time.perf_counter() - start
+        report["train_tokens"] = args.steps * args.batch
+        report["train_log_last"] = log[-1]
+        sae.model_info = store.manifest.model
+        sae.save(args.out / "sae.safetensors")
 
     held = list(itertools.islice(docstrings(True), 400))
     x = collect_activations(hm, SITE, held, seq_len=128, max_tokens=20_000)
@@ -177,10 +198,12 @@ def main() -> None:
     report["downstream"] = downstream_loss(hm, sae, held, seq_len=128, max_rows=24, batch_size=8)
     print(json.dumps(report), flush=True)
 
-    freq = torch.tensor(density["frequencies"])
+    # The sample: features that fire in the rows the descriptions read (the first 96 held-out rows are the
+    # first 96 x 127 tokens of `x`: collect_activations skips each row's first token).
+    rows = token_rows(hm, held, 128)[:96]
+    freq = torch.tensor(feature_density(sae, x[: rows.shape[0] * 127])["frequencies"])
     alive = (freq > 0).nonzero().squeeze(-1)
     chosen = alive[torch.randperm(alive.numel(), generator=torch.Generator().manual_seed(0))[: args.features]].tolist()
-    rows = token_rows(hm, held, 128)[:96]
     baseline = describe_features(hm, sae, rows, chosen, causal_rows=8)
     llm = describe_features(
         hm, sae, rows, chosen[: args.llm_features], explainer=ChatExplainer(TransformersChat(hm, max_new_tokens=48)),

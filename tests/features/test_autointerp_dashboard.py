@@ -92,6 +92,21 @@ def test_keyword_detection_separates_a_token_feature(model):
     assert detection_score(explanation, examples.held_out, examples.negatives, KeywordJudge()) == 1.0
 
 
+def test_the_baseline_names_a_feature_that_fires_on_newlines() -> None:
+    """A whitespace-only token is a token like any other: named, judged and predicted, not dropped."""
+    from mechscope.features.autointerp import FeatureExamples, TokenStatsExplainer, detection_score
+    from mechscope.features.autointerp.examples import Context
+
+    top = [Context(["x", " =", " 1", "\n"], [0, 0, 0, 5.0], next_token="    ") for _ in range(6)]
+    other = [Context(["a", " b", " c", " d"], [0.0] * 4, next_token=" e") for _ in range(6)]
+    examples = FeatureExamples(0, explain=top, held_out=top, negatives=other)
+    explanation = TokenStatsExplainer().explain(examples)
+    assert explanation.keywords == ["\n"] and explanation.predicted == ["    "], explanation
+    assert "'\\n' (100% of top activations)" in explanation.text, explanation.text
+    assert detection_score(explanation, examples.held_out, examples.negatives, KeywordJudge()) == 1.0
+    assert KeywordJudge()(explanation, Context(["\n", " a"], [0.0, 0.0])) == 0.5
+
+
 def _token_feature(model: HookedModel, token: int) -> SparseAutoencoder:
     """An SAE at the embedding-adjacent site whose feature 0 fires on one token (read off hook_embed)."""
     d = model.dims.d_model

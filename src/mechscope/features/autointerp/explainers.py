@@ -44,8 +44,10 @@ class Explainer(Protocol):
     def explain(self, examples: FeatureExamples) -> Explanation: ...
 
 
-def _norm(token: str) -> str:
-    return token.strip().lower()
+def token_key(token: str) -> str:
+    """How descriptions name a token: stripped and lower-cased, except a whitespace-only token (a newline,
+    an indent), which keeps its characters so that it stays nameable and distinct; ``""`` only for ``""``."""
+    return token.strip().lower() or token
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,9 +61,9 @@ class TokenStatsExplainer:
         ctx = examples.explain
         if not ctx:
             return Explanation("never fires on this corpus")
-        active = Counter(_norm(c.tokens[-1]) for c in ctx if _norm(c.tokens[-1]))
-        before = Counter(_norm(c.tokens[-2]) for c in ctx if len(c.tokens) > 1 and _norm(c.tokens[-2]))
-        after = Counter(_norm(c.next_token) for c in ctx if _norm(c.next_token))
+        active = Counter(token_key(c.tokens[-1]) for c in ctx if token_key(c.tokens[-1]))
+        before = Counter(token_key(c.tokens[-2]) for c in ctx if len(c.tokens) > 1 and token_key(c.tokens[-2]))
+        after = Counter(token_key(c.next_token) for c in ctx if token_key(c.next_token))
         keywords = [t for t, _ in active.most_common(self.n_tokens)]
         share = sum(active[t] for t in keywords) / len(ctx)
         text = f"fires on {', '.join(repr(t) for t in keywords)} ({share:.0%} of top activations)"

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.features.autointerp.examples import Context
-from mechscope.features.autointerp.explainers import Explanation
+from mechscope.features.autointerp.explainers import Explanation, token_key
 from mechscope.features.evals import feature_hooks
 from mechscope.features.sae import SparseAutoencoder
 
@@ -39,12 +39,12 @@ class KeywordJudge:
     """1 when the context's last token is one of the keywords, 0.5 when another of its tokens is, else 0."""
 
     def __call__(self, explanation: Explanation, context: Context) -> float:
-        keys = {k.strip().lower() for k in explanation.keywords if k.strip()}
+        keys = {token_key(k) for k in explanation.keywords if k}
         if not keys:
             return 0.0
-        if context.tokens and context.tokens[-1].strip().lower() in keys:
+        if context.tokens and token_key(context.tokens[-1]) in keys:
             return 1.0
-        return 0.5 if any(t.strip().lower() in keys for t in context.tokens) else 0.0
+        return 0.5 if any(token_key(t) in keys for t in context.tokens) else 0.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _token_ids(model: HookedModel, words: Sequence[str]) -> list[int]:
     tok = model.tokenizer
     ids: set[int] = set()
     for word in words:
-        for variant in (word, " " + word.strip()):
+        for variant in (word, " " + word.strip()) if word.strip() else (word,):
             encoded = tok(variant, add_special_tokens=False)["input_ids"]
             if encoded:
                 ids.add(int(encoded[0]))
