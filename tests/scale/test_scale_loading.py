@@ -3,6 +3,7 @@ where the family has no SDPA path), sharded checkpoints with an index, and folde
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -89,3 +90,34 @@ def test_a_dtype_the_weights_cannot_take_is_refused(tmp_path, dtype):
 def test_unknown_dtype_name_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="bfloat16"):
         load_model(tmp_path, dtype="int8")
+
+
+@pytest.fixture
+def gemma2_claims_sdpa(monkeypatch):
+    """Gemma 2 as transformers <= 5.17 declared it: SDPA-capable, although SDPA drops the softcap."""
+    from transformers import Gemma2ForCausalLM, Gemma2PreTrainedModel
+
+    for cls in (Gemma2PreTrainedModel, Gemma2ForCausalLM):
+        monkeypatch.setattr(cls, "_supports_sdpa", True)
+
+
+def test_a_softcapping_model_loads_with_eager_even_where_its_class_claims_sdpa(gemma2_claims_sdpa, tmp_path):
+    hf = _save("gemma2", tmp_path)
+    with torch.no_grad():
+        reference = hf(input_ids=TOKENS).logits
+    for asked in (None, "sdpa"):
+        model = load_model(tmp_path, attn_implementation=asked)
+        assert model.attention_base == "eager", asked
+        torch.testing.assert_close(model(TOKENS), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_an_in_memory_softcapping_model_on_sdpa_is_switched_to_eager(gemma2_claims_sdpa):
+    eager, tok = tiny_model("gemma2", attn_implementation="eager")
+    sdpa = copy.deepcopy(eager)
+    sdpa.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = eager(input_ids=TOKENS).logits
+    # Run on sdpa, transformers 5.17 drops the softcap silently and later releases raise: neither is eager's number.
+    model = load_model(sdpa, tokenizer=tok)
+    assert model.attention_base == "eager"
+    torch.testing.assert_close(model(TOKENS), reference, atol=1e-5, rtol=1e-5)

@@ -57,14 +57,22 @@ def _attention_for(config: Any, requested: str | None) -> str:
     ``None`` / ``"auto"`` means sdpa where available; other names (``"flash_attention_2"``) pass through to
     transformers, and attention-internal sites are then unavailable (only sdpa and eager are wrapped).
     Some families have no SDPA path in transformers (Gemma 2: SDPA cannot softcap attention logits);
-    asking for sdpa there falls back to eager, which the loaded model reports as ``attention_base``.
+    asking for sdpa there falls back to eager, which the loaded model reports as ``attention_base``. A config
+    that softcaps attention logits always gets eager, whatever its class claims: transformers releases up to
+    at least 5.17 marked Gemma 2 as SDPA-capable and then silently dropped the softcap.
     """
     if requested is not None and not isinstance(requested, str):
         raise ConfigError(f"attn_implementation must be a name such as 'auto', 'sdpa' or 'eager'; got {requested!r}")
     wanted = "sdpa" if requested in (None, "auto") else str(requested)
-    if wanted == "sdpa" and not _family_supports_sdpa(config):
+    if wanted == "sdpa" and (not _family_supports_sdpa(config) or softcaps_attention(config)):
         return "eager"
     return wanted
+
+
+def softcaps_attention(config: Any) -> bool:
+    """Whether `config` (or its text config) softcaps attention logits, which SDPA cannot do."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(getattr(c, "attn_logit_softcapping", None) is not None for c in (config, text))
 
 
 def _family_supports_sdpa(config: Any) -> bool:
@@ -245,8 +253,9 @@ def load_model(
         max_memory: per-device budget for ``device_map="auto"`` (``{0: "20GiB", "cpu": "60GiB"}``).
         offload_folder: where ``"disk"``-mapped weights go (a temporary folder when not given).
         attn_implementation: base attention, ``"auto"`` (sdpa where the family has it, else eager),
-            ``"sdpa"`` or ``"eager"``; mechscope wraps it. A family without an SDPA path in transformers
-            (Gemma 2) loads with eager even when sdpa is asked for; ``model.attention_base`` says which ran.
+            ``"sdpa"`` or ``"eager"``; mechscope wraps it. A family without an SDPA path in transformers,
+            or any model that softcaps attention logits (Gemma 2), loads with eager even when sdpa is asked
+            for (an in-memory one is switched to eager); ``model.attention_base`` says which ran.
         attention_sites: expose q/k/v/scores/pattern/z sites (wraps the attention function).
         cache_dir: where GGUF conversions are cached (default ``$MECHSCOPE_CACHE/gguf`` or
             ``~/.cache/mechscope/gguf``; see :func:`mechscope.model.gguf.cache_root`).
@@ -265,6 +274,10 @@ def load_model(
         if device is not None:
             model = model.to(device)
         adapter_for(model.config)  # unsupported architectures fail before anything else happens
+        config = model.config
+        if getattr(config, "_attn_implementation", None) == "sdpa" and softcaps_attention(config):
+            switch: Any = model.set_attn_implementation  # PreTrainedModel's; nn.Module types it as a Tensor
+            switch("eager")  # SDPA would drop the softcap (see _attention_for)
         return HookedModel(model.eval(), tokenizer, attention_sites=attention_sites)
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"source must be a folder, a model name or a PreTrainedModel; got {type(source).__name__}")
