@@ -28,8 +28,9 @@ def next_token_predictions(model, tokenizer, prompts: Sequence[str], batch_size:
     """Greedy next-token id after each prompt.
 
     Prompts are batched by token length (less padding), without a KV cache, and where the model supports
-    ``logits_to_keep`` only each row's last real position is projected onto the vocabulary; every row is
-    still read at its own last token, so the predictions are those of running each prompt alone.
+    ``logits_to_keep`` only the positions from the batch's shortest prompt's last token on are projected onto
+    the vocabulary (rows of a batch have similar lengths); every row is still read at its own last token, so
+    the predictions are those of running each prompt alone.
     """
     import inspect
 
@@ -50,8 +51,10 @@ def next_token_predictions(model, tokenizer, prompts: Sequence[str], batch_size:
             mask[i, : len(ids)] = 1
         last = (mask.sum(dim=1) - 1).to(device)
         kwargs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-        if keep_last:
-            logits = model(**kwargs, logits_to_keep=last[:, None]).logits[:, 0]
+        if keep_last:  # an int (the API every transformers 5.x reads alike): the tail from the shortest row's last
+            first = int(last.min())
+            tail = model(**kwargs, logits_to_keep=width - first).logits  # [rows, width - first, vocab]
+            logits = tail[torch.arange(len(encoded), device=device), last - first]
         else:
             logits = model(**kwargs).logits[torch.arange(len(encoded), device=device), last]
         for row, token in zip(rows, logits.argmax(-1).tolist(), strict=True):
