@@ -169,3 +169,22 @@ def test_patching_clean_into_clean_is_a_no_op(smol):
     assert clean > 2.0  # the real model prefers Berlin
     torch.testing.assert_close(result["metric"], torch.full_like(result["metric"], clean), atol=1e-4, rtol=0)
     assert_no_hooks(model)
+
+
+def test_batched_next_token_predictions_equal_each_prompt_alone(smol):
+    """The task metrics' batched reading (right padding, logits kept from the shortest row's end) on the real
+    model, with prompts of different lengths in one batch."""
+    from mechscope.data.tasks.metrics import next_token_predictions
+
+    model, hf, *_ = smol
+    prompts = ["The capital of Germany is", *TEXTS, "Paris is the capital of"]
+    assert len({len(model.tokenizer(p)["input_ids"]) for p in prompts}) > 2, "lengths differ"
+    batched = next_token_predictions(hf, model.tokenizer, prompts, batch_size=8)
+    with torch.no_grad():
+        alone = [int(hf(**_ids(model, p)).logits[0, -1].argmax()) for p in prompts]
+    assert batched == alone
+    assert model.to_string([batched[0]]) == " Berlin"
+
+
+def _ids(model, prompt: str) -> dict:
+    return model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
