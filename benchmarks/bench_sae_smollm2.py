@@ -157,8 +157,8 @@ def main() -> None:
     start = time.perf_counter()
     if args.eval_only:
         kept = json.loads((args.out / "report.json").read_text())
-        report |= {k: v for k, v in kept.items() if k not in ("held_out", "downstream", "descriptions")}
-        report = {k: v for k, v in report.items() if not k.endswith("records")}
+        evaluated = ("held_out", "downstream", "descriptions")
+        report |= {k: v for k, v in kept.items() if k not in evaluated and not k.endswith("records")}
         store = ActivationStore(args.out / "store")
     elif args.train_only:
         store = ActivationStore(args.out / "store")

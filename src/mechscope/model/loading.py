@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -64,20 +64,19 @@ def _attention_for(config: Any, requested: str | None) -> str:
     if requested is not None and not isinstance(requested, str):
         raise ConfigError(f"attn_implementation must be a name such as 'auto', 'sdpa' or 'eager'; got {requested!r}")
     wanted = "sdpa" if requested in (None, "auto") else str(requested)
-    if wanted == "sdpa" and (not _family_supports_sdpa(config) or softcaps_attention(config)):
+    if wanted == "sdpa" and not _sdpa_is_exact(config):
         return "eager"
     return wanted
 
 
-def softcaps_attention(config: Any) -> bool:
-    """Whether `config` (or its text config) softcaps attention logits, which SDPA cannot do."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return any(getattr(c, "attn_logit_softcapping", None) is not None for c in (config, text))
-
-
-def _family_supports_sdpa(config: Any) -> bool:
+def _sdpa_is_exact(config: Any) -> bool:
+    """Whether SDPA computes `config`'s attention as eager does: the family's class supports it, and no
+    attention-logit softcap (SDPA cannot apply one) is configured, on the config or its text config."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(c, "attn_logit_softcapping", None) is not None for c in (config, text)):
+        return False
     try:
         model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:  # remote-code or unknown classes: let transformers decide
@@ -274,10 +273,8 @@ def load_model(
         if device is not None:
             model = model.to(device)
         adapter_for(model.config)  # unsupported architectures fail before anything else happens
-        config = model.config
-        if getattr(config, "_attn_implementation", None) == "sdpa" and softcaps_attention(config):
-            switch: Any = model.set_attn_implementation  # PreTrainedModel's; nn.Module types it as a Tensor
-            switch("eager")  # SDPA would drop the softcap (see _attention_for)
+        if getattr(model.config, "_attn_implementation", None) == "sdpa" and not _sdpa_is_exact(model.config):
+            cast(Any, model).set_attn_implementation("eager")  # SDPA would drop the softcap (see _attention_for)
         return HookedModel(model.eval(), tokenizer, attention_sites=attention_sites)
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"source must be a folder, a model name or a PreTrainedModel; got {type(source).__name__}")

@@ -61,9 +61,10 @@ class TokenStatsExplainer:
         ctx = examples.explain
         if not ctx:
             return Explanation("never fires on this corpus")
-        active = Counter(token_key(c.tokens[-1]) for c in ctx if token_key(c.tokens[-1]))
-        before = Counter(token_key(c.tokens[-2]) for c in ctx if len(c.tokens) > 1 and token_key(c.tokens[-2]))
-        after = Counter(token_key(c.next_token) for c in ctx if token_key(c.next_token))
+        # token_key(t) is empty only for an empty t, so testing t itself is the same filter.
+        active = Counter(token_key(c.tokens[-1]) for c in ctx if c.tokens[-1])
+        before = Counter(token_key(c.tokens[-2]) for c in ctx if len(c.tokens) > 1 and c.tokens[-2])
+        after = Counter(token_key(c.next_token) for c in ctx if c.next_token)
         keywords = [t for t, _ in active.most_common(self.n_tokens)]
         share = sum(active[t] for t in keywords) / len(ctx)
         text = f"fires on {', '.join(repr(t) for t in keywords)} ({share:.0%} of top activations)"
