@@ -14,13 +14,22 @@ _PACKAGES = ("mechscope", "torch", "transformers", "safetensors")
 
 
 def versions() -> dict[str, str]:
-    """Installed versions of mechscope and the stack its numbers depend on, plus Python's."""
+    """Installed versions of mechscope and the stack its numbers depend on, plus Python's.
+
+    torch's is the build it reports (``2.11.0+cu130``, ``2.13.0+cpu``): PyPI's CUDA wheels install under
+    the bare release number, which would hide which build computed the numbers; ``cuda`` is the CUDA
+    release that build targets, absent for a CPU build."""
     found = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
+    import torch  # mechscope cannot run without it; imported here to keep this module's import light
+
+    found["torch"] = str(torch.__version__)
+    if torch.version.cuda is not None:
+        found["cuda"] = str(torch.version.cuda)
     return found
 
 

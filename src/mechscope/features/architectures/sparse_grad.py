@@ -17,6 +17,8 @@ plain autograd up to floating-point reassociation (``tests/features/test_fast_pa
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,10 +66,21 @@ def _sparse_t_mm(rows: Tensor, cols: Tensor, values: Tensor, xc: Tensor, d_sae: 
     order = torch.argsort(cols, stable=True)
     crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=cols.device)
     crow[1:] = torch.bincount(cols, minlength=d_sae).cumsum(0)
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
+    with _quiet_sparse_construction():
         g_t = torch.sparse_csr_tensor(crow, rows[order], values[order], (d_sae, xc.shape[0]), check_invariants=False)
         return torch.mm(g_t, xc)
+
+
+@contextmanager
+def _quiet_sparse_construction() -> Iterator[None]:
+    """Silence torch's notices on building the sparse gradients here, whose invariants hold by construction:
+    "Sparse CSR tensor support is in beta state", and (torch 2.11) "Sparse invariant checks are implicitly
+    disabled", raised even when ``check_invariants=False`` opts out explicitly. Checking would validate
+    every index (a device sync on CUDA) on every backward."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly", category=UserWarning)
+        yield
 
 
 class _Select(torch.autograd.Function):
@@ -82,7 +95,8 @@ class _Select(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         rows, cols = ctx.saved_tensors
-        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad, ctx.shape, check_invariants=False)
+        with _quiet_sparse_construction():
+            coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad, ctx.shape, check_invariants=False)
         return coo, None, None
 
 
