@@ -268,6 +268,9 @@ def _first_load(args: tuple[str, str, str]) -> tuple[bool, str, float]:
 EXPECTED: dict[str, torch.Tensor] = {}
 
 
+# Python 3.12+ warns that forking a process with threads (torch's pool) may deadlock the child; the workers
+# here only load a model and compute, and the fork is deliberate (no re-import of 18 interpreters).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_concurrent_first_loads_all_succeed_and_convert_once(tiny_file, tmp_path):
     """18 processes loading the same GGUF file at once wait for one conversion instead of deleting each other's
     folder (which happened when a second finisher replaced the first's folder while others read it). Workers
