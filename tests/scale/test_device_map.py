@@ -77,7 +77,9 @@ def pair(folders, tmp_path_factory):
         if (family, name) not in made:
             plain = load_model(folders[family])
             device_map = _maps(family)[name]
-            budget = {"cpu": "40KB", **({0: "20KB"} if CUDA else {})}
+            # 70 % of the weights' bytes: accelerate < 1.15 refuses a budget that sends every module to disk
+            weights = sum(f.stat().st_size for f in folders[family].glob("*.safetensors"))
+            budget = {"cpu": int(0.7 * weights), **({0: "20KB"} if CUDA else {})}
             extra = {"max_memory": budget} if device_map == "auto" else {}
             spread = load_model(
                 folders[family], device_map=device_map, offload_folder=tmp_path_factory.mktemp("offload"), **extra
@@ -161,6 +163,35 @@ def test_a_device_map_that_leaves_a_layer_nowhere_is_refused(folders):
     del device_map["model.layers.1"]
     with pytest.raises(ConfigError, match=r"nowhere.*model\.layers\.1"):
         load_model(folders["llama"], device_map=device_map)
+
+
+def test_a_budget_that_fits_no_module_runs_the_model_from_disk(folders, tmp_path):
+    """A CPU budget of one byte leaves every module on disk; the model still runs, with equal logits."""
+    spread = load_model(folders["llama"], device_map="auto", max_memory={"cpu": 1}, offload_folder=tmp_path)
+    names = offload.offloaded_names(spread.hf_model)
+    assert len(names) == sum(1 for _ in spread.hf_model.parameters())  # every weight is on disk
+    _same(spread(CLEAN), load_model(folders["llama"])(CLEAN), "logits from disk")
+
+
+@pytest.mark.parametrize(("installed", "says"), [("1.14.0", "1.14.0 is installed"), (None, "needs accelerate:")])
+def test_device_map_refuses_an_accelerate_that_cannot_offload_every_model(folders, monkeypatch, installed, says):
+    """accelerate 1.1-1.14 crash with a bare KeyError on a disk-offloaded tied embedding (GPT-2 here) and
+    refuse a budget that sends every module to disk; device_map asks for what works instead."""
+    from importlib import metadata
+
+    real = metadata.version
+
+    def version(name):
+        if name != "accelerate":
+            return real(name)
+        if installed is None:
+            raise metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(metadata, "version", version)
+    with pytest.raises(ConfigError, match=rf"{says}.*accelerate>=1\.15"):
+        load_model(folders["gpt2"], device_map=_maps("gpt2")["embed_on_disk"])
+    assert load_model(folders["gpt2"]).dims.n_layers == 2  # without device_map accelerate is not needed
 
 
 def test_tied_embeddings_placed_apart_are_refused(folders):

@@ -22,7 +22,7 @@ def load_prompt_set(name: str) -> list[str]:
 
     if name not in PROMPT_SETS:
         raise PromptSetError(f"unknown prompt set {name!r}; bundled: {list(PROMPT_SETS)}")
-    resource = files("mechscope").joinpath("data", "prompts", f"{name}.txt")
+    resource = files("mechscope") / "data" / "prompts" / f"{name}.txt"  # one part per step: Python 3.10
     try:
         text = resource.read_text(encoding="utf-8")
     except (OSError, FileNotFoundError) as exc:

@@ -11,6 +11,7 @@ else is resolved locally and a missing model is a :class:`ModelNotFoundError` th
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -157,8 +158,31 @@ def _check_folder(folder: Path) -> None:
     )
 
 
+#: The oldest accelerate whose offload the suite passes with (docs/scale.md, "Versions"): 1.1-1.14 crash
+#: with a bare KeyError on a disk-offloaded tied embedding and refuse a budget that puts every module on disk.
+ACCELERATE_MIN = (1, 15)
+
+
+def _require_accelerate() -> None:
+    """Refuse ``device_map`` without accelerate, or with a release older than :data:`ACCELERATE_MIN`."""
+    from importlib import metadata
+
+    wanted = ".".join(map(str, ACCELERATE_MIN))
+    try:
+        found = metadata.version("accelerate")
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"device_map needs accelerate: pip install 'accelerate>={wanted}'") from None
+    release = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
+    if release < ACCELERATE_MIN:
+        raise ConfigError(
+            f"device_map needs accelerate>={wanted}; {found} is installed, whose offload crashes on a tied "
+            f"embedding placed on disk (pip install 'accelerate>={wanted}')"
+        )
+
+
 def _check_device_map(config: Any, device_map: str | dict[str, Any]) -> None:
     """Refuse a ``device_map`` dict that leaves a parameter nowhere (transformers would quietly place it)."""
+    _require_accelerate()
     if isinstance(device_map, str):
         if device_map not in ("auto", "balanced", "balanced_low_0", "sequential") and not _is_device(device_map):
             raise ConfigError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import math
 import random
 import shutil
@@ -27,6 +28,8 @@ from mechscope.errors import ConfigError
 from mechscope.records.artifacts import EXTENSIONS, canonicalize_safetensors
 from mechscope.records.provenance import ModelInfo, git_state, model_info, versions
 from mechscope.records.store import ArtifactRecord, RunRecord, RunStore, new_run_id, now
+
+_log = logging.getLogger(__name__)
 
 #: The run that objects made now are recorded into (None outside ``records.run``).
 current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar("mechscope_current_run", default=None)
@@ -363,8 +366,11 @@ def run(
             try:
                 active._close(started, exc)
             except Exception as close_exc:  # keep the user's exception; say the record was not written
-                if hasattr(exc, "add_note"):  # Python >= 3.11
-                    exc.add_note(f"mechscope.records: run {active.id} could not be written: {close_exc}")
+                message = f"mechscope.records: run {active.id} could not be written: {close_exc}"
+                if hasattr(exc, "add_note"):  # Python >= 3.11: printed with the user's traceback
+                    exc.add_note(message)
+                else:  # Python 3.10 has no exception notes: say it through logging rather than not at all
+                    _log.error(message)
             raise
         current_run.reset(token)
         active._close(started, None)
