@@ -5,7 +5,8 @@ stream token rows from the corpus (texts, text files, or token rows), skipping t
 shards (their token ids re-checked against the manifest) -> per shard: forward passes in batches that
 stop after the last collected site's layer, cast to the storage dtype, serialise, write to a temporary
 file, rename, record in the manifest. Memory is one shard's activations whatever the corpus size; a kill
-at any moment leaves at worst a temporary file (removed on resume) and never a listed half-written shard.
+at any moment leaves at worst a temporary file (removed on resume) or, between the rename and the manifest, a
+shard file not yet listed (written again on resume), and never a listed half-written shard.
 """
 
 from __future__ import annotations
