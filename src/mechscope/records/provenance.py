@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-_PACKAGES = ("mechscope", "torch", "transformers", "safetensors")
+_PACKAGES = ("mechscope", "transformers", "safetensors")  # torch: its own build string, below
 
 
 def versions() -> dict[str, str]:
