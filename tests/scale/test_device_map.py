@@ -77,7 +77,8 @@ def pair(folders, tmp_path_factory):
         if (family, name) not in made:
             plain = load_model(folders[family])
             device_map = _maps(family)[name]
-            # 70 % of the weights' bytes: accelerate < 1.15 refuses a budget that sends every module to disk
+            # 70 % of the weights' bytes, so that "auto" splits the model between CPU and disk (a fixed 40 KB put
+            # all of GPT-2 on disk with accelerate 1.15, and older releases refused it)
             weights = sum(f.stat().st_size for f in folders[family].glob("*.safetensors"))
             budget = {"cpu": int(0.7 * weights), **({0: "20KB"} if CUDA else {})}
             extra = {"max_memory": budget} if device_map == "auto" else {}
