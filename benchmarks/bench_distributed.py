@@ -159,7 +159,12 @@ def main() -> None:
         worker(args)
         return
 
-    work = Path(tempfile.mkdtemp(prefix="bench-dist-"))
+    with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
+        _compare_ranks(args, Path(tmp))
+
+
+def _compare_ranks(args: argparse.Namespace, work: Path) -> None:
+    """Time the job in one process, then on `args.ranks` torchrun ranks, in `work`; print both and the gap."""
     folder, out = work / "model", work / "out"
     out.mkdir()
     _model_folder(args, folder)

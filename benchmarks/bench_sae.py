@@ -78,6 +78,12 @@ def mechscope_steps(x: torch.Tensor, d_sae: int, k: int | None, l1: float, steps
 def store_read(x: torch.Tensor, batch: int) -> tuple[float, int]:
     """(seconds, rows) to stream one shuffled epoch of a bf16 store holding `x` (written with the store's
     own shard writer; the store is built from a token-free stand-in, so this measures reading only)."""
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        return _timed_store_read(x, batch, Path(tmp))
+
+
+def _timed_store_read(x: torch.Tensor, batch: int, folder: Path) -> tuple[float, int]:
+    """store_read's body, writing its store into `folder`."""
     from safetensors.torch import save
 
     from mechscope.features.store import ActivationStore
@@ -85,7 +91,6 @@ def store_read(x: torch.Tensor, batch: int) -> tuple[float, int]:
     from mechscope.features.store.writer import _write_bytes
     from mechscope.io import ModelInfo
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
     settings = StoreSettings(sites=("blocks.0.hook_resid_post",), dtype="bf16", seq_len=129, rows_per_shard=64)
     manifest = Manifest(settings, ModelInfo(fingerprint="bench"), {"blocks.0.hook_resid_post": x.shape[1]})
     import hashlib
@@ -172,13 +177,17 @@ def main() -> None:
         if args.saelens_python:
             from safetensors.torch import save_file
 
-            x_path = Path(tempfile.mkdtemp(prefix="bench-sae-")) / "x.safetensors"
-            save_file({"x": x_cpu}, str(x_path))
-            for sparse in (False, True) if k is not None and args.saelens_sparse else (False,):
-                theirs = saelens_steps(args.saelens_python, x_path, name, args, sparse)
-                if theirs is not None:
-                    label = "SAELens" + (" (use_sparse_activations)" if sparse else "")
-                    print(f"      {label:34s} {tokens / theirs:10.0f} tok/s   mechscope / SAELens {theirs / ours:.2f}x")
+            with tempfile.TemporaryDirectory(prefix="bench-sae-") as tmp:
+                x_path = Path(tmp) / "x.safetensors"
+                save_file({"x": x_cpu}, str(x_path))
+                for sparse in (False, True) if k is not None and args.saelens_sparse else (False,):
+                    theirs = saelens_steps(args.saelens_python, x_path, name, args, sparse)
+                    if theirs is not None:
+                        label = "SAELens" + (" (use_sparse_activations)" if sparse else "")
+                        print(
+                            f"      {label:34s} {tokens / theirs:10.0f} tok/s   "
+                            f"mechscope / SAELens {theirs / ours:.2f}x"
+                        )
     seconds, rows = store_read(x_cpu, args.batch)
     print(f"store read (bf16, shuffled): {rows / seconds:10.0f} tok/s = {rows / seconds / (tokens / ours):.1f}x "
           "what the last training above consumes")  # fmt: skip

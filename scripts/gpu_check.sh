@@ -21,8 +21,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 export MECHSCOPE_TEST_DEVICE=${GPU_CHECK_DEVICE:-cuda}
 status=0
 work=$(mktemp -d)
+# Each section's header says when it started (seconds since the script began), and the last line the total,
+# so one run shows where the time goes against issue 19's budget (8 minutes on one H100, machine start included).
+SECONDS=0
+section() { echo "== [${SECONDS} s] $*"; }
 
-echo "== machine"
+section "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -49,7 +53,7 @@ if missing or (need_cuda and not torch.cuda.is_available()):
     sys.exit(f"cannot run the GPU check: missing {missing or 'nothing'}, CUDA available: {torch.cuda.is_available()}")
 PYEOF
 
-echo "== scale tests on $MECHSCOPE_TEST_DEVICE (dtype conformance, device_map/offload, 2-rank gloo job)"
+section "scale tests on $MECHSCOPE_TEST_DEVICE (dtype conformance, device_map/offload, 2-rank gloo job)"
 "$PY" -m pytest tests/scale -q -p no:cacheprovider -s -o addopts="" >"$work/scale.log" 2>&1 || status=1
 tail -1 "$work/scale.log"
 grep -E "^(FAILED|ERROR)" "$work/scale.log"
@@ -66,12 +70,12 @@ for (check, dtype, tol), err in sorted(worst.items()):
     print(f"  {check:15} {dtype}: {err:5.2f} u  (<= {tol} u)")
 PYEOF
 
-echo "== model-core tests (CPU models; checks this image's transformers against the adapters)"
+section "model-core tests (CPU models; checks this image's transformers against the adapters)"
 "$PY" -m pytest tests/test_conformance.py tests/test_hooks.py tests/test_model_core.py -q -p no:cacheprovider \
     -o addopts="" 2>&1 | tail -3
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== one rank of the data-parallel job on $MECHSCOPE_TEST_DEVICE (nccl on a GPU)"
+section "one rank of the data-parallel job on $MECHSCOPE_TEST_DEVICE (nccl on a GPU)"
 "$PY" - "$work/model" <<'PYEOF'
 import sys
 from tiny_models import tiny_model
@@ -83,18 +87,18 @@ PYTHONPATH=$PWD/tests/scale:$PYTHONPATH timeout 300 "$PY" -m torch.distributed.r
     tests/scale/dist_job.py "$work/model" "$work/out" >"$work/log" 2>&1 \
     && echo "job: ok ($(ls "$work/out" | wc -l) outputs)" || { echo "job failed:"; tail -20 "$work/log"; status=1; }
 
-echo "== the data-parallel features job on one rank, on $MECHSCOPE_TEST_DEVICE (collection, SAE training on the GPU, resume)"
+section "the data-parallel features job on one rank, on $MECHSCOPE_TEST_DEVICE (collection, SAE training on the GPU, resume)"
 mkdir -p "$work/fout"
 PYTHONPATH=$PWD/tests/scale:$PYTHONPATH MECHSCOPE_TEST_STOP_AT=10 timeout 300 "$PY" -m torch.distributed.run --standalone \
     --nproc_per_node 1 tests/scale/dist_features_job.py "$work/model" "$work/fout" >"$work/flog" 2>&1 \
     && echo "features job: ok ($(ls "$work/fout" | wc -l) outputs)" || { echo "features job failed:"; tail -20 "$work/flog"; status=1; }
 
-echo "== figures (bench_devices: CPU vs CUDA, fp32 and bf16)"
+section "figures (bench_devices: CPU vs CUDA, fp32 and bf16)"
 "$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" || status=1
 [ -n "${GPU_CHECK_QUICK:-}" ] || "$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" --layers 12 --d-model 768 --heads 12 --vocab 50257 --batch 8 --pos 128 \
     --repeats 2 || status=1
 
-echo "== benchmarks on $MECHSCOPE_TEST_DEVICE, each against its baseline in the same run"
+section "benchmarks on $MECHSCOPE_TEST_DEVICE, each against its baseline in the same run"
 dev=$MECHSCOPE_TEST_DEVICE
 "$PY" benchmarks/bench_hooks.py --device "$dev" || status=1
 "$PY" benchmarks/bench_patching.py --device "$dev" || status=1
@@ -102,5 +106,5 @@ dev=$MECHSCOPE_TEST_DEVICE
 "$PY" benchmarks/bench_path_patching.py --device "$dev" || status=1
 "$PY" benchmarks/bench_sae.py --device "$dev" --steps 50 || status=1
 
-echo "== gpu_check done: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
+echo "== gpu_check done: $([ $status -eq 0 ] && echo PASS || echo FAIL) in ${SECONDS} s (budget 480 s, start-up included)"
 exit $status

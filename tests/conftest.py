@@ -9,10 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CLI commands run without -o write into $MECHSCOPE_OUT: keep them out of the working tree.
+# The process that makes the folder removes it when it exits (subprocesses the tests start inherit it).
 if "MECHSCOPE_OUT" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["MECHSCOPE_OUT"] = tempfile.mkdtemp(prefix="mechscope-out-")
+    atexit.register(shutil.rmtree, os.environ["MECHSCOPE_OUT"], ignore_errors=True)
 
 import sys
 from pathlib import Path

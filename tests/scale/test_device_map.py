@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechscope.errors import ConfigError
+from mechscope.errors import ConfigError, MechscopeError
 from mechscope.locate import activation_patch, attribution_patch
 from mechscope.locate.metrics import logit_diff
 from mechscope.model import offload
@@ -226,3 +226,35 @@ def test_offload_in_bf16_equals_the_plain_bf16_model(folders, tmp_path):
         _same(a[site].float(), b[site].float(), site)
     got, want = (activation_patch(m, CLEAN, CORRUPT, "heads", metric) for m in (spread, plain))
     _same(got["metric"], want["metric"], "bf16 head patching")
+
+
+def test_the_temporary_offload_folder_goes_with_the_model(folders, tmp_path, monkeypatch):
+    """Without offload_folder, load_model makes one and removes it when the model is collected (or at exit),
+    also when the load fails; a folder the caller named is left alone."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    device_map = _maps("llama")["layer_on_disk"]
+    spread = load_model(folders["llama"], device_map=device_map)
+    made = list(tmp_path.glob("mechscope-offload-*"))
+    assert len(made) == 1 and made[0].is_dir()
+    assert spread(CLEAN).shape[:2] == CLEAN.shape, "the model runs while its folder exists"
+    del spread
+    gc.collect()
+    assert not made[0].exists(), "collected with its model"
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in folders["llama"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[:200] if f.suffix == ".safetensors" else f.read_bytes())
+    with pytest.raises(MechscopeError, match="could not load the weights"):
+        load_model(broken, device_map=device_map)
+    assert not list(tmp_path.glob("mechscope-offload-*")), "removed when the load fails"
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    kept = load_model(folders["llama"], device_map=device_map, offload_folder=mine)
+    del kept
+    gc.collect()
+    assert mine.is_dir(), "the caller's folder stays"

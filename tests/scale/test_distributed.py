@@ -3,14 +3,13 @@ gloo job (torchrun) whose gathered sweeps and collected stores equal the single-
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import dist_job
 import pytest
 import torch
+from torchrun_job import torchrun
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.features.store import ActivationStore, collect_store
@@ -72,18 +71,8 @@ def test_process_group_needs_torchrun_environment(monkeypatch):
 
 
 # Two ranks with torchrun (gloo) -----------------------------------------------------------------------
-def _torchrun(folder, out, **env_extra):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    path = os.pathsep.join(p for p in (str(JOB.parent), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "MECHSCOPE_TEST_DEVICE": "cpu"}
-    return subprocess.run(
-        [*command, "--standalone", "--nproc_per_node", "2", str(JOB), str(folder), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**env, **env_extra},
-    )
+def _torchrun(folder: Path, out: Path, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    return torchrun(JOB, folder, out, **env_extra)
 
 
 @pytest.fixture(scope="module")

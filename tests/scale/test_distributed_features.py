@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import dist_features_job as job
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_job import torchrun
 
 from mechscope.errors import ConfigError
 from mechscope.features.sae import SAEConfig
@@ -37,18 +36,7 @@ ATOL = 1e-5
 
 
 def _torchrun(folder: Path, out: Path, **env_extra: str) -> subprocess.CompletedProcess[str]:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    path = os.pathsep.join(p for p in (str(JOB.parent), os.environ.get("PYTHONPATH", "")) if p)
-    # CPU ranks: the results are compared with CPU training here (gpu_check.sh runs the job on CUDA itself)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "MECHSCOPE_TEST_DEVICE": "cpu", **env_extra}
-    return subprocess.run(
-        [*command, "--standalone", "--nproc_per_node", "2", str(JOB), str(folder), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-    )
+    return torchrun(JOB, folder, out, **env_extra)
 
 
 @pytest.fixture(scope="module")

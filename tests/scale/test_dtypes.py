@@ -12,7 +12,6 @@ dominate. Run with ``-s`` to print the measured error of each check in units of 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
@@ -283,15 +282,13 @@ def test_direction_selection(models, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rome_key_statistics_accumulate_in_fp32(models, dtype):
+def test_rome_key_statistics_accumulate_in_fp32(models, dtype, tmp_path):
     config = StatsConfig(n_tokens=200, seq_len=16, batch_size=8, stream="tiny")
 
-    def run(model):
-        return second_moments(
-            model, [0], config=config, texts=SENTENCES * 8, cache_dir=tempfile.mkdtemp(), progress=False
-        )
+    def run(model, cache):
+        return second_moments(model, [0], config=config, texts=SENTENCES * 8, cache_dir=cache, progress=False)
 
-    half, full = run(models("llama", dtype)), run(models("llama", "fp32"))
+    half, full = run(models("llama", dtype), tmp_path / "half"), run(models("llama", "fp32"), tmp_path / "full")
     assert half[0].dtype == torch.float32
     check("ROME second moments", dtype, half[0], full[0], "fp32_reduction")
 

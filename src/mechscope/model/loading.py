@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import weakref
 from pathlib import Path
 from typing import Any, cast
 
@@ -274,7 +276,8 @@ def load_model(
             devices such as ``0``, ``"cpu"``, ``"disk"``) spreads layers with HF accelerate. Hooks, caching,
             interventions and gradients work across devices; see docs/scale.md.
         max_memory: per-device budget for ``device_map="auto"`` (``{0: "20GiB", "cpu": "60GiB"}``).
-        offload_folder: where ``"disk"``-mapped weights go (a temporary folder when not given).
+        offload_folder: where ``"disk"``-mapped weights go that accelerate must write out (by default a
+            temporary folder, removed once the model is garbage-collected or Python exits).
         attn_implementation: base attention, ``"auto"`` (sdpa where the family has it, else eager),
             ``"sdpa"`` or ``"eager"``; mechscope wraps it. A family without an SDPA path in transformers,
             or any model that softcaps attention logits (Gemma 2), loads with eager even when sdpa is asked
@@ -358,7 +361,11 @@ def load_model(
         loaded: Any = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
         model, info = loaded
     except Exception as exc:  # safetensors and transformers raise many types for damaged files
+        if device_map is not None and offload_folder is None:
+            shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)
         raise MechscopeError(f"could not load the weights in {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
+    if device_map is not None and offload_folder is None:  # the folder we made lives as long as the model
+        weakref.finalize(model, shutil.rmtree, kwargs["offload_folder"], ignore_errors=True)
     missing = [k for k in info.get("missing_keys", []) if k not in _TIED_OK]
     if missing:  # HF would initialise these randomly: refuse a half-loaded model
         raise MechscopeError(
@@ -376,7 +383,8 @@ def load_model(
 
 
 def _offload_dir() -> str:
-    """A fresh folder for disk-offloaded weights (accelerate writes them there once, at load)."""
+    """A fresh folder for disk-offloaded weights that accelerate has to write (weights it can read in place
+    from the checkpoint's safetensors stay there); removed when the model is collected or Python exits."""
     import tempfile
 
     return tempfile.mkdtemp(prefix="mechscope-offload-")
