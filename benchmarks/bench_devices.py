@@ -100,10 +100,21 @@ def main() -> None:
     parser.add_argument("--sae-tokens", type=int, default=8192)
     parser.add_argument("--sae-steps", type=int, default=10)
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped without a GPU")
+    parser.add_argument(
+        "--cpu-dtypes",
+        default="fp32,bf16",
+        help="dtypes run on the CPU (fp32 is the baseline and always runs): 'fp32' alone skips CPU bf16, "
+        "which CPUs without bf16 arithmetic run 2-3x slower than fp32 and which costs minutes at GPT-2 size",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    known = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    wrong = [name for name in args.cpu_dtypes.split(",") if name not in known]
+    if wrong:
+        parser.error(f"--cpu-dtypes takes fp32 and bf16, comma-separated; got {', '.join(wrong)}")
+    cpu_dtypes = [torch.float32, *(known[n] for n in args.cpu_dtypes.split(",") if n != "fp32")]
     devices = [d for d in args.devices.split(",") if d == "cpu" or (d.startswith("cuda") and torch.cuda.is_available())]
-    runs = [(d, dt) for d in devices for dt in (torch.float32, torch.bfloat16)]
+    runs = [(d, dt) for d in dict.fromkeys(["cpu", *devices]) for dt in (cpu_dtypes if d == "cpu" else known.values())]
     print(f"random GPT-2: {args.layers} layers, d_model {args.d_model}, batch {args.batch} x {args.pos}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name(0)}")

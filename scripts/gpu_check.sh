@@ -5,9 +5,9 @@
 # conformance (bf16/fp16 vs fp32, stated tolerances), device_map with GPU + CPU + disk offload, the 2-rank
 # gloo job -- plus the model-core tests, (3) runs one nccl rank of the data-parallel sweep job and of the
 # features job (collection, SAE training on the GPU interrupted at step 10 and resumed), and
-# (4) prints figures: forward, caching, head patching, AtP and SAE steps on CPU vs CUDA in fp32 and bf16,
-# with ratios against the CPU fp32 baseline of the same run, then bench_hooks, bench_patching,
-# bench_path_patching and bench_sae on the GPU, each against its own baseline measured in the same run.
+# (4) runs bench_hooks, bench_patching, bench_path_patching and bench_sae on the GPU, each against its own
+# baseline measured in the same run, then (5) prints forward, caching, head patching, AtP and SAE steps on
+# CPU vs CUDA in fp32 and bf16, with ratios against the CPU fp32 baseline of the same run.
 # Budget: a few minutes on one H100.
 #
 # No network is needed: it uses the machine's python3 (torch, transformers, accelerate, safetensors,
@@ -93,11 +93,6 @@ PYTHONPATH=$PWD/tests/scale:$PYTHONPATH MECHSCOPE_TEST_STOP_AT=10 timeout 300 "$
     --nproc_per_node 1 tests/scale/dist_features_job.py "$work/model" "$work/fout" >"$work/flog" 2>&1 \
     && echo "features job: ok ($(ls "$work/fout" | wc -l) outputs)" || { echo "features job failed:"; tail -20 "$work/flog"; status=1; }
 
-section "figures (bench_devices: CPU vs CUDA, fp32 and bf16)"
-"$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" || status=1
-[ -n "${GPU_CHECK_QUICK:-}" ] || "$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" --layers 12 --d-model 768 --heads 12 --vocab 50257 --batch 8 --pos 128 \
-    --repeats 2 || status=1
-
 section "benchmarks on $MECHSCOPE_TEST_DEVICE, each against its baseline in the same run"
 dev=$MECHSCOPE_TEST_DEVICE
 "$PY" benchmarks/bench_hooks.py --device "$dev" || status=1
@@ -105,6 +100,13 @@ dev=$MECHSCOPE_TEST_DEVICE
 "$PY" benchmarks/bench_patching.py --device "$dev" --layers 4 --d-model 256 --heads 8 --batch 4 || status=1
 "$PY" benchmarks/bench_path_patching.py --device "$dev" || status=1
 "$PY" benchmarks/bench_sae.py --device "$dev" --steps 50 || status=1
+
+# Last, so that a run cut short still has the figures above. At GPT-2 size the CPU side runs fp32 only at
+# batch 4: its patching sweep is ~55 forwards, and CPU bf16 would add minutes for a figure the small run gives.
+section "figures (bench_devices: CPU vs CUDA, fp32 and bf16)"
+"$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" || status=1
+[ -n "${GPU_CHECK_QUICK:-}" ] || "$PY" benchmarks/bench_devices.py --threads "${GPU_CHECK_THREADS:-8}" --layers 12 \
+    --d-model 768 --heads 12 --vocab 50257 --batch 4 --pos 128 --repeats 2 --cpu-dtypes fp32 || status=1
 
 echo "== gpu_check done: $([ $status -eq 0 ] && echo PASS || echo FAIL) in ${SECONDS} s (budget 480 s, start-up included)"
 exit $status
