@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,22 +51,25 @@ print(json.dumps({{"growth": peak[0] - base, "kl": result["logit_lens_kl"].tolis
 """
 
 
-def _measure(n_windows: int, kwargs: str = "{}") -> dict[str, object]:
+def _measure(n_windows: int, kwargs: str = "{}") -> dict[str, Any]:
     tests = str(Path(__file__).resolve().parents[1])
     code = _SCRIPT.format(tests=tests, n=n_windows, kwargs=kwargs)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_comparison_peak_memory_is_bounded_and_flat_in_the_number_of_windows():
     mib = 2**20
-    few = _measure(6, "{'max_logits': 2**20}")
-    many = _measure(24, "{'max_logits': 2**20}")
+    # RSS growth is noisy and does not follow the number of windows: 10 alternating runs of 6 and 24 windows
+    # on this machine under load grew 12-48 MiB either way (torch 2.10 once gave 16 vs 52). The least of two
+    # runs is compared; a readout that is not streamed differs by hundreds of MiB (88 vs 352 MiB per lens).
+    few = min(_measure(6, "{'max_logits': 2**20}")["growth"] for _ in range(2))
+    many = min(_measure(24, "{'max_logits': 2**20}")["growth"] for _ in range(2))
     # A whole-batch readout of 24 windows holds 7 x 24 x 64 x 8192 x 4 B = 352 MiB of logits per lens.
-    assert many["growth"] < 96 * mib, f"peak grew by {many['growth'] / mib:.0f} MiB"  # type: ignore[operator]
-    assert many["growth"] < few["growth"] + 32 * mib, (few, many)  # type: ignore[operator]
+    assert many < 96 * mib, f"peak grew by {many / mib:.0f} MiB"
+    assert many < few + 64 * mib, f"6 windows: {few / mib:.0f} MiB, 24 windows: {many / mib:.0f} MiB"
 
 
 def test_streamed_comparison_equals_the_whole_batch_readout():
