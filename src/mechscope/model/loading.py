@@ -351,21 +351,24 @@ def load_model(
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     kwargs["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
+    temporary: str | None = None  # an offload folder made here, removed with the model
     if device_map is not None:
         _check_device_map(config, device_map)
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
-        kwargs["offload_folder"] = str(offload_folder) if offload_folder is not None else _offload_dir()
+        if offload_folder is None:
+            temporary = _offload_dir()
+        kwargs["offload_folder"] = temporary or str(offload_folder)
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
         model, info = loaded
     except Exception as exc:  # safetensors and transformers raise many types for damaged files
-        if device_map is not None and offload_folder is None:
-            shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
         raise MechscopeError(f"could not load the weights in {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
-    if device_map is not None and offload_folder is None:  # the folder we made lives as long as the model
-        weakref.finalize(model, shutil.rmtree, kwargs["offload_folder"], ignore_errors=True)
+    if temporary is not None:
+        weakref.finalize(model, shutil.rmtree, temporary, ignore_errors=True)
     missing = [k for k in info.get("missing_keys", []) if k not in _TIED_OK]
     if missing:  # HF would initialise these randomly: refuse a half-loaded model
         raise MechscopeError(
