@@ -146,3 +146,62 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         write_envelope(path, Envelope("k", {"v": 2}, {"t": torch.ones(2)}), SCHEMA)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+@pytest.mark.parametrize("race", ["mixed", "refused"])
+def test_a_file_replaced_while_it_is_read_is_read_again_whole(tmp_path, monkeypatch, race):
+    """A writer replacing the file mid-read (a training rewriting its checkpoint while someone reads it) must
+    not give one version's body with another's tensors ("mixed"), nor a raw error from safetensors when its
+    lookups straddle the replacement ("refused"); the reader reads the new file whole."""
+    import mechscope.io as io
+
+    path = tmp_path / "ckpt.safetensors"
+    write_envelope(path, Envelope("k", {"step": 1}, {"w": torch.full((3,), 1.0)}), SCHEMA)
+    real_open = io.safe_open
+    calls = []
+
+    def racing_open(name, **kwargs):
+        calls.append(name)
+        handle = real_open(name, **kwargs) if race == "mixed" else None
+        if len(calls) == 1:  # the writer replaces the file between the reader's lookups
+            write_envelope(path, Envelope("k", {"step": 2}, {"w": torch.full((3,), 2.0)}), SCHEMA)
+            if race == "refused":
+                raise RuntimeError("file size <27000> is smaller than the required mapping size <27016>")
+        return handle if handle is not None else real_open(name, **kwargs)
+
+    monkeypatch.setattr(io, "safe_open", racing_open)
+    envelope = read_envelope(path, SCHEMA)
+    assert envelope.body["step"] == 2 and envelope.tensors["w"].tolist() == [2.0] * 3
+    assert len(calls) == 2, "read again once"
+
+
+def test_a_file_that_keeps_being_replaced_gives_up_with_a_clear_error(tmp_path, monkeypatch):
+    import mechscope.io as io
+
+    path = tmp_path / "hot.safetensors"
+    write_envelope(path, Envelope("k", {"step": 0}, {"w": torch.zeros(2)}), SCHEMA)
+    real_open = io.safe_open
+    step = iter(range(1, 100))
+
+    def always_replaced(name, **kwargs):
+        handle = real_open(name, **kwargs)
+        write_envelope(path, Envelope("k", {"step": next(step)}, {"w": torch.zeros(2)}), SCHEMA)
+        return handle
+
+    monkeypatch.setattr(io, "safe_open", always_replaced)
+    with pytest.raises(ConfigError, match="replaced 5 times while being read"):
+        read_envelope(path, SCHEMA)
+
+
+def test_a_runtime_error_of_an_unchanged_file_is_not_disguised(tmp_path, monkeypatch):
+    import mechscope.io as io
+
+    path = tmp_path / "w.safetensors"
+    write_envelope(path, Envelope("k", {}, {"w": torch.zeros(2)}), SCHEMA)
+
+    def out_of_memory(name, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(io, "safe_open", out_of_memory)
+    with pytest.raises(RuntimeError, match="allocate"):
+        read_envelope(path, SCHEMA)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import Tensor
 
 from mechscope.errors import ConfigError
@@ -240,18 +240,45 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
 
 
 # Reading -------------------------------------------------------------------------------------------------
+#: Rereads of a file that a writer replaced while it was being read (a checkpoint or result being rewritten).
+_REREADS = 5
+
+
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; `what` names the expected content in errors."""
+    """(tensors, metadata) of a safetensors file; `what` names the expected content in errors.
+
+    Writers replace files whole (:func:`write_bytes_atomic`), yet a read racing a replacement can mix the two
+    files (seen: safetensors refusing a 27,000-byte checkpoint for the 27,016 bytes its header asked for, while
+    a training rewrote it). So metadata and tensors come from one handle, and a file replaced during the read
+    is read again.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no {what} file at {str(path)!r}")
+    for _ in range(_REREADS):
+        before = _identity(path, what)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = dict(handle.get_tensors())
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            if _identity(path, what) != before:
+                continue
+            if isinstance(exc, RuntimeError):
+                raise
+            raise ConfigError(f"{str(path)!r} is not a readable safetensors file (expected a {what}): {exc}") from exc
+        if _identity(path, what) == before:
+            return tensors, metadata
+    raise ConfigError(f"{str(path)!r} was replaced {_REREADS} times while being read (expected a {what}); try again")
+
+
+def _identity(path: Path, what: str) -> tuple[int, ...]:
+    """What changes when a writer replaces `path`: its inode, size and modification time."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"{str(path)!r} is not a readable safetensors file (expected a {what}): {exc}") from exc
-    return tensors, metadata
+        found = path.stat()
+    except OSError:
+        found = None
+    if found is None or not stat.S_ISREG(found.st_mode):
+        raise ConfigError(f"no {what} file at {str(path)!r}")
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
 
 def check_header(header: dict[str, str], schema: FileSchema, where: str) -> dict[str, str]:
