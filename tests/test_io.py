@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,56 @@ def test_a_runtime_error_of_an_unchanged_file_is_not_disguised(tmp_path, monkeyp
     monkeypatch.setattr(io, "safe_open", out_of_memory)
     with pytest.raises(RuntimeError, match="allocate"):
         read_envelope(path, SCHEMA)
+
+
+@pytest.fixture
+def umask_027():
+    import os
+
+    before = os.umask(0o027)
+    yield
+    os.umask(before)
+
+
+def test_saved_files_get_the_mode_open_would_give_or_keep_the_old_one(tmp_path, umask_027):
+    """Atomic writes go through mkstemp (mode 0600); the saved file must not stay private to its owner
+    (a report served by a web server, results on a shared machine), nor lose a mode its owner chose."""
+    import stat
+
+    from mechscope.io import give_default_mode, write_text_atomic
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    path = tmp_path / "w.safetensors"
+    write_envelope(path, Envelope("k", {}, {"t": torch.zeros(2)}), SCHEMA)
+    assert mode(path) == 0o640, "0666 under umask 027"
+    path.chmod(0o600)
+    write_envelope(path, Envelope("k", {"v": 2}, {"t": torch.ones(2)}), SCHEMA)
+    assert mode(path) == 0o600, "a rewrite keeps the owner's choice"
+    assert mode(write_text_atomic(tmp_path / "report.html", "<html></html>")) == 0o640
+
+    import tempfile
+
+    staged = Path(tempfile.mkdtemp(dir=tmp_path))
+    assert mode(staged) == 0o700
+    give_default_mode(staged)
+    assert mode(staged) == 0o750, "0777 under umask 027"
+
+
+def test_the_umask_is_read_without_proc_too(umask_027, monkeypatch):
+    import os
+
+    from mechscope import io
+
+    assert io._umask() == 0o027
+    real = Path.read_text
+
+    def no_proc(self, *args, **kwargs):
+        if str(self).startswith("/proc"):
+            raise OSError("no /proc here")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    assert io._umask() == 0o027
+    assert os.umask(0o027) == 0o027, "left as it was"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
@@ -218,11 +219,17 @@ def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> b
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file in the same folder (fsync'd), then a rename: an
-    interrupted write leaves the old file or the new one, never a mix. One temporary name per writer."""
+    interrupted write leaves the old file or the new one, never a mix. One temporary name per writer. The
+    file keeps the mode of the one it replaces, else gets the one ``open()`` would give (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -232,6 +239,26 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def give_default_mode(path: str | Path) -> None:
+    """Give a file or folder made by ``tempfile`` (mode 0600 / 0700, private) the mode ``open()`` or
+    ``mkdir()`` would have: a staged save renamed into place should be as readable as any other file."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask: from /proc on Linux, else by setting it and back (the only portable read)."""
+    try:
+        found = re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    if found:
+        return int(found.group(1), 8)
+    mask = os.umask(0o077)  # restrictive meanwhile, should another thread create a file in this instant
+    os.umask(mask)
+    return mask
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
@@ -407,6 +434,7 @@ __all__ = [
     "Migration",
     "ModelInfo",
     "check_header",
+    "give_default_mode",
     "read_envelope",
     "read_json",
     "read_json_envelope",

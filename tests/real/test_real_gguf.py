@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def test_converted_folder_is_clean_and_manifested(converted, tiny_file):
     assert manifest["source_sha256"] == conv.sha256 and manifest["dtype"] == "float32"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(manifest["files"])
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (conv.folder, conv.folder / mg.MANIFEST):  # not mkdtemp's / mkstemp's private 0700 / 0600
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
 
 
 def test_second_load_reuses_the_cache_without_converting(converted, tiny_file, monkeypatch):

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 
 from mechscope.errors import ConfigError, MechscopeError, ModelNotFoundError
+from mechscope.io import give_default_mode, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def file_digest(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
     digest = sha256_file(path)
     index[key] = digest
     with contextlib.suppress(OSError):  # a read-only cache still works, only slower
-        _atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
+        write_text_atomic(index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
     return digest
 
 
@@ -163,21 +164,6 @@ def _fsync_path(path: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _discard(folder: Path) -> None:
@@ -200,7 +186,7 @@ def write_manifest(folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
         _fsync_path(path)
         files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path), "sample": sample_digest(path)}
     manifest = {"schema_version": SCHEMA_VERSION, **extra, "files": files}
-    _atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 
@@ -377,6 +363,7 @@ def _convert_or_reuse(
                 "transformers_version": transformers.__version__,
             },
         )
+        give_default_mode(tmp)
         _fsync_path(tmp)
         if folder.exists():
             _discard(folder)

