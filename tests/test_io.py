@@ -259,3 +259,18 @@ def test_the_umask_is_read_without_proc_too(umask_027, monkeypatch):
     monkeypatch.setattr(Path, "read_text", no_proc)
     assert io._umask() == 0o027
     assert os.umask(0o027) == 0o027, "left as it was"
+
+
+def test_a_streamed_write_that_fails_midway_leaves_the_old_file(tmp_path):
+    from mechscope.io import atomic_file
+
+    path = tmp_path / "big.gguf"
+    path.write_bytes(b"old")
+    with pytest.raises(ValueError, match="chunk missing"), atomic_file(path) as out:
+        out.write(b"new part")
+        raise ValueError("chunk missing")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["big.gguf"]
+    with atomic_file(path) as out:
+        out.write(b"new ")
+        out.write(b"whole")
+    assert path.read_bytes() == b"new whole"

@@ -21,15 +21,16 @@ Files without tensors (circuits, feature cards) may use the JSON form of the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -217,10 +218,12 @@ def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> b
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder (fsync'd), then a rename: an
-    interrupted write leaves the old file or the new one, never a mix. One temporary name per writer. The
-    file keeps the mode of the one it replaces, else gets the one ``open()`` would give (not mkstemp's 0600)."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary handle whose bytes become `path` when the block ends: written to a temporary file in the same
+    folder, fsync'd, then renamed, so an interrupted write leaves the old file or the new one, never a mix (an
+    exception in the block leaves the old file). One temporary name per writer. The file keeps the mode of the
+    one it replaces, else gets the one ``open()`` would give (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -231,14 +234,20 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     try:
         os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def give_default_mode(path: str | Path) -> None:
@@ -433,6 +442,7 @@ __all__ = [
     "FileSchema",
     "Migration",
     "ModelInfo",
+    "atomic_file",
     "check_header",
     "give_default_mode",
     "read_envelope",

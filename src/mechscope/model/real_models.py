@@ -12,16 +12,14 @@ cache (atomically, verified against the published sha256) instead of calling the
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mechscope.errors import ConfigError, ModelNotFoundError, did_you_mean
-from mechscope.io import give_default_mode
+from mechscope.io import atomic_file
 
 #: The optional-dependency group that installs the GGUF route and the Gemma packages.
 EXTRA = "real-models"
@@ -204,22 +202,11 @@ def _assemble(model: RealModel, cache_dir: str | os.PathLike[str] | None) -> Pat
         if path is None or not path.is_file():
             raise ModelFileError(f"chunk {filename} of {model.name} is missing from {module}; " + install_hint(model))
         chunks.append(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{model.gguf_name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with open(chunk, "rb") as handle:
-                    while block := handle.read(1 << 22):
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        give_default_mode(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(target) as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as handle:
+                while block := handle.read(1 << 22):
+                    out.write(block)
     _check_digest(model, target, cache_dir)
     return target
 
