@@ -1,5 +1,6 @@
-"""docs/methods.md names real things: every dotted Python name in it resolves and every `mechscope ...`
-command in it exists, so the map of methods cannot point at a verb that was renamed or never built."""
+"""The indexes users look things up in name real things: every dotted Python name in docs/methods.md resolves
+and every `mechscope ...` command in it exists (the map of methods cannot point at a verb that was renamed or
+never built), and benchmarks/README.md lists every benchmark script there is."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import typer
 
 from mechscope.cli.main import app
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "methods.md"
 SHORT = ("locate.", "steer.", "features.", "improve.")
 DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+$")
 
@@ -78,3 +80,12 @@ def test_every_command_on_the_page_exists() -> None:
                 break
             group = subcommands[word.split("/")[0]]
     assert not missing, f"docs/methods.md names commands that do not exist: {missing}"
+
+
+def test_the_benchmark_index_lists_every_benchmark() -> None:
+    listed = set(re.findall(r"`(bench_\w+\.py)`", (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")))
+    present = {path.name for path in (ROOT / "benchmarks").glob("bench_*.py")}
+    assert len(present) > 10
+    assert listed == present, (
+        f"benchmarks/README.md lists {sorted(listed - present)} (gone) and misses {sorted(present - listed)}"
+    )
