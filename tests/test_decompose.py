@@ -45,7 +45,7 @@ def test_decomposition_before_a_layer_sums_to_resid_pre(run):
 def test_per_head_terms_sum_to_attention_output(run):
     _, model, _, _, cache = run
     for layer in range(model.dims.n_layers):
-        per_head, bias = dc._head_terms(model, cache, layer)
+        per_head, bias = dc.head_terms(model, layer, cache[Site("attn.hook_z", layer)])
         torch.testing.assert_close(per_head.sum(-2) + bias, cache[Site("hook_attn_out", layer)], atol=2e-5, rtol=1e-5)
 
 

@@ -42,7 +42,7 @@ def metric(logits: torch.Tensor) -> torch.Tensor:
     return logit_diff(logits, [5, 6, 9], [7, 8, 10])
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3_text"])
 def model(request):
     return HookedModel(tiny_model(request.param, with_tokenizer=False)[0])
 

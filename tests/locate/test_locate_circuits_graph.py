@@ -15,7 +15,7 @@ from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FAMILIES = ["gpt2", "llama", "gpt_neox", "phi3", "qwen2"]
+FAMILIES = ["gpt2", "llama", "gpt_neox", "phi3", "qwen2", "gemma2", "gemma3_text"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -67,9 +67,14 @@ def test_dense_and_flat_round_trip_and_errors():
         Graph(n_layers=1, n_heads=3, n_kv_heads=2, parallel=False)
 
 
-def test_post_norm_families_are_refused():
-    with pytest.raises(AdapterError, match="post_attention_layernorm"):
-        Graph.from_model(HookedModel(tiny_model("gemma2", with_tokenizer=False)[0]))
+def test_families_without_pre_norms_and_biased_post_norm_attention_are_refused():
+    with pytest.raises(AdapterError, match="olmo2 family has none"):
+        Graph.from_model(HookedModel(tiny_model("olmo2", with_tokenizer=False)[0]))
+    hf = tiny_model("gemma3_text", with_tokenizer=False)[0]
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.o_proj.bias = torch.nn.Parameter(torch.full((hf.config.hidden_size,), 0.1))
+    with pytest.raises(AdapterError, match="attention output bias"):
+        Graph.from_model(HookedModel(hf))
 
 
 def test_graph_of_another_model_is_refused(model):
@@ -110,7 +115,9 @@ def test_node_outputs_decompose_the_final_residual(model):
 
 
 def _final_logits(model, resid):
-    return model.module(model.adapter.unembed)(model.module(model.adapter.final_norm)(resid))
+    logits = model.module(model.adapter.unembed)(model.module(model.adapter.final_norm)(resid))
+    cap = getattr(model.hf_model.config, "final_logit_softcapping", None)  # Gemma 2
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 @pytest.mark.parametrize("ablation", ["zero", "resample"])

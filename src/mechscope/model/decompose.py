@@ -100,7 +100,7 @@ def decompose_resid(
         labels.append("pos_embed")
     for i in range(n):
         if heads:
-            per_head, bias = _head_terms(model, cache, i)
+            per_head, bias = head_terms(model, i, cache[Site("attn.hook_z", i)])
             values.extend(per_head.unbind(-2))
             labels.extend(f"L{i}H{h}" for h in range(model.dims.n_heads))
             values.append(bias)
@@ -114,9 +114,15 @@ def decompose_resid(
     return Components(torch.stack([v.expand_as(ref) for v in values]), labels)
 
 
-def _head_terms(model: HookedModel, cache: ActivationCache, layer: int) -> tuple[Tensor, Tensor]:
-    """Per-head terms [batch, pos, n_heads, d_model] and the bias term [batch, pos, d_model] of one layer."""
-    z = cache[Site("attn.hook_z", layer)]
+def head_terms(
+    model: HookedModel, layer: int, z: Float[Tensor, "batch pos n_heads d_head"]
+) -> tuple[Float[Tensor, "batch pos n_heads d_model"], Float[Tensor, "batch pos d_model"]]:
+    """What each head of `layer` and the output bias add to the residual stream, given the heads' `z`.
+
+    Without a post-attention norm these are ``z_h @ W_O[h]`` and ``b_O``. With one (Gemma 2/3) they pass
+    through it with the scale the whole attention output gets (:func:`frozen_norm`), so they still sum to
+    what the layer adds: each head's share of the normalised output.
+    """
     result = model.head_results(z, layer)
     b_o = model.weights.b_O_layer(layer).to(result.dtype)
     bias = b_o.expand(*result.shape[:2], -1)

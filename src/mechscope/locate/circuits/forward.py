@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from mechscope.errors import ShapeError
 from mechscope.locate.circuits.graph import Graph, ReceiverGroup
+from mechscope.model.decompose import head_terms
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -131,7 +132,7 @@ def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
             z = args[0]  # [batch, pos, n_heads * d_head]; split here (n_heads * d_head may equal d_head)
             z = z.reshape(*z.shape[:-1], d.n_heads, d.d_head)
-            _add_output(state, graph.head_slice(layer).start, model.head_results(z, layer))
+            _add_output(state, graph.head_slice(layer).start, head_terms(model, layer, z)[0])
 
         return hook
 

@@ -1,7 +1,9 @@
 """The computational graph of a residual-stream transformer, as used for circuit discovery.
 
 Upstream nodes write to the residual stream: ``input`` (token + position embeddings, i.e. the input of
-layer 0), every attention head ``a{L}.h{H}`` (its ``hook_result``) and every MLP ``m{L}``. Receivers read
+layer 0), every attention head ``a{L}.h{H}`` (its ``hook_result``; in families that normalise the attention
+output before the residual add, Gemma 2/3, its share of that output at the scale the whole output gets, as
+in direct logit attribution) and every MLP ``m{L}`` (what it adds, after any post-norm). Receivers read
 from it: each head's query ``a{L}.h{H}.q``, each key/value head's key and value (``a{L}.h{G}.k``/``.v``,
 or ``a{L}.kv{G}.k``/``.v`` when grouped-query attention shares them between heads), every MLP ``m{L}``
 and ``logits`` (the final norm's input). An edge joins an upstream node to every receiver that comes
@@ -95,15 +97,20 @@ class Graph:
     def from_model(cls, model: HookedModel) -> Graph:
         """The graph of `model`; :class:`AdapterError` for families whose heads are not additive."""
         a, d = model.adapter, model.dims
-        if a.post_attn_norm is not None:
+        if a.ln1 is None or a.ln2 is None:
             raise AdapterError(
-                f"circuit graphs need per-head outputs that add into the residual stream; the {a.family} family "
-                f"normalises the attention output ({a.post_attn_norm}) before the residual add, so single heads "
-                "have no additive contribution. Supported: families without a post-attention norm "
-                "(gpt2, gpt_neox, llama, mistral, qwen2, qwen3, phi3)."
+                f"circuit graphs rebuild each head's query/key/value input through the layer's pre-norm; the "
+                f"{a.family} family has none (its norms follow attention and the MLP, and its q/k norms span "
+                "every head), so one head's input cannot be rebuilt on its own. Supported: gpt2, gpt_neox, llama, "
+                "mistral, qwen2, qwen3, phi3, gemma2, gemma3."
             )
-        if a.ln1 is None or a.ln2 is None:  # pragma: no cover - only post-norm families lack them
-            raise AdapterError(f"the {a.family} family has no pre-norms; circuit graphs need them")
+        if a.post_attn_norm is not None and bool(model.weights.b_O.any()):
+            raise AdapterError(
+                f"this {a.family} model has an attention output bias; through the norm after attention "
+                f"({a.post_attn_norm}) its share of the output changes from run to run, so head outputs alone "
+                "would not add up to what attention writes. Circuit graphs support post-norm models without it "
+                "(as Gemma 2 and 3 ship)."
+            )
         return cls(
             n_layers=d.n_layers,
             n_heads=d.n_heads,
