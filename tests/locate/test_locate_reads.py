@@ -184,8 +184,6 @@ def test_atp_with_a_declared_metric_equals_the_undeclared_one(model, side):
 def test_eap_unembedding_only_the_read_positions_changes_nothing(model):
     from mechscope.locate.circuits import eap
 
-    if model.dims.model_type == "gemma2":
-        pytest.skip("circuit graphs need additive head outputs (Gemma 2 normalises them)")
     clean, corrupt = _pair()
     reads_last = eap(model, clean, corrupt, lambda x: logit_diff(x, 5, 7))
     reads_all = eap(model, clean, corrupt, lambda x: logit_diff(x, 5, 7) + 0 * x.sum((1, 2)))  # NaN check: all
