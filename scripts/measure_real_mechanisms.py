@@ -298,10 +298,11 @@ def induction_ablation(model, scores, out: dict) -> None:
     top = scores.top("induction", k=6)
     half = 20
     tokens = repeated_tokens(model, n=16, half_len=half, seed=1)  # fresh sequences, not the detector's
+    start = tokens.shape[1] - 2 * half  # the tokenizer's BOS, where it adds one
     first = torch.zeros_like(tokens, dtype=torch.bool)
-    first[:, 1:half] = True
+    first[:, start + 1 : start + half] = True
     repeat = torch.zeros_like(first)
-    repeat[:, half + 1 :] = True
+    repeat[:, start + half + 1 :] = True
     rows: dict = {"none": in_context_gain(model, tokens, first, repeat)}
     n_heads = model.dims.n_heads
     excluded = {int(i) for i in scores["induction"].flatten().argsort(descending=True)[:20]}

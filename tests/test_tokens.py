@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import transformers
 
 from mechscope.errors import ConfigError
 from mechscope.model import tokens as T
@@ -184,3 +185,13 @@ def test_token_helpers_drive_the_model():
     _, cache = m.run_with_cache(TEXT, sites=["hook_embed"], positions=pos)
     w_e = m.weights.W_E
     torch.testing.assert_close(cache["hook_embed"][0, 0], w_e[m.to_single_token(" Paris")], atol=0, rtol=0)
+
+
+def test_special_prefix_is_what_the_tokenizer_puts_before_text():
+    assert T.special_prefix(tiny_tokenizer()) == [BOS]  # the tiny tokenizer prepends <bos>, as Gemma's does
+    from tokenizers import Tokenizer
+
+    plain_backend = Tokenizer.from_str(tiny_tokenizer().backend_tokenizer.to_str())
+    plain_backend.post_processor = None  # a GPT-2-style tokenizer: nothing before the text
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_object=plain_backend, bos_token="<bos>")
+    assert T.special_prefix(plain) == []

@@ -26,7 +26,7 @@ def _pairs(model, base, source) -> Pairs:
 
 
 def _last_logits(model, texts):
-    batch = model.to_tokens(texts, padding_side="right", add_special_tokens=False)
+    batch = model.to_tokens(texts, padding_side="right")
     logits = model.forward(batch)
     return logits[torch.arange(len(texts)), batch["attention_mask"].sum(-1) - 1]
 
@@ -45,7 +45,7 @@ def test_full_rank_interchange_is_activation_patching():
     d = model.dims.d_model
     q = torch.linalg.qr(torch.randn(d, d))[0]  # any orthonormal basis of the whole space
     pairs = _pairs(model, BASE, SOURCE)
-    _, cache = model.run_with_cache(model.to_tokens(SOURCE, padding_side="right", add_special_tokens=False), [SITE])
+    _, cache = model.run_with_cache(model.to_tokens(SOURCE, padding_side="right"), [SITE])
     source_act = cache[SITE][:, 1]
 
     def patch(act, _ctx):

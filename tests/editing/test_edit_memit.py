@@ -21,7 +21,7 @@ REQUESTS = [
 def _prob(model, text: str, target: str) -> float:
     tid = model.tokenizer(target, add_special_tokens=False)["input_ids"][0]
     with torch.no_grad():
-        return float(model.forward(model.to_tokens(text, add_special_tokens=False))[0, -1].softmax(-1)[tid])
+        return float(model.forward(model.to_tokens(text))[0, -1].softmax(-1)[tid])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])

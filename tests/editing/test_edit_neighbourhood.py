@@ -44,7 +44,7 @@ def test_neighbours_are_answered_by_the_model_before_the_edit() -> None:
     filled = with_neighbourhood(model, REQUEST, NeighbourhoodConfig(n=6))
     assert len(filled.neighbours) >= 1 and all(p.startswith("The capital of ") for p, _ in filled.neighbours)
     for prompt, answer in filled.neighbours:
-        batch = model.to_tokens([prompt], add_special_tokens=False)
+        batch = model.to_tokens([prompt])
         with torch.no_grad():
             top = int(model.forward(batch)[0, -1].argmax())
         assert model.tokenizer(answer, add_special_tokens=False)["input_ids"][0] == top

@@ -21,12 +21,12 @@ ONE_ROUND = ROMEConfig(layer=0, steps=30, n_prefixes=0, rounds=1)
 
 def _next_probs(model, text: str) -> torch.Tensor:
     with torch.no_grad():
-        return model.forward(model.to_tokens(text, add_special_tokens=False))[0, -1].softmax(-1)
+        return model.forward(model.to_tokens(text))[0, -1].softmax(-1)
 
 
 def _key(model, text: str, layer: int = 0) -> torch.Tensor:
     site = f"blocks.{layer}.mlp.hook_post"
-    _, cache = model.run_with_cache(model.to_tokens(text, add_special_tokens=False), [site])
+    _, cache = model.run_with_cache(model.to_tokens(text), [site])
     return cache[site][0, -1]
 
 

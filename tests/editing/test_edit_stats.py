@@ -8,6 +8,7 @@ from edit_helpers import TEXTS, TINY_STATS, tiny
 
 from mechscope.errors import ConfigError
 from mechscope.io import Envelope, write_envelope
+from mechscope.model.tokens import special_prefix
 from mechscope.steer.editing import EditError, StatsConfig, second_moments
 from mechscope.steer.editing.stats import STATS_SCHEMA, _batches, stats_key
 
@@ -29,15 +30,18 @@ def test_second_moment_is_mean_outer_product_of_mlp_keys(tmp_path):
     finally:
         for h in handles:
             h.remove()
+    # Every window starts with the tokenizer's <bos> (as Gemma's does); no key is edited there, so it is left out.
+    start = len(special_prefix(model.tokenizer))
+    assert start == 1
     for layer in (0, 1):
-        k = torch.cat([x.reshape(-1, model.dims.d_mlp) for x in keys[layer]])[: TINY_STATS.n_tokens].double()
+        k = torch.cat([x[:, start:].reshape(-1, model.dims.d_mlp) for x in keys[layer]])[: TINY_STATS.n_tokens].double()
         torch.testing.assert_close(stats[layer], (k.T @ k / len(k)).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_cached_statistics_are_read_without_running_the_model(tmp_path, monkeypatch):
     model = tiny("gpt2")
     first = second_moments(model, [1], config=TINY_STATS, texts=TEXTS, cache_dir=tmp_path, progress=False)
-    assert (tmp_path / f"{stats_key(model.fingerprint(), 1, TINY_STATS)}.safetensors").is_file()
+    assert (tmp_path / f"{stats_key(model.fingerprint(), 1, TINY_STATS, start=1)}.safetensors").is_file()
 
     def boom(*_a, **_k):
         raise AssertionError("the model ran although the statistics were cached")
@@ -62,7 +66,7 @@ def test_interrupted_computation_resumes_to_the_same_result(tmp_path):
 def test_bad_statistics_and_options_raise(tmp_path):
     model = tiny("gpt2")
     bad = torch.full((model.dims.d_mlp, model.dims.d_mlp), float("nan"))
-    path = tmp_path / f"{stats_key(model.fingerprint(), 0, TINY_STATS)}.safetensors"
+    path = tmp_path / f"{stats_key(model.fingerprint(), 0, TINY_STATS, start=1)}.safetensors"
     write_envelope(path, Envelope("mom2", {"layer": 0}, {"mom2": bad}), STATS_SCHEMA)
     with pytest.raises(EditError, match="NaN"):
         second_moments(model, [0], config=TINY_STATS, texts=TEXTS, cache_dir=tmp_path, progress=False)

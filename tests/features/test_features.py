@@ -109,6 +109,29 @@ def test_collected_activations_are_the_sites_at_every_real_token(model):
     assert collect_activations(model, SITE, TEXTS, seq_len=16, max_tokens=20).shape == (20, model.dims.d_model)
 
 
+def test_rows_start_as_text_does_and_carry_the_stream_on(model):
+    # The tiny tokenizer prepends <bos> (as Gemma's and Llama's do): every row starts with it and the texts,
+    # joined by end-of-text, run on across rows with no <bos> inside (the model reads each row as text).
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from mechscope.features.store import token_rows
+    from mechscope.model.tokens import packed_rows
+
+    tok = model.tokenizer
+    rows = token_rows(model, TEXTS, 16)
+    stream = [t for ids in tok(TEXTS, add_special_tokens=False)["input_ids"] for t in (*ids, tok.eos_token_id)]
+    assert bool((rows[:, 0] == tok.bos_token_id).all()) and not bool((rows[:, 1:] == tok.bos_token_id).any())
+    assert rows[:, 1:].flatten().tolist() == stream[: rows.shape[0] * 15]
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.post_processor = None  # GPT-2 style: nothing before text, rows are the plain stream
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    plain_rows = torch.tensor(list(packed_rows(plain, TEXTS, 16)))
+    assert plain_rows.flatten().tolist() == stream[: plain_rows.numel()]
+    with pytest.raises(ConfigError, match="seq_len >= 3"):
+        next(packed_rows(tok, TEXTS, 2))
+
+
 def test_splicing_with_the_error_term_is_the_identity(model):
     acts = collect_activations(model, SITE, TEXTS, seq_len=16)
     sae, _ = train_sae(

@@ -211,7 +211,8 @@ def test_next_token_predictions_equal_each_prompt_alone(family) -> None:
     got = next_token_predictions(hf, tok, prompts, batch_size=2)
     with torch.no_grad():
         alone = [
-            int(hf(**tok(p, return_tensors="pt", add_special_tokens=False)).logits[0, -1].argmax()) for p in prompts
+            int(hf(**tok(p, return_tensors="pt")).logits[0, -1].argmax())
+            for p in prompts  # as text: <bos> first
         ]
     assert got == alone
 

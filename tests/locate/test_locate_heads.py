@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mechscope.errors import ConfigError, ShapeError
+from mechscope.locate import heads as heads_module
 from mechscope.locate.heads import (
     HeadDetectorConfig,
     HeadScores,
@@ -20,7 +21,7 @@ from mechscope.locate.heads import (
 from mechscope.locate.results import Result
 from mechscope.model.hooked import HookedModel
 from mechscope.sites import Site
-from tiny_models import tiny_model
+from tiny_models import BOS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,6 +75,24 @@ def test_a_head_with_the_ideal_pattern_scores_one_and_others_do_not(model, kind,
     # a pattern that ignores content is purely positional: no excess over fresh random tokens
     for excess in ("duplicate_token_excess", "induction_excess"):
         assert scores[excess][0].abs().max() < 1e-6
+
+
+def test_generated_sequences_start_as_text_does_and_the_control_keeps_the_start(model, monkeypatch):
+    # The tiny tokenizer prepends <bos> (as Gemma's and Llama's do): random sequences start with it, and the
+    # positional control of detect_heads replaces content tokens only, never the <bos>.
+    tokens = repeated_tokens(model, n=3, half_len=5, seed=1)
+    assert tokens.shape == (3, 11) and bool((tokens[:, 0] == BOS).all())
+    assert torch.equal(tokens[:, 1:6], tokens[:, 6:]) and not bool((tokens[:, 1:] == BOS).any())
+    seen = []
+    original = heads_module._patterns
+    monkeypatch.setattr(
+        heads_module, "_patterns", lambda m, batch: seen.append(batch["input_ids"]) or original(m, batch)
+    )
+    detect_heads(model, tokens, config=HeadDetectorConfig(n_copy_tokens=20))
+    real, control = seen
+    assert bool((control[:, 0] == BOS).all()) and not torch.equal(control[:, 1:], real[:, 1:])
+    without = HookedModel(model.hf_model, None)
+    assert repeated_tokens(without, n=3, half_len=5, seed=1).shape == (3, 10)  # no tokenizer, no prefix
 
 
 def test_scores_are_bounded_and_results_save_load_plot(model, tmp_path):

@@ -15,23 +15,19 @@ import torch
 from torch import Tensor
 
 from mechscope.demo.common import Section
+from mechscope.locate.heads import repeated_tokens
 from mechscope.metrics import kl_div
 from mechscope.model import hook_fns
 from mechscope.model.decompose import direct_logit_attribution
 from mechscope.sites import Site
 
 
-def repeated_tokens(batch: int, half: int, vocab: int, generator: torch.Generator, offset: int = 0) -> Tensor:
-    """[batch, 1 + offset + 2 * half]: token 0, `offset` random filler tokens, a random span, the span again."""
-    filler = torch.randint(1, vocab, (batch, offset), generator=generator)
-    body = torch.randint(1, vocab, (batch, half), generator=generator)
-    return torch.cat([torch.zeros(batch, 1, dtype=torch.long), filler, body, body], dim=1)
-
-
 def _losses(logits: Tensor, tokens: Tensor, half: int) -> tuple[float, float]:
-    """Mean next-token loss on the first (unrepeated) and second (repeated) halves."""
-    logp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    return float(-logp[:, : half - 1].mean()), float(-logp[:, half:].mean())
+    """Mean next-token loss on the first (unrepeated) and second (repeated) halves, the last ``2 * half``
+    positions (before them: the tokenizer's BOS where it adds one)."""
+    start = tokens.shape[1] - 2 * half
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]  # [b, pos - 1]: token t + 1
+    return float(-logp[:, start : start + half - 1].mean()), float(-logp[:, start + half - 1 :].mean())
 
 
 def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
@@ -40,11 +36,12 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     d = hm.dims
     gen = torch.Generator().manual_seed(seed + 1)
     half = min(20, (d.n_ctx - 1) // 2 if d.n_ctx else 20)
-    tokens = repeated_tokens(16, half, min(d.d_vocab, 50_000), gen)
+    tokens = repeated_tokens(hm, n=16, half_len=half, seed=seed + 1)
+    start = tokens.shape[1] - 2 * half  # the tokenizer's BOS, where it puts one before text
 
     pattern_sites = [Site("attn.hook_pattern", layer) for layer in range(d.n_layers)]
     logits, cache = hm.run_with_cache(tokens, pattern_sites)
-    q = torch.arange(half + 1, 2 * half + 1)
+    q = torch.arange(start + half, start + 2 * half)  # the repeated half; its earlier copy's next token is q - half + 1
     scores = torch.stack([cache[s][:, :, q, q - half + 1].mean(dim=(0, 2)) for s in pattern_sites])  # [layer, head]
     flat = scores.flatten().argsort(descending=True)
     n_ablate = max(1, min(2, int((scores > 0.3).sum())))
@@ -74,7 +71,8 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     for name, heads in (("none", []), ("top induction heads", top), ("control heads", control)):
         out_logits = logits if not heads else ablated(heads)
         first, rep = _losses(out_logits, tokens, half)
-        kl = float(kl_div(out_logits[:, 1:half], logits[:, 1:half], reduction="mean"))  # per token
+        first_half = slice(start, start + half - 1)  # logits that predict the first half's tokens
+        kl = float(kl_div(out_logits[:, first_half], logits[:, first_half], reduction="mean"))  # per token
         rows.append([name, ", ".join(f"L{h[0]}H{h[1]}" for h in heads) or "-", rep, first, kl])
         metrics[name] = {"repeated_loss": rep, "first_half_loss": first, "first_half_kl_per_token": kl}
     echo(
@@ -85,7 +83,8 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
 
     section = Section(metrics=metrics)
     section.add("section", "Induction heads: locate, ablate, measure")
-    section.add("text", f"Data: 16 sequences of {half} random tokens repeated once (seed {seed}).")
+    lead = f" after the tokenizer's {start} start token(s)" if start else ""
+    section.add("text", f"Data: 16 sequences of {half} random ordinary tokens repeated once{lead} (seed {seed}).")
     section.add("text", "Induction score: mean attention from a repeated token to the token after its earlier copy.")
     section.add(
         "figure",
@@ -121,4 +120,4 @@ def run(hm: Any, *, seed: int = 0, echo: Callable[[str], Any]) -> Section:
     return section
 
 
-__all__ = ["repeated_tokens", "run"]
+__all__ = ["run"]

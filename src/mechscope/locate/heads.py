@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
+from mechscope.model.tokens import special_prefix
 from mechscope.results import Result
 from mechscope.sites import Site
 
@@ -182,11 +183,21 @@ def ordinary_token_range(model: HookedModel) -> tuple[int, int]:
 
 
 def repeated_tokens(model: HookedModel, *, n: int = 16, half_len: int = 20, seed: int = 0) -> Int[Tensor, "batch pos"]:
-    """`n` sequences of `half_len` uniformly random ordinary tokens followed by the same tokens again."""
+    """`n` sequences of `half_len` uniformly random ordinary tokens followed by the same tokens again, after
+    the ids the tokenizer puts before any text (its BOS where it adds one), so the model reads them as it
+    reads text: ``[n, len(prefix) + 2 * half_len]``; the halves are the last ``2 * half_len`` positions."""
     lo, hi = ordinary_token_range(model)
     gen = torch.Generator().manual_seed(seed)
     half = torch.randint(lo, hi, (n, half_len), generator=gen)
-    return torch.cat([half, half], dim=1)
+    prefix = special_prefix(model.tokenizer) if model.tokenizer is not None else []
+    start = torch.tensor(prefix, dtype=torch.long).expand(n, len(prefix))
+    return torch.cat([start, half, half], dim=1)
+
+
+def _special_ids(model: HookedModel) -> Tensor:
+    """The tokenizer's special token ids (none without a tokenizer)."""
+    ids = [int(i) for i in model.tokenizer.all_special_ids] if model.tokenizer is not None else []
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _behaviour_masks(ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -230,6 +241,8 @@ def _attention_scores(model: HookedModel, batch: dict[str, Tensor], seed: int) -
     lo, hi = ordinary_token_range(model)
     ids = batch["input_ids"]
     fresh = torch.randint(lo, hi, tuple(ids.shape), generator=torch.Generator().manual_seed(seed + 1))
+    special = torch.isin(ids.cpu(), _special_ids(model))  # BOS and the like stay: they are not content
+    fresh = torch.where(special, ids.cpu(), fresh)
     control = _patterns(model, {"input_ids": fresh.to(ids.device), "attention_mask": batch["attention_mask"]})
     masks = _behaviour_masks(ids, batch["attention_mask"])
     out: dict[str, Tensor] = {}

@@ -8,8 +8,9 @@ Translators save to safetensors with the model's fingerprint and are checked aga
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from mechscope.errors import ConfigError, ShapeError
 from mechscope.io import Envelope, FileSchema, ModelInfo, read_envelope, register_schema, write_envelope
 from mechscope.locate.lens import LensResult, lens_readout, lens_sites, resid_to_logits
 from mechscope.metrics import kl_div
+from mechscope.model.tokens import packed_rows
 from mechscope.results import ModelMismatchError, Result
 
 if TYPE_CHECKING:
@@ -191,23 +193,23 @@ class TunedLens(nn.Module):
 def token_windows(
     model: HookedModel, texts: Iterable[str], *, seq_len: int, max_windows: int | None = None
 ) -> Int[Tensor, "n seq_len"]:
-    """Tokenise `texts`, join them with the EOS token and cut the stream into windows of `seq_len`."""
+    """`texts` packed into windows of `seq_len` tokens (:func:`~mechscope.model.tokens.packed_rows`: joined by
+    EOS, each window starting with the tokenizer's BOS where it adds one to text)."""
     tokenizer = model._tokenizer()
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    limit = None if max_windows is None else max_windows * seq_len
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(int(eos))
-        if limit is not None and len(stream) >= limit:
-            break
-    n = len(stream) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n < 1:
-        raise ConfigError(f"the text stream has {len(stream)} tokens; need at least seq_len={seq_len}")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
+    first: list[str] = []  # the texts read before the first window: fewer than seq_len when there is none
+
+    def tap(items: Iterable[str]) -> Iterator[str]:
+        for text in items:
+            if len(first) <= seq_len:
+                first.append(text)
+            yield text
+
+    rows = packed_rows(tokenizer, tap(texts), seq_len)
+    windows = [row for _, row in zip(range(max_windows) if max_windows is not None else itertools.count(), rows)]
+    if not windows:
+        got = sum(len(ids) + 1 for ids in tokenizer(first, add_special_tokens=False)["input_ids"]) if first else 0
+        raise ConfigError(f"the text stream has {got} tokens; need at least seq_len={seq_len} with the start token")
+    return torch.tensor(windows, dtype=torch.long)
 
 
 def zoo_texts(seed: int = 0, *, split: str = "train") -> list[str]:

@@ -7,7 +7,8 @@ activations at real tokens as running each prompt alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +69,50 @@ def to_str_tokens(
     else:
         ids = list(tokens)
     return [tokenizer.decode([i]) for i in ids]
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids `tokenizer` puts before any text: a BOS token for Gemma and Llama tokenizers, none for
+    GPT-2-style ones. Token sequences built by hand should start with them, as the model's text does
+    (Gemma-3-270M's loss on repeated random tokens is 2.1 nats with its BOS and 7.3 without)."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return [int(i) for i in full[:start]]
+    return []
+
+
+TEXT_CHUNK = 256  # texts tokenised at a time by packed_rows
+
+
+def packed_rows(tokenizer: Any, texts: Iterable[str], seq_len: int) -> Iterator[list[int]]:
+    """Rows of `seq_len` token ids packed from `texts`, streamed, the way training pipelines pack text.
+
+    Each row starts with :func:`special_prefix` (the tokenizer's BOS where it puts one before text; nothing for
+    GPT-2-style tokenizers), so the model reads every row as it reads text, and goes on with the next tokens
+    of the texts joined by end-of-text (the pad token where there is none). No padding: every token is real.
+    """
+    prefix = special_prefix(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 2:
+        raise ConfigError(
+            f"expected seq_len >= {len(prefix) + 2} (the tokenizer's start {prefix} and two tokens), got {seq_len}"
+        )
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    stream: list[int] = []
+    chunk: list[str] = []
+    for text in itertools.chain(texts, [None]):
+        if text is not None:
+            chunk.append(text)
+            if len(chunk) < TEXT_CHUNK:
+                continue
+        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"] if chunk else []:
+            stream += [*ids, *(() if sep is None else (int(sep),))]
+        chunk = []
+        while len(stream) >= body:
+            yield prefix + stream[:body]
+            stream = stream[body:]
 
 
 def to_single_token(tokenizer: Any, text: str) -> int:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError
+from mechscope.model.tokens import special_prefix
 from mechscope.results import Result
 from mechscope.sites import Site
 
@@ -96,7 +97,11 @@ class DASResult(Result):
 
 @dataclass
 class Pairs:
-    """Interchange pairs: base and source prompts, the positions to intervene at, counterfactual labels."""
+    """Interchange pairs: base and source prompts, the positions to intervene at, counterfactual labels.
+
+    Positions index each prompt's tokens as ``model.to_tokens`` gives them: after the BOS where the tokenizer
+    puts one before text (Gemma, Llama), as the model reads the prompt.
+    """
 
     base: list[str]
     source: list[str]
@@ -121,7 +126,7 @@ class Pairs:
 def _encode(model: Any, texts: Sequence[str]) -> dict[str, Tensor]:
     return {
         k: v.to(model.device)
-        for k, v in model.to_tokens(list(texts), padding_side="right", add_special_tokens=False).items()
+        for k, v in model.to_tokens(list(texts), padding_side="right").items()  # as text: BOS where added
     }
 
 
@@ -250,6 +255,7 @@ def world_pairs(model: Any, n: int, *, relation: str = "home_city", seed: int = 
     if rel is None:
         raise ConfigError(f"unknown relation {relation!r}; expected one of {[r.name for r in RELATIONS]}")
     tk = model.tokenizer
+    start = len(special_prefix(tk))  # positions count the BOS the model reads first, where there is one
     template = rel.train_templates[0]
     prompts = [template.format(e=e) for e in world.entities]
     preds = next_token_predictions(model.hf_model, tk, prompts)
@@ -270,8 +276,8 @@ def world_pairs(model: Any, n: int, *, relation: str = "home_city", seed: int = 
         ei, ej = world.entities[i], world.entities[j]
         base.append(prompts[i])
         source.append(prompts[j])
-        bpos.append(subject_last_position(tk, prompts[i], ei))
-        spos.append(subject_last_position(tk, prompts[j], ej))
+        bpos.append(start + subject_last_position(tk, prompts[i], ei))
+        spos.append(start + subject_last_position(tk, prompts[j], ej))
         labels.append(answers[j])
     return Pairs(base, source, bpos, spos, labels)
 
@@ -283,8 +289,8 @@ def with_positions(pairs: Pairs, model: Any, where: str) -> Pairs:
     if where != "last":
         raise ConfigError(f"where must be 'subject' or 'last'; got {where!r}")
     tk = model.tokenizer
-    lens = [len(tk(t, add_special_tokens=False)["input_ids"]) - 1 for t in pairs.base]
-    slens = [len(tk(t, add_special_tokens=False)["input_ids"]) - 1 for t in pairs.source]
+    lens = [len(tk(t)["input_ids"]) - 1 for t in pairs.base]  # as the model reads them (BOS where added)
+    slens = [len(tk(t)["input_ids"]) - 1 for t in pairs.source]
     return Pairs(pairs.base, pairs.source, lens, slens, pairs.labels)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import ConfigError
+from mechscope.model.tokens import special_prefix
 from mechscope.steer.editing.records import EditRecord, equal_to_snapshot, snapshot
 
 _COMPONENT = re.compile(r"^blocks\.(\d+)(?:\.(mlp|attn)(?:\.head\.(\d+))?)?$")
@@ -133,7 +134,7 @@ def _batches(model: Any, examples: Sequence[tuple[str, str]], batch_size: int, s
         rows, labels = [], []
         for i in order[start : start + batch_size]:
             prompt, completion = examples[i]
-            p = list(tk(prompt, add_special_tokens=False)["input_ids"])
+            p = [*special_prefix(tk), *tk(prompt, add_special_tokens=False)["input_ids"]]  # BOS first, as text
             c = list(tk(completion, add_special_tokens=False)["input_ids"])
             if not c:
                 raise ConfigError(f"completion {completion!r} of prompt {prompt!r} tokenises to nothing")

@@ -2,7 +2,8 @@
 forward loop the sharded store reuses.
 
 Texts are tokenised, joined with end-of-text into one stream and cut into rows of ``seq_len`` tokens (no
-padding, so every activation is a real token's), the way SAE training pipelines pack text. The first
+padding, so every activation is a real token's), the way SAE training pipelines pack text; each row starts
+with the tokenizer's BOS where it puts one before text (Gemma, Llama), as the model was trained. The first
 position of every row is left out by default: it sees no context and its residual norm is an outlier in
 most models (the attention sink), which would dominate the reconstruction loss.
 """
@@ -13,10 +14,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
+from mechscope.model.tokens import packed_rows
 from mechscope.sites import Site, SiteLike
 
 if TYPE_CHECKING:
@@ -33,21 +35,18 @@ def per_token_site(model: HookedModel, site: SiteLike) -> Site:
     return chosen
 
 
-def token_rows(model: HookedModel, texts: Sequence[str], seq_len: int) -> Tensor:
-    """``[rows, seq_len]`` token ids: `texts` joined by end-of-text and cut into full rows."""
+def token_rows(model: HookedModel, texts: Sequence[str], seq_len: int) -> Int[Tensor, "rows seq_len"]:
+    """``[rows, seq_len]`` token ids of `texts`: :func:`~mechscope.model.tokens.packed_rows` (each row starts with
+    the tokenizer's BOS where it adds one to text)."""
     if isinstance(texts, str) or not texts:
         raise ConfigError(f"expected a non-empty list of texts, got {type(texts).__name__} of length {len(texts)}")
     if seq_len < 2:
         raise ConfigError(f"expected seq_len >= 2, got {seq_len}")
-    tok = model.tokenizer
-    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
-    stream: list[int] = []
-    for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
-        stream += [*ids, *(() if sep is None else (sep,))]
-    n_rows = len(stream) // seq_len
-    if n_rows == 0:
-        raise ConfigError(f"expected at least {seq_len} tokens of text, got {len(stream)}")
-    return torch.tensor(stream[: n_rows * seq_len]).view(n_rows, seq_len)
+    rows = [torch.tensor(row) for row in packed_rows(model.tokenizer, texts, seq_len)]
+    if not rows:
+        total = sum(len(ids) + 1 for ids in model.tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+        raise ConfigError(f"expected at least {seq_len} tokens of text, got {total}")
+    return torch.stack(rows)
 
 
 @torch.no_grad()

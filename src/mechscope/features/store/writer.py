@@ -25,6 +25,7 @@ from mechscope.features.store.manifest import DTYPES, MANIFEST, Manifest, StoreS
 from mechscope.features.store.reader import ActivationStore
 from mechscope.features.store.rows import per_token_site
 from mechscope.io import ModelInfo, write_bytes_atomic
+from mechscope.model.tokens import packed_rows
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 #: A corpus: texts (a list or any iterable), a text file or folder of them (one document per line), a
 #: list of such paths, or token rows ``[rows, seq_len]``.
 Corpus = Iterable[str] | str | Path | Sequence[Path] | Tensor
-
-TEXT_CHUNK = 256  # texts tokenised at a time
 
 
 def collect_store(
@@ -123,37 +122,15 @@ def _open(folder: Path, settings: StoreSettings, info: ModelInfo) -> Manifest:
 
 
 def _token_rows(model: HookedModel, corpus: Corpus, seq_len: int) -> Iterator[Tensor]:
-    """``[seq_len]`` token rows of `corpus`: texts joined by end-of-text and cut, as in
-    :func:`~mechscope.features.store.rows.token_rows`, but streamed."""
+    """``[seq_len]`` token rows of `corpus`: given rows as they are, texts packed by
+    :func:`~mechscope.model.tokens.packed_rows` (the rows :func:`token_rows` makes, streamed)."""
     if isinstance(corpus, Tensor):
         if corpus.ndim != 2 or corpus.shape[1] != seq_len:
             raise ConfigError(f"expected token rows of shape [rows, seq_len={seq_len}], got {tuple(corpus.shape)}")
         yield from corpus.long()
         return
-    tok = model.tokenizer
-    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
-    stream: list[int] = []
-    chunk: list[str] = []
-    for text in _texts(corpus):
-        chunk.append(text)
-        if len(chunk) < TEXT_CHUNK:
-            continue
-        stream += _encode(tok, chunk, sep)
-        chunk = []
-        while len(stream) >= seq_len:
-            yield torch.tensor(stream[:seq_len])
-            stream = stream[seq_len:]
-    stream += _encode(tok, chunk, sep) if chunk else []
-    while len(stream) >= seq_len:
-        yield torch.tensor(stream[:seq_len])
-        stream = stream[seq_len:]
-
-
-def _encode(tok: Any, texts: list[str], sep: int | None) -> list[int]:
-    out: list[int] = []
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        out += [*ids, *(() if sep is None else (sep,))]
-    return out
+    for row in packed_rows(model.tokenizer, _texts(corpus), seq_len):
+        yield torch.tensor(row)
 
 
 def _texts(corpus: Corpus) -> Iterator[str]:

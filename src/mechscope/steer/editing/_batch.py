@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechscope.model.tokens import special_prefix
 from mechscope.steer.editing.requests import EditError, EditRequest, subject_last_position, target_ids
 
 
@@ -66,11 +67,13 @@ def build_rows(
     with_target: bool,
     texts: Callable[[EditRequest], Sequence[str]] | None = None,
 ) -> Rows:
-    """Rows ``prefix + text (+ target[:-1])`` for every request x text x prefix.
+    """Rows ``start + prefix + text (+ target[:-1])`` for every request x text x prefix, where ``start`` is what
+    the tokenizer puts before any text (its BOS for Gemma and Llama tokenizers, else nothing).
 
     `texts` gives the prompts of a request (default: its own prompt); the subject is located in each.
     """
     tk = model.tokenizer
+    start = special_prefix(tk)  # the tokenizer's BOS where it adds one: each row is read as text is
     ids_rows: list[list[int]] = []
     req_idx: list[int] = []
     subj: list[int] = []
@@ -82,11 +85,11 @@ def build_rows(
             prompt = list(tk(text, add_special_tokens=False)["input_ids"])
             pos = subject_last_position(tk, text, req.subject, from_end=True)
             for prefix in prefixes:
-                row = [*prefix, *prompt, *(tgt[:-1] if with_target else [])]
+                row = [*start, *prefix, *prompt, *(tgt[:-1] if with_target else [])]
                 ids_rows.append(row)
                 req_idx.append(r)
-                subj.append(len(prefix) + pos)
-                last.append(len(prefix) + len(prompt) - 1)
+                subj.append(len(start) + len(prefix) + pos)
+                last.append(len(start) + len(prefix) + len(prompt) - 1)
                 tgts.append(tgt if with_target else [])
     width = max(len(row) for row in ids_rows)
     pad = tk.pad_token_id if tk.pad_token_id is not None else (tk.eos_token_id or 0)

@@ -77,7 +77,7 @@ def _next_token(model: Any, prompts: Sequence[str], batch_size: int = 64) -> tup
     probs: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        batch = model.to_tokens(chunk, padding_side="right", add_special_tokens=False)
+        batch = model.to_tokens(chunk, padding_side="right")  # as text: BOS where the tokenizer adds one
         logits = model.forward(batch)
         last = batch["attention_mask"].sum(-1) - 1
         p = logits[torch.arange(len(chunk)), last.to(logits.device)].float().softmax(-1)

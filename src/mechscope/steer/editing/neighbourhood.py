@@ -64,7 +64,7 @@ def greedy_ids(model: Any, prompts: Sequence[str], batch_size: int = 32) -> list
     out: list[int] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        batch = model.to_tokens(chunk, padding_side="right", add_special_tokens=False)
+        batch = model.to_tokens(chunk, padding_side="right")  # as text: BOS where the tokenizer adds one
         logits = model.forward(batch)
         last = (batch["attention_mask"].sum(-1) - 1).to(logits.device)
         out += [int(i) for i in logits[torch.arange(len(chunk), device=logits.device), last].argmax(-1).tolist()]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.io import Envelope, FileSchema, ModelInfo, read_envelope, register_schema, write_envelope
+from mechscope.model.tokens import packed_rows, special_prefix
 from mechscope.steer.editing.requests import EditError
 
 
@@ -123,9 +124,11 @@ def resolve_stream(model: Any, config: StatsConfig, texts: Iterable[str] | None)
     return replace(config, stream="texts")
 
 
-def stats_key(fingerprint: str, layer: int, config: StatsConfig) -> str:
-    """File stem of a layer's cached statistics."""
-    return f"{fingerprint}-L{layer}-n{config.n_tokens}-s{config.seq_len}-{config.stream}-seed{config.seed}"
+def stats_key(fingerprint: str, layer: int | str, config: StatsConfig, *, start: int = 0) -> str:
+    """File stem of a layer's cached statistics; `start` is the number of tokens each window begins with
+    before the text (the tokenizer's BOS), left out of the statistics and named in the stem when there are any."""
+    rows = f"-p{start}" if start else ""
+    return f"{fingerprint}-L{layer}-n{config.n_tokens}-s{config.seq_len}{rows}-{config.stream}-seed{config.seed}"
 
 
 def check_stats(stats: Tensor, layer: int, d_mlp: int) -> None:
@@ -147,22 +150,9 @@ def check_stats(stats: Tensor, layer: int, d_mlp: int) -> None:
         )
 
 
-def _windows(tokenizer: Any, texts: Iterable[str], seq_len: int) -> Iterator[list[int]]:
-    """Pack the tokenised texts (separated by EOS) into consecutive windows of `seq_len` tokens."""
-    sep = tokenizer.eos_token_id
-    buffer: list[int] = []
-    for text in texts:
-        buffer += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if sep is not None:
-            buffer.append(int(sep))
-        while len(buffer) >= seq_len:
-            yield buffer[:seq_len]
-            buffer = buffer[seq_len:]
-
-
 def _batches(tokenizer: Any, texts: Iterable[str], config: StatsConfig) -> Iterator[Tensor]:
     rows: list[list[int]] = []
-    for window in _windows(tokenizer, texts, config.seq_len):
+    for window in packed_rows(tokenizer, texts, config.seq_len):  # BOS first where the tokenizer adds one
         rows.append(window)
         if len(rows) == config.batch_size:
             yield torch.tensor(rows, dtype=torch.long)
@@ -198,10 +188,11 @@ def second_moments(
             raise ConfigError(f"layer {layer} does not exist; this model has layers 0..{model.dims.n_layers - 1}")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fp = model.fingerprint()
+    start = len(special_prefix(model.tokenizer)) if model.tokenizer is not None else 0
     d_mlp = model.dims.d_mlp
     out: dict[int, Tensor] = {}
     for layer in layers:
-        path = folder / f"{stats_key(fp, layer, config)}.safetensors"
+        path = folder / f"{stats_key(fp, layer, config, start=start)}.safetensors"
         if path.is_file():
             try:
                 tensors = read_envelope(path, STATS_SCHEMA).tensors
@@ -213,7 +204,7 @@ def second_moments(
             out[layer] = tensors["mom2"].to(model.device)
     todo = [layer for layer in layers if layer not in out]
     if todo:
-        computed = _compute(model, todo, config, texts, folder, fp, progress, max_batches)
+        computed = _compute(model, todo, config, texts, folder, fp, progress, max_batches, start)
         if computed is None:
             return out
         out.update(computed)
@@ -229,13 +220,16 @@ def _compute(
     fp: str,
     progress: bool,
     max_batches: int | None,
+    start: int,
 ) -> dict[int, Tensor] | None:
+    """The statistics over the text stream's windows, leaving out each window's first `start` tokens (the BOS
+    the tokenizer puts before text: no key is ever edited there, and its activations are outliers)."""
     from tqdm.auto import tqdm
 
     if model.tokenizer is None:
         raise ConfigError("computing statistics from text needs the model's tokenizer")
     d_mlp = model.dims.d_mlp
-    tag = f"{fp}-L{'_'.join(map(str, layers))}-n{config.n_tokens}-s{config.seq_len}-{config.stream}-seed{config.seed}"
+    tag = stats_key(fp, "_".join(map(str, layers)), config, start=start)
     partial = folder / f"{tag}.partial.safetensors"
     sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
     done_batches, done_tokens = 0, 0
@@ -266,9 +260,9 @@ def _compute(
             if done_tokens >= config.n_tokens:
                 break
             _, cache = model.run_with_cache(batch, sites, stop_at_layer=stop if stop < model.dims.n_layers else None)
-            take = min(batch.numel(), config.n_tokens - done_tokens)
+            take = min(batch[:, start:].numel(), config.n_tokens - done_tokens)
             for layer, site in zip(layers, sites, strict=True):
-                keys = cache[site].reshape(-1, d_mlp)[:take].to("cpu", torch.float64)
+                keys = cache[site][:, start:].reshape(-1, d_mlp)[:take].to("cpu", torch.float64)
                 sums[layer] += keys.T @ keys
             done_tokens += take
             done_batches = index + 1
@@ -294,7 +288,7 @@ def _compute(
         check_stats(mom2, layer, d_mlp)
         body = {"layer": layer, "tokens": done_tokens, "config": asdict(config)}
         envelope = Envelope("mom2", body, {"mom2": mom2}, ModelInfo(fingerprint=fp))
-        write_envelope(folder / f"{stats_key(fp, layer, config)}.safetensors", envelope, STATS_SCHEMA)
+        write_envelope(folder / f"{stats_key(fp, layer, config, start=start)}.safetensors", envelope, STATS_SCHEMA)
         result[layer] = mom2.to(model.device)
     partial.unlink(missing_ok=True)
     return result
