@@ -1,0 +1,144 @@
+"""Figures of Gemma-3-270M (a real post-norm model whose tokenizer puts a BOS before text), by section:
+
+- ``bos``: loss on repeated random tokens and on packed English rows with and without the BOS;
+- ``eap``: EAP on three name-mover prompts in one left-padded batch: the strongest edges' scores beside
+  their exact single-edge ablations, their correlation over those and as many random edges, and the
+  faithfulness of the top 200 edges (docs/locate-circuits.md);
+- ``rome``: one ROME edit at the default layer with its metrics before and after (docs/real-models.md).
+
+Needs the real models: scripts/install_real_models.sh.
+
+    .venv/bin/python scripts/measure_gemma.py [--only bos eap rome] [--top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import pathlib
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mechscope as ms
+from mechscope.locate import eap, faithfulness
+from mechscope.locate.circuits import Graph
+from mechscope.locate.circuits.faithfulness import CircuitEvaluator
+from mechscope.locate.metrics import logit_diff_metric
+
+CLEAN = [
+    "When Mary and John went to the store, John gave a drink to",
+    "When Tom and Anna went to the park, Anna gave a ball to",
+    "After Lucy and Mark met, Mark thanked",
+]
+CORRUPT = [
+    "When Mary and John went to the store, Kate gave a drink to",
+    "When Tom and Anna went to the park, Paul gave a ball to",
+    "After Lucy and Mark met, Sara thanked",
+]
+ANSWERS, WRONG = [" Mary", " Tom", " Lucy"], [" John", " Anna", " Mark"]
+
+
+def bos(model: Any) -> None:
+    from mechscope.features.store import token_rows
+    from mechscope.locate.heads import repeated_tokens
+
+    def loss(tokens: torch.Tensor, skip: int) -> float:
+        with torch.no_grad():
+            logits = model.forward(tokens)
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        return float(-logp[:, skip:].mean())
+
+    half = 20
+    seqs = repeated_tokens(model, n=16, half_len=half, seed=0)  # [16, 1 + 2 * half]: the BOS first
+    assert int(seqs[0, 0]) == model.tokenizer.bos_token_id
+    print(f"repeated random tokens, loss on the repeated half: with BOS {loss(seqs, half):.2f}, ", end="")
+    print(f"without {loss(seqs[:, 1:], half - 1):.2f}")
+    texts = []
+    for module in (argparse, ast, dataclasses, inspect, json, pathlib, typing):
+        tree = ast.parse(Path(str(module.__file__)).read_text())
+        texts += [doc for node in ast.walk(tree) if len(doc := _docstring(node)) > 200]
+    rows = token_rows(model, texts, 64)[:32]  # stdlib docstrings, packed: the BOS first in each row
+    with_bos, without = loss(rows, 1), loss(rows[:, 1:], 0)  # both over the rows' tokens 2..63
+    print(f"packed English, {tuple(rows.shape)}, next-token loss: with BOS {with_bos:.2f}, without {without:.2f}")
+
+
+def _docstring(node: ast.AST) -> str:
+    return (ast.get_docstring(node) or "") if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) else ""
+
+
+def rome_section(model: Any) -> None:
+    from mechscope.steer.editing import EditRequest, edit_metrics, rome
+
+    request = EditRequest(
+        prompt="{} is located in the city of",
+        subject="The Eiffel Tower",
+        target=" Rome",
+        paraphrases=(
+            "Tourists visiting The Eiffel Tower travel to the city of",
+            "The Eiffel Tower, a famous landmark, stands in the city of",
+        ),
+    )
+    start = time.perf_counter()
+    record = rome(model, request)
+    print(f"ROME in {time.perf_counter() - start:.1f} s (key statistics read from the cache after the first run)")
+    for name, states in edit_metrics(model, [request], record, neighbourhood=True).summary().items():
+        print(f"  {name:<26} " + "  ".join(f"{state} {value:.3f}" for state, value in states.items()))
+    record.revert(model)
+
+
+def eap_section(model: Any, top: int) -> None:
+    graph = Graph.from_model(model)
+    first = lambda words: [model.tokenizer.encode(w, add_special_tokens=False)[0] for w in words]  # noqa: E731
+    metric = logit_diff_metric(first(ANSWERS), first(WRONG))
+    lengths = model.to_tokens(CLEAN, padding_side="left")["attention_mask"].sum(1).tolist()
+    print(f"{graph.n_edges} edges; real tokens per row {lengths}")
+
+    start = time.perf_counter()
+    scores = eap(model, CLEAN, CORRUPT, metric)
+    print(f"EAP: {time.perf_counter() - start:.1f} s")
+    evaluator = CircuitEvaluator(model, CLEAN, CORRUPT, metric, ablation="resample")
+    print(f"clean metric {float(evaluator.full_metric):.2f}")
+    values = scores["scores"]
+    strongest = values.abs().argsort(descending=True)[:top].tolist()
+    random = torch.randperm(graph.n_edges, generator=torch.Generator().manual_seed(0))[:top].tolist()
+    exact = []
+    for edge in strongest + random:
+        mask = torch.ones(graph.n_edges, dtype=torch.bool)
+        mask[edge] = False
+        exact.append(float(evaluator.metric(mask) - evaluator.full_metric))
+    for edge, effect in zip(strongest[:8], exact):
+        print(f"  {graph.edge_names[edge]:<22} EAP {float(values[edge]):+.3f}   exact {effect:+.3f}")
+    both = torch.stack([values[strongest + random], torch.tensor(exact)])
+    print(f"r(EAP, exact) over {len(exact)} edges: {float(torch.corrcoef(both)[0, 1]):.3f}")
+    kept = faithfulness(model, scores.top(200), CLEAN, CORRUPT, metric).value
+    print(f"faithfulness of the top 200 edges: {kept:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=("bos", "eap", "rome"), default=("bos", "eap", "rome"))
+    parser.add_argument("--top", type=int, default=15, help="strongest edges (and as many random ones) checked")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    model = ms.load_model("gemma3-270m")
+    print(f"loaded in {time.perf_counter() - start:.1f} s: {model.dims.family}, {model.dims.n_layers} layers")
+    for section in args.only:
+        print(f"== {section}")
+        if section == "bos":
+            bos(model)
+        elif section == "eap":
+            eap_section(model, args.top)
+        else:
+            rome_section(model)
+
+
+if __name__ == "__main__":
+    main()
