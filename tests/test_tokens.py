@@ -195,3 +195,21 @@ def test_special_prefix_is_what_the_tokenizer_puts_before_text():
     plain_backend.post_processor = None  # a GPT-2-style tokenizer: nothing before the text
     plain = transformers.PreTrainedTokenizerFast(tokenizer_object=plain_backend, bos_token="<bos>")
     assert T.special_prefix(plain) == []
+
+
+def test_a_text_that_already_starts_with_the_bos_does_not_get_it_twice():
+    # A chat template writes the BOS itself (Gemma's does); such a text is encoded as it is, the others get it.
+    tok = tiny_tokenizer()
+    started, plain = "<bos>The dog sat", "The dog sat"
+    for side in ("left", "right"):
+        batch = T.to_tokens(tok, [started, plain, "A cat"], padding_side=side)
+        assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+        assert int((batch["input_ids"][0] == BOS).sum()) == 1
+        one = T.to_tokens(tok, "A cat", padding_side=side)["input_ids"][0]
+        row = batch["input_ids"][2][batch["attention_mask"][2].bool()]
+        assert torch.equal(row, one)  # the other texts as before, padded on the asked side
+        assert bool(batch["attention_mask"][2, 0 if side == "right" else -1])
+    assert T.encode(tok, started) == T.encode(tok, plain) == T.to_tokens(tok, plain)["input_ids"][0].tolist()
+    assert T.find_positions(tok, started, " dog") == T.find_positions(tok, plain, " dog")
+    assert T.to_str_tokens(tok, started) == T.to_str_tokens(tok, plain)
+    assert T.encode(tok, started, add_special_tokens=False) == T.encode(tok, plain)  # its own BOS stays

@@ -32,7 +32,11 @@ def to_tokens(
     padding_side: str | None = None,
     add_special_tokens: bool = True,
 ) -> dict[str, Tensor]:
-    """Tokenise one text or a batch: ``{"input_ids": [batch, pos], "attention_mask": [batch, pos]}``."""
+    """Tokenise one text or a batch: ``{"input_ids": [batch, pos], "attention_mask": [batch, pos]}``.
+
+    A text that already starts with what the tokenizer puts before text (a chat template's ``<bos>``, as
+    Gemma's writes it) does not get it twice: ``add_special_tokens`` applies to the other texts only.
+    """
     if isinstance(text, str):
         texts = [text]
     elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text) and len(text) > 0:
@@ -50,8 +54,38 @@ def to_tokens(
     }
     if padding_side is not None:
         kwargs["padding_side"] = padding_side
-    encoded = tokenizer(texts, **kwargs)
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    started = _already_started(tokenizer, texts) if add_special_tokens else [False] * len(texts)
+    if not any(started):
+        encoded = tokenizer(texts, **kwargs)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    ids = [encode(tokenizer, t) for t in texts]
+    return _pad(ids, int(tokenizer.pad_token_id), padding_side or tokenizer.padding_side)
+
+
+def encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """The ids of one text exactly as :func:`to_tokens` writes them (no BOS added to a text that has one)."""
+    adds = add_special_tokens and not _already_started(tokenizer, [text])[0]
+    return [int(i) for i in tokenizer(text, add_special_tokens=adds)["input_ids"]]
+
+
+def _already_started(tokenizer: Any, texts: list[str]) -> list[bool]:
+    """Which `texts` begin with the text of the tokenizer's :func:`special_prefix` (e.g. a chat template's BOS)."""
+    prefix = special_prefix(tokenizer)
+    if not prefix:
+        return [False] * len(texts)
+    start = tokenizer.decode(prefix)
+    return [bool(start) and t.startswith(start) for t in texts]
+
+
+def _pad(ids: list[list[int]], pad: int, side: str) -> dict[str, Tensor]:
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def to_str_tokens(
@@ -59,7 +93,7 @@ def to_str_tokens(
 ) -> list[str]:
     """Each token of one sequence as its decoded string (``" Paris"``), in order."""
     if isinstance(tokens, str):
-        ids = tokenizer(tokens, add_special_tokens=add_special_tokens)["input_ids"]
+        ids = encode(tokenizer, tokens, add_special_tokens=add_special_tokens)
     elif isinstance(tokens, Tensor):
         if tokens.ndim == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
@@ -134,7 +168,8 @@ def find_positions(
         if start < 0:
             raise ConfigError(f"substring {substring!r} (occurrence {occurrence}) not found in {text!r}")
     end = start + len(substring)
-    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    adds = add_special_tokens and not _already_started(tokenizer, [text])[0]  # as to_tokens encodes it
+    encoded = tokenizer(text, add_special_tokens=adds, return_offsets_mapping=True)
     positions = [
         i
         for i, (a, b) in enumerate(encoded["offset_mapping"])

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.model.tokens import special_prefix
+from mechscope.model.tokens import encode, special_prefix
 from mechscope.results import Result
 from mechscope.sites import Site
 
@@ -289,8 +289,8 @@ def with_positions(pairs: Pairs, model: Any, where: str) -> Pairs:
     if where != "last":
         raise ConfigError(f"where must be 'subject' or 'last'; got {where!r}")
     tk = model.tokenizer
-    lens = [len(tk(t)["input_ids"]) - 1 for t in pairs.base]  # as the model reads them (BOS where added)
-    slens = [len(tk(t)["input_ids"]) - 1 for t in pairs.source]
+    lens = [len(encode(tk, t)) - 1 for t in pairs.base]  # as the model reads them (BOS where added)
+    slens = [len(encode(tk, t)) - 1 for t in pairs.source]
     return Pairs(pairs.base, pairs.source, lens, slens, pairs.labels)
 
 

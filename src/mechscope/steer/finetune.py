@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import ConfigError
-from mechscope.model.tokens import special_prefix
+from mechscope.model.tokens import encode
 from mechscope.steer.editing.records import EditRecord, equal_to_snapshot, snapshot
 
 _COMPONENT = re.compile(r"^blocks\.(\d+)(?:\.(mlp|attn)(?:\.head\.(\d+))?)?$")
@@ -134,7 +134,7 @@ def _batches(model: Any, examples: Sequence[tuple[str, str]], batch_size: int, s
         rows, labels = [], []
         for i in order[start : start + batch_size]:
             prompt, completion = examples[i]
-            p = [*special_prefix(tk), *tk(prompt, add_special_tokens=False)["input_ids"]]  # BOS first, as text
+            p = encode(tk, prompt)  # as text: BOS first where the tokenizer adds one (and not twice)
             c = list(tk(completion, add_special_tokens=False)["input_ids"])
             if not c:
                 raise ConfigError(f"completion {completion!r} of prompt {prompt!r} tokenises to nothing")

@@ -13,6 +13,7 @@ import torch
 
 from mechscope.data.tasks.base import Example
 from mechscope.errors import ConfigError
+from mechscope.model.tokens import encode
 
 
 def first_token_id(tokenizer, text: str) -> int:
@@ -37,7 +38,7 @@ def next_token_predictions(model, tokenizer, prompts: Sequence[str], batch_size:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
-    encoded_all = [tokenizer(p)["input_ids"] for p in prompts]  # as text: BOS where the tokenizer adds one
+    encoded_all = [encode(tokenizer, p) for p in prompts]  # as text: BOS where the tokenizer adds one
     order = sorted(range(len(encoded_all)), key=lambda i: len(encoded_all[i]))
     out: list[int] = [0] * len(encoded_all)
     for start in range(0, len(order), batch_size):
