@@ -19,7 +19,7 @@ from mechscope.locate.attribution import (
 from mechscope.locate.patching import MetricError
 from mechscope.locate.results import Result
 from mechscope.model.hooked import HookedModel
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import BOS, FAMILIES, PAD, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -171,6 +171,13 @@ def test_pad_baseline_is_the_sites_activation_on_pad_tokens():
     pad = torch.full((2, 6), tok.pad_token_id)
     torch.testing.assert_close(ig["baseline_metric"], logit_metric(5, 7)(model(pad)))
     assert float(ig["error"].abs().max()) < 1e-3
+    # A text that starts with the tokenizer's BOS keeps it in the baseline (Gemma cannot read text without it).
+    text = model.to_tokens(["the cat sat on the mat", "a dog ran"], padding_side="left")
+    assert bool((text["input_ids"][text["attention_mask"].bool()] == BOS).sum() == 2)
+    ig = integrated_gradients(model, text, logit_metric(5, 7), baseline="pad", config=IGConfig(steps=96))
+    expected = torch.where(text["input_ids"] == BOS, text["input_ids"], torch.full_like(text["input_ids"], PAD))
+    reference = model({"input_ids": expected, "attention_mask": text["attention_mask"]})
+    torch.testing.assert_close(ig["baseline_metric"], logit_metric(5, 7)(reference))  # left-padded: last is real
 
 
 def test_bad_input_is_rejected(gpt2):

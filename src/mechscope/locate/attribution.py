@@ -469,7 +469,8 @@ def integrated_gradients(
     ``error`` per row.
 
     `baseline` x': ``"mean"`` (default: each row's mean over its real tokens), ``"pad"`` (the site's
-    activation when every token is the tokenizer's pad token -- or EOS, BOS), ``"zero"``, or a tensor
+    activation when every token but the special ones -- the BOS stays, as the model needs it -- is the
+    tokenizer's pad token, or EOS, BOS), ``"zero"``, or a tensor
     of the site's shape. A zero baseline is degenerate wherever nothing else is added to the residual
     stream (``hook_embed`` of a rotary model such as Llama, any ``resid`` site): every norm is
     scale-invariant but for its epsilon, so near the origin the whole model runs in the epsilon regime
@@ -589,7 +590,12 @@ def _baseline(
                 ((x * w).sum(pos_axis, keepdim=True) / w.sum(pos_axis, keepdim=True).clamp_min(1)).expand_as(x).clone()
             )
         if baseline == "pad" and model is not None and batch is not None:
-            pad = {**batch, "input_ids": torch.full_like(batch["input_ids"], _pad_id(model))}
+            ids = batch["input_ids"]
+            special = torch.tensor(
+                model.tokenizer.all_special_ids if model.tokenizer is not None else [], dtype=ids.dtype
+            )
+            start = torch.isin(ids, special.to(ids.device))  # the BOS (and any special token) stays: text is padded
+            pad = {**batch, "input_ids": torch.where(start, ids, torch.full_like(ids, _pad_id(model)))}
             return _site_activation(model, pad, site)
         raise ConfigError(f"baseline must be one of {IG_BASELINES} or a tensor; got {baseline!r}")
     if not isinstance(baseline, Tensor):

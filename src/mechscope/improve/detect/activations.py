@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.features.store import per_token_site
+from mechscope.model.tokens import encode as encode_text
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
@@ -60,10 +61,10 @@ def encode(model: HookedModel, example: Example) -> tuple[list[int], int]:
     """(token ids, index of the first scored token) of one example."""
     tokenizer = model._tokenizer()
     if isinstance(example, str):
-        return list(tokenizer(example)["input_ids"]), 0
+        return encode_text(tokenizer, example), 0
     prompt, response = example
-    prompt_ids = list(tokenizer(prompt)["input_ids"]) if prompt else []
-    ids = list(tokenizer(prompt + response)["input_ids"])
+    prompt_ids = encode_text(tokenizer, prompt) if prompt else []  # as to_tokens writes them (one BOS)
+    ids = encode_text(tokenizer, prompt + response)
     start = 0
     while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
         start += 1  # a merge across the boundary moves the start to the first differing token
