@@ -197,6 +197,8 @@ def test_token_scores_are_those_of_each_example_alone_and_pairs_score_the_respon
     # the special <bos> token is never scored
     ids = model.to_tokens("The cat sat on the mat.")["input_ids"][0]
     assert len(full) == len(ids) - 1
+    # a text that writes its own <bos> (a chat template's) is read with one, so it scores as the plain text
+    torch.testing.assert_close(probe.score_tokens(model, ["<bos>The cat sat on the mat."])[0], full)
 
 
 def test_detector_saves_loads_and_refuses_another_model(model, probe, tmp_path):
