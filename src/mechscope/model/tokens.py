@@ -59,7 +59,7 @@ def to_tokens(
         encoded = tokenizer(texts, **kwargs)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     ids = [encode(tokenizer, t) for t in texts]
-    return _pad(ids, int(tokenizer.pad_token_id), padding_side or tokenizer.padding_side)
+    return pad_rows(ids, int(tokenizer.pad_token_id), padding_side or tokenizer.padding_side)
 
 
 def encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -77,7 +77,8 @@ def _already_started(tokenizer: Any, texts: list[str]) -> list[bool]:
     return [bool(start) and t.startswith(start) for t in texts]
 
 
-def _pad(ids: list[list[int]], pad: int, side: str) -> dict[str, Tensor]:
+def pad_rows(ids: Sequence[Sequence[int]], pad: int, side: str = "right") -> dict[str, Tensor]:
+    """Token id lists as one padded batch: ``{"input_ids", "attention_mask"}``, each ``[rows, longest]``."""
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)

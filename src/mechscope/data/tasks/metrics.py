@@ -13,7 +13,7 @@ import torch
 
 from mechscope.data.tasks.base import Example
 from mechscope.errors import ConfigError
-from mechscope.model.tokens import encode
+from mechscope.model.tokens import encode, pad_rows
 
 
 def first_token_id(tokenizer, text: str) -> int:
@@ -44,12 +44,9 @@ def next_token_predictions(model, tokenizer, prompts: Sequence[str], batch_size:
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         encoded = [encoded_all[i] for i in rows]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
+        batch = pad_rows(encoded, pad)
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        width = input_ids.shape[1]
         last = (mask.sum(dim=1) - 1).to(device)
         kwargs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
         if keep_last:  # an int (the API every transformers 5.x reads alike): the tail from the shortest row's last

@@ -20,6 +20,7 @@ from torch import Tensor
 from mechscope.errors import ConfigError
 from mechscope.features.store import per_token_site
 from mechscope.model.tokens import encode as encode_text
+from mechscope.model.tokens import pad_rows
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
@@ -115,13 +116,7 @@ def token_activations(
     owner: list[Tensor] = []
     for b in range(0, len(encoded), batch_size):
         chunk = encoded[b : b + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (ids, _) in enumerate(chunk):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            mask[r, : len(ids)] = 1
-        _, cache = model.run_with_cache({"input_ids": input_ids, "attention_mask": mask}, chosen)
+        _, cache = model.run_with_cache(pad_rows([ids for ids, _ in chunk], pad), chosen)
         rows, cols = [], []
         for r, (ids, start) in enumerate(chunk):
             pos = scored_positions(ids, start, special)

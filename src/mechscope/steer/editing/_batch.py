@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechscope.model.tokens import special_prefix
+from mechscope.model.tokens import pad_rows, special_prefix
 from mechscope.steer.editing.requests import EditError, EditRequest, subject_last_position, target_ids
 
 
@@ -91,13 +91,9 @@ def build_rows(
                 subj.append(len(start) + len(prefix) + pos)
                 last.append(len(start) + len(prefix) + len(prompt) - 1)
                 tgts.append(tgt if with_target else [])
-    width = max(len(row) for row in ids_rows)
     pad = tk.pad_token_id if tk.pad_token_id is not None else (tk.eos_token_id or 0)
-    input_ids = torch.full((len(ids_rows), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(ids_rows), width), dtype=torch.long)
-    for i, row in enumerate(ids_rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+    batch = pad_rows(ids_rows, int(pad))
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
     device = model.device
     return Rows(
         input_ids.to(device),
