@@ -4,11 +4,13 @@
 - ``eap``: EAP on three name-mover prompts in one left-padded batch: the strongest edges' scores beside
   their exact single-edge ablations, their correlation over those and as many random edges, and the
   faithfulness of the top 200 edges (docs/locate-circuits.md);
-- ``rome``: one ROME edit at the default layer with its metrics before and after (docs/real-models.md).
+- ``rome``: one ROME edit at the default layer with its metrics before and after (docs/real-models.md);
+- ``means``: the BOS residual's norm against a text token's, and how far a mean-read steering vector moves
+  when the BOS is counted in each prompt's mean (mechscope leaves it out).
 
 Needs the real models: scripts/install_real_models.sh.
 
-    .venv/bin/python scripts/measure_gemma.py [--only bos eap rome] [--top 15]
+    .venv/bin/python scripts/measure_gemma.py [--only bos eap rome means] [--top 15]
 """
 
 from __future__ import annotations
@@ -93,6 +95,41 @@ def rome_section(model: Any) -> None:
     record.revert(model)
 
 
+def means(model: Any) -> None:
+    from mechscope.sites import Site
+    from mechscope.steer import mean_difference
+
+    positive = [
+        "I loved this film, it was wonderful and moving.",
+        "What a great day, everything went well.",
+        "The food was delicious and the staff were kind.",
+        "Brilliant!",
+    ]
+    negative = [
+        "I hated this film; it was dull, long, badly acted and far too loud for anyone to enjoy it.",
+        "What a terrible day, nothing at all went right from the morning until late at night.",
+        "The food was cold and the staff were rude.",
+        "Awful.",
+    ]
+    for layer in (3, 9, 15):
+        site = Site("hook_resid_pre", layer)
+        shipped = mean_difference(model, positive, negative, layers=layer, read="mean").directions[0].float()
+        counted = []
+        for texts in (positive, negative):
+            batch = model.to_tokens(texts, padding_side="left")
+            _, cache = model.run_with_cache(batch, [site])
+            act, mask = cache[site.name].float(), batch["attention_mask"].float()[..., None]
+            counted.append(((act * mask).sum(1) / mask.sum(1)).mean(0))
+            first = batch["attention_mask"][0].argmax()
+            norms = act[0, first + 1 :].norm(dim=-1)
+        with_bos = counted[0] - counted[1]
+        cos = float(torch.nn.functional.cosine_similarity(shipped, with_bos, dim=0))
+        print(
+            f"layer {layer}: BOS residual norm {float(act[0, first].norm()):.0f}, a text token's (median) "
+            f"{float(norms.median()):.0f}; cos(mean-read vector, the same counting the BOS) {cos:.3f}"
+        )
+
+
 def eap_section(model: Any, top: int) -> None:
     graph = Graph.from_model(model)
     first = lambda words: [model.tokenizer.encode(w, add_special_tokens=False)[0] for w in words]  # noqa: E731
@@ -123,7 +160,8 @@ def eap_section(model: Any, top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=("bos", "eap", "rome"), default=("bos", "eap", "rome"))
+    sections = ("bos", "eap", "rome", "means")
+    parser.add_argument("--only", nargs="*", choices=sections, default=sections)
     parser.add_argument("--top", type=int, default=15, help="strongest edges (and as many random ones) checked")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -136,8 +174,10 @@ def main() -> None:
             bos(model)
         elif section == "eap":
             eap_section(model, args.top)
-        else:
+        elif section == "rome":
             rome_section(model)
+        else:
+            means(model)
 
 
 if __name__ == "__main__":

@@ -213,3 +213,17 @@ def test_a_text_that_already_starts_with_the_bos_does_not_get_it_twice():
     assert T.find_positions(tok, started, " dog") == T.find_positions(tok, plain, " dog")
     assert T.to_str_tokens(tok, started) == T.to_str_tokens(tok, plain)
     assert T.encode(tok, started, add_special_tokens=False) == T.encode(tok, plain)  # its own BOS stays
+
+
+def test_text_mask_leaves_out_each_rows_leading_bos_only():
+    tok = tiny_tokenizer()
+    for side in ("left", "right"):
+        batch = T.to_tokens(tok, ["The cat sat on the mat", "A cat", ""], padding_side=side)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        text = T.text_mask(tok, ids, mask)
+        assert text.dtype == mask.dtype and bool((text <= mask).all())
+        assert int(text[0].sum()) == int(mask[0].sum()) - 1 and int(text[1].sum()) == int(mask[1].sum()) - 1
+        assert not bool((ids[:2][text[:2].bool()] == BOS).any())
+        assert torch.equal(text[2], mask[2])  # a row that is only its BOS keeps it (a mean needs a token)
+    plain = torch.tensor([[5, 6, 7]])  # ids that do not start with the BOS: nothing is left out
+    assert torch.equal(T.text_mask(tok, plain, torch.ones_like(plain)), torch.ones_like(plain))

@@ -15,6 +15,7 @@ from mechscope.steer import (
     from_direction,
     mean_difference,
     pca_direction,
+    read_activations,
     steer,
     zero_ablation,
 )
@@ -169,3 +170,32 @@ def test_bad_input_leaves_the_model_unmodified(model: HookedModel) -> None:
     torch.testing.assert_close(model.forward(POS), base, rtol=0, atol=0)
     for k, v in model.hf_model.state_dict().items():
         assert torch.equal(v, weights[k])
+
+
+def test_token_means_leave_out_the_bos_the_tokenizer_adds(model: HookedModel) -> None:
+    # The tiny tokenizer prepends <bos>, as Gemma's does (whose BOS residual is 13x a text token's): a mean
+    # over a prompt's tokens, a mean ablation over tokens and a conditional's mean read all skip it.
+    from mechscope.steer import mean_ablation
+    from mechscope.steer.conditional import Condition, ConditionalSteering
+
+    prompts = ["The cat sat on the mat", "A dog ran", "One two three four"]
+    site = Site("hook_resid_pre", 1)
+    batch = model.to_tokens(prompts, padding_side="left")
+    assert bool((batch["input_ids"][:, -4:] != 1).all()) and int((batch["input_ids"] == 1).sum()) == 3
+    _, cache = model.run_with_cache(batch, [site])
+    text = batch["attention_mask"].bool() & (batch["input_ids"] != 1)
+    act = cache[site.name]
+    expected = torch.stack([act[i][text[i]].mean(0) for i in range(len(prompts))])
+    torch.testing.assert_close(read_activations(model, prompts, [site], read="mean")[site], expected)
+    abl = mean_ablation(model, site.name, reference=prompts, over="tokens")
+    torch.testing.assert_close(abl.values[site].reshape(-1), act[text].mean(0))
+    direction = torch.randn(model.dims.d_model, generator=torch.Generator().manual_seed(0))
+    cond = Condition(site.name, direction, bias=0.0, threshold=0.0, read="mean")
+    gate = ConditionalSteering(_random_vector_steering(model), cond)
+    with gate:
+        model.forward(batch)
+    torch.testing.assert_close(gate.scores, expected @ direction, rtol=1e-5, atol=1e-5)
+
+
+def _random_vector_steering(model: HookedModel):
+    return steer(model, _random_vector(model, 3, layers=(1,)), 1.0)  # no earlier than the condition reads

@@ -26,6 +26,7 @@ from torch import Tensor
 from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.metrics import Metric
+from mechscope.model.tokens import text_mask
 from mechscope.results import Artifact, ModelMismatchError, Result
 from mechscope.sites import Site
 from mechscope.steer.intervention import check_finite, require_hooked
@@ -136,7 +137,8 @@ def _rows(model: HookedModel, texts: Sequence[str], site: Site, read: Read) -> t
     batch = model.to_tokens(list(texts), padding_side="right" if read == "tokens" else "left")
     _, cache = model.run_with_cache(batch, [site])
     act = cache[site.name].float()
-    mask = batch["attention_mask"].to(act.device).bool()
+    # the text's tokens: a BOS the tokenizer adds (Gemma's residual there is 14x a token's) would dominate the fit
+    mask = text_mask(model.tokenizer, batch["input_ids"], batch["attention_mask"]).to(act.device).bool()
     if read == "tokens":
         return act[mask], batch["input_ids"].to(act.device)[mask]
     if read == "last":

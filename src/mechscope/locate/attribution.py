@@ -31,6 +31,7 @@ from mechscope.model.decompose import (
     direct_logit_attribution,
     frozen_norm,
 )
+from mechscope.model.tokens import text_mask
 from mechscope.results import Result
 from mechscope.sites import Site, SiteLike
 
@@ -468,7 +469,7 @@ def integrated_gradients(
     feature axis. Completeness -- attributions sum to ``f(x) - f(x')`` -- is checked and reported as
     ``error`` per row.
 
-    `baseline` x': ``"mean"`` (default: each row's mean over its real tokens), ``"pad"`` (the site's
+    `baseline` x': ``"mean"`` (default: each row's mean over its text tokens, the BOS left out), ``"pad"`` (the site's
     activation when every token but the special ones -- the BOS stays, as the model needs it -- is the
     tokenizer's pad token, or EOS, BOS), ``"zero"``, or a tensor
     of the site's shape. A zero baseline is degenerate wherever nothing else is added to the residual
@@ -581,7 +582,9 @@ def _baseline(
                     "explicitly to run it anyway."
                 )
             return torch.zeros_like(x)
-        if baseline == "mean":  # each row's mean over its real tokens (pads left out)
+        if baseline == "mean":  # each row's mean over its text tokens (pads and the tokenizer's BOS left out)
+            if model is not None and batch is not None:
+                mask = text_mask(model.tokenizer, batch["input_ids"], mask)
             pos_axis = site.pos_axis
             shape = [1] * x.ndim
             shape[0], shape[pos_axis] = mask.shape

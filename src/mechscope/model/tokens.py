@@ -150,6 +150,22 @@ def packed_rows(tokenizer: Any, texts: Iterable[str], seq_len: int) -> Iterator[
             stream = stream[body:]
 
 
+def text_mask(tokenizer: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """`attention_mask` without each row's leading :func:`special_prefix` tokens (the BOS): the tokens of the
+    text itself, over which per-token means are taken. Gemma-3-270M's BOS residual is 14x a text token's
+    (layer 9), so a mean that counts it is mostly BOS. A row that is only its BOS keeps it."""
+    prefix = special_prefix(tokenizer) if tokenizer is not None else []
+    if not prefix:
+        return attention_mask
+    real = attention_mask.bool()
+    order = real.long().cumsum(-1) - 1  # index of each token among its row's real tokens
+    start = torch.zeros_like(real)
+    for j, token in enumerate(prefix):
+        start |= real & (order == j) & (input_ids.to(real.device) == token)
+    start &= (real & ~start).any(-1, keepdim=True)
+    return (real & ~start).to(attention_mask.dtype)
+
+
 def to_single_token(tokenizer: Any, text: str) -> int:
     """The id of `text` if it is exactly one token (e.g. ``" Paris"``); a clear error otherwise."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -5,7 +5,8 @@ Definitions (applied to the selected entries only; everything else passes throug
 - **zero**: ``a <- 0``.
 - **mean**: ``a <- E_ref[a]`` over a reference set of prompts, either per position (``over="batch"``:
   the mean over reference rows at each position, so inputs must have the reference's length) or
-  over every real token (``over="tokens"``: one value per entry, any length, also during generation).
+  over every real token but the tokenizer's BOS (``over="tokens"``: one value per entry, any length, also
+  during generation).
 - **resample**: ``a <- a(x')`` with ``x'`` another prompt of a source set (``pairing="derange"``: a
   seeded permutation without fixed points, so row i never reads source row i; ``"aligned"``: row i
   reads source row i).
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.tokens import text_mask
 from mechscope.sites import Site, SiteLike
 from mechscope.steer.intervention import (
     Artifact,
@@ -132,6 +134,8 @@ class Ablation(Intervention):
         _, cache = self.model.run_with_cache(batch, self.sites)
         mask = batch["attention_mask"]
         cfg = self.config
+        if cfg.over == "tokens":  # a mean over tokens is over the text's: the BOS (Gemma's is 14x a token) is left out
+            mask = text_mask(self.model.tokenizer, batch["input_ids"], mask)
         for site in self.sites:
             act = cache[site.name]
             if cfg.method == "resample":

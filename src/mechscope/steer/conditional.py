@@ -11,7 +11,8 @@ Generated tokens keep the gate their prompt set (the batch does not change durin
 The detector must read a site no later in the forward than the first site the intervention changes
 (the same site is fine: the detector reads it first), so it sees the unsteered prompt. ``read="last"``
 scores the last position, the prompt's last token under left padding (what ``generate`` uses);
-``read="mean"`` averages the prompt's real tokens (the attention mask the forward was given).
+``read="mean"`` averages the prompt's text tokens (the attention mask the forward was given, without the BOS
+the tokenizer adds), as :func:`~mechscope.steer.vectors.read_activations` and the calibration read them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.tokens import text_mask
 from mechscope.sites import Site
 from mechscope.steer.compose import set_phase
 from mechscope.steer.intervention import Intervention, check_finite
@@ -149,7 +151,10 @@ class ConditionalSteering(Intervention):
         set_phase(self, self.phase)
         if self.phase == "prompt":
             mask = kwargs.get("attention_mask")
+            ids = kwargs.get("input_ids", args[0] if args else None)
             self._mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+            if self._mask is not None and isinstance(ids, Tensor) and ids.shape == self._mask.shape:
+                self._mask = text_mask(self.model.tokenizer, ids, self._mask)  # as read_activations reads
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)

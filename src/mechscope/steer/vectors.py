@@ -27,6 +27,7 @@ from torch import Tensor
 from mechscope.direction import Direction
 from mechscope.errors import ConfigError, ShapeError, renamed_keywords
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.tokens import text_mask
 from mechscope.results import Artifact
 from mechscope.sites import BLOCK_KINDS, Site
 from mechscope.steer.intervention import Intervention, check_finite, require_hooked
@@ -71,14 +72,15 @@ def _site_kind(model: HookedModel, kind: str) -> str:
 def read_activations(
     model: HookedModel, texts: Sequence[str], sites: Sequence[Site], *, read: Read = "last"
 ) -> dict[Site, Float[Tensor, "batch d_model"]]:
-    """Each text's activation at `sites`: at its last token, or averaged over its tokens."""
+    """Each text's activation at `sites`: at its last token, or averaged over its text tokens (the BOS the
+    tokenizer adds is left out: :func:`~mechscope.model.tokens.text_mask`)."""
     if isinstance(texts, str) or not texts:
         raise ConfigError(f"expected a non-empty list of texts; got {texts!r}")
     if read not in ("last", "mean"):
         raise ConfigError(f"read must be 'last' or 'mean'; got {read!r}")
     batch = model.to_tokens(list(texts), padding_side="left")
     _, cache = model.run_with_cache(batch, sites)
-    mask = batch["attention_mask"].to(model.device)
+    mask = text_mask(model.tokenizer, batch["input_ids"], batch["attention_mask"]).to(model.device)  # BOS left out
     out: dict[Site, Tensor] = {}
     for site in sites:
         act = cache[site.name].float()

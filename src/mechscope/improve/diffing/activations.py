@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.model.hooks import HookFn
+from mechscope.model.tokens import text_mask
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
@@ -98,11 +99,12 @@ def activation_diff(
 ) -> ActivationDiff:
     """Total, local and mean-difference views on right-padded `tokens` (checked by the caller).
 
-    The mean difference for the lens averages every real token (``lens_read="all"``) or each text's
-    last token (``"last"``, where a prompt's behaviour is decided)."""
+    Ratios and the mean difference for the lens are over the texts' tokens (the BOS the tokenizer adds left
+    out: Gemma's residual there is 14x a token's) -- every one (``lens_read="all"``) or each text's last
+    token (``"last"``, where a prompt's behaviour is decided)."""
     n = base.dims.n_layers
-    mask = tokens["attention_mask"]
-    lens_mask = mask if lens_read == "all" else last_token_mask(mask)
+    mask = text_mask(base.tokenizer, tokens["input_ids"], tokens["attention_mask"])  # text tokens: no BOS
+    lens_mask = mask if lens_read == "all" else last_token_mask(tokens["attention_mask"])
     total_sites = _total_sites(base)
     z_sites = [Site("attn.hook_z", layer) for layer in range(n)]
     resid = [Site("hook_resid_pre", layer) for layer in range(n)] + [Site("hook_resid_post", n - 1)]
