@@ -147,6 +147,24 @@ def test_splicing_with_the_error_term_is_the_identity(model):
     assert loss["loss_recovered"] == pytest.approx(
         (loss["ce_zero_ablated"] - loss["ce_spliced"]) / (loss["ce_zero_ablated"] - loss["ce_clean"])
     )
+    # Rows start with the tokenizer's <bos> (as Gemma's): the splice and the ablation leave that position alone.
+    from mechscope.features.store import token_rows
+
+    rows = token_rows(model, TEXTS, 16)[:64]
+    assert bool((rows[:, 0] == model.tokenizer.bos_token_id).all())
+
+    def text_ce(fn) -> float:
+        def hook(act, _ctx):
+            out = fn(act)
+            out[:, 0] = act[:, 0]
+            return out
+
+        with torch.no_grad(), model.hooks({SITE: hook}):
+            logits = model(rows).float()
+        return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten()))
+
+    assert loss["ce_zero_ablated"] == pytest.approx(text_ce(torch.zeros_like), rel=1e-5)
+    assert loss["ce_spliced"] == pytest.approx(text_ce(lambda act: sae.decode(sae.encode(act), act)), rel=1e-4)
 
 
 def test_clamping_moves_the_site_along_the_feature_only(model):

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -23,6 +23,7 @@ from mechscope.errors import ConfigError, ShapeError
 from mechscope.features.sae import SparseAutoencoder
 from mechscope.features.store import token_rows
 from mechscope.model.hooks import HookContext, HookFn
+from mechscope.model.tokens import special_prefix
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
@@ -125,15 +126,34 @@ def downstream_loss(
     max_rows: int | None = 64,
 ) -> dict[str, float]:
     """Mean next-token loss clean, with the SAE spliced in, and with its reconstructed site zero-ablated
-    (``config.site``, or a transcoder's ``config.out_site``)."""
+    (``config.site``, or a transcoder's ``config.out_site``). Rows start with the tokenizer's BOS where it adds
+    one (:func:`token_rows`); the splice and the ablation leave it as it is: SAEs are trained on text tokens,
+    and a reconstruction of Gemma's BOS (14x a token's norm, the sink every later token attends to) would
+    charge the SAE for a position it never saw."""
     written = model.site(sae.config.out_site or sae.config.site) if sae.config.site else None
     if written is None:
         raise ShapeError("the SAE names no site; build it with SAEConfig(site=...)")
     rows = token_rows(model, texts, seq_len)[:max_rows]
     device = next(model.hf_model.parameters()).device
 
+    bos = len(special_prefix(model.tokenizer)) if model.tokenizer is not None else 0  # leading positions kept
+
     def zero(activation: Tensor, _ctx: HookContext) -> Tensor:
         return torch.zeros_like(activation)
+
+    def text_only(hooks: dict[Site, Any]) -> dict[Site, Any]:
+        def keep_start(fn: HookFn) -> HookFn:
+            def hook(activation: Tensor, ctx: HookContext) -> Tensor | None:
+                new = fn(activation, ctx)
+                if new is None or not bos:
+                    return new
+                out = new.clone()
+                out[:, :bos] = activation[:, :bos]
+                return out
+
+            return hook
+
+        return {site: [keep_start(f) for f in (fns if isinstance(fns, list) else [fns])] for site, fns in hooks.items()}
 
     def mean_loss(hooks: dict) -> float:
         total = count = 0.0
@@ -149,8 +169,8 @@ def downstream_loss(
         return total / count
 
     clean = mean_loss({})
-    spliced = mean_loss(splice_hooks(model, sae))
-    zeroed = mean_loss({written: zero})
+    spliced = mean_loss(text_only(splice_hooks(model, sae)))
+    zeroed = mean_loss(text_only({written: zero}))
     return {
         "ce_clean": clean,
         "ce_spliced": spliced,
