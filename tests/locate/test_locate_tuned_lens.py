@@ -19,7 +19,7 @@ from mechscope.locate.tuned_lens import (
     tuned_lens,
 )
 from mechscope.model.hooked import HookedModel
-from tiny_models import tiny_model
+from tiny_models import BOS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -43,6 +43,20 @@ def test_identity_translators_give_the_logit_lens_exactly(model):
     assert isinstance(tuned, TunedLensResult) and tuned.method == "tuned_lens"
     comparison = compare_lenses(model, tokens(), lens)
     torch.testing.assert_close(comparison["tuned_lens_kl"], comparison["logit_lens_kl"], rtol=0, atol=0)
+
+
+def test_the_bos_the_tokenizer_adds_is_neither_trained_on_nor_compared(model):
+    # The tiny tokenizer prepends <bos> (as Gemma's does): text windows start with it, and neither the
+    # training's sampled positions nor the comparison's means include it (Gemma's BOS residual is an outlier).
+    texts = ["The cat sat on the mat and looked at the dog."] * 12
+    windows = token_windows(model, texts, seq_len=8, max_windows=6)
+    assert bool((windows[:, 0] == BOS).all())
+    lens = train_tuned_lens(model, texts, config=TunedLensConfig(steps=2, seq_len=8, max_windows=6, batch_tokens=16))
+    assert lens.training_log["n_tokens"] == windows.numel() - windows.shape[0]
+    comparison = compare_lenses(model, windows, lens)
+    assert comparison.config["n_tokens"] == windows.numel() - windows.shape[0]
+    plain = compare_lenses(model, windows[:, 1:], lens)  # the same text tokens, read without the BOS first
+    assert plain.config["n_tokens"] == comparison.config["n_tokens"]
 
 
 def test_training_lowers_kl_and_step_zero_is_the_logit_lens(model, tmp_path):

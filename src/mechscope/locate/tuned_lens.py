@@ -23,7 +23,7 @@ from mechscope.errors import ConfigError, ShapeError
 from mechscope.io import Envelope, FileSchema, ModelInfo, read_envelope, register_schema, write_envelope
 from mechscope.locate.lens import LensResult, lens_readout, lens_sites, resid_to_logits
 from mechscope.metrics import kl_div
-from mechscope.model.tokens import packed_rows
+from mechscope.model.tokens import packed_rows, text_mask
 from mechscope.results import ModelMismatchError, Result
 
 if TYPE_CHECKING:
@@ -260,7 +260,10 @@ def train_tuned_lens(
     n_layers = model.dims.n_layers
     resid = torch.stack([cache[s] for s in sites[:-1]]).flatten(1, 2)  # [layer, tokens, d_model]
     target = logits.float().log_softmax(-1).flatten(0, 1)  # [tokens, d_vocab]
-    n_tokens = target.shape[0]
+    # positions of the text's tokens: a BOS the tokenizer adds (Gemma's residual there is 14x a token's) is not
+    # what a lens reads, and would pull the translators towards it
+    pool = text_mask(model.tokenizer, windows, torch.ones_like(windows)).flatten().nonzero().squeeze(1)
+    n_tokens = len(pool)
     params = list(lens.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -272,7 +275,7 @@ def train_tuned_lens(
     losses: list[float] = []
     with torch.enable_grad():
         for _ in steps:
-            idx = torch.randint(0, n_tokens, (min(cfg.batch_tokens, n_tokens),), generator=gen).to(target.device)
+            idx = pool[torch.randint(0, n_tokens, (min(cfg.batch_tokens, n_tokens),), generator=gen)].to(target.device)
             ref = target[idx]
             loss = torch.zeros((), device=target.device)
             for layer in range(n_layers):
@@ -327,7 +330,8 @@ def compare_lenses(
 ) -> LensComparison:
     """Mean ``KL(final || lens)`` per layer for the logit lens and the tuned lens on `inputs`.
 
-    Padding positions (attention mask 0) are excluded from the means. Streams in bounded memory: rows
+    Padding positions (attention mask 0) and the BOS the tokenizer adds are excluded from the means (Gemma's
+    BOS residual is 14x a text token's; no lens reading is wanted there). Streams in bounded memory: rows
     run a few at a time and each layer's logits are reduced to KL sums before the next layer's are
     made, so at most about `max_logits` logit entries (rows x positions x vocabulary, float32) are alive
     at once whatever the number of rows, layers or the vocabulary size (a whole-batch readout of a
@@ -350,7 +354,7 @@ def compare_lenses(
     with torch.no_grad():
         for start in chunks:
             part = {k: v[start : start + rows_per_chunk] for k, v in batch.items()}
-            mask = part["attention_mask"]
+            mask = text_mask(model.tokenizer, part["input_ids"], part["attention_mask"])  # the text's tokens
             final, cache = model.run_with_cache(part, sites)  # the model's own logits: the reference
             assert final is not None
             for layer, site in enumerate(sites):
@@ -359,7 +363,7 @@ def compare_lenses(
                     kl = kl_div(resid_to_logits(model, readout), final, attention_mask=mask)
                     sums[key][layer] += float(kl.double().sum())
             del cache, final
-    n_tokens = int(batch["attention_mask"].sum())
+    n_tokens = int(text_mask(model.tokenizer, batch["input_ids"], batch["attention_mask"]).sum())
     labels = {"layer": [f"resid_pre {i}" for i in range(n)] + ["final"]}
     config = {
         "n_tokens": n_tokens,
