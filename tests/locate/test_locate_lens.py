@@ -50,3 +50,22 @@ def test_round_trip_and_plot(tmp_path):
     assert result.plot().data[0].type == "heatmap"
     with pytest.raises(ConfigError, match="k must be"):
         logit_lens(model, "The", k=0)
+
+
+def test_mean_kl_leaves_out_the_bos_the_tokenizer_adds():
+    # The tiny tokenizer prepends <bos> as Gemma's does; the lens still reads it (column 0) but the per-layer
+    # mean is over the text's own tokens, so it equals the mean over columns 1: (pads left out too).
+    hf, tok = tiny_model("gemma2")
+    model = HookedModel(hf, tok)
+    result = logit_lens(model, ["The quick brown fox jumps", "A dog"])
+    assert bool((result["text_mask"][:, 0] == 0).all()) and bool(result["attention_mask"][:, 0].all())
+    mask = result["attention_mask"][:, 1:].float()
+    expected = (result["kl"][:, :, 1:] * mask).sum((1, 2)) / mask.sum()
+    torch.testing.assert_close(result.mean_kl(), expected)
+    with_bos = (result["kl"] * result["attention_mask"].float()).sum((1, 2)) / result["attention_mask"].sum()
+    assert not torch.allclose(result.mean_kl(), with_bos)  # the BOS column does count otherwise
+    some = logit_lens(model, ["The quick brown fox jumps", "A dog"], positions=[0, 1])
+    assert some["text_mask"].tolist() == [[0, 1], [0, 1]]
+    torch.testing.assert_close(some.mean_kl(), result["kl"][:, :, 1].mean(1))
+    last = logit_lens(model, ["The quick brown fox jumps", "A dog"], positions="last")
+    torch.testing.assert_close(last.mean_kl(), last["kl"][:, :, 0].mean(1))

@@ -32,14 +32,14 @@ Html = Annotated[Path | None, typer.Option(help="Also write an interactive HTML 
 
 
 def _lens_lines(hm: Any, result: Any, prompts: list[str], top: int) -> Iterator[str]:
-    """Mean KL over real tokens per layer, then each prompt's top tokens per layer at its last real token."""
+    """Mean KL over text tokens (no pads, no BOS) per layer, then the top tokens at each prompt's last token."""
     import json
 
     import torch
 
     res: Any = result
     kl = res.mean_kl()
-    yield f"{'layer':14s} {'KL (nats, real tokens)':>22s}"
+    yield f"{'layer':14s} {'KL (nats, text tokens)':>22s}"
     for label, value in zip(res.labels["layer"], kl.tolist(), strict=True):
         yield f"{label:14s} {value:22.4f}"
     mask = res["attention_mask"] if "attention_mask" in res.tensors else None
@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
 
         def summary(result: Any, hm: Any) -> Iterator[str]:
             for label, value in zip(result.labels["layer"], result.mean_kl().tolist(), strict=True):
-                yield f"{label:14s} KL {value:8.4f}  (mean over real tokens)"
+                yield f"{label:14s} KL {value:8.4f}  (mean over text tokens)"
 
         run_verb(
             model,

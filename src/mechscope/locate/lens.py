@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.metrics import kl_div, last_positions
+from mechscope.model.tokens import text_mask
 from mechscope.results import Result
 from mechscope.sites import Site
 
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 class LensResult(Result):
     """Per-layer lens readout: ``kl [layer, batch, pos]`` (to the final distribution), ``top_tokens``
-    and ``top_probs [layer, batch, pos, k]``, ``attention_mask [batch, pos]`` (1 at real tokens), and
+    and ``top_probs [layer, batch, pos, k]``, ``attention_mask [batch, pos]`` (1 at real tokens),
+    ``text_mask [batch, pos]`` (1 at the text's own tokens: real and not the BOS the tokenizer adds), and
     optionally ``logits [layer, batch, pos, d_vocab]``."""
 
     method = "logit_lens"
@@ -33,11 +35,13 @@ class LensResult(Result):
         return "kl"
 
     def mean_kl(self) -> Float[Tensor, " layer"]:
-        """Mean KL per layer over real tokens only (pads of a mixed-length batch are left out)."""
+        """Mean KL per layer over the text's tokens: pads of a mixed-length batch and the BOS a tokenizer adds
+        (Gemma's BOS residual is 14x a text token's; no lens reading is wanted there) are left out."""
         kl = self["kl"].float()
-        if "attention_mask" not in self.tensors:  # results saved before the mask was recorded
+        names = [name for name in ("text_mask", "attention_mask") if name in self.tensors]
+        if not names:  # results saved before any mask was recorded
             return kl.mean((1, 2))
-        mask = self["attention_mask"].float()
+        mask = self[names[0]].float()
         return (kl * mask).sum((1, 2)) / mask.sum().clamp_min(1.0)
 
 
@@ -140,20 +144,21 @@ def lens_readout(
     batch = model.prepare_inputs(inputs)
     sites = lens_sites(model)
     mask = batch["attention_mask"]
+    text = text_mask(model.tokenizer, batch["input_ids"], mask)
     last: Tensor | None = None
     if isinstance(positions, str):
         if positions != "last":
             raise ConfigError(f"positions must be a list of ints, 'last' or None; got {positions!r}")
         last = last_positions(mask)
         pos = None
-        mask = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
+        mask = text = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
     else:
         pos = None if positions is None else list(positions)
         if pos is not None:
             n_pos = int(mask.shape[1])
             if not pos or any(not isinstance(p, int) or not -n_pos <= p < n_pos for p in pos):
                 raise ConfigError(f"positions must be a non-empty list of indices in [{-n_pos}, {n_pos}); got {pos}")
-            mask = mask[:, pos]
+            mask, text = mask[:, pos], text[:, pos]
     n = int(batch["input_ids"].shape[0])
     step = n if batch_size is None else batch_size
     parts = [
@@ -166,10 +171,12 @@ def lens_readout(
         "top_tokens": top_tokens,
         "top_probs": top_probs,
         "attention_mask": mask.detach().cpu().to(torch.int64),
+        "text_mask": text.detach().cpu().to(torch.int64),
     }
     axes: dict[str, tuple[str, ...]] = {
         "kl": ("layer", "batch", "pos"),
         "attention_mask": ("batch", "pos"),
+        "text_mask": ("batch", "pos"),
         "top_tokens": ("layer", "batch", "pos", "k"),
         "top_probs": ("layer", "batch", "pos", "k"),
     }
