@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -16,6 +18,8 @@ from mechscope.locate.heads import (
     copying_scores,
     detect_heads,
     in_context_gain,
+    ordinary_token_ids,
+    random_tokens,
     repeated_tokens,
 )
 from mechscope.locate.results import Result
@@ -93,6 +97,30 @@ def test_generated_sequences_start_as_text_does_and_the_control_keeps_the_start(
     assert bool((control[:, 0] == BOS).all()) and not torch.equal(control[:, 1:], real[:, 1:])
     without = HookedModel(model.hf_model, None)
     assert repeated_tokens(without, n=3, half_len=5, seed=1).shape == (3, 10)  # no tokenizer, no prefix
+
+
+def test_random_text_never_draws_special_tokens_or_ids_past_the_tokenizer():
+    # Gemma 3 adds 6,249 special tokens (<unused...>, turn and image markers) above its ordinary vocabulary;
+    # here two added special tokens and one added ordinary token play them, and the model's vocabulary (128)
+    # is padded past the tokenizer's length, as many checkpoints' are.
+    hf, tok = tiny_model("gemma3_text")
+    tok = copy.deepcopy(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<unused0>", "<start_of_turn>"]})
+    tok.add_tokens(["<b>"])
+    model = HookedModel(hf, tok)
+    unused, turn, bold = tok.convert_tokens_to_ids(["<unused0>", "<start_of_turn>", "<b>"])
+    assert len(tok) < model.dims.d_vocab
+    ids = set(ordinary_token_ids(model).tolist())
+    assert unused not in ids and turn not in ids and not ids & set(tok.all_special_ids)
+    assert bold in ids and max(ids) == len(tok) - 1
+    drawn = random_tokens(model, (64, 64), torch.Generator().manual_seed(0))
+    assert set(drawn.unique().tolist()) <= ids and len(drawn.unique()) > 0.9 * len(ids)
+    assert set(repeated_tokens(model, n=8, half_len=16)[:, 1:].unique().tolist()) <= ids
+    drawn_all = copying_scores(model, n=len(ids) + 10, top_k=3)  # candidates: every ordinary token, no other
+    for got, want in zip(drawn_all, copying_scores(model, tokens=sorted(ids), top_k=3), strict=True):
+        torch.testing.assert_close(got, want)
+    without = HookedModel(hf, None)
+    assert torch.equal(ordinary_token_ids(without), torch.arange(model.dims.d_vocab))
 
 
 def test_scores_are_bounded_and_results_save_load_plot(model, tmp_path):

@@ -174,7 +174,8 @@ class HeadDetectorConfig:
 
 
 def ordinary_token_range(model: HookedModel) -> tuple[int, int]:
-    """Ids [lo, hi) of ordinary tokens: after the tokenizer's special tokens (all ids without one)."""
+    """Ids [lo, hi) after the tokenizer's special tokens (all ids without one). Random text is drawn from
+    :func:`ordinary_token_ids`, which also leaves out the special tokens inside this range."""
     lo = 0
     if model.tokenizer is not None:
         special = [int(i) for i in model.tokenizer.all_special_ids]
@@ -182,13 +183,38 @@ def ordinary_token_range(model: HookedModel) -> tuple[int, int]:
     return lo, model.dims.d_vocab
 
 
+def ordinary_token_ids(model: HookedModel) -> Int[Tensor, " n"]:
+    """Ids of ordinary tokens, from which random text is drawn: :func:`ordinary_token_range` less every special
+    token the tokenizer adds (Gemma 3's 6,249 -- its ``<unused>`` slots, turn and image markers: 2.4 % of its
+    vocabulary, control or untrained embeddings rather than text) and less ids past the tokenizer's length
+    (vocabulary padding: no token at all). Every id without a tokenizer."""
+    lo, hi = ordinary_token_range(model)
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        return torch.arange(lo, hi)
+    hi = min(hi, len(tokenizer))
+    keep = torch.zeros(model.dims.d_vocab, dtype=torch.bool)
+    keep[lo:hi] = True
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = [int(i) for i in tokenizer.all_special_ids] + [int(i) for i, tok in added.items() if tok.special]
+    keep[torch.tensor([i for i in special if 0 <= i < len(keep)], dtype=torch.long)] = False
+    ids = keep.nonzero().squeeze(1)
+    if ids.numel() == 0:
+        raise ConfigError(f"the tokenizer leaves no ordinary token id below the model's vocabulary of {len(keep)}")
+    return ids
+
+
+def random_tokens(model: HookedModel, shape: tuple[int, ...], generator: torch.Generator) -> Int[Tensor, "..."]:
+    """Ordinary tokens (:func:`ordinary_token_ids`) drawn uniformly with replacement, of `shape`."""
+    ids = ordinary_token_ids(model)
+    return ids[torch.randint(0, len(ids), shape, generator=generator)]
+
+
 def repeated_tokens(model: HookedModel, *, n: int = 16, half_len: int = 20, seed: int = 0) -> Int[Tensor, "batch pos"]:
     """`n` sequences of `half_len` uniformly random ordinary tokens followed by the same tokens again, after
     the ids the tokenizer puts before any text (its BOS where it adds one), so the model reads them as it
     reads text: ``[n, len(prefix) + 2 * half_len]``; the halves are the last ``2 * half_len`` positions."""
-    lo, hi = ordinary_token_range(model)
-    gen = torch.Generator().manual_seed(seed)
-    half = torch.randint(lo, hi, (n, half_len), generator=gen)
+    half = random_tokens(model, (n, half_len), torch.Generator().manual_seed(seed))
     prefix = special_prefix(model.tokenizer) if model.tokenizer is not None else []
     start = torch.tensor(prefix, dtype=torch.long).expand(n, len(prefix))
     return torch.cat([start, half, half], dim=1)
@@ -238,9 +264,8 @@ def _attention_scores(model: HookedModel, batch: dict[str, Tensor], seed: int) -
     """Attention-based scores, plus ``*_excess`` scores: the same cells' mass minus what the head gives
     them when the content is replaced by fresh random tokens (its purely positional share)."""
     patterns = _patterns(model, batch)
-    lo, hi = ordinary_token_range(model)
     ids = batch["input_ids"]
-    fresh = torch.randint(lo, hi, tuple(ids.shape), generator=torch.Generator().manual_seed(seed + 1))
+    fresh = random_tokens(model, tuple(ids.shape), torch.Generator().manual_seed(seed + 1))
     special = torch.isin(ids.cpu(), _special_ids(model))  # BOS and the like stay: they are not content
     fresh = torch.where(special, ids.cpu(), fresh)
     control = _patterns(model, {"input_ids": fresh.to(ids.device), "attention_mask": batch["attention_mask"]})
@@ -277,9 +302,9 @@ def copying_scores(
     """
     d, a = model.dims, model.adapter
     if tokens is None:
-        lo, hi = ordinary_token_range(model)
+        ordinary = ordinary_token_ids(model)
         gen = torch.Generator().manual_seed(seed)
-        cand = torch.randperm(hi - lo, generator=gen)[: min(n, hi - lo)] + lo
+        cand = ordinary[torch.randperm(len(ordinary), generator=gen)[:n]]
     else:
         cand = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     if cand.numel() < top_k:
@@ -467,6 +492,8 @@ __all__ = [
     "copying_scores",
     "detect_heads",
     "in_context_gain",
+    "ordinary_token_ids",
     "ordinary_token_range",
+    "random_tokens",
     "repeated_tokens",
 ]
