@@ -187,6 +187,20 @@ def test_token_helpers_drive_the_model():
     torch.testing.assert_close(cache["hook_embed"][0, 0], w_e[m.to_single_token(" Paris")], atol=0, rtol=0)
 
 
+def test_special_ids_are_the_named_special_tokens_and_every_added_special_one():
+    # Gemma 3's tokenizer names <pad>, <eos>, <bos>, <unk>, <mask> but adds <start_of_turn>, <unused0>.. and image
+    # markers as special added tokens, which all_special_ids does not list.
+    from tokenizers import AddedToken
+
+    tokenizer = tiny_tokenizer()
+    named = sorted(tokenizer.all_special_ids)
+    assert T.special_ids(tokenizer) == named and T.special_ids(None) == []
+    tokenizer.add_tokens([AddedToken("<start_of_turn>", special=True), AddedToken("<b>", special=False)])
+    turn, bold = tokenizer.convert_tokens_to_ids(["<start_of_turn>", "<b>"])
+    assert turn not in tokenizer.all_special_ids
+    assert T.special_ids(tokenizer) == sorted([*named, turn]) and bold not in T.special_ids(tokenizer)
+
+
 def test_special_prefix_is_what_the_tokenizer_puts_before_text():
     assert T.special_prefix(tiny_tokenizer()) == [BOS]  # the tiny tokenizer prepends <bos>, as Gemma's does
     from tokenizers import Tokenizer

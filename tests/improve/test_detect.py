@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -199,6 +200,26 @@ def test_token_scores_are_those_of_each_example_alone_and_pairs_score_the_respon
     assert len(full) == len(ids) - 1
     # a text that writes its own <bos> (a chat template's) is read with one, so it scores as the plain text
     torch.testing.assert_close(probe.score_tokens(model, ["<bos>The cat sat on the mat."])[0], full)
+
+
+def test_turn_markers_a_tokenizer_adds_as_special_are_never_scored(model):
+    # Gemma's tokenizer names 5 special tokens but adds <start_of_turn> / <end_of_turn> (and 6,247 more) as
+    # special added tokens: a chat-formatted example scores its text, never its turn markers.
+    from tokenizers import AddedToken
+
+    from mechscope.improve.detect.activations import token_activations
+
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.add_tokens([AddedToken("<start_of_turn>", special=True), AddedToken("<end_of_turn>", special=True)])
+    turn = tokenizer.convert_tokens_to_ids("<start_of_turn>")
+    assert turn not in tokenizer.all_special_ids
+    chat = HookedModel(model.hf_model, tokenizer)
+    text = "<start_of_turn>The cat sat<end_of_turn>"
+    ids = chat.to_tokens(text)["input_ids"][0].tolist()
+    assert ids.count(turn) == 1
+    scored = token_activations(chat, [text, "The cat sat"], [SITE])
+    assert int((scored.example == 0).sum()) == len(ids) - 3  # no <bos>, no turn markers
+    assert int((scored.example == 0).sum()) == int((scored.example == 1).sum())
 
 
 def test_detector_saves_loads_and_refuses_another_model(model, probe, tmp_path):

@@ -34,10 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.improve.detect.activations import detector_sites, special_ids
+from mechscope.improve.detect.activations import detector_sites
 from mechscope.improve.detect.detectors import Detector
 from mechscope.model.hooks import HookContext, HookFn, sort_sites
 from mechscope.model.kv_cache import cache_argument
+from mechscope.model.tokens import special_ids
 from mechscope.sites import Site
 from mechscope.steer.intervention import Intervention, open_hooks, require_hooked
 
@@ -162,7 +163,7 @@ class Monitor:
         self.threshold = float(chosen)
         self.scope = scope
         self.sites = sort_sites(detector_sites(self.model, detector.sites))
-        self.special = torch.tensor(sorted(special_ids(self.model)), dtype=torch.long)
+        self.special = torch.tensor(special_ids(self.model.tokenizer), dtype=torch.long)
         self.trace: MonitorTrace | None = None
         self._stack: ExitStack | None = None
         self._step = _Step()

@@ -31,7 +31,7 @@ from mechscope.model.decompose import (
     direct_logit_attribution,
     frozen_norm,
 )
-from mechscope.model.tokens import text_mask
+from mechscope.model.tokens import special_ids, text_mask
 from mechscope.results import Result
 from mechscope.sites import Site, SiteLike
 
@@ -594,9 +594,7 @@ def _baseline(
             )
         if baseline == "pad" and model is not None and batch is not None:
             ids = batch["input_ids"]
-            special = torch.tensor(
-                model.tokenizer.all_special_ids if model.tokenizer is not None else [], dtype=ids.dtype
-            )
+            special = torch.tensor(special_ids(model.tokenizer), dtype=ids.dtype)
             start = torch.isin(ids, special.to(ids.device))  # the BOS (and any special token) stays: text is padded
             pad = {**batch, "input_ids": torch.where(start, ids, torch.full_like(ids, _pad_id(model)))}
             return _site_activation(model, pad, site)

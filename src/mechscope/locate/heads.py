@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.model.tokens import special_prefix
+from mechscope.model.tokens import special_ids, special_prefix
 from mechscope.results import Result
 from mechscope.sites import Site
 
@@ -174,8 +174,8 @@ class HeadDetectorConfig:
 
 
 def ordinary_token_range(model: HookedModel) -> tuple[int, int]:
-    """Ids [lo, hi) after the tokenizer's special tokens (all ids without one). Random text is drawn from
-    :func:`ordinary_token_ids`, which also leaves out the special tokens inside this range."""
+    """Ids [lo, hi) after the tokenizer's named special tokens (BOS, EOS, ...; all ids without a tokenizer).
+    Random text is drawn from :func:`ordinary_token_ids`, which also leaves out the special tokens inside."""
     lo = 0
     if model.tokenizer is not None:
         special = [int(i) for i in model.tokenizer.all_special_ids]
@@ -195,9 +195,7 @@ def ordinary_token_ids(model: HookedModel) -> Int[Tensor, " n"]:
     hi = min(hi, len(tokenizer))
     keep = torch.zeros(model.dims.d_vocab, dtype=torch.bool)
     keep[lo:hi] = True
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    special = [int(i) for i in tokenizer.all_special_ids] + [int(i) for i, tok in added.items() if tok.special]
-    keep[torch.tensor([i for i in special if 0 <= i < len(keep)], dtype=torch.long)] = False
+    keep[torch.tensor([i for i in special_ids(tokenizer) if 0 <= i < len(keep)], dtype=torch.long)] = False
     ids = keep.nonzero().squeeze(1)
     if ids.numel() == 0:
         raise ConfigError(f"the tokenizer leaves no ordinary token id below the model's vocabulary of {len(keep)}")
@@ -218,12 +216,6 @@ def repeated_tokens(model: HookedModel, *, n: int = 16, half_len: int = 20, seed
     prefix = special_prefix(model.tokenizer) if model.tokenizer is not None else []
     start = torch.tensor(prefix, dtype=torch.long).expand(n, len(prefix))
     return torch.cat([start, half, half], dim=1)
-
-
-def _special_ids(model: HookedModel) -> Tensor:
-    """The tokenizer's special token ids (none without a tokenizer)."""
-    ids = [int(i) for i in model.tokenizer.all_special_ids] if model.tokenizer is not None else []
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def _behaviour_masks(ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -266,7 +258,7 @@ def _attention_scores(model: HookedModel, batch: dict[str, Tensor], seed: int) -
     patterns = _patterns(model, batch)
     ids = batch["input_ids"]
     fresh = random_tokens(model, tuple(ids.shape), torch.Generator().manual_seed(seed + 1))
-    special = torch.isin(ids.cpu(), _special_ids(model))  # BOS and the like stay: they are not content
+    special = torch.isin(ids.cpu(), torch.tensor(special_ids(model.tokenizer), dtype=torch.long))  # BOS, turns stay
     fresh = torch.where(special, ids.cpu(), fresh)
     control = _patterns(model, {"input_ids": fresh.to(ids.device), "attention_mask": batch["attention_mask"]})
     masks = _behaviour_masks(ids, batch["attention_mask"])

@@ -106,6 +106,18 @@ def to_str_tokens(
     return [tokenizer.decode([i]) for i in ids]
 
 
+def special_ids(tokenizer: Any) -> list[int]:
+    """Every special token id of `tokenizer`, sorted: its named ones (BOS, EOS, pad, ...) and each added token
+    flagged special. Gemma 3 names 5 but adds 6,249 more (``<start_of_turn>``, ``<unused...>``, image markers):
+    control tokens, not text. None without a tokenizer."""
+    if tokenizer is None:
+        return []
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or []}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    return sorted(ids)
+
+
 def special_prefix(tokenizer: Any) -> list[int]:
     """The ids `tokenizer` puts before any text: a BOS token for Gemma and Llama tokenizers, none for
     GPT-2-style ones. Token sequences built by hand should start with them, as the model's text does

@@ -20,7 +20,7 @@ from torch import Tensor
 from mechscope.errors import ConfigError
 from mechscope.features.store import per_token_site
 from mechscope.model.tokens import encode as encode_text
-from mechscope.model.tokens import pad_rows
+from mechscope.model.tokens import pad_rows, special_ids
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
@@ -51,11 +51,6 @@ def check_examples(examples: Any, what: str) -> list[Example]:
     if not out:
         raise ConfigError(f"{what} is empty; expected at least one text or (prompt, response) pair")
     return out
-
-
-def special_ids(model: HookedModel) -> set[int]:
-    tokenizer = model.tokenizer
-    return set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
 
 
 def encode(model: HookedModel, example: Example) -> tuple[list[int], int]:
@@ -108,7 +103,7 @@ def token_activations(
 ) -> TokenActivations:
     """Activations of `sites` at every scored token of `examples` (see the module docstring)."""
     chosen = detector_sites(model, sites)
-    special = special_ids(model)
+    special = set(special_ids(model.tokenizer))
     encoded = [encode(model, ex) for ex in examples]
     pad = model.tokenizer.pad_token_id if model.tokenizer is not None else None
     pad = 0 if pad is None else int(pad)
@@ -136,6 +131,5 @@ __all__ = [
     "detector_sites",
     "encode",
     "scored_positions",
-    "special_ids",
     "token_activations",
 ]
