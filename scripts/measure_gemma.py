@@ -6,11 +6,17 @@
   faithfulness of the top 200 edges (docs/locate-circuits.md);
 - ``rome``: one ROME edit at the default layer with its metrics before and after (docs/real-models.md);
 - ``means``: the BOS residual's norm against a text token's, and how far a mean-read steering vector moves
-  when the BOS is counted in each prompt's mean (mechscope leaves it out).
+  when the BOS is counted in each prompt's mean (mechscope leaves it out);
+- ``lens``: the logit lens's per-layer KL on held-out text over text tokens, with the BOS counted, and at the
+  BOS alone; then a tuned lens trained briefly on other text, against the logit lens on the held-out text;
+- ``sae``: a TopK SAE trained on the layer-6 residual of the default English stream (standard-library
+  docstrings), scored on its held-out split: explained variance, L0, dead features and the next-token
+  loss with it spliced in.
 
 Needs the real models: scripts/install_real_models.sh.
 
-    .venv/bin/python scripts/measure_gemma.py [--only bos eap rome means] [--top 15]
+    .venv/bin/python scripts/measure_gemma.py [--only bos eap rome means lens sae] [--top 15]
+        [--lens-steps 60] [--sae-steps 3000]
 """
 
 from __future__ import annotations
@@ -62,13 +68,19 @@ def bos(model: Any) -> None:
     assert int(seqs[0, 0]) == model.tokenizer.bos_token_id
     print(f"repeated random tokens, loss on the repeated half: with BOS {loss(seqs, half):.2f}, ", end="")
     print(f"without {loss(seqs[:, 1:], half - 1):.2f}")
-    texts = []
-    for module in (argparse, ast, dataclasses, inspect, json, pathlib, typing):
-        tree = ast.parse(Path(str(module.__file__)).read_text())
-        texts += [doc for node in ast.walk(tree) if len(doc := _docstring(node)) > 200]
+    texts = _docstrings(argparse, ast, dataclasses, inspect, json, pathlib, typing)
     rows = token_rows(model, texts, 64)[:32]  # stdlib docstrings, packed: the BOS first in each row
     with_bos, without = loss(rows, 1), loss(rows[:, 1:], 0)  # both over the rows' tokens 2..63
     print(f"packed English, {tuple(rows.shape)}, next-token loss: with BOS {with_bos:.2f}, without {without:.2f}")
+
+
+def _docstrings(*modules: Any) -> list[str]:
+    """The long docstrings (> 200 characters) of standard-library modules: English text every machine has."""
+    texts = []
+    for module in modules:
+        tree = ast.parse(Path(str(module.__file__)).read_text())
+        texts += [doc for node in ast.walk(tree) if len(doc := _docstring(node)) > 200]
+    return texts
 
 
 def _docstring(node: ast.AST) -> str:
@@ -130,6 +142,58 @@ def means(model: Any) -> None:
         )
 
 
+def lens_section(model: Any, steps: int) -> None:
+    from mechscope.locate import logit_lens
+    from mechscope.locate.tuned_lens import TunedLensConfig, compare_lenses, token_windows, train_tuned_lens
+
+    held_out = token_windows(model, _docstrings(json, pathlib, typing), seq_len=64, max_windows=8)
+    lens = logit_lens(model, held_out, k=1, batch_size=1)  # [layer, 8, 64]: the BOS in column 0
+    kl, real = lens["kl"].float(), lens["attention_mask"].float()
+    counted = (kl * real).sum((1, 2)) / real.sum()
+    text, at_bos = lens.mean_kl(), kl[:, :, 0].mean(1)
+    layers = [0, 3, 6, 9, 12, 15, model.dims.n_layers - 1]
+    print(f"logit lens on {tuple(held_out.shape)} held-out rows, KL(final || layer) in nats:")
+    for layer in layers:
+        print(
+            f"  resid_pre {layer:<2}: text tokens {float(text[layer]):6.2f}   with the BOS counted "
+            f"{float(counted[layer]):6.2f}   at the BOS {float(at_bos[layer]):6.2f}"
+        )
+    config = TunedLensConfig(steps=steps, batch_tokens=32, seq_len=64, max_windows=64)  # SmolLM2's run's
+    start = time.perf_counter()
+    tuned = train_tuned_lens(model, _docstrings(argparse, ast, dataclasses, inspect), config=config)
+    print(f"tuned lens: {steps} steps of {config.batch_tokens} tokens in {time.perf_counter() - start:.0f} s")
+    comparison = compare_lenses(model, held_out, tuned)
+    for layer in layers:
+        print(
+            f"  resid_pre {layer:<2}: logit lens {float(comparison['logit_lens_kl'][layer]):6.2f}   "
+            f"tuned lens {float(comparison['tuned_lens_kl'][layer]):6.2f}"
+        )
+
+
+def sae_section(model: Any, steps: int) -> None:
+    from mechscope.data.corpus import english_texts
+    from mechscope.features import SAEConfig, SAETrainConfig, train_sae
+    from mechscope.features.evals import downstream_loss, reconstruction_metrics
+    from mechscope.features.store import collect_activations
+
+    site = "blocks.6.hook_resid_post"
+    train_texts, held_out = english_texts("train"), english_texts("eval")  # the default English stream
+    start = time.perf_counter()
+    acts = collect_activations(model, site, train_texts, seq_len=64, max_tokens=100_000)  # BOS left out
+    test = collect_activations(model, site, held_out, seq_len=64, max_tokens=20_000)
+    print(
+        f"{site}: {acts.shape[0]} training and {test.shape[0]} held-out tokens in {time.perf_counter() - start:.0f} s"
+    )
+    config = SAEConfig(d_in=model.dims.d_model, d_sae=4096, activation="topk", k=32, site=site)
+    start = time.perf_counter()
+    sae, _ = train_sae(acts, config, SAETrainConfig(steps=steps, batch_size=512, lr=5e-4))
+    print(f"TopK SAE (4096 features, k=32): {steps} steps of 512 tokens in {time.perf_counter() - start:.0f} s")
+    metrics = reconstruction_metrics(sae, test)
+    print("  held out: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("explained_variance", "l0", "dead_fraction")))
+    losses = downstream_loss(model, sae, held_out, seq_len=64, max_rows=32)
+    print("  next-token loss: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+
+
 def eap_section(model: Any, top: int) -> None:
     graph = Graph.from_model(model)
     first = lambda words: [model.tokenizer.encode(w, add_special_tokens=False)[0] for w in words]  # noqa: E731
@@ -160,9 +224,11 @@ def eap_section(model: Any, top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sections = ("bos", "eap", "rome", "means")
+    sections = ("bos", "eap", "rome", "means", "lens", "sae")
     parser.add_argument("--only", nargs="*", choices=sections, default=sections)
     parser.add_argument("--top", type=int, default=15, help="strongest edges (and as many random ones) checked")
+    parser.add_argument("--lens-steps", type=int, default=60, help="training steps of the tuned lens")
+    parser.add_argument("--sae-steps", type=int, default=3000, help="training steps of the SAE")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -176,6 +242,10 @@ def main() -> None:
             eap_section(model, args.top)
         elif section == "rome":
             rome_section(model)
+        elif section == "lens":
+            lens_section(model, args.lens_steps)
+        elif section == "sae":
+            sae_section(model, args.sae_steps)
         else:
             means(model)
 
