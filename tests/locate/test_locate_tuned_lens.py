@@ -52,7 +52,9 @@ def test_the_bos_the_tokenizer_adds_is_neither_trained_on_nor_compared(model):
     windows = token_windows(model, texts, seq_len=8, max_windows=6)
     assert bool((windows[:, 0] == BOS).all())
     lens = train_tuned_lens(model, texts, config=TunedLensConfig(steps=2, seq_len=8, max_windows=6, batch_tokens=16))
-    assert lens.training_log["n_tokens"] == windows.numel() - windows.shape[0]
+    log = lens.training_log
+    assert log["validation"]["windows"] == 1  # the last window is held out, its BOS not counted either
+    assert log["n_tokens"] + log["validation"]["n_tokens"] == windows.numel() - windows.shape[0]
     comparison = compare_lenses(model, windows, lens)
     assert comparison.config["n_tokens"] == windows.numel() - windows.shape[0]
     plain = compare_lenses(model, windows[:, 1:], lens)  # the same text tokens, read without the BOS first
@@ -80,6 +82,29 @@ def test_training_lowers_kl_and_step_zero_is_the_logit_lens(model, tmp_path):
     assert isinstance(saved, LensComparison) and len(saved.plot().data) == 2
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_held_out_windows_restore_the_translators_training_made_worse(family):
+    # Training windows of low token ids, held-out ones of high ids, a large learning rate: some translators
+    # fit the training windows and read the held-out ones worse than the logit lens. With validation those
+    # layers keep the identity (the logit lens exactly); the others keep what training made of them.
+    hf, tok = tiny_model(family)
+    model = HookedModel(hf, tok)
+    gen = torch.Generator().manual_seed(2)
+    data = torch.cat([torch.randint(4, 30, (14, 7), generator=gen), torch.randint(60, 100, (2, 7), generator=gen)])
+    settings = {"steps": 20, "lr": 0.05, "batch_tokens": 32}
+    unchecked = train_tuned_lens(model, data[:14], config=TunedLensConfig(**settings, validation_fraction=0))
+    checked = train_tuned_lens(model, data, config=TunedLensConfig(**settings))  # holds out the last 2 of 16
+    assert "validation" not in unchecked.training_log
+    log = checked.training_log["validation"]
+    worse = compare_lenses(model, data[14:], unchecked)
+    delta = worse["tuned_lens_kl"] - worse["logit_lens_kl"]
+    made_worse = [layer for layer in range(model.dims.n_layers) if delta[layer] > 0]
+    assert made_worse and log["kept_before"] == made_worse and log["windows"] == 2
+    kept = compare_lenses(model, data[14:], checked)
+    torch.testing.assert_close(kept["tuned_lens_kl"] - kept["logit_lens_kl"], delta.clamp(max=0))
+    torch.testing.assert_close(torch.tensor(log["kl_trained"]), worse["tuned_lens_kl"][:-1], atol=1e-5, rtol=1e-5)
+
+
 def test_text_streams_are_cut_into_windows(model):
     windows = token_windows(model, ["The cat sat on the mat."] * 10, seq_len=5, max_windows=4)
     assert windows.shape == (4, 5) and windows.dtype == torch.long
@@ -105,6 +130,8 @@ def test_bad_input_is_rejected(model, tmp_path):
         TunedLensConfig(steps=0)
     with pytest.raises(ConfigError):
         TunedLensConfig(lr=0)
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        TunedLensConfig(validation_fraction=1.0)
 
 
 def test_cli_logit_lens_train_and_read_a_tuned_lens(tmp_path):

@@ -128,6 +128,9 @@ def register(app: typer.Typer) -> None:
             lens = train_tuned_lens(hm, train, config=cfg, progress=not quiet)
             lens_path = lens.save(output_path(out, "tuned_lens_translators.safetensors"))
             typer.echo(f"lens -> {lens_path}")
+            kept = lens.training_log.get("validation", {}).get("kept_before", [])
+            if kept:
+                typer.echo(f"layers left as before training (trained, they read held-out windows worse): {kept}")
             held_windows = token_windows(hm, held, seq_len=seq_len, max_windows=16)
             comparison = compare_lenses(hm, held_windows, lens, progress=not quiet)
         except (MechscopeError, ValueError) as exc:

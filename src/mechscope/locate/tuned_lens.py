@@ -8,6 +8,7 @@ Translators save to safetensors with the model's fingerprint and are checked aga
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.io import Envelope, FileSchema, ModelInfo, read_envelope, register_schema, write_envelope
-from mechscope.locate.lens import LensResult, lens_readout, lens_sites, resid_to_logits
+from mechscope.locate.lens import LensResult, Transform, lens_readout, lens_sites, resid_to_logits
 from mechscope.metrics import kl_div
 from mechscope.model.tokens import packed_rows, text_mask
 from mechscope.results import ModelMismatchError, Result
@@ -86,6 +87,12 @@ class TunedLensConfig:
         seq_len: length of the token windows cut from the text stream.
         max_windows: cap on windows read from the stream (their residuals are cached in memory).
         seed: seed of the token sampling.
+        validation_fraction: share of the windows (the last ones; at least one when there are two or more)
+            held out of training. On them each layer's trained translator is kept only where it reads the
+            held-out text better than the translator did before training (for a new lens: the identity,
+            the logit lens). Adam moves every weight by about ``lr`` per step even where the gradient is
+            noise, and at a layer the logit lens already reads well that walk can only do harm (Gemma-3-270M,
+            60 steps of 32 tokens: last layer 0.64 -> 1.81 nats). 0: keep every translator as trained.
     """
 
     steps: int = 300
@@ -94,6 +101,7 @@ class TunedLensConfig:
     seq_len: int = 64
     max_windows: int = 64
     seed: int = 0
+    validation_fraction: float = 0.125
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_tokens", "seq_len", "max_windows"):
@@ -101,6 +109,8 @@ class TunedLensConfig:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0 < self.lr < float("inf"):
             raise ConfigError(f"lr must be a finite number > 0; got {self.lr}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction must be in [0, 1); got {self.validation_fraction}")
 
 
 class TunedLens(nn.Module):
@@ -246,20 +256,50 @@ def train_tuned_lens(
 ) -> TunedLens:
     """Train per-layer translators on `data` (texts, or token windows ``[n, seq_len]``), model frozen.
 
-    Residuals and final next-token distributions of the windows are computed once and cached; each
-    step samples ``batch_tokens`` positions and minimises the sum over layers of
-    ``KL(final || tuned lens)``. Only the translators receive gradients.
+    Residuals and final next-token distributions of the training windows are computed once and cached;
+    each step samples ``batch_tokens`` text positions and minimises the sum over layers of
+    ``KL(final || tuned lens)``. Only the translators receive gradients. Then, on the held-out windows
+    (``validation_fraction``), each layer keeps its trained translator only where it reads better than
+    before training; the log records both held-out KLs and the layers that kept their old translator.
     """
     cfg = config or TunedLensConfig()
     windows = _as_windows(model, data, cfg)
     lens = lens or TunedLens.for_model(model)
     lens.check_model(model)
+    n_held = _held_out_windows(len(windows), cfg.validation_fraction)
+    train, held = windows[: len(windows) - n_held], windows[len(windows) - n_held :]
+    before = copy.deepcopy(lens.translators.state_dict())
+    losses, n_tokens = _fit(model, lens, train, cfg, progress)
+    lens.training_log = {
+        "config": asdict(cfg),
+        "n_tokens": n_tokens,
+        "loss_first": losses[0],
+        "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+    }
+    if n_held:
+        lens.training_log["validation"] = _keep_improved_layers(model, lens, before, held)
+    return lens
+
+
+def _held_out_windows(n_windows: int, fraction: float) -> int:
+    """How many of `n_windows` are held out: none for fraction 0 or a single window, else at least one."""
+    if fraction == 0 or n_windows < 2:
+        return 0
+    return min(n_windows - 1, max(1, int(n_windows * fraction)))
+
+
+def _fit(
+    model: HookedModel, lens: TunedLens, windows: Tensor, cfg: TunedLensConfig, progress: bool
+) -> tuple[list[float], int]:
+    """Adam on the sum over layers of ``KL(final || lens)`` at sampled text positions of `windows`; the
+    per-step mean loss per layer and the number of text positions sampled from."""
     sites = lens_sites(model)
     logits, cache = model.run_with_cache(windows, sites)
     assert logits is not None
     n_layers = model.dims.n_layers
     resid = torch.stack([cache[s] for s in sites[:-1]]).flatten(1, 2)  # [layer, tokens, d_model]
     target = logits.float().log_softmax(-1).flatten(0, 1)  # [tokens, d_vocab]
+    del cache, logits
     # positions of the text's tokens: a BOS the tokenizer adds (Gemma's residual there is 14x a token's) is not
     # what a lens reads, and would pull the translators towards it
     pool = text_mask(model.tokenizer, windows, torch.ones_like(windows)).flatten().nonzero().squeeze(1)
@@ -286,13 +326,29 @@ def train_tuned_lens(
                 p.grad = g
             opt.step()
             losses.append(float(loss.detach()) / n_layers)
-    lens.training_log = {
-        "config": asdict(cfg),
-        "n_tokens": int(n_tokens),
-        "loss_first": losses[0],
-        "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+    return losses, int(n_tokens)
+
+
+def _keep_improved_layers(
+    model: HookedModel, lens: TunedLens, before: dict[str, Tensor], held: Tensor
+) -> dict[str, Any]:
+    """Per layer, restore the translator of `before` where it reads the `held` windows better than the trained
+    one; the held-out KLs of both and the restored layers."""
+    old = copy.deepcopy(lens)
+    old.translators.load_state_dict(before)
+    sums, n_tokens, _ = _kl_sums(model, model.prepare_inputs(held), {"before": old, "trained": lens})
+    kl_before, kl_trained = (sums[k][:-1] / max(1, n_tokens) for k in ("before", "trained"))
+    restored = [layer for layer in range(lens.n_layers) if kl_trained[layer] > kl_before[layer]]
+    with torch.no_grad():
+        for layer in restored:
+            lens.translators[layer].load_state_dict(old.translators[layer].state_dict())
+    return {
+        "windows": len(held),
+        "n_tokens": n_tokens,
+        "kl_before": [round(float(v), 6) for v in kl_before],
+        "kl_trained": [round(float(v), 6) for v in kl_trained],
+        "kept_before": restored,
     }
-    return lens
 
 
 def tuned_lens(
@@ -320,6 +376,43 @@ def tuned_lens(
     return result
 
 
+def _kl_sums(
+    model: HookedModel,
+    batch: dict[str, Tensor],
+    readers: dict[str, Transform | None],
+    *,
+    max_logits: int = 2**23,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], int, int]:
+    """Sums over the text tokens of `batch` of ``KL(final || reader)`` per layer ``[n_layers + 1]`` for each
+    named reader (None: the logit lens), the number of those tokens and the rows run per chunk. A few rows
+    run at a time and each layer's logits are reduced before the next layer's are made (see compare_lenses)."""
+    n_rows, n_pos = batch["input_ids"].shape
+    rows_per_chunk = max(1, max_logits // max(1, n_pos * model.dims.d_vocab))
+    sites = lens_sites(model)
+    sums = {key: torch.zeros(len(sites), dtype=torch.float64) for key in readers}
+    chunks: Any = range(0, n_rows, rows_per_chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="lens comparison", unit="chunk")
+    with torch.no_grad():
+        for start in chunks:
+            part = {k: v[start : start + rows_per_chunk] for k, v in batch.items()}
+            mask = text_mask(model.tokenizer, part["input_ids"], part["attention_mask"])  # the text's tokens
+            final, cache = model.run_with_cache(part, sites)  # the model's own logits: the reference
+            assert final is not None
+            for layer, site in enumerate(sites):
+                resid = cache[site]
+                for key, reader in readers.items():
+                    readout = resid if reader is None else reader(resid, layer)
+                    kl = kl_div(resid_to_logits(model, readout), final, attention_mask=mask)
+                    sums[key][layer] += float(kl.double().sum())
+            del cache, final
+    n_tokens = int(text_mask(model.tokenizer, batch["input_ids"], batch["attention_mask"]).sum())
+    return sums, n_tokens, rows_per_chunk
+
+
 def compare_lenses(
     model: HookedModel,
     inputs: Inputs,
@@ -340,30 +433,11 @@ def compare_lenses(
     if max_logits < 1:
         raise ConfigError(f"max_logits must be >= 1; got {max_logits}")
     lens.check_model(model)
-    batch = model.prepare_inputs(inputs)
-    n_rows, n_pos = batch["input_ids"].shape
-    rows_per_chunk = max(1, max_logits // max(1, n_pos * model.dims.d_vocab))
-    sites = lens_sites(model)
     n = model.dims.n_layers
-    sums = {"logit": torch.zeros(n + 1, dtype=torch.float64), "tuned": torch.zeros(n + 1, dtype=torch.float64)}
-    chunks: Any = range(0, n_rows, rows_per_chunk)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="lens comparison", unit="chunk")
-    with torch.no_grad():
-        for start in chunks:
-            part = {k: v[start : start + rows_per_chunk] for k, v in batch.items()}
-            mask = text_mask(model.tokenizer, part["input_ids"], part["attention_mask"])  # the text's tokens
-            final, cache = model.run_with_cache(part, sites)  # the model's own logits: the reference
-            assert final is not None
-            for layer, site in enumerate(sites):
-                resid = cache[site]
-                for key, readout in (("logit", resid), ("tuned", lens(resid, layer))):
-                    kl = kl_div(resid_to_logits(model, readout), final, attention_mask=mask)
-                    sums[key][layer] += float(kl.double().sum())
-            del cache, final
-    n_tokens = int(text_mask(model.tokenizer, batch["input_ids"], batch["attention_mask"]).sum())
+    batch = model.prepare_inputs(inputs)
+    sums, n_tokens, rows_per_chunk = _kl_sums(
+        model, batch, {"logit": None, "tuned": lens}, max_logits=max_logits, progress=progress
+    )
     labels = {"layer": [f"resid_pre {i}" for i in range(n)] + ["final"]}
     config = {
         "n_tokens": n_tokens,
