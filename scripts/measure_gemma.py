@@ -160,8 +160,10 @@ def lens_section(model: Any, steps: int) -> None:
         )
     config = TunedLensConfig(steps=steps, batch_tokens=32, seq_len=64, max_windows=64)  # SmolLM2's run's
     start = time.perf_counter()
-    tuned = train_tuned_lens(model, _docstrings(argparse, ast, dataclasses, inspect), config=config)
+    tuned = train_tuned_lens(model, _docstrings(argparse, ast, dataclasses, inspect), config=config, progress=True)
     print(f"tuned lens: {steps} steps of {config.batch_tokens} tokens in {time.perf_counter() - start:.0f} s")
+    kept = tuned.training_log["validation"]["kept_before"]
+    print(f"  layers left as before training (worse on its held-out windows): {kept}")
     comparison = compare_lenses(model, held_out, tuned)
     for layer in layers:
         print(
@@ -186,7 +188,7 @@ def sae_section(model: Any, steps: int) -> None:
     )
     config = SAEConfig(d_in=model.dims.d_model, d_sae=4096, activation="topk", k=32, site=site)
     start = time.perf_counter()
-    sae, _ = train_sae(acts, config, SAETrainConfig(steps=steps, batch_size=512, lr=5e-4))
+    sae, _ = train_sae(acts, config, SAETrainConfig(steps=steps, batch_size=512, lr=5e-4), progress=True)
     print(f"TopK SAE (4096 features, k=32): {steps} steps of 512 tokens in {time.perf_counter() - start:.0f} s")
     metrics = reconstruction_metrics(sae, test)
     print("  held out: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("explained_variance", "l0", "dead_fraction")))
