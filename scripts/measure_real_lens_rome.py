@@ -95,6 +95,8 @@ def tuned_lens(model, out: dict, folder: Path, steps: int, batch_tokens: int) ->
         "heldout_tokens": int(held_windows.numel()),
         "loss_first": round(lens.training_log["loss_first"], 4),
         "loss_last": round(lens.training_log["loss_last"], 4),
+        "validation_windows": lens.training_log.get("validation", {}).get("windows", 0),
+        "layers_kept_before_training": lens.training_log.get("validation", {}).get("kept_before", []),
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(eval_s, 1),
         "threads": torch.get_num_threads(),
