@@ -243,3 +243,22 @@ def test_select_direction_falls_back_to_the_smallest_span_that_reaches_the_bar()
         DirectionSelectionConfig(max_rank=2)
     with pytest.raises(ConfigError, match="max_rank"):
         DirectionSelectionConfig(max_rank=0, max_ablation_score=0.0)
+
+
+def test_the_retain_subspace_is_read_from_text_tokens_not_the_bos() -> None:
+    # The tiny tokenizer prepends <bos> as Gemma's does; whose residual there is an outlier (14x a text token's
+    # on Gemma-3-270M) would take the top components of an uncentred PCA. The subspace spans the text tokens'.
+    from mechscope.sites import Site
+    from mechscope.steer.selection import retain_subspace
+
+    hf, tok = tiny_model("gemma2")
+    model = HookedModel(hf, tok)
+    texts = ["The cat sat on the mat.", "A dog ran", "Birds sing at dawn in the old tree."]
+    site = Site("hook_resid_pre", 1)
+    batch = model.to_tokens(texts)
+    _, cache = model.run_with_cache(batch, site)
+    mask = batch["attention_mask"].bool()
+    mask[:, 0] = False  # every row starts with <bos>
+    expected = torch.linalg.svd(cache[site.name][mask].float(), full_matrices=False)[2][:3]
+    got = retain_subspace(model, texts, site, 3)
+    torch.testing.assert_close((got @ expected.T).abs(), torch.eye(3), atol=1e-4, rtol=0)  # the same axes

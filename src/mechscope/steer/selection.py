@@ -23,6 +23,7 @@ from torch import Tensor
 from mechscope.direction import Direction
 from mechscope.errors import ConfigError, MechscopeError
 from mechscope.metrics import kl_div
+from mechscope.model.tokens import text_mask
 from mechscope.results import Result
 from mechscope.sites import Site
 from mechscope.steer.directional import DirectionalAblation
@@ -209,10 +210,13 @@ def _mean_kl(reference: Tensor, new: Tensor) -> float:
 
 
 def retain_subspace(model: HookedModel, texts: Sequence[str], site: Site, k: int) -> Float[Tensor, "k d_model"]:
-    """Top-`k` principal directions (uncentred) of `site` activations over every token of `texts`."""
+    """Top-`k` principal directions (uncentred) of `site` activations over every text token of `texts`: the
+    BOS a tokenizer adds is left out, as in every token mean (Gemma-3-270M's BOS residual is 14x a text
+    token's, so the top components of an uncentred PCA that counts it are spent on the BOS)."""
     batch = model.to_tokens(list(texts))
     _, cache = model.run_with_cache(batch, site)
-    acts = cache[site.name][batch["attention_mask"].to(model.device).bool()].float()
+    text = text_mask(model.tokenizer, batch["input_ids"], batch["attention_mask"])
+    acts = cache[site.name][text.to(model.device).bool()].float()
     _, _, vh = torch.linalg.svd(acts, full_matrices=False)
     return vh[: min(k, vh.shape[0])]
 
