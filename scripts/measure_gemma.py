@@ -6,7 +6,8 @@
   faithfulness of the top 200 edges (docs/locate-circuits.md);
 - ``rome``: one ROME edit at the default layer with its metrics before and after (docs/real-models.md);
 - ``means``: the BOS residual's norm against a text token's, and how far a mean-read steering vector moves
-  when the BOS is counted in each prompt's mean (mechscope leaves it out);
+  when the BOS is counted in each prompt's mean (mechscope leaves it out), and how much of the refusal-direction
+  search's retain subspace changes when its PCA counts the BOS;
 - ``lens``: the logit lens's per-layer KL on held-out text over text tokens, with the BOS counted, and at the
   BOS alone; then a tuned lens trained briefly on other text, against the logit lens on the held-out text;
 - ``sae``: a TopK SAE trained on the layer-6 residual of the default English stream (standard-library
@@ -140,6 +141,26 @@ def means(model: Any) -> None:
             f"layer {layer}: BOS residual norm {float(act[0, first].norm()):.0f}, a text token's (median) "
             f"{float(norms.median()):.0f}; cos(mean-read vector, the same counting the BOS) {cos:.3f}"
         )
+        _retain_overlap(model, positive + negative, site)
+
+
+def _retain_overlap(model: Any, texts: list[str], site: Any, k: int = 16) -> None:
+    """How much of the refusal-direction search's retain subspace (top-k uncentred principal directions, text
+    tokens only) survives when the BOS is counted, and how much of the latter's top direction is the BOS."""
+    from mechscope.steer.selection import retain_subspace
+
+    shipped = retain_subspace(model, texts, site, k)
+    batch = model.to_tokens(texts)
+    _, cache = model.run_with_cache(batch, [site])
+    acts = cache[site.name].float()
+    counted = torch.linalg.svd(acts[batch["attention_mask"].bool()], full_matrices=False)[2][:k]
+    overlap = float((shipped @ counted.T).pow(2).sum()) / k  # mean squared cosine of principal angles
+    bos = acts[0, batch["attention_mask"][0].argmax()]
+    top = float(torch.nn.functional.cosine_similarity(counted[0], bos, dim=0).abs())
+    print(
+        f"  retain subspace (k={k}): overlap with the BOS-counted one {overlap:.3f}; "
+        f"|cos| of the latter's top direction with the BOS residual {top:.3f}"
+    )
 
 
 def lens_section(model: Any, steps: int) -> None:
