@@ -48,3 +48,25 @@ def test_gemma3_logits_equal_hf_and_recall_a_fact():
     )
     final = cache["blocks.17.hook_resid_post"]
     torch.testing.assert_close(total, final, atol=1e-5 * float(final.abs().max()), rtol=0)
+
+
+def test_gemma3_special_tokens_are_neither_scored_nor_drawn():
+    # Gemma's tokenizer names 5 special tokens and adds 6,249 in all (turn markers, <unused...>, image markers):
+    # a chat-formatted example scores its text only, and random text never draws them.
+    from mechscope import load_model
+    from mechscope.improve.detect.activations import token_activations
+    from mechscope.locate.heads import ordinary_token_ids, repeated_tokens
+    from mechscope.model.tokens import encode, special_ids
+
+    model = load_model(NAME)
+    special = set(special_ids(model.tokenizer))
+    turn, unused = model.tokenizer.convert_tokens_to_ids(["<start_of_turn>", "<unused0>"])
+    assert len(special) == 6249 and {turn, unused} <= special
+    ordinary = set(ordinary_token_ids(model).tolist())
+    assert not ordinary & special and len(ordinary) == model.dims.d_vocab - len(special)
+    assert not set(repeated_tokens(model, n=4, half_len=50)[:, 1:].flatten().tolist()) & special
+    text = "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"  # Gemma turn format
+    ids = encode(model.tokenizer, text)
+    assert turn in ids
+    scored = token_activations(model, [text], ["blocks.3.hook_resid_post"])
+    assert int(scored.example.numel()) == sum(1 for i in ids if i not in special) > 0
