@@ -74,7 +74,7 @@ def test_eap_is_exact_for_edges_the_metric_is_linear_in(family):
     assert not torch.allclose(scores[into_q], exact_effects(model, clean, corrupt, edges=into_q), rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "gemma3_text", "olmo2"])
 def test_eap_converges_to_exact_edge_ablation_as_the_ablation_shrinks(family):
     # Edges ablated towards values eps of the way from clean to corrupted: EAP's first-order estimate
     # (the public verb's score times eps) and one exact edge-ablated forward per edge agree as eps -> 0.

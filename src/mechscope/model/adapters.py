@@ -58,6 +58,9 @@ class Adapter:
     ln1: str | None = "input_layernorm"
     ln2: str | None = "post_attention_layernorm"
     post_attn_norm: str | None = None  # a norm applied to the attention output before the residual add
+    # q and k norms over every head's projection at once, before heads are split (OLMo 2; Qwen 3's are per
+    # head and need nothing): circuit graphs rebuild one head's query/key through them on its own input
+    qk_norms: tuple[str, str] | None = None
     post_mlp_norm: str | None = None
     mlp: str = "mlp"
     mlp_in: str = "mlp.gate_proj"  # whose output is mlp.hook_pre (the gate for gated MLPs)
@@ -182,6 +185,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         model_types=("olmo2",),
         ln1=None,
         ln2=None,
+        qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
         post_attn_norm="post_attention_layernorm",
         post_mlp_norm="post_feedforward_layernorm",
         **_LLAMA_LIKE,

@@ -9,9 +9,11 @@ exactly where the model puts them) and ``out_u`` the current output of upstream 
 entry 1 this is the model itself; with an entry 0 the receiver sees u's ablated value instead.
 
 Each query/key/value head needs its own input, so the attention projections are recomputed per head from
-the head's reconstructed residual (through the layer's own pre-norm module) and written back into the
-projection's output in the family's layout; rotary, attention and everything after are HF's own code.
-MLPs read their reconstruction through their pre-norm, the unembedding through the final norm.
+the head's reconstructed residual (through the layer's own pre-norm module, where the family has one) and
+written back into the projection's output in the family's layout; rotary, attention and everything after
+are HF's own code. Where q/k norms span every head (OLMo 2), one head's query is its slice of the whole
+normalised projection of *its own* input, so each head still depends on its input alone. MLPs read their
+reconstruction through their pre-norm (or directly), the unembedding through the final norm.
 
 Two modes: *exact* (deltas computed from the current run, for ablation) and *fixed* (a given
 ``[batch, pos, n_upstream, d_model]`` delta, for gradient attribution: with mask = 1 the forward is
@@ -48,6 +50,7 @@ class _State:
     outputs: list[Tensor] = field(default_factory=list)  # capture: current node outputs
     resid_pre: dict[int, Tensor] = field(default_factory=dict)
     kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    normed_qk: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # head-spanning q/k norms' outputs
 
 
 def _needs(state: _State, group: ReceiverGroup) -> bool:
@@ -86,11 +89,20 @@ def _qkv(norm: nn.Module, x: Tensor, w: _Weights, n_heads: int, n_kv: int) -> tu
     return q, k, v
 
 
+def _own_normed(
+    norm: nn.Module, x: Float[Tensor, "batch pos n d_model"], weight: Tensor, bias: Tensor
+) -> Float[Tensor, "batch pos n d_head"]:
+    """Head i's slice of ``norm`` applied to the projection of every head from head i's own input ``x[:, :, i]``
+    (a q/k norm spanning all heads, as OLMo 2's): [batch, pos, n, d_head]."""
+    full = torch.einsum("bpid,hde->bpihe", x, weight.to(x.dtype)) + bias.to(x.dtype)  # [b, p, n, n, d_head]
+    normed = norm(full.flatten(-2)).view_as(full)
+    own = torch.arange(x.shape[2], device=x.device)
+    return normed[:, :, own, own]
+
+
 @contextmanager
 def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None]:
     a, d = model.adapter, model.dims
-    assert a.ln1 is not None and a.ln2 is not None
-    ln1, ln2 = a.ln1, a.ln2
     handles: list[Any] = []
     weights = {layer: _Weights(model, layer) for layer in range(d.n_layers)}
     flat = lambda t: t.reshape(*t.shape[:2], -1)  # noqa: E731
@@ -110,7 +122,7 @@ def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None
 
     def qkv_hook(layer: int, part: str) -> Any:
         group = graph.attn_group(layer)
-        norm = model.layer_module(layer, ln1)
+        norm = model.layer_module(layer, a.ln1) if a.ln1 is not None else nn.Identity()
 
         def hook(_m: nn.Module, _args: Any, output: Tensor) -> Any:
             if part in ("k", "v"):
@@ -122,9 +134,22 @@ def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None
                 return None
             x = _reconstruct(state, state.resid_pre[layer], group)
             q, k, v = _qkv(norm, x, weights[layer], d.n_heads, d.n_kv_heads)
+            if a.qk_norms is not None:  # each head through the q/k norm of its own input's projection
+                w, normed = weights[layer], norm(x)
+                q_norm, k_norm = (model.layer_module(layer, path) for path in a.qk_norms)
+                state.normed_qk[layer] = (
+                    _own_normed(q_norm, normed[:, :, : d.n_heads], w.W_Q, w.b_Q),
+                    _own_normed(k_norm, normed[:, :, d.n_heads : d.n_heads + d.n_kv_heads], w.W_K, w.b_K),
+                )
             if not a.qkv.fused:  # k and v come out of their own projections' hooks
                 state.kv[layer] = (k, v)
             return a.qkv.fuse(q, k, v)
+
+        return hook
+
+    def qk_norm_hook(layer: int, index: int) -> Any:
+        def hook(_m: nn.Module, _args: Any, output: Tensor) -> Any:
+            return flat(state.normed_qk[layer][index]) if layer in state.normed_qk else None
 
         return hook
 
@@ -170,7 +195,11 @@ def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None
             if track:
                 handles.append(model.layer_module(layer, a.o_proj).register_forward_pre_hook(heads_hook(layer)))
                 handles.append(model.layer_module(layer, a.mlp_out_module).register_forward_hook(mlp_out_hook(layer)))
-            handles.append(model.layer_module(layer, ln2).register_forward_pre_hook(mlp_in_hook(layer)))
+            if a.qk_norms is not None:
+                for index, path in enumerate(a.qk_norms):
+                    handles.append(model.layer_module(layer, path).register_forward_hook(qk_norm_hook(layer, index)))
+            mlp_reads = a.ln2 if a.ln2 is not None else a.mlp  # its pre-norm, or the MLP itself
+            handles.append(model.layer_module(layer, mlp_reads).register_forward_pre_hook(mlp_in_hook(layer)))
         handles.append(model.module(a.final_norm).register_forward_pre_hook(final_hook))
         yield
     finally:

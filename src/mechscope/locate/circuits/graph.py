@@ -97,13 +97,6 @@ class Graph:
     def from_model(cls, model: HookedModel) -> Graph:
         """The graph of `model`; :class:`AdapterError` for families whose heads are not additive."""
         a, d = model.adapter, model.dims
-        if a.ln1 is None or a.ln2 is None:
-            raise AdapterError(
-                f"circuit graphs rebuild each head's query/key/value input through the layer's pre-norm; the "
-                f"{a.family} family has none (its norms follow attention and the MLP, and its q/k norms span "
-                "every head), so one head's input cannot be rebuilt on its own. Supported: gpt2, gpt_neox, llama, "
-                "mistral, qwen2, qwen3, phi3, gemma2, gemma3."
-            )
         if a.post_attn_norm is not None and bool(model.weights.b_O.any()):
             raise AdapterError(
                 f"this {a.family} model has an attention output bias; through the norm after attention "
