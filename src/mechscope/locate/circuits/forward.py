@@ -81,11 +81,12 @@ class _Weights:
         self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V = model.weights.qkv(layer)
 
 
-def _qkv(norm: nn.Module, x: Tensor, w: _Weights, n_heads: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor]:
-    normed = norm(x)
-    q = torch.einsum("bphd,hde->bphe", normed[:, :, :n_heads], w.W_Q.to(x.dtype)) + w.b_Q.to(x.dtype)
-    k = torch.einsum("bphd,hde->bphe", normed[:, :, n_heads : n_heads + n_kv], w.W_K.to(x.dtype)) + w.b_K.to(x.dtype)
-    v = torch.einsum("bphd,hde->bphe", normed[:, :, n_heads + n_kv :], w.W_V.to(x.dtype)) + w.b_V.to(x.dtype)
+def _qkv(normed: Tensor, w: _Weights, n_heads: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each receiving head's q, k or v from its own (pre-normed) input ``[batch, pos, n_recv, d_model]``."""
+    dt = normed.dtype
+    q = torch.einsum("bphd,hde->bphe", normed[:, :, :n_heads], w.W_Q.to(dt)) + w.b_Q.to(dt)
+    k = torch.einsum("bphd,hde->bphe", normed[:, :, n_heads : n_heads + n_kv], w.W_K.to(dt)) + w.b_K.to(dt)
+    v = torch.einsum("bphd,hde->bphe", normed[:, :, n_heads + n_kv :], w.W_V.to(dt)) + w.b_V.to(dt)
     return q, k, v
 
 
@@ -132,10 +133,10 @@ def _installed(model: HookedModel, graph: Graph, state: _State) -> Iterator[None
                 return flat(k if part == "k" else v)
             if not _needs(state, group):
                 return None
-            x = _reconstruct(state, state.resid_pre[layer], group)
-            q, k, v = _qkv(norm, x, weights[layer], d.n_heads, d.n_kv_heads)
+            normed = norm(_reconstruct(state, state.resid_pre[layer], group))
+            w = weights[layer]
+            q, k, v = _qkv(normed, w, d.n_heads, d.n_kv_heads)
             if a.qk_norms is not None:  # each head through the q/k norm of its own input's projection
-                w, normed = weights[layer], norm(x)
                 q_norm, k_norm = (model.layer_module(layer, path) for path in a.qk_norms)
                 state.normed_qk[layer] = (
                     _own_normed(q_norm, normed[:, :, : d.n_heads], w.W_Q, w.b_Q),
