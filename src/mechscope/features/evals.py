@@ -136,7 +136,7 @@ def downstream_loss(
     rows = token_rows(model, texts, seq_len)[:max_rows]
     device = next(model.hf_model.parameters()).device
 
-    bos = len(special_prefix(model.tokenizer)) if model.tokenizer is not None else 0  # leading positions kept
+    bos = len(special_prefix(model.tokenizer))  # leading positions kept
 
     def zero(activation: Tensor, _ctx: HookContext) -> Tensor:
         return torch.zeros_like(activation)

@@ -213,7 +213,7 @@ def repeated_tokens(model: HookedModel, *, n: int = 16, half_len: int = 20, seed
     the ids the tokenizer puts before any text (its BOS where it adds one), so the model reads them as it
     reads text: ``[n, len(prefix) + 2 * half_len]``; the halves are the last ``2 * half_len`` positions."""
     half = random_tokens(model, (n, half_len), torch.Generator().manual_seed(seed))
-    prefix = special_prefix(model.tokenizer) if model.tokenizer is not None else []
+    prefix = special_prefix(model.tokenizer)
     start = torch.tensor(prefix, dtype=torch.long).expand(n, len(prefix))
     return torch.cat([start, half, half], dim=1)
 

@@ -120,8 +120,10 @@ def special_ids(tokenizer: Any) -> list[int]:
 
 def special_prefix(tokenizer: Any) -> list[int]:
     """The ids `tokenizer` puts before any text: a BOS token for Gemma and Llama tokenizers, none for
-    GPT-2-style ones. Token sequences built by hand should start with them, as the model's text does
-    (Gemma-3-270M's loss on repeated random tokens is 2.5 nats with its BOS and 9.1 without)."""
+    GPT-2-style ones (nor without a tokenizer). Token sequences built by hand should start with them, as the
+    model's text does (Gemma-3-270M's loss on repeated random tokens is 2.5 nats with its BOS and 9.1 without)."""
+    if tokenizer is None:
+        return []
     plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
     full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
     for start in range(len(full) - len(plain) + 1):
@@ -166,7 +168,7 @@ def text_mask(tokenizer: Any, input_ids: Tensor, attention_mask: Tensor) -> Tens
     """`attention_mask` without each row's leading :func:`special_prefix` tokens (the BOS): the tokens of the
     text itself, over which per-token means are taken. Gemma-3-270M's BOS residual is 14x a text token's
     (layer 9), so a mean that counts it is mostly BOS. A row that is only its BOS keeps it."""
-    prefix = special_prefix(tokenizer) if tokenizer is not None else []
+    prefix = special_prefix(tokenizer)
     if not prefix:
         return attention_mask
     real = attention_mask.bool()

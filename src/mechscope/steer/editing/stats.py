@@ -188,7 +188,7 @@ def second_moments(
             raise ConfigError(f"layer {layer} does not exist; this model has layers 0..{model.dims.n_layers - 1}")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fp = model.fingerprint()
-    start = len(special_prefix(model.tokenizer)) if model.tokenizer is not None else 0
+    start = len(special_prefix(model.tokenizer))
     d_mlp = model.dims.d_mlp
     out: dict[int, Tensor] = {}
     for layer in layers:
