@@ -34,6 +34,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ConfigError": ("mechscope.errors", "ConfigError"),
     "ModelNotFoundError": ("mechscope.errors", "ModelNotFoundError"),
     "AttentionSiteError": ("mechscope.errors", "AttentionSiteError"),
+    "NumericsError": ("mechscope.errors", "NumericsError"),
 }
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "HookedModel",
     "MechscopeError",
     "ModelNotFoundError",
+    "NumericsError",
     "ShapeError",
     "Site",
     "SiteError",
@@ -85,6 +87,7 @@ if TYPE_CHECKING:  # static names for type checkers and editors
         ConfigError,
         MechscopeError,
         ModelNotFoundError,
+        NumericsError,
         ShapeError,
         SiteError,
     )

@@ -46,6 +46,10 @@ class CorruptWeightsError(MechscopeError, ValueError):
     """A model file that exists but is not what was saved (truncated, corrupted, or altered)."""
 
 
+class NumericsError(MechscopeError, FloatingPointError):
+    """Values that left the range their dtype can hold (a float16 residual stream past 65504)."""
+
+
 class AttentionSiteError(SiteError):
     """An attention-internal site requested where the attention implementation cannot expose it."""
 

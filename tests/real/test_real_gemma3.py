@@ -70,3 +70,25 @@ def test_gemma3_special_tokens_are_neither_scored_nor_drawn():
     assert turn in ids
     scored = token_activations(model, [text], ["blocks.3.hook_resid_post"])
     assert int(scored.example.numel()) == sum(1 for i in ids if i not in special) > 0
+
+
+def test_gemma3_float16_overflow_is_an_error_and_bfloat16_runs():
+    # Gemma-3-270M's residual stream passes float16's largest value (65504) after layer 7 on an ordinary
+    # sentence: in float16 every logit after would be NaN, so mechscope raises; bfloat16 has float32's range.
+    from mechscope import load_model
+    from mechscope.errors import NumericsError
+
+    model = load_model(NAME)
+    batch = model.to_tokens(["The capital of France is Paris. The quick brown fox jumps over the lazy dog."])
+    _, cache = model.run_with_cache(batch, sites=[f"blocks.{i}.hook_resid_post" for i in range(18)])
+    peak = [float(cache[f"blocks.{i}.hook_resid_post"].abs().max()) for i in range(18)]
+    first_over = next(i for i, value in enumerate(peak) if value > 65504)
+    half = load_model(model.hf_model, tokenizer=model.tokenizer, dtype="float16")
+    with pytest.raises(NumericsError, match=f"after layer {first_over} of 18"):
+        half(batch)
+    brain = load_model(half.hf_model, tokenizer=model.tokenizer, dtype="bfloat16")
+    prompt = brain.to_tokens(["The Eiffel Tower is located in the city of"])
+    with torch.no_grad():
+        logits = brain(prompt)
+    assert torch.isfinite(logits).all()
+    assert brain.to_string([int(logits[0, -1].argmax())]) == " Paris"

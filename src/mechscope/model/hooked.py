@@ -28,6 +28,7 @@ from mechscope.model.cache import ActivationCache
 from mechscope.model.dims import ModelDims, dims_from_config
 from mechscope.model.hooks import HookContext, HookFn, HookSession
 from mechscope.model.layout import ModelLayout
+from mechscope.model.numerics import Float16Guard, float16_guard
 from mechscope.model.weights import WeightViews
 from mechscope.sites import (
     BLOCK_KINDS,
@@ -111,6 +112,8 @@ class HookedModel(nn.Module):
                 )
         self.attention_base: str | None = self._install_attention() if attention_sites else None
         self._inventory = self._build_inventory()
+        #: the float16 guard of the run in progress (see :meth:`guard_float16`), None outside one
+        self._float16_guard: Float16Guard | None = None
         observe.notify(self)  # a run record (mechscope.records), when one is open, notes the model
 
     # Structure ----------------------------------------------------------------------------------------
@@ -341,8 +344,29 @@ class HookedModel(nn.Module):
     def forward(self, inputs: Inputs, *, return_output: bool = False, **hf_kwargs: Any) -> Any:
         """Run the HF model. Returns logits [batch, pos, d_vocab], or HF's output with return_output."""
         kwargs = {**self.prepare_inputs(inputs), "use_cache": False, **hf_kwargs}
-        output = self.hf_model(**kwargs)
+        with self.guard_float16():
+            output = self.hf_model(**kwargs)
         return output if return_output else output.logits
+
+    @contextmanager
+    def guard_float16(self) -> Iterator[Float16Guard | None]:
+        """Raise :class:`~mechscope.errors.NumericsError` when a float16 run inside the block overflows.
+
+        A float16 residual stream past 65504 becomes inf and every logit after it NaN (Gemma-3-270M's does,
+        after layer 7); this names where instead of returning NaN. Every run through mechscope is guarded;
+        wrap direct ``hf_model`` calls to guard them too. Nested blocks share the outermost guard; models in
+        other dtypes attach nothing and yield None.
+        """
+        if self._float16_guard is not None or self.hf_model.dtype != torch.float16:
+            yield self._float16_guard
+            return
+        layers = [self.layer(i) for i in range(self.dims.n_layers)]
+        with float16_guard(layers, self.module(self.adapter.final_norm)) as guard:
+            self._float16_guard = guard
+            try:
+                yield guard
+            finally:
+                self._float16_guard = None
 
     @contextmanager
     def hooks(self, hooks: Mapping[SiteLike, HookFn | Sequence[HookFn]]) -> Iterator[HookSession]:
@@ -460,13 +484,14 @@ class HookedModel(nn.Module):
         def stop(_module: nn.Module, _args: Any) -> None:
             raise _StopForward
 
-        handle = self.layer(stop_at_layer).register_forward_pre_hook(stop)
-        try:
-            self.forward(inputs, **hf_kwargs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+        with self.guard_float16():  # opened first, so it sees the residual the stop discards
+            handle = self.layer(stop_at_layer).register_forward_pre_hook(stop)
+            try:
+                self.forward(inputs, **hf_kwargs)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
         return None
 
     def run_with_grads(
@@ -536,7 +561,8 @@ class HookedModel(nn.Module):
             tok.ensure_pad_token(self.tokenizer)
             generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         generate: Any = self.hf_model.generate
-        return generate(**batch, **generate_kwargs)  # type: ignore[no-any-return]
+        with self.guard_float16():
+            return generate(**batch, **generate_kwargs)  # type: ignore[no-any-return]
 
     def generate_text(self, prompt: str | Sequence[str], max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
         """Generate and decode only the new tokens of each prompt."""

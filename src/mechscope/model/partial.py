@@ -96,7 +96,7 @@ def base_run(
     for site in sites:
         keepers.setdefault(model.site(site), []).append(keep)
     cache = DynamicCache()  # no config: full-length layers for every family, so prefixes can be cut
-    with torch.no_grad(), model.hooks(dict(extra or {})), model.hooks(keepers):
+    with torch.no_grad(), model.hooks(dict(extra or {})), model.hooks(keepers), model.guard_float16():
         out = model.hf_model(**batch, use_cache=True, **{cache_keyword(model.hf_model): cache})
     layers: list[Any] = list(cache.layers)
     keys: list[Tensor] = [layer.keys for layer in layers]
@@ -231,12 +231,20 @@ def run_from(
 
     handles = [model.layer(layer).register_forward_pre_hook(replace_input, with_kwargs=True, prepend=True)]
     try:
-        with torch.no_grad(), model.hooks(hooks or {}), _layers_from(model, layer, stop_layer):
+        with (
+            torch.no_grad(),
+            model.hooks(hooks or {}),
+            _layers_from(model, layer, stop_layer),
+            model.guard_float16() as guard,  # inside the cut, so it watches the layers that run
+        ):
             if stop_layer is not None:  # after the session's hooks, so it sees the patched output
                 handles.append(model.layer(stop_layer - 1).register_forward_hook(stop))
-            out = model.hf_model(**kwargs)
-    except _Stop:
-        return captured[0]
+            try:
+                out = model.hf_model(**kwargs)
+            except _Stop:
+                if guard is not None and stop_layer is not None:  # what layer stop_layer would have received
+                    guard.record(stop_layer, captured[0])
+                return captured[0]
     finally:
         for handle in handles:
             handle.remove()
