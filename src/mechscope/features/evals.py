@@ -124,19 +124,29 @@ def downstream_loss(
     seq_len: int = 64,
     batch_size: int = 16,
     max_rows: int | None = 64,
+    unspliced: int | None = None,
 ) -> dict[str, float]:
     """Mean next-token loss clean, with the SAE spliced in, and with its reconstructed site zero-ablated
-    (``config.site``, or a transcoder's ``config.out_site``). Rows start with the tokenizer's BOS where it adds
-    one (:func:`token_rows`); the splice and the ablation leave it as it is: SAEs are trained on text tokens,
-    and a reconstruction of Gemma's BOS (14x a token's norm, the sink every later token attends to) would
-    charge the SAE for a position it never saw."""
+    (``config.site``, or a transcoder's ``config.out_site``).
+
+    The first `unspliced` positions of each row are left as they are in both runs. By default that is the
+    tokenizer's BOS prefix, and at least position 0 -- the positions an activation store leaves out
+    (``skip_first``), so an SAE trained from one is charged only for positions like those it saw. Position 0
+    is the attention sink every later token reads, with or without a BOS: Gemma's BOS residual is 14x a
+    text token's norm, SmolLM2's first token (it adds no BOS) plays the same part. Pass ``unspliced=0`` for
+    an SAE trained on every position. Rows start as :func:`token_rows` makes them (with the BOS where the
+    tokenizer adds one).
+    """
     written = model.site(sae.config.out_site or sae.config.site) if sae.config.site else None
     if written is None:
         raise ShapeError("the SAE names no site; build it with SAEConfig(site=...)")
+    if unspliced is not None and (isinstance(unspliced, bool) or not isinstance(unspliced, int) or unspliced < 0):
+        raise ConfigError(f"unspliced must be a number of leading positions >= 0 (or None); got {unspliced!r}")
     rows = token_rows(model, texts, seq_len)[:max_rows]
     device = next(model.hf_model.parameters()).device
-
-    bos = len(special_prefix(model.tokenizer))  # leading positions kept
+    kept = max(len(special_prefix(model.tokenizer)), 1) if unspliced is None else unspliced
+    if kept >= rows.shape[1]:
+        raise ConfigError(f"unspliced={kept} leaves no position of the {rows.shape[1]}-token rows to splice")
 
     def zero(activation: Tensor, _ctx: HookContext) -> Tensor:
         return torch.zeros_like(activation)
@@ -145,10 +155,10 @@ def downstream_loss(
         def keep_start(fn: HookFn) -> HookFn:
             def hook(activation: Tensor, ctx: HookContext) -> Tensor | None:
                 new = fn(activation, ctx)
-                if new is None or not bos:
+                if new is None or not kept:
                     return new
                 out = new.clone()
-                out[:, :bos] = activation[:, :bos]
+                out[:, :kept] = activation[:, :kept]
                 return out
 
             return hook
@@ -176,6 +186,7 @@ def downstream_loss(
         "ce_spliced": spliced,
         "ce_zero_ablated": zeroed,
         "loss_recovered": (zeroed - spliced) / (zeroed - clean) if zeroed != clean else float("nan"),
+        "unspliced": float(kept),
     }
 
 
