@@ -1,10 +1,12 @@
 """The float16 guard: a residual stream that leaves float16's range raises NumericsError naming where, on
 every path into the model (forward, caching stopped early, partial runs, generation), and never fires on an
-ordinary float16 run, in bfloat16, or in float32."""
+ordinary float16 run, in bfloat16, or in float32. On the device under test (``MECHSCOPE_TEST_DEVICE``: the
+CPU here, CUDA in scripts/gpu_check.sh)."""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -14,12 +16,13 @@ from mechscope.model.hooked import HookedModel
 from mechscope.model.partial import base_run, run_from
 from tiny_models import tiny_model
 
+DEVICE = os.environ.get("MECHSCOPE_TEST_DEVICE", "cpu")
 HUGE = 1e6  # past float16's largest value (65504), well inside bfloat16's and float32's range
 
 
 def _model(dtype: torch.dtype, family: str = "llama", **overrides: object) -> HookedModel:
     hf, tok = tiny_model(family, **overrides)
-    return HookedModel(hf.to(dtype), tok)
+    return HookedModel(hf.to(device=DEVICE, dtype=dtype), tok)
 
 
 def _blow_up(activation: torch.Tensor, _ctx: object) -> torch.Tensor:
