@@ -204,6 +204,32 @@ def test_dtype_is_part_of_the_key(tiny_file, converted):
     assert model.hf_model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_half_precision_loads_reuse_a_float32_conversion(tiny_file, tmp_path, monkeypatch):
+    # Converting to bf16 dequantises to fp32 and casts; loading the fp32 folder with dtype= casts the same
+    # weights the same way, so an existing fp32 entry serves every dtype without a second conversion.
+    path = tiny_file[0]
+    separate = load_model(path, cache_dir=tmp_path / "separate", dtype=torch.bfloat16)  # its own bf16 entry
+    root = tmp_path / "shared"
+    full = mg.gguf_to_folder(path, cache_dir=root)
+
+    def no_conversion(*_args, **_kwargs):
+        raise AssertionError("a float32 entry existed; nothing should be converted")
+
+    monkeypatch.setattr(mg, "_convert", no_conversion)
+    for dtype in (torch.bfloat16, torch.float16):
+        reused = load_model(path, cache_dir=root, dtype=dtype)
+        assert reused.hf_model.model.embed_tokens.weight.dtype == dtype
+    assert sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) == [full.folder.name]
+    reused = load_model(path, cache_dir=root, dtype=torch.bfloat16)
+    assert reused.fingerprint() == separate.fingerprint()
+    for (name, a), (_, b) in zip(reused.hf_model.state_dict().items(), separate.hf_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(reused(IDS), separate(IDS))
+    assert mg.find_cached(path, dtype="bfloat16", cache_dir=root) is None
+    assert mg.find_cached(path, cache_dir=root) == full.folder
+
+
 def test_cache_root_resolution(monkeypatch, tmp_path):
     assert mg.cache_root(tmp_path / "x") == tmp_path / "x"
     monkeypatch.setenv(mg.CACHE_ENV, str(tmp_path / "env"))

@@ -312,6 +312,28 @@ def gguf_to_folder(
         return _convert_or_reuse(source, folder, root, digest, dtype_name, verify, rebuild, start)
 
 
+def find_cached(
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "float32",
+    cache_dir: str | os.PathLike[str] | None = None,
+    verify: Verify = "sample",
+) -> Path | None:
+    """The verified cache folder of the GGUF file at `path` in `dtype`, or None; converts nothing."""
+    source = Path(path).expanduser()
+    root = cache_root(cache_dir)
+    if not source.is_file() or not root.is_dir():
+        return None
+    folder = root / f"{file_digest(source, root)[:20]}-{_dtype_name(dtype)}"
+    if not folder.exists():
+        return None
+    try:
+        verify_cached(folder, verify)
+    except CorruptCacheError:
+        return None  # gguf_to_folder rebuilds it, saying so
+    return folder
+
+
 @contextlib.contextmanager
 def _conversion_lock(root: Path, name: str) -> Iterator[None]:
     """An exclusive advisory lock (``flock``) per cache entry, across processes. Without it, a second process
@@ -404,6 +426,7 @@ __all__ = [
     "cache_root",
     "clear_cache",
     "file_digest",
+    "find_cached",
     "gguf_to_folder",
     "sample_digest",
     "verify_cached",

@@ -111,7 +111,11 @@ def _resolve_folder(source: str | os.PathLike[str]) -> Path:
 def _gguf_source(
     source: str | os.PathLike[str], dtype: torch.dtype | None, cache_dir: str | os.PathLike[str] | None
 ) -> Path | None:
-    """The converted cache folder when `source` is a ``.gguf`` file or a real-model name, else None."""
+    """The converted cache folder when `source` is a ``.gguf`` file or a real-model name, else None.
+
+    A half-precision load reuses an existing float32 conversion rather than converting again: conversions
+    dequantise to float32 and then cast, exactly what loading the float32 folder with ``dtype=`` does
+    (Gemma-3-270M: ~45 s of conversion and 0.5 GB of disk saved per dtype)."""
     from mechscope.model import gguf, real_models
 
     text = str(source)
@@ -121,7 +125,12 @@ def _gguf_source(
         path = Path(source).expanduser()
     else:
         return None
-    return gguf.gguf_to_folder(path, dtype=dtype or torch.float32, cache_dir=cache_dir).folder
+    wanted = dtype or torch.float32
+    if wanted != torch.float32 and gguf.find_cached(path, dtype=wanted, cache_dir=cache_dir) is None:
+        full = gguf.find_cached(path, dtype=torch.float32, cache_dir=cache_dir)
+        if full is not None:
+            return full  # load_model casts it to `wanted` on load
+    return gguf.gguf_to_folder(path, dtype=wanted, cache_dir=cache_dir).folder
 
 
 _WEIGHT_FILES = (
