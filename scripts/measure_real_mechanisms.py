@@ -172,10 +172,8 @@ def capital_patching(model, out: dict, folder: Path) -> None:
 
 
 @torch.no_grad()
-def ioi(model, out: dict, folder: Path) -> None:
-    from mechscope.locate.metrics import logit_diff
-    from mechscope.locate.patching import activation_patch
-
+def ioi_prompts(model) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
+    """The 40 IOI prompts (seed 0), their ABC corruptions, and the first token of each IO and S name."""
     gen = torch.Generator().manual_seed(0)
     prompts, corrupt, io_ids, s_ids = [], [], [], []
     while len(prompts) < 40:
@@ -189,7 +187,14 @@ def ioi(model, out: dict, folder: Path) -> None:
         corrupt.append(bad)
         io_ids.append(first_token(model, a))
         s_ids.append(first_token(model, b))
-    io_t, s_t = torch.tensor(io_ids), torch.tensor(s_ids)
+    return prompts, corrupt, torch.tensor(io_ids), torch.tensor(s_ids)
+
+
+def ioi(model, out: dict, folder: Path) -> None:
+    from mechscope.locate.metrics import logit_diff
+    from mechscope.locate.patching import activation_patch
+
+    prompts, corrupt, io_t, s_t = ioi_prompts(model)
     batch = model.to_tokens(prompts, padding_side="left")
     diffs = logit_diff(model(batch), io_t, s_t)
     out["ioi"] = {
@@ -224,6 +229,59 @@ def ioi(model, out: dict, folder: Path) -> None:
         "corrupt": round(float(result["corrupt"]), 3),
         "top_heads": [(f"L{int(i) // heads}H{int(i) % heads}", round(float(norm.flatten()[i]), 3)) for i in order],
         "seconds": round(seconds, 1),
+    }
+
+
+def ioi_attention(model, out: dict, folder: Path) -> None:
+    """Where the heads that head patching ranks highest attend from the last position of the 40 IOI prompts:
+    to the indirect object (IO), the subject's first (S1) or second (S2) mention, or elsewhere; against the
+    mean over every head. Name movers (GPT-2 small's IOI circuit) attend to IO and copy it; S-inhibition
+    heads attend to S2."""
+    from mechscope.model.decompose import direct_logit_attribution
+
+    prompts, _, io_t, s_t = ioi_prompts(model)
+    batch = model.to_tokens(prompts, padding_side="left")
+    ids = batch["input_ids"]
+    io_pos = (ids == io_t[:, None]).float().argmax(-1)
+    s_pos = (ids == s_t[:, None]).nonzero()  # two rows per prompt: S1, then S2
+    s1, s2 = s_pos[0::2, 1], s_pos[1::2, 1]
+    if not (len(s1) == len(s2) == len(prompts)) or not bool((ids.gather(1, io_pos[:, None])[:, 0] == io_t).all()):
+        raise RuntimeError("each prompt must hold its IO name once and its S name twice, as single tokens")
+    kind = "attn.hook_pattern"
+    _, cache = model.run_with_cache(batch, [f"blocks.{layer}.{kind}" for layer in range(model.dims.n_layers)])
+    rows = torch.arange(len(prompts))
+    # [layer, head, prompt, key] attention from the last query position
+    last = torch.stack(
+        [cache[f"blocks.{layer}.{kind}"][:, :, -1].transpose(0, 1) for layer in range(model.dims.n_layers)]
+    )
+    to = {
+        "IO": last[:, :, rows, io_pos].mean(-1),
+        "S1": last[:, :, rows, s1].mean(-1),
+        "S2": last[:, :, rows, s2].mean(-1),
+        "first token": last[:, :, rows, batch["attention_mask"].argmax(-1)].mean(-1),
+        "itself (' to')": last[:, :, :, -1].mean(-1),
+    }  # each [layer, head]
+    # What each head writes: its direct logit attribution to the IO and to the S token (final norm applied).
+    written = {
+        "DLA IO": direct_logit_attribution(model, batch, io_t),
+        "DLA S": direct_logit_attribution(model, batch, s_t),
+    }
+    heads = ["L23H3", "L29H1", "L20H0", "L19H2", "L23H0", "L23H1"]
+    table = {}
+    for name in heads:
+        layer, head = (int(x) for x in name[1:].split("H"))
+        table[name] = {k: round(float(v[layer, head]), 3) for k, v in to.items()}
+        for key, attribution in written.items():
+            table[name][key] = round(float(attribution.values[attribution.labels.index(f"L{layer}H{head}")].mean()), 3)
+    table["mean over all heads"] = {k: round(float(v.mean()), 3) for k, v in to.items()}
+    io_rank = to["IO"].flatten().argsort(descending=True)
+    n_heads = model.dims.n_heads
+    out["ioi_attention"] = {
+        "from": "last position, 40 prompts, mean attention weight",
+        "heads": table,
+        "top_heads_by_attention_to_IO": [
+            (f"L{int(i) // n_heads}H{int(i) % n_heads}", round(float(to["IO"].flatten()[i]), 3)) for i in io_rank[:6]
+        ],
     }
 
 
@@ -481,6 +539,7 @@ SECTIONS = [
     "ioi",
     "refusal",
     "ioi_path_patching",
+    "ioi_attention",
     "induction",
     "tracing",
     "refusal_direction",
