@@ -105,6 +105,23 @@ def test_bad_options_are_reported():
         load_model(42)  # type: ignore[arg-type]
 
 
+def test_bad_devices_are_refused_before_anything_loads(saved_llama):
+    folder = saved_llama[0]
+    with pytest.raises(ConfigError, match="device must be a torch device .* got 'gpu0'"):
+        load_model(folder, device="gpu0")
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:1", torch.device("cuda:0")):
+            with pytest.raises(ConfigError, match="asks for CUDA"):
+                load_model(folder, device=device)
+    else:
+        with pytest.raises(ConfigError, match="CUDA device"):
+            load_model(folder, device=f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="MPS"):
+            load_model(folder, device="mps")
+    assert load_model(folder, device="cpu").device == torch.device("cpu")
+
+
 def test_fingerprint_depends_on_weights_not_on_the_folder(tmp_path):
     """Same weights from two folders: same fingerprint; one weight changed: a different one."""
     import torch

@@ -258,6 +258,27 @@ def _is_device(value: Any) -> bool:
     return True
 
 
+def _device(device: str | torch.device | None) -> torch.device | None:
+    """`device` as a ``torch.device``: names torch does not know, and accelerators this machine lacks, are
+    refused here rather than deep inside ``.to()`` (whose errors read like bugs)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r}") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"device {str(device)!r} asks for CUDA, but {why} (torch {torch.__version__}); use 'cpu'")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"device {str(device)!r}: this machine has {count} CUDA device(s), 0..{count - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r} asks for Apple's MPS, which this machine does not have; use 'cpu'")
+    return parsed
+
+
 def load_model(
     source: str | os.PathLike[str] | nn.Module,
     *,
@@ -298,6 +319,7 @@ def load_model(
             folders that have no ``.safetensors``; off by default.
     """
     torch_dtype = _dtype(dtype)
+    device = _device(device)
     if device is not None and device_map is not None:
         raise ConfigError("pass either device or device_map, not both")
     if (max_memory is not None or offload_folder is not None) and device_map is None:
