@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mechscope.cli.main import app
@@ -57,3 +58,20 @@ def test_cli_errors_are_clear_and_nonzero(folder, tmp_path):
     assert "hook_resid_post" in result.output  # did-you-mean
     result = runner.invoke(app, ["info", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no model folder" in result.output
+
+
+def test_dtype_and_device_apply_to_every_model_a_command_loads(folder, tmp_path):
+    out = tmp_path / "half.safetensors"
+    args = ["cache", str(folder), "-p", "The cat sat", "-p", "A dog ran far", "-s", "blocks.0.hook_resid_post"]
+    result = runner.invoke(app, ["--dtype", "bf16", "--device", "cpu", *args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert ActivationCache.load(out)["blocks.0.hook_resid_post"].dtype == torch.bfloat16
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "full.safetensors")])  # the next invocation: defaults
+    assert ActivationCache.load(tmp_path / "full.safetensors")["blocks.0.hook_resid_post"].dtype == torch.float32
+    for option, value, says in [
+        ("--dtype", "int8", "dtype must be"),
+        ("--device", "gpu0", "device must be a torch device"),
+    ]:
+        result = runner.invoke(app, [option, value, "info", str(folder)])
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert "bug in mechscope" not in result.output

@@ -1,13 +1,17 @@
-"""What every `mechscope` command shares: offline-by-default environment, one way to fail, one output
-folder for results nobody named, renamed options with a deprecation note, and figures sharing plotly.js."""
+"""What every `mechscope` command shares: offline-by-default environment, one way to load a model (with the
+command line's ``--dtype`` and ``--device``), one way to fail, one output folder for results nobody named,
+renamed options with a deprecation note, and figures sharing plotly.js."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from mechscope.model.hooked import HookedModel
 
 #: Where results go when a command is not given an output path (``$MECHSCOPE_OUT`` overrides).
 DEFAULT_OUT_DIR = "mechscope-out"
@@ -17,6 +21,24 @@ def offline_by_default() -> None:
     """mechscope never downloads unless asked: keep HF libraries from trying (they hang when offline)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+#: the ``--dtype`` / ``--device`` given to the `mechscope` command (set by its callback for each invocation)
+_LOAD_OPTIONS: dict[str, str] = {}
+
+
+def set_load_options(*, dtype: str | None, device: str | None) -> None:
+    """Remember the command line's ``--dtype`` and ``--device`` for every model this invocation loads."""
+    _LOAD_OPTIONS.clear()
+    _LOAD_OPTIONS.update({key: value for key, value in (("dtype", dtype), ("device", device)) if value})
+
+
+def load_model(source: str | os.PathLike[str], **kwargs: Any) -> HookedModel:
+    """:func:`mechscope.load_model` with the command line's ``--dtype`` and ``--device`` (the way every
+    command loads the models it is given, so a bf16 or GPU run needs no option on each command)."""
+    from mechscope.model.loading import load_model as load
+
+    return load(source, **{**_LOAD_OPTIONS, **kwargs})
 
 
 def fail(exc: Exception) -> typer.Exit:

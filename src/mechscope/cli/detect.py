@@ -88,9 +88,9 @@ def train(
 ) -> None:
     """Fit a detector (probe / mean difference on contrast data, or an anomaly detector on normal data)."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
     from mechscope.improve.detect import evaluate_detector, train_detector
-    from mechscope.model.loading import load_model
 
     try:
         hm = load_model(model)
@@ -131,10 +131,10 @@ def calibrate_cmd(
 ) -> None:
     """Set the alert threshold at a target false-positive rate on control data."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.data.detection import detection_set, organism_requests
     from mechscope.errors import ConfigError, MechscopeError
     from mechscope.improve.detect import Detector, calibrate
-    from mechscope.model.loading import load_model
 
     try:
         hm = load_model(model)
@@ -174,9 +174,9 @@ def eval_cmd(
 ) -> None:
     """AUROC, recall at 1 % / 5 % FPR and ECE with bootstrap 95 % intervals (held-out and shifted)."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
     from mechscope.improve.detect import Detector, evaluate_detector
-    from mechscope.model.loading import load_model
 
     try:
         hm = load_model(model)
@@ -220,10 +220,10 @@ def generate(
 
     import torch
 
+    from mechscope.cli.common import load_model
     from mechscope.errors import ConfigError, MechscopeError
     from mechscope.improve.detect import Detector
     from mechscope.improve.monitor import Monitor
-    from mechscope.model.loading import load_model
     from mechscope.steer import Direction, directional_ablation
 
     try:

@@ -32,10 +32,10 @@ def diff_command(
 ) -> None:
     """Diff two models of one architecture: weights, activations, logit lens of the difference, cross-model
     patching and KL by position. Prints the top components of each view."""
+    from mechscope.cli.common import load_model
     from mechscope.errors import ConfigError, MechscopeError
     from mechscope.improve.diffing import diff_models
     from mechscope.improve.neutral import NEUTRAL_TEXTS
-    from mechscope.model.loading import load_model
 
     try:
         if (tuned == "-") == (edit is None):

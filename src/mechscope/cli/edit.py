@@ -112,8 +112,8 @@ def stats_cmd(
 ) -> None:
     """Compute (or find cached) second-moment statistics E(k k^T) of MLP keys; resumable."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
-    from mechscope.model.loading import load_model
     from mechscope.steer.editing.stats import StatsConfig, default_cache_dir, second_moments
 
     try:
@@ -157,8 +157,8 @@ def rome_cmd(
     it is measured) and the mean metrics are printed.
     """
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import ConfigError, MechscopeError
-    from mechscope.model.loading import load_model
     from mechscope.steer.editing.metrics import edit_metrics
     from mechscope.steer.editing.requests import EditRequest, world_requests
     from mechscope.steer.editing.rome import rome
@@ -227,8 +227,8 @@ def memit_cmd(
 ) -> None:
     """Write many facts at once with MEMIT and report the edit metrics before and after."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import ConfigError, MechscopeError
-    from mechscope.model.loading import load_model
     from mechscope.steer.editing.memit import memit
     from mechscope.steer.editing.requests import EditRequest, world_requests
     from mechscope.steer.editing.stats import StatsConfig, second_moments
@@ -268,8 +268,8 @@ def revert_cmd(
 ) -> None:
     """Undo an edit exactly: restore the recorded weights (the model must hold the edit's weights)."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
-    from mechscope.model.loading import load_model
     from mechscope.steer.editing.records import EditRecord
 
     try:

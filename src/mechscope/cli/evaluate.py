@@ -50,10 +50,10 @@ def run_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the task splits.")] = 0,
 ) -> None:
     """Evaluate one intervention (steering vector, directional ablation, edit, or a modified model)."""
+    from mechscope.cli.common import load_model
     from mechscope.errors import ConfigError
     from mechscope.improve import EvaluationConfig, evaluate
     from mechscope.improve.task_specs import load_task
-    from mechscope.model.loading import load_model
     from mechscope.steer import Direction, SteeringVector, directional_ablation, orthogonalize, steer
 
     def intervention_for(hm: Any) -> Any:

@@ -29,9 +29,9 @@ SeqLen = Annotated[int, typer.Option(help="Row length when packing text.")]
 
 def _load(model: str, sae_path: Path) -> tuple[Any, Any]:
     """The model and the saved SAE, which must name its site."""
+    from mechscope.cli.common import load_model
     from mechscope.errors import ConfigError
     from mechscope.features import load_sae
-    from mechscope.model.loading import load_model
 
     sae = load_sae(sae_path)
     if not sae.config.site:
@@ -90,10 +90,10 @@ def train_cmd(
     """Collect the site's activations, train an SAE (a transcoder with --out-site), save it, report
     held-out reconstruction and loss."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
     from mechscope.features import SAEConfig, collect_activations, train_sae
     from mechscope.io import ModelInfo
-    from mechscope.model.loading import load_model
 
     try:
         hm = load_model(model)
@@ -199,9 +199,9 @@ def collect_cmd(
     offline_by_default()
     import time
 
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
     from mechscope.features import collect_store
-    from mechscope.model.loading import load_model
 
     try:
         hm = load_model(model)

@@ -70,8 +70,8 @@ def read_pairs(path: Path, *, need_answers: bool = True) -> list[dict[str, str]]
 def _setup(model_name: str, data: Path, need_answers: bool = True) -> tuple[HookedModel, list[str], list[str], Any]:
     import torch
 
+    from mechscope.cli.common import load_model
     from mechscope.metrics import logit_diff_metric
-    from mechscope.model.loading import load_model
 
     rows = read_pairs(data, need_answers=need_answers)
     model = load_model(model_name)

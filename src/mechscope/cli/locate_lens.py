@@ -110,10 +110,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a tuned lens on a text stream, save it and print held-out KL of both lenses."""
         offline_by_default()
+        from mechscope.cli.common import load_model
         from mechscope.data.corpus import default_stream, english_texts
         from mechscope.errors import MechscopeError
         from mechscope.locate.tuned_lens import compare_lenses, token_windows, train_tuned_lens, zoo_texts
-        from mechscope.model.loading import load_model
 
         try:
             hm = load_model(model)

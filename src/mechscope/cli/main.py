@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mechscope.cli.common import fail, offline_by_default
+from mechscope.cli.common import fail, offline_by_default, set_load_options
 from mechscope.cli.errors import ErrorHandlingGroup
 
 app = typer.Typer(
@@ -29,8 +29,21 @@ def _record_option(
         typer.Option("--runs", help="Run store for --record (default: $MECHSCOPE_RUNS or ./mechscope-runs)."),
     ] = None,
     tag: Annotated[list[str], typer.Option("--tag", help="Tag for the recorded run (repeatable).")] = [],  # noqa: B006
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="Dtype of every model the command loads: float32 (default), bfloat16 or float16 (bf16/fp16). "
+            "Not the demo, which runs its own models.",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="Device of every model the command loads: cpu (default), cuda, cuda:1, ..."),
+    ] = None,
 ) -> None:
     """Options for every command; mechscope.cli.runs.RecordingGroup acts on --record."""
+    set_load_options(dtype=dtype, device=device)
 
 
 @app.command()
@@ -40,8 +53,8 @@ def info(
 ) -> None:
     """Architecture, sizes and site list of a model."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
-    from mechscope.model.loading import load_model
 
     try:
         hm = load_model(model)
@@ -82,12 +95,11 @@ def cache(
     offline_by_default()
     import torch
 
-    from mechscope.cli.common import output_path
+    from mechscope.cli.common import load_model, output_path
     from mechscope.cli.memory import memory_knob
     from mechscope.errors import ConfigError
     from mechscope.io import read_text
     from mechscope.model.cache import ActivationCache
-    from mechscope.model.loading import load_model
 
     texts = list(prompt)
     if prompts_file is not None:

@@ -114,8 +114,8 @@ def generate_cmd(
 ) -> None:
     """Greedy generations without and with steering."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
-    from mechscope.model.loading import load_model
     from mechscope.steer import SteeringVector, steer
 
     try:
@@ -167,9 +167,9 @@ def direction_cmd(
 ) -> None:
     """Choose a behaviour direction among (layer, position) candidates and save it."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
     from mechscope.improve.refusal import refusal_score
-    from mechscope.model.loading import load_model
     from mechscope.steer import select_direction
 
     try:
@@ -209,8 +209,8 @@ def orthogonalize_cmd(
 ) -> None:
     """Write a model whose weights never write along the direction (loads with plain transformers)."""
     offline_by_default()
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
-    from mechscope.model.loading import load_model
     from mechscope.steer import Direction, orthogonalize
 
     try:
@@ -243,8 +243,8 @@ def ablate_cmd(
     offline_by_default()
     import torch
 
+    from mechscope.cli.common import load_model
     from mechscope.errors import MechscopeError
-    from mechscope.model.loading import load_model
     from mechscope.steer import Ablation, AblationConfig
 
     try:

@@ -202,7 +202,7 @@ def run_verb(
 
     try:
         if load is None:
-            from mechscope.model.loading import load_model
+            from mechscope.cli.common import load_model
 
             load = load_model
         hm = load(model)
