@@ -107,7 +107,7 @@ def test_bad_options_are_reported():
 
 def test_bad_devices_are_refused_before_anything_loads(saved_llama):
     folder = saved_llama[0]
-    with pytest.raises(ConfigError, match="device must be a torch device .* got 'gpu0'"):
+    with pytest.raises(ConfigError, match=r"device must be a torch device .* got 'gpu0'"):
         load_model(folder, device="gpu0")
     if not torch.cuda.is_available():
         for device in ("cuda", "cuda:1", torch.device("cuda:0")):

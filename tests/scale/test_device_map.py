@@ -228,6 +228,24 @@ def test_offload_in_bf16_equals_the_plain_bf16_model(folders, tmp_path):
     _same(got["metric"], want["metric"], "bf16 head patching")
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_float16_guard_watches_offloaded_and_spread_layers(folders, tmp_path, name):
+    from mechscope.errors import NumericsError
+
+    spread = load_model(folders["llama"], dtype="fp16", device_map=_maps("llama")[name], offload_folder=tmp_path)
+    plain = load_model(folders["llama"], dtype="fp16")
+    _same(spread(CLEAN).float(), plain(CLEAN).float(), f"fp16 logits ({name})")
+
+    def blow_up(activation, _ctx):
+        return activation * 1e6  # past float16's 65504
+
+    for layer in (0, 1):  # layer 1 sits on disk in the named maps; "auto" puts what it likes there
+        with spread.hooks({f"blocks.{layer}.hook_resid_post": blow_up}), pytest.raises(NumericsError) as info:
+            spread(CLEAN)
+        where = "the last layer" if layer == 1 else "after layer 0"
+        assert where in str(info.value), str(info.value)
+
+
 def test_the_temporary_offload_folder_goes_with_the_model(folders, tmp_path, monkeypatch):
     """Without offload_folder, load_model makes one and removes it when the model is collected (or at exit),
     also when the load fails; a folder the caller named is left alone."""
