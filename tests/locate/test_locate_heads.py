@@ -169,7 +169,8 @@ def test_zero_and_mean_ablation_set_the_heads_z(model):
     _, ref_cache = model.run_with_cache(ref, ["blocks.0.attn.hook_z"])
     with ablate_heads(model, [(0, 1)], mode="mean", reference=ref):
         _, cache = model.run_with_cache(x, ["blocks.0.attn.hook_z"])
-    expected = ref_cache["blocks.0.attn.hook_z"][:, :, 1].mean((0, 1))
+    assert bool((ref[:, 0] == model.tokenizer.bos_token_id).all())  # the mean leaves the BOS out
+    expected = ref_cache["blocks.0.attn.hook_z"][:, 1:, 1].mean((0, 1))
     torch.testing.assert_close(cache["blocks.0.attn.hook_z"][:, :, 1], expected.expand(3, 2 * HALF, -1))
     # hooks are gone after the block
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)

@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.model.tokens import special_ids, special_prefix
+from mechscope.model.tokens import special_ids, special_prefix, text_mask
 from mechscope.results import Result
 from mechscope.sites import Site
 
@@ -407,7 +407,9 @@ def ablate_heads(
 ) -> Iterator[None]:
     """Within the block, replace each (layer, head)'s ``hook_z`` by zero or by its mean over `reference`.
 
-    Mean ablation needs `reference` inputs; the mean is over their batch rows and real positions.
+    Mean ablation needs `reference` inputs; the mean is over their rows' text tokens (padding and the
+    tokenizer's BOS left out, as every token mean in mechscope: Gemma's BOS is an outlier), accumulated in
+    fp32.
     """
     if mode not in ("zero", "mean"):
         raise ConfigError(f"mode must be 'zero' or 'mean'; got {mode!r}")
@@ -428,9 +430,10 @@ def ablate_heads(
             raise ConfigError("mean ablation needs reference inputs (reference=...)")
         ref = model.prepare_inputs(reference)
         _, cache = model.run_with_cache(ref, [Site("attn.hook_z", i) for i in by_layer])
-        real = ref["attention_mask"].bool()
+        text = text_mask(model.tokenizer, ref["input_ids"], ref["attention_mask"]).bool()
         for layer in by_layer:
-            means[layer] = cache[Site("attn.hook_z", layer)][real].mean(0)  # [n_heads, d_head]
+            z = cache[Site("attn.hook_z", layer)]
+            means[layer] = z[text.to(z.device)].float().mean(0)  # [n_heads, d_head]
 
     def hook_for(layer: int) -> Any:
         idx = torch.tensor(by_layer[layer])
