@@ -82,7 +82,7 @@ class Condition:
             w = mask.to(act.device, torch.float32).unsqueeze(-1)
             x = (act.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
         else:
-            x = act.mean(1)
+            x = act.float().mean(1)
         return x.float() @ self.direction.to(x.device) + self.bias
 
 
