@@ -12,14 +12,13 @@
   BOS alone; then a tuned lens trained briefly on other text, against the logit lens on the held-out text;
 - ``sae``: a TopK SAE trained on the layer-6 residual of the default English stream (standard-library
   docstrings), scored on its held-out split: explained variance, L0, dead features and the next-token
-  loss with it spliced in;
-- ``dtypes``: the model in float16 (which overflows: the error names the layer) and in bfloat16 against
-  float32 -- logits, the logit lens, head patching, EAP and a mean-difference vector, each error in units of
-  bfloat16's roundoff ``u = 2**-8`` (docs/scale.md).
+  loss with it spliced in.
+
+The model in half precision: scripts/measure_dtypes.py.
 
 Needs the real models: scripts/install_real_models.sh.
 
-    .venv/bin/python scripts/measure_gemma.py [--only bos eap rome means lens sae dtypes] [--top 15]
+    .venv/bin/python scripts/measure_gemma.py [--only bos eap rome means lens sae] [--top 15]
         [--lens-steps 60] [--sae-steps 3000]
 """
 
@@ -248,62 +247,9 @@ def eap_section(model: Any, top: int) -> None:
     print(f"faithfulness of the top 200 edges: {kept:.2f}")
 
 
-def dtypes_section(model: Any) -> None:
-    from mechscope.errors import NumericsError
-    from mechscope.locate import activation_patch, logit_lens
-    from mechscope.locate.tuned_lens import token_windows
-    from mechscope.steer import mean_difference
-
-    u = 2.0**-8
-    first = lambda words: [model.tokenizer.encode(w, add_special_tokens=False)[0] for w in words]  # noqa: E731
-    metric = logit_diff_metric(first(ANSWERS), first(WRONG))
-    windows = token_windows(model, _docstrings(json, pathlib, typing), seq_len=64, max_windows=8)
-    positive = ["I love this, it is wonderful.", "What a great day, I am so happy.", "This is excellent work."]
-    negative = ["I hate this, it is awful.", "What a terrible day, I am so sad.", "This is dreadful work."]
-
-    def figures(m: Any) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            logits = m(windows).float()
-        lens = logit_lens(m, windows, k=1, batch_size=2)
-        heads = activation_patch(m, CLEAN, CORRUPT, "heads", metric)
-        return {
-            "logits (8 x 64 English tokens)": logits[:, 1:],
-            "logit-lens KL per layer (text tokens)": lens.mean_kl().float(),
-            "head patching, IOI logit difference (18 x 4)": heads["metric"].float(),
-            "EAP edge scores (IOI)": eap(m, CLEAN, CORRUPT, metric)["scores"].float(),
-            "mean-difference vector, layer 9": mean_difference(m, positive, negative, layers=9).directions[0].float(),
-        }
-
-    start = time.perf_counter()
-    reference = figures(model)
-    print(f"float32 figures in {time.perf_counter() - start:.0f} s")
-    half = ms.load_model(model.hf_model, tokenizer=model.tokenizer, dtype="float16")
-    try:
-        half(windows[:1])
-        print("float16: ran without overflow")
-    except NumericsError as error:
-        print(f"float16: NumericsError: {str(error).split('. ')[0]}")
-    brain = ms.load_model(half.hf_model, tokenizer=model.tokenizer, dtype="bfloat16")  # float16 -> bfloat16 is exact
-    start = time.perf_counter()
-    measured = figures(brain)
-    print(f"bfloat16 figures in {time.perf_counter() - start:.0f} s; error norm-relative to float32, in units of u:")
-    for name, ref in reference.items():
-        got = measured[name]
-        error = float((got - ref).norm() / ref.norm()) / u
-        line = f"  {name:<46} {error:6.2f} u"
-        if ref.numel() > 50:
-            top = lambda t: set(t.flatten().abs().argsort(descending=True)[:20].tolist())  # noqa: E731
-            line += f"   top-20 overlap {len(top(ref) & top(got))}/20"
-        if ref.ndim == 1:
-            cosine = float(torch.nn.functional.cosine_similarity(ref, got, dim=0))
-            line += f"   cosine {cosine:.5f}"
-        print(line)
-    model.hf_model.float()  # leave the caller's model in float32
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sections = ("bos", "eap", "rome", "means", "lens", "sae", "dtypes")
+    sections = ("bos", "eap", "rome", "means", "lens", "sae")
     parser.add_argument("--only", nargs="*", choices=sections, default=sections)
     parser.add_argument("--top", type=int, default=15, help="strongest edges (and as many random ones) checked")
     parser.add_argument("--lens-steps", type=int, default=60, help="training steps of the tuned lens")
@@ -325,8 +271,6 @@ def main() -> None:
             lens_section(model, args.lens_steps)
         elif section == "sae":
             sae_section(model, args.sae_steps)
-        elif section == "dtypes":
-            dtypes_section(model)
         else:
             means(model)
 
