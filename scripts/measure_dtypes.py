@@ -22,40 +22,14 @@ import typing
 from typing import Any
 
 import torch
+from measure_gemma import ANSWERS, CLEAN, CORRUPT, WRONG, _docstrings  # the same IOI prompts and English text
 
 import mechscope as ms
 from mechscope.errors import NumericsError
 
-CLEAN = [
-    "When Mary and John went to the store, John gave a drink to",
-    "When Tom and Anna went to the park, Anna gave a ball to",
-    "After Lucy and Mark met, Mark thanked",
-]
-CORRUPT = [
-    "When Mary and John went to the store, Kate gave a drink to",
-    "When Tom and Anna went to the park, Paul gave a ball to",
-    "After Lucy and Mark met, Sara thanked",
-]
-ANSWERS, WRONG = [" Mary", " Tom", " Lucy"], [" John", " Anna", " Mark"]
 POSITIVE = ["I love this, it is wonderful.", "What a great day, I am so happy.", "This is excellent work."]
 NEGATIVE = ["I hate this, it is awful.", "What a terrible day, I am so sad.", "This is dreadful work."]
 UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
-
-
-def _english(*modules: Any) -> list[str]:
-    """Long docstrings of standard-library modules: English every machine has."""
-    import ast
-    import inspect
-
-    texts = []
-    for module in modules:
-        tree = ast.parse(inspect.getsource(module))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
-                text = ast.get_docstring(node) or ""
-                if len(text) > 200:
-                    texts.append(text)
-    return texts
 
 
 def figures(model: Any, layer: int) -> dict[str, torch.Tensor]:
@@ -69,7 +43,7 @@ def figures(model: Any, layer: int) -> dict[str, torch.Tensor]:
     first = [model.tokenizer.encode(w, add_special_tokens=False)[0] for w in ANSWERS]
     wrong = [model.tokenizer.encode(w, add_special_tokens=False)[0] for w in WRONG]
     metric = logit_diff_metric(first, wrong)
-    windows = token_windows(model, _english(json, pathlib, typing), seq_len=64, max_windows=8)
+    windows = token_windows(model, _docstrings(json, pathlib, typing), seq_len=64, max_windows=8)
     with torch.no_grad():
         logits = model(windows).float()
     d = model.dims
