@@ -188,6 +188,33 @@ def test_ablation_values_follow_their_definitions(model):
     assert not ablation_values(model, g, ct, xt, "zero")[2].any()
 
 
+def test_mean_ablation_on_a_left_padded_batch_leaves_each_rows_bos_out_of_the_mean():
+    # Left padding puts each row's BOS at another position; averaged in, it would swamp the text tokens there
+    # (Gemma's BOS residual is 14x a text token's). The mean is over the rows with text at a position; a BOS
+    # keeps its own output, the same in every prompt.
+    hf, tok = tiny_model("llama")
+    model = HookedModel(hf, tok)
+    g = Graph.from_model(model)
+    texts = ["a b c d e f g h", "a b c", "a b c d e"]
+    batch = model.to_tokens(texts, padding_side="left")
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    bos = real & (ids == tok.bos_token_id)
+    assert bos.sum() == 3 and len(set(bos.int().argmax(1).tolist())) == 3  # three BOS positions
+    _, outs = node_outputs(model, g, batch)
+    ablated = ablation_values(model, g, batch, None, "mean")[2]
+    assert ablated.shape == outs.shape
+    text = real & ~bos
+    for row in range(3):
+        for pos in range(ids.shape[1]):
+            if bos[row, pos]:
+                torch.testing.assert_close(ablated[row, pos], outs[row, pos])
+            elif text[row, pos]:
+                torch.testing.assert_close(ablated[row, pos], outs[text[:, pos], pos].mean(0), rtol=1e-5, atol=1e-6)
+    # the BOS's output is the same wherever it sits, which is what keeping it relies on
+    firsts = outs[bos]
+    torch.testing.assert_close(firsts, firsts[:1].expand_as(firsts), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["q", "k", "v"])
 def test_cutting_one_head_input_equals_patching_that_heads_q_k_or_v(model, kind):
     # Every edge into one query (or key/value head) removed with resample ablation = that head's

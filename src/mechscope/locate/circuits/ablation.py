@@ -3,6 +3,11 @@
 Ablations say what an upstream node's output becomes on a removed edge: ``resample`` its output on the
 corrupted prompt of the same row (the counterfactual run), ``mean`` its output averaged over the batch of
 reference prompts (the corrupted ones when given, else the clean ones) at each position, ``zero`` zero.
+
+The mean at a position is over the rows whose token there is text, accumulated in fp32. A row's BOS keeps
+its own output: it is the same in every prompt (the BOS attends only to itself), and with left padding it
+sits at a different position in each row, where averaging it in would swamp the text tokens (Gemma's BOS
+residual is 14x a text token's).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from mechscope.locate.circuits.forward import node_outputs
 from mechscope.locate.circuits.graph import Graph
 from mechscope.locate.patching import PromptMismatchError
 from mechscope.metrics import Metric, score_rows
+from mechscope.model.tokens import text_mask
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel, Inputs
@@ -72,10 +78,15 @@ def ablation_values(
     if ablation == "resample":
         assert corrupt is not None
         return logits, outs, node_outputs(model, graph, corrupt)[1]
+    source = corrupt or clean
     ref = outs if corrupt is None else node_outputs(model, graph, corrupt)[1]
-    mask = (corrupt or clean)["attention_mask"].to(ref.dtype)[:, :, None, None]
-    mean = (ref * mask).sum(0, keepdim=True) / mask.sum(0, keepdim=True).clamp_min(1)
-    return logits, outs, mean
+    text = text_mask(model.tokenizer, source["input_ids"], source["attention_mask"]).to(ref.device)
+    weights = text.float()[:, :, None, None]
+    mean = ((ref.float() * weights).sum(0, keepdim=True) / weights.sum(0, keepdim=True).clamp_min(1)).to(ref.dtype)
+    prefix = (source["attention_mask"].to(ref.device).bool() & ~text.bool())[:, :, None, None]  # each row's BOS
+    if not bool(prefix.any()):
+        return logits, outs, mean
+    return logits, outs, torch.where(prefix, ref, mean)
 
 
 __all__ = ["ABLATIONS", "Metric", "ablation_values", "check_ablation", "metric_rows", "tokens_pair"]
