@@ -75,3 +75,11 @@ def test_dtype_and_device_apply_to_every_model_a_command_loads(folder, tmp_path)
         result = runner.invoke(app, [option, value, "info", str(folder)])
         assert result.exit_code == 2 and says in result.output, result.output
         assert "bug in mechscope" not in result.output
+
+
+def test_the_demo_refuses_dtype_and_device_rather_than_ignoring_them(tmp_path):
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["--dtype", "bf16", "--device", "cpu", "demo", "--no-record", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "does not take --dtype bf16 --device cpu" in result.output
+    assert not out.exists()

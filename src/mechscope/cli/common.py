@@ -33,6 +33,11 @@ def set_load_options(*, dtype: str | None, device: str | None) -> None:
     _LOAD_OPTIONS.update({key: value for key, value in (("dtype", dtype), ("device", device)) if value})
 
 
+def load_options() -> dict[str, str]:
+    """The command line's ``--dtype`` / ``--device`` that were given (empty when neither was)."""
+    return dict(_LOAD_OPTIONS)
+
+
 def load_model(source: str | os.PathLike[str], **kwargs: Any) -> HookedModel:
     """:func:`mechscope.load_model` with the command line's ``--dtype`` and ``--device`` (the way every
     command loads the models it is given, so a bf16 or GPU run needs no option on each command)."""

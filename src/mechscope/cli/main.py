@@ -34,7 +34,7 @@ def _record_option(
         typer.Option(
             "--dtype",
             help="Dtype of every model the command loads: float32 (default), bfloat16 or float16 (bf16/fp16). "
-            "Not the demo, which runs its own models.",
+            "Not for the demo, which runs its own models in float32.",
         ),
     ] = None,
     device: Annotated[
@@ -158,10 +158,20 @@ def demo(
 ) -> None:
     """Locate -> Steer -> Improve on the default model; writes a self-contained HTML report."""
     offline_by_default()
+    from mechscope.cli.common import load_options
     from mechscope.demo import run_demo
-    from mechscope.errors import MechscopeError
+    from mechscope.errors import ConfigError, MechscopeError
     from mechscope.records import default_store_dir
 
+    given = load_options()
+    if given:  # refused rather than ignored: the demo's figures are those of its fp32 CPU models
+        options = " ".join(f"--{key} {value}" for key, value in given.items())
+        raise fail(
+            ConfigError(
+                f"the demo runs its bundled models in float32 on the CPU and does not take {options}; "
+                "those options apply to the other commands (e.g. mechscope --dtype bf16 locate ...)"
+            )
+        )
     try:
         report = run_demo(
             model or None,
