@@ -67,6 +67,27 @@ def test_a_probe_direction_refuses_another_model(model):
         probes.to_direction(HookedModel(hf, tok), 1)
 
 
+def test_an_artifact_made_on_half_precision_weights_applies_to_their_fp32_original(tmp_path):
+    import copy
+
+    from mechscope.steer import mean_difference
+
+    hf, tok = tiny_model("llama", seed=7)
+    full = HookedModel(hf, tok)
+    half = {dtype: HookedModel(copy.deepcopy(hf).to(dtype), tok) for dtype in (torch.bfloat16, torch.float16)}
+    for dtype, model in half.items():
+        assert full.fingerprint(dtype) == model.fingerprint() != full.fingerprint()
+        vector = mean_difference(model, TEXTS[:2], TEXTS[2:4], layers=1)
+        loaded = type(vector).load(vector.save(tmp_path / f"{dtype}.safetensors"), full)  # checked: accepted
+        assert torch.equal(loaded.directions, vector.directions)
+    made_in_fp32 = mean_difference(full, TEXTS[:2], TEXTS[2:4], layers=1)
+    with pytest.raises(ModelMismatchError, match="cannot be checked against rounded weights"):
+        made_in_fp32.check_model(half[torch.bfloat16])
+    other = HookedModel(tiny_model("llama", seed=8)[0], tok)  # other weights stay refused, at any precision
+    with pytest.raises(ModelMismatchError):
+        mean_difference(half[torch.bfloat16], TEXTS[:2], TEXTS[2:4], layers=1).check_model(other)
+
+
 def test_the_dla_direction_is_the_readout_that_favours_the_target(model):
     target, baseline = 40, 41
     direction = logit_direction(model, target, baseline)

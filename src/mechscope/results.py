@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import torch
 from torch import Tensor
 
 from mechscope import observe
@@ -231,11 +232,21 @@ class Artifact:
                 f"this {self.kind} has width d_model={self.d_model}; the model has d_model={model.dims.d_model}"
             )
         actual = model.fingerprint()
-        if actual != self.fingerprint:
-            raise ModelMismatchError(
-                f"this {self.kind} was made on model {self.fingerprint} ({self.model_type}); the given model is "
-                f"{actual} ({model.dims.model_type}). Rebuild it on this model (weights or config differ)."
-            )
+        if actual == self.fingerprint or self._made_on_a_narrower_cast(model):
+            return
+        raise ModelMismatchError(
+            f"this {self.kind} was made on model {self.fingerprint} ({self.model_type}); the given model is "
+            f"{actual} ({model.dims.model_type}). Rebuild it on this model (weights, config or dtype differ: an "
+            "artifact made on a model's bf16 or fp16 weights applies to its fp32 original too, but one made in "
+            "fp32 cannot be checked against rounded weights)."
+        )
+
+    def _made_on_a_narrower_cast(self, model: Any) -> bool:
+        """Whether this artifact was made on `model`'s weights cast to bf16 or fp16 (and `model` is fp32): the
+        same checkpoint, read here at full precision."""
+        if str(getattr(model, "dtype", "")) != "torch.float32":
+            return False
+        return any(model.fingerprint(dtype=half) == self.fingerprint for half in (torch.bfloat16, torch.float16))
 
     def _parts(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise NotImplementedError

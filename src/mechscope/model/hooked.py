@@ -210,17 +210,23 @@ class HookedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, dtype: torch.dtype | None = None) -> str:
         """A short hash of the config and weights, recorded with artifacts made on this model.
 
         Where the model was loaded from and with which attention backend does not enter: the same weights
-        give the same fingerprint from any folder (so caches and artifacts carry over).
+        give the same fingerprint from any folder (so caches and artifacts carry over). The dtype does: the
+        same checkpoint in fp32 and bf16 holds other (rounded) weights; the config's ``dtype`` is read as the
+        weights' (an in-memory ``.to(dtype)`` does not update the config). With `dtype`, the fingerprint this
+        model would have cast to it (exact for a cast to a narrower dtype, as loading with ``dtype=`` does).
         """
         config = {k: v for k, v in self.config.to_dict().items() if k not in _UNFINGERPRINTED_CONFIG_KEYS}
+        if config.get("dtype") is not None:
+            config["dtype"] = str(dtype or self.dtype).removeprefix("torch.")
         h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, param in offload.state_items(self.hf_model):  # offloaded weights read from their store
             flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+            sample = flat[:: max(1, flat.numel() // 64)][:64]
+            sample = (sample if dtype is None or not sample.is_floating_point() else sample.to(dtype)).float().cpu()
             h.update(name.encode())
             h.update(str(tuple(param.shape)).encode())
             h.update(sample.numpy().tobytes())
