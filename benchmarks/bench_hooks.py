@@ -3,8 +3,10 @@
 GPT-2-small-sized random model (12 layers, d_model 768, 12 heads), batch 8 x 128 tokens, CPU, fp32,
 no grad. Prints each configuration's median time as a ratio to the plain HF forward of an untouched
 copy of the same weights, interleaving the configurations round by round so machine noise hits all.
+``mechscope forward, no hooks`` is the wrapper's own cost; with ``--dtype float16`` it includes the float16
+overflow guard (a finite-check flag per layer, read once per forward).
 
-    python benchmarks/bench_hooks.py [--rounds 7] [--layers 12]
+    python benchmarks/bench_hooks.py [--rounds 7] [--layers 12] [--dtype float16]
 
 Caching every site keeps ~1 GB of activations per forward alive. With glibc's default settings freed
 blocks go back to the kernel, and the next forward pays for fresh zero-filled pages; ``./run`` sets
@@ -39,12 +41,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pos", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_device_option(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=args.layers, n_embd=768, n_head=12, attn_implementation="sdpa")
-    plain = GPT2LMHeadModel(config).eval().to(args.device)
+    plain = GPT2LMHeadModel(config).eval().to(args.device, getattr(torch, args.dtype))
     hooked = HookedModel(copy.deepcopy(plain).eval())
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.pos)).to(args.device)
     resid = [s.name for s in hooked.sites("hook_resid_post")]
@@ -52,6 +55,9 @@ def main() -> None:
 
     def run_plain() -> None:
         plain(input_ids=tokens)
+
+    def run_bare() -> None:
+        hooked(tokens)
 
     def run_resid() -> None:
         hooked.run_with_cache(tokens, resid)
@@ -65,6 +71,7 @@ def main() -> None:
 
     configs = {
         "plain HF forward (baseline)": run_plain,
+        "mechscope forward, no hooks": run_bare,
         "cache hook_resid_post, every layer": run_resid,
         "cache every site": run_all,
         "no-op hook on every site": run_noop,
@@ -84,7 +91,7 @@ def main() -> None:
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults"
     print(
         f"GPT-2-small-sized random model, {args.layers} layers, batch {args.batch}x{args.pos}, "
-        f"{torch.get_num_threads()} threads, {args.device}, {args.rounds} interleaved rounds (median); "
+        f"{args.dtype}, {torch.get_num_threads()} threads, {args.device}, {args.rounds} interleaved rounds (median); "
         f"allocator: {malloc}"
     )
     for name, values in times.items():

@@ -96,6 +96,7 @@ PYTHONPATH=$PWD/tests/scale:$PYTHONPATH MECHSCOPE_TEST_STOP_AT=10 timeout 300 "$
 section "benchmarks on $MECHSCOPE_TEST_DEVICE, each against its baseline in the same run"
 dev=$MECHSCOPE_TEST_DEVICE
 "$PY" benchmarks/bench_hooks.py --device "$dev" || status=1
+"$PY" benchmarks/bench_hooks.py --device "$dev" --dtype float16 --rounds 5 || status=1  # the float16 guard's cost
 "$PY" benchmarks/bench_patching.py --device "$dev" || status=1
 "$PY" benchmarks/bench_patching.py --device "$dev" --layers 4 --d-model 256 --heads 8 --batch 4 || status=1
 "$PY" benchmarks/bench_path_patching.py --device "$dev" || status=1
