@@ -363,7 +363,7 @@ class HookedModel(nn.Module):
         wrap direct ``hf_model`` calls to guard them too. Nested blocks share the outermost guard; models in
         other dtypes attach nothing and yield None.
         """
-        if self._float16_guard is not None or self.hf_model.dtype != torch.float16:
+        if self._float16_guard is not None or self.dtype != torch.float16:
             yield self._float16_guard
             return
         layers = [self.layer(i) for i in range(self.dims.n_layers)]

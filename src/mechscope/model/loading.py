@@ -126,10 +126,10 @@ def _gguf_source(
     else:
         return None
     wanted = dtype or torch.float32
-    if wanted != torch.float32 and gguf.find_cached(path, dtype=wanted, cache_dir=cache_dir) is None:
-        full = gguf.find_cached(path, dtype=torch.float32, cache_dir=cache_dir)
-        if full is not None:
-            return full  # load_model casts it to `wanted` on load
+    for cached in dict.fromkeys((wanted, torch.float32)):  # its own entry, else float32's (cast on load)
+        found = gguf.find_cached(path, dtype=cached, cache_dir=cache_dir)
+        if found is not None:
+            return found
     return gguf.gguf_to_folder(path, dtype=wanted, cache_dir=cache_dir).folder
 
 
