@@ -7,7 +7,9 @@
 - ``rome``: one ROME edit at the default layer with its metrics before and after (docs/real-models.md);
 - ``means``: the BOS residual's norm against a text token's, and how far a mean-read steering vector moves
   when the BOS is counted in each prompt's mean (mechscope leaves it out), and how much of the refusal-direction
-  search's retain subspace changes when its PCA counts the BOS;
+  search's retain subspace changes when its PCA counts the BOS; and what mean-ablating a layer's attention
+  output over tokens does to the name-mover prompts' logit difference when each row's BOS is left out of the
+  mean and as it is (mechscope) against counting it and overwriting it;
 - ``lens``: the logit lens's per-layer KL on held-out text over text tokens, with the BOS counted, and at the
   BOS alone; then a tuned lens trained briefly on other text, against the logit lens on the held-out text;
 - ``sae``: a TopK SAE trained on the layer-6 residual of the default English stream (standard-library
@@ -144,6 +146,28 @@ def means(model: Any) -> None:
             f"{float(norms.median()):.0f}; cos(mean-read vector, the same counting the BOS) {cos:.3f}"
         )
         _retain_overlap(model, positive + negative, site)
+    _ablation_keeps_bos(model)
+
+
+def _ablation_keeps_bos(model: Any) -> None:
+    """IOI logit difference with one layer's attention output mean-ablated over the prompts' tokens."""
+    from mechscope.steer import mean_ablation
+
+    first = lambda words: [model.tokenizer.encode(w, add_special_tokens=False)[0] for w in words]  # noqa: E731
+    metric = logit_diff_metric(first(ANSWERS), first(WRONG))
+    batch = model.to_tokens(CLEAN, padding_side="left")
+    score = lambda logits: float(metric(logits.detach()).mean())  # noqa: E731
+    print(f"name-mover logit difference, clean: {score(model.forward(batch)):.3f}")
+    for layer in (3, 9, 15):
+        site = f"blocks.{layer}.hook_attn_out"
+        with mean_ablation(model, site, reference=batch, over="tokens"):
+            kept = score(model.forward(batch))
+        _, cache = model.run_with_cache(batch, [site])
+        real = batch["attention_mask"].bool()
+        counted = cache[site].float()[real].mean(0)  # the BOS counted in the mean and overwritten by it
+        with model.hooks({site: lambda act, _ctx, v=counted: v.to(act.dtype).expand_as(act)}):
+            old = score(model.forward(batch))
+        print(f"  layer {layer} attention output mean-ablated: BOS left out and kept {kept:.3f}; counted {old:.3f}")
 
 
 def _retain_overlap(model: Any, texts: list[str], site: Any, k: int = 16) -> None:

@@ -110,6 +110,69 @@ def test_mean_over_tokens_works_in_generation(model: HookedModel) -> None:
     assert _no_hooks(model)
 
 
+def _left_padded_bos_batch() -> tuple[HookedModel, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A tiny llama (its tokenizer adds a BOS) on a left-padded batch: each row's BOS at another position."""
+    hf, tok = tiny_model("llama")
+    model = HookedModel(hf, tok)
+    batch = model.to_tokens(["a b c d e f g h", "a b c", "a b c d e"], padding_side="left")
+    real = batch["attention_mask"].bool()
+    bos = real & (batch["input_ids"] == tok.bos_token_id)
+    assert bos.sum() == 3 and len(set(bos.int().argmax(1).tolist())) == 3
+    return model, batch, bos, real & ~bos
+
+
+@pytest.mark.parametrize("over", ["batch", "tokens"])
+def test_mean_ablation_leaves_each_rows_bos_out_of_the_mean_and_as_it_is(over: str) -> None:
+    # Gemma-3's BOS residual is 14x a text token's: a mean that counts it, or a text mean written over it,
+    # swamps the rest. The mean is over text tokens (per position: over the rows with text there); a row's
+    # BOS keeps its own activation.
+    model, batch, bos, text = _left_padded_bos_batch()
+    site = "blocks.0.hook_resid_post"
+    _, base = model.run_with_cache(batch, site)
+    act = base[site]
+    with mean_ablation(model, site, reference=batch, over=over):  # type: ignore[arg-type]
+        _, cache = model.run_with_cache(batch, site)
+    got = cache[site]
+    torch.testing.assert_close(got[bos], act[bos], rtol=0, atol=0)
+    for row, pos in text.nonzero().tolist():
+        rows = text[:, pos] if over == "batch" else text
+        expected = act[rows, pos].mean(0) if over == "batch" else act[rows].mean(0)
+        torch.testing.assert_close(got[row, pos], expected, rtol=1e-5, atol=1e-6)
+    # the old rule (BOS counted in the mean) gives other values: the test can fail
+    counted = act[batch["attention_mask"].bool()].mean(0)
+    assert not torch.allclose(got[text], counted.expand_as(got[text]), atol=1e-3)
+
+
+def test_per_position_mean_of_unpadded_prompts_keeps_the_bos_column() -> None:
+    # Equal-length prompts each start with the BOS: position 0 holds no text, so its mean is the BOS's
+    # own (and mean-ablating over the prompt itself still changes nothing).
+    model, _, _, _ = _left_padded_bos_batch()
+    batch = model.to_tokens(["a b c", "c b a"])
+    assert torch.all(batch["input_ids"][:, 0] == model.tokenizer.bos_token_id)
+    abl = mean_ablation(model, "blocks.0.hook_mlp_out", reference=batch)
+    _, cache = model.run_with_cache(batch, "blocks.0.hook_mlp_out")
+    torch.testing.assert_close(abl.values[model.site("blocks.0.hook_mlp_out")][0], cache["blocks.0.hook_mlp_out"][0, 0])
+    for row in range(2):
+        one = {k: v[row : row + 1] for k, v in batch.items()}
+        plain = model.forward(one)
+        with mean_ablation(model, "blocks.0.hook_mlp_out", reference=one):
+            torch.testing.assert_close(model.forward(one), plain)
+
+
+def test_a_wrapped_mean_ablation_still_knows_each_rows_bos() -> None:
+    # Interventions made of others (conditional, profiles, head sets) pass every forward on to their parts.
+    from mechscope.steer.conditional import Condition, conditional
+
+    model, batch, bos, text = _left_padded_bos_batch()
+    site = "blocks.1.hook_resid_pre"
+    _, base = model.run_with_cache(batch, site)
+    always = Condition("blocks.0.hook_resid_pre", torch.ones(model.dims.d_model), threshold=-1e9)
+    with conditional(mean_ablation(model, site, reference=batch, over="tokens"), always):
+        _, cache = model.run_with_cache(batch, site)
+    torch.testing.assert_close(cache[site][bos], base[site][bos], rtol=0, atol=0)
+    assert not torch.allclose(cache[site][text], base[site][text])
+
+
 def test_resample_from_a_copy_changes_nothing(model: HookedModel) -> None:
     ids = _ids(model)
     sites = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_result"]

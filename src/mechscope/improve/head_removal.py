@@ -69,6 +69,7 @@ class HeadSetAblation(Intervention):
             mean_ablation(self.model, Site("attn.hook_z", layer), list(reference), over="tokens", heads=hs)
             for layer, hs in sorted(by_layer.items())
         ]
+        self.children = self.parts
 
     def hook_plan(self) -> dict[Site, list[HookFn]]:
         plan: dict[Site, list[HookFn]] = {}

@@ -4,9 +4,11 @@ Definitions (applied to the selected entries only; everything else passes throug
 
 - **zero**: ``a <- 0``.
 - **mean**: ``a <- E_ref[a]`` over a reference set of prompts, either per position (``over="batch"``:
-  the mean over reference rows at each position, so inputs must have the reference's length) or
-  over every real token but the tokenizer's BOS (``over="tokens"``: one value per entry, any length, also
-  during generation).
+  the mean over the reference rows with a text token at each position, so inputs must have the
+  reference's length) or over every text token (``over="tokens"``: one value per entry, any length, also
+  during generation). The BOS a tokenizer adds is not text: it is left out of the means, and an input
+  row's BOS keeps its own activation (it is the same in every prompt, so it is its own mean; Gemma-3's
+  is 14x a text token's, so averaging it in, or writing a text mean over it, would swamp the rest).
 - **resample**: ``a <- a(x')`` with ``x'`` another prompt of a source set (``pairing="derange"``: a
   seeded permutation without fixed points, so row i never reads source row i; ``"aligned"``: row i
   reads source row i).
@@ -34,6 +36,7 @@ from mechscope.steer.intervention import (
     Artifact,
     Intervention,
     check_finite,
+    forward_tokens,
     resolve_sites,
     selection_mask,
     validate_selection,
@@ -104,6 +107,8 @@ class Ablation(Intervention):
     """Zero, mean, resample or scale the selected entries of `sites` while active."""
 
     kind = "ablation"
+    #: [batch, pos] of the current forward: its rows' BOS (mean ablation leaves them); None when unknown.
+    _prefix: Tensor | None = None
 
     def __init__(
         self,
@@ -134,8 +139,10 @@ class Ablation(Intervention):
         _, cache = self.model.run_with_cache(batch, self.sites)
         mask = batch["attention_mask"]
         cfg = self.config
-        if cfg.over == "tokens":  # a mean over tokens is over the text's: the BOS (Gemma's is 14x a token) is left out
-            mask = text_mask(self.model.tokenizer, batch["input_ids"], mask)
+        if cfg.method == "mean":  # over the text's tokens: the BOS (Gemma's is 14x a token) is left out
+            text = text_mask(self.model.tokenizer, batch["input_ids"], mask)
+            # per position, a column with no text (the BOS of unpadded prompts) keeps the mean of its BOS
+            mask = text if cfg.over == "tokens" else torch.where(text.bool().any(0, keepdim=True), text, mask)
         for site in self.sites:
             act = cache[site.name]
             if cfg.method == "resample":
@@ -189,11 +196,22 @@ class Ablation(Intervention):
         index = self.rows[torch.arange(batch) % n_source].to(value.device)
         return value.index_select(0, index)
 
+    def _track_phase(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super()._track_phase(module, args, kwargs)
+        tokens = forward_tokens(args, kwargs) if self.config.method == "mean" and self.phase == "prompt" else None
+        self._prefix = None
+        if tokens is not None:
+            ids, mask = tokens
+            self._prefix = mask.bool() & ~text_mask(self.model.tokenizer, ids, mask).bool()
+
     def _hook(self, site: Site) -> HookFn:
         cfg = self.config
 
         def fn(act: Tensor, _ctx: HookContext) -> Tensor:
             new = self._replacement(act, site)
+            prefix = self._prefix
+            if prefix is not None and prefix.shape == (act.shape[0], act.shape[site.pos_axis]):
+                new = torch.where(_pos_mask(site, act, prefix).bool(), act, new)  # each row's BOS stays
             mask = selection_mask(
                 site, act.shape, act.device, heads=cfg.heads, positions=cfg.positions, neurons=cfg.neurons
             )
@@ -203,6 +221,10 @@ class Ablation(Intervention):
 
     def hook_plan(self) -> dict[Site, list[HookFn]]:
         return {site: [self._hook(site)] for site in self.sites}
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._prefix = None
 
     # Files ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -244,6 +266,8 @@ class AblationRecord(Artifact):
     """The file form of an :class:`Ablation` (see :meth:`Ablation.save`)."""
 
     kind = "ablation"
+    #: [batch, pos] of the current forward: its rows' BOS (mean ablation leaves them); None when unknown.
+    _prefix: Tensor | None = None
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.metrics import Metric
@@ -41,13 +41,6 @@ class ProfileEntry:
     name: str
     vector: SteeringVector
     coefficient: float
-
-
-def set_phase(intervention: Intervention, phase: Any) -> None:
-    """Set the generation phase of `intervention` and of the interventions it is made of."""
-    intervention.phase = phase
-    for child in getattr(intervention, "children", ()):
-        set_phase(child, phase)
 
 
 class SteeringProfile(Intervention):
@@ -75,10 +68,6 @@ class SteeringProfile(Intervention):
             for site, fns in child.hook_plan().items():
                 plan.setdefault(site, []).extend(fns)
         return plan
-
-    def _track_phase(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        super()._track_phase(module, args, kwargs)
-        set_phase(self, self.phase)
 
     def only(self, name: str) -> SteeringProfile:
         """The profile reduced to one of its vectors (same coefficient and positions)."""
@@ -205,6 +194,5 @@ __all__ = [
     "ProfileEntry",
     "SteeringProfile",
     "profile_interaction",
-    "set_phase",
     "steering_profile",
 ]

@@ -29,8 +29,7 @@ from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.model.tokens import text_mask
 from mechscope.sites import Site
-from mechscope.steer.compose import set_phase
-from mechscope.steer.intervention import Intervention, check_finite
+from mechscope.steer.intervention import Intervention, check_finite, forward_tokens
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -148,13 +147,13 @@ class ConditionalSteering(Intervention):
 
     def _track_phase(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super()._track_phase(module, args, kwargs)
-        set_phase(self, self.phase)
         if self.phase == "prompt":
+            tokens = forward_tokens(args, kwargs)
             mask = kwargs.get("attention_mask")
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self._mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
-            if self._mask is not None and isinstance(ids, Tensor) and ids.shape == self._mask.shape:
-                self._mask = text_mask(self.model.tokenizer, ids, self._mask)  # as read_activations reads
+            if tokens is not None:
+                self._mask = text_mask(self.model.tokenizer, *tokens)  # as read_activations reads
+            else:  # embeddings in: the mask as given
+                self._mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)

@@ -105,6 +105,21 @@ def selection_mask(
     return Selection.of(heads=heads, positions=positions, neurons=neurons).mask(site, shape, device)
 
 
+def forward_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+    """``(input_ids, attention_mask)``, both [batch, pos], of the arguments of an HF model's forward (the
+    mask all ones when none was given); None when the forward was given embeddings instead of ids, or a
+    mask of another shape (a generation step with a KV cache: new ids, the whole mask)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, Tensor) or ids.ndim != 2:
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
+        return None
+    return ids, mask
+
+
 def open_hooks(model: HookedModel, pre_hooks: Sequence[Any], plan: dict[Site, list[HookFn]]) -> ExitStack:
     """Attach `pre_hooks` (forward pre-hooks with kwargs on the HF model) and the hook `plan`; returns the
     stack that removes them all. Nothing stays attached when attaching fails part-way."""
@@ -128,6 +143,8 @@ class Intervention:
     """
 
     kind: ClassVar[str] = "intervention"
+    #: Interventions this one is made of (their hooks are in its plan): each sees every forward it sees.
+    children: Sequence[Intervention] = ()
 
     def __init__(self, model: HookedModel) -> None:
         self.model = require_hooked(model)
@@ -153,12 +170,16 @@ class Intervention:
         if stack is not None:
             stack.close()
 
-    def _track_phase(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _track_phase(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A forward pre-hook on the HF model: note whether this forward reads the prompt or generated
+        tokens (and whatever else a subclass needs of its inputs), here and in every child."""
         cache = cache_argument(kwargs)
         seen = 0
         if cache is not None and hasattr(cache, "get_seq_length"):
             seen = int(cache.get_seq_length())
         self.phase = "prompt" if seen == 0 else "generated"
+        for child in self.children:
+            child._track_phase(module, args, kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
@@ -185,6 +206,7 @@ __all__ = [
     "Phase",
     "applied",
     "check_finite",
+    "forward_tokens",
     "open_hooks",
     "resolve_sites",
     "selection_mask",
