@@ -63,7 +63,7 @@ def test_causal_scoring_ranks_a_feature_with_a_planted_effect_above_random_ones(
     rows = token_rows(model, TEXTS, 16)[:8]
     real = causal_score(model, sae, 0, [word], rows, value=8.0)
     controls = [causal_score(model, sae, f, [word], rows, value=8.0) for f in range(1, 8)]
-    # measured: 2.97 nats for the planted feature; random features -0.84 .. 0.38
+    # measured: 2.93 nats for the planted feature; random features -0.90 .. 0.34 (first token unclamped)
     assert real > 1.0 and real > 2 * max(controls), (real, controls)
 
 

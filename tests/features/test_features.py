@@ -214,7 +214,7 @@ def test_clamping_moves_the_site_along_the_feature_only(model):
     before = sae.encode(x)[..., feature]
     seen: dict[str, torch.Tensor] = {}
     with (
-        clamp_features(model, sae, {feature: value}),
+        clamp_features(model, sae, {feature: value}, unspliced=0),  # every position, the BOS included
         model.hooks({"blocks.1.hook_resid_pre": lambda a, _c: seen.update(a=a)}),
     ):
         model(ids)
@@ -359,7 +359,7 @@ def test_a_spliced_transcoder_replaces_the_mlp_and_clamps_its_features(model):
         torch.testing.assert_close(model(ids), clean, rtol=1e-4, atol=1e-4)
     _, cache = model.run_with_cache(ids, [MLP_IN, MLP_OUT])
     seen: dict[str, torch.Tensor] = {}
-    with SAESplice(model, tc), model.hooks({"blocks.1.hook_resid_pre": lambda a, _c: seen.update(a=a)}):
+    with SAESplice(model, tc, unspliced=0), model.hooks({"blocks.1.hook_resid_pre": lambda a, _c: seen.update(a=a)}):
         model(ids)
     _, resid = model.run_with_cache(ids, ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre"])
     # the MLP's output is replaced by the transcoder's reconstruction from the MLP's input
@@ -368,8 +368,61 @@ def test_a_spliced_transcoder_replaces_the_mlp_and_clamps_its_features(model):
     with clamp_features(model, tc, {5: 3.0}), model.hooks({"blocks.1.hook_resid_pre": lambda a, _c: seen.update(a=a)}):
         model(ids)
     moved = 3.0 - tc.encode(cache[MLP_IN])[..., 5]
+    moved[:, 0] = 0  # each row's BOS is left as it is (the default unspliced)
     expected = resid["blocks.1.hook_resid_pre"] + moved[..., None] * tc.W_dec[5].detach()
     torch.testing.assert_close(seen["a"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_splice_and_clamp_leave_each_rows_first_tokens_as_they_are(model, padding_side):
+    # An SAE from a store never saw a row's first token (skip_first): the attention sink, whose change every
+    # later token reads. The splice and the clamp leave each row's BOS prefix (at least one token) alone,
+    # wherever padding puts it, during generation too; unspliced=0 applies them everywhere.
+    from mechscope.model.tokens import leading_mask
+
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=40, activation="topk", k=4, site=SITE), seed=2)
+    batch = model.to_tokens(["the cat sat on the mat and looked", "a dog", "the sun is hot"], padding_side=padding_side)
+    lead = leading_mask(batch["attention_mask"], 1)
+    assert bool((batch["input_ids"][lead] == model.tokenizer.bos_token_id).all())
+    _, clean = model.run_with_cache(batch, [SITE])
+    x = clean[SITE]
+    recon = sae.decode(sae.encode(x), x)
+    for unspliced, left_alone in ((None, lead), (0, torch.zeros_like(lead))):
+        with SAESplice(model, sae, unspliced=unspliced):
+            _, got = model.run_with_cache(batch, [SITE])
+        expected = torch.where(left_alone[..., None], x, recon)
+        torch.testing.assert_close(got[SITE], expected, rtol=1e-5, atol=1e-5)
+    with clamp_features(model, sae, {3: 5.0}):
+        _, got = model.run_with_cache(batch, [SITE])
+    moved = torch.where(lead, 0.0, 5.0 - sae.encode(x)[..., 3])
+    torch.testing.assert_close(got[SITE], x + moved[..., None] * sae.W_dec[3].detach(), rtol=1e-4, atol=1e-4)
+    # generation: the prompt's first tokens are left, every generated token is spliced
+    def by_hand(act, _ctx):  # the prompt forward leaves `lead`; a generation step (one column) splices all
+        keep = lead if act.shape[1] == lead.shape[1] else torch.zeros(act.shape[:2], dtype=torch.bool)
+        return torch.where(keep[..., None], act, sae.decode(sae.encode(act), act))
+
+    with SAESplice(model, sae):
+        out = model.generate(batch, max_new_tokens=4, do_sample=False)
+    with model.hooks({SITE: by_hand}):
+        expected_out = model.generate(batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 4
+    assert torch.equal(out, expected_out)
+    with pytest.raises(ConfigError, match="unspliced"):
+        SAESplice(model, sae, unspliced=-1)
+
+
+@pytest.mark.parametrize("unspliced", [None, 0, 2])
+def test_the_splice_intervention_and_downstream_loss_agree(model, unspliced):
+    # What a user measures with `with SAESplice(...)` is what downstream_loss reports, position rule included.
+    from mechscope.features.store import token_rows
+
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=64, activation="topk", k=4, site=SITE), seed=3)
+    loss = downstream_loss(model, sae, TEXTS, seq_len=16, max_rows=24, unspliced=unspliced)
+    rows = token_rows(model, TEXTS, 16)[:24]
+    with torch.no_grad(), SAESplice(model, sae, unspliced=unspliced):
+        logits = model(rows).float()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten())
+    assert float(ce) == pytest.approx(loss["ce_spliced"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -16,17 +16,19 @@ N_CARDS = 6
 
 def _feature_ablation_kl(hm: Any, sae: Any, feature: int, texts: list[str]) -> tuple[float, float, float]:
     """Mean next-token KL(clean || feature clamped to 0) where the feature fires and where it does not,
-    and the share of tokens where it fires."""
+    and the share of tokens where it fires (over the positions the clamp acts on: not each row's first)."""
+    from mechscope.features.evals import default_unspliced
     from mechscope.features.store import token_rows
     from mechscope.steer.clamp import clamp_features
 
     rows = token_rows(hm, texts, 64)[:32]
     site = hm.site(sae.config.site)
     logits, cache = hm.run_with_cache(rows, [site])
-    active = sae.encode(cache[site.name])[..., feature] > 0  # [rows, pos]
+    kept = default_unspliced(hm)
+    active = sae.encode(cache[site.name][:, kept:])[..., feature] > 0  # [rows, pos]
     with clamp_features(hm, sae, {feature: 0.0}):
         ablated = hm(rows)
-    logp, logq = torch.log_softmax(logits.float(), -1), torch.log_softmax(ablated.float(), -1)
+    logp, logq = torch.log_softmax(logits[:, kept:].float(), -1), torch.log_softmax(ablated[:, kept:].float(), -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)  # [rows, pos]
     on = float(kl[active].mean()) if active.any() else float("nan")
     return on, float(kl[~active].mean()), float(active.float().mean())

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -73,6 +73,52 @@ def reconstruction_metrics(
     }
 
 
+#: activation [batch, pos, d] -> [batch, pos] bool of the positions a hook leaves as they are (None: none)
+Skip = Callable[[Tensor], "Tensor | None"]
+
+
+def default_unspliced(model: HookedModel, unspliced: int | None = None) -> int:
+    """How many leading positions of each row an SAE is not applied at: `unspliced`, checked, or by default
+    the tokenizer's BOS prefix and at least position 0 -- what an activation store leaves out
+    (``skip_first``), so an SAE from one is applied only where it was trained. Position 0 is the attention
+    sink every later token reads, with or without a BOS (Gemma's BOS residual is 14x a text token's norm;
+    SmolLM2, which adds no BOS, uses its first token the same way)."""
+    if unspliced is None:
+        return max(len(special_prefix(model.tokenizer)), 1)
+    if isinstance(unspliced, bool) or not isinstance(unspliced, int) or unspliced < 0:
+        raise ConfigError(f"unspliced must be a number of leading positions >= 0 (or None); got {unspliced!r}")
+    return unspliced
+
+
+def first_columns(count: int) -> Skip:
+    """Skip the first `count` positions of every row (rows without padding, such as :func:`token_rows`')."""
+
+    def skip(activation: Tensor) -> Tensor:
+        mask = torch.zeros(activation.shape[:2], dtype=torch.bool, device=activation.device)
+        mask[:, :count] = True
+        return mask
+
+    return skip
+
+
+def leaving(fn: HookFn, skip: Skip) -> HookFn:
+    """`fn` with the positions ``skip(activation)`` names left as they were (a hook that returns None, such
+    as a transcoder's capture, stays one)."""
+
+    def hook(activation: Tensor, ctx: HookContext) -> Tensor | None:
+        new = fn(activation, ctx)
+        mask = None if new is None else skip(activation)
+        if new is None or mask is None:
+            return new
+        if mask.shape != activation.shape[:2]:
+            raise ShapeError(
+                f"positions to leave have shape {tuple(mask.shape)}; {ctx.name} has {tuple(activation.shape[:2])}"
+            )
+        return torch.where(mask.to(activation.device)[..., None], activation, new)
+
+    return hook
+
+
 def feature_hooks(
     model: HookedModel, sae: SparseAutoencoder, edit: Callable[[Tensor, Tensor, Tensor], Tensor]
 ) -> dict[Site, HookFn]:
@@ -129,41 +175,25 @@ def downstream_loss(
     """Mean next-token loss clean, with the SAE spliced in, and with its reconstructed site zero-ablated
     (``config.site``, or a transcoder's ``config.out_site``).
 
-    The first `unspliced` positions of each row are left as they are in both runs. By default that is the
-    tokenizer's BOS prefix, and at least position 0 -- the positions an activation store leaves out
-    (``skip_first``), so an SAE trained from one is charged only for positions like those it saw. Position 0
-    is the attention sink every later token reads, with or without a BOS: Gemma's BOS residual is 14x a
-    text token's norm, SmolLM2's first token (it adds no BOS) plays the same part. Pass ``unspliced=0`` for
-    an SAE trained on every position. Rows start as :func:`token_rows` makes them (with the BOS where the
-    tokenizer adds one).
+    The first `unspliced` positions of each row are left as they are in both runs (:func:`default_unspliced`:
+    by default the BOS prefix, at least position 0, the positions a store never trains on). Pass
+    ``unspliced=0`` for an SAE trained on every position. Rows start as :func:`token_rows` makes them (with
+    the BOS where the tokenizer adds one).
     """
     written = model.site(sae.config.out_site or sae.config.site) if sae.config.site else None
     if written is None:
         raise ShapeError("the SAE names no site; build it with SAEConfig(site=...)")
-    if unspliced is not None and (isinstance(unspliced, bool) or not isinstance(unspliced, int) or unspliced < 0):
-        raise ConfigError(f"unspliced must be a number of leading positions >= 0 (or None); got {unspliced!r}")
+    kept = default_unspliced(model, unspliced)
     rows = token_rows(model, texts, seq_len)[:max_rows]
     device = next(model.hf_model.parameters()).device
-    kept = max(len(special_prefix(model.tokenizer)), 1) if unspliced is None else unspliced
     if kept >= rows.shape[1]:
         raise ConfigError(f"unspliced={kept} leaves no position of the {rows.shape[1]}-token rows to splice")
 
     def zero(activation: Tensor, _ctx: HookContext) -> Tensor:
         return torch.zeros_like(activation)
 
-    def text_only(hooks: dict[Site, Any]) -> dict[Site, Any]:
-        def keep_start(fn: HookFn) -> HookFn:
-            def hook(activation: Tensor, ctx: HookContext) -> Tensor | None:
-                new = fn(activation, ctx)
-                if new is None or not kept:
-                    return new
-                out = new.clone()
-                out[:, :kept] = activation[:, :kept]
-                return out
-
-            return hook
-
-        return {site: [keep_start(f) for f in (fns if isinstance(fns, list) else [fns])] for site, fns in hooks.items()}
+    def text_only(hooks: dict[Site, HookFn]) -> dict[Site, HookFn]:
+        return {site: leaving(fn, first_columns(kept)) for site, fn in hooks.items()}
 
     def mean_loss(hooks: dict) -> float:
         total = count = 0.0
@@ -190,4 +220,13 @@ def downstream_loss(
     }
 
 
-__all__ = ["downstream_loss", "feature_hooks", "reconstruction_metrics", "splice_hooks"]
+__all__ = [
+    "Skip",
+    "default_unspliced",
+    "downstream_loss",
+    "feature_hooks",
+    "first_columns",
+    "leaving",
+    "reconstruction_metrics",
+    "splice_hooks",
+]

@@ -180,6 +180,12 @@ def text_mask(tokenizer: Any, input_ids: Tensor, attention_mask: Tensor) -> Tens
     return (real & ~start).to(attention_mask.dtype)
 
 
+def leading_mask(attention_mask: Tensor, count: int) -> Tensor:
+    """[batch, pos] bool: each row's first `count` real tokens, wherever padding puts them."""
+    real = attention_mask.bool()
+    return real & (real.long().cumsum(-1) <= count)
+
+
 def to_single_token(tokenizer: Any, text: str) -> int:
     """The id of `text` if it is exactly one token (e.g. ``" Paris"``); a clear error otherwise."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -8,23 +8,30 @@ features.
   towards what they represent), keeping the reconstruction error, so that *only* the clamped features
   change: the reconstructed site moves by ``(new - old) * W_dec[feature]`` and by nothing else. Clamping
   a feature to the value it already has is the identity. ``positions`` limits the clamp to some positions.
+
+Both leave each row's first ``unspliced`` real tokens as they are: by default the BOS prefix and at least
+the first token (:func:`~mechscope.features.evals.default_unspliced`), the positions an activation store
+never trains an SAE on -- the attention sink, whose features mean nothing and whose change every later
+token would read. ``unspliced=0`` applies the SAE everywhere. The rows' first tokens are found from each
+prompt forward's attention mask (left padding included); generated tokens are never leading.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
-from mechscope.features.evals import feature_hooks, splice_hooks
+from mechscope.features.evals import default_unspliced, feature_hooks, leaving, splice_hooks
 from mechscope.features.sae import SparseAutoencoder
 from mechscope.features.store import per_token_site
 from mechscope.model.hooks import HookFn
+from mechscope.model.tokens import leading_mask
 from mechscope.sites import Site
-from mechscope.steer.intervention import Intervention, axis_size, check_finite
+from mechscope.steer.intervention import Intervention, axis_size, check_finite, forward_tokens
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -44,26 +51,67 @@ def check_sites(model: HookedModel, sae: SparseAutoencoder) -> None:
             raise ShapeError(f"the SAE expects width {width} at {site.name}, which has width {actual}")
 
 
-class SAESplice(Intervention):
-    """Replace the reconstructed site by the SAE's reconstruction while active."""
+class _ThroughFeatures(Intervention):
+    """An intervention through an SAE's features that leaves each row's leading tokens as they are."""
+
+    #: [batch, pos] of the current prompt forward: each row's first `unspliced` real tokens (None: none)
+    _leading: Tensor | None = None
+
+    def __init__(self, model: HookedModel, sae: SparseAutoencoder, unspliced: int | None) -> None:
+        super().__init__(model)
+        check_sites(self.model, sae)
+        self.sae = sae
+        self.unspliced = default_unspliced(self.model, unspliced)
+
+    def _track_phase(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super()._track_phase(module, args, kwargs)
+        self._leading = None
+        if self.phase != "prompt" or not self.unspliced:
+            return
+        tokens = forward_tokens(args, kwargs)
+        mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
+        if tokens is not None:
+            mask = tokens[1]
+        elif not (isinstance(mask, Tensor) and mask.ndim == 2) and isinstance(embeds, Tensor):
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if isinstance(mask, Tensor) and mask.ndim == 2:
+            self._leading = leading_mask(mask, self.unspliced)
+
+    def _skip(self, activation: Tensor) -> Tensor | None:
+        leading = self._leading
+        return leading if leading is not None and leading.shape == activation.shape[:2] else None
+
+    def _plan(self, hooks: Mapping[Site, HookFn]) -> dict[Site, list[HookFn]]:
+        return {site: [leaving(fn, self._skip)] for site, fn in hooks.items()}
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._leading = None
+
+
+class SAESplice(_ThroughFeatures):
+    """Replace the reconstructed site by the SAE's reconstruction while active (not at each row's first
+    `unspliced` tokens: see the module docstring)."""
 
     kind = "sae_splice"
 
-    def __init__(self, model: HookedModel, sae: SparseAutoencoder, *, keep_error: bool = False) -> None:
-        super().__init__(model)
-        check_sites(self.model, sae)
-        self.sae, self.keep_error = sae, keep_error
+    def __init__(
+        self, model: HookedModel, sae: SparseAutoencoder, *, keep_error: bool = False, unspliced: int | None = None
+    ) -> None:
+        super().__init__(model, sae, unspliced)
+        self.keep_error = keep_error
 
     def hook_plan(self) -> dict[Site, list[HookFn]]:
-        return {site: [fn] for site, fn in splice_hooks(self.model, self.sae, keep_error=self.keep_error).items()}
+        return self._plan(splice_hooks(self.model, self.sae, keep_error=self.keep_error))
 
     def describe(self) -> str:
         where = self.sae.config.out_site or self.sae.config.site
         return f"SAE spliced at {where}" + (" (with its error term)" if self.keep_error else "")
 
 
-class FeatureClamp(Intervention):
-    """Set SAE features to fixed values (all positions, or `positions`) while active."""
+class FeatureClamp(_ThroughFeatures):
+    """Set SAE features to fixed values (all positions, or `positions`; never at each row's first
+    `unspliced` tokens) while active."""
 
     kind = "feature_clamp"
 
@@ -74,15 +122,14 @@ class FeatureClamp(Intervention):
         values: Mapping[int, float],
         *,
         positions: Sequence[int] | None = None,
+        unspliced: int | None = None,
     ) -> None:
-        super().__init__(model)
-        check_sites(self.model, sae)
+        super().__init__(model, sae, unspliced)
         if not values:
             raise ConfigError("expected at least one feature to clamp, got none")
         bad = [f for f in values if not isinstance(f, int) or not 0 <= f < sae.config.d_sae]
         if bad:
             raise ConfigError(f"expected feature indices in [0, {sae.config.d_sae}), got {bad}")
-        self.sae = sae
         self.features = list(values)
         self.values = torch.tensor([check_finite(f"clamp value of feature {f}", values[f]) for f in self.features])
         self.positions = None if positions is None else list(positions)
@@ -103,7 +150,7 @@ class FeatureClamp(Intervention):
                 new = torch.where(chosen[None, :, None], new, f)
             return activation + (sae.decode(new, x) - sae.decode(f, x)).to(activation.dtype)
 
-        return {site: [fn] for site, fn in feature_hooks(self.model, sae, edit).items()}
+        return self._plan(feature_hooks(self.model, sae, edit))
 
     def describe(self) -> str:
         pairs = ", ".join(f"{f}={float(v):g}" for f, v in zip(self.features, self.values, strict=True))
@@ -111,10 +158,15 @@ class FeatureClamp(Intervention):
 
 
 def clamp_features(
-    model: HookedModel, sae: SparseAutoencoder, values: Mapping[int, float], *, positions: Sequence[int] | None = None
+    model: HookedModel,
+    sae: SparseAutoencoder,
+    values: Mapping[int, float],
+    *,
+    positions: Sequence[int] | None = None,
+    unspliced: int | None = None,
 ) -> FeatureClamp:
     """``with clamp_features(model, sae, {17: 0.0}): ...`` ablates feature 17 at the SAE's site."""
-    return FeatureClamp(model, sae, values, positions=positions)
+    return FeatureClamp(model, sae, values, positions=positions, unspliced=unspliced)
 
 
 __all__ = ["FeatureClamp", "SAESplice", "check_sites", "clamp_features"]

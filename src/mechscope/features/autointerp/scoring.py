@@ -5,9 +5,11 @@ causal scoring (does clamping the feature up make the tokens the description pre
   description; the score is the AUROC of those ratings (0.5: chance, 1: perfect). Judges: the baseline
   :class:`KeywordJudge` (does the marked token, or the context, contain the description's keywords?) or
   :class:`ChatJudge` (a completer answers yes/no).
-- :func:`causal_score`: on random contexts, the feature is clamped to ``value`` at every position (its
-  reconstruction error kept, so only this feature's contribution changes); the score is the mean change
-  in log-probability of the predicted next tokens minus the mean change over the whole vocabulary (nats).
+- :func:`causal_score`: on random contexts, the feature is clamped to ``value`` at every position but
+  each row's first (the BOS prefix, at least one: the attention sink, where the SAE was never trained) --
+  its reconstruction error kept, so only this feature's contribution changes; the score is the mean change
+  in log-probability of the predicted next tokens minus the mean change over the whole vocabulary (nats),
+  over the clamped positions.
   The same measure for a random other feature with the same predictions is the control: a description
   whose predicted effect is real scores well above its control.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,7 +26,7 @@ from torch import Tensor
 from mechscope.errors import ConfigError
 from mechscope.features.autointerp.examples import Context
 from mechscope.features.autointerp.explainers import Explanation, token_key
-from mechscope.features.evals import feature_hooks
+from mechscope.features.evals import default_unspliced, feature_hooks, first_columns, leaving
 from mechscope.features.sae import SparseAutoencoder
 
 if TYPE_CHECKING:
@@ -98,6 +100,7 @@ def causal_score(
     *,
     value: float,
     batch_size: int = 16,
+    unspliced: int | None = None,
 ) -> float:
     """Mean log-probability change of the `predicted` tokens minus the vocabulary's mean change when
     `feature` is clamped to `value` on `rows` (see the module docstring); NaN when nothing is predicted."""
@@ -111,15 +114,18 @@ def causal_score(
         delta = (value - f[..., feature])[..., None] * sae.W_dec[feature]
         return activation + delta.to(activation.dtype)
 
-    hooks: dict[Any, Any] = dict(feature_hooks(model, sae, edit))
+    kept = default_unspliced(model, unspliced)
+    if kept >= rows.shape[1]:
+        raise ConfigError(f"unspliced={kept} leaves no position of the {rows.shape[1]}-token rows to clamp")
+    hooks = {site: leaving(fn, first_columns(kept)) for site, fn in feature_hooks(model, sae, edit).items()}
     device = next(model.hf_model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, rows.shape[0], batch_size):
         batch = rows[start : start + batch_size].to(device)
-        clean = torch.log_softmax(model(batch).float(), -1)
+        clean = torch.log_softmax(model(batch).float()[:, kept:], -1)
         with model.hooks(hooks):
-            steered = torch.log_softmax(model(batch).float(), -1)
-        change = steered - clean  # [batch, pos, vocab]
+            steered = torch.log_softmax(model(batch).float()[:, kept:], -1)
+        change = steered - clean  # [batch, pos, vocab] at the clamped positions
         total += float((change[..., ids].mean(-1) - change.mean(-1)).sum())
         count += change.shape[0] * change.shape[1]
     return total / count
