@@ -396,6 +396,7 @@ def test_splice_and_clamp_leave_each_rows_first_tokens_as_they_are(model, paddin
         _, got = model.run_with_cache(batch, [SITE])
     moved = torch.where(lead, 0.0, 5.0 - sae.encode(x)[..., 3])
     torch.testing.assert_close(got[SITE], x + moved[..., None] * sae.W_dec[3].detach(), rtol=1e-4, atol=1e-4)
+
     # generation: the prompt's first tokens are left, every generated token is spliced
     def by_hand(act, _ctx):  # the prompt forward leaves `lead`; a generation step (one column) splices all
         keep = lead if act.shape[1] == lead.shape[1] else torch.zeros(act.shape[:2], dtype=torch.bool)

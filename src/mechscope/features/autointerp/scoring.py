@@ -28,6 +28,8 @@ from mechscope.features.autointerp.examples import Context
 from mechscope.features.autointerp.explainers import Explanation, token_key
 from mechscope.features.evals import default_unspliced, feature_hooks, first_columns, leaving
 from mechscope.features.sae import SparseAutoencoder
+from mechscope.model.hooks import HookFn
+from mechscope.sites import SiteLike
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -117,7 +119,9 @@ def causal_score(
     kept = default_unspliced(model, unspliced)
     if kept >= rows.shape[1]:
         raise ConfigError(f"unspliced={kept} leaves no position of the {rows.shape[1]}-token rows to clamp")
-    hooks = {site: leaving(fn, first_columns(kept)) for site, fn in feature_hooks(model, sae, edit).items()}
+    hooks: dict[SiteLike, HookFn] = {
+        site: leaving(fn, first_columns(kept)) for site, fn in feature_hooks(model, sae, edit).items()
+    }
     device = next(model.hf_model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, rows.shape[0], batch_size):
