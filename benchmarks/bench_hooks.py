@@ -30,6 +30,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mechscope.model.hooked import HookedModel
+from mechscope.model.hooks import HookFn
+from mechscope.sites import SiteLike
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_device_option, synchronize
@@ -46,12 +48,13 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=768, n_head=12, attn_implementation="sdpa")
-    plain = GPT2LMHeadModel(config).eval().to(args.device, getattr(torch, args.dtype))
+    config = GPT2Config(n_layer=args.layers, n_embd=768, n_head=12)
+    plain = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    plain = plain.eval().to(args.device, getattr(torch, args.dtype))
     hooked = HookedModel(copy.deepcopy(plain).eval())
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.pos)).to(args.device)
     resid = [s.name for s in hooked.sites("hook_resid_post")]
-    noop = {name: (lambda act, ctx: None) for name in hooked.site_names}
+    noop: dict[SiteLike, HookFn] = {name: (lambda act, ctx: None) for name in hooked.site_names}
 
     def run_plain() -> None:
         plain(input_ids=tokens)

@@ -60,12 +60,18 @@ def chat_pairs(hm, data):
     from mechscope.data.detection import ContrastSet
     from mechscope.model.chat import format_chat
 
-    examples = []
+    examples: list[str | tuple[str, str]] = []
     for prompt, response in data.examples:
         instruction, question = prompt.split("\nQuestion: ")
         text = format_chat(hm, f"{instruction} {question.removesuffix(chr(10) + 'Answer:')}")
         examples.append((text, response))
     return ContrastSet(data.name, examples, list(data.labels), list(data.groups))
+
+
+def _prompt(example: str | tuple[str, str]) -> str:
+    if not isinstance(example, str):
+        raise TypeError(f"expected a prompt (str); got a (prompt, response) pair {example!r}")
+    return example
 
 
 def anomaly(hm, sites):
@@ -75,8 +81,8 @@ def anomaly(hm, sites):
     from mechscope.results import Artifact
 
     data = harmful_requests()
-    harmless = [format_chat(hm, p) for p in data.negatives()]
-    harmful = [format_chat(hm, p) for p in data.positives()]
+    harmless = [format_chat(hm, _prompt(p)) for p in data.negatives()]
+    harmful = [format_chat(hm, _prompt(p)) for p in data.positives()]
     info = Artifact.model_info(hm)
     train = {"normal": harmless[0::2]}
     test = {"test_pos": harmful, "test_neg": harmless[1::2]}
@@ -117,6 +123,7 @@ def monitor_chat(hm, layer, lie_set):
     n = batch["input_ids"].shape[1]
     rows = []
     for i, p in enumerate(prompts):
+        assert mon.trace is not None  # filled by the generation above
         row = mon.trace.rows[i]
         gen = [s for s, g in zip(row.scores, row.generated, strict=True) if g]
         rows.append(

@@ -164,7 +164,8 @@ def gated(base: HookedModel) -> dict[str, Any]:
         plain = base.forward(batch)[:, -1]
         with conditional(steer(base, vec, 1.0), cond) as c:
             out = base.forward(batch)[:, -1]
-            gate = c.gate.tolist()  # type: ignore[union-attr]
+            assert c.gate is not None  # decided on this prompt forward
+            gate = c.gate.tolist()
     is_film = torch.tensor([True] * 8 + [False] * 8)
     flipped = out.argmax(-1) == awful
     open_ = torch.tensor(gate)

@@ -175,7 +175,10 @@ def capital_patching(model, out: dict, folder: Path) -> None:
 def ioi_prompts(model) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
     """The 40 IOI prompts (seed 0), their ABC corruptions, and the first token of each IO and S name."""
     gen = torch.Generator().manual_seed(0)
-    prompts, corrupt, io_ids, s_ids = [], [], [], []
+    prompts: list[str] = []
+    corrupt: list[str] = []
+    io_ids: list[int] = []
+    s_ids: list[int] = []
     while len(prompts) < 40:
         a, b, c = (NAMES[int(i)] for i in torch.randperm(len(NAMES), generator=gen)[:3])
         place = PLACES[int(torch.randint(len(PLACES), (1,), generator=gen))]
@@ -423,13 +426,8 @@ def refusal_direction(model, out: dict, folder: Path, max_new_tokens: int) -> No
     from mechscope.data.prompt_sets import load_prompt_set
     from mechscope.improve.refusal import refusal_rate
     from mechscope.model.chat import format_instructions
-    from mechscope.steer.directional import (
-        DirectionSelectionConfig,
-        directional_ablation,
-        orthogonalize,
-        select_direction,
-        token_logodds,
-    )
+    from mechscope.steer.directional import directional_ablation, orthogonalize
+    from mechscope.steer.selection import DirectionSelectionConfig, select_direction, token_logodds
 
     harmful, harmless = load_prompt_set("harmful"), load_prompt_set("harmless")
     # Disjoint halves (even/odd lines), capped to keep the run to ~15 min on 2 shared cores.

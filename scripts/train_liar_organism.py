@@ -22,6 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -169,7 +170,7 @@ def detect(args: argparse.Namespace) -> None:
         "statement": lambda rows: [(p, a) for p, a, _ in rows],  # the stated answer's tokens
     }
     for variant, form in variants.items():
-        by_layer = []
+        by_layer: list[dict[str, Any]] = []
         for layer in range(hm.dims.n_layers):
             for kind in ("probe", "mean_difference"):
                 cfg = DetectorConfig(kind=kind, sites=(f"blocks.{layer}.hook_resid_post",), pooling="last")
@@ -188,6 +189,7 @@ def detect(args: argparse.Namespace) -> None:
         det = train_detector(hm, cfg, positive=form(lies), negative=form(honest), description="instructed lying")
         det = calibrate(det, hm, form(controls), target_fpr=0.01, description="plain truthful answers, other entities")
         report = evaluate_detector(det, hm, form(held_lies), form(held_true), n_boot=500)
+        assert det.threshold is not None  # calibrated above
         flagged_control = float((det.score(hm, form(control_prefix)) > det.threshold).float().mean())
         metrics[variant] = {
             "by_layer": by_layer,

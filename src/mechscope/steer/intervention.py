@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
 
 Phase = Literal["prompt", "generated"]
+_Self = TypeVar("_Self", bound="Intervention")
 
 
 def check_finite(name: str, value: float) -> float:
@@ -159,7 +160,7 @@ class Intervention:
     def active(self) -> bool:
         return self._stack is not None
 
-    def __enter__(self) -> Intervention:
+    def __enter__(self: _Self) -> _Self:  # `with conditional(...) as c:` types c as a ConditionalSteering
         if self._stack is not None:
             raise ConfigError(f"{type(self).__name__} is already active; build a second one to apply it twice")
         self._stack = open_hooks(self.model, [self._track_phase], self.hook_plan())

@@ -24,7 +24,7 @@ from mechscope.errors import ConfigError
 from mechscope.results import Result
 from mechscope.sites import Site
 from mechscope.steer.intervention import check_finite, require_hooked
-from mechscope.steer.vectors import SteeringVector, mean_difference, read_activations, steer
+from mechscope.steer.vectors import PositionMode, SteeringVector, mean_difference, read_activations, steer
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -88,7 +88,7 @@ def trait_report(
     expression: Expression,
     *,
     coefficients: Sequence[float] = (-1.0, 0.0, 1.0),
-    positions: str = "all",
+    positions: PositionMode | int | Sequence[int] = "all",
 ) -> TraitResult:
     """Projection vs expression on `prompts` (their correlation) and expression under steering."""
     model = require_hooked(model)
@@ -104,7 +104,7 @@ def trait_report(
         expressed = _scores(expression(model, list(prompts)), len(prompts))
         steered = []
         for c in coefs:
-            with steer(model, vector, c, positions=positions):  # type: ignore[arg-type]
+            with steer(model, vector, c, positions=positions):
                 steered.append(float(_scores(expression(model, list(prompts)), len(prompts)).mean()))
     return TraitResult(
         tensors={
@@ -115,7 +115,11 @@ def trait_report(
         },
         axes={"projection": ("prompt",), "expression": ("prompt",), "correlation": (), "steered": ("coefficient",)},
         labels={"coefficient": [f"{c:g}" for c in coefs]},
-        config={"vector": repr(vector), "n_prompts": len(prompts), "positions": positions},
+        config={
+            "vector": repr(vector),
+            "n_prompts": len(prompts),
+            "positions": positions if isinstance(positions, str | int) else list(positions),
+        },
     )
 
 
