@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from mechscope.errors import ConfigError
-from mechscope.model.hooks import HookFn
 from mechscope.results import Result
 from mechscope.sites import Site
 from mechscope.steer.ablation import Ablation, mean_ablation
@@ -65,18 +64,10 @@ class HeadSetAblation(Intervention):
         for layer, head in heads:
             by_layer.setdefault(int(layer), []).append(int(head))
         self.heads = sorted((int(layer), int(head)) for layer, head in heads)
-        self.parts: list[Ablation] = [
+        self.children: list[Ablation] = [  # one per layer; their hooks make this one's plan
             mean_ablation(self.model, Site("attn.hook_z", layer), list(reference), over="tokens", heads=hs)
             for layer, hs in sorted(by_layer.items())
         ]
-        self.children = self.parts
-
-    def hook_plan(self) -> dict[Site, list[HookFn]]:
-        plan: dict[Site, list[HookFn]] = {}
-        for part in self.parts:
-            for site, fns in part.hook_plan().items():
-                plan.setdefault(site, []).extend(fns)
-        return plan
 
     def describe(self) -> str:
         return "mean ablation of heads " + ", ".join(f"L{layer}H{head}" for layer, head in self.heads)

@@ -266,8 +266,6 @@ class AblationRecord(Artifact):
     """The file form of an :class:`Ablation` (see :meth:`Ablation.save`)."""
 
     kind = "ablation"
-    #: [batch, pos] of the current forward: its rows' BOS (mean ablation leaves them); None when unknown.
-    _prefix: Tensor | None = None
 
     def __init__(
         self,

@@ -24,9 +24,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError
 from mechscope.metrics import Metric
-from mechscope.model.hooks import HookFn
 from mechscope.results import Result
-from mechscope.sites import Site
 from mechscope.steer.intervention import Intervention, check_finite
 from mechscope.steer.vectors import PositionMode, Steering, SteeringVector
 
@@ -61,13 +59,6 @@ class SteeringProfile(Intervention):
         self.children: list[Steering] = [
             Steering(self.model, e.vector, coefficient=e.coefficient, positions=positions) for e in self.entries
         ]
-
-    def hook_plan(self) -> dict[Site, list[HookFn]]:
-        plan: dict[Site, list[HookFn]] = {}
-        for child in self.children:
-            for site, fns in child.hook_plan().items():
-                plan.setdefault(site, []).extend(fns)
-        return plan
 
     def only(self, name: str) -> SteeringProfile:
         """The profile reduced to one of its vectors (same coefficient and positions)."""

@@ -153,8 +153,14 @@ class Intervention:
         self._stack: ExitStack | None = None
 
     def hook_plan(self) -> dict[Site, list[HookFn]]:
-        """``{site: [fn, ...]}`` to attach while active."""
-        raise NotImplementedError
+        """``{site: [fn, ...]}`` to attach while active: by default the children's plans, in their order."""
+        if not self.children:
+            raise NotImplementedError(f"{type(self).__name__} has neither a hook plan nor children")
+        plan: dict[Site, list[HookFn]] = {}
+        for child in self.children:
+            for site, fns in child.hook_plan().items():
+                plan.setdefault(site, []).extend(fns)
+        return plan
 
     @property
     def active(self) -> bool:
