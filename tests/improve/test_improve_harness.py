@@ -58,22 +58,31 @@ def test_kl_and_perplexity_follow_their_definitions(model: HookedModel) -> None:
     vec = from_direction(model, torch.randn(model.dims.d_model, generator=torch.Generator().manual_seed(0)))
     intervention = steer(model, vec, 2.0)
     result = evaluate(model, intervention, TokenTask(5), _config())
-    batch = model.to_tokens(list(NEUTRAL), padding_side="right")
-    keep = (batch["attention_mask"][:, 1:] & batch["attention_mask"][:, :-1]).bool()
-    targets = batch["input_ids"][:, 1:][keep]
-    real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        ref_all = model.forward(batch).log_softmax(-1)
-        with intervention:
-            new_all = model.forward(batch).log_softmax(-1)
-    kl = (ref_all.exp() * (ref_all - new_all)).sum(-1)[real].mean()  # every real position
-    new = new_all[:, :-1][keep]
-    ppl = (-new.gather(-1, targets[:, None]).mean()).exp()
-    assert result.after("kl_neutral") == pytest.approx(float(kl), rel=1e-4)
-    assert result.after("perplexity_neutral") == pytest.approx(float(ppl), rel=1e-4)
+
+    def by_text(intervention):  # each text alone: every position, and the last one is the text's own
+        kls, nlls = [], []
+        for text in NEUTRAL:
+            ids = model.to_tokens(text)["input_ids"]
+            with torch.no_grad():
+                ref = model.forward(ids).log_softmax(-1)[0]
+                with intervention:
+                    new = model.forward(ids).log_softmax(-1)[0]
+            kls.append((ref.exp() * (ref - new)).sum(-1))
+            nlls.append(-new[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1))
+        return float(torch.cat(kls).mean()), float(torch.cat(nlls).mean().exp())
+
+    kl, ppl = by_text(intervention)
+    assert result.after("kl_neutral") == pytest.approx(kl, rel=1e-4)
+    assert result.after("perplexity_neutral") == pytest.approx(ppl, rel=1e-4)
     assert result.after("kl_neutral") > 1e-3
     assert "x2" in result.config["intervention"]
+    # steering each text's last token: neutral texts of different lengths run without padding, so the
+    # position is every text's own last token (a right-padded batch put it on padding for the shorter ones)
+    assert len({model.to_tokens(t)["input_ids"].shape[1] for t in NEUTRAL}) > 1
     last_only = evaluate(model, steer(model, vec, 2.0, positions=[-1]), TokenTask(5), _config())
+    kl_last, ppl_last = by_text(steer(model, vec, 2.0, positions=[-1]))
+    assert last_only.after("kl_neutral") == pytest.approx(kl_last, rel=1e-4)
+    assert last_only.after("perplexity_neutral") == pytest.approx(ppl_last, rel=1e-4)
     assert last_only.after("kl_neutral") > 1e-4  # the last position's prediction counts too
 
 

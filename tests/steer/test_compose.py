@@ -90,6 +90,25 @@ def test_interaction_is_zero_where_effects_add_and_measured_where_not(model: Hoo
     assert big.labels["run"] == ["a", "b", "sum_of_singles", "joint"]
 
 
+def test_interaction_at_the_last_token_reads_every_texts_own_last_token(model: HookedModel) -> None:
+    # Texts of different lengths: steering at position -1 and a metric of the last position act on each
+    # text's own last token, as on that text alone (right padding put both on padding for the shorter ones).
+    a = _vec(model, 4)
+    assert len({model.to_tokens(t)["input_ids"].shape[1] for t in TEXTS}) > 1
+    result = profile_interaction(
+        steering_profile(model, {"a": (a, 3.0)}, positions=[-1]), TEXTS, metrics={"logit_5": lambda lp: lp[:, -1, 5]}
+    )
+    alone = []
+    for text in TEXTS:
+        with torch.no_grad():
+            plain = model.forward(text).float().log_softmax(-1)[0, -1, 5]
+            with steer(model, a, 3.0, positions=[-1]):
+                steered = model.forward(text).float().log_softmax(-1)[0, -1, 5]
+        alone.append(float(steered - plain))
+    assert float(result["metrics"][0, 0]) == pytest.approx(sum(alone) / len(alone), rel=1e-4, abs=1e-6)
+    assert min(abs(x) for x in alone) > 1e-4  # every text's last token is steered
+
+
 def test_profile_bad_input_is_refused_before_any_hook(model: HookedModel) -> None:
     a = _vec(model, 0)
     with pytest.raises(ConfigError, match="finite"):

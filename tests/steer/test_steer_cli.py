@@ -59,6 +59,20 @@ def test_direction_orthogonalize_and_ablate(tmp_path) -> None:
     assert bad.exit_code == 2 and "no head axis" in bad.output
 
 
+def test_ablate_at_the_last_position_acts_on_every_prompts_own_last_token() -> None:
+    # Prompts of different lengths: position -1 is each prompt's last token, and the shown predictions are
+    # each prompt's next token (a right-padded batch put both on padding for the shorter prompt).
+    prompts = ["User: hi", "User: tell me a long story about the sea and the ships on it"]
+    args = ["steer", "ablate", "organism-gpt2", "-s", "blocks.3.hook_mlp_out", "--method", "zero"]
+    out = _ok([*args, "--positions", "-1", *[x for p in prompts for x in ("-p", p)]])
+    shown = re.findall(r"^\s+(before|after)\s+(.*)$", out, flags=re.M)
+    assert [k for k, _ in shown] == ["before", "after"] * 2, out
+    assert shown[0][1] != shown[1][1] and shown[2][1] != shown[3][1], out  # both prompts changed
+    # the first prompt's "before" is what it predicts alone
+    alone = _ok([*args, "-p", prompts[0]])
+    assert re.findall(r"^\s+before\s+(.*)$", alone, flags=re.M)[0] == shown[0][1]
+
+
 def test_vector_takes_kind_and_still_reads_the_deprecated_site(tmp_path) -> None:
     from mechscope.steer import SteeringVector
 

@@ -92,10 +92,50 @@ def test_steering_adds_coefficient_times_vector(model: HookedModel) -> None:
     with steer(model, vec, 2.0, layers=1):
         _, cache = model.run_with_cache(POS, site)
     torch.testing.assert_close(cache[site], base[site] + 2.0 * vec.at(1), rtol=1e-5, atol=1e-5)
+    left = model.to_tokens(POS, padding_side="left")  # the last column is each row's last token
+    _, base = model.run_with_cache(left, site)
     with steer(model, vec, 2.0, layers=1, positions=[-1]):
-        _, last = model.run_with_cache(POS, site)
+        _, last = model.run_with_cache(left, site)
     torch.testing.assert_close(last[site][:, :-1], base[site][:, :-1])
     torch.testing.assert_close(last[site][:, -1], base[site][:, -1] + 2.0 * vec.at(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_positions_count_each_rows_own_tokens_on_a_padded_batch(model: HookedModel, side: str) -> None:
+    # On prompts of different lengths a column is padding in the shorter rows (-1 on a right-padded batch,
+    # 0 on a left-padded one). Positions count each row's own tokens instead, so a padded batch gives what
+    # each prompt gives alone, whatever the padding.
+    from mechscope.features import SAEConfig, SparseAutoencoder
+    from mechscope.steer import clamp_features, zero_ablation
+
+    vec = _random_vector(model, 1)
+    batch = model.to_tokens(POS, padding_side=side)
+    real = batch["attention_mask"].bool()
+    assert not bool(real.all())
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=8, site="blocks.1.hook_resid_pre"), seed=0)
+    with torch.no_grad():
+        sae.W_dec.mul_(5.0)
+    interventions = [
+        steer(model, vec, 4.0, layers=1, positions=[-1]),
+        steer(model, vec, 4.0, layers=1, positions=[1, -2]),
+        zero_ablation(model, "blocks.0.hook_mlp_out", positions=[-1, 1]),
+        clamp_features(model, sae, {0: 3.0}, positions=[-2]),
+    ]
+    with torch.no_grad():
+        for intervention in interventions:
+            with intervention:
+                batched = model.forward(batch)
+            for i, text in enumerate(POS):
+                plain = model.forward(text)[0]
+                with intervention:
+                    alone = model.forward(text)[0]
+                assert not torch.allclose(alone, plain, atol=1e-4), intervention  # it acts on every prompt
+                torch.testing.assert_close(batched[i][real[i]], alone, rtol=1e-4, atol=1e-4)
+    # generation (left-padded, then one new column per step) steers each prompt's last token, then each new one
+    with steer(model, vec, 4.0, layers=1, positions=[-1]):
+        out = model.generate(POS, max_new_tokens=2, do_sample=False)
+    assert out.shape[0] == len(POS)
+    assert _no_hooks(model)
 
 
 def test_nesting_order_of_commuting_interventions_does_not_matter(model: HookedModel) -> None:

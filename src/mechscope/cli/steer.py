@@ -259,19 +259,18 @@ def ablate_cmd(
         )
         ref = _lines(reference) or None
         ablation = Ablation(hm, site, cfg, reference=ref)
+        batch = hm.to_tokens(list(prompt), padding_side="left")  # the last column is each prompt's last token
         with torch.no_grad():
-            before = hm.forward(list(prompt))
+            before = hm.forward(batch)
             with ablation:
-                after = hm.forward(list(prompt))
-        mask = hm.to_tokens(list(prompt))["attention_mask"]
-        last = mask.sum(-1) - 1
+                after = hm.forward(batch)
     except MechscopeError as exc:
         raise fail(exc) from exc
     typer.echo(ablation.describe())
     for i, p in enumerate(prompt):
         typer.echo(f"prompt {p!r}")
         for name, logits in (("before", before), ("after", after)):
-            probs = logits[i, int(last[i])].float().softmax(-1)
+            probs = logits[i, -1].float().softmax(-1)
             vals, ids = probs.topk(top)
             shown = ", ".join(f"{hm.to_string([int(t)])!r} {float(v):.3f}" for v, t in zip(vals, ids, strict=True))
             typer.echo(f"  {name:6s} {shown}")

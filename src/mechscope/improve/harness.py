@@ -137,19 +137,32 @@ class EvaluationResult(Result):
         return fig
 
 
-def _neutral_logprobs(model: HookedModel, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """Next-token log-probs at every real position [batch, pos, d_vocab] (right-padded) and the mask."""
-    batch = model.to_tokens(list(texts), padding_side="right")
-    with torch.no_grad():
-        logits = model.forward(batch).float()
-    return logits.log_softmax(-1), batch["attention_mask"].to(logits.device).bool()
+def _neutral_logprobs(model: HookedModel, texts: Sequence[str]) -> list[tuple[Tensor, Tensor]]:
+    """Per text, its token ids [pos] and the next-token log-probs at each of them [pos, d_vocab].
+
+    Texts run in batches of equal token length, without padding: an intervention at fixed positions
+    (``positions=[-1]``) then acts on the same token of every text, as it would on that text alone."""
+    encoded = [model.to_tokens(text)["input_ids"][0] for text in texts]
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(encoded)
+    for length in sorted({len(ids) for ids in encoded}):
+        rows = [i for i, ids in enumerate(encoded) if len(ids) == length]
+        ids = torch.stack([encoded[i] for i in rows])
+        with torch.no_grad():
+            logprobs = model.forward(ids).float().log_softmax(-1)
+        for row, i in enumerate(rows):
+            out[i] = (ids[row].to(logprobs.device), logprobs[row])
+    return [pair for pair in out if pair is not None]
 
 
-def _perplexity(logprobs: Tensor, mask: Tensor, ids: Tensor) -> float:
-    """``exp`` of the mean NLL of each real token given the ones before it."""
-    keep = mask[:, 1:] & mask[:, :-1]
-    nll = -logprobs[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return float(nll[keep].mean().exp())
+def _neutral_kl(before: list[tuple[Tensor, Tensor]], after: list[tuple[Tensor, Tensor]]) -> float:
+    """Mean over every token of every text of ``KL(before || after)`` of the next-token distributions."""
+    return float(kl_div(torch.cat([lp for _, lp in after]), torch.cat([lp for _, lp in before]), reduction="mean"))
+
+
+def _perplexity(texts: list[tuple[Tensor, Tensor]]) -> float:
+    """``exp`` of the mean NLL of each token given the ones before it, over every text."""
+    nll = [-lp[:-1].gather(-1, ids[1:, None]).squeeze(-1) for ids, lp in texts]
+    return float(torch.cat(nll).mean().exp())
 
 
 def _task_metrics(model: HookedModel, task: Task, extra: Sequence[Task]) -> dict[str, float]:
@@ -218,22 +231,21 @@ def evaluate(
     with torch.no_grad():
         task_before = _task_metrics(model, task, extra)
         side_before = zoo_metrics(model, side_tasks, cfg.seed)
-        ref_lp, mask = _neutral_logprobs(model, cfg.neutral_texts)
+        neutral_before = _neutral_logprobs(model, cfg.neutral_texts)
         samples_before = task.continuations(model, cfg.max_new_tokens)
         with context:
             task_after = _task_metrics(after_model, task, extra)
             side_after = zoo_metrics(after_model, side_tasks, cfg.seed)
-            new_lp, _ = _neutral_logprobs(after_model, cfg.neutral_texts)
+            neutral_after = _neutral_logprobs(after_model, cfg.neutral_texts)
             samples_after = task.continuations(after_model, cfg.max_new_tokens)
 
-    kl = float(kl_div(new_lp, ref_lp, attention_mask=mask, reduction="mean"))
-    ids = model.to_tokens(list(cfg.neutral_texts), padding_side="right")["input_ids"].to(ref_lp.device)
+    kl = _neutral_kl(neutral_before, neutral_after)
     own_side = set(task.side_effect_metrics)
     target = [k for k in task_before if k not in own_side and "/" not in k]
     rows: list[tuple[str, float, float]] = [(k, task_before[k], task_after[k]) for k in target]
     rows.extend((k, task_before[k], task_after[k]) for k in task_before if k not in target)
     rows.append(("kl_neutral", 0.0, kl))
-    rows.append(("perplexity_neutral", _perplexity(ref_lp, mask, ids), _perplexity(new_lp, mask, ids)))
+    rows.append(("perplexity_neutral", _perplexity(neutral_before), _perplexity(neutral_after)))
     rows.extend((k, side_before[k], side_after[k]) for k in side_before)
     values = torch.tensor([[b, a] for _, b, a in rows], dtype=torch.float64)
     return EvaluationResult(

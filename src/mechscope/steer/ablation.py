@@ -36,7 +36,6 @@ from mechscope.steer.intervention import (
     Artifact,
     Intervention,
     check_finite,
-    forward_tokens,
     resolve_sites,
     selection_mask,
     validate_selection,
@@ -198,23 +197,25 @@ class Ablation(Intervention):
 
     def _track_phase(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super()._track_phase(module, args, kwargs)
-        tokens = forward_tokens(args, kwargs) if self.config.method == "mean" and self.phase == "prompt" else None
+        ids, mask = self.forward_ids, self.forward_mask
         self._prefix = None
-        if tokens is not None:
-            ids, mask = tokens
+        if self.config.method == "mean" and ids is not None and mask is not None:
             self._prefix = mask.bool() & ~text_mask(self.model.tokenizer, ids, mask).bool()
 
     def _hook(self, site: Site) -> HookFn:
         cfg = self.config
 
         def fn(act: Tensor, _ctx: HookContext) -> Tensor:
+            rows = None if cfg.positions is None else self.row_positions(cfg.positions, act.shape[site.pos_axis])
             new = self._replacement(act, site)
             prefix = self._prefix
             if prefix is not None and prefix.shape == (act.shape[0], act.shape[site.pos_axis]):
                 new = torch.where(_pos_mask(site, act, prefix).bool(), act, new)  # each row's BOS stays
-            mask = selection_mask(
-                site, act.shape, act.device, heads=cfg.heads, positions=cfg.positions, neurons=cfg.neurons
-            )
+            columns = None if rows is not None else cfg.positions  # a padded batch: each row's own positions
+            mask = selection_mask(site, act.shape, act.device, heads=cfg.heads, positions=columns, neurons=cfg.neurons)
+            if rows is not None:
+                in_rows = _pos_mask(site, act, rows).bool()
+                mask = in_rows if mask is None else mask & in_rows
             return new if mask is None else torch.where(mask, new, act)
 
         return fn

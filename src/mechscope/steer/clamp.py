@@ -31,7 +31,7 @@ from mechscope.features.store import per_token_site
 from mechscope.model.hooks import HookFn
 from mechscope.model.tokens import leading_mask
 from mechscope.sites import Site
-from mechscope.steer.intervention import Intervention, axis_size, check_finite, forward_tokens
+from mechscope.steer.intervention import Intervention, axis_size, check_finite
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -65,17 +65,8 @@ class _ThroughFeatures(Intervention):
 
     def _track_phase(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super()._track_phase(module, args, kwargs)
-        self._leading = None
-        if self.phase != "prompt" or not self.unspliced:
-            return
-        tokens = forward_tokens(args, kwargs)
-        mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
-        if tokens is not None:
-            mask = tokens[1]
-        elif not (isinstance(mask, Tensor) and mask.ndim == 2) and isinstance(embeds, Tensor):
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        if isinstance(mask, Tensor) and mask.ndim == 2:
-            self._leading = leading_mask(mask, self.unspliced)
+        mask = self.forward_mask
+        self._leading = None if mask is None or not self.unspliced else leading_mask(mask, self.unspliced)
 
     def _skip(self, activation: Tensor) -> Tensor | None:
         leading = self._leading
@@ -145,9 +136,11 @@ class FeatureClamp(_ThroughFeatures):
                 bad = [p for p in positions if not -n_pos <= p < n_pos]
                 if bad:
                     raise ConfigError(f"clamp positions {bad} are out of range for {n_pos} positions")
-                chosen = torch.zeros(n_pos, dtype=torch.bool, device=f.device)
-                chosen[positions] = True
-                new = torch.where(chosen[None, :, None], new, f)
+                rows = self.row_positions(positions, n_pos)  # a padded batch: each row's own positions
+                if rows is None:
+                    rows = torch.zeros(n_pos, dtype=torch.bool, device=f.device)
+                    rows[positions] = True
+                new = torch.where(rows.to(f.device)[..., None], new, f)
             return activation + (sae.decode(new, x) - sae.decode(f, x)).to(activation.dtype)
 
         return self._plan(feature_hooks(self.model, sae, edit))

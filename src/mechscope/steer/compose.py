@@ -135,7 +135,8 @@ def profile_interaction(
     *,
     metrics: Mapping[str, Metric] | None = None,
 ) -> InteractionResult:
-    """Effects of each vector alone, of their sum and of the whole profile on `texts` (right-padded)."""
+    """Effects of each vector alone, of their sum and of the whole profile on `texts`, left-padded: the last
+    column is every text's last token, where steering at ``positions=[-1]`` acts and metrics read."""
     if not isinstance(profile, SteeringProfile):
         raise ConfigError(f"expected a SteeringProfile; got {type(profile).__name__}")
     if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t for t in texts):
@@ -145,7 +146,7 @@ def profile_interaction(
     if bad:
         raise ConfigError(f"metrics must be functions of logits; not callable: {bad}")
     model = profile.model
-    tokens = model.to_tokens(list(texts), padding_side="right")
+    tokens = model.to_tokens(list(texts), padding_side="left")
     mask = tokens["attention_mask"].to(model.device).bool()
     base = _logprobs(model, tokens, nullcontext())
     runs = [e.name for e in profile.entries]

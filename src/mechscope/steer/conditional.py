@@ -29,7 +29,7 @@ from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.model.tokens import text_mask
 from mechscope.sites import Site
-from mechscope.steer.intervention import Intervention, check_finite, forward_tokens
+from mechscope.steer.intervention import Intervention, check_finite
 
 if TYPE_CHECKING:
     from mechscope.model.hooked import HookedModel
@@ -148,12 +148,9 @@ class ConditionalSteering(Intervention):
     def _track_phase(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super()._track_phase(module, args, kwargs)
         if self.phase == "prompt":
-            tokens = forward_tokens(args, kwargs)
-            mask = kwargs.get("attention_mask")
-            if tokens is not None:
-                self._mask = text_mask(self.model.tokenizer, *tokens)  # as read_activations reads
-            else:  # embeddings in: the mask as given
-                self._mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+            ids, mask = self.forward_ids, self.forward_mask
+            # as read_activations reads: text tokens (embeddings in: the mask as given)
+            self._mask = mask if ids is None or mask is None else text_mask(self.model.tokenizer, ids, mask)
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)

@@ -5,7 +5,9 @@ when left (also when the block raises), so interventions compose by nesting
 (``with ablation, steering: ...``; the outer one runs first at a shared site). They act on every
 forward the wrapped HF model makes inside the block -- :meth:`HookedModel.forward`,
 :meth:`HookedModel.generate` and plain ``hf_model(...)`` calls alike -- and know whether a forward
-reads the prompt or generated tokens (``phase``), from the KV cache HF passes in.
+reads the prompt or generated tokens (``phase``), from the KV cache HF passes in. They also note each prompt
+forward's input ids and attention mask, so that positions count each row's own tokens on a padded batch
+(:meth:`Intervention.row_positions`) and each row's BOS can be told apart.
 
 :class:`Artifact` (the file side, tied to a model by fingerprint) lives on the ground floor,
 :mod:`mechscope.results`; it is re-exported here.
@@ -106,18 +108,20 @@ def selection_mask(
     return Selection.of(heads=heads, positions=positions, neurons=neurons).mask(site, shape, device)
 
 
-def forward_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
-    """``(input_ids, attention_mask)``, both [batch, pos], of the arguments of an HF model's forward (the
-    mask all ones when none was given); None when the forward was given embeddings instead of ids, or a
-    mask of another shape (a generation step with a KV cache: new ids, the whole mask)."""
+def forward_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor | None, Tensor | None]:
+    """``(input_ids, attention_mask)``, each [batch, pos] or None, of the arguments of a prompt forward of an
+    HF model: the ids unless it was given embeddings; the mask as given, or all ones when none was (from the
+    ids' or embeddings' shape). A mask whose shape is not the inputs' is dropped (None)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(ids, Tensor) or ids.ndim != 2:
-        return None
+    ids = ids if isinstance(ids, Tensor) and ids.ndim == 2 else None
+    embeds = kwargs.get("inputs_embeds")
+    inputs = ids if ids is not None else embeds if isinstance(embeds, Tensor) and embeds.ndim == 3 else None
+    shape = None if inputs is None else tuple(inputs.shape[:2])
     mask = kwargs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(ids)
-    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
-        return None
+    if mask is None and inputs is not None:
+        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+    if not isinstance(mask, Tensor) or mask.ndim != 2 or (shape is not None and tuple(mask.shape) != shape):
+        mask = None
     return ids, mask
 
 
@@ -146,11 +150,16 @@ class Intervention:
     kind: ClassVar[str] = "intervention"
     #: Interventions this one is made of (their hooks are in its plan): each sees every forward it sees.
     children: Sequence[Intervention] = ()
+    #: The current prompt forward's input ids and attention mask, [batch, pos] (None during a generation
+    #: step, which reads one new column, or when the forward did not give them).
+    forward_ids: Tensor | None = None
+    forward_mask: Tensor | None = None
 
     def __init__(self, model: HookedModel) -> None:
         self.model = require_hooked(model)
         self.phase: Phase = "prompt"
         self._stack: ExitStack | None = None
+        self._row_positions: dict[tuple[int, ...], Tensor | None] = {}  # this forward's, by selection
 
     def hook_plan(self) -> dict[Site, list[HookFn]]:
         """``{site: [fn, ...]}`` to attach while active: by default the children's plans, in their order."""
@@ -185,8 +194,31 @@ class Intervention:
         if cache is not None and hasattr(cache, "get_seq_length"):
             seen = int(cache.get_seq_length())
         self.phase = "prompt" if seen == 0 else "generated"
+        self.forward_ids, self.forward_mask = forward_inputs(args, kwargs) if self.phase == "prompt" else (None, None)
+        self._row_positions = {}
         for child in self.children:
             child._track_phase(module, args, kwargs)
+
+    def row_positions(self, positions: Sequence[int], n_pos: int) -> Tensor | None:
+        """[batch, pos] bool: `positions` counted in each row's own tokens of the current prompt forward --
+        negative from its last real token, non-negative from its first -- when that forward is padded, so a
+        position names the same token of a text whatever the padding around it (and none in a row too short
+        for it). None for an unpadded forward or a generation step: positions are then the forward's columns."""
+        mask = self.forward_mask
+        if mask is None or mask.shape[1] != n_pos:
+            return None
+        key = tuple(positions)
+        if key not in self._row_positions:
+            real = mask.bool()
+            chosen = None
+            if not bool(real.all()):  # one check per forward and selection, not per layer
+                order = real.long().cumsum(-1) - 1  # each real token's index in its row
+                from_end = order - real.sum(-1, keepdim=True)  # -1 at the row's last real token
+                chosen = torch.zeros_like(real)
+                for p in key:
+                    chosen |= real & ((order == p) if p >= 0 else (from_end == p))
+            self._row_positions[key] = chosen
+        return self._row_positions[key]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
@@ -213,7 +245,7 @@ __all__ = [
     "Phase",
     "applied",
     "check_finite",
-    "forward_tokens",
+    "forward_inputs",
     "open_hooks",
     "resolve_sites",
     "selection_mask",

@@ -352,6 +352,9 @@ class Steering(Intervention):
             if self.indices is None:
                 return act + add
             n = act.shape[1]
+            rows = self.row_positions(self.indices, n)
+            if rows is not None:  # a padded batch: each row's own positions
+                return torch.where(rows.to(act.device)[..., None], act + add, act)
             idx = sorted({p % n for p in self.indices if -n <= p < n})
             out = act.clone()
             out[:, idx] = out[:, idx] + add
