@@ -214,6 +214,26 @@ def test_a_mean_condition_reads_the_real_tokens_of_left_padded_prompts(model: Ho
         assert torch.allclose(gated.scores, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("read", ["last", "mean"])
+def test_a_condition_reads_each_prompts_own_tokens_on_either_padding(model: HookedModel, read: str) -> None:
+    # Right padding puts the shorter prompts' last column on padding: the condition reads each prompt's last
+    # token (and its text tokens for "mean") from the forward's mask, as read_activations reads them.
+    from mechscope.sites import Site
+    from mechscope.steer.vectors import read_activations
+
+    prompts = ["the cat", "a dog ran in the park today", "we read"]
+    site = Site("hook_resid_pre", 1)
+    direction = torch.randn(model.dims.d_model, generator=torch.Generator().manual_seed(1))
+    cond = Condition(site.name, direction, bias=0.5, read=read)  # type: ignore[arg-type]
+    expected = read_activations(model, prompts, [site], read=read)[site] @ direction + 0.5  # type: ignore[arg-type]
+    for side in ("left", "right"):
+        gated = conditional(steer(model, _vec(model, 7, layers=[1]), 1.0), cond)
+        with torch.no_grad(), gated:
+            model.forward(model.to_tokens(prompts, padding_side=side))
+            assert gated.scores is not None
+            torch.testing.assert_close(gated.scores, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_probe_is_a_condition(model: HookedModel) -> None:
     from mechscope.locate.probes import ProbeConfig, fit_probe
     from mechscope.sites import Site

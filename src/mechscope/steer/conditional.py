@@ -10,9 +10,10 @@ Generated tokens keep the gate their prompt set (the batch does not change durin
 
 The detector must read a site no later in the forward than the first site the intervention changes
 (the same site is fine: the detector reads it first), so it sees the unsteered prompt. ``read="last"``
-scores the last position, the prompt's last token under left padding (what ``generate`` uses);
-``read="mean"`` averages the prompt's text tokens (the attention mask the forward was given, without the BOS
-the tokenizer adds), as :func:`~mechscope.steer.vectors.read_activations` and the calibration read them.
+scores each prompt's last token (found from the forward's attention mask: the last column under left
+padding, as ``generate`` pads; an earlier one under right padding); ``read="mean"`` averages the prompt's
+text tokens (the attention mask the forward was given, without the BOS the tokenizer adds), as
+:func:`~mechscope.steer.vectors.read_activations` and the calibration read them.
 """
 
 from __future__ import annotations
@@ -74,14 +75,17 @@ class Condition:
         return cls(site, weight, float(bias), threshold, read)
 
     def scores(self, act: Float[Tensor, "batch pos d_model"], mask: Tensor | None = None) -> Float[Tensor, " batch"]:
-        """Each row's detector score on one activation of its site (``mask``: real tokens, for ``mean``)."""
-        if self.read == "last":
-            x = act[:, -1]
-        elif mask is not None and tuple(mask.shape) == tuple(act.shape[:2]):
+        """Each row's detector score on one activation of its site (``mask`` [batch, pos]: the tokens to read;
+        ``last`` reads each row's last one, ``mean`` averages them; without it, the last column / every one)."""
+        if mask is None or tuple(mask.shape) != tuple(act.shape[:2]):
+            x = act[:, -1] if self.read == "last" else act.float().mean(1)
+        elif self.read == "last":
+            order = torch.arange(1, act.shape[1] + 1, device=act.device)
+            last = (mask.to(act.device).bool() * order).argmax(-1)  # each row's last token read
+            x = act[torch.arange(act.shape[0], device=act.device), last]
+        else:
             w = mask.to(act.device, torch.float32).unsqueeze(-1)
             x = (act.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
-        else:
-            x = act.float().mean(1)
         return x.float() @ self.direction.to(x.device) + self.bias
 
 
