@@ -236,6 +236,11 @@ def test_clamping_moves_the_site_along_the_feature_only(model):
         clamp_features(model, sae, {feature: value}, positions=[99]),
     ):
         model(ids)
+    # during generation each step reads one new column: [-2, -1] clamps the prompt's last two tokens, then
+    # each new one (-2 is out of a step's range, skipped, not an error)
+    with clamp_features(model, sae, {feature: value}, positions=[-2, -1]):
+        out = model.generate(ids[:1], max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 2
 
 
 def test_bad_input_is_a_clear_error(model):

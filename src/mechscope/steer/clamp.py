@@ -134,12 +134,12 @@ class FeatureClamp(_ThroughFeatures):
             if positions is not None:
                 n_pos = f.shape[1]
                 bad = [p for p in positions if not -n_pos <= p < n_pos]
-                if bad:
+                if bad and self.phase == "prompt":  # a generation step reads one new column: -1 is it
                     raise ConfigError(f"clamp positions {bad} are out of range for {n_pos} positions")
                 rows = self.row_positions(positions, n_pos)  # a padded batch: each row's own positions
                 if rows is None:
                     rows = torch.zeros(n_pos, dtype=torch.bool, device=f.device)
-                    rows[positions] = True
+                    rows[[p for p in positions if -n_pos <= p < n_pos]] = True
                 new = torch.where(rows.to(f.device)[..., None], new, f)
             return activation + (sae.decode(new, x) - sae.decode(f, x)).to(activation.dtype)
 
