@@ -73,6 +73,18 @@ def test_direct_logit_attribution_sums_to_logit_difference(run):
     assert len(dla.top(3)) == 3
 
 
+def test_direct_logit_attribution_reads_each_rows_last_token_by_default():
+    # A right-padded batch's last column is padding in its shorter rows: by default DLA reads each row at
+    # its last real token, and equals the logit difference each prompt gives alone.
+    model = HookedModel(*tiny_model("gpt2"))
+    prompts = ["the cat sat on the mat today", "a dog", "we read a book"]
+    batch = model.to_tokens(prompts, padding_side="right")
+    assert not bool(batch["attention_mask"][:, -1].all())
+    dla = dc.direct_logit_attribution(model, batch, 5, baseline=7)
+    alone = torch.stack([model.forward(p)[0, -1, 5] - model.forward(p)[0, -1, 7] for p in prompts])
+    torch.testing.assert_close(dla.logit, alone.detach(), atol=5e-5, rtol=1e-5)
+
+
 def test_weight_views_reproduce_activations(run):
     family, model, tokens, logits, cache = run
     w = model.weights

@@ -17,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechscope.errors import ConfigError
+from mechscope.metrics import last_positions
 from mechscope.sites import Site
 
 if TYPE_CHECKING:
@@ -179,17 +180,21 @@ def direct_logit_attribution(
     target: int | str | Sequence[int | str] | Tensor,
     *,
     baseline: int | str | Sequence[int | str] | Tensor | None = None,
-    position: int | Tensor = -1,
+    position: int | Tensor | None = None,
     heads: bool = True,
 ) -> LogitAttribution:
     """Attribute the logit of `target` (minus `baseline`, if given) at `position` to every component.
 
     `target`/`baseline` are token ids or single-token strings, one or one per batch row. `position`
-    is an index into the position axis, or a [batch] tensor (e.g. each row's last real token). The
+    is None (each row's last real token, from the attention mask: a right-padded batch's last column is
+    padding in its shorter rows), an index into the position axis, or a [batch] tensor of indices. The
     components (embeddings, heads or attention layers, MLPs, norm and unembedding biases) sum to the
     logit (difference) the model computes, before any final logit soft-capping.
     """
     final_layer = model.dims.n_layers - 1
+    inputs = model.prepare_inputs(inputs)
+    if position is None:
+        position = last_positions(inputs["attention_mask"])
     _, cache = model.run_with_cache(inputs, required_sites(model, None, heads=heads))
     parts = decompose_resid(model, cache, heads=heads)
     final = cache[Site("hook_resid_post", final_layer)]

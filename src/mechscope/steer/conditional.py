@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from mechscope.errors import ConfigError, ShapeError
+from mechscope.metrics import last_positions
 from mechscope.model.hooks import HookContext, HookFn
 from mechscope.model.tokens import text_mask
 from mechscope.sites import Site
@@ -80,8 +81,7 @@ class Condition:
         if mask is None or tuple(mask.shape) != tuple(act.shape[:2]):
             x = act[:, -1] if self.read == "last" else act.float().mean(1)
         elif self.read == "last":
-            order = torch.arange(1, act.shape[1] + 1, device=act.device)
-            last = (mask.to(act.device).bool() * order).argmax(-1)  # each row's last token read
+            last = last_positions(mask.to(act.device))  # each row's last token read
             x = act[torch.arange(act.shape[0], device=act.device), last]
         else:
             w = mask.to(act.device, torch.float32).unsqueeze(-1)
