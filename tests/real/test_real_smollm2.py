@@ -212,3 +212,32 @@ def test_half_precision_on_a_padded_batch(smol, dtype, u):
     last = real.sum(1) - 1  # right padding: each row's last real token
     rows = torch.arange(len(prompts))
     assert torch.equal(got[rows, last].argmax(-1), ref[rows, last].argmax(-1))
+
+
+def test_last_token_interventions_on_a_right_padded_batch_equal_each_prompt_alone(smol):
+    """SmolLM2's tokenizer pads on the right: steering and ablation at position -1, and a conditional read of
+    the last token, act on every prompt's own last token, as on that prompt alone."""
+    from mechscope.steer import from_direction, steer, zero_ablation
+    from mechscope.steer.conditional import Condition, conditional
+
+    model = smol[0]
+    prompts = ["The capital of Germany is", *TEXTS, "Paris is the capital of"]
+    batch = model.to_tokens(prompts)
+    real = batch["attention_mask"].bool()
+    assert model.tokenizer.padding_side == "right" and not bool(real.all())
+    direction = torch.randn(model.dims.d_model, generator=torch.Generator().manual_seed(0))
+    vec = from_direction(model, direction / direction.norm() * 20.0, layers=10)
+    always = Condition("blocks.5.hook_resid_pre", direction, threshold=-1e9)
+    for build in (
+        lambda: steer(model, vec, 1.0, positions=[-1]),
+        lambda: zero_ablation(model, "blocks.20.hook_attn_out", positions=-1),
+        lambda: conditional(steer(model, vec, 1.0, positions=[-1]), always),
+    ):
+        with torch.no_grad():
+            with build():
+                batched = model.forward(batch)
+            for i, prompt in enumerate(prompts):
+                with build():
+                    alone = model.forward(prompt)[0]
+                assert not torch.allclose(alone[-1], model.forward(prompt)[0, -1], atol=1e-3)
+                torch.testing.assert_close(batched[i][real[i]], alone, rtol=1e-4, atol=ATOL)
