@@ -92,3 +92,31 @@ def test_gemma3_float16_overflow_is_an_error_and_bfloat16_runs():
         logits = brain(prompt)
     assert torch.isfinite(logits).all()
     assert brain.to_string([int(logits[0, -1].argmax())]) == " Paris"
+
+
+def test_gemma3_mean_ablation_on_a_left_padded_batch_equals_each_prompt_alone():
+    """Gemma pads on the left, so each row's BOS sits at another column. Mean ablation over tokens leaves
+    every row's BOS as it is (its residual is 14x a text token's): a padded batch gives what each prompt
+    gives alone, and the BOS's own activation is untouched."""
+    from mechscope import load_model
+    from mechscope.steer import mean_ablation
+
+    model = load_model(NAME)
+    prompts = ["The capital of France is", "When Mary and John went to the store, John gave a drink to", "Hello"]
+    batch = model.to_tokens(prompts)
+    real = batch["attention_mask"].bool()
+    assert model.tokenizer.padding_side == "left" and not bool(real.all())
+    site = "blocks.3.hook_attn_out"
+    ablation = mean_ablation(model, site, reference=prompts, over="tokens")
+    with torch.no_grad():
+        with ablation:
+            batched, cache = model.run_with_cache(batch, [site])
+        bos = real & (batch["input_ids"] == model.tokenizer.bos_token_id)
+        _, plain = model.run_with_cache(batch, [site])
+        torch.testing.assert_close(cache[site][bos], plain[site][bos], rtol=0, atol=0)
+        assert batched is not None
+        for i, prompt in enumerate(prompts):
+            with ablation:
+                alone = model.forward(prompt)[0]
+            scale = float(alone.abs().max())
+            torch.testing.assert_close(batched[i][real[i]], alone, rtol=0, atol=1e-4 * scale)
