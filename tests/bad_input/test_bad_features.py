@@ -256,6 +256,15 @@ CASES = [
     case("bad-site-name", lambda: SAESplice(gpt2(), _sae(site="blocks.0.resid")), SiteError, "'blocks.0.resid'"),
     case("feature-index", lambda: clamp_features(gpt2(), sae(), {64: 1.0}), ConfigError, "[0, 64)", "[64]"),
     case("clamp-value-nan", lambda: clamp_features(gpt2(), sae(), {0: math.nan}), ConfigError, "finite", "nan"),
+    case(
+        "clamp-positions-float",
+        lambda: clamp_features(gpt2(), sae(), {0: 1.0}, positions=[1.5]),
+        ConfigError,
+        "list of ints",
+        "[1.5]",
+    ),
+    case("clamp-positions-empty", lambda: clamp_features(gpt2(), sae(), {0: 1.0}, positions=[]), ConfigError, "[]"),
+    case("splice-unspliced-negative", lambda: SAESplice(gpt2(), sae(), unspliced=-1), ConfigError, "unspliced", "-1"),
     case("clamp-value-inf", lambda: clamp_features(gpt2(), sae(), {0: math.inf}), ConfigError, "finite", "inf"),
     case(
         "score-other-width",

@@ -123,7 +123,12 @@ class FeatureClamp(_ThroughFeatures):
             raise ConfigError(f"expected feature indices in [0, {sae.config.d_sae}), got {bad}")
         self.features = list(values)
         self.values = torch.tensor([check_finite(f"clamp value of feature {f}", values[f]) for f in self.features])
-        self.positions = None if positions is None else list(positions)
+        if positions is not None:
+            seq = [positions] if isinstance(positions, int) else list(positions)
+            if not seq or not all(isinstance(p, int) and not isinstance(p, bool) for p in seq):
+                raise ConfigError(f"clamp positions must be a non-empty list of ints; got {positions!r}")
+            positions = seq
+        self.positions = positions
 
     def hook_plan(self) -> dict[Site, list[HookFn]]:
         sae, idx, values, positions = self.sae, self.features, self.values, self.positions
