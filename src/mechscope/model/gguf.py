@@ -307,9 +307,14 @@ def gguf_to_folder(
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     digest = file_digest(source, root)
-    folder = root / f"{digest[:20]}-{dtype_name}"
+    folder = _entry_folder(root, digest, dtype_name)
     with _conversion_lock(root, folder.name):  # one converter per entry; the others wait, then reuse its folder
         return _convert_or_reuse(source, folder, root, digest, dtype_name, verify, rebuild, start)
+
+
+def _entry_folder(root: Path, digest: str, dtype_name: str) -> Path:
+    """The cache folder of one GGUF file (by its sha256) converted to one dtype."""
+    return root / f"{digest[:20]}-{dtype_name}"
 
 
 def find_cached(
@@ -324,7 +329,7 @@ def find_cached(
     root = cache_root(cache_dir)
     if not source.is_file() or not root.is_dir():
         return None
-    folder = root / f"{file_digest(source, root)[:20]}-{_dtype_name(dtype)}"
+    folder = _entry_folder(root, file_digest(source, root), _dtype_name(dtype))
     if not folder.exists():
         return None
     try:

@@ -180,6 +180,24 @@ def text_mask(tokenizer: Any, input_ids: Tensor, attention_mask: Tensor) -> Tens
     return (real & ~start).to(attention_mask.dtype)
 
 
+def prefix_mask(tokenizer: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """[batch, pos] bool: each row's leading :func:`special_prefix` tokens (its BOS), wherever padding puts
+    them -- the real tokens :func:`text_mask` leaves out."""
+    return attention_mask.bool() & ~text_mask(tokenizer, input_ids, attention_mask).bool()
+
+
+def row_positions_mask(attention_mask: Tensor, positions: Iterable[int]) -> Tensor:
+    """[batch, pos] bool: `positions` counted in each row's own real tokens -- negative from its last, non-negative
+    from its first -- wherever padding puts them; a row too short for a position has none for it."""
+    real = attention_mask.bool()
+    order = real.long().cumsum(-1) - 1  # each real token's index in its row
+    from_end = order - real.sum(-1, keepdim=True)  # -1 at the row's last real token
+    chosen = torch.zeros_like(real)
+    for p in positions:
+        chosen |= real & ((order == p) if p >= 0 else (from_end == p))
+    return chosen
+
+
 def leading_mask(attention_mask: Tensor, count: int) -> Tensor:
     """[batch, pos] bool: each row's first `count` real tokens, wherever padding puts them."""
     real = attention_mask.bool()

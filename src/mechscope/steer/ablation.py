@@ -30,7 +30,7 @@ from torch import Tensor
 
 from mechscope.errors import ConfigError, ShapeError
 from mechscope.model.hooks import HookContext, HookFn
-from mechscope.model.tokens import text_mask
+from mechscope.model.tokens import prefix_mask, text_mask
 from mechscope.sites import Site, SiteLike
 from mechscope.steer.intervention import (
     Artifact,
@@ -200,7 +200,7 @@ class Ablation(Intervention):
         ids, mask = self.forward_ids, self.forward_mask
         self._prefix = None
         if self.config.method == "mean" and ids is not None and mask is not None:
-            self._prefix = mask.bool() & ~text_mask(self.model.tokenizer, ids, mask).bool()
+            self._prefix = prefix_mask(self.model.tokenizer, ids, mask)
 
     def _hook(self, site: Site) -> HookFn:
         cfg = self.config

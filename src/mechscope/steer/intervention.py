@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from mechscope.errors import ConfigError, SiteError
 from mechscope.model.hooks import HookFn
 from mechscope.model.kv_cache import cache_argument
+from mechscope.model.tokens import row_positions_mask
 from mechscope.results import ARTIFACT_FORMAT, Artifact, ModelMismatchError
 from mechscope.sites import Selection, Site, SiteLike, parse_sites
 
@@ -208,16 +209,8 @@ class Intervention:
         if mask is None or mask.shape[1] != n_pos:
             return None
         key = tuple(positions)
-        if key not in self._row_positions:
-            real = mask.bool()
-            chosen = None
-            if not bool(real.all()):  # one check per forward and selection, not per layer
-                order = real.long().cumsum(-1) - 1  # each real token's index in its row
-                from_end = order - real.sum(-1, keepdim=True)  # -1 at the row's last real token
-                chosen = torch.zeros_like(real)
-                for p in key:
-                    chosen |= real & ((order == p) if p >= 0 else (from_end == p))
-            self._row_positions[key] = chosen
+        if key not in self._row_positions:  # one check per forward and selection, not per layer
+            self._row_positions[key] = None if bool(mask.bool().all()) else row_positions_mask(mask, key)
         return self._row_positions[key]
 
     def __repr__(self) -> str:
