@@ -241,3 +241,32 @@ def test_last_token_interventions_on_a_right_padded_batch_equal_each_prompt_alon
                     alone = model.forward(prompt)[0]
                 assert not torch.allclose(alone[-1], model.forward(prompt)[0, -1], atol=1e-3)
                 torch.testing.assert_close(batched[i][real[i]], alone, rtol=1e-4, atol=ATOL)
+
+
+def test_dla_default_and_sae_splice_on_a_right_padded_batch(smol):
+    """DLA's default reads each prompt's last token (not the padded last column); an SAE splice leaves each
+    row's first token (SmolLM2's attention sink, never in a store) as it is, on a right-padded batch."""
+    from mechscope.features import SAEConfig, SparseAutoencoder
+    from mechscope.model.decompose import direct_logit_attribution
+    from mechscope.model.tokens import leading_mask
+    from mechscope.steer import SAESplice
+
+    model = smol[0]
+    prompts = ["The capital of Germany is", *TEXTS]
+    batch = model.to_tokens(prompts)
+    real = batch["attention_mask"].bool()
+    assert not bool(real.all())
+    paris, berlin = model.to_single_token(" Paris"), model.to_single_token(" Berlin")
+    dla = direct_logit_attribution(model, batch, paris, baseline=berlin)
+    with torch.no_grad():
+        alone = torch.stack([model.forward(p)[0, -1, paris] - model.forward(p)[0, -1, berlin] for p in prompts])
+    torch.testing.assert_close(dla.logit.float(), alone, rtol=1e-4, atol=1e-3)
+    site = "blocks.15.hook_resid_post"
+    sae = SparseAutoencoder(SAEConfig(d_in=model.dims.d_model, d_sae=64, activation="topk", k=8, site=site), seed=0)
+    with torch.no_grad():
+        _, plain = model.run_with_cache(batch, [site])
+        with SAESplice(model, sae):
+            _, spliced = model.run_with_cache(batch, [site])
+    first = leading_mask(batch["attention_mask"], 1)
+    torch.testing.assert_close(spliced[site][first], plain[site][first], rtol=0, atol=0)
+    assert not torch.allclose(spliced[site][real & ~first], plain[site][real & ~first])
