@@ -8,6 +8,7 @@ never block the writer) and a busy timeout, so several processes can record into
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,6 +111,23 @@ def _check_version(conn: sqlite3.Connection, where: Path, newest: int = SCHEMA_V
     return version
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (a setting the file keeps). Changing the journal mode needs an exclusive
+    lock that SQLite may refuse at once, without its busy handler, while a second process opens the same new
+    file: seen as "database is locked" from one of two writers starting on a fresh store. Retried until
+    BUSY_TIMEOUT_S, as every other lock here waits."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def connect_rw(path: Path, migrations: Sequence[tuple[int, str, str]] = MIGRATIONS) -> sqlite3.Connection:
     """Open (creating when absent) the database at `path` for writing, migrated to the newest schema."""
     existed = path.exists()
@@ -118,7 +136,7 @@ def connect_rw(path: Path, migrations: Sequence[tuple[int, str, str]] = MIGRATIO
         version = _check_version(conn, path, max(v for v, _, _ in migrations))
         if existed and version == 0 and _has_tables(conn):
             raise StoreError(f"{str(path)!r} is a SQLite database but not a mechscope run store; it was left untouched")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _use_wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         _migrate(conn, path, migrations)
